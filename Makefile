@@ -1,0 +1,56 @@
+# Tessera — `make` lists the targets.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROTOS := $(wildcard protos/tessera/v1/*.proto)
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(BIN)/tessera: pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+.PHONY: install
+install: $(BIN)/tessera ## Create .venv and install Tessera with its dev tools
+
+.PHONY: up
+up: install ## Run all services (embedded PostgreSQL and Redis unless TESSERA_*_URL are set) with demo data
+	$(BIN)/tessera up
+
+.PHONY: test
+test: install ## Run the test suite against real PostgreSQL and Redis
+	@bash scripts/ensure-services.sh
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: install ## ruff, mypy and buf lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy services bench tests
+	$(BIN)/buf lint
+
+.PHONY: proto
+proto: install ## Regenerate Python code from protos/
+	rm -f tessera/v1/*_pb2*.py tessera/v1/*_pb2*.pyi
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -I protos -I third_party/googleapis \
+	  --python_out=. --mypy_out=. --grpc_python_out=. --mypy_grpc_out=. $(PROTOS)
+
+.PHONY: proto-check
+proto-check: proto ## Fail if the committed generated code is stale
+	@git diff --exit-code --stat -- tessera/ || (echo "generated code is stale: run 'make proto' and commit" >&2; exit 1)
+	@test -z "$$(git status --porcelain -- tessera/)" || (echo "untracked generated files: run 'make proto' and commit" >&2; git status --porcelain -- tessera/; exit 1)
+
+.PHONY: bench
+bench: install ## Run the ingest benchmark (writes a table; see bench/RESULTS.md)
+	$(BIN)/tessera bench ingest
+
+.PHONY: clean
+clean: ## Remove the virtualenv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
