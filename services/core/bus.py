@@ -1,0 +1,274 @@
+"""Redis Streams between services: per-tenant streams, consumer groups, dead consumers'
+messages reclaimed with XAUTOCLAIM, and a dead-letter stream after N failed attempts.
+
+Every key carries a ``{tenant}`` hash tag, so all of one tenant's keys live in one Redis
+Cluster slot. Every message carries the W3C ``traceparent`` of its producer, so one trace
+runs from ingest to the last consumer.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from opentelemetry import trace
+
+from services.core.telemetry import extract_context, inject_traceparent, meter, tracer
+
+log = logging.getLogger(__name__)
+
+EVENTS = "events"
+RESOLVED = "resolved"
+CHANGES = "changes"
+
+_dead_lettered = meter.create_counter("tessera.bus.dead_lettered", description="messages moved to dead letters")
+
+
+def connect(url: str) -> redis.Redis:
+    """A client that returns bytes (payloads are protobuf) and fails fast when Redis is gone."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=False,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        health_check_interval=15,
+        retry_on_timeout=False,
+    )
+
+
+def tenant_key(prefix: str, tenant_id: str, *parts: str) -> str:
+    """``prefix:{tenant}:part...``; the braces make the tenant the Redis Cluster hash tag."""
+    return ":".join((prefix, "{" + tenant_id + "}", *parts))
+
+
+def dead_letter_name(stream: str) -> str:
+    return f"{stream}:dead"
+
+
+@dataclass
+class StreamMessage:
+    tenant_id: str
+    stream: str
+    key: str
+    id: str
+    fields: dict[bytes, bytes]
+    deliveries: int = 1
+
+    @property
+    def traceparent(self) -> str:
+        return self.fields.get(b"traceparent", b"").decode()
+
+    def context(self) -> Any:
+        return extract_context(self.traceparent)
+
+
+@dataclass
+class Publication:
+    tenant_id: str
+    stream: str
+    fields: dict[str, bytes | str]
+    traceparent: str = ""
+
+
+class Bus:
+    """Publishing and the stream naming every service shares."""
+
+    def __init__(self, client: redis.Redis, prefix: str, maxlen: int = 1_000_000) -> None:
+        self.redis = client
+        self.prefix = prefix
+        self.maxlen = maxlen
+
+    def key(self, tenant_id: str, stream: str) -> str:
+        return tenant_key(self.prefix, tenant_id, stream)
+
+    def publish(self, items: Sequence[Publication]) -> list[str]:
+        """XADD everything in one pipelined round trip; raises if Redis is unreachable."""
+        if not items:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        default_tp = inject_traceparent()
+        for item in items:
+            fields = dict(item.fields)
+            fields["traceparent"] = item.traceparent or default_tp
+            pipe.xadd(
+                self.key(item.tenant_id, item.stream),
+                fields,  # type: ignore[arg-type]
+                maxlen=self.maxlen,
+                approximate=True,
+            )
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in pipe.execute()]
+
+    def ensure_group(self, tenant_id: str, stream: str, group: str) -> None:
+        try:
+            self.redis.xgroup_create(self.key(tenant_id, stream), group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def dead_letters(self, tenant_id: str, stream: str, count: int = 100) -> list[StreamMessage]:
+        key = self.key(tenant_id, dead_letter_name(stream))
+        rows = self.redis.xrange(key, count=count)
+        return [
+            StreamMessage(tenant_id, dead_letter_name(stream), key, _id(mid), dict(fields))
+            for mid, fields in rows  # type: ignore[union-attr]
+        ]
+
+    def replay_dead_letters(self, tenant_id: str, stream: str, ids: Iterable[str] | None = None) -> int:
+        """Put dead letters back on their stream (after a fix) and remove them from the dead letters."""
+        wanted = set(ids) if ids is not None else None
+        moved = 0
+        for msg in self.dead_letters(tenant_id, stream, count=10_000):
+            if wanted is not None and msg.id not in wanted:
+                continue
+            fields = {k.decode(): v for k, v in msg.fields.items() if not k.startswith(b"dead_")}
+            self.redis.xadd(self.key(tenant_id, stream), fields)  # type: ignore[arg-type]
+            self.redis.xdel(msg.key, msg.id)
+            moved += 1
+        return moved
+
+
+def _id(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+Handler = Callable[[list[StreamMessage]], None]
+
+
+@dataclass
+class Consumer:
+    """A consumer-group member that reads every tenant's stream in batches.
+
+    The handler gets a batch and must apply it idempotently (record message ids in the
+    same transaction as the effect). A failed batch is retried message by message, so
+    one poison message cannot hold back its neighbours; a message that keeps failing is
+    moved to the dead-letter stream after ``max_attempts`` deliveries.
+    """
+
+    bus: Bus
+    stream: str
+    group: str
+    name: str
+    handler: Handler
+    tenants: Callable[[], Iterable[str]]
+    batch_size: int = 500
+    block_ms: int = 1000
+    claim_idle_ms: int = 30_000
+    max_attempts: int = 5
+    tenant_refresh_seconds: float = 5.0
+    _known: set[str] = field(default_factory=set)
+    _refreshed: float = 0.0
+    _errors: dict[str, str] = field(default_factory=dict)
+
+    def _streams(self) -> dict[str, str]:
+        now = time.monotonic()
+        if now - self._refreshed > self.tenant_refresh_seconds:
+            for tenant in self.tenants():
+                if tenant not in self._known:
+                    self.bus.ensure_group(tenant, self.stream, self.group)
+                    self._known.add(tenant)
+            self._refreshed = now
+        return {self.bus.key(t, self.stream): t for t in sorted(self._known)}
+
+    def poll(self) -> int:
+        """One cycle: reclaim stale messages, read new ones, handle, ack. Returns messages handled."""
+        streams = self._streams()
+        if not streams:
+            time.sleep(self.block_ms / 1000)
+            return 0
+        batch = self._reclaim(streams)
+        if len(batch) < self.batch_size:
+            resp = self.bus.redis.xreadgroup(
+                self.group,
+                self.name,
+                dict.fromkeys(streams, ">"),  # type: ignore[arg-type]
+                count=self.batch_size,
+                block=None if batch else self.block_ms,
+            )
+            for key, rows in resp or []:  # type: ignore[union-attr]
+                skey = _id(key)
+                for mid, fields in rows:
+                    batch.append(StreamMessage(streams[skey], self.stream, skey, _id(mid), dict(fields)))
+        if batch:
+            self._handle(batch)
+        return len(batch)
+
+    def _reclaim(self, streams: dict[str, str]) -> list[StreamMessage]:
+        out: list[StreamMessage] = []
+        for skey, tenant in streams.items():
+            _next, rows, *_ = self.bus.redis.xautoclaim(  # type: ignore[misc]
+                skey, self.group, self.name, self.claim_idle_ms, start_id="0-0", count=self.batch_size
+            )
+            if not rows:
+                continue
+            ids = [_id(mid) for mid, _ in rows]
+            pending = self.bus.redis.xpending_range(skey, self.group, min=ids[0], max=ids[-1], count=len(ids) * 2)
+            counts = {_id(p["message_id"]): int(p["times_delivered"]) for p in pending}  # type: ignore[union-attr]
+            for mid, fields in rows:
+                if fields is None:  # deleted from the stream while pending
+                    self.bus.redis.xack(skey, self.group, mid)
+                    continue
+                msg = StreamMessage(tenant, self.stream, skey, _id(mid), dict(fields), counts.get(_id(mid), 1))
+                if msg.deliveries > self.max_attempts:
+                    self._dead_letter(msg)
+                else:
+                    out.append(msg)
+        return out
+
+    def _handle(self, batch: list[StreamMessage]) -> None:
+        links = [trace.Link(trace.get_current_span(m.context()).get_span_context()) for m in batch[:64]]
+        with tracer.start_as_current_span(f"consume {self.stream}", links=links) as span:
+            span.set_attribute("messaging.batch.message_count", len(batch))
+            try:
+                self.handler(batch)
+            except Exception:
+                log.warning("batch failed; retrying its messages one by one", exc_info=True)
+                for msg in batch:
+                    try:
+                        self.handler([msg])
+                    except Exception as exc:
+                        self._errors[msg.id] = f"{type(exc).__name__}: {exc}"[:500]
+                        log.warning("message failed", extra={"message_id": msg.id, "deliveries": msg.deliveries})
+                    else:
+                        self._ack([msg])
+                return
+            self._ack(batch)
+
+    def _ack(self, msgs: list[StreamMessage]) -> None:
+        by_key: dict[str, list[str]] = {}
+        for m in msgs:
+            by_key.setdefault(m.key, []).append(m.id)
+            self._errors.pop(m.id, None)
+        pipe = self.bus.redis.pipeline(transaction=False)
+        for key, ids in by_key.items():
+            pipe.xack(key, self.group, *ids)
+        pipe.execute()
+
+    def _dead_letter(self, msg: StreamMessage) -> None:
+        fields: dict[Any, Any] = dict(msg.fields)
+        fields[b"dead_from_id"] = msg.id
+        fields[b"dead_group"] = self.group
+        fields[b"dead_attempts"] = str(msg.deliveries)
+        fields[b"dead_reason"] = self._errors.pop(msg.id, "exceeded max delivery attempts")
+        pipe = self.bus.redis.pipeline(transaction=True)
+        pipe.xadd(self.bus.key(msg.tenant_id, dead_letter_name(self.stream)), fields)
+        pipe.xack(msg.key, self.group, msg.id)
+        pipe.execute()
+        _dead_lettered.add(1, {"stream": self.stream, "group": self.group})
+        log.error("dead-lettered message", extra={"stream_id": msg.id, "tenant": msg.tenant_id})
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll until ``stop`` is set; Redis outages are waited out, not fatal."""
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                self.poll()
+                backoff = 0.1
+            except redis.ConnectionError:
+                log.warning("redis unavailable; consumer waiting", extra={"group": self.group})
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)

@@ -1,0 +1,224 @@
+"""The ``tessera`` command: services, migrations, tenants, import, demo data, benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+from services.core.settings import SERVICES, Settings, SettingsError
+
+
+def _settings() -> Settings:
+    from services.core.runtime import with_runtime
+
+    return with_runtime(Settings.from_env())
+
+
+def _engine(settings: Settings):  # type: ignore[no-untyped-def]
+    from services.core import db
+
+    return db.make_engine(settings.require_database_url(), application_name="cli", pool_size=2, instrument=False)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from services.core.server import serve
+
+    settings = Settings.from_env()
+    module = importlib.import_module(f"services.{args.service}.app")
+    serve(module.definition(), settings)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from services.core.up import up
+
+    return up(Settings.from_env(), demo=not args.no_demo)
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    from services.core.migrate import migrate
+
+    engine = _engine(_settings())
+    try:
+        done = migrate(engine)
+    finally:
+        engine.dispose()
+    print(f"migrated: {', '.join(done)}")
+    return 0
+
+
+def cmd_tenant(args: argparse.Namespace) -> int:
+    from services.core import tenancy
+
+    engine = _engine(_settings())
+    try:
+        if args.action == "create":
+            key = tenancy.create_tenant(engine, args.name, args.display_name)
+            if args.json:
+                print(json.dumps({"tenant": args.name, "api_key": key}))
+            else:
+                print(f"tenant: {args.name}\napi key (shown once, store it now): {key}")
+        elif args.action == "list":
+            rows = tenancy.list_tenants(engine)
+            if args.json:
+                print(json.dumps(rows, default=str))
+            else:
+                for row in rows:
+                    print(f"{row['tenant_id']:<24} keys={row['active_keys']} created={row['created_at']:%Y-%m-%d}")
+        elif args.action == "create-key":
+            key = tenancy.create_api_key(engine, args.name, args.description or "")
+            print(json.dumps({"tenant": args.name, "api_key": key}) if args.json else key)
+        elif args.action == "revoke-key":
+            if not tenancy.revoke_api_key(engine, args.name, args.key_id):
+                print(f"no active key {args.key_id} for tenant {args.name}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.key_id}")
+    finally:
+        engine.dispose()
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from services.ingest.client import StreamIngester, open_channel
+    from services.ingest.importer import import_file
+
+    settings = Settings.from_env()
+    api_key = args.api_key or os.environ.get("TESSERA_API_KEY")
+    if not api_key:
+        print("no API key: pass --api-key or set TESSERA_API_KEY", file=sys.stderr)
+        return 2
+    path = Path(args.file)
+    if not path.is_file():
+        print(f"no such file: {path}", file=sys.stderr)
+        return 2
+    target = args.target or f"localhost:{settings.ingest_port}"
+    with open_channel(target, tls=args.tls) as channel:
+        report = import_file(
+            path,
+            StreamIngester(channel, api_key),
+            fmt=args.format,
+            batch_size=args.batch_size,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
+    tally = report.tally
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "accepted": tally.accepted,
+                    "duplicate": tally.duplicate,
+                    "rejected": report.rejected,
+                    "rejections": report.rejection_lines(args.show),
+                }
+            )
+        )
+    else:
+        print(f"accepted: {tally.accepted}  duplicate: {tally.duplicate}  rejected: {report.rejected}")
+        lines = report.rejection_lines(args.show)
+        if lines:
+            print(f"first {len(lines)} rejections:")
+            for line in lines:
+                print(f"  {line}")
+    return 1 if report.rejected and args.strict else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from services.ingest.demo_data import generate, to_jsonl
+
+    events = generate(seed=args.seed, customers=args.customers, days=args.days)
+    if args.file == "-":
+        count = to_jsonl(events, sys.stdout)
+    else:
+        with open(args.file, "w", encoding="utf-8") as fp:
+            count = to_jsonl(events, fp)
+    print(f"wrote {count} events to {args.file}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench import run_scenario
+
+    return run_scenario(args.scenario, seconds=args.seconds, as_json=args.json, extra=args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tessera", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run one service")
+    p.add_argument("service", choices=SERVICES)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("up", help="run every service (embedded PostgreSQL and Redis unless configured)")
+    p.add_argument("--no-demo", action="store_true", help="do not load the demo dataset")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("migrate", help="apply database migrations for every service")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("tenant", help="manage tenants and API keys")
+    p.add_argument("action", choices=["create", "list", "create-key", "revoke-key"])
+    p.add_argument("name", nargs="?", default="")
+    p.add_argument("key_id", nargs="?", default="")
+    p.add_argument("--display-name")
+    p.add_argument("--description")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_tenant)
+
+    p = sub.add_parser("import", help="stream JSONL or CSV events through the ingest API")
+    p.add_argument("file")
+    p.add_argument("--format", choices=["jsonl", "csv"])
+    p.add_argument("--target", help="ingest address (default localhost:$TESSERA_INGEST_PORT)")
+    p.add_argument("--api-key", help="default: $TESSERA_API_KEY")
+    p.add_argument("--tls", action="store_true")
+    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--show", type=int, default=10, help="how many rejections to print")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--strict", action="store_true", help="exit 1 if anything was rejected")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("demo", help="write the demo dataset as JSONL")
+    p.add_argument("action", choices=["export"])
+    p.add_argument("file", help="output path, or - for stdout")
+    p.add_argument("--customers", type=int, default=2000)
+    p.add_argument("--days", type=int, default=90)
+    p.add_argument("--seed", type=int, default=7)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="run a benchmark scenario")
+    p.add_argument("scenario")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "tenant" and args.action != "list" and not args.name:
+        print("tenant: NAME is required", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:
+        print(f"tessera: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from services.core.errors import TesseraError
+
+        if isinstance(exc, TesseraError):
+            print(f"tessera: {exc.message}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The one server interceptor: credentials to tenant, domain errors to status codes.
+
+Like kserve's exception interceptor, but every status also carries ``google.rpc`` details
+(BadRequest, RetryInfo, PreconditionFailure) through ``grpc-status-details-bin``, and
+unknown errors become INTERNAL with a generic message and a trace id in the log.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from grpc_status import rpc_status
+
+from services.core.errors import DeadlineExceeded, TesseraError, error_status, internal_status
+from services.core.telemetry import current_trace_id
+from services.core.tenancy import Authenticator, reset_current_tenant, set_current_tenant
+
+log = logging.getLogger(__name__)
+
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+Behavior = Callable[..., Any]
+NO_DEADLINE_SECONDS = 86_400.0
+
+
+def time_remaining(context: grpc.ServicerContext) -> float | None:
+    """Seconds left before the caller's deadline, or None when it set none (grpc reports ~forever)."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > NO_DEADLINE_SECONDS:
+        return None
+    return float(remaining)
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
+    if isinstance(exc, TesseraError):
+        status = error_status(exc)
+    else:
+        trace_id = current_trace_id()
+        log.error("unhandled error in %s", method, exc_info=exc, extra={"method": method})
+        status = internal_status(trace_id)
+    context.abort_with_status(rpc_status.to_status(status))
+
+
+class GuardInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Authenticates every non-public RPC and maps every exception it raises."""
+
+    def __init__(self, authenticator: Authenticator | None) -> None:
+        self.authenticator = authenticator
+
+    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+        public = self.authenticator is None or method.startswith(PUBLIC_PREFIXES)
+
+        def enter(context: grpc.ServicerContext) -> Any:
+            if public:
+                return None
+            assert self.authenticator is not None
+            metadata = dict(context.invocation_metadata())
+            tenant = self.authenticator.authenticate(metadata.get("authorization"))
+            return set_current_tenant(tenant)
+
+        def check_deadline(context: grpc.ServicerContext) -> None:
+            remaining = time_remaining(context)
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded("deadline expired before the request was served")
+
+        def wrap_unary(behavior: Behavior) -> Behavior:
+            def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+                token = None
+                try:
+                    token = enter(context)
+                    check_deadline(context)
+                    return behavior(request, context)
+                except Exception as exc:
+                    _abort(context, exc, method)
+                finally:
+                    if token is not None:
+                        reset_current_tenant(token)
+
+            return wrapped
+
+        def wrap_stream(behavior: Behavior) -> Behavior:
+            def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                token = None
+                try:
+                    token = enter(context)
+                    check_deadline(context)
+                    yield from behavior(request, context)
+                except Exception as exc:
+                    _abort(context, exc, method)
+                finally:
+                    if token is not None:
+                        reset_current_tenant(token)
+
+            return wrapped
+
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
+        )

@@ -1,0 +1,181 @@
+"""Tenants and API keys. Keys are random, shown once, and stored only as a SHA-256 hash.
+
+A key carries 256 bits of entropy, so a fast hash is the right choice (as for GitHub or
+Stripe tokens): there is nothing for a slow password hash to protect against.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from services.core.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated, Violation
+
+TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
+KEY_PREFIX = "tsk"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    tenant_id: str
+    ingest_rate_limit: float | None = None
+    ingest_rate_burst: float | None = None
+
+
+_current: contextvars.ContextVar[Tenant] = contextvars.ContextVar("tessera_tenant")
+
+
+def current_tenant() -> Tenant:
+    """The tenant of the RPC being served; set by the interceptor from the credentials."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise Unauthenticated("no tenant in this context") from None
+
+
+def set_current_tenant(tenant: Tenant) -> contextvars.Token[Tenant]:
+    return _current.set(tenant)
+
+
+def reset_current_tenant(token: contextvars.Token[Tenant]) -> None:
+    _current.reset(token)
+
+
+def hash_key(api_key: str) -> bytes:
+    return hashlib.sha256(api_key.encode()).digest()
+
+
+def new_api_key() -> tuple[str, str]:
+    """(key_id, full key). The key id is the public part, safe to show in listings and logs."""
+    key_id = secrets.token_hex(4)
+    return key_id, f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
+
+
+def validate_tenant_id(tenant_id: str) -> None:
+    if not TENANT_ID_RE.match(tenant_id):
+        raise InvalidArgument(
+            "invalid tenant name",
+            [Violation("name", "2-63 characters: lower-case letters, digits and '-', not starting with '-'")],
+        )
+
+
+def create_tenant(engine: Engine, tenant_id: str, display_name: str | None = None) -> str:
+    """Create a tenant and its first API key; returns the key, which is never shown again."""
+    validate_tenant_id(tenant_id)
+    with engine.begin() as conn:
+        inserted = conn.execute(
+            sa.text(
+                "INSERT INTO tenancy.tenants (tenant_id, display_name) VALUES (:t, :d) "
+                "ON CONFLICT DO NOTHING RETURNING tenant_id"
+            ),
+            {"t": tenant_id, "d": display_name or tenant_id},
+        ).scalar()
+        if inserted is None:
+            raise AlreadyExists(f"tenant {tenant_id!r} already exists")
+        return _insert_key(conn, tenant_id, "initial key")
+
+
+def create_api_key(engine: Engine, tenant_id: str, description: str = "") -> str:
+    with engine.begin() as conn:
+        found = conn.execute(
+            sa.text("SELECT 1 FROM tenancy.tenants WHERE tenant_id = :t"), {"t": tenant_id}
+        ).scalar()
+        if not found:
+            raise NotFound(f"tenant {tenant_id!r} not found")
+        return _insert_key(conn, tenant_id, description)
+
+
+def _insert_key(conn: sa.Connection, tenant_id: str, description: str) -> str:
+    key_id, key = new_api_key()
+    conn.execute(
+        sa.text(
+            "INSERT INTO tenancy.api_keys (tenant_id, key_id, key_hash, description) VALUES (:t, :k, :h, :d)"
+        ),
+        {"t": tenant_id, "k": key_id, "h": hash_key(key), "d": description},
+    )
+    return key
+
+
+def revoke_api_key(engine: Engine, tenant_id: str, key_id: str) -> bool:
+    with engine.begin() as conn:
+        result = conn.execute(
+            sa.text(
+                "UPDATE tenancy.api_keys SET revoked_at = now() "
+                "WHERE tenant_id = :t AND key_id = :k AND revoked_at IS NULL"
+            ),
+            {"t": tenant_id, "k": key_id},
+        )
+        return bool(result.rowcount)
+
+
+def list_tenants(engine: Engine) -> list[dict[str, object]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT t.tenant_id, t.display_name, t.created_at, t.disabled, "
+                "count(k.key_id) FILTER (WHERE k.revoked_at IS NULL) AS active_keys "
+                "FROM tenancy.tenants t LEFT JOIN tenancy.api_keys k USING (tenant_id) "
+                "GROUP BY t.tenant_id ORDER BY t.tenant_id"
+            )
+        ).mappings()
+        return [dict(r) for r in rows]
+
+
+class Authenticator:
+    """Resolves ``authorization: Bearer <key>`` to a tenant, caching lookups briefly.
+
+    The cache bounds revocation latency to ``ttl`` seconds and spares PostgreSQL a
+    query per RPC; unknown keys are cached for a shorter time so a typo is not sticky.
+    """
+
+    def __init__(self, engine: Engine, ttl: float = 30.0, negative_ttl: float = 2.0) -> None:
+        self.engine = engine
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self._cache: dict[bytes, tuple[float, Tenant | None]] = {}
+        self._lock = threading.Lock()
+
+    def authenticate(self, authorization: str | None) -> Tenant:
+        if not authorization:
+            raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <api key>'")
+        scheme, _, key = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise Unauthenticated("malformed credentials: expected 'authorization: Bearer <api key>'")
+        digest = hash_key(key.strip())
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(digest)
+        if hit is not None and hit[0] > now:
+            tenant = hit[1]
+        else:
+            tenant = self._lookup(digest)
+            with self._lock:
+                if len(self._cache) > 10_000:
+                    self._cache.clear()
+                self._cache[digest] = (now + (self.ttl if tenant else self.negative_ttl), tenant)
+        if tenant is None:
+            raise Unauthenticated("invalid or revoked API key")
+        return tenant
+
+    def _lookup(self, digest: bytes) -> Tenant | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.text(
+                    "SELECT t.tenant_id, t.ingest_rate_limit, t.ingest_rate_burst, k.key_hash "
+                    "FROM tenancy.api_keys k JOIN tenancy.tenants t USING (tenant_id) "
+                    "WHERE k.key_hash = :h AND k.revoked_at IS NULL AND NOT t.disabled"
+                ),
+                {"h": digest},
+            ).first()
+        if row is None or not hmac.compare_digest(bytes(row.key_hash), digest):
+            return None
+        return Tenant(row.tenant_id, row.ingest_rate_limit, row.ingest_rate_burst)

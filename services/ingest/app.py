@@ -1,0 +1,39 @@
+"""The ingest service as the core bootstrap runs it."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.core.ratelimit import RateLimiter
+from services.core.server import Background, ServiceContext, ServiceDefinition
+from services.ingest.pipeline import Ingestor
+from services.ingest.relay import OutboxRelay
+from services.ingest.servicer import IngestServicer
+from services.ingest.storage import EventStore
+from tessera.v1 import ingest_pb2, ingest_pb2_grpc
+
+SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
+
+
+def register(server: grpc.Server, ctx: ServiceContext) -> list[Background]:
+    store = EventStore(ctx.engine)
+    relay = OutboxRelay(
+        store,
+        ctx.bus,
+        sweep_seconds=ctx.settings.relay_sweep_seconds,
+        grace_seconds=ctx.settings.relay_grace_seconds,
+    )
+    ingestor = Ingestor(
+        store,
+        relay,
+        RateLimiter(ctx.redis),
+        redis_prefix=ctx.settings.redis_prefix,
+        default_rate=ctx.settings.ingest_rate_limit,
+        default_burst=ctx.settings.ingest_rate_burst,
+    )
+    ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(ingestor), server)
+    return [relay]
+
+
+def definition() -> ServiceDefinition:
+    return ServiceDefinition(name="ingest", grpc_services=[SERVICE_NAME], register=register, redis_required=False)

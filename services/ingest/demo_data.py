@@ -1,0 +1,1669 @@
+"""Seeded, deterministic demo dataset of Tessera events.
+
+`tessera up` loads it through the public ingest API, tests assert on it and benchmarks replay it, so it
+must be realistic enough to exercise every part of the pipeline (identity stitching across channels,
+phone/email normalization, blocked placeholder values, AHT/FCR/NPS/CSAT/CES/sentiment) while being
+byte-for-byte reproducible: all randomness flows from one ``random.Random(seed)`` and every id is
+derived from it or from a counter, never from ``uuid4`` or the clock (except the default ``now``).
+
+The dataset is a fictional retailer, "Harbor & Pine". Emails use the reserved ``example.*`` domains,
+US phone numbers use the fictional 555 exchange and web IPs use the documentation ranges, so nothing
+points at a real person or host.
+
+Time conventions of an Interaction leg, so durations and timestamps agree exactly:
+the event ``timestamp`` is when the contact arrived in the queue, ``started_at`` is ``wait_seconds``
+later (when an agent picked it up), and ``ended_at - started_at == talk_seconds + hold_seconds``.
+After-contact work follows ``ended_at``. An abandoned contact has no agent, zero talk and hold, and
+``started_at == ended_at`` at the moment the customer gave up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import unicodedata
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any, Final, TextIO
+
+from google.protobuf import json_format
+
+from tessera.v1 import event_pb2
+
+__all__ = ["PERSONA", "DemoPersona", "generate", "to_jsonl"]
+
+Channel = event_pb2.Channel.ValueType
+Ids = list[tuple[str, str]]
+Json = dict[str, Any]
+
+WEB: Final = event_pb2.CHANNEL_WEB
+APP: Final = event_pb2.CHANNEL_MOBILE_APP
+EMAIL: Final = event_pb2.CHANNEL_EMAIL
+SMS: Final = event_pb2.CHANNEL_SMS
+CHAT: Final = event_pb2.CHANNEL_CHAT
+VOICE: Final = event_pb2.CHANNEL_VOICE
+SOCIAL: Final = event_pb2.CHANNEL_SOCIAL
+STORE: Final = event_pb2.CHANNEL_IN_STORE
+OTHER: Final = event_pb2.CHANNEL_OTHER
+
+DAY: Final = 86_400
+HOUR: Final = 3_600
+# Share of events that carry a placeholder identifier a resolver must block.
+JUNK_RATE: Final = 0.01
+SHOP_URL: Final = "https://shop.example.com"
+BRAND: Final = "Harbor & Pine"
+
+# --------------------------------------------------------------------------------------------------
+# The showcase person.
+
+
+@dataclass(frozen=True, slots=True)
+class DemoPersona:
+    """The one customer whose identifiers are spread over four channels, so a demo can show stitching.
+
+    The email is seen on the web, the phone on voice, the chat id in chat and the loyalty id in store;
+    Identify events link them, so a resolver that works ends with one profile holding all four.
+    """
+
+    first_name: str
+    last_name: str
+    email: str
+    phone: str  # E.164
+    phone_national: str  # the same number as a caller-id system might format it
+    chat_id: str
+    loyalty_id: str
+    user_id: str
+    anonymous_id: str
+    crm_id: str
+
+    @property
+    def name(self) -> str:
+        """Full display name."""
+        return f"{self.first_name} {self.last_name}"
+
+
+PERSONA: Final = DemoPersona(
+    first_name="Maya",
+    last_name="Okafor",
+    email="maya.okafor@example.com",
+    phone="+14155550142",
+    phone_national="(415) 555-0142",
+    chat_id="zd-v-7f3c9a21e04b",
+    loyalty_id="LY4401287305",
+    user_id="usr_5c1d2e3f4a5b",
+    anonymous_id="0b6f4c1e-8a52-4d7e-9c3a-2f1e5d6a7b80",
+    crm_id="0035g00000MayOkfQA",
+)
+
+# --------------------------------------------------------------------------------------------------
+# Embedded reference data. Names are varied on purpose (accents, apostrophes, hyphens) because
+# identity and traits code must cope with them.
+
+FIRST_NAMES: Final = (
+    "James", "Mary", "Robert", "Patricia", "John", "Jennifer", "Michael", "Linda", "David", "Elizabeth",
+    "William", "Barbara", "Richard", "Susan", "Joseph", "Jessica", "Thomas", "Sarah", "Christopher",
+    "Karen", "Charles", "Lisa", "Daniel", "Nancy", "Matthew", "Betty", "Anthony", "Margaret", "Mark",
+    "Sandra", "Donald", "Ashley", "Steven", "Kimberly", "Andrew", "Emily", "Joshua", "Donna", "Kenneth",
+    "Michelle", "Kevin", "Carol", "Brian", "Amanda", "Timothy", "Melissa", "Ronald", "Deborah", "Jason",
+    "Stephanie", "Katherine", "Rebecca", "Alexander", "Samantha", "Benjamin", "Olivia", "Nicholas",
+    "Sophia", "Jonathan", "Isabella", "Wei", "Mei", "Hiroshi", "Yuki", "Priya", "Arjun", "Aisha", "Omar",
+    "Fatima", "Mohammed", "Chloé", "José", "María", "Luis", "Sofía", "Diego", "Camila", "Mateo", "Zoë",
+    "Noah", "Liam", "Ava", "Mia", "Ethan", "Lucas", "Harper", "Amelia", "Elijah", "Chidi", "Ngozi",
+    "Kwame", "Amara", "Sven", "Ingrid", "Lars", "Anya", "Dmitri", "Siobhan", "Seán", "Niamh", "Thanh",
+    "Linh", "Minh", "Jae", "Ji-woo", "Rahul", "Ananya", "Tariq", "Leila", "Gabriel", "Valentina",
+)
+LAST_NAMES: Final = (
+    "Smith", "Johnson", "Williams", "Brown", "Jones", "Garcia", "Miller", "Davis", "Rodriguez",
+    "Martinez", "Hernandez", "Lopez", "Gonzalez", "Wilson", "Anderson", "Thomas", "Taylor", "Moore",
+    "Jackson", "Martin", "Lee", "Perez", "Thompson", "White", "Harris", "Sanchez", "Clark", "Ramirez",
+    "Lewis", "Robinson", "Walker", "Young", "Allen", "King", "Wright", "Scott", "Torres", "Nguyen",
+    "Hill", "Flores", "Green", "Adams", "Nelson", "Baker", "Hall", "Rivera", "Campbell", "Mitchell",
+    "Carter", "Roberts", "Chen", "Wang", "Kim", "Park", "Patel", "Shah", "Singh", "Tanaka", "Sato",
+    "Okafor", "Adeyemi", "Mensah", "O'Brien", "O'Connor", "McCarthy", "Murphy", "Kowalski", "Nowak",
+    "Müller", "Schmidt", "Johansson", "Lindqvist", "Rossi", "Bianchi", "Dubois", "Lefèvre", "Ivanova",
+    "Petrov", "Haddad", "Khan", "Ali", "Hussain", "Cohen", "Levy", "Santos", "Oliveira", "Costa",
+    "Silva", "Reyes", "Cruz", "Morales", "Ortiz", "Gutierrez", "Tran", "Pham", "Le", "Huang", "Zhang",
+    "Liu", "Yamamoto", "Choi", "Sharma", "Gupta", "Iyer", "Smith-Jones", "Van der Berg", "St. Clair",
+)
+NICKNAMES: Final = {
+    "James": "Jim", "Robert": "Bob", "Patricia": "Pat", "Jennifer": "Jen", "Michael": "Mike",
+    "Elizabeth": "Liz", "William": "Bill", "Richard": "Rick", "Susan": "Sue", "Joseph": "Joe",
+    "Thomas": "Tom", "Christopher": "Chris", "Daniel": "Dan", "Matthew": "Matt", "Anthony": "Tony",
+    "Margaret": "Maggie", "Steven": "Steve", "Kimberly": "Kim", "Andrew": "Andy", "Kenneth": "Ken",
+    "Timothy": "Tim", "Ronald": "Ron", "Katherine": "Kate", "Rebecca": "Becky", "Alexander": "Alex",
+    "Samantha": "Sam", "Benjamin": "Ben", "Nicholas": "Nick", "Jonathan": "Jon", "Valentina": "Vale",
+}
+# (city, state, area codes, zip prefix)
+CITIES: Final = (
+    ("San Francisco", "CA", ("415", "628"), "941"),
+    ("Oakland", "CA", ("510",), "946"),
+    ("Los Angeles", "CA", ("213", "310", "323"), "900"),
+    ("San Diego", "CA", ("619", "858"), "921"),
+    ("Seattle", "WA", ("206",), "981"),
+    ("Portland", "OR", ("503", "971"), "972"),
+    ("Denver", "CO", ("303", "720"), "802"),
+    ("Austin", "TX", ("512", "737"), "787"),
+    ("Dallas", "TX", ("214", "469"), "752"),
+    ("Houston", "TX", ("713", "832"), "770"),
+    ("Chicago", "IL", ("312", "773"), "606"),
+    ("Minneapolis", "MN", ("612",), "554"),
+    ("Boston", "MA", ("617", "857"), "021"),
+    ("New York", "NY", ("212", "646"), "100"),
+    ("Brooklyn", "NY", ("718", "347"), "112"),
+    ("Philadelphia", "PA", ("215", "267"), "191"),
+    ("Atlanta", "GA", ("404", "470"), "303"),
+    ("Miami", "FL", ("305", "786"), "331"),
+    ("Phoenix", "AZ", ("602", "480"), "850"),
+    ("Nashville", "TN", ("615",), "372"),
+    ("Detroit", "MI", ("313",), "482"),
+    ("Salt Lake City", "UT", ("801",), "841"),
+)
+STREETS: Final = (
+    "Maple", "Oak", "Cedar", "Pine", "Elm", "Washington", "Lake", "Hill", "Park", "Main", "Sunset",
+    "Mission", "Valencia", "Church", "Broadway", "Lincoln", "Jefferson", "Highland", "Madison",
+    "Franklin", "Willow", "Magnolia", "Riverside", "Harbor", "Chestnut", "Spruce", "Walnut", "Cherry",
+)
+STREET_SUFFIXES: Final = (
+    ("Street", "St"), ("Avenue", "Ave"), ("Road", "Rd"), ("Boulevard", "Blvd"), ("Drive", "Dr"),
+    ("Lane", "Ln"), ("Court", "Ct"), ("Place", "Pl"),
+)
+EMAIL_DOMAINS: Final = (
+    "example.com", "example.com", "example.com", "example.net", "example.org", "mail.example.com",
+    "inbox.example.net",
+)
+LOCALES: Final = ("en-US",) * 12 + ("es-US", "es-US", "en-GB", "fr-CA", "zh-CN", "vi-VN")
+USER_AGENTS: Final = (
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/124.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/17.4 Safari/605.1.15",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Version/17.4 Mobile/15E148 Safari/604.1",
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/124.0.0.0 Mobile Safari/537.36",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:125.0) Gecko/20100101 Firefox/125.0",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/124.0.0.0 Safari/537.36 Edg/124.0.2478.67",
+)
+IP_PREFIXES: Final = ("192.0.2.", "198.51.100.", "203.0.113.")
+APP_VERSIONS: Final = ("5.12.0", "5.12.1", "5.13.0", "5.14.0", "5.14.2")
+IOS_DEVICES: Final = (("iPhone15,2", "iOS 17.4"), ("iPhone14,5", "iOS 17.5"), ("iPhone16,1", "iOS 17.5"))
+ANDROID_DEVICES: Final = (("Pixel 8", "Android 14"), ("SM-S918B", "Android 14"), ("moto g 5G", "Android 13"))
+
+# (sku, name, category, price)
+PRODUCTS: Final = (
+    ("HP-TEE-001", "Organic Cotton Tee", "apparel", 24.0),
+    ("HP-TEE-014", "Striped Breton Tee", "apparel", 32.0),
+    ("HP-SWT-003", "Merino Crew Sweater", "apparel", 89.0),
+    ("HP-JKT-007", "Waxed Canvas Jacket", "apparel", 198.0),
+    ("HP-JKT-011", "Packable Rain Shell", "apparel", 129.0),
+    ("HP-PNT-002", "Stretch Chino", "apparel", 68.0),
+    ("HP-PNT-009", "Relaxed Linen Trouser", "apparel", 74.0),
+    ("HP-DRS-004", "Wrap Midi Dress", "apparel", 96.0),
+    ("HP-SHO-021", "Leather Chelsea Boot", "footwear", 165.0),
+    ("HP-SHO-023", "Canvas Low Sneaker", "footwear", 58.0),
+    ("HP-SHO-030", "Trail Runner", "footwear", 124.0),
+    ("HP-BAG-005", "Canvas Tote", "accessories", 38.0),
+    ("HP-BAG-012", "Leather Weekender", "accessories", 245.0),
+    ("HP-ACC-008", "Wool Beanie", "accessories", 22.0),
+    ("HP-ACC-016", "Cashmere Scarf", "accessories", 78.0),
+    ("HP-HOM-101", "Stoneware Mug Set", "home", 36.0),
+    ("HP-HOM-104", "Linen Duvet Cover", "home", 149.0),
+    ("HP-HOM-110", "Cast Iron Skillet", "home", 54.0),
+    ("HP-HOM-115", "Wool Throw Blanket", "home", 112.0),
+    ("HP-HOM-122", "Ceramic Table Lamp", "home", 89.0),
+    ("HP-OUT-201", "Insulated Water Bottle", "outdoor", 29.0),
+    ("HP-OUT-205", "Two-Person Tent", "outdoor", 289.0),
+    ("HP-OUT-209", "Down Sleeping Bag", "outdoor", 219.0),
+    ("HP-OUT-214", "Camp Chair", "outdoor", 64.0),
+)
+PAGES: Final = (
+    ("/", "Home"), ("/collections/new", "New Arrivals"), ("/collections/sale", "Sale"),
+    ("/collections/outdoor", "Outdoor"), ("/collections/home", "Home Goods"), ("/help", "Help Center"),
+    ("/help/returns", "Returns & Exchanges"), ("/help/shipping", "Shipping"), ("/account", "My Account"),
+    ("/account/orders", "Order History"), ("/stores", "Store Locator"), ("/membership", "Plus Membership"),
+)
+REFERRERS: Final = (
+    "", "", "https://www.google.com/", "https://www.bing.com/", "https://duckduckgo.com/",
+    "https://www.instagram.com/", "https://www.pinterest.com/",
+)
+STORES: Final = (
+    ("store-0101", "San Francisco"), ("store-0102", "Oakland"), ("store-0201", "Los Angeles"),
+    ("store-0301", "Seattle"), ("store-0302", "Portland"), ("store-0401", "Denver"),
+    ("store-0501", "Austin"), ("store-0601", "Chicago"), ("store-0701", "Boston"),
+    ("store-0801", "New York"), ("store-0802", "Brooklyn"), ("store-0901", "Atlanta"),
+)
+
+# Queues, their agents and the reasons that land in them.
+QUEUES: Final = {
+    "billing": ("Billing", 9),
+    "tech_support": ("Tech Support", 8),
+    "orders": ("Orders", 8),
+    "returns": ("Returns", 7),
+    "sales": ("Sales", 5),
+    "retention": ("Membership", 3),
+}
+TRANSFER_TO: Final = {
+    "billing": ("retention", "tech_support"),
+    "tech_support": ("billing",),
+    "orders": ("returns", "billing"),
+    "returns": ("billing",),
+    "sales": ("billing", "orders"),
+    "retention": ("billing",),
+}
+# reason -> (queue, weight)
+REASONS: Final = {
+    "billing_question": ("billing", 6),
+    "unexpected_charge": ("billing", 4),
+    "payment_failed": ("billing", 3),
+    "refund_status": ("billing", 7),
+    "password_reset": ("tech_support", 4),
+    "app_not_working": ("tech_support", 3),
+    "account_access": ("tech_support", 3),
+    "order_status": ("orders", 10),
+    "delivery_delay": ("orders", 8),
+    "damaged_item": ("returns", 4),
+    "return_request": ("returns", 7),
+    "wrong_item": ("returns", 3),
+    "product_question": ("sales", 5),
+    "plan_upgrade": ("sales", 2),
+    "cancel_membership": ("retention", 2),
+}
+RESOLVED_DISPOSITIONS: Final = {
+    "billing_question": "information_provided",
+    "unexpected_charge": "refund_issued",
+    "payment_failed": "resolved",
+    "refund_status": "information_provided",
+    "password_reset": "resolved",
+    "app_not_working": "resolved",
+    "account_access": "resolved",
+    "order_status": "information_provided",
+    "delivery_delay": "shipping_upgraded",
+    "damaged_item": "replacement_sent",
+    "return_request": "return_label_sent",
+    "wrong_item": "replacement_sent",
+    "product_question": "information_provided",
+    "plan_upgrade": "upgraded",
+    "cancel_membership": "cancelled",
+}
+UNRESOLVED_DISPOSITIONS: Final = ("escalated", "callback_scheduled", "follow_up_required", "pending_customer")
+
+# Survey instruments: (survey_id, type).
+SURVEY_POSTCALL_NPS: Final = "SV_5cE2Xn0VbWQ9aFT"
+SURVEY_POSTCALL_CES: Final = "SV_0HnT3kLw8RzPq1d"
+SURVEY_DIGITAL_CSAT: Final = "SV_9fKp2YbXv4Mm7Qa"
+SURVEY_RELATIONSHIP_NPS: Final = "SV_3aRt6UeZc1Hy8Lw"
+# Skewed score distributions: satisfied contacts pile up at the top, bad ones spread low.
+NPS_GOOD: Final = (1, 1, 1, 1, 2, 3, 4, 10, 18, 24, 35)
+NPS_BAD: Final = (10, 6, 7, 8, 9, 12, 12, 12, 10, 7, 7)
+NPS_RELATIONSHIP: Final = (2, 1, 2, 2, 3, 6, 7, 14, 20, 18, 25)
+CSAT_GOOD: Final = (2, 3, 7, 28, 60)
+CSAT_BAD: Final = (25, 20, 22, 18, 15)
+CES_GOOD: Final = (1, 2, 3, 6, 14, 34, 40)
+CES_BAD: Final = (14, 18, 17, 16, 14, 12, 9)
+
+# Placeholders that real systems emit and that must never link two people.
+JUNK_IDS: Final[dict[Channel, tuple[tuple[str, str], ...]]] = {
+    WEB: (("email", "test@test.com"), ("user_id", "null"), ("anonymous_id", "unknown")),
+    APP: (("user_id", "null"), ("device_id", "00000000-0000-0000-0000-000000000000")),
+    EMAIL: (("email", "test@test.com"), ("email", "unknown")),
+    SMS: (("phone", "0000000000"), ("phone", "+10000000000")),
+    CHAT: (("email", "test@test.com"), ("email", "unknown"), ("phone", "0000000000")),
+    VOICE: (("phone", "0000000000"), ("phone", "unknown"), ("crm_id", "null")),
+    SOCIAL: (("email", "unknown"),),
+    STORE: (("phone", "0000000000"), ("email", "test@test.com"), ("loyalty_id", "unknown")),
+    OTHER: (("email", "test@test.com"), ("phone", "0000000000"), ("crm_id", "null")),
+}
+
+# Hour-of-day weights in US local time (UTC-5 is close enough for a demo).
+DIGITAL_HOURS: Final = (
+    0.15, 0.1, 0.07, 0.05, 0.05, 0.08, 0.2, 0.4, 0.6, 0.7, 0.75, 0.8,
+    0.85, 0.8, 0.75, 0.75, 0.8, 0.85, 0.95, 1.0, 1.0, 0.9, 0.6, 0.3,
+)
+CONTACT_HOURS: Final = (
+    0.02, 0.02, 0.02, 0.02, 0.02, 0.02, 0.05, 0.3, 0.8, 1.0, 1.0, 0.95,
+    0.85, 0.9, 0.95, 0.9, 0.8, 0.6, 0.4, 0.25, 0.1, 0.05, 0.03, 0.02,
+)
+
+# --------------------------------------------------------------------------------------------------
+# Conversation phrase lists, written so a sentiment model finds positive, negative and neutral text.
+
+BOT_GREETINGS: Final = (
+    "Hi there! I'm Pine, the Harbor & Pine virtual assistant. What can I help you with today?",
+    "Welcome to Harbor & Pine support. Tell me a little about what you need and I'll find the right "
+    "person.",
+    "Hello! You're chatting with our assistant. You can ask about orders, returns, billing or your account.",
+)
+BOT_HANDOFFS: Final = (
+    "Thanks! I'm connecting you with someone from our {queue} team. The current wait is about {wait} "
+    "minutes.",
+    "Got it. Let me find a {queue} specialist for you, it should only take a few minutes.",
+)
+OPENERS: Final = {
+    "billing_question": (
+        "Hi, I have a question about my last bill. Can you explain the charge of {amount}?",
+        "Hello, I don't understand my latest invoice, there's a line for {amount} I don't recognise.",
+    ),
+    "unexpected_charge": (
+        "I was charged {amount} twice for order {order}. Please fix this.",
+        "There's a charge of {amount} on my card that I never authorised. What is going on?",
+    ),
+    "payment_failed": (
+        "My payment keeps getting declined at checkout even though my card works everywhere else.",
+        "Hi, I tried to pay for order {order} but it says payment failed.",
+    ),
+    "refund_status": (
+        "I returned my order two weeks ago and still haven't received my refund of {amount}.",
+        "Can you tell me when my refund for order {order} will arrive?",
+    ),
+    "password_reset": (
+        "I can't log in, the password reset email never arrives.",
+        "Hi, I need help resetting my password please.",
+    ),
+    "app_not_working": (
+        "The app crashes every time I open my order history.",
+        "Your app won't let me check out, it just spins forever. Very annoying.",
+    ),
+    "account_access": (
+        "My account got locked after I changed my email address.",
+        "I can't access my account anymore, it says my email isn't registered.",
+    ),
+    "order_status": (
+        "Hi, where is my order {order}? The tracking hasn't updated in days.",
+        "Can you check the status of order {order} for me?",
+    ),
+    "delivery_delay": (
+        "My order {order} was supposed to arrive last Tuesday and it still isn't here.",
+        "The delivery is a week late and I needed it for a birthday. Really disappointed.",
+    ),
+    "damaged_item": (
+        "The {product} I received is damaged, the box was completely crushed.",
+        "My {product} arrived broken. I'd like a replacement.",
+    ),
+    "return_request": (
+        "I'd like to return the {product} from order {order}, it doesn't fit.",
+        "How do I return an item? The {product} isn't what I expected.",
+    ),
+    "wrong_item": (
+        "I ordered the {product} but received something completely different.",
+        "You sent me the wrong item in order {order}.",
+    ),
+    "product_question": (
+        "Does the {product} come in other sizes?",
+        "Hi! Quick question, is the {product} machine washable?",
+    ),
+    "plan_upgrade": (
+        "I'd like to upgrade my membership to the Plus plan. What are the benefits?",
+        "Can I switch to annual billing for my membership?",
+    ),
+    "cancel_membership": (
+        "I want to cancel my membership, I'm not using it enough.",
+        "Please cancel my subscription, it's too expensive for me right now.",
+    ),
+}
+RESOLUTIONS: Final = {
+    "billing_question": "That {amount} is your membership renewal. I've emailed you an itemised invoice.",
+    "unexpected_charge": "I can see the duplicate charge. I've reversed the extra {amount}; it should "
+    "disappear within 3-5 business days.",
+    "payment_failed": "Your bank flagged the payment. I've cleared the hold on our side, please try again "
+    "now.",
+    "refund_status": "Your refund of {amount} was processed today and should reach your card within 5 "
+    "business days.",
+    "password_reset": "I've sent a fresh reset link. It should arrive in a minute, please check spam too.",
+    "app_not_working": "Thanks for the details. Updating to the latest app version fixes that crash, and "
+    "I've cleared your session.",
+    "account_access": "I've unlocked your account and updated the email on file. You can sign in now.",
+    "order_status": "Order {order} is with the carrier and scheduled for delivery tomorrow.",
+    "delivery_delay": "I'm sorry about the delay. I've upgraded your shipping to express at no cost and "
+    "refunded the delivery fee.",
+    "damaged_item": "I'm so sorry about that. A replacement {product} ships today and you don't need to "
+    "send the damaged one back.",
+    "return_request": "I've emailed you a prepaid return label. Once we receive the {product} your refund "
+    "is issued within 3 days.",
+    "wrong_item": "Apologies for the mix-up! The correct {product} ships today by express, with a return "
+    "label for the wrong one.",
+    "product_question": "Yes, the {product} comes in sizes XS to XXL and it's machine washable at 30 "
+    "degrees.",
+    "plan_upgrade": "Done! You're on the Plus plan now with free express shipping and early access to "
+    "sales.",
+    "cancel_membership": "I've cancelled your membership; you keep your benefits until the end of the "
+    "billing period.",
+}
+UNRESOLVED: Final = (
+    "I've escalated this to our specialist team; they will get back to you within 48 hours.",
+    "I'm unable to fix this from my side, so I've opened a ticket with the warehouse. You'll get an "
+    "update by email.",
+    "I need to check with another department. I'll follow up with you tomorrow.",
+)
+FRUSTRATED: Final = (
+    "This is the second time I'm contacting you about this and it's still not sorted.",
+    "I was promised a follow up and nobody got back to me. This is really frustrating.",
+    "Honestly the service has been terrible, I've explained this problem several times now.",
+    "I'm very unhappy, I was told this would be fixed days ago.",
+)
+AGENT_GREETINGS: Final = (
+    "Hi {first}, my name is {agent}. I'm sorry to hear about that, let me take a look.",
+    "Hello {first}, thanks for reaching out! I'm {agent} and I'll be happy to help.",
+    "Hi {first}, {agent} here. Thanks for your patience while you waited.",
+)
+AGENT_ASKS: Final = (
+    "Could you confirm the order number for me?",
+    "Can you share the order number so I can look into it?",
+    "Thanks, just a moment while I pull up your account.",
+)
+CUSTOMER_DETAILS: Final = (
+    "Sure, it's order {order}.",
+    "The order number is {order}.",
+    "Ok, it's {order}. I placed it about ten days ago.",
+)
+AGENT_TRANSFERS: Final = (
+    "I'm going to transfer you to our {queue} team, they can sort this out for you. One moment please.",
+    "This needs our {queue} team, so I'll transfer you now. Thanks for bearing with me.",
+)
+AGENT_CLOSINGS: Final = (
+    "Is there anything else I can help you with today?",
+    "Thanks for contacting Harbor & Pine, {first}. Have a great day!",
+)
+CLOSING_POSITIVE: Final = (
+    "Thank you so much, that's perfect!",
+    "Great, I really appreciate the quick help.",
+    "Awesome, you've been super helpful. Have a great day!",
+    "Wonderful, thanks for sorting that out so fast.",
+)
+CLOSING_NEUTRAL: Final = ("Ok, thanks.", "Got it.", "Alright, I'll wait for the email.", "Ok.")
+CLOSING_NEGATIVE: Final = (
+    "Fine. I hope it actually gets fixed this time.",
+    "Not happy about this, but ok.",
+    "That doesn't help me at all. I'll take my business elsewhere.",
+    "This is ridiculous, I've wasted so much time on this.",
+)
+ABANDON_LINES: Final = ("Hello? Is anyone there?", "I've been waiting forever, forget it.", "Still waiting...")
+SOCIAL_NEGATIVE: Final = (
+    "@HarborAndPine still waiting on my refund for order {order}. Two weeks and counting. Not impressed.",
+    "@HarborAndPine worst delivery experience ever, my package is a week late and nobody answers.",
+    "@HarborAndPine your app has been broken all day and I can't check out. Fix it please!",
+)
+SOCIAL_POSITIVE: Final = (
+    "Huge thanks to @HarborAndPine support for sorting out my order in minutes!",
+    "@HarborAndPine love my new {product}, great quality and fast shipping.",
+)
+SOCIAL_NEUTRAL: Final = (
+    "@HarborAndPine does the {product} come in navy?",
+    "@HarborAndPine what time does the {city} store open on Sundays?",
+)
+SOCIAL_REPLIES: Final = (
+    "Hi {first}, we're sorry to hear that! We've sent you a DM so we can look into it. ^{initials}",
+    "Thanks for reaching out, {first}! Check your DMs and we'll get this sorted. ^{initials}",
+    "Thanks so much for the kind words, {first}! We'll pass them on to the team. ^{initials}",
+)
+COMMENTS_POSITIVE: Final = (
+    "Quick and friendly help, thank you!",
+    "The agent was fantastic and solved it on the first contact.",
+    "Love the products, and support was easy to reach.",
+    "Really smooth experience, would recommend to friends.",
+    "Great service, the refund came through faster than expected.",
+)
+COMMENTS_NEUTRAL: Final = (
+    "It was ok, took a bit longer than I'd like.",
+    "Fine, but I had to explain my issue twice.",
+    "Average experience. The website could be clearer about delivery times.",
+)
+COMMENTS_NEGATIVE: Final = (
+    "Waited on hold for ages and the problem still isn't fixed.",
+    "Several contacts for one simple refund. Very frustrating.",
+    "Nobody got back to me as promised. Disappointed.",
+    "The agent was polite but couldn't actually help.",
+    "Terrible experience, I'm considering shopping elsewhere.",
+)
+EMAIL_CAMPAIGNS: Final = (
+    ("New arrivals for the season", "new-arrivals"),
+    ("Members save 20% this weekend", "members-weekend"),
+    ("Your guide to layering", "layering-guide"),
+    ("Last chance: sale ends tonight", "sale-last-chance"),
+    ("Camping essentials are back", "camping-essentials"),
+    ("Free shipping on home goods", "home-free-shipping"),
+    ("Meet our new linen collection", "linen-launch"),
+)
+SMS_CAMPAIGNS: Final = (
+    ("Harbor & Pine: 48h flash sale, 25% off outdoor. Reply STOP to opt out.", "flash-outdoor"),
+    ("Harbor & Pine: your Plus perks just got better. Reply STOP to opt out.", "plus-perks"),
+    ("Harbor & Pine: new store opening near you this Saturday! Reply STOP to opt out.", "store-opening"),
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Internals.
+
+
+@dataclass(slots=True)
+class _Customer:
+    """What the generator knows about one synthetic person; never emitted as such."""
+
+    first_name: str
+    last_name: str
+    email: str
+    phone: str  # E.164
+    dob: str
+    street_no: int
+    street: str
+    suffix: tuple[str, str]
+    unit: str
+    city: str
+    state: str
+    postcode: str
+    activity: float
+    locale: str
+    user_agent: str
+    ip: str
+    user_id: str = ""
+    anonymous_ids: list[str] = field(default_factory=list)
+    device_id: str = ""
+    platform: str = ""
+    device: tuple[str, str] = ("", "")
+    app_version: str = ""
+    chat_id: str = ""
+    loyalty_id: str = ""
+    crm_id: str = ""
+    social_handle: str = ""
+    email_opt_in: bool = False
+    sms_opt_in: bool = False
+    service_rate: float = 0.0
+    home_store: str = ""
+    orders: list[tuple[str, str, float]] = field(default_factory=list)  # (order_id, product, amount)
+
+
+@dataclass(slots=True)
+class _Leg:
+    """One agent leg (or the abandoned remainder) of a planned contact."""
+
+    arrival: int
+    wait: int
+    talk: int
+    hold: int
+    acw: int
+    queue: str
+    agent: str
+    disposition: str
+    transferred: bool = False
+    leg_id: str = ""
+
+    @property
+    def started(self) -> int:
+        return self.arrival + self.wait
+
+    @property
+    def ended(self) -> int:
+        return self.started + self.talk + self.hold
+
+
+def _ascii(text: str) -> str:
+    """Fold a name to the lower-case ASCII letters an email local part would use."""
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    return "".join(ch for ch in folded.lower() if ch.isalnum())
+
+
+def _lognorm(rng: random.Random, median: float, sigma: float, lo: int, hi: int) -> int:
+    """Right-skewed durations, the shape real handle and wait times have."""
+    return int(min(hi, max(lo, rng.lognormvariate(math.log(median), sigma))))
+
+
+def _poisson(rng: random.Random, lam: float) -> int:
+    """Poisson counts (Knuth) so activity varies naturally between customers."""
+    if lam <= 0:
+        return 0
+    if lam > 30:
+        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
+    limit = math.exp(-lam)
+    k = 0
+    p = rng.random()
+    while p > limit:
+        k += 1
+        p *= rng.random()
+    return k
+
+
+def _national(e164: str, style: int) -> str:
+    """Format a +1 number the way caller-id, CRM and POS systems variously do, for the normalizer."""
+    d = e164[2:]
+    area, ex, line = d[:3], d[3:6], d[6:]
+    if style == 0:
+        return f"({area}) {ex}-{line}"
+    if style == 1:
+        return f"{area}-{ex}-{line}"
+    if style == 2:
+        return f"{area}.{ex}.{line}"
+    return f"1 {area} {ex} {line}"
+
+
+class _Generator:
+    """Builds the whole dataset in memory, then sorts it; one instance per `generate` call."""
+
+    def __init__(self, seed: int, customers: int, days: int, now_ts: int) -> None:
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.n_customers = customers
+        self.days = days
+        self.now = now_ts
+        self.start = now_ts - days * DAY
+        # Activity scales sub-linearly with the window so short windows are not absurdly dense.
+        self.scale = math.sqrt(days / 90)
+        self.out: list[tuple[int, int, event_pb2.Event]] = []
+        self.seq = 0
+        self.used: set[str] = {
+            PERSONA.email, PERSONA.phone, PERSONA.chat_id, PERSONA.loyalty_id, PERSONA.user_id,
+            PERSONA.anonymous_id, PERSONA.crm_id,
+        }
+        self.case_no = 1_040_000
+        self.order_no = 100_000 + self.rng.randrange(100_000)
+        self.agents: dict[str, list[tuple[str, str]]] = {}
+        n = 0
+        for queue, (_, size) in QUEUES.items():
+            members = []
+            for _ in range(size):
+                members.append((f"agt-{101 + n:03d}", FIRST_NAMES[(n * 7 + 3) % len(FIRST_NAMES)]))
+                n += 1
+            self.agents[queue] = members
+        self.agent_names = {aid: name for members in self.agents.values() for aid, name in members}
+        self.reason_names = list(REASONS)
+        self.reason_weights = [w for _, w in REASONS.values()]
+        self.email_campaigns = self._campaigns(EMAIL_CAMPAIGNS, max(2, round(10 * self.scale)))
+        self.sms_campaigns = self._campaigns(SMS_CAMPAIGNS, max(1, round(4 * self.scale)))
+
+    # ---- primitives ------------------------------------------------------------------------------
+
+    def unique(self, make: Callable[[], str]) -> str:
+        """Draw ids until one is unused, so ids never collide within a dataset."""
+        while True:
+            value = make()
+            if value not in self.used:
+                self.used.add(value)
+                return value
+
+    def uuid(self) -> str:
+        """A v4-shaped UUID from the seeded generator (uuid4() would break reproducibility)."""
+        return str(uuid.UUID(int=self.rng.getrandbits(128), version=4))
+
+    def when(self, hours: Sequence[float], margin: int, weekend: float = 1.0) -> int:
+        """A time in the window, at least `margin` seconds before now, shaped by hour of day."""
+        rng = self.rng
+        hi = max(self.start, self.now - margin)
+        while True:
+            ts = rng.randint(self.start, hi)
+            local = ts - 5 * HOUR
+            weight = hours[(local // HOUR) % 24]
+            if weekend != 1.0 and (local // DAY + 3) % 7 >= 5:
+                weight *= weekend
+            if rng.random() < weight:
+                return ts
+
+    def emit(
+        self,
+        ts: int,
+        channel: Channel,
+        source: str,
+        ids: Ids,
+        *,
+        props: Json | None = None,
+        ctx: Json | None = None,
+        junk: bool = True,
+    ) -> event_pb2.Event:
+        """Create an event; it is kept only if it falls in the window (later ones haven't happened)."""
+        ev = event_pb2.Event(channel=channel, source=source)
+        ev.timestamp.seconds = ts
+        for id_type, value in ids:
+            ev.identifiers.add(type=id_type, value=value)
+        if junk and self.rng.random() < JUNK_RATE:
+            id_type, value = self.rng.choice(JUNK_IDS[channel])
+            ev.identifiers.add(type=id_type, value=value)
+        if props:
+            ev.properties.update(props)
+        if ctx:
+            ev.context.update(ctx)
+        if self.start <= ts <= self.now:
+            self.out.append((ts, self.seq, ev))
+            self.seq += 1
+        return ev
+
+    def track(
+        self,
+        ts: int,
+        channel: Channel,
+        source: str,
+        ids: Ids,
+        name: str,
+        props: Json | None = None,
+        ctx: Json | None = None,
+        *,
+        junk: bool = True,
+    ) -> None:
+        """Emit a Track event."""
+        self.emit(ts, channel, source, ids, props=props, ctx=ctx, junk=junk).track.event = name
+
+    def identify(
+        self,
+        ts: int,
+        channel: Channel,
+        source: str,
+        ids: Ids,
+        traits: Json,
+        ctx: Json | None = None,
+        *,
+        junk: bool = True,
+    ) -> None:
+        """Emit an Identify event."""
+        self.emit(ts, channel, source, ids, ctx=ctx, junk=junk).identify.traits.update(traits)
+
+    def message(
+        self,
+        ts: int,
+        channel: Channel,
+        source: str,
+        ids: Ids,
+        interaction_id: str,
+        author: event_pb2.Author.ValueType,
+        text: str,
+        agent: str = "",
+        *,
+        junk: bool = True,
+    ) -> None:
+        """Emit one conversation utterance."""
+        msg = self.emit(ts, channel, source, ids, junk=junk).message
+        msg.interaction_id = interaction_id
+        msg.author = author
+        msg.text = text
+        if agent:
+            msg.agent_id = agent
+
+    def survey(
+        self,
+        ts: int,
+        channel: Channel,
+        source: str,
+        ids: Ids,
+        kind: event_pb2.SurveyType.ValueType,
+        score: int,
+        survey_id: str,
+        interaction_id: str = "",
+        comment: str = "",
+        *,
+        junk: bool = True,
+    ) -> None:
+        """Emit a survey answer; score is always set explicitly, since 0 is a real NPS answer."""
+        sr = self.emit(ts, channel, source, ids, junk=junk).survey_response
+        sr.type = kind
+        sr.score = score
+        sr.survey_id = survey_id
+        if interaction_id:
+            sr.interaction_id = interaction_id
+        if comment:
+            sr.comment = comment
+
+    def interaction(
+        self,
+        leg: _Leg,
+        channel: Channel,
+        source: str,
+        ids: Ids,
+        interaction_id: str,
+        reason: str,
+        case_id: str,
+        case_status: event_pb2.CaseStatus.ValueType,
+        *,
+        outbound: bool = False,
+        props: Json | None = None,
+        junk: bool = True,
+    ) -> None:
+        """Emit one Interaction leg with timestamps derived from its durations."""
+        ix = self.emit(leg.arrival, channel, source, ids, props=props, junk=junk).interaction
+        ix.interaction_id = interaction_id
+        ix.direction = event_pb2.DIRECTION_OUTBOUND if outbound else event_pb2.DIRECTION_INBOUND
+        ix.queue = leg.queue
+        ix.reason = reason
+        ix.disposition = leg.disposition
+        ix.started_at.seconds = leg.started
+        ix.ended_at.seconds = leg.ended
+        ix.talk_seconds = float(leg.talk)
+        ix.hold_seconds = float(leg.hold)
+        ix.after_contact_work_seconds = float(leg.acw)
+        ix.wait_seconds = float(leg.wait)
+        if leg.agent:
+            ix.agent_id = leg.agent
+            ix.case_id = case_id
+            ix.case_status = case_status
+        else:
+            ix.abandoned = True
+        if leg.transferred:
+            ix.transferred = True
+        if leg.leg_id:
+            ix.leg_id = leg.leg_id
+
+    # ---- reference data ----------------------------------------------------------------------------
+
+    def _campaigns(self, pool: Sequence[tuple[str, str]], count: int) -> list[tuple[int, str, str]]:
+        """Marketing sends spread over the window: (send time, campaign id, text)."""
+        out = []
+        for i in range(count):
+            text, slug = pool[i % len(pool)]
+            ts = self.when(CONTACT_HOURS, HOUR)
+            out.append((ts, f"cmp-{slug}-{i + 1:02d}", text))
+        return out
+
+    def email_variant(self, email: str) -> str:
+        """Mostly the clean address; sometimes capitalised or padded, as forms and CRMs deliver it."""
+        r = self.rng.random()
+        if r < 0.04:
+            local, _, domain = email.partition("@")
+            return f"{local.title()}@{domain.capitalize()}"
+        if r < 0.06:
+            return f" {email} "
+        return email
+
+    def phone_variant(self, e164: str, national_share: float) -> str:
+        """E.164 most of the time, a national format otherwise."""
+        if self.rng.random() < national_share:
+            return _national(e164, self.rng.choice((0, 0, 0, 1, 1, 2, 3)))
+        return e164
+
+    def product(self) -> tuple[str, str, str, float]:
+        """A catalogue item; the cheap end of the catalogue sells more."""
+        idx = min(int(self.rng.expovariate(1 / 8)), len(PRODUCTS) - 1)
+        return PRODUCTS[(idx * 5) % len(PRODUCTS)]
+
+    def order_id(self) -> str:
+        """Sequential order numbers, like a real shop's."""
+        self.order_no += self.rng.randint(1, 40)
+        return f"HP-{self.order_no:07d}"
+
+    def agent(self, queue: str, exclude: str = "") -> str:
+        """An agent skilled for the queue."""
+        members = [aid for aid, _ in self.agents[queue] if aid != exclude]
+        return self.rng.choice(members)
+
+    # ---- people ----------------------------------------------------------------------------------
+
+    def new_customer(self) -> _Customer:
+        """Draw one synthetic person with the identifiers each system would know them by."""
+        rng = self.rng
+        first = rng.choice(FIRST_NAMES)
+        last = rng.choice(LAST_NAMES)
+        city, state, areas, zip_prefix = rng.choice(CITIES)
+        fa, la = _ascii(first), _ascii(last)
+
+        def make_email() -> str:
+            style = rng.random()
+            n = rng.randint(1, 99)
+            if style < 0.35:
+                local = f"{fa}.{la}"
+            elif style < 0.55:
+                local = f"{fa}{la}{n}"
+            elif style < 0.7:
+                local = f"{fa[0]}{la}"
+            elif style < 0.85:
+                local = f"{fa}_{la}{n}"
+            else:
+                local = f"{fa}{la[:1]}{rng.randint(1960, 2006)}"
+            if rng.random() < 0.3:
+                local = f"{local}{n}"
+            return f"{local}@{rng.choice(EMAIL_DOMAINS)}"
+
+        email = self.unique(make_email)
+        phone = self.unique(lambda: f"+1{rng.choice(areas)}555{rng.randrange(100, 10_000):04d}")
+        dob = (date(1948, 1, 1) + timedelta(days=rng.randrange(58 * 365))).isoformat()
+        c = _Customer(
+            first_name=first,
+            last_name=last,
+            email=email,
+            phone=phone,
+            dob=dob,
+            street_no=rng.randint(1, 9899),
+            street=rng.choice(STREETS),
+            suffix=rng.choice(STREET_SUFFIXES),
+            unit=f"Apt {rng.randint(1, 40)}" if rng.random() < 0.3 else "",
+            city=city,
+            state=state,
+            postcode=f"{zip_prefix}{rng.randint(1, 99):02d}",
+            activity=min(6.0, rng.lognormvariate(-0.32, 0.8)),
+            locale=rng.choice(LOCALES),
+            user_agent=rng.choice(USER_AGENTS),
+            ip=f"{rng.choice(IP_PREFIXES)}{rng.randint(1, 254)}",
+        )
+        c.anonymous_ids = [self.unique(self.uuid) for _ in range(1 + (rng.random() < 0.35))]
+        if rng.random() < 0.65:
+            c.user_id = self.unique(lambda: f"usr_{rng.getrandbits(48):012x}")
+            if rng.random() < 0.5:
+                c.platform = "ios" if rng.random() < 0.55 else "android"
+                if c.platform == "ios":
+                    c.device_id = self.unique(lambda: self.uuid().upper())
+                    c.device = rng.choice(IOS_DEVICES)
+                else:
+                    c.device_id = self.unique(lambda: f"{rng.getrandbits(64):016x}")
+                    c.device = rng.choice(ANDROID_DEVICES)
+                c.app_version = rng.choice(APP_VERSIONS)
+        c.chat_id = self.unique(lambda: f"zd-v-{rng.getrandbits(48):012x}")
+        if rng.random() < 0.35:
+            c.loyalty_id = self.unique(lambda: f"LY{rng.randrange(10**10):010d}")
+            c.home_store = next((sid for sid, sc in STORES if sc == city), rng.choice(STORES)[0])
+        if rng.random() < 0.6:
+            alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+            c.crm_id = self.unique(lambda: "0035g" + "".join(rng.choice(alphabet) for _ in range(13)))
+        if rng.random() < 0.12:
+            c.social_handle = self.unique(lambda: f"@{fa}{la[:4]}{rng.randint(1, 999)}")
+        c.email_opt_in = rng.random() < 0.8
+        c.sms_opt_in = rng.random() < 0.3
+        c.service_rate = 0.8 * rng.random() * 2 if rng.random() < 0.7 else 0.0
+        return c
+
+    def traits(self, c: _Customer, *, full: bool) -> Json:
+        """Identify traits with the small inconsistencies real systems have (nicknames, typos, abbreviations)."""
+        rng = self.rng
+        first = c.first_name
+        if first in NICKNAMES and rng.random() < 0.2:
+            first = NICKNAMES[first]
+        elif rng.random() < 0.04:
+            first = first.lower()
+        last = c.last_name
+        if len(last) > 3 and rng.random() < 0.05:
+            i = rng.randrange(len(last) - 2) + 1
+            last = last[:i] + last[i + 1] + last[i] + last[i + 2 :]
+        suffix = c.suffix[1] if rng.random() < 0.4 else c.suffix[0]
+        address = f"{c.street_no} {c.street} {suffix}"
+        if c.unit:
+            address = f"{address}, {c.unit}" if rng.random() < 0.7 else f"{address} {c.unit.replace('Apt ', '#')}"
+        traits: Json = {
+            "first_name": first,
+            "last_name": last,
+            "email": self.email_variant(c.email),
+        }
+        if full or rng.random() < 0.5:
+            traits["phone"] = self.phone_variant(c.phone, 0.5)
+        if full or rng.random() < 0.3:
+            traits["date_of_birth"] = c.dob
+        if full or rng.random() < 0.4:
+            traits["address"] = address
+            traits["city"] = c.city if rng.random() < 0.95 else c.city.upper()
+            traits["state"] = c.state
+            traits["postcode"] = c.postcode if rng.random() < 0.93 else f"{c.postcode}-{rng.randint(1000, 9999)}"
+        return traits
+
+    # ---- channels ----------------------------------------------------------------------------------
+
+    def web(self, c: _Customer) -> None:
+        """Browsing sessions: anonymous at first, logged in (user_id + email) some of the time."""
+        rng = self.rng
+        sessions = _poisson(rng, 2.4 * c.activity * self.scale)
+        signed_up = False
+        for _ in range(sessions):
+            ts = self.when(DIGITAL_HOURS, 2 * HOUR)
+            anon = rng.choice(c.anonymous_ids)
+            logged_in = bool(c.user_id) and rng.random() < 0.5
+            ids: Ids = [("anonymous_id", anon)]
+            if logged_in:
+                ids += [("user_id", c.user_id), ("email", self.email_variant(c.email))]
+            referrer = rng.choice(REFERRERS)
+            base_ctx: Json = {"user_agent": c.user_agent, "ip": c.ip, "locale": c.locale}
+            if rng.random() < 0.2:
+                slug = rng.choice(self.email_campaigns)[1]
+                base_ctx["campaign"] = {"source": "newsletter", "medium": "email", "name": slug}
+            if logged_in and not signed_up and rng.random() < 0.15:
+                signed_up = True
+                self.identify(ts, WEB, "web-sdk", ids, self.traits(c, full=False), base_ctx)
+                self.track(ts + 1, WEB, "web-sdk", ids, "Signed Up", {"method": "email"}, base_ctx)
+                ts += rng.randint(5, 60)
+            for _ in range(1 + (rng.random() < 0.4)):
+                path, title = rng.choice(PAGES)
+                props: Json = {"path": path, "title": title, "url": SHOP_URL + path}
+                if referrer:
+                    props["referrer"] = referrer
+                    referrer = ""
+                self.track(ts, WEB, "web-sdk", ids, "Page Viewed", props, base_ctx)
+                ts += rng.randint(8, 180)
+            viewed = [self.product() for _ in range(_poisson(rng, 1.2))]
+            for sku, name, category, price in viewed:
+                props = {"sku": sku, "name": name, "category": category, "price": price, "currency": "USD"}
+                self.track(ts, WEB, "web-sdk", ids, "Product Viewed", props, base_ctx)
+                ts += rng.randint(15, 240)
+            if viewed and rng.random() < 0.3:
+                sku, name, category, price = viewed[-1]
+                qty = 1 + (rng.random() < 0.15)
+                props = {"sku": sku, "name": name, "price": price, "quantity": qty, "currency": "USD"}
+                self.track(ts, WEB, "web-sdk", ids, "Product Added", props, base_ctx)
+                ts += rng.randint(20, 300)
+                if rng.random() < 0.55:
+                    value = round(price * qty, 2)
+                    self.track(ts, WEB, "web-sdk", ids, "Checkout Started", {"value": value, "currency": "USD"},
+                               base_ctx)
+                    ts += rng.randint(60, 400)
+                    if rng.random() < 0.75:
+                        order_ids = ids if logged_in else [*ids, ("email", self.email_variant(c.email))]
+                        self.order(ts, WEB, "web-sdk", order_ids, c, sku, name, price, qty, base_ctx)
+            if logged_in and rng.random() < 0.06:
+                self.identify(ts, WEB, "web-sdk", ids, self.traits(c, full=False), base_ctx)
+
+    def order(
+        self,
+        ts: int,
+        channel: Channel,
+        source: str,
+        ids: Ids,
+        c: _Customer,
+        sku: str,
+        name: str,
+        price: float,
+        qty: int,
+        ctx: Json,
+    ) -> None:
+        """An Order Completed with revenue, remembered so service contacts can refer to it."""
+        oid = self.order_id()
+        subtotal = round(price * qty, 2)
+        shipping = 0.0 if subtotal >= 75 else 6.95
+        tax = round(subtotal * 0.0825, 2)
+        props: Json = {
+            "order_id": oid,
+            "revenue": subtotal,
+            "tax": tax,
+            "shipping": shipping,
+            "total": round(subtotal + tax + shipping, 2),
+            "currency": "USD",
+            "products": [{"sku": sku, "name": name, "price": price, "quantity": qty}],
+        }
+        self.track(ts, channel, source, ids, "Order Completed", props, ctx)
+        c.orders.append((oid, name, round(subtotal + tax + shipping, 2)))
+
+    def app(self, c: _Customer) -> None:
+        """Mobile app sessions: device_id plus the signed-in user_id."""
+        if not c.device_id:
+            return
+        rng = self.rng
+        source = "ios-app" if c.platform == "ios" else "android-app"
+        ctx: Json = {
+            "app_version": c.app_version,
+            "os": c.device[1],
+            "device_model": c.device[0],
+            "locale": c.locale,
+        }
+        ids: Ids = [("device_id", c.device_id), ("user_id", c.user_id)]
+        for _ in range(_poisson(rng, 2.2 * c.activity * self.scale)):
+            ts = self.when(DIGITAL_HOURS, 2 * HOUR)
+            self.track(ts, APP, source, ids, "Application Opened", {"from_background": rng.random() < 0.4}, ctx)
+            ts += rng.randint(3, 60)
+            for _ in range(_poisson(rng, 1.0)):
+                sku, name, category, price = self.product()
+                props: Json = {"sku": sku, "name": name, "category": category, "price": price, "currency": "USD"}
+                self.track(ts, APP, source, ids, "Product Viewed", props, ctx)
+                ts += rng.randint(10, 200)
+                if rng.random() < 0.12:
+                    self.order(ts, APP, source, ids, c, sku, name, price, 1, ctx)
+                    ts += rng.randint(30, 120)
+
+    def email_marketing(self, c: _Customer) -> None:
+        """Campaign sends, opens and clicks keyed by email, sometimes with the CRM id."""
+        if not c.email_opt_in:
+            return
+        rng = self.rng
+        ids: Ids = [("email", c.email)]
+        if c.crm_id and rng.random() < 0.5:
+            ids.append(("crm_id", c.crm_id))
+        for send_ts, campaign_id, subject in self.email_campaigns:
+            if rng.random() > 0.45:
+                continue
+            props: Json = {"campaign_id": campaign_id, "subject": subject}
+            ts = send_ts + rng.randint(0, 1800)
+            self.track(ts, EMAIL, "salesforce-marketing", ids, "Email Delivered", props)
+            if rng.random() < 0.35:
+                ts += _lognorm(rng, 3 * HOUR, 1.2, 60, 4 * DAY)
+                self.track(ts, EMAIL, "salesforce-marketing", ids, "Email Opened", props)
+                if rng.random() < 0.25:
+                    ts += rng.randint(5, 300)
+                    click: Json = {**props, "link_url": f"{SHOP_URL}/collections/new?utm_campaign={campaign_id}"}
+                    self.track(ts, EMAIL, "salesforce-marketing", ids, "Email Link Clicked", click)
+                elif rng.random() < 0.02:
+                    self.track(ts + 30, EMAIL, "salesforce-marketing", ids, "Unsubscribed", props)
+                    return
+
+    def sms_marketing(self, c: _Customer) -> None:
+        """SMS campaign deliveries and clicks keyed by phone in E.164, as the SMS gateway sends it."""
+        if not c.sms_opt_in:
+            return
+        rng = self.rng
+        ids: Ids = [("phone", c.phone)]
+        for send_ts, campaign_id, text in self.sms_campaigns:
+            if rng.random() > 0.6:
+                continue
+            props: Json = {"campaign_id": campaign_id, "body": text}
+            ts = send_ts + rng.randint(0, 900)
+            self.track(ts, SMS, "twilio", ids, "SMS Delivered", props)
+            if rng.random() < 0.12:
+                self.track(ts + rng.randint(30, 3600), SMS, "twilio", ids, "SMS Link Clicked",
+                           {"campaign_id": campaign_id})
+
+    def store(self, c: _Customer) -> None:
+        """Point-of-sale purchases by loyalty card, and the loyalty signup that links it to an email."""
+        if not c.loyalty_id:
+            return
+        rng = self.rng
+        visits = _poisson(rng, 1.5 * c.activity * self.scale)
+        for v in range(visits):
+            ts = self.when(CONTACT_HOURS, 2 * HOUR)
+            store_id = c.home_store if rng.random() < 0.8 else rng.choice(STORES)[0]
+            ctx: Json = {"store_id": store_id, "terminal_id": f"pos-{rng.randint(1, 6)}",
+                         "associate_id": f"emp-{rng.randint(1000, 1400)}"}
+            ids: Ids = [("loyalty_id", c.loyalty_id)]
+            if v == 0 and rng.random() < 0.45:
+                traits: Json = {
+                    "first_name": c.first_name,
+                    "last_name": c.last_name,
+                    "email": self.email_variant(c.email),
+                    "postcode": c.postcode,
+                }
+                signup_ids: Ids = [*ids, ("email", self.email_variant(c.email))]
+                if rng.random() < 0.5:
+                    traits["phone"] = self.phone_variant(c.phone, 0.7)
+                    signup_ids.append(("phone", traits["phone"]))
+                self.identify(ts, STORE, "pos", signup_ids, traits, ctx)
+                ts += 20
+            elif rng.random() < 0.15:
+                ids.append(("phone", self.phone_variant(c.phone, 0.8)))  # looked up by phone at the till
+            sku, name, _, price = self.product()
+            qty = 1 + (rng.random() < 0.25)
+            self.order(ts, STORE, "pos", ids, c, sku, name, price, qty,
+                       {**ctx, "payment_method": rng.choice(("card", "card", "apple_pay", "cash"))})
+            if rng.random() < 0.07:
+                oid = c.orders[-1][0]
+                self.track(ts + rng.randint(2, 10) * DAY, STORE, "pos", ids, "Product Returned",
+                           {"order_id": oid, "sku": sku, "refund": round(price, 2), "currency": "USD"}, ctx)
+
+    def crm(self, c: _Customer) -> None:
+        """CRM sync of the contact record: the main link between crm_id, email and phone."""
+        if not c.crm_id:
+            return
+        rng = self.rng
+        for _ in range(1 + (rng.random() < 0.3)):
+            ts = self.when(CONTACT_HOURS, HOUR)
+            traits = self.traits(c, full=True)
+            ids: Ids = [("crm_id", c.crm_id), ("email", traits["email"])]
+            ids.append(("phone", traits["phone"]))
+            traits["lifecycle_stage"] = "customer"
+            self.identify(ts, OTHER, "salesforce-crm", ids, traits)
+
+    def relationship_survey(self, c: _Customer) -> None:
+        """The quarterly relationship NPS, emailed and not tied to any contact."""
+        rng = self.rng
+        if not c.email_opt_in or rng.random() > 0.12:
+            return
+        ts = self.when(DIGITAL_HOURS, HOUR)
+        score = rng.choices(range(11), NPS_RELATIONSHIP)[0]
+        ids: Ids = [("email", c.email)]
+        if c.crm_id:
+            ids.append(("crm_id", c.crm_id))
+        self.survey(ts, EMAIL, "qualtrics", ids, event_pb2.SURVEY_TYPE_NPS, score, SURVEY_RELATIONSHIP_NPS,
+                    comment=self.comment(event_pb2.SURVEY_TYPE_NPS, score))
+
+    def comment(self, kind: event_pb2.SurveyType.ValueType, score: int) -> str:
+        """A free-text comment matching the score, on about a third of answers."""
+        rng = self.rng
+        if rng.random() > 0.35:
+            return ""
+        if kind == event_pb2.SURVEY_TYPE_NPS:
+            band = 0 if score <= 6 else 1 if score <= 8 else 2
+        elif kind == event_pb2.SURVEY_TYPE_CSAT:
+            band = 0 if score <= 2 else 1 if score == 3 else 2
+        else:
+            band = 0 if score <= 3 else 1 if score == 4 else 2
+        return rng.choice((COMMENTS_NEGATIVE, COMMENTS_NEUTRAL, COMMENTS_POSITIVE)[band])
+
+    # ---- service contacts ----------------------------------------------------------------------------
+
+    def contact_ids(self, c: _Customer, channel: Channel) -> tuple[str, Ids]:
+        """The source system and identifiers a contact on this channel carries."""
+        rng = self.rng
+        if channel == VOICE:
+            ids: Ids = [("phone", self.phone_variant(c.phone, 0.3))]
+            if c.crm_id and rng.random() < 0.3:
+                ids.append(("crm_id", c.crm_id))  # screen-pop matched the CRM record
+            return "genesys-cloud", ids
+        if channel == CHAT:
+            ids = [("chat_id", c.chat_id)]
+            if rng.random() < 0.4:
+                ids.append(("email", self.email_variant(c.email)))  # pre-chat form
+            elif c.user_id and rng.random() < 0.3:
+                ids.append(("user_id", c.user_id))  # chatting while signed in
+            return "zendesk", ids
+        if channel == EMAIL:
+            ids = [("email", self.email_variant(c.email))]
+            if c.crm_id and rng.random() < 0.2:
+                ids.append(("crm_id", c.crm_id))
+            return "zendesk", ids
+        if channel == SMS:
+            return "twilio", [("phone", c.phone)]
+        ids = [("social_handle", c.social_handle)]
+        if rng.random() < 0.1:
+            ids.append(("email", c.email))
+        return "sprinklr", ids
+
+    def interaction_id(self, channel: Channel) -> str:
+        """Ids shaped like each platform's own."""
+        rng = self.rng
+        if channel == VOICE:
+            return self.unique(self.uuid)
+        if channel == SMS:
+            return self.unique(lambda: f"CH{rng.getrandbits(128):032x}")
+        if channel == SOCIAL:
+            return self.unique(lambda: f"spr-{rng.randrange(10**10):010d}")
+        return self.unique(lambda: f"zd-{rng.randrange(10**8):08d}")
+
+    def service(self, c: _Customer) -> None:
+        """Service contact chains: a contact and, when unresolved, repeats on the same reason."""
+        rng = self.rng
+        chains = _poisson(rng, c.service_rate * c.activity * self.scale)
+        for _ in range(chains):
+            reason = rng.choices(self.reason_names, self.reason_weights)[0]
+            channel = self.pick_channel(c)
+            n = 1
+            while n < 3 and rng.random() < (0.3 if n == 1 else 0.25):
+                n += 1
+            self.case_no += rng.randint(1, 9)
+            case_id = f"CS-{self.case_no:07d}"
+            ts = self.when(CONTACT_HOURS, 15 * HOUR, weekend=0.6)
+            for k in range(n):
+                last = k == n - 1
+                resolved = rng.random() < (0.85 if last else 0.2)
+                end = self.contact(c, channel, reason, ts, case_id, resolved=resolved, repeat=k)
+                if end is None:
+                    break
+                ts = end + _lognorm(rng, 1.5 * DAY, 0.7, 2 * HOUR, 6 * DAY)
+                if rng.random() < 0.4:
+                    channel = self.pick_channel(c)
+
+    def pick_channel(self, c: _Customer) -> Channel:
+        """Voice still dominates contact volume, then chat, email, SMS and social."""
+        options: list[Channel] = [VOICE, CHAT, EMAIL, SMS]
+        weights = [40.0, 30.0, 15.0, 8.0]
+        if c.social_handle:
+            options.append(SOCIAL)
+            weights.append(25.0)
+        return self.rng.choices(options, weights)[0]
+
+    def plan_legs(self, channel: Channel, queue: str, arrival: int, *, resolved: bool, outbound: bool) -> list[_Leg]:
+        """Durations per channel, with abandons and transfers on the live channels."""
+        rng = self.rng
+        live = channel in (VOICE, CHAT)
+        if channel == VOICE:
+            wait = 0 if outbound else _lognorm(rng, 35, 1.0, 0, 1200)
+            talk, hold = _lognorm(rng, 330, 0.6, 20, 5400), 0
+            if rng.random() < 0.45:
+                hold = _lognorm(rng, 45, 0.8, 5, 1200)
+            acw = _lognorm(rng, 50, 0.6, 0, 900)
+        elif channel == CHAT:
+            wait = _lognorm(rng, 25, 1.0, 0, 1200)
+            talk, hold = _lognorm(rng, 540, 0.6, 60, 5400), 0
+            if rng.random() < 0.15:
+                hold = _lognorm(rng, 30, 0.7, 5, 600)
+            acw = _lognorm(rng, 40, 0.6, 0, 600)
+        elif channel == EMAIL:
+            wait = 0 if outbound else _lognorm(rng, 3 * HOUR, 0.9, 300, 12 * HOUR)
+            talk, hold, acw = _lognorm(rng, 240, 0.7, 30, 3600), 0, _lognorm(rng, 60, 0.6, 0, 900)
+        else:  # SMS and social: asynchronous, minutes to first response
+            wait = _lognorm(rng, 900 if channel == SMS else 1500, 1.0, 30, 6 * HOUR)
+            talk, hold, acw = _lognorm(rng, 500, 0.6, 60, 3600), 0, _lognorm(rng, 30, 0.6, 0, 600)
+        if live and not outbound and rng.random() < (0.07 if channel == VOICE else 0.05):
+            wait = _lognorm(rng, 110, 0.8, 5, 1800)
+            return [_Leg(arrival, wait, 0, 0, 0, queue, "", "abandoned")]
+        agent = self.agent(queue)
+        disposition = "resolved" if resolved else rng.choice(UNRESOLVED_DISPOSITIONS)
+        if live and rng.random() < (0.12 if channel == VOICE else 0.06):
+            first_talk = _lognorm(rng, 150, 0.6, 20, 1800)
+            first = _Leg(arrival, wait, first_talk, min(hold, 120), _lognorm(rng, 20, 0.5, 0, 300), queue, agent,
+                         "transferred", transferred=True)
+            target = rng.choice(TRANSFER_TO[queue])
+            second = _Leg(first.ended, _lognorm(rng, 20, 0.9, 0, 900), talk, hold, acw, target,
+                          self.agent(target, exclude=agent), disposition)
+            return [first, second]
+        return [_Leg(arrival, wait, talk, hold, acw, queue, agent, disposition)]
+
+    def contact(
+        self, c: _Customer, channel: Channel, reason: str, arrival: int, case_id: str, *, resolved: bool, repeat: int
+    ) -> int | None:
+        """Emit one contact (legs, conversation, maybe a survey); returns when it ended, or None."""
+        rng = self.rng
+        queue = REASONS[reason][0]
+        outbound = channel in (VOICE, EMAIL) and repeat > 0 and rng.random() < 0.3  # agent follows up
+        legs = self.plan_legs(channel, queue, arrival, resolved=resolved, outbound=outbound)
+        end = legs[-1].ended + legs[-1].acw
+        if end > self.now:
+            return None
+        iid = self.interaction_id(channel)
+        source, ids = self.contact_ids(c, channel)
+        if len(legs) == 2:
+            for i, leg in enumerate(legs, start=1):
+                leg.leg_id = f"{iid}:{i}"
+        abandoned = not legs[0].agent
+        if resolved and not abandoned:
+            legs[-1].disposition = RESOLVED_DISPOSITIONS[reason]
+        if abandoned:
+            status = event_pb2.CASE_STATUS_UNSPECIFIED
+        elif resolved:
+            status = event_pb2.CASE_STATUS_RESOLVED if rng.random() < 0.8 else event_pb2.CASE_STATUS_CLOSED
+        else:
+            status = event_pb2.CASE_STATUS_OPEN if repeat == 0 else event_pb2.CASE_STATUS_PENDING
+        props: Json | None = None
+        if channel == VOICE:
+            props = {"ivr_path": f"main>{queue}", "language": c.locale, "dnis": "+18005550100"}
+        elif channel == EMAIL:
+            props = {"subject": f"Re: {reason.replace('_', ' ').capitalize()}", "ticket_via": "email"}
+        for leg in legs:
+            leg_status = event_pb2.CASE_STATUS_OPEN if leg.transferred else status
+            self.interaction(leg, channel, source, ids, iid, reason, case_id, leg_status, outbound=outbound,
+                             props=props)
+        order = c.orders[-1] if c.orders else (self.order_id(), self.product()[1], 0.0)
+        amount = order[2] or round(rng.uniform(20, 250), 2)
+        fill = {"order": order[0], "product": order[1], "amount": f"${amount:.2f}", "first": c.first_name,
+                "city": c.city}
+        if channel in (CHAT, SMS, SOCIAL):
+            self.conversation(c, channel, source, ids, iid, reason, legs, fill, resolved=resolved, repeat=repeat)
+        if not abandoned and rng.random() < 0.3:
+            good = resolved and repeat == 0 and len(legs) == 1
+            self.post_contact_survey(c, channel, source, ids, iid, end, good=good)
+        return end
+
+    def conversation(
+        self,
+        c: _Customer,
+        channel: Channel,
+        source: str,
+        ids: Ids,
+        iid: str,
+        reason: str,
+        legs: list[_Leg],
+        fill: dict[str, str],
+        *,
+        resolved: bool,
+        repeat: int,
+    ) -> None:
+        """Utterances of a chat, SMS or social conversation, spread over its legs."""
+        rng = self.rng
+        customer, agent_author, bot = event_pb2.AUTHOR_CUSTOMER, event_pb2.AUTHOR_AGENT, event_pb2.AUTHOR_BOT
+        first = legs[0]
+        ts = first.arrival
+
+        def say(author: event_pb2.Author.ValueType, text: str, agent: str = "") -> None:
+            self.message(ts, channel, source, ids, iid, author, text.format(**fill), agent)
+
+        if channel == SOCIAL:
+            mood = rng.random()
+            pool: Sequence[str] = SOCIAL_NEGATIVE if mood < 0.55 or repeat else SOCIAL_POSITIVE if mood < 0.75 else SOCIAL_NEUTRAL
+            say(customer, rng.choice(pool))
+        else:
+            if channel == CHAT:
+                say(bot, rng.choice(BOT_GREETINGS))
+                ts += rng.randint(5, 40)
+            say(customer, rng.choice(OPENERS[reason]))
+            if repeat:
+                ts += rng.randint(5, 30)
+                say(customer, rng.choice(FRUSTRATED))
+            if channel == CHAT and first.wait > 20:
+                ts += 3
+                fill_wait = {**fill, "queue": QUEUES[first.queue][0], "wait": str(max(1, first.wait // 60))}
+                self.message(ts, channel, source, ids, iid, bot, rng.choice(BOT_HANDOFFS).format(**fill_wait))
+        if not first.agent:
+            ts = max(ts + 5, first.ended - rng.randint(0, 5))
+            if rng.random() < 0.6:
+                say(customer, rng.choice(ABANDON_LINES))
+            return
+        for i, leg in enumerate(legs):
+            name = self.agent_names[leg.agent]
+            ts = max(ts + 1, leg.started)
+            span = leg.talk + leg.hold
+            step = max(1, span // 6)
+            if channel == SOCIAL:
+                initials = name[:1]
+                say(agent_author, rng.choice(SOCIAL_REPLIES).replace("{initials}", initials), leg.agent)
+            else:
+                say(agent_author, rng.choice(AGENT_GREETINGS).replace("{agent}", name), leg.agent)
+            ts += rng.randint(1, step)
+            if i == 0 and reason not in ("password_reset", "product_question", "plan_upgrade", "cancel_membership"):
+                say(agent_author, rng.choice(AGENT_ASKS), leg.agent)
+                ts += rng.randint(1, step)
+                say(customer, rng.choice(CUSTOMER_DETAILS))
+                ts += rng.randint(1, step)
+            if leg.transferred:
+                target = QUEUES[legs[i + 1].queue][0]
+                say(agent_author, rng.choice(AGENT_TRANSFERS).replace("{queue}", target), leg.agent)
+                continue
+            if resolved:
+                say(agent_author, RESOLUTIONS[reason], leg.agent)
+            else:
+                say(agent_author, rng.choice(UNRESOLVED), leg.agent)
+            ts += rng.randint(1, step)
+            mood = rng.random()
+            close: Sequence[str]
+            if resolved and mood < 0.8:
+                close = CLOSING_POSITIVE
+            elif resolved or mood < 0.4:
+                close = CLOSING_NEUTRAL
+            else:
+                close = CLOSING_NEGATIVE
+            say(customer, rng.choice(close))
+            ts = min(max(ts + 1, leg.ended - rng.randint(0, 20)), leg.ended)
+            if channel != SOCIAL:
+                say(agent_author, rng.choice(AGENT_CLOSINGS), leg.agent)
+
+    def post_contact_survey(
+        self, c: _Customer, channel: Channel, source: str, ids: Ids, iid: str, end: int, *, good: bool
+    ) -> None:
+        """IVR survey after a call, CSAT after digital contacts; scores skew with how the contact went."""
+        rng = self.rng
+        if channel == VOICE:
+            ts = end + rng.randint(5, 60)
+            if rng.random() < 0.5:
+                kind, survey_id = event_pb2.SURVEY_TYPE_NPS, SURVEY_POSTCALL_NPS
+                score = rng.choices(range(11), NPS_GOOD if good else NPS_BAD)[0]
+            else:
+                kind, survey_id = event_pb2.SURVEY_TYPE_CES, SURVEY_POSTCALL_CES
+                score = rng.choices(range(1, 8), CES_GOOD if good else CES_BAD)[0]
+        else:
+            kind, survey_id = event_pb2.SURVEY_TYPE_CSAT, SURVEY_DIGITAL_CSAT
+            score = rng.choices(range(1, 6), CSAT_GOOD if good else CSAT_BAD)[0]
+            if channel == EMAIL:
+                ts = end + _lognorm(rng, 4 * HOUR, 0.8, 600, 2 * DAY)
+            elif channel == SOCIAL:
+                # Social contacts are surveyed by email, as their platforms offer no survey step.
+                channel, source, ids = EMAIL, "qualtrics", [("email", c.email)]
+                ts = end + _lognorm(rng, 6 * HOUR, 0.8, 600, 2 * DAY)
+            else:
+                ts = end + rng.randint(5, 600)
+        self.survey(ts, channel, source, ids, kind, score, survey_id, iid, self.comment(kind, score))
+
+    # ---- the persona ---------------------------------------------------------------------------------
+
+    def persona(self) -> None:
+        """Maya's story: browses, buys, calls twice about a late delivery, chats, joins loyalty in store.
+
+        Times are fractions of a span of at most 28 days ending a few hours before now, so the story
+        fits any window and her two calls stay a few days apart.
+        """
+        p = PERSONA
+        span = min(self.days * DAY, 28 * DAY) - 6 * HOUR
+        base = self.now - 6 * HOUR - span
+
+        def at(frac: float, plus: int = 0) -> int:
+            return base + int(frac * span) + plus
+
+        web_ctx: Json = {"user_agent": USER_AGENTS[1], "ip": "198.51.100.42", "locale": "en-US"}
+        anon: Ids = [("anonymous_id", p.anonymous_id)]
+        known: Ids = [*anon, ("user_id", p.user_id), ("email", p.email)]
+        traits: Json = {
+            "first_name": p.first_name,
+            "last_name": p.last_name,
+            "email": p.email,
+            "phone": p.phone,
+            "date_of_birth": "1988-04-17",
+            "address": "2150 Mission Street, Apt 4",
+            "city": "San Francisco",
+            "state": "CA",
+            "postcode": "94110",
+        }
+        jacket = PRODUCTS[4]
+        t = at(0.02)
+        self.track(t, WEB, "web-sdk", anon, "Page Viewed",
+                   {"path": "/collections/outdoor", "title": "Outdoor", "url": f"{SHOP_URL}/collections/outdoor",
+                    "referrer": "https://www.instagram.com/"}, web_ctx, junk=False)
+        self.track(t + 95, WEB, "web-sdk", anon, "Product Viewed",
+                   {"sku": jacket[0], "name": jacket[1], "category": jacket[2], "price": jacket[3],
+                    "currency": "USD"}, web_ctx, junk=False)
+        t = at(0.05)
+        self.identify(t, WEB, "web-sdk", [*known, ("phone", p.phone)], traits, web_ctx, junk=False)
+        self.track(t + 2, WEB, "web-sdk", known, "Signed Up", {"method": "email"}, web_ctx, junk=False)
+        self.track(t + 140, WEB, "web-sdk", known, "Product Added",
+                   {"sku": jacket[0], "name": jacket[1], "price": jacket[3], "quantity": 1, "currency": "USD"},
+                   web_ctx, junk=False)
+        order_id = "HP-0424242"
+        self.track(t + 420, WEB, "web-sdk", known, "Order Completed",
+                   {"order_id": order_id, "revenue": jacket[3], "tax": 10.64, "shipping": 0.0, "total": 139.64,
+                    "currency": "USD", "products": [{"sku": jacket[0], "name": jacket[1], "price": jacket[3],
+                                                     "quantity": 1}]}, web_ctx, junk=False)
+
+        # First call: national-format caller id, late delivery, left open.
+        agent1, agent2, agent3 = "agt-118", "agt-121", "agt-104"
+        voice_national: Ids = [("phone", p.phone_national)]
+        call1 = "7d1e9a4c-3b2f-4e8a-9c61-5a0f2b7d3e11"
+        leg = _Leg(at(0.30), 48, 312, 65, 55, "orders", agent1, "follow_up_required")
+        self.interaction(leg, VOICE, "genesys-cloud", voice_national, call1, "delivery_delay", "CS-0999001",
+                         event_pb2.CASE_STATUS_OPEN, props={"ivr_path": "main>orders", "language": "en-US"},
+                         junk=False)
+
+        # The agent creates her CRM record after the call.
+        self.identify(at(0.30, HOUR), OTHER, "salesforce-crm",
+                      [("crm_id", p.crm_id), ("phone", p.phone_national), ("email", p.email)],
+                      {**traits, "phone": p.phone_national, "lifecycle_stage": "customer"}, junk=False)
+
+        # Chat about a day later: chat id only, plus the pre-chat form that links it to her email.
+        chat = "zd-90000142"
+        chat_ids: Ids = [("chat_id", p.chat_id)]
+        t = at(0.34)
+        self.identify(t - 30, CHAT, "zendesk", [*chat_ids, ("email", p.email)],
+                      {"first_name": p.first_name, "email": p.email}, junk=False)
+        chat_leg = _Leg(t, 95, 620, 0, 40, "orders", agent2, "follow_up_required")
+        self.interaction(chat_leg, CHAT, "zendesk", chat_ids, chat, "delivery_delay", "CS-0999001",
+                         event_pb2.CASE_STATUS_PENDING, junk=False)
+        lines: list[tuple[int, event_pb2.Author.ValueType, str, str]] = [
+            (0, event_pb2.AUTHOR_BOT, BOT_GREETINGS[0], ""),
+            (20, event_pb2.AUTHOR_CUSTOMER,
+             f"My order {order_id} still hasn't arrived and I called yesterday. Nobody got back to me.", ""),
+            (30, event_pb2.AUTHOR_CUSTOMER, "Honestly this is really frustrating, I needed the jacket for a trip.",
+             ""),
+            (100, event_pb2.AUTHOR_AGENT,
+             f"Hi Maya, I'm {self.agent_names[agent2]}. I'm so sorry about this, let me check right away.", agent2),
+            (300, event_pb2.AUTHOR_AGENT,
+             "The parcel was held at the depot. I've asked the carrier to deliver it tomorrow morning.", agent2),
+            (420, event_pb2.AUTHOR_CUSTOMER, "Ok. I hope it actually turns up this time.", ""),
+            (700, event_pb2.AUTHOR_AGENT, "I'll keep the case open until it's delivered. Anything else today?",
+             agent2),
+        ]
+        for offset, author, text, agent in lines:
+            self.message(t + offset, CHAT, "zendesk", chat_ids, chat, author, text, agent, junk=False)
+        self.survey(chat_leg.ended + 120, CHAT, "zendesk", chat_ids, event_pb2.SURVEY_TYPE_CSAT, 2,
+                    SURVEY_DIGITAL_CSAT, chat, "Still no jacket, and I had to contact you twice.", junk=False)
+
+        # Second call a few days after the first: E.164 caller id, transferred to billing for a refund.
+        call2 = "2c8b5f0e-9a7d-4b13-8e42-6d1f3a9c7b25"
+        voice_e164: Ids = [("phone", p.phone)]
+        leg1 = _Leg(at(0.40), 30, 140, 40, 15, "orders", agent1, "transferred", transferred=True,
+                    leg_id=f"{call2}:1")
+        leg2 = _Leg(leg1.ended, 25, 260, 0, 70, "billing", agent3, "shipping_refunded", leg_id=f"{call2}:2")
+        for voice_leg, status in ((leg1, event_pb2.CASE_STATUS_OPEN), (leg2, event_pb2.CASE_STATUS_RESOLVED)):
+            self.interaction(voice_leg, VOICE, "genesys-cloud", voice_e164, call2, "delivery_delay", "CS-0999001",
+                             status, props={"ivr_path": "main>orders", "language": "en-US"}, junk=False)
+        self.survey(leg2.ended + 20, VOICE, "genesys-cloud", voice_e164, event_pb2.SURVEY_TYPE_NPS, 6,
+                    SURVEY_POSTCALL_NPS, call2, "Sorted in the end, but it took three contacts.", junk=False)
+        self.track(at(0.40, 3 * HOUR), SMS, "twilio", voice_e164, "SMS Delivered",
+                   {"campaign_id": "txn-delivery-update",
+                    "body": f"Harbor & Pine: your order {order_id} is out for delivery today."}, junk=False)
+
+        # In store: loyalty signup linking the card to her email, then purchases by card only.
+        store_ctx: Json = {"store_id": "store-0101", "terminal_id": "pos-2", "associate_id": "emp-1207"}
+        loyalty: Ids = [("loyalty_id", p.loyalty_id)]
+        t = at(0.60)
+        self.identify(t, STORE, "pos", [*loyalty, ("email", p.email)],
+                      {"first_name": p.first_name, "last_name": "Okafor", "email": p.email, "postcode": "94110"},
+                      store_ctx, junk=False)
+        mug = PRODUCTS[15]
+        self.track(t + 60, STORE, "pos", loyalty, "Order Completed",
+                   {"order_id": "HP-0424990", "revenue": mug[3], "total": 38.97, "currency": "USD",
+                    "products": [{"sku": mug[0], "name": mug[1], "price": mug[3], "quantity": 1}]},
+                   {**store_ctx, "payment_method": "apple_pay"}, junk=False)
+        scarf = PRODUCTS[14]
+        self.track(at(0.82), STORE, "pos", loyalty, "Order Completed",
+                   {"order_id": "HP-0425311", "revenue": scarf[3], "total": 84.44, "currency": "USD",
+                    "products": [{"sku": scarf[0], "name": scarf[1], "price": scarf[3], "quantity": 1}]},
+                   {**store_ctx, "payment_method": "card"}, junk=False)
+
+        # Email: a campaign open and the relationship NPS, now a promoter.
+        email_ids: Ids = [("email", p.email)]
+        self.track(at(0.88), EMAIL, "salesforce-marketing", email_ids, "Email Opened",
+                   {"campaign_id": "cmp-linen-launch-07", "subject": "Meet our new linen collection"}, junk=False)
+        self.survey(at(0.93), EMAIL, "qualtrics", email_ids, event_pb2.SURVEY_TYPE_NPS, 9, SURVEY_RELATIONSHIP_NPS,
+                    comment="Love the new store in the Mission, and the staff are lovely.", junk=False)
+
+    # ---- driver --------------------------------------------------------------------------------------
+
+    def run(self) -> list[event_pb2.Event]:
+        """Generate everything, then order by time and number the events."""
+        self.persona()
+        for _ in range(self.n_customers):
+            c = self.new_customer()
+            self.crm(c)
+            self.web(c)
+            self.app(c)
+            self.email_marketing(c)
+            self.sms_marketing(c)
+            self.store(c)
+            self.service(c)
+            self.relationship_survey(c)
+        self.out.sort(key=lambda item: (item[0], item[1]))
+        events = []
+        for n, (_, _, ev) in enumerate(self.out, start=1):
+            ev.message_id = f"demo-{self.seed}-{n:07d}"
+            events.append(ev)
+        return events
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def _now_ts(now: datetime | None) -> int:
+    """Whole seconds since the epoch; the default is this hour, so reruns within it are identical."""
+    if now is None:
+        now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    elif now.tzinfo is None:
+        now = now.replace(tzinfo=UTC)
+    return math.floor(now.timestamp())
+
+
+def generate(
+    *, seed: int = 7, customers: int = 2000, days: int = 90, now: datetime | None = None
+) -> Iterator[event_pb2.Event]:
+    """Yield the demo dataset, sorted by timestamp; the same arguments always give the same bytes.
+
+    ``now`` defaults to the current UTC hour; a naive ``now`` is taken as UTC. Every timestamp lies in
+    ``[now - days, now]``. Server-owned fields (received_at, event_id, profile_id) are left unset.
+    """
+    if customers < 0:
+        raise ValueError("customers must be >= 0")
+    if days < 1:
+        raise ValueError("days must be >= 1")
+    yield from _Generator(seed, customers, days, _now_ts(now)).run()
+
+
+def to_jsonl(events: Iterable[event_pb2.Event], fp: TextIO) -> int:
+    """Write proto3-JSON lines (the `tessera import` format) and return how many were written."""
+    count = 0
+    for ev in events:
+        fp.write(json.dumps(json_format.MessageToDict(ev, preserving_proto_field_name=True), separators=(",", ":")))
+        fp.write("\n")
+        count += 1
+    return count

@@ -1,0 +1,195 @@
+"""One batch's way through ingest: limits, rate limit, validation, commit, hand-off to the relay.
+
+The pure steps (validate, stamp, serialize) are separate from the I/O so they can be
+tested without a database; :class:`Ingestor` wires them to storage and Redis.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import sqlalchemy.exc
+
+from services.core.bus import tenant_key
+from services.core.errors import DeadlineExceeded, ResourceExhausted, Unavailable, Violation
+from services.core.ratelimit import RateLimiter
+from services.core.telemetry import inject_traceparent, meter
+from services.core.tenancy import Tenant
+from services.ingest import validation
+from services.ingest.relay import Committed, OutboxRelay
+from services.ingest.storage import EventStore, NewEvent
+from tessera.v1 import event_pb2, ingest_pb2
+
+ACCEPTED = ingest_pb2.EVENT_STATUS_ACCEPTED
+DUPLICATE = ingest_pb2.EVENT_STATUS_DUPLICATE
+REJECTED = ingest_pb2.EVENT_STATUS_REJECTED
+
+_events = meter.create_counter("tessera.ingest.events", description="events by outcome")
+_batch_latency = meter.create_histogram("tessera.ingest.batch.duration", unit="s", description="batch latency")
+_rate_limited = meter.create_counter("tessera.ingest.rate_limited", description="batches refused by rate limit")
+
+
+def new_event_id(now_ms: int | None = None) -> str:
+    """A UUIDv7: time-ordered, so the event log's index grows at its right edge."""
+    ms = int(time.time() * 1000) if now_ms is None else now_ms
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | (rand & ((1 << 62) - 1))
+    return str(uuid.UUID(int=value))
+
+
+@dataclass
+class BatchOutcome:
+    results: list[ingest_pb2.EventResult] = field(default_factory=list)
+    accepted: int = 0
+    duplicate: int = 0
+    rejected: int = 0
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """The pure part of ingest: which events may be stored, and the bytes to store for them."""
+
+    results: list[ingest_pb2.EventResult]
+    to_store: list[NewEvent]
+    # index into results for each event in to_store
+    positions: list[int]
+    # results index -> index of the first event in this batch with the same message_id
+    in_batch_duplicates: dict[int, int]
+
+
+def prepare(events: Sequence[event_pb2.Event], received_at: dt.datetime, limits: validation.Limits) -> Prepared:
+    """Validate and stamp each event; the request's own messages are not modified."""
+    now_s = received_at.timestamp()
+    results: list[ingest_pb2.EventResult] = []
+    to_store: list[NewEvent] = []
+    positions: list[int] = []
+    first_seen: dict[str, int] = {}
+    dups: dict[int, int] = {}
+    now_ms = int(now_s * 1000)
+    for i, ev in enumerate(events):
+        result = ingest_pb2.EventResult(index=i, message_id=ev.message_id)
+        results.append(result)
+        violations: list[Violation] = validation.validate_event(ev, i, now_s, limits)
+        if violations:
+            result.status = REJECTED
+            result.violations.extend(v.to_proto() for v in violations)
+            continue
+        if ev.message_id in first_seen:
+            dups[i] = first_seen[ev.message_id]
+            continue
+        first_seen[ev.message_id] = i
+        stamped = event_pb2.Event()
+        stamped.CopyFrom(ev)
+        stamped.event_id = new_event_id(now_ms)
+        stamped.received_at.FromDatetime(received_at)
+        stamped.ClearField("profile_id")
+        if not stamped.HasField("timestamp"):
+            stamped.timestamp.CopyFrom(stamped.received_at)
+        to_store.append(
+            NewEvent(
+                event_id=stamped.event_id,
+                message_id=ev.message_id,
+                occurred=stamped.timestamp.seconds + stamped.timestamp.nanos / 1e9,
+                channel=int(ev.channel),
+                kind=str(ev.WhichOneof("payload")),
+                payload=stamped.SerializeToString(),
+            )
+        )
+        positions.append(i)
+    return Prepared(results, to_store, positions, dups)
+
+
+class Ingestor:
+    def __init__(
+        self,
+        store: EventStore,
+        relay: OutboxRelay,
+        limiter: RateLimiter,
+        *,
+        redis_prefix: str,
+        default_rate: float,
+        default_burst: float,
+        limits: validation.Limits = validation.Limits(),
+    ) -> None:
+        self.store = store
+        self.relay = relay
+        self.limiter = limiter
+        self.prefix = redis_prefix
+        self.default_rate = default_rate
+        self.default_burst = default_burst
+        self.limits = limits
+
+    def ingest(
+        self,
+        tenant: Tenant,
+        events: Sequence[event_pb2.Event],
+        request_bytes: int,
+        time_remaining: float | None = None,
+    ) -> BatchOutcome:
+        started = time.perf_counter()
+        validation.check_batch(events, request_bytes, self.limits)
+        self._rate_limit(tenant, len(events))
+        received_at = dt.datetime.now(dt.UTC)
+        prep = prepare(events, received_at, self.limits)
+        outcome = BatchOutcome(results=prep.results)
+        if prep.to_store:
+            if time_remaining is not None:
+                time_remaining -= time.perf_counter() - started
+                if time_remaining <= 0:
+                    raise DeadlineExceeded("deadline expired before the batch was committed; nothing was written")
+            traceparent = inject_traceparent()
+            try:
+                written = self.store.write_batch(
+                    tenant.tenant_id, prep.to_store, received_at, traceparent, timeout_seconds=time_remaining
+                )
+            except sqlalchemy.exc.OperationalError as exc:
+                if "statement timeout" in str(exc.orig):
+                    raise DeadlineExceeded("deadline expired while committing; nothing was written") from exc
+                raise Unavailable("the event store is unavailable; nothing was written, retry the batch") from exc
+            committed = []
+            for new, pos in zip(prep.to_store, prep.positions, strict=True):
+                result = prep.results[pos]
+                seq = written.accepted.get(new.event_id)
+                if seq is not None:
+                    result.status = ACCEPTED
+                    result.event_id = new.event_id
+                    committed.append(Committed(tenant.tenant_id, seq, new.event_id, new.payload, traceparent))
+                else:
+                    result.status = DUPLICATE
+                    result.event_id = written.duplicates.get(new.message_id, "")
+            self.relay.submit(committed)
+        for i, first in prep.in_batch_duplicates.items():
+            prep.results[i].status = DUPLICATE
+            prep.results[i].event_id = prep.results[first].event_id
+        for r in prep.results:
+            if r.status == ACCEPTED:
+                outcome.accepted += 1
+            elif r.status == DUPLICATE:
+                outcome.duplicate += 1
+            else:
+                outcome.rejected += 1
+        attrs = {"tenant": tenant.tenant_id}
+        _events.add(outcome.accepted, {**attrs, "status": "accepted"})
+        _events.add(outcome.duplicate, {**attrs, "status": "duplicate"})
+        _events.add(outcome.rejected, {**attrs, "status": "rejected"})
+        _batch_latency.record(time.perf_counter() - started)
+        return outcome
+
+    def _rate_limit(self, tenant: Tenant, cost: int) -> None:
+        rate = tenant.ingest_rate_limit or self.default_rate
+        burst = tenant.ingest_rate_burst or max(self.default_burst, rate)
+        decision = self.limiter.acquire(tenant_key(self.prefix, tenant.tenant_id, "ratelimit", "ingest"), cost,
+                                        rate, burst)
+        if not decision.allowed:
+            _rate_limited.add(1, {"tenant": tenant.tenant_id})
+            raise ResourceExhausted(
+                f"tenant {tenant.tenant_id} is over its ingest rate of {rate:g} events/s; nothing was written, "
+                f"retry after {decision.retry_after:.3f}s",
+                retry_after=decision.retry_after,
+                subject=f"tenant:{tenant.tenant_id}",
+            )

@@ -1,0 +1,176 @@
+"""Moves committed events from the outbox to the tenant's Redis stream.
+
+Fast path: the servicer hands over what it just committed, and this thread publishes it
+in one pipelined round trip and deletes the outbox rows in one statement, amortised over
+every batch that arrived meanwhile. Sweep: rows the fast path never handled (Redis was
+down, the process died after commit) are claimed from the outbox with ``SKIP LOCKED``
+and published. One thread does both, so no event is published twice by one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import redis
+import sqlalchemy.exc
+
+from services.core.bus import EVENTS, Bus, Publication
+from services.core.telemetry import meter
+from services.ingest.storage import EventStore
+
+log = logging.getLogger(__name__)
+
+_published = meter.create_counter("tessera.ingest.published", description="events published to the stream")
+
+
+@dataclass(frozen=True)
+class Committed:
+    tenant_id: str
+    seq: int
+    event_id: str
+    payload: bytes
+    traceparent: str
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        store: EventStore,
+        bus: Bus,
+        *,
+        sweep_seconds: float = 1.0,
+        grace_seconds: float = 5.0,
+        sweep_limit: int = 2000,
+        partition_check_seconds: float = 3600.0,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.sweep_seconds = sweep_seconds
+        self.grace_seconds = grace_seconds
+        self.sweep_limit = sweep_limit
+        self.partition_check_seconds = partition_check_seconds
+        self._queue: queue.SimpleQueue[list[Committed]] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
+        self._degraded = False
+        self._next_sweep = 0.0
+        self._next_partition_check = 0.0
+
+    # Background protocol.
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        self._queue.put([])  # wake the thread
+        self._thread.join(timeout)
+
+    def submit(self, items: list[Committed]) -> None:
+        """Called after commit; never blocks the RPC."""
+        if items:
+            self._queue.put(items)
+
+    @property
+    def degraded(self) -> bool:
+        return self._degraded
+
+    def _run(self) -> None:
+        while True:
+            stopping = self._stop.is_set()
+            timeout = max(0.0, self._next_sweep - time.monotonic())
+            items: list[Committed] = []
+            try:
+                items.extend(self._queue.get(timeout=0 if stopping else min(timeout, 0.5) or 0.0001))
+                while len(items) < 5000:
+                    items.extend(self._queue.get_nowait())
+            except queue.Empty:
+                pass
+            if items:
+                self._publish_fresh(items)
+            if stopping and self._queue.empty():
+                return
+            now = time.monotonic()
+            if now >= self._next_sweep:
+                self._next_sweep = now + self.sweep_seconds
+                self._sweep()
+            if now >= self._next_partition_check:
+                self._next_partition_check = now + self.partition_check_seconds
+                self._keep_partitions()
+
+    def _publish_fresh(self, items: list[Committed]) -> None:
+        """Delete the rows, publish, then commit: a row is published by whoever deleted it,
+        so the fast path and a sweep (here or in another replica) never both publish it."""
+        if self._degraded:
+            return  # the sweep drains the outbox, oldest first, until Redis is back
+        try:
+            with self.store.engine.begin() as conn:
+                taken = self.store.delete_outbox(conn, [(i.tenant_id, i.seq) for i in items])
+                live = [i for i in items if (i.tenant_id, i.seq) in taken]
+                self.bus.publish(
+                    [
+                        Publication(i.tenant_id, EVENTS, {"event_id": i.event_id, "payload": i.payload},
+                                    i.traceparent)
+                        for i in live
+                    ]
+                )
+        except redis.RedisError as exc:
+            self._enter_degraded(exc)
+            return
+        except sqlalchemy.exc.SQLAlchemyError:
+            log.warning("fast publish failed; the sweep will retry", exc_info=True)
+            return
+        _published.add(len(live), {"path": "fast"})
+
+    def _enter_degraded(self, exc: Exception) -> None:
+        if not self._degraded:
+            log.warning("redis unavailable; events stay in the outbox until it returns", extra={"error": str(exc)})
+        self._degraded = True
+
+    def _sweep(self) -> None:
+        """Publish what the fast path did not, oldest first, until the outbox is drained."""
+        for _ in range(10_000):
+            try:
+                with self.store.engine.begin() as conn:
+                    min_age = 0.0 if self._degraded else self.grace_seconds
+                    rows = self.store.claim_outbox(conn, min_age, self.sweep_limit)
+                    orphans = [r for r in rows if r.payload is None]
+                    if orphans:
+                        log.error("outbox rows without an event; dropping", extra={"count": len(orphans)})
+                    self.bus.publish(
+                        [
+                            Publication(
+                                r.tenant_id, EVENTS, {"event_id": r.event_id, "payload": r.payload}, r.traceparent
+                            )
+                            for r in rows
+                            if r.payload is not None
+                        ]
+                    )
+                    self.store.delete_outbox(conn, [(r.tenant_id, r.seq) for r in rows])
+            except redis.RedisError as exc:
+                self._enter_degraded(exc)
+                return
+            except sqlalchemy.exc.SQLAlchemyError:
+                log.warning("outbox sweep failed; will retry", exc_info=True)
+                return
+            if rows:
+                _published.add(len(rows), {"path": "sweep"})
+            if len(rows) < self.sweep_limit:
+                if self._degraded:
+                    log.info("outbox drained; back to the fast path")
+                    self._degraded = False
+                return
+            if self._stop.is_set():
+                return
+
+    def _keep_partitions(self) -> None:
+        try:
+            created = self.store.ensure_partitions()
+            if created:
+                log.info("created event partitions", extra={"count": created})
+        except sqlalchemy.exc.SQLAlchemyError:
+            log.warning("partition upkeep failed; will retry", exc_info=True)
+            self._next_partition_check = time.monotonic() + 60

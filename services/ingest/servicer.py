@@ -1,0 +1,49 @@
+"""IngestService over gRPC: thin, all logic is in :mod:`services.ingest.pipeline`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from services.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, error_status
+from services.core.interceptors import time_remaining
+from services.core.tenancy import current_tenant
+from services.ingest.pipeline import Ingestor
+from tessera.v1 import ingest_pb2, ingest_pb2_grpc
+
+
+class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
+    def __init__(self, ingestor: Ingestor) -> None:
+        self.ingestor = ingestor
+
+    def IngestEvents(  # noqa: N802 - gRPC method name
+        self, request: ingest_pb2.IngestEventsRequest, context: grpc.ServicerContext
+    ) -> ingest_pb2.IngestEventsResponse:
+        out = self.ingestor.ingest(current_tenant(), request.events, request.ByteSize(), time_remaining(context))
+        return ingest_pb2.IngestEventsResponse(
+            results=out.results,
+            accepted_count=out.accepted,
+            duplicate_count=out.duplicate,
+            rejected_count=out.rejected,
+        )
+
+    def StreamEvents(  # noqa: N802 - gRPC method name
+        self, request_iterator: Iterator[ingest_pb2.StreamEventsRequest], context: grpc.ServicerContext
+    ) -> Iterator[ingest_pb2.StreamEventsResponse]:
+        """Answers each batch in order. A refused batch gets an in-band error and the stream
+        stays open, so one oversized or rate-limited batch does not cost the pipeline."""
+        tenant = current_tenant()
+        for request in request_iterator:
+            try:
+                out = self.ingestor.ingest(tenant, request.events, request.ByteSize(), time_remaining(context))
+            except (InvalidArgument, ResourceExhausted, DeadlineExceeded) as err:
+                yield ingest_pb2.StreamEventsResponse(batch_id=request.batch_id, error=error_status(err))
+                continue
+            yield ingest_pb2.StreamEventsResponse(
+                batch_id=request.batch_id,
+                results=out.results,
+                accepted_count=out.accepted,
+                duplicate_count=out.duplicate,
+                rejected_count=out.rejected,
+            )

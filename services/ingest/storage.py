@@ -1,0 +1,160 @@
+"""The event log in PostgreSQL: one round trip writes a whole batch.
+
+A single statement inserts the dedupe keys, the events that won their key, and their
+outbox rows (data-modifying CTEs over ``unnest`` arrays), so a batch costs one
+statement and one commit however many events it holds.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from services.core import db
+
+_WRITE_BATCH = """
+WITH batch AS (
+    SELECT * FROM unnest(
+        %(event_ids)s::uuid[], %(message_ids)s::text[], %(occurred)s::float8[],
+        %(channels)s::int2[], %(kinds)s::text[], %(payloads)s::bytea[]
+    ) AS b(event_id, message_id, occurred, channel, kind, payload)
+), keys AS (
+    INSERT INTO ingest.dedupe_keys (tenant_id, message_id, event_id, received_at)
+    SELECT %(tenant)s, message_id, event_id, %(received_at)s FROM batch
+    ON CONFLICT DO NOTHING
+    RETURNING event_id
+), stored AS (
+    INSERT INTO ingest.events (tenant_id, received_at, event_id, message_id, occurred_at, channel, kind, payload)
+    SELECT %(tenant)s, %(received_at)s, b.event_id, b.message_id, to_timestamp(b.occurred), b.channel, b.kind,
+           b.payload
+    FROM batch b JOIN keys k USING (event_id)
+    RETURNING event_id
+)
+INSERT INTO ingest.outbox (tenant_id, event_id, received_at, traceparent)
+SELECT %(tenant)s, event_id, %(received_at)s, %(traceparent)s FROM stored
+RETURNING seq, event_id::text
+"""
+
+_EXISTING_KEYS = """
+SELECT message_id, event_id::text FROM ingest.dedupe_keys
+WHERE tenant_id = %(tenant)s AND message_id = ANY(%(message_ids)s)
+"""
+
+_CLAIM_OUTBOX = """
+SELECT o.tenant_id, o.seq, o.event_id::text, o.traceparent, e.payload
+FROM ingest.outbox o
+LEFT JOIN ingest.events e
+  ON e.tenant_id = o.tenant_id AND e.received_at = o.received_at AND e.event_id = o.event_id
+WHERE o.created_at < clock_timestamp() - make_interval(secs => %(min_age)s)
+ORDER BY o.tenant_id, o.seq
+LIMIT %(limit)s
+FOR UPDATE OF o SKIP LOCKED
+"""
+
+_DELETE_OUTBOX = """
+DELETE FROM ingest.outbox o
+USING unnest(%(tenants)s::text[], %(seqs)s::int8[]) AS d(tenant_id, seq)
+WHERE o.tenant_id = d.tenant_id AND o.seq = d.seq
+RETURNING o.tenant_id, o.seq
+"""
+
+PARTITION_LOCK_KEY = 0x7E55E7B
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event ready to store: validated, stamped, serialized."""
+
+    event_id: str
+    message_id: str
+    occurred: float
+    channel: int
+    kind: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    # event_id -> outbox seq, for the events this batch stored.
+    accepted: dict[str, int]
+    # message_id -> event_id of the first commit, for the ones already stored.
+    duplicates: dict[str, str]
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    tenant_id: str
+    seq: int
+    event_id: str
+    traceparent: str
+    payload: bytes | None
+
+
+class EventStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def write_batch(
+        self,
+        tenant_id: str,
+        events: Sequence[NewEvent],
+        received_at: dt.datetime,
+        traceparent: str = "",
+        timeout_seconds: float | None = None,
+    ) -> WriteResult:
+        """Commit a batch; returns once it is durable. Duplicates (by message id) are not rewritten."""
+        with db.transaction(self.engine, timeout_seconds=timeout_seconds) as conn:
+            rows = conn.exec_driver_sql(
+                _WRITE_BATCH,
+                {
+                    "tenant": tenant_id,
+                    "received_at": received_at,
+                    "traceparent": traceparent,
+                    "event_ids": [e.event_id for e in events],
+                    "message_ids": [e.message_id for e in events],
+                    "occurred": [e.occurred for e in events],
+                    "channels": [e.channel for e in events],
+                    "kinds": [e.kind for e in events],
+                    "payloads": [e.payload for e in events],
+                },
+            ).all()
+            accepted = {event_id: seq for seq, event_id in rows}
+            duplicates: dict[str, str] = {}
+            if len(accepted) < len(events):
+                missing = [e.message_id for e in events if e.event_id not in accepted]
+                duplicates = dict(
+                    conn.exec_driver_sql(_EXISTING_KEYS, {"tenant": tenant_id, "message_ids": missing}).all()
+                )
+        return WriteResult(accepted, duplicates)
+
+    def claim_outbox(self, conn: Connection, min_age_seconds: float, limit: int) -> list[OutboxRow]:
+        rows = conn.exec_driver_sql(_CLAIM_OUTBOX, {"min_age": min_age_seconds, "limit": limit}).all()
+        return [OutboxRow(r[0], r[1], r[2], r[3], bytes(r[4]) if r[4] is not None else None) for r in rows]
+
+    @staticmethod
+    def delete_outbox(conn: Connection, keys: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
+        """Delete rows and return the ones this transaction removed; a row another relay is
+        sweeping is locked, and once that sweep commits it is gone, so it is not returned."""
+        if not keys:
+            return set()
+        rows = conn.exec_driver_sql(
+            _DELETE_OUTBOX, {"tenants": [k[0] for k in keys], "seqs": [k[1] for k in keys]}
+        ).all()
+        return {(r[0], r[1]) for r in rows}
+
+    def outbox_backlog(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.exec_driver_sql("SELECT count(*) FROM ingest.outbox").scalar_one())
+
+    def ensure_partitions(self, months_ahead: int = 3) -> int:
+        """Create this month's and the next months' partitions; safe to call from every replica."""
+        with self.engine.begin() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": PARTITION_LOCK_KEY})
+            created = conn.execute(
+                sa.text("SELECT ingest.ensure_event_partitions(now()::date, :n)"), {"n": months_ahead}
+            ).scalar_one()
+        return int(created)
