@@ -33,6 +33,7 @@ def alembic_config(schema: str, package: str) -> Config | None:
         return None
     cfg = Config()
     cfg.set_main_option("script_location", str(SERVICES_DIR / "core" / "alembic"))
+    cfg.set_main_option("path_separator", "os")
     cfg.set_main_option("version_locations", str(versions))
     cfg.attributes["schema"] = schema
     return cfg

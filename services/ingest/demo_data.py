@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Final, TextIO
+from typing import Any, Final, TextIO, TypeAlias
 
 from google.protobuf import json_format
 
@@ -35,9 +35,9 @@ from tessera.v1 import event_pb2
 
 __all__ = ["PERSONA", "DemoPersona", "generate", "to_jsonl"]
 
-Channel = event_pb2.Channel.ValueType
-Ids = list[tuple[str, str]]
-Json = dict[str, Any]
+Channel: TypeAlias = event_pb2.Channel.ValueType
+Ids: TypeAlias = list[tuple[str, str]]
+Json: TypeAlias = dict[str, Any]
 
 WEB: Final = event_pb2.CHANNEL_WEB
 APP: Final = event_pb2.CHANNEL_MOBILE_APP
@@ -480,7 +480,11 @@ CLOSING_NEGATIVE: Final = (
     "That doesn't help me at all. I'll take my business elsewhere.",
     "This is ridiculous, I've wasted so much time on this.",
 )
-ABANDON_LINES: Final = ("Hello? Is anyone there?", "I've been waiting forever, forget it.", "Still waiting...")
+ABANDON_LINES: Final = (
+    "Hello? Is anyone there?",
+    "I've been waiting forever, forget it.",
+    "Still waiting...",
+)
 SOCIAL_NEGATIVE: Final = (
     "@HarborAndPine still waiting on my refund for order {order}. Two weeks and counting. Not impressed.",
     "@HarborAndPine worst delivery experience ever, my package is a week late and nobody answers.",
@@ -638,6 +642,15 @@ def _national(e164: str, style: int) -> str:
     return f"1 {area} {ex} {line}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Via:
+    """Where an event comes from: its channel, the sending system and the identifiers it carries."""
+
+    channel: Channel
+    source: str
+    ids: Ids
+
+
 class _Generator:
     """Builds the whole dataset in memory, then sorts it; one instance per `generate` call."""
 
@@ -658,15 +671,16 @@ class _Generator:
         }
         self.case_no = 1_040_000
         self.order_no = 100_000 + self.rng.randrange(100_000)
-        self.agents: dict[str, list[tuple[str, str]]] = {}
+        self.agents: dict[str, list[str]] = {}
+        self.agent_names: dict[str, str] = {}
         n = 0
         for queue, (_, size) in QUEUES.items():
-            members = []
+            self.agents[queue] = []
             for _ in range(size):
-                members.append((f"agt-{101 + n:03d}", FIRST_NAMES[(n * 7 + 3) % len(FIRST_NAMES)]))
+                agent_id = f"agt-{101 + n:03d}"
+                self.agents[queue].append(agent_id)
+                self.agent_names[agent_id] = FIRST_NAMES[(n * 7 + 3) % len(FIRST_NAMES)]
                 n += 1
-            self.agents[queue] = members
-        self.agent_names = {aid: name for members in self.agents.values() for aid, name in members}
         self.reason_names = list(REASONS)
         self.reason_weights = [w for _, w in REASONS.values()]
         self.email_campaigns = self._campaigns(EMAIL_CAMPAIGNS, max(2, round(10 * self.scale)))
@@ -700,23 +714,15 @@ class _Generator:
                 return ts
 
     def emit(
-        self,
-        ts: int,
-        channel: Channel,
-        source: str,
-        ids: Ids,
-        *,
-        props: Json | None = None,
-        ctx: Json | None = None,
-        junk: bool = True,
+        self, ts: int, via: _Via, *, props: Json | None = None, ctx: Json | None = None, junk: bool = True
     ) -> event_pb2.Event:
         """Create an event; it is kept only if it falls in the window (later ones haven't happened)."""
-        ev = event_pb2.Event(channel=channel, source=source)
+        ev = event_pb2.Event(channel=via.channel, source=via.source)
         ev.timestamp.seconds = ts
-        for id_type, value in ids:
+        for id_type, value in via.ids:
             ev.identifiers.add(type=id_type, value=value)
         if junk and self.rng.random() < JUNK_RATE:
-            id_type, value = self.rng.choice(JUNK_IDS[channel])
+            id_type, value = self.rng.choice(JUNK_IDS[via.channel])
             ev.identifiers.add(type=id_type, value=value)
         if props:
             ev.properties.update(props)
@@ -730,9 +736,7 @@ class _Generator:
     def track(
         self,
         ts: int,
-        channel: Channel,
-        source: str,
-        ids: Ids,
+        via: _Via,
         name: str,
         props: Json | None = None,
         ctx: Json | None = None,
@@ -740,37 +744,27 @@ class _Generator:
         junk: bool = True,
     ) -> None:
         """Emit a Track event."""
-        self.emit(ts, channel, source, ids, props=props, ctx=ctx, junk=junk).track.event = name
+        self.emit(ts, via, props=props, ctx=ctx, junk=junk).track.event = name
 
     def identify(
-        self,
-        ts: int,
-        channel: Channel,
-        source: str,
-        ids: Ids,
-        traits: Json,
-        ctx: Json | None = None,
-        *,
-        junk: bool = True,
+        self, ts: int, via: _Via, traits: Json, ctx: Json | None = None, *, junk: bool = True
     ) -> None:
         """Emit an Identify event."""
-        self.emit(ts, channel, source, ids, ctx=ctx, junk=junk).identify.traits.update(traits)
+        self.emit(ts, via, ctx=ctx, junk=junk).identify.traits.update(traits)
 
     def message(
         self,
         ts: int,
-        channel: Channel,
-        source: str,
-        ids: Ids,
+        via: _Via,
         interaction_id: str,
         author: event_pb2.Author.ValueType,
         text: str,
-        agent: str = "",
         *,
+        agent: str = "",
         junk: bool = True,
     ) -> None:
         """Emit one conversation utterance."""
-        msg = self.emit(ts, channel, source, ids, junk=junk).message
+        msg = self.emit(ts, via, junk=junk).message
         msg.interaction_id = interaction_id
         msg.author = author
         msg.text = text
@@ -780,19 +774,17 @@ class _Generator:
     def survey(
         self,
         ts: int,
-        channel: Channel,
-        source: str,
-        ids: Ids,
+        via: _Via,
         kind: event_pb2.SurveyType.ValueType,
         score: int,
         survey_id: str,
+        *,
         interaction_id: str = "",
         comment: str = "",
-        *,
         junk: bool = True,
     ) -> None:
         """Emit a survey answer; score is always set explicitly, since 0 is a real NPS answer."""
-        sr = self.emit(ts, channel, source, ids, junk=junk).survey_response
+        sr = self.emit(ts, via, junk=junk).survey_response
         sr.type = kind
         sr.score = score
         sr.survey_id = survey_id
@@ -804,20 +796,18 @@ class _Generator:
     def interaction(
         self,
         leg: _Leg,
-        channel: Channel,
-        source: str,
-        ids: Ids,
+        via: _Via,
         interaction_id: str,
         reason: str,
         case_id: str,
-        case_status: event_pb2.CaseStatus.ValueType,
         *,
+        case_status: event_pb2.CaseStatus.ValueType,
         outbound: bool = False,
         props: Json | None = None,
         junk: bool = True,
     ) -> None:
         """Emit one Interaction leg with timestamps derived from its durations."""
-        ix = self.emit(leg.arrival, channel, source, ids, props=props, junk=junk).interaction
+        ix = self.emit(leg.arrival, via, props=props, junk=junk).interaction
         ix.interaction_id = interaction_id
         ix.direction = event_pb2.DIRECTION_OUTBOUND if outbound else event_pb2.DIRECTION_INBOUND
         ix.queue = leg.queue
@@ -868,19 +858,18 @@ class _Generator:
         return e164
 
     def product(self) -> tuple[str, str, str, float]:
-        """A catalogue item; the cheap end of the catalogue sells more."""
+        """A catalogue item; a few items sell far more than the rest."""
         idx = min(int(self.rng.expovariate(1 / 8)), len(PRODUCTS) - 1)
         return PRODUCTS[(idx * 5) % len(PRODUCTS)]
 
     def order_id(self) -> str:
-        """Sequential order numbers, like a real shop's."""
+        """Increasing order numbers, like a real shop's."""
         self.order_no += self.rng.randint(1, 40)
         return f"HP-{self.order_no:07d}"
 
     def agent(self, queue: str, exclude: str = "") -> str:
         """An agent skilled for the queue."""
-        members = [aid for aid, _ in self.agents[queue] if aid != exclude]
-        return self.rng.choice(members)
+        return self.rng.choice([aid for aid in self.agents[queue] if aid != exclude])
 
     # ---- people ----------------------------------------------------------------------------------
 
@@ -953,11 +942,11 @@ class _Generator:
             c.social_handle = self.unique(lambda: f"@{fa}{la[:4]}{rng.randint(1, 999)}")
         c.email_opt_in = rng.random() < 0.8
         c.sms_opt_in = rng.random() < 0.3
-        c.service_rate = 0.8 * rng.random() * 2 if rng.random() < 0.7 else 0.0
+        c.service_rate = 1.6 * rng.random() if rng.random() < 0.7 else 0.0
         return c
 
     def traits(self, c: _Customer, *, full: bool) -> Json:
-        """Identify traits with the small inconsistencies real systems have (nicknames, typos, abbreviations)."""
+        """Identify traits with the inconsistencies real systems have: nicknames, typos, abbreviations."""
         rng = self.rng
         first = c.first_name
         if first in NICKNAMES and rng.random() < 0.2:
@@ -971,7 +960,8 @@ class _Generator:
         suffix = c.suffix[1] if rng.random() < 0.4 else c.suffix[0]
         address = f"{c.street_no} {c.street} {suffix}"
         if c.unit:
-            address = f"{address}, {c.unit}" if rng.random() < 0.7 else f"{address} {c.unit.replace('Apt ', '#')}"
+            unit = c.unit if rng.random() < 0.7 else c.unit.replace("Apt ", "#")
+            address = f"{address}, {unit}"
         traits: Json = {
             "first_name": first,
             "last_name": last,
@@ -985,7 +975,8 @@ class _Generator:
             traits["address"] = address
             traits["city"] = c.city if rng.random() < 0.95 else c.city.upper()
             traits["state"] = c.state
-            traits["postcode"] = c.postcode if rng.random() < 0.93 else f"{c.postcode}-{rng.randint(1000, 9999)}"
+            zip4 = rng.random() < 0.07
+            traits["postcode"] = f"{c.postcode}-{rng.randint(1000, 9999)}" if zip4 else c.postcode
         return traits
 
     # ---- channels ----------------------------------------------------------------------------------
@@ -997,20 +988,20 @@ class _Generator:
         signed_up = False
         for _ in range(sessions):
             ts = self.when(DIGITAL_HOURS, 2 * HOUR)
-            anon = rng.choice(c.anonymous_ids)
             logged_in = bool(c.user_id) and rng.random() < 0.5
-            ids: Ids = [("anonymous_id", anon)]
+            ids: Ids = [("anonymous_id", rng.choice(c.anonymous_ids))]
             if logged_in:
                 ids += [("user_id", c.user_id), ("email", self.email_variant(c.email))]
+            via = _Via(WEB, "web-sdk", ids)
             referrer = rng.choice(REFERRERS)
-            base_ctx: Json = {"user_agent": c.user_agent, "ip": c.ip, "locale": c.locale}
+            ctx: Json = {"user_agent": c.user_agent, "ip": c.ip, "locale": c.locale}
             if rng.random() < 0.2:
                 slug = rng.choice(self.email_campaigns)[1]
-                base_ctx["campaign"] = {"source": "newsletter", "medium": "email", "name": slug}
+                ctx["campaign"] = {"source": "newsletter", "medium": "email", "name": slug}
             if logged_in and not signed_up and rng.random() < 0.15:
                 signed_up = True
-                self.identify(ts, WEB, "web-sdk", ids, self.traits(c, full=False), base_ctx)
-                self.track(ts + 1, WEB, "web-sdk", ids, "Signed Up", {"method": "email"}, base_ctx)
+                self.identify(ts, via, self.traits(c, full=False), ctx)
+                self.track(ts + 1, via, "Signed Up", {"method": "email"}, ctx)
                 ts += rng.randint(5, 60)
             for _ in range(1 + (rng.random() < 0.4)):
                 path, title = rng.choice(PAGES)
@@ -1018,84 +1009,73 @@ class _Generator:
                 if referrer:
                     props["referrer"] = referrer
                     referrer = ""
-                self.track(ts, WEB, "web-sdk", ids, "Page Viewed", props, base_ctx)
+                self.track(ts, via, "Page Viewed", props, ctx)
                 ts += rng.randint(8, 180)
             viewed = [self.product() for _ in range(_poisson(rng, 1.2))]
             for sku, name, category, price in viewed:
                 props = {"sku": sku, "name": name, "category": category, "price": price, "currency": "USD"}
-                self.track(ts, WEB, "web-sdk", ids, "Product Viewed", props, base_ctx)
+                self.track(ts, via, "Product Viewed", props, ctx)
                 ts += rng.randint(15, 240)
             if viewed and rng.random() < 0.3:
-                sku, name, category, price = viewed[-1]
+                item = viewed[-1]
                 qty = 1 + (rng.random() < 0.15)
-                props = {"sku": sku, "name": name, "price": price, "quantity": qty, "currency": "USD"}
-                self.track(ts, WEB, "web-sdk", ids, "Product Added", props, base_ctx)
+                props = {"sku": item[0], "name": item[1], "price": item[3], "quantity": qty}
+                self.track(ts, via, "Product Added", {**props, "currency": "USD"}, ctx)
                 ts += rng.randint(20, 300)
                 if rng.random() < 0.55:
-                    value = round(price * qty, 2)
-                    self.track(ts, WEB, "web-sdk", ids, "Checkout Started", {"value": value, "currency": "USD"},
-                               base_ctx)
+                    props = {"value": round(item[3] * qty, 2), "currency": "USD"}
+                    self.track(ts, via, "Checkout Started", props, ctx)
                     ts += rng.randint(60, 400)
                     if rng.random() < 0.75:
-                        order_ids = ids if logged_in else [*ids, ("email", self.email_variant(c.email))]
-                        self.order(ts, WEB, "web-sdk", order_ids, c, sku, name, price, qty, base_ctx)
+                        # A guest checkout still asks for an email: that links the anonymous visitor.
+                        buyer = via if logged_in else _Via(WEB, "web-sdk", [*ids, ("email", c.email)])
+                        self.order(ts, buyer, c, item, qty, ctx=ctx)
             if logged_in and rng.random() < 0.06:
-                self.identify(ts, WEB, "web-sdk", ids, self.traits(c, full=False), base_ctx)
+                self.identify(ts, via, self.traits(c, full=False), ctx)
 
     def order(
-        self,
-        ts: int,
-        channel: Channel,
-        source: str,
-        ids: Ids,
-        c: _Customer,
-        sku: str,
-        name: str,
-        price: float,
-        qty: int,
-        ctx: Json,
+        self, ts: int, via: _Via, c: _Customer, item: tuple[str, str, str, float], qty: int, *, ctx: Json
     ) -> None:
         """An Order Completed with revenue, remembered so service contacts can refer to it."""
+        sku, name, _, price = item
         oid = self.order_id()
         subtotal = round(price * qty, 2)
-        shipping = 0.0 if subtotal >= 75 else 6.95
+        shipping = 0.0 if subtotal >= 75 or via.channel == STORE else 6.95
         tax = round(subtotal * 0.0825, 2)
+        total = round(subtotal + tax + shipping, 2)
         props: Json = {
             "order_id": oid,
             "revenue": subtotal,
             "tax": tax,
             "shipping": shipping,
-            "total": round(subtotal + tax + shipping, 2),
+            "total": total,
             "currency": "USD",
             "products": [{"sku": sku, "name": name, "price": price, "quantity": qty}],
         }
-        self.track(ts, channel, source, ids, "Order Completed", props, ctx)
-        c.orders.append((oid, name, round(subtotal + tax + shipping, 2)))
+        self.track(ts, via, "Order Completed", props, ctx)
+        c.orders.append((oid, name, total))
 
     def app(self, c: _Customer) -> None:
         """Mobile app sessions: device_id plus the signed-in user_id."""
         if not c.device_id:
             return
         rng = self.rng
-        source = "ios-app" if c.platform == "ios" else "android-app"
-        ctx: Json = {
-            "app_version": c.app_version,
-            "os": c.device[1],
-            "device_model": c.device[0],
-            "locale": c.locale,
-        }
-        ids: Ids = [("device_id", c.device_id), ("user_id", c.user_id)]
+        via = _Via(APP, "ios-app" if c.platform == "ios" else "android-app",
+                   [("device_id", c.device_id), ("user_id", c.user_id)])
+        ctx: Json = {"app_version": c.app_version, "os": c.device[1], "device_model": c.device[0],
+                     "locale": c.locale}
         for _ in range(_poisson(rng, 2.2 * c.activity * self.scale)):
             ts = self.when(DIGITAL_HOURS, 2 * HOUR)
-            self.track(ts, APP, source, ids, "Application Opened", {"from_background": rng.random() < 0.4}, ctx)
+            self.track(ts, via, "Application Opened", {"from_background": rng.random() < 0.4}, ctx)
             ts += rng.randint(3, 60)
             for _ in range(_poisson(rng, 1.0)):
-                sku, name, category, price = self.product()
-                props: Json = {"sku": sku, "name": name, "category": category, "price": price, "currency": "USD"}
-                self.track(ts, APP, source, ids, "Product Viewed", props, ctx)
+                item = self.product()
+                props: Json = {"sku": item[0], "name": item[1], "category": item[2], "price": item[3],
+                               "currency": "USD"}
+                self.track(ts, via, "Product Viewed", props, ctx)
                 ts += rng.randint(10, 200)
                 if rng.random() < 0.12:
-                    self.order(ts, APP, source, ids, c, sku, name, price, 1, ctx)
+                    self.order(ts, via, c, item, 1, ctx=ctx)
                     ts += rng.randint(30, 120)
 
     def email_marketing(self, c: _Customer) -> None:
@@ -1106,21 +1086,22 @@ class _Generator:
         ids: Ids = [("email", c.email)]
         if c.crm_id and rng.random() < 0.5:
             ids.append(("crm_id", c.crm_id))
+        via = _Via(EMAIL, "salesforce-marketing", ids)
         for send_ts, campaign_id, subject in self.email_campaigns:
             if rng.random() > 0.45:
                 continue
             props: Json = {"campaign_id": campaign_id, "subject": subject}
             ts = send_ts + rng.randint(0, 1800)
-            self.track(ts, EMAIL, "salesforce-marketing", ids, "Email Delivered", props)
+            self.track(ts, via, "Email Delivered", props)
             if rng.random() < 0.35:
                 ts += _lognorm(rng, 3 * HOUR, 1.2, 60, 4 * DAY)
-                self.track(ts, EMAIL, "salesforce-marketing", ids, "Email Opened", props)
+                self.track(ts, via, "Email Opened", props)
                 if rng.random() < 0.25:
                     ts += rng.randint(5, 300)
-                    click: Json = {**props, "link_url": f"{SHOP_URL}/collections/new?utm_campaign={campaign_id}"}
-                    self.track(ts, EMAIL, "salesforce-marketing", ids, "Email Link Clicked", click)
+                    link = f"{SHOP_URL}/collections/new?utm_campaign={campaign_id}"
+                    self.track(ts, via, "Email Link Clicked", {**props, "link_url": link})
                 elif rng.random() < 0.02:
-                    self.track(ts + 30, EMAIL, "salesforce-marketing", ids, "Unsubscribed", props)
+                    self.track(ts + 30, via, "Unsubscribed", props)
                     return
 
     def sms_marketing(self, c: _Customer) -> None:
@@ -1128,16 +1109,14 @@ class _Generator:
         if not c.sms_opt_in:
             return
         rng = self.rng
-        ids: Ids = [("phone", c.phone)]
+        via = _Via(SMS, "twilio", [("phone", c.phone)])
         for send_ts, campaign_id, text in self.sms_campaigns:
             if rng.random() > 0.6:
                 continue
-            props: Json = {"campaign_id": campaign_id, "body": text}
             ts = send_ts + rng.randint(0, 900)
-            self.track(ts, SMS, "twilio", ids, "SMS Delivered", props)
+            self.track(ts, via, "SMS Delivered", {"campaign_id": campaign_id, "body": text})
             if rng.random() < 0.12:
-                self.track(ts + rng.randint(30, 3600), SMS, "twilio", ids, "SMS Link Clicked",
-                           {"campaign_id": campaign_id})
+                self.track(ts + rng.randint(30, 3600), via, "SMS Link Clicked", {"campaign_id": campaign_id})
 
     def store(self, c: _Customer) -> None:
         """Point-of-sale purchases by loyalty card, and the loyalty signup that links it to an email."""
@@ -1152,28 +1131,25 @@ class _Generator:
                          "associate_id": f"emp-{rng.randint(1000, 1400)}"}
             ids: Ids = [("loyalty_id", c.loyalty_id)]
             if v == 0 and rng.random() < 0.45:
-                traits: Json = {
-                    "first_name": c.first_name,
-                    "last_name": c.last_name,
-                    "email": self.email_variant(c.email),
-                    "postcode": c.postcode,
-                }
-                signup_ids: Ids = [*ids, ("email", self.email_variant(c.email))]
+                email = self.email_variant(c.email)
+                traits: Json = {"first_name": c.first_name, "last_name": c.last_name, "email": email,
+                                "postcode": c.postcode}
+                signup: Ids = [*ids, ("email", email)]
                 if rng.random() < 0.5:
                     traits["phone"] = self.phone_variant(c.phone, 0.7)
-                    signup_ids.append(("phone", traits["phone"]))
-                self.identify(ts, STORE, "pos", signup_ids, traits, ctx)
+                    signup.append(("phone", traits["phone"]))
+                self.identify(ts, _Via(STORE, "pos", signup), traits, ctx)
                 ts += 20
             elif rng.random() < 0.15:
                 ids.append(("phone", self.phone_variant(c.phone, 0.8)))  # looked up by phone at the till
-            sku, name, _, price = self.product()
-            qty = 1 + (rng.random() < 0.25)
-            self.order(ts, STORE, "pos", ids, c, sku, name, price, qty,
-                       {**ctx, "payment_method": rng.choice(("card", "card", "apple_pay", "cash"))})
+            via = _Via(STORE, "pos", ids)
+            item = self.product()
+            payment = rng.choice(("card", "card", "apple_pay", "cash"))
+            self.order(ts, via, c, item, 1 + (rng.random() < 0.25), ctx={**ctx, "payment_method": payment})
             if rng.random() < 0.07:
-                oid = c.orders[-1][0]
-                self.track(ts + rng.randint(2, 10) * DAY, STORE, "pos", ids, "Product Returned",
-                           {"order_id": oid, "sku": sku, "refund": round(price, 2), "currency": "USD"}, ctx)
+                props: Json = {"order_id": c.orders[-1][0], "sku": item[0], "refund": item[3]}
+                props["currency"] = "USD"
+                self.track(ts + rng.randint(2, 10) * DAY, via, "Product Returned", props, ctx)
 
     def crm(self, c: _Customer) -> None:
         """CRM sync of the contact record: the main link between crm_id, email and phone."""
@@ -1183,10 +1159,9 @@ class _Generator:
         for _ in range(1 + (rng.random() < 0.3)):
             ts = self.when(CONTACT_HOURS, HOUR)
             traits = self.traits(c, full=True)
-            ids: Ids = [("crm_id", c.crm_id), ("email", traits["email"])]
-            ids.append(("phone", traits["phone"]))
+            ids: Ids = [("crm_id", c.crm_id), ("email", traits["email"]), ("phone", traits["phone"])]
             traits["lifecycle_stage"] = "customer"
-            self.identify(ts, OTHER, "salesforce-crm", ids, traits)
+            self.identify(ts, _Via(OTHER, "salesforce-crm", ids), traits)
 
     def relationship_survey(self, c: _Customer) -> None:
         """The quarterly relationship NPS, emailed and not tied to any contact."""
@@ -1198,8 +1173,9 @@ class _Generator:
         ids: Ids = [("email", c.email)]
         if c.crm_id:
             ids.append(("crm_id", c.crm_id))
-        self.survey(ts, EMAIL, "qualtrics", ids, event_pb2.SURVEY_TYPE_NPS, score, SURVEY_RELATIONSHIP_NPS,
-                    comment=self.comment(event_pb2.SURVEY_TYPE_NPS, score))
+        kind = event_pb2.SURVEY_TYPE_NPS
+        self.survey(ts, _Via(EMAIL, "qualtrics", ids), kind, score, SURVEY_RELATIONSHIP_NPS,
+                    comment=self.comment(kind, score))
 
     def comment(self, kind: event_pb2.SurveyType.ValueType, score: int) -> str:
         """A free-text comment matching the score, on about a third of answers."""
@@ -1216,32 +1192,32 @@ class _Generator:
 
     # ---- service contacts ----------------------------------------------------------------------------
 
-    def contact_ids(self, c: _Customer, channel: Channel) -> tuple[str, Ids]:
+    def contact_via(self, c: _Customer, channel: Channel) -> _Via:
         """The source system and identifiers a contact on this channel carries."""
         rng = self.rng
         if channel == VOICE:
             ids: Ids = [("phone", self.phone_variant(c.phone, 0.3))]
             if c.crm_id and rng.random() < 0.3:
                 ids.append(("crm_id", c.crm_id))  # screen-pop matched the CRM record
-            return "genesys-cloud", ids
+            return _Via(channel, "genesys-cloud", ids)
         if channel == CHAT:
             ids = [("chat_id", c.chat_id)]
             if rng.random() < 0.4:
                 ids.append(("email", self.email_variant(c.email)))  # pre-chat form
             elif c.user_id and rng.random() < 0.3:
                 ids.append(("user_id", c.user_id))  # chatting while signed in
-            return "zendesk", ids
+            return _Via(channel, "zendesk", ids)
         if channel == EMAIL:
             ids = [("email", self.email_variant(c.email))]
             if c.crm_id and rng.random() < 0.2:
                 ids.append(("crm_id", c.crm_id))
-            return "zendesk", ids
+            return _Via(channel, "zendesk", ids)
         if channel == SMS:
-            return "twilio", [("phone", c.phone)]
+            return _Via(channel, "twilio", [("phone", c.phone)])
         ids = [("social_handle", c.social_handle)]
         if rng.random() < 0.1:
             ids.append(("email", c.email))
-        return "sprinklr", ids
+        return _Via(channel, "sprinklr", ids)
 
     def interaction_id(self, channel: Channel) -> str:
         """Ids shaped like each platform's own."""
@@ -1255,10 +1231,9 @@ class _Generator:
         return self.unique(lambda: f"zd-{rng.randrange(10**8):08d}")
 
     def service(self, c: _Customer) -> None:
-        """Service contact chains: a contact and, when unresolved, repeats on the same reason."""
+        """Service contact chains: a contact and, when unresolved, repeats on the same reason (for FCR)."""
         rng = self.rng
-        chains = _poisson(rng, c.service_rate * c.activity * self.scale)
-        for _ in range(chains):
+        for _ in range(_poisson(rng, c.service_rate * c.activity * self.scale)):
             reason = rng.choices(self.reason_names, self.reason_weights)[0]
             channel = self.pick_channel(c)
             n = 1
@@ -1268,8 +1243,7 @@ class _Generator:
             case_id = f"CS-{self.case_no:07d}"
             ts = self.when(CONTACT_HOURS, 15 * HOUR, weekend=0.6)
             for k in range(n):
-                last = k == n - 1
-                resolved = rng.random() < (0.85 if last else 0.2)
+                resolved = rng.random() < (0.85 if k == n - 1 else 0.2)
                 end = self.contact(c, channel, reason, ts, case_id, resolved=resolved, repeat=k)
                 if end is None:
                     break
@@ -1286,7 +1260,9 @@ class _Generator:
             weights.append(25.0)
         return self.rng.choices(options, weights)[0]
 
-    def plan_legs(self, channel: Channel, queue: str, arrival: int, *, resolved: bool, outbound: bool) -> list[_Leg]:
+    def plan_legs(
+        self, channel: Channel, queue: str, arrival: int, *, resolved: bool, outbound: bool
+    ) -> list[_Leg]:
         """Durations per channel, with abandons and transfers on the live channels."""
         rng = self.rng
         live = channel in (VOICE, CHAT)
@@ -1305,18 +1281,16 @@ class _Generator:
         elif channel == EMAIL:
             wait = 0 if outbound else _lognorm(rng, 3 * HOUR, 0.9, 300, 12 * HOUR)
             talk, hold, acw = _lognorm(rng, 240, 0.7, 30, 3600), 0, _lognorm(rng, 60, 0.6, 0, 900)
-        else:  # SMS and social: asynchronous, minutes to first response
+        else:  # SMS and social: asynchronous, minutes to a first response
             wait = _lognorm(rng, 900 if channel == SMS else 1500, 1.0, 30, 6 * HOUR)
             talk, hold, acw = _lognorm(rng, 500, 0.6, 60, 3600), 0, _lognorm(rng, 30, 0.6, 0, 600)
         if live and not outbound and rng.random() < (0.07 if channel == VOICE else 0.05):
-            wait = _lognorm(rng, 110, 0.8, 5, 1800)
-            return [_Leg(arrival, wait, 0, 0, 0, queue, "", "abandoned")]
+            return [_Leg(arrival, _lognorm(rng, 110, 0.8, 5, 1800), 0, 0, 0, queue, "", "abandoned")]
         agent = self.agent(queue)
         disposition = "resolved" if resolved else rng.choice(UNRESOLVED_DISPOSITIONS)
         if live and rng.random() < (0.12 if channel == VOICE else 0.06):
-            first_talk = _lognorm(rng, 150, 0.6, 20, 1800)
-            first = _Leg(arrival, wait, first_talk, min(hold, 120), _lognorm(rng, 20, 0.5, 0, 300), queue, agent,
-                         "transferred", transferred=True)
+            first = _Leg(arrival, wait, _lognorm(rng, 150, 0.6, 20, 1800), min(hold, 120),
+                         _lognorm(rng, 20, 0.5, 0, 300), queue, agent, "transferred", transferred=True)
             target = rng.choice(TRANSFER_TO[queue])
             second = _Leg(first.ended, _lognorm(rng, 20, 0.9, 0, 900), talk, hold, acw, target,
                           self.agent(target, exclude=agent), disposition)
@@ -1324,7 +1298,15 @@ class _Generator:
         return [_Leg(arrival, wait, talk, hold, acw, queue, agent, disposition)]
 
     def contact(
-        self, c: _Customer, channel: Channel, reason: str, arrival: int, case_id: str, *, resolved: bool, repeat: int
+        self,
+        c: _Customer,
+        channel: Channel,
+        reason: str,
+        arrival: int,
+        case_id: str,
+        *,
+        resolved: bool,
+        repeat: int,
     ) -> int | None:
         """Emit one contact (legs, conversation, maybe a survey); returns when it ended, or None."""
         rng = self.rng
@@ -1335,7 +1317,7 @@ class _Generator:
         if end > self.now:
             return None
         iid = self.interaction_id(channel)
-        source, ids = self.contact_ids(c, channel)
+        via = self.contact_via(c, channel)
         if len(legs) == 2:
             for i, leg in enumerate(legs, start=1):
                 leg.leg_id = f"{iid}:{i}"
@@ -1354,46 +1336,46 @@ class _Generator:
         elif channel == EMAIL:
             props = {"subject": f"Re: {reason.replace('_', ' ').capitalize()}", "ticket_via": "email"}
         for leg in legs:
-            leg_status = event_pb2.CASE_STATUS_OPEN if leg.transferred else status
-            self.interaction(leg, channel, source, ids, iid, reason, case_id, leg_status, outbound=outbound,
-                             props=props)
+            self.interaction(leg, via, iid, reason, case_id, outbound=outbound, props=props,
+                             case_status=event_pb2.CASE_STATUS_OPEN if leg.transferred else status)
         order = c.orders[-1] if c.orders else (self.order_id(), self.product()[1], 0.0)
         amount = order[2] or round(rng.uniform(20, 250), 2)
         fill = {"order": order[0], "product": order[1], "amount": f"${amount:.2f}", "first": c.first_name,
                 "city": c.city}
         if channel in (CHAT, SMS, SOCIAL):
-            self.conversation(c, channel, source, ids, iid, reason, legs, fill, resolved=resolved, repeat=repeat)
+            self.conversation(via, iid, reason, legs, fill=fill, resolved=resolved, repeat=repeat)
         if not abandoned and rng.random() < 0.3:
             good = resolved and repeat == 0 and len(legs) == 1
-            self.post_contact_survey(c, channel, source, ids, iid, end, good=good)
+            self.post_contact_survey(c, via, iid, end, good=good)
         return end
 
     def conversation(
         self,
-        c: _Customer,
-        channel: Channel,
-        source: str,
-        ids: Ids,
+        via: _Via,
         iid: str,
         reason: str,
         legs: list[_Leg],
-        fill: dict[str, str],
         *,
+        fill: dict[str, str],
         resolved: bool,
         repeat: int,
     ) -> None:
         """Utterances of a chat, SMS or social conversation, spread over its legs."""
         rng = self.rng
         customer, agent_author, bot = event_pb2.AUTHOR_CUSTOMER, event_pb2.AUTHOR_AGENT, event_pb2.AUTHOR_BOT
+        channel = via.channel
         first = legs[0]
         ts = first.arrival
 
-        def say(author: event_pb2.Author.ValueType, text: str, agent: str = "") -> None:
-            self.message(ts, channel, source, ids, iid, author, text.format(**fill), agent)
+        def say(author: event_pb2.Author.ValueType, template: str, agent_id: str = "", **extra: str) -> None:
+            text = template.format(**fill, **extra)
+            self.message(ts, via, iid, author, text, agent=agent_id)
 
         if channel == SOCIAL:
             mood = rng.random()
-            pool: Sequence[str] = SOCIAL_NEGATIVE if mood < 0.55 or repeat else SOCIAL_POSITIVE if mood < 0.75 else SOCIAL_NEUTRAL
+            pool: Sequence[str] = SOCIAL_NEGATIVE
+            if not repeat and mood >= 0.55:
+                pool = SOCIAL_POSITIVE if mood < 0.75 else SOCIAL_NEUTRAL
             say(customer, rng.choice(pool))
         else:
             if channel == CHAT:
@@ -1405,37 +1387,32 @@ class _Generator:
                 say(customer, rng.choice(FRUSTRATED))
             if channel == CHAT and first.wait > 20:
                 ts += 3
-                fill_wait = {**fill, "queue": QUEUES[first.queue][0], "wait": str(max(1, first.wait // 60))}
-                self.message(ts, channel, source, ids, iid, bot, rng.choice(BOT_HANDOFFS).format(**fill_wait))
+                minutes = str(max(1, first.wait // 60))
+                say(bot, rng.choice(BOT_HANDOFFS), queue=QUEUES[first.queue][0], wait=minutes)
         if not first.agent:
             ts = max(ts + 5, first.ended - rng.randint(0, 5))
             if rng.random() < 0.6:
                 say(customer, rng.choice(ABANDON_LINES))
             return
+        asks = reason not in ("password_reset", "product_question", "plan_upgrade", "cancel_membership")
         for i, leg in enumerate(legs):
             name = self.agent_names[leg.agent]
             ts = max(ts + 1, leg.started)
-            span = leg.talk + leg.hold
-            step = max(1, span // 6)
+            step = max(1, (leg.talk + leg.hold) // 6)
             if channel == SOCIAL:
-                initials = name[:1]
-                say(agent_author, rng.choice(SOCIAL_REPLIES).replace("{initials}", initials), leg.agent)
+                say(agent_author, rng.choice(SOCIAL_REPLIES), leg.agent, initials=name[:1])
             else:
-                say(agent_author, rng.choice(AGENT_GREETINGS).replace("{agent}", name), leg.agent)
+                say(agent_author, rng.choice(AGENT_GREETINGS), leg.agent, agent=name)
             ts += rng.randint(1, step)
-            if i == 0 and reason not in ("password_reset", "product_question", "plan_upgrade", "cancel_membership"):
+            if i == 0 and asks:
                 say(agent_author, rng.choice(AGENT_ASKS), leg.agent)
                 ts += rng.randint(1, step)
                 say(customer, rng.choice(CUSTOMER_DETAILS))
                 ts += rng.randint(1, step)
             if leg.transferred:
-                target = QUEUES[legs[i + 1].queue][0]
-                say(agent_author, rng.choice(AGENT_TRANSFERS).replace("{queue}", target), leg.agent)
+                say(agent_author, rng.choice(AGENT_TRANSFERS), leg.agent, queue=QUEUES[legs[i + 1].queue][0])
                 continue
-            if resolved:
-                say(agent_author, RESOLUTIONS[reason], leg.agent)
-            else:
-                say(agent_author, rng.choice(UNRESOLVED), leg.agent)
+            say(agent_author, RESOLUTIONS[reason] if resolved else rng.choice(UNRESOLVED), leg.agent)
             ts += rng.randint(1, step)
             mood = rng.random()
             close: Sequence[str]
@@ -1450,12 +1427,10 @@ class _Generator:
             if channel != SOCIAL:
                 say(agent_author, rng.choice(AGENT_CLOSINGS), leg.agent)
 
-    def post_contact_survey(
-        self, c: _Customer, channel: Channel, source: str, ids: Ids, iid: str, end: int, *, good: bool
-    ) -> None:
+    def post_contact_survey(self, c: _Customer, via: _Via, iid: str, end: int, *, good: bool) -> None:
         """IVR survey after a call, CSAT after digital contacts; scores skew with how the contact went."""
         rng = self.rng
-        if channel == VOICE:
+        if via.channel == VOICE:
             ts = end + rng.randint(5, 60)
             if rng.random() < 0.5:
                 kind, survey_id = event_pb2.SURVEY_TYPE_NPS, SURVEY_POSTCALL_NPS
@@ -1466,15 +1441,15 @@ class _Generator:
         else:
             kind, survey_id = event_pb2.SURVEY_TYPE_CSAT, SURVEY_DIGITAL_CSAT
             score = rng.choices(range(1, 6), CSAT_GOOD if good else CSAT_BAD)[0]
-            if channel == EMAIL:
+            if via.channel == EMAIL:
                 ts = end + _lognorm(rng, 4 * HOUR, 0.8, 600, 2 * DAY)
-            elif channel == SOCIAL:
-                # Social contacts are surveyed by email, as their platforms offer no survey step.
-                channel, source, ids = EMAIL, "qualtrics", [("email", c.email)]
+            elif via.channel == SOCIAL:
+                # Social platforms have no survey step, so the survey goes out by email.
+                via = _Via(EMAIL, "qualtrics", [("email", c.email)])
                 ts = end + _lognorm(rng, 6 * HOUR, 0.8, 600, 2 * DAY)
             else:
                 ts = end + rng.randint(5, 600)
-        self.survey(ts, channel, source, ids, kind, score, survey_id, iid, self.comment(kind, score))
+        self.survey(ts, via, kind, score, survey_id, interaction_id=iid, comment=self.comment(kind, score))
 
     # ---- the persona ---------------------------------------------------------------------------------
 
@@ -1491,9 +1466,6 @@ class _Generator:
         def at(frac: float, plus: int = 0) -> int:
             return base + int(frac * span) + plus
 
-        web_ctx: Json = {"user_agent": USER_AGENTS[1], "ip": "198.51.100.42", "locale": "en-US"}
-        anon: Ids = [("anonymous_id", p.anonymous_id)]
-        known: Ids = [*anon, ("user_id", p.user_id), ("email", p.email)]
         traits: Json = {
             "first_name": p.first_name,
             "last_name": p.last_name,
@@ -1505,112 +1477,121 @@ class _Generator:
             "state": "CA",
             "postcode": "94110",
         }
-        jacket = PRODUCTS[4]
+        web_ctx: Json = {"user_agent": USER_AGENTS[1], "ip": "198.51.100.42", "locale": "en-US"}
+        anon = _Via(WEB, "web-sdk", [("anonymous_id", p.anonymous_id)])
+        known = _Via(WEB, "web-sdk", [*anon.ids, ("user_id", p.user_id), ("email", p.email)])
+        sku, name, category, price = PRODUCTS[4]
+        line = {"sku": sku, "name": name, "price": price, "quantity": 1}
+
+        # Web: browses anonymously, signs up (email + phone), buys a rain shell.
         t = at(0.02)
-        self.track(t, WEB, "web-sdk", anon, "Page Viewed",
-                   {"path": "/collections/outdoor", "title": "Outdoor", "url": f"{SHOP_URL}/collections/outdoor",
-                    "referrer": "https://www.instagram.com/"}, web_ctx, junk=False)
-        self.track(t + 95, WEB, "web-sdk", anon, "Product Viewed",
-                   {"sku": jacket[0], "name": jacket[1], "category": jacket[2], "price": jacket[3],
-                    "currency": "USD"}, web_ctx, junk=False)
+        self.track(t, anon, "Page Viewed", {"path": "/collections/outdoor", "title": "Outdoor",
+                                            "url": f"{SHOP_URL}/collections/outdoor",
+                                            "referrer": "https://www.instagram.com/"}, web_ctx, junk=False)
+        self.track(t + 95, anon, "Product Viewed", {**line, "category": category, "currency": "USD"}, web_ctx,
+                   junk=False)
         t = at(0.05)
-        self.identify(t, WEB, "web-sdk", [*known, ("phone", p.phone)], traits, web_ctx, junk=False)
-        self.track(t + 2, WEB, "web-sdk", known, "Signed Up", {"method": "email"}, web_ctx, junk=False)
-        self.track(t + 140, WEB, "web-sdk", known, "Product Added",
-                   {"sku": jacket[0], "name": jacket[1], "price": jacket[3], "quantity": 1, "currency": "USD"},
-                   web_ctx, junk=False)
+        signup = _Via(WEB, "web-sdk", [*known.ids, ("phone", p.phone)])
+        self.identify(t, signup, traits, web_ctx, junk=False)
+        self.track(t + 2, known, "Signed Up", {"method": "email"}, web_ctx, junk=False)
+        self.track(t + 140, known, "Product Added", {**line, "currency": "USD"}, web_ctx, junk=False)
         order_id = "HP-0424242"
-        self.track(t + 420, WEB, "web-sdk", known, "Order Completed",
-                   {"order_id": order_id, "revenue": jacket[3], "tax": 10.64, "shipping": 0.0, "total": 139.64,
-                    "currency": "USD", "products": [{"sku": jacket[0], "name": jacket[1], "price": jacket[3],
-                                                     "quantity": 1}]}, web_ctx, junk=False)
+        self.track(t + 420, known, "Order Completed",
+                   {"order_id": order_id, "revenue": price, "tax": 10.64, "shipping": 0.0, "total": 139.64,
+                    "currency": "USD", "products": [line]}, web_ctx, junk=False)
 
-        # First call: national-format caller id, late delivery, left open.
-        agent1, agent2, agent3 = "agt-118", "agt-121", "agt-104"
-        voice_national: Ids = [("phone", p.phone_national)]
+        # First call: a national-format caller id; the late delivery is left open.
+        orders_agent, chat_agent, billing_agent = "agt-118", "agt-121", "agt-104"
+        case_id = "CS-0999001"
+        voice_props: Json = {"ivr_path": "main>orders", "language": "en-US", "dnis": "+18005550100"}
         call1 = "7d1e9a4c-3b2f-4e8a-9c61-5a0f2b7d3e11"
-        leg = _Leg(at(0.30), 48, 312, 65, 55, "orders", agent1, "follow_up_required")
-        self.interaction(leg, VOICE, "genesys-cloud", voice_national, call1, "delivery_delay", "CS-0999001",
-                         event_pb2.CASE_STATUS_OPEN, props={"ivr_path": "main>orders", "language": "en-US"},
+        leg = _Leg(at(0.30), 48, 312, 65, 55, "orders", orders_agent, "follow_up_required")
+        self.interaction(leg, _Via(VOICE, "genesys-cloud", [("phone", p.phone_national)]), call1,
+                         "delivery_delay", case_id, case_status=event_pb2.CASE_STATUS_OPEN, props=voice_props,
                          junk=False)
-
         # The agent creates her CRM record after the call.
-        self.identify(at(0.30, HOUR), OTHER, "salesforce-crm",
-                      [("crm_id", p.crm_id), ("phone", p.phone_national), ("email", p.email)],
-                      {**traits, "phone": p.phone_national, "lifecycle_stage": "customer"}, junk=False)
+        crm = _Via(OTHER, "salesforce-crm", [("crm_id", p.crm_id), ("phone", p.phone_national),
+                                             ("email", p.email)])
+        crm_traits: Json = {**traits, "phone": p.phone_national, "lifecycle_stage": "customer"}
+        self.identify(at(0.30, HOUR), crm, crm_traits, junk=False)
 
-        # Chat about a day later: chat id only, plus the pre-chat form that links it to her email.
-        chat = "zd-90000142"
-        chat_ids: Ids = [("chat_id", p.chat_id)]
+        # Chat about a day later: the chat id, plus the pre-chat form that links it to her email.
+        chat_id = "zd-90000142"
+        chat = _Via(CHAT, "zendesk", [("chat_id", p.chat_id)])
         t = at(0.34)
-        self.identify(t - 30, CHAT, "zendesk", [*chat_ids, ("email", p.email)],
+        self.identify(t - 30, _Via(CHAT, "zendesk", [*chat.ids, ("email", p.email)]),
                       {"first_name": p.first_name, "email": p.email}, junk=False)
-        chat_leg = _Leg(t, 95, 620, 0, 40, "orders", agent2, "follow_up_required")
-        self.interaction(chat_leg, CHAT, "zendesk", chat_ids, chat, "delivery_delay", "CS-0999001",
-                         event_pb2.CASE_STATUS_PENDING, junk=False)
-        lines: list[tuple[int, event_pb2.Author.ValueType, str, str]] = [
-            (0, event_pb2.AUTHOR_BOT, BOT_GREETINGS[0], ""),
+        chat_leg = _Leg(t, 95, 620, 0, 40, "orders", chat_agent, "follow_up_required")
+        self.interaction(chat_leg, chat, chat_id, "delivery_delay", case_id,
+                         case_status=event_pb2.CASE_STATUS_PENDING, junk=False)
+        agent_name = self.agent_names[chat_agent]
+        lines: list[tuple[int, event_pb2.Author.ValueType, str]] = [
+            (0, event_pb2.AUTHOR_BOT, BOT_GREETINGS[0]),
             (20, event_pb2.AUTHOR_CUSTOMER,
-             f"My order {order_id} still hasn't arrived and I called yesterday. Nobody got back to me.", ""),
-            (30, event_pb2.AUTHOR_CUSTOMER, "Honestly this is really frustrating, I needed the jacket for a trip.",
-             ""),
+             f"My order {order_id} still hasn't arrived and I called yesterday. Nobody got back to me."),
+            (30, event_pb2.AUTHOR_CUSTOMER,
+             "Honestly this is really frustrating, I needed the jacket for a trip."),
             (100, event_pb2.AUTHOR_AGENT,
-             f"Hi Maya, I'm {self.agent_names[agent2]}. I'm so sorry about this, let me check right away.", agent2),
+             f"Hi Maya, I'm {agent_name}. I'm so sorry about this, let me check."),
             (300, event_pb2.AUTHOR_AGENT,
-             "The parcel was held at the depot. I've asked the carrier to deliver it tomorrow morning.", agent2),
-            (420, event_pb2.AUTHOR_CUSTOMER, "Ok. I hope it actually turns up this time.", ""),
-            (700, event_pb2.AUTHOR_AGENT, "I'll keep the case open until it's delivered. Anything else today?",
-             agent2),
+             "The parcel was held at the depot. I've asked the carrier to deliver it tomorrow morning."),
+            (420, event_pb2.AUTHOR_CUSTOMER, "Ok. I hope it actually turns up this time."),
+            (700, event_pb2.AUTHOR_AGENT,
+             "I'll keep the case open until it's delivered. Anything else today?"),
         ]
-        for offset, author, text, agent in lines:
-            self.message(t + offset, CHAT, "zendesk", chat_ids, chat, author, text, agent, junk=False)
-        self.survey(chat_leg.ended + 120, CHAT, "zendesk", chat_ids, event_pb2.SURVEY_TYPE_CSAT, 2,
-                    SURVEY_DIGITAL_CSAT, chat, "Still no jacket, and I had to contact you twice.", junk=False)
+        for offset, author, text in lines:
+            agent = chat_agent if author == event_pb2.AUTHOR_AGENT else ""
+            self.message(t + offset, chat, chat_id, author, text, agent=agent, junk=False)
+        self.survey(chat_leg.ended + 120, chat, event_pb2.SURVEY_TYPE_CSAT, 2, SURVEY_DIGITAL_CSAT,
+                    interaction_id=chat_id, comment="Still no jacket, and I had to contact you twice.",
+                    junk=False)
 
         # Second call a few days after the first: E.164 caller id, transferred to billing for a refund.
         call2 = "2c8b5f0e-9a7d-4b13-8e42-6d1f3a9c7b25"
-        voice_e164: Ids = [("phone", p.phone)]
-        leg1 = _Leg(at(0.40), 30, 140, 40, 15, "orders", agent1, "transferred", transferred=True,
+        voice = _Via(VOICE, "genesys-cloud", [("phone", p.phone)])
+        leg1 = _Leg(at(0.40), 30, 140, 40, 15, "orders", orders_agent, "transferred", transferred=True,
                     leg_id=f"{call2}:1")
-        leg2 = _Leg(leg1.ended, 25, 260, 0, 70, "billing", agent3, "shipping_refunded", leg_id=f"{call2}:2")
+        leg2 = _Leg(leg1.ended, 25, 260, 0, 70, "billing", billing_agent, "shipping_refunded",
+                    leg_id=f"{call2}:2")
         for voice_leg, status in ((leg1, event_pb2.CASE_STATUS_OPEN), (leg2, event_pb2.CASE_STATUS_RESOLVED)):
-            self.interaction(voice_leg, VOICE, "genesys-cloud", voice_e164, call2, "delivery_delay", "CS-0999001",
-                             status, props={"ivr_path": "main>orders", "language": "en-US"}, junk=False)
-        self.survey(leg2.ended + 20, VOICE, "genesys-cloud", voice_e164, event_pb2.SURVEY_TYPE_NPS, 6,
-                    SURVEY_POSTCALL_NPS, call2, "Sorted in the end, but it took three contacts.", junk=False)
-        self.track(at(0.40, 3 * HOUR), SMS, "twilio", voice_e164, "SMS Delivered",
+            self.interaction(voice_leg, voice, call2, "delivery_delay", case_id, case_status=status,
+                             props=voice_props, junk=False)
+        self.survey(leg2.ended + 20, voice, event_pb2.SURVEY_TYPE_NPS, 6, SURVEY_POSTCALL_NPS,
+                    interaction_id=call2, comment="Sorted in the end, but it took three contacts.", junk=False)
+        self.track(at(0.40, 3 * HOUR), _Via(SMS, "twilio", voice.ids), "SMS Delivered",
                    {"campaign_id": "txn-delivery-update",
                     "body": f"Harbor & Pine: your order {order_id} is out for delivery today."}, junk=False)
 
-        # In store: loyalty signup linking the card to her email, then purchases by card only.
+        # In store: the loyalty signup links the card to her email; later purchases carry the card only.
         store_ctx: Json = {"store_id": "store-0101", "terminal_id": "pos-2", "associate_id": "emp-1207"}
-        loyalty: Ids = [("loyalty_id", p.loyalty_id)]
+        card = _Via(STORE, "pos", [("loyalty_id", p.loyalty_id)])
         t = at(0.60)
-        self.identify(t, STORE, "pos", [*loyalty, ("email", p.email)],
-                      {"first_name": p.first_name, "last_name": "Okafor", "email": p.email, "postcode": "94110"},
-                      store_ctx, junk=False)
-        mug = PRODUCTS[15]
-        self.track(t + 60, STORE, "pos", loyalty, "Order Completed",
-                   {"order_id": "HP-0424990", "revenue": mug[3], "total": 38.97, "currency": "USD",
-                    "products": [{"sku": mug[0], "name": mug[1], "price": mug[3], "quantity": 1}]},
-                   {**store_ctx, "payment_method": "apple_pay"}, junk=False)
-        scarf = PRODUCTS[14]
-        self.track(at(0.82), STORE, "pos", loyalty, "Order Completed",
-                   {"order_id": "HP-0425311", "revenue": scarf[3], "total": 84.44, "currency": "USD",
-                    "products": [{"sku": scarf[0], "name": scarf[1], "price": scarf[3], "quantity": 1}]},
-                   {**store_ctx, "payment_method": "card"}, junk=False)
+        loyalty_traits: Json = {"first_name": p.first_name, "last_name": p.last_name, "email": p.email}
+        loyalty_traits["postcode"] = "94110"
+        self.identify(t, _Via(STORE, "pos", [*card.ids, ("email", p.email)]), loyalty_traits, store_ctx,
+                      junk=False)
+        for when, (item_sku, item_name, _, item_price), order, total, payment in (
+            (t + 60, PRODUCTS[15], "HP-0424990", 38.97, "apple_pay"),
+            (at(0.82), PRODUCTS[14], "HP-0425311", 84.44, "card"),
+        ):
+            item_line: Json = {"sku": item_sku, "name": item_name, "price": item_price, "quantity": 1}
+            self.track(when, card, "Order Completed",
+                       {"order_id": order, "revenue": item_price, "total": total, "currency": "USD",
+                        "products": [item_line]},
+                       {**store_ctx, "payment_method": payment}, junk=False)
 
-        # Email: a campaign open and the relationship NPS, now a promoter.
-        email_ids: Ids = [("email", p.email)]
-        self.track(at(0.88), EMAIL, "salesforce-marketing", email_ids, "Email Opened",
-                   {"campaign_id": "cmp-linen-launch-07", "subject": "Meet our new linen collection"}, junk=False)
-        self.survey(at(0.93), EMAIL, "qualtrics", email_ids, event_pb2.SURVEY_TYPE_NPS, 9, SURVEY_RELATIONSHIP_NPS,
-                    comment="Love the new store in the Mission, and the staff are lovely.", junk=False)
+        # Email: a campaign open and the relationship NPS, now as a promoter.
+        mail = _Via(EMAIL, "salesforce-marketing", [("email", p.email)])
+        campaign: Json = {"campaign_id": "cmp-linen-launch-07", "subject": "Meet our new linen collection"}
+        self.track(at(0.88), mail, "Email Opened", campaign, junk=False)
+        self.survey(at(0.93), _Via(EMAIL, "qualtrics", mail.ids), event_pb2.SURVEY_TYPE_NPS, 9,
+                    SURVEY_RELATIONSHIP_NPS, junk=False,
+                    comment="Love the new store in the Mission, the staff are lovely.")
 
     # ---- driver --------------------------------------------------------------------------------------
 
     def run(self) -> list[event_pb2.Event]:
-        """Generate everything, then order by time and number the events."""
+        """Generate everything, then order by time and number the events in that order."""
         self.persona()
         for _ in range(self.n_customers):
             c = self.new_customer()
@@ -1628,7 +1609,6 @@ class _Generator:
             ev.message_id = f"demo-{self.seed}-{n:07d}"
             events.append(ev)
         return events
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1663,7 +1643,8 @@ def to_jsonl(events: Iterable[event_pb2.Event], fp: TextIO) -> int:
     """Write proto3-JSON lines (the `tessera import` format) and return how many were written."""
     count = 0
     for ev in events:
-        fp.write(json.dumps(json_format.MessageToDict(ev, preserving_proto_field_name=True), separators=(",", ":")))
+        record = json_format.MessageToDict(ev, preserving_proto_field_name=True)
+        fp.write(json.dumps(record, separators=(",", ":")))
         fp.write("\n")
         count += 1
     return count

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from services.core import pagination
 from services.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, error_status
 from services.core.interceptors import time_remaining
 from services.core.tenancy import current_tenant
@@ -16,6 +17,25 @@ from tessera.v1 import ingest_pb2, ingest_pb2_grpc
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     def __init__(self, ingestor: Ingestor) -> None:
         self.ingestor = ingestor
+        self.store = ingestor.store
+
+    def ListEvents(  # noqa: N802 - gRPC method name
+        self, request: ingest_pb2.ListEventsRequest, context: grpc.ServicerContext
+    ) -> ingest_pb2.ListEventsResponse:
+        tenant = current_tenant()
+        size = pagination.page_size(request.page_size)
+        query = {"m": sorted(request.message_ids)}
+        after = pagination.decode_token(request.page_token, query)
+        rows = self.store.list_events(
+            tenant.tenant_id, size + 1, tuple(after) if after else None, list(request.message_ids)
+        )
+        resp = ingest_pb2.ListEventsResponse()
+        for _received, _event_id, payload in rows[:size]:
+            resp.events.add().ParseFromString(payload)
+        if len(rows) > size:
+            received, event_id, _ = rows[size - 1]
+            resp.next_page_token = pagination.encode_token([received.isoformat(), event_id], query)
+        return resp
 
     def IngestEvents(  # noqa: N802 - gRPC method name
         self, request: ingest_pb2.IngestEventsRequest, context: grpc.ServicerContext

@@ -146,6 +146,29 @@ class EventStore:
         ).all()
         return {(r[0], r[1]) for r in rows}
 
+    def list_events(
+        self, tenant_id: str, limit: int, after: tuple[str, str] | None, message_ids: Sequence[str] = ()
+    ) -> list[tuple[dt.datetime, str, bytes]]:
+        """Newest first; ``after`` is the (received_at, event_id) the previous page ended on."""
+        clauses = ["e.tenant_id = %(tenant)s"]
+        params: dict[str, object] = {"tenant": tenant_id, "limit": limit}
+        join = ""
+        if message_ids:
+            join = (
+                "JOIN ingest.dedupe_keys k ON k.tenant_id = e.tenant_id AND k.received_at = e.received_at "
+                "AND k.event_id = e.event_id AND k.message_id = ANY(%(message_ids)s)"
+            )
+            params["message_ids"] = list(message_ids)
+        if after is not None:
+            clauses.append("(e.received_at, e.event_id) < (%(after_ts)s::timestamptz, %(after_id)s::uuid)")
+            params["after_ts"], params["after_id"] = after
+        sql = (
+            f"SELECT e.received_at, e.event_id::text, e.payload FROM ingest.events e {join} "  # noqa: S608
+            f"WHERE {' AND '.join(clauses)} ORDER BY e.received_at DESC, e.event_id DESC LIMIT %(limit)s"
+        )
+        with self.engine.connect() as conn:
+            return [(r[0], r[1], bytes(r[2])) for r in conn.exec_driver_sql(sql, params).all()]
+
     def outbox_backlog(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.exec_driver_sql("SELECT count(*) FROM ingest.outbox").scalar_one())

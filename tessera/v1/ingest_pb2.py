@@ -27,15 +27,15 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from tessera.v1 import event_pb2 as tessera_dot_v1_dot_event__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/ingest.proto\x12\ntessera.v1\x1a\x1egoogle/rpc/error_details.proto\x1a\x17google/rpc/status.proto\x1a\x16tessera/v1/event.proto\"\xa6\x01\n\x0b\x45ventResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.tessera.v1.EventStatus\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12\x39\n\nviolations\x18\x05 \x03(\x0b\x32%.google.rpc.BadRequest.FieldViolation\"8\n\x13IngestEventsRequest\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.tessera.v1.Event\"\x89\x01\n\x14IngestEventsResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.tessera.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x16\n\x0erejected_count\x18\x04 \x01(\x05\"J\n\x13StreamEventsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12!\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x11.tessera.v1.Event\"\xbe\x01\n\x14StreamEventsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.tessera.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x03 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x04 \x01(\x05\x12\x16\n\x0erejected_count\x18\x05 \x01(\x05\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.Status*}\n\x0b\x45ventStatus\x12\x1c\n\x18\x45VENT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_STATUS_ACCEPTED\x10\x01\x12\x1a\n\x16\x45VENT_STATUS_DUPLICATE\x10\x02\x12\x19\n\x15\x45VENT_STATUS_REJECTED\x10\x03\x32\xb9\x01\n\rIngestService\x12Q\n\x0cIngestEvents\x12\x1f.tessera.v1.IngestEventsRequest\x1a .tessera.v1.IngestEventsResponse\x12U\n\x0cStreamEvents\x12\x1f.tessera.v1.StreamEventsRequest\x1a .tessera.v1.StreamEventsResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/ingest.proto\x12\ntessera.v1\x1a\x1egoogle/rpc/error_details.proto\x1a\x17google/rpc/status.proto\x1a\x16tessera/v1/event.proto\"\xa6\x01\n\x0b\x45ventResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.tessera.v1.EventStatus\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12\x39\n\nviolations\x18\x05 \x03(\x0b\x32%.google.rpc.BadRequest.FieldViolation\"8\n\x13IngestEventsRequest\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.tessera.v1.Event\"\x89\x01\n\x14IngestEventsResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.tessera.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x16\n\x0erejected_count\x18\x04 \x01(\x05\"J\n\x13StreamEventsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12!\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x11.tessera.v1.Event\"\xbe\x01\n\x14StreamEventsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.tessera.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x03 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x04 \x01(\x05\x12\x16\n\x0erejected_count\x18\x05 \x01(\x05\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.Status\"O\n\x11ListEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bmessage_ids\x18\x03 \x03(\t\"P\n\x12ListEventsResponse\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.tessera.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*}\n\x0b\x45ventStatus\x12\x1c\n\x18\x45VENT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_STATUS_ACCEPTED\x10\x01\x12\x1a\n\x16\x45VENT_STATUS_DUPLICATE\x10\x02\x12\x19\n\x15\x45VENT_STATUS_REJECTED\x10\x03\x32\x86\x02\n\rIngestService\x12Q\n\x0cIngestEvents\x12\x1f.tessera.v1.IngestEventsRequest\x1a .tessera.v1.IngestEventsResponse\x12U\n\x0cStreamEvents\x12\x1f.tessera.v1.StreamEventsRequest\x1a .tessera.v1.StreamEventsResponse(\x01\x30\x01\x12K\n\nListEvents\x12\x1d.tessera.v1.ListEventsRequest\x1a\x1e.tessera.v1.ListEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.v1.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTSTATUS']._serialized_start=756
-  _globals['_EVENTSTATUS']._serialized_end=881
+  _globals['_EVENTSTATUS']._serialized_start=919
+  _globals['_EVENTSTATUS']._serialized_end=1044
   _globals['_EVENTRESULT']._serialized_start=121
   _globals['_EVENTRESULT']._serialized_end=287
   _globals['_INGESTEVENTSREQUEST']._serialized_start=289
@@ -46,6 +46,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMEVENTSREQUEST']._serialized_end=561
   _globals['_STREAMEVENTSRESPONSE']._serialized_start=564
   _globals['_STREAMEVENTSRESPONSE']._serialized_end=754
-  _globals['_INGESTSERVICE']._serialized_start=884
-  _globals['_INGESTSERVICE']._serialized_end=1069
+  _globals['_LISTEVENTSREQUEST']._serialized_start=756
+  _globals['_LISTEVENTSREQUEST']._serialized_end=835
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=837
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=917
+  _globals['_INGESTSERVICE']._serialized_start=1047
+  _globals['_INGESTSERVICE']._serialized_end=1309
 # @@protoc_insertion_point(module_scope)

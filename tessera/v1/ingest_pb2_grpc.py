@@ -47,6 +47,11 @@ class IngestServiceStub:
                 request_serializer=tessera_dot_v1_dot_ingest__pb2.StreamEventsRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_ingest__pb2.StreamEventsResponse.FromString,
                 _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/tessera.v1.IngestService/ListEvents',
+                request_serializer=tessera_dot_v1_dot_ingest__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_ingest__pb2.ListEventsResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -70,6 +75,14 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEvents(self, request, context):
+        """Reads back the caller's stored events, newest first (AIP-158 pagination): the
+        answer to "did my event arrive, and what did the server make of it?".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -82,6 +95,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.StreamEvents,
                     request_deserializer=tessera_dot_v1_dot_ingest__pb2.StreamEventsRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_ingest__pb2.StreamEventsResponse.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=tessera_dot_v1_dot_ingest__pb2.ListEventsRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_ingest__pb2.ListEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -141,6 +159,33 @@ class IngestService:
             '/tessera.v1.IngestService/StreamEvents',
             tessera_dot_v1_dot_ingest__pb2.StreamEventsRequest.SerializeToString,
             tessera_dot_v1_dot_ingest__pb2.StreamEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.IngestService/ListEvents',
+            tessera_dot_v1_dot_ingest__pb2.ListEventsRequest.SerializeToString,
+            tessera_dot_v1_dot_ingest__pb2.ListEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,10 @@ class IngestServiceStub:
     """Batches in, one response per batch out, in order, so a client can pipeline
     several batches and still get backpressure.
     """
+    ListEvents: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListEventsRequest, _ingest_pb2.ListEventsResponse]
+    """Reads back the caller's stored events, newest first (AIP-158 pagination): the
+    answer to "did my event arrive, and what did the server make of it?".
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -56,6 +60,10 @@ class IngestServiceAsyncStub(IngestServiceStub):
     StreamEvents: _aio.StreamStreamMultiCallable[_ingest_pb2.StreamEventsRequest, _ingest_pb2.StreamEventsResponse]  # type: ignore[assignment]
     """Batches in, one response per batch out, in order, so a client can pipeline
     several batches and still get backpressure.
+    """
+    ListEvents: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListEventsRequest, _ingest_pb2.ListEventsResponse]  # type: ignore[assignment]
+    """Reads back the caller's stored events, newest first (AIP-158 pagination): the
+    answer to "did my event arrive, and what did the server make of it?".
     """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -80,6 +88,16 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_ingest_pb2.StreamEventsResponse], _abc.AsyncIterator[_ingest_pb2.StreamEventsResponse]]:
         """Batches in, one response per batch out, in order, so a client can pipeline
         several batches and still get backpressure.
+        """
+
+    @_abc_1.abstractmethod
+    def ListEvents(
+        self,
+        request: _ingest_pb2.ListEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.ListEventsResponse, _abc.Awaitable[_ingest_pb2.ListEventsResponse]]:
+        """Reads back the caller's stored events, newest first (AIP-158 pagination): the
+        answer to "did my event arrive, and what did the server make of it?".
         """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,47 @@
+"""AIP-158 page tokens: opaque to callers, bound to the query that made them."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from typing import Any
+
+from services.core.errors import InvalidArgument, Violation
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+def page_size(requested: int, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE) -> int:
+    if requested < 0:
+        raise InvalidArgument("page_size must not be negative", [Violation("page_size", "must be >= 0")])
+    return min(requested or default, maximum)
+
+
+def _fingerprint(query: Any) -> str:
+    return hashlib.sha256(json.dumps(query, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def encode_token(position: Any, query: Any) -> str:
+    raw = json.dumps({"p": position, "q": _fingerprint(query)}, default=str).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_token(token: str, query: Any) -> Any:
+    """The position a token points at; a token from another query or a forged one is refused."""
+    if not token:
+        return None
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        position, fingerprint = data["p"], data["q"]
+    except (ValueError, KeyError, TypeError):
+        raise InvalidArgument(
+            "invalid page_token", [Violation("page_token", "not a token this API issued")]
+        ) from None
+    if fingerprint != _fingerprint(query):
+        raise InvalidArgument(
+            "page_token does not match the request",
+            [Violation("page_token", "was issued for a request with other filters")],
+        )
+    return position

@@ -1,0 +1,124 @@
+"""Fixtures on real PostgreSQL and Redis (never mocks): one database and one Redis key
+prefix per test run, dropped at the end; one tenant per test for isolation."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from sqlalchemy.engine import Engine
+
+from services.core import db, tenancy
+from services.core.bus import connect
+from services.core.migrate import migrate
+from services.core.server import RunningServer, start_server
+from services.core.settings import Settings
+from tests.support.servers import delete_prefix, postgres_admin_url, redis_url, run_token, wait_health
+
+
+@pytest.fixture(scope="session")
+def admin_database_url() -> Iterator[str]:
+    with postgres_admin_url() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def database_url(admin_database_url: str) -> Iterator[str]:
+    name = f"tessera_test_{run_token()}"
+    db.ensure_database(admin_database_url, name)
+    url = db.with_database(admin_database_url, name)
+    engine = db.make_engine(url, application_name="tests-migrate", pool_size=1, instrument=False)
+    migrate(engine)
+    engine.dispose()
+    yield url
+    db.drop_database(admin_database_url, name)
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Iterator[Engine]:
+    eng = db.make_engine(database_url, application_name="tests", pool_size=4, instrument=False)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> Iterator[str]:
+    with redis_url() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_prefix(redis_server_url: str) -> Iterator[str]:
+    prefix = f"ttest-{run_token()}"
+    yield prefix
+    client = connect(redis_server_url)
+    delete_prefix(client, prefix)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_client(redis_server_url: str) -> Iterator[redis.Redis]:
+    client = connect(redis_server_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str, redis_server_url: str, redis_prefix: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        redis_url=redis_server_url,
+        redis_prefix=redis_prefix,
+        bind_host="127.0.0.1",
+        health_interval_seconds=0.1,
+        relay_sweep_seconds=0.2,
+        relay_grace_seconds=1.0,
+        shutdown_grace_seconds=5.0,
+        auth_cache_seconds=0.0,
+    )
+
+
+@dataclass(frozen=True)
+class TenantKey:
+    tenant_id: str
+    api_key: str
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),)
+
+
+def make_tenant(engine: Engine, label: str = "t") -> TenantKey:
+    tenant_id = f"{label}-{secrets.token_hex(4)}"
+    return TenantKey(tenant_id, tenancy.create_tenant(engine, tenant_id))
+
+
+@pytest.fixture
+def tenant(engine: Engine) -> TenantKey:
+    return make_tenant(engine)
+
+
+@pytest.fixture(scope="session")
+def ingest_server(settings: Settings) -> Iterator[RunningServer]:
+    from services.ingest.app import definition
+
+    running = start_server(definition(), settings, port=0)
+    assert wait_health(f"127.0.0.1:{running.port}"), "ingest never became SERVING"
+    yield running
+    running.shutdown(grace=1)
+
+
+@pytest.fixture(scope="session")
+def ingest_channel(ingest_server: RunningServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{ingest_server.port}") as channel:
+        yield channel
+
+
+@pytest.fixture
+def tmp_data_dir(tmp_path: Path) -> Path:
+    return tmp_path
