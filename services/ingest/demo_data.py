@@ -1456,15 +1456,20 @@ class _Generator:
     def persona(self) -> None:
         """Maya's story: browses, buys, calls twice about a late delivery, chats, joins loyalty in store.
 
-        Times are fractions of a span of at most 28 days ending a few hours before now, so the story
-        fits any window and her two calls stay a few days apart.
+        Times are fractions of the last 28 days (or of a shorter window), ending a few hours before
+        now, so the story fits any window and her two calls stay a few days apart. With the full 28
+        days each step also moves to a plausible local hour of its day, which keeps the story's order.
         """
         p = PERSONA
-        span = min(self.days * DAY, 28 * DAY) - 6 * HOUR
+        snap = self.days >= 28
+        span = 28 * DAY - 30 * HOUR if snap else self.days * DAY - 6 * HOUR
         base = self.now - 6 * HOUR - span
 
-        def at(frac: float, plus: int = 0) -> int:
-            return base + int(frac * span) + plus
+        def at(frac: float, local_hour: float) -> int:
+            ts = base + int(frac * span)
+            if snap:
+                ts += int(local_hour * HOUR) - (ts - 5 * HOUR) % DAY
+            return ts
 
         traits: Json = {
             "first_name": p.first_name,
@@ -1484,13 +1489,13 @@ class _Generator:
         line = {"sku": sku, "name": name, "price": price, "quantity": 1}
 
         # Web: browses anonymously, signs up (email + phone), buys a rain shell.
-        t = at(0.02)
+        t = at(0.02, 12.3)
         self.track(t, anon, "Page Viewed", {"path": "/collections/outdoor", "title": "Outdoor",
                                             "url": f"{SHOP_URL}/collections/outdoor",
                                             "referrer": "https://www.instagram.com/"}, web_ctx, junk=False)
         self.track(t + 95, anon, "Product Viewed", {**line, "category": category, "currency": "USD"}, web_ctx,
                    junk=False)
-        t = at(0.05)
+        t = at(0.05, 20.5)
         signup = _Via(WEB, "web-sdk", [*known.ids, ("phone", p.phone)])
         self.identify(t, signup, traits, web_ctx, junk=False)
         self.track(t + 2, known, "Signed Up", {"method": "email"}, web_ctx, junk=False)
@@ -1505,7 +1510,7 @@ class _Generator:
         case_id = "CS-0999001"
         voice_props: Json = {"ivr_path": "main>orders", "language": "en-US", "dnis": "+18005550100"}
         call1 = "7d1e9a4c-3b2f-4e8a-9c61-5a0f2b7d3e11"
-        leg = _Leg(at(0.30), 48, 312, 65, 55, "orders", orders_agent, "follow_up_required")
+        leg = _Leg(at(0.30, 10.25), 48, 312, 65, 55, "orders", orders_agent, "follow_up_required")
         self.interaction(leg, _Via(VOICE, "genesys-cloud", [("phone", p.phone_national)]), call1,
                          "delivery_delay", case_id, case_status=event_pb2.CASE_STATUS_OPEN, props=voice_props,
                          junk=False)
@@ -1513,12 +1518,12 @@ class _Generator:
         crm = _Via(OTHER, "salesforce-crm", [("crm_id", p.crm_id), ("phone", p.phone_national),
                                              ("email", p.email)])
         crm_traits: Json = {**traits, "phone": p.phone_national, "lifecycle_stage": "customer"}
-        self.identify(at(0.30, HOUR), crm, crm_traits, junk=False)
+        self.identify(leg.ended + HOUR, crm, crm_traits, junk=False)
 
         # Chat about a day later: the chat id, plus the pre-chat form that links it to her email.
         chat_id = "zd-90000142"
         chat = _Via(CHAT, "zendesk", [("chat_id", p.chat_id)])
-        t = at(0.34)
+        t = at(0.34, 19.6)
         self.identify(t - 30, _Via(CHAT, "zendesk", [*chat.ids, ("email", p.email)]),
                       {"first_name": p.first_name, "email": p.email}, junk=False)
         chat_leg = _Leg(t, 95, 620, 0, 40, "orders", chat_agent, "follow_up_required")
@@ -1549,7 +1554,7 @@ class _Generator:
         # Second call a few days after the first: E.164 caller id, transferred to billing for a refund.
         call2 = "2c8b5f0e-9a7d-4b13-8e42-6d1f3a9c7b25"
         voice = _Via(VOICE, "genesys-cloud", [("phone", p.phone)])
-        leg1 = _Leg(at(0.40), 30, 140, 40, 15, "orders", orders_agent, "transferred", transferred=True,
+        leg1 = _Leg(at(0.40, 9.5), 30, 140, 40, 15, "orders", orders_agent, "transferred", transferred=True,
                     leg_id=f"{call2}:1")
         leg2 = _Leg(leg1.ended, 25, 260, 0, 70, "billing", billing_agent, "shipping_refunded",
                     leg_id=f"{call2}:2")
@@ -1557,22 +1562,23 @@ class _Generator:
             self.interaction(voice_leg, voice, call2, "delivery_delay", case_id, case_status=status,
                              props=voice_props, junk=False)
         self.survey(leg2.ended + 20, voice, event_pb2.SURVEY_TYPE_NPS, 6, SURVEY_POSTCALL_NPS,
-                    interaction_id=call2, comment="Sorted in the end, but it took three contacts.", junk=False)
-        self.track(at(0.40, 3 * HOUR), _Via(SMS, "twilio", voice.ids), "SMS Delivered",
+                    interaction_id=call2, comment="Sorted in the end, but it took three contacts.",
+                    junk=False)
+        self.track(leg2.ended + 3 * HOUR, _Via(SMS, "twilio", voice.ids), "SMS Delivered",
                    {"campaign_id": "txn-delivery-update",
                     "body": f"Harbor & Pine: your order {order_id} is out for delivery today."}, junk=False)
 
         # In store: the loyalty signup links the card to her email; later purchases carry the card only.
         store_ctx: Json = {"store_id": "store-0101", "terminal_id": "pos-2", "associate_id": "emp-1207"}
         card = _Via(STORE, "pos", [("loyalty_id", p.loyalty_id)])
-        t = at(0.60)
+        t = at(0.60, 17.75)
         loyalty_traits: Json = {"first_name": p.first_name, "last_name": p.last_name, "email": p.email}
         loyalty_traits["postcode"] = "94110"
         self.identify(t, _Via(STORE, "pos", [*card.ids, ("email", p.email)]), loyalty_traits, store_ctx,
                       junk=False)
         for when, (item_sku, item_name, _, item_price), order, total, payment in (
             (t + 60, PRODUCTS[15], "HP-0424990", 38.97, "apple_pay"),
-            (at(0.82), PRODUCTS[14], "HP-0425311", 84.44, "card"),
+            (at(0.82, 12.5), PRODUCTS[14], "HP-0425311", 84.44, "card"),
         ):
             item_line: Json = {"sku": item_sku, "name": item_name, "price": item_price, "quantity": 1}
             self.track(when, card, "Order Completed",
@@ -1583,8 +1589,8 @@ class _Generator:
         # Email: a campaign open and the relationship NPS, now as a promoter.
         mail = _Via(EMAIL, "salesforce-marketing", [("email", p.email)])
         campaign: Json = {"campaign_id": "cmp-linen-launch-07", "subject": "Meet our new linen collection"}
-        self.track(at(0.88), mail, "Email Opened", campaign, junk=False)
-        self.survey(at(0.93), _Via(EMAIL, "qualtrics", mail.ids), event_pb2.SURVEY_TYPE_NPS, 9,
+        self.track(at(0.88, 7.2), mail, "Email Opened", campaign, junk=False)
+        self.survey(at(0.93, 21.0), _Via(EMAIL, "qualtrics", mail.ids), event_pb2.SURVEY_TYPE_NPS, 9,
                     SURVEY_RELATIONSHIP_NPS, junk=False,
                     comment="Love the new store in the Mission, the staff are lovely.")
 
@@ -1644,7 +1650,8 @@ def to_jsonl(events: Iterable[event_pb2.Event], fp: TextIO) -> int:
     count = 0
     for ev in events:
         record = json_format.MessageToDict(ev, preserving_proto_field_name=True)
-        fp.write(json.dumps(record, separators=(",", ":")))
+        # Struct fields are a proto map with no fixed order; sorted keys make the file reproducible.
+        fp.write(json.dumps(record, separators=(",", ":"), sort_keys=True))
         fp.write("\n")
         count += 1
     return count

