@@ -25,15 +25,14 @@ up: install ## Run all services (embedded PostgreSQL and Redis unless TESSERA_*_
 	$(BIN)/tessera up
 
 .PHONY: test
-test: install ## Run the test suite against real PostgreSQL and Redis
-	@bash scripts/ensure-services.sh
-	$(BIN)/pytest $(PYTEST_ARGS)
+test: install ## Run the tests on real PostgreSQL and Redis (this machine's, else embedded)
+	VENV=$(VENV) bash scripts/run-tests.sh $(PYTEST_ARGS)
 
 .PHONY: lint
 lint: install ## ruff, mypy and buf lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy services bench tests
+	$(BIN)/mypy
 	$(BIN)/buf lint
 
 .PHONY: proto

@@ -36,7 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from services.core.up import up
 
-    return up(Settings.from_env(), demo=not args.no_demo)
+    return up(Settings.from_env(), demo=not args.no_demo, demo_customers=args.demo_customers)
 
 
 def cmd_migrate(_args: argparse.Namespace) -> int:
@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="run every service (embedded PostgreSQL and Redis unless configured)")
     p.add_argument("--no-demo", action="store_true", help="do not load the demo dataset")
+    p.add_argument("--demo-customers", type=int, default=2000, help="size of the demo dataset")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("migrate", help="apply database migrations for every service")

@@ -38,7 +38,12 @@ DEMO_TENANT = "demo"
 
 def available_services() -> list[str]:
     """Services that exist in this build; later ones are skipped until they are written."""
-    return [s for s in SERVICES if importlib.util.find_spec(f"services.{s}.app") is not None]
+    return [
+        s
+        for s in SERVICES
+        if importlib.util.find_spec(f"services.{s}") is not None
+        and importlib.util.find_spec(f"services.{s}.app") is not None
+    ]
 
 
 def wait_serving(target: str, timeout: float) -> bool:
@@ -93,6 +98,7 @@ class Stack:
     settings: Settings
     out: TextIO = sys.stdout
     demo: bool = True
+    demo_customers: int = 2000
     children: list[Child] = field(default_factory=list)
     pg: EmbeddedPostgres | None = None
     redis: EmbeddedRedis | None = None
@@ -181,7 +187,7 @@ class Stack:
         started = time.monotonic()
         with open_channel(f"127.0.0.1:{self.settings.ingest_port}") as channel:
             ingester = StreamIngester(channel, self.api_key)
-            batches = ((None, b) for b in batches_of(generate(), size=200))
+            batches = ((None, b) for b in batches_of(generate(customers=self.demo_customers), size=200))
             tally = ingester.send(batches)
         self.say(
             f"demo data: {tally.accepted} accepted, {tally.duplicate} duplicate, {tally.rejected} rejected "
@@ -245,8 +251,8 @@ class Stack:
         self.say("stopped.")
 
 
-def up(settings: Settings, *, demo: bool = True) -> int:
-    stack = Stack(settings, demo=demo)
+def up(settings: Settings, *, demo: bool = True, demo_customers: int = 2000) -> int:
+    stack = Stack(settings, demo=demo, demo_customers=demo_customers)
 
     def on_signal(_signum: int, _frame: Any) -> None:
         stack.stop_event.set()

@@ -1,0 +1,120 @@
+"""A newcomer's first session: ``tessera up`` with nothing configured, then the README tour."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tessera.v1 import ingest_pb2, ingest_pb2_grpc
+from tests.support.servers import ROOT, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TESSERA = [sys.executable, "-m", "services.core.cli"]
+
+
+def _env(data_dir: Path, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
+    env.update({"TESSERA_DATA_DIR": str(data_dir), "TESSERA_INGEST_PORT": str(port)})
+    return env
+
+
+def _start_up(data_dir: Path, port: int, log: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*TESSERA, "up", "--demo-customers", "100"],
+        env=_env(data_dir, port),
+        cwd=ROOT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _wait_banner(proc: subprocess.Popen[str], log: Path, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        if "Tessera is up." in text and "Ctrl-C stops everything" in text:
+            return text
+        if proc.poll() is not None:
+            raise AssertionError(f"tessera up exited early:\n{text}")
+        time.sleep(0.2)
+    raise AssertionError(f"no banner in {timeout}s:\n{log.read_text()}")
+
+
+def _cli(data_dir: Path, port: int, *args: str, api_key: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = _env(data_dir, port)
+    if api_key:
+        env["TESSERA_API_KEY"] = api_key
+    return subprocess.run([*TESSERA, *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def _stop(proc: subprocess.Popen[str]) -> int:
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    return proc.wait(60)
+
+
+def test_newcomer_session_from_nothing_to_a_query(tmp_path: Path) -> None:
+    data_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"tup-{os.getpid()}"
+    shutil.rmtree(data_dir, ignore_errors=True)
+    port = free_port()
+    log = tmp_path / "up.log"
+    proc = _start_up(data_dir, port, log)
+    try:
+        banner = _wait_banner(proc, log)
+        assert f"ingest    127.0.0.1:{port}" in banner
+        assert "demo data:" in banner and " 0 rejected" in banner
+        demo_key = (data_dir / "demo-api-key").read_text().strip()
+        assert demo_key in banner
+        assert oct((data_dir / "demo-api-key").stat().st_mode & 0o777) == "0o600"
+
+        # Another terminal: a tenant of one's own, and an import, with no configuration at all.
+        created = _cli(data_dir, port, "tenant", "create", "acme", "--json")
+        assert created.returncode == 0, created.stderr
+        key = json.loads(created.stdout)["api_key"]
+        events = tmp_path / "events.jsonl"
+        exported = _cli(data_dir, port, "demo", "export", str(events), "--customers", "5")
+        assert exported.returncode == 0, exported.stderr
+        imported = _cli(data_dir, port, "import", str(events), "--json", api_key=key)
+        assert imported.returncode == 0, imported.stderr
+        first = json.loads(imported.stdout)
+        assert first["accepted"] > 0 and first["rejected"] == 0
+        again = json.loads(_cli(data_dir, port, "import", str(events), "--json", api_key=key).stdout)
+        assert (again["accepted"], again["duplicate"]) == (0, first["accepted"])
+
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            page = stub.ListEvents(
+                ingest_pb2.ListEventsRequest(page_size=5), metadata=(("authorization", f"Bearer {key}"),)
+            )
+            assert len(page.events) == 5 and page.next_page_token
+    finally:
+        code = _stop(proc)
+    assert code == 0, log.read_text()
+    assert "stopped." in log.read_text()
+    assert not (data_dir / "runtime.json").exists()
+
+    # The next `tessera up` finds the data again and does not reload the demo.
+    proc = _start_up(data_dir, port, tmp_path / "up2.log")
+    try:
+        banner = _wait_banner(proc, tmp_path / "up2.log")
+        assert "loading the demo dataset" not in banner
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            page = stub.ListEvents(
+                ingest_pb2.ListEventsRequest(page_size=1), metadata=(("authorization", f"Bearer {demo_key}"),)
+            )
+            assert page.events[0].message_id.startswith("demo-")
+    finally:
+        assert _stop(proc) == 0
+        shutil.rmtree(data_dir, ignore_errors=True)

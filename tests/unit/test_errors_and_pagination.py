@@ -1,0 +1,181 @@
+"""Domain errors to google.rpc statuses with rich details, and AIP-158 page sizes and tokens."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import grpc
+import pytest
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+
+from services.core import pagination
+from services.core.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Violation,
+    error_status,
+    internal_status,
+    status_proto,
+)
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def unpack(status: status_pb2.Status, kind: type[Message]) -> list[Message]:
+    out = []
+    for detail in status.details:
+        msg = kind()
+        if detail.Unpack(msg):
+            out.append(msg)
+    return out
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+
+def test_invalid_argument_carries_bad_request_field_violations() -> None:
+    err = InvalidArgument(
+        "2 events are invalid",
+        [
+            Violation("events[0].channel", "required", "REQUIRED"),
+            Violation("events[3].survey_response.score", "NPS score must be 0-10, got 11", "OUT_OF_RANGE"),
+        ],
+    )
+    status = error_status(err)
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] == 3
+    assert status.message == "2 events are invalid"
+    (br,) = unpack(status, error_details_pb2.BadRequest)
+    assert [(v.field, v.description, v.reason) for v in br.field_violations] == [
+        ("events[0].channel", "required", "REQUIRED"),
+        ("events[3].survey_response.score", "NPS score must be 0-10, got 11", "OUT_OF_RANGE"),
+    ]
+
+
+def test_invalid_argument_without_violations_has_no_details() -> None:
+    status = error_status(InvalidArgument("nope"))
+    assert status.code == 3
+    assert list(status.details) == []
+
+
+def test_resource_exhausted_carries_retry_info_and_quota_failure() -> None:
+    err = ResourceExhausted("over the ingest rate", retry_after=1.25, subject="tenant:acme")
+    status = error_status(err)
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] == 8
+    (info,) = unpack(status, error_details_pb2.RetryInfo)
+    assert (info.retry_delay.seconds, info.retry_delay.nanos) == (1, 250_000_000)
+    (quota,) = unpack(status, error_details_pb2.QuotaFailure)
+    assert [(v.subject, v.description) for v in quota.violations] == [("tenant:acme", "over the ingest rate")]
+
+
+def test_resource_exhausted_sub_millisecond_delay_is_never_zero() -> None:
+    status = error_status(ResourceExhausted("slow down", retry_after=0.0))
+    (info,) = unpack(status, error_details_pb2.RetryInfo)
+    assert info.retry_delay.ToNanoseconds() > 0
+    # Without a subject there is no QuotaFailure.
+    assert unpack(status, error_details_pb2.QuotaFailure) == []
+
+
+def test_failed_precondition_carries_precondition_failure() -> None:
+    err = FailedPrecondition(
+        "profile was merged", type_="MERGED", subject="profiles/p-1", description="merged into profiles/p-2"
+    )
+    status = error_status(err)
+    assert status.code == grpc.StatusCode.FAILED_PRECONDITION.value[0] == 9
+    assert status.message == "profile was merged"
+    (pf,) = unpack(status, error_details_pb2.PreconditionFailure)
+    assert [(v.type, v.subject, v.description) for v in pf.violations] == [
+        ("MERGED", "profiles/p-1", "merged into profiles/p-2")
+    ]
+
+
+def test_failed_precondition_description_defaults_to_message() -> None:
+    (pf,) = unpack(error_status(FailedPrecondition("stale etag", type_="ETAG")), error_details_pb2.PreconditionFailure)
+    assert pf.violations[0].description == "stale etag"
+
+
+def test_other_errors_map_to_their_code() -> None:
+    status = error_status(NotFound("profile p-9 not found"))
+    assert (status.code, status.message) == (5, "profile p-9 not found")
+
+
+def test_internal_status_is_generic_with_the_trace_id_only() -> None:
+    status = internal_status(TRACE_ID)
+    assert status.code == grpc.StatusCode.INTERNAL.value[0] == 13
+    assert status.message == f"internal error; the server logged it with trace id {TRACE_ID}"
+    assert list(status.details) == []
+
+
+def test_internal_status_without_trace() -> None:
+    status = internal_status("")
+    assert status.message == "internal error; the server logged it with trace id -"
+
+
+def test_status_proto_packs_details_in_order() -> None:
+    details = [error_details_pb2.RetryInfo(), error_details_pb2.BadRequest()]
+    status = status_proto(grpc.StatusCode.ABORTED, "x", details)
+    assert [d.type_url.rsplit("/", 1)[-1] for d in status.details] == ["google.rpc.RetryInfo", "google.rpc.BadRequest"]
+
+
+# --- pagination -------------------------------------------------------------------------------------
+
+
+def test_page_size_default_and_cap() -> None:
+    assert pagination.page_size(0) == pagination.DEFAULT_PAGE_SIZE == 50
+    assert pagination.page_size(7) == 7
+    assert pagination.page_size(1000) == 1000
+    assert pagination.page_size(10_000) == pagination.MAX_PAGE_SIZE == 1000
+    assert pagination.page_size(0, default=20, maximum=100) == 20
+    assert pagination.page_size(500, default=20, maximum=100) == 100
+
+
+def test_negative_page_size_is_invalid_argument_naming_page_size() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        pagination.page_size(-1)
+    assert [v.field for v in info.value.violations] == ["page_size"]
+
+
+def test_token_round_trips() -> None:
+    query = {"profile": "p-1", "kinds": ["track", "identify"]}
+    position = {"ts": "2025-01-01T00:00:00Z", "seq": 42}
+    token = pagination.encode_token(position, query)
+    assert isinstance(token, str) and token
+    assert "=" not in token  # URL-safe, unpadded
+    assert pagination.decode_token(token, dict(reversed(query.items()))) == position
+
+
+def test_empty_token_is_the_first_page() -> None:
+    assert pagination.decode_token("", {"q": 1}) is None
+
+
+def test_token_from_another_query_is_refused() -> None:
+    token = pagination.encode_token(10, {"profile": "p-1"})
+    with pytest.raises(InvalidArgument) as info:
+        pagination.decode_token(token, {"profile": "p-2"})
+    assert [v.field for v in info.value.violations] == ["page_token"]
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "garbage!!",
+        "x",
+        _b64(b"not json"),
+        _b64(b"[1, 2]"),
+        _b64(b'"p"'),
+        _b64(b"null"),
+        _b64(json.dumps({"p": 1}).encode()),
+        _b64(b"\xff\xfe\x00"),
+    ],
+)
+def test_garbage_token_is_refused_naming_page_token(token: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        pagination.decode_token(token, {"profile": "p-1"})
+    assert [v.field for v in info.value.violations] == ["page_token"]
