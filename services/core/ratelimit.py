@@ -10,7 +10,7 @@ import redis
 log = logging.getLogger(__name__)
 
 # KEYS[1] bucket; ARGV rate/s, burst, cost. Uses the server clock so replicas agree.
-_TOKEN_BUCKET = """
+_BUCKET_SCRIPT = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
@@ -45,12 +45,11 @@ class RateLimiter:
     """Fails open when Redis is unreachable: ingest must keep accepting during an outage."""
 
     def __init__(self, client: redis.Redis) -> None:
-        self._script = client.register_script(_TOKEN_BUCKET)
+        self._script = client.register_script(_BUCKET_SCRIPT)
 
     def acquire(self, key: str, cost: float, rate: float, burst: float) -> Decision:
-        if cost > burst:
-            # A request larger than the bucket could never pass; let it through at the full rate cost.
-            cost = burst
+        # A request larger than the bucket could never pass; it costs the whole bucket instead.
+        cost = min(cost, burst)
         try:
             allowed, wait = self._script(keys=[key], args=[rate, burst, cost])
         except (redis.ConnectionError, redis.TimeoutError):

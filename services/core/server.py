@@ -94,10 +94,14 @@ class RunningServer:
             for name, ok in states.items():
                 if last.get(name) != ok:
                     if name.startswith("tessera.dependency"):
-                        log.log(logging.INFO if ok else logging.WARNING, "dependency %s", "up" if ok else "down",
-                                extra={"dependency": name.rsplit(".", 1)[-1]})
-                    status = health_pb2.HealthCheckResponse.SERVING if ok else (
-                        health_pb2.HealthCheckResponse.NOT_SERVING
+                        log.log(
+                            logging.INFO if ok else logging.WARNING,
+                            "dependency %s",
+                            "up" if ok else "down",
+                            extra={"dependency": name.rsplit(".", 1)[-1]},
+                        )
+                    status = (
+                        health_pb2.HealthCheckResponse.SERVING if ok else (health_pb2.HealthCheckResponse.NOT_SERVING)
                     )
                     self.health.set(name, status)
             last = states
@@ -128,9 +132,7 @@ def _probe(fn: Callable[[], Any]) -> bool:
 
 
 def build_context(settings: Settings, service: str) -> ServiceContext:
-    engine = db.make_engine(
-        settings.require_database_url(), application_name=service, pool_size=settings.db_pool_size
-    )
+    engine = db.make_engine(settings.require_database_url(), application_name=service, pool_size=settings.db_pool_size)
     client = connect(settings.require_redis_url())
     return ServiceContext(
         settings=settings,
@@ -148,7 +150,7 @@ def start_server(definition: ServiceDefinition, settings: Settings, port: int | 
     ctx = build_context(settings, definition.name)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="rpc"),
-        interceptors=[server_interceptor(), GuardInterceptor(ctx.authenticator)],
+        interceptors=[server_interceptor(), GuardInterceptor(ctx.authenticator)],  # type: ignore[no-untyped-call]
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -169,9 +171,7 @@ def start_server(definition: ServiceDefinition, settings: Settings, port: int | 
     )
     address = f"{settings.bind_host}:{settings.port_for(definition.name) if port is None else port}"
     if settings.tls_cert_file and settings.tls_key_file:
-        creds = grpc.ssl_server_credentials(
-            [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())]
-        )
+        creds = grpc.ssl_server_credentials([(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())])
         bound = server.add_secure_port(address, creds)
     else:
         bound = server.add_insecure_port(address)

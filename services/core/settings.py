@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 SERVICES: tuple[str, ...] = ("ingest", "identity", "profile", "metrics")
 DEFAULT_PORTS: dict[str, int] = {"ingest": 50051, "identity": 50052, "profile": 50053, "metrics": 50054}
@@ -91,16 +91,22 @@ def _optional_file(raw: str) -> Path:
     return path
 
 
+SECRET_QUERY_KEYS = frozenset({"password", "pass", "passwd", "secret", "token", "sslpassword"})
+
+
 def redact_url(url: str | None) -> str:
-    """The URL without its password, for logs and messages: credentials are never printed."""
+    """The URL without its passwords (userinfo or query), for logs and messages."""
     if not url:
         return "<unset>"
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = (parts.username or "") + ":***"
-    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
+    if parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[-1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    if parts.query:
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        redacted = [(k, "***" if k.lower() in SECRET_QUERY_KEYS else v) for k, v in pairs]
+        parts = parts._replace(query=urlencode(redacted, safe="*/"))
+    return urlunsplit(parts)
 
 
 @dataclass(frozen=True)
@@ -125,27 +131,15 @@ class Settings:
         default=1.0, metadata={"env": "HEALTH_INTERVAL_SECONDS", "parse": _float(0.05, 60)}
     )
     db_pool_size: int = field(default=10, metadata={"env": "DB_POOL_SIZE", "parse": _int(1, 500)})
-    tls_cert_file: Path | None = field(
-        default=None, metadata={"env": "TLS_CERT_FILE", "parse": _optional_file}
-    )
+    tls_cert_file: Path | None = field(default=None, metadata={"env": "TLS_CERT_FILE", "parse": _optional_file})
     tls_key_file: Path | None = field(default=None, metadata={"env": "TLS_KEY_FILE", "parse": _optional_file})
     # Ingest.
-    ingest_rate_limit: float = field(
-        default=50_000.0, metadata={"env": "INGEST_RATE_LIMIT", "parse": _float(1, 1e9)}
-    )
-    ingest_rate_burst: float = field(
-        default=100_000.0, metadata={"env": "INGEST_RATE_BURST", "parse": _float(1, 1e9)}
-    )
+    ingest_rate_limit: float = field(default=50_000.0, metadata={"env": "INGEST_RATE_LIMIT", "parse": _float(1, 1e9)})
+    ingest_rate_burst: float = field(default=100_000.0, metadata={"env": "INGEST_RATE_BURST", "parse": _float(1, 1e9)})
     stream_maxlen: int = field(default=1_000_000, metadata={"env": "STREAM_MAXLEN", "parse": _int(1000, 10**10)})
-    relay_sweep_seconds: float = field(
-        default=1.0, metadata={"env": "RELAY_SWEEP_SECONDS", "parse": _float(0.01, 300)}
-    )
-    relay_grace_seconds: float = field(
-        default=5.0, metadata={"env": "RELAY_GRACE_SECONDS", "parse": _float(0, 3600)}
-    )
-    auth_cache_seconds: float = field(
-        default=30.0, metadata={"env": "AUTH_CACHE_SECONDS", "parse": _float(0, 3600)}
-    )
+    relay_sweep_seconds: float = field(default=1.0, metadata={"env": "RELAY_SWEEP_SECONDS", "parse": _float(0.01, 300)})
+    relay_grace_seconds: float = field(default=5.0, metadata={"env": "RELAY_GRACE_SECONDS", "parse": _float(0, 3600)})
+    auth_cache_seconds: float = field(default=30.0, metadata={"env": "AUTH_CACHE_SECONDS", "parse": _float(0, 3600)})
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -184,9 +178,7 @@ class Settings:
 
     def require_redis_url(self) -> str:
         if not self.redis_url:
-            raise SettingsError(
-                "TESSERA_REDIS_URL is not set; `tessera up` starts an embedded Redis when it is unset"
-            )
+            raise SettingsError("TESSERA_REDIS_URL is not set; `tessera up` starts an embedded Redis when it is unset")
         return self.redis_url
 
     def env_for(self, name: str) -> str:

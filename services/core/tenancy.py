@@ -86,9 +86,7 @@ def create_tenant(engine: Engine, tenant_id: str, display_name: str | None = Non
 
 def create_api_key(engine: Engine, tenant_id: str, description: str = "") -> str:
     with engine.begin() as conn:
-        found = conn.execute(
-            sa.text("SELECT 1 FROM tenancy.tenants WHERE tenant_id = :t"), {"t": tenant_id}
-        ).scalar()
+        found = conn.execute(sa.text("SELECT 1 FROM tenancy.tenants WHERE tenant_id = :t"), {"t": tenant_id}).scalar()
         if not found:
             raise NotFound(f"tenant {tenant_id!r} not found")
         return _insert_key(conn, tenant_id, description)
@@ -97,9 +95,7 @@ def create_api_key(engine: Engine, tenant_id: str, description: str = "") -> str
 def _insert_key(conn: sa.Connection, tenant_id: str, description: str) -> str:
     key_id, key = new_api_key()
     conn.execute(
-        sa.text(
-            "INSERT INTO tenancy.api_keys (tenant_id, key_id, key_hash, description) VALUES (:t, :k, :h, :d)"
-        ),
+        sa.text("INSERT INTO tenancy.api_keys (tenant_id, key_id, key_hash, description) VALUES (:t, :k, :h, :d)"),
         {"t": tenant_id, "k": key_id, "h": hash_key(key), "d": description},
     )
     return key

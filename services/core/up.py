@@ -211,10 +211,10 @@ class Stack:
         self.say(f"  grpcurl -plaintext 127.0.0.1:{port} list")
         self.say(f"  export TESSERA_API_KEY=$(cat {data_dir / 'demo-api-key'})")
         self.say(
-            f"  grpcurl -plaintext -H \"authorization: Bearer $TESSERA_API_KEY\" -d "
-            "'{\"events\":[{\"message_id\":\"hello-1\",\"channel\":\"CHANNEL_WEB\","
-            "\"identifiers\":[{\"type\":\"email\",\"value\":\"ada@example.com\"}],"
-            f"\"track\":{{\"event\":\"Signed Up\"}}}}]}}' 127.0.0.1:{port} tessera.v1.IngestService/IngestEvents"
+            f'  grpcurl -plaintext -H "authorization: Bearer $TESSERA_API_KEY" -d '
+            '\'{"events":[{"message_id":"hello-1","channel":"CHANNEL_WEB",'
+            '"identifiers":[{"type":"email","value":"ada@example.com"}],'
+            f'"track":{{"event":"Signed Up"}}}}]}}\' 127.0.0.1:{port} tessera.v1.IngestService/IngestEvents'
         )
         self.say("  tessera demo export demo.jsonl --customers 50 && tessera import demo.jsonl")
         self.say()

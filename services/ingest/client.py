@@ -25,7 +25,10 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grp
 
 
 def open_channel(target: str, *, tls: bool = False, root_cert: bytes | None = None) -> grpc.Channel:
-    options = [("grpc.max_send_message_length", 16 * 1024 * 1024), ("grpc.max_receive_message_length", 16 * 1024 * 1024)]
+    options = [
+        ("grpc.max_send_message_length", 16 * 1024 * 1024),
+        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ]
     if tls:
         return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_cert), options=options)
     return grpc.insecure_channel(target, options=options)
@@ -56,7 +59,7 @@ def retry_delay(status: object) -> float:
     for detail in getattr(status, "details", []):
         info = error_details_pb2.RetryInfo()
         if detail.Unpack(info):
-            return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+            return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
     return 0.5
 
 

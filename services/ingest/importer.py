@@ -102,10 +102,10 @@ def csv_row_to_dict(row: dict[str, str]) -> dict[str, Any]:
     kind = (row.get("type") or "").strip().lower()
     if kind and kind not in PAYLOADS:
         raise ValueError(f"type must be one of {', '.join(PAYLOADS)}, got {kind!r}")
-    for column, raw in row.items():
-        if column is None or raw is None or raw == "":
+    for raw_column, raw in row.items():
+        if raw_column is None or raw is None or raw == "":
             continue
-        column = column.strip()
+        column = raw_column.strip()
         if column in ("message_id", "timestamp", "channel", "source"):
             out[column] = raw
         elif column == "type":
@@ -171,9 +171,10 @@ def import_file(
     fmt = detect_format(path, fmt)
     failures: list[ParseFailure] = []
     total = path.stat().st_size
-    with path.open("rb") as raw, tqdm(
-        total=total, unit="B", unit_scale=True, desc=f"import {path.name}", disable=not progress
-    ) as bar:
+    with (
+        path.open("rb") as raw,
+        tqdm(total=total, unit="B", unit_scale=True, desc=f"import {path.name}", disable=not progress) as bar,
+    ):
         text = io.TextIOWrapper(raw, encoding="utf-8", newline="" if fmt == "csv" else None)
         numbered = read_events(text, fmt, failures)
         last_pos = [0]

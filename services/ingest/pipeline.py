@@ -38,7 +38,9 @@ def new_event_id(now_ms: int | None = None) -> str:
     """A UUIDv7: time-ordered, so the event log's index grows at its right edge."""
     ms = int(time.time() * 1000) if now_ms is None else now_ms
     rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | (rand & ((1 << 62) - 1))
+    value = (
+        (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | (rand & ((1 << 62) - 1))
+    )
     return str(uuid.UUID(int=value))
 
 
@@ -114,7 +116,7 @@ class Ingestor:
         redis_prefix: str,
         default_rate: float,
         default_burst: float,
-        limits: validation.Limits = validation.Limits(),
+        limits: validation.Limits = validation.DEFAULT_LIMITS,
     ) -> None:
         self.store = store
         self.relay = relay
@@ -183,8 +185,9 @@ class Ingestor:
     def _rate_limit(self, tenant: Tenant, cost: int) -> None:
         rate = tenant.ingest_rate_limit or self.default_rate
         burst = tenant.ingest_rate_burst or max(self.default_burst, rate)
-        decision = self.limiter.acquire(tenant_key(self.prefix, tenant.tenant_id, "ratelimit", "ingest"), cost,
-                                        rate, burst)
+        decision = self.limiter.acquire(
+            tenant_key(self.prefix, tenant.tenant_id, "ratelimit", "ingest"), cost, rate, burst
+        )
         if not decision.allowed:
             _rate_limited.add(1, {"tenant": tenant.tenant_id})
             raise ResourceExhausted(

@@ -112,8 +112,7 @@ class OutboxRelay:
                 live = [i for i in items if (i.tenant_id, i.seq) in taken]
                 self.bus.publish(
                     [
-                        Publication(i.tenant_id, EVENTS, {"event_id": i.event_id, "payload": i.payload},
-                                    i.traceparent)
+                        Publication(i.tenant_id, EVENTS, {"event_id": i.event_id, "payload": i.payload}, i.traceparent)
                         for i in live
                     ]
                 )

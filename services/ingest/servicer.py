@@ -19,7 +19,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self.ingestor = ingestor
         self.store = ingestor.store
 
-    def ListEvents(  # noqa: N802 - gRPC method name
+    def ListEvents(
         self, request: ingest_pb2.ListEventsRequest, context: grpc.ServicerContext
     ) -> ingest_pb2.ListEventsResponse:
         tenant = current_tenant()
@@ -37,7 +37,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             resp.next_page_token = pagination.encode_token([received.isoformat(), event_id], query)
         return resp
 
-    def IngestEvents(  # noqa: N802 - gRPC method name
+    def IngestEvents(
         self, request: ingest_pb2.IngestEventsRequest, context: grpc.ServicerContext
     ) -> ingest_pb2.IngestEventsResponse:
         out = self.ingestor.ingest(current_tenant(), request.events, request.ByteSize(), time_remaining(context))
@@ -48,7 +48,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             rejected_count=out.rejected,
         )
 
-    def StreamEvents(  # noqa: N802 - gRPC method name
+    def StreamEvents(
         self, request_iterator: Iterator[ingest_pb2.StreamEventsRequest], context: grpc.ServicerContext
     ) -> Iterator[ingest_pb2.StreamEventsResponse]:
         """Answers each batch in order. A refused batch gets an in-band error and the stream

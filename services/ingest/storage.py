@@ -126,9 +126,8 @@ class EventStore:
             duplicates: dict[str, str] = {}
             if len(accepted) < len(events):
                 missing = [e.message_id for e in events if e.event_id not in accepted]
-                duplicates = dict(
-                    conn.exec_driver_sql(_EXISTING_KEYS, {"tenant": tenant_id, "message_ids": missing}).all()
-                )
+                rows = conn.exec_driver_sql(_EXISTING_KEYS, {"tenant": tenant_id, "message_ids": missing}).all()
+                duplicates = {str(r[0]): str(r[1]) for r in rows}
         return WriteResult(accepted, duplicates)
 
     def claim_outbox(self, conn: Connection, min_age_seconds: float, limit: int) -> list[OutboxRow]:

@@ -45,7 +45,10 @@ class Limits:
     max_event_bytes: int = MAX_EVENT_BYTES
 
 
-def check_batch(events: list[event_pb2.Event] | object, total_bytes: int, limits: Limits = Limits()) -> None:
+DEFAULT_LIMITS = Limits()
+
+
+def check_batch(events: list[event_pb2.Event] | object, total_bytes: int, limits: Limits = DEFAULT_LIMITS) -> None:
     """Refuse a whole batch over its limits (INVALID_ARGUMENT): nothing of it is written."""
     count = len(events)  # type: ignore[arg-type]
     violations = []
@@ -87,7 +90,7 @@ def _required(path: str, value: str, out: list[Violation]) -> None:
 
 
 def validate_event(
-    ev: event_pb2.Event, index: int, now_seconds: float, limits: Limits = Limits()
+    ev: event_pb2.Event, index: int, now_seconds: float, limits: Limits = DEFAULT_LIMITS
 ) -> list[Violation]:
     """All the problems of one event; empty when it may be stored."""
     p = f"events[{index}]"
@@ -103,9 +106,7 @@ def validate_event(
     if ev.HasField("timestamp"):
         ts = _ts_seconds(ev.timestamp)
         if ts > now_seconds + MAX_FUTURE_SECONDS:
-            out.append(
-                Violation(f"{p}.timestamp", "at most 24 hours in the future", "TIMESTAMP_IN_FUTURE")
-            )
+            out.append(Violation(f"{p}.timestamp", "at most 24 hours in the future", "TIMESTAMP_IN_FUTURE"))
         elif ts < MIN_TIMESTAMP_SECONDS:
             out.append(Violation(f"{p}.timestamp", "must be after 1970-01-02", "OUT_OF_RANGE"))
 
@@ -121,9 +122,7 @@ def validate_event(
     for i, ident in enumerate(ev.identifiers):
         ip = f"{p}.identifiers[{i}]"
         if not IDENTIFIER_TYPE_RE.match(ident.type):
-            out.append(
-                Violation(f"{ip}.type", "lower snake case, 1-64 characters, such as 'email'", "INVALID_FORMAT")
-            )
+            out.append(Violation(f"{ip}.type", "lower snake case, 1-64 characters, such as 'email'", "INVALID_FORMAT"))
         if not ident.value.strip():
             out.append(Violation(f"{ip}.value", "required", "REQUIRED"))
         _too_long(f"{ip}.value", ident.value, MAX_IDENTIFIER_VALUE, out)
@@ -161,8 +160,10 @@ def _validate_interaction(it: event_pb2.Interaction, p: str, out: list[Violation
         _too_long(f"{p}.{name}", getattr(it, name), MAX_SHORT_FIELD, out)
     for name in ("talk_seconds", "hold_seconds", "after_contact_work_seconds", "wait_seconds"):
         _nonneg(p, name, getattr(it, name), out)
-    if it.HasField("started_at") and it.HasField("ended_at") and (
-        _ts_seconds(it.ended_at) < _ts_seconds(it.started_at)
+    if (
+        it.HasField("started_at")
+        and it.HasField("ended_at")
+        and (_ts_seconds(it.ended_at) < _ts_seconds(it.started_at))
     ):
         out.append(Violation(f"{p}.ended_at", "must not be before started_at", "OUT_OF_RANGE"))
     if it.abandoned and it.talk_seconds > 0:
@@ -176,8 +177,6 @@ def _validate_survey(s: event_pb2.SurveyResponse, p: str, out: list[Violation]) 
     elif not s.HasField("score"):
         out.append(Violation(f"{p}.score", f"{rng[2]} score is required", "REQUIRED"))
     elif not rng[0] <= s.score <= rng[1]:
-        out.append(
-            Violation(f"{p}.score", f"{rng[2]} score must be {rng[0]}-{rng[1]}, got {s.score}", "OUT_OF_RANGE")
-        )
+        out.append(Violation(f"{p}.score", f"{rng[2]} score must be {rng[0]}-{rng[1]}, got {s.score}", "OUT_OF_RANGE"))
     _too_long(f"{p}.comment", s.comment, MAX_TEXT, out)
     _too_long(f"{p}.interaction_id", s.interaction_id, MAX_SHORT_FIELD, out)

@@ -149,9 +149,11 @@ def test_revoked_key_stops_working(stub, tenant: TenantKey, engine: Engine) -> N
 
 def test_keys_are_stored_hashed(tenant: TenantKey, engine: Engine) -> None:
     with engine.connect() as conn:
-        hashes = conn.execute(
-            sa.text("SELECT key_hash FROM tenancy.api_keys WHERE tenant_id = :t"), {"t": tenant.tenant_id}
-        ).scalars().all()
+        hashes = (
+            conn.execute(sa.text("SELECT key_hash FROM tenancy.api_keys WHERE tenant_id = :t"), {"t": tenant.tenant_id})
+            .scalars()
+            .all()
+        )
     assert len(hashes) == 1
     assert tenant.api_key.encode() not in bytes(hashes[0])
     assert len(bytes(hashes[0])) == 32
@@ -159,7 +161,9 @@ def test_keys_are_stored_hashed(tenant: TenantKey, engine: Engine) -> None:
 
 def test_oversized_batch_is_invalid_argument_with_bad_request(stub, tenant: TenantKey, engine: Engine) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(grpc.RpcError) as err:
-        stub.IngestEvents(ingest_pb2.IngestEventsRequest(events=[track() for _ in range(501)]), metadata=tenant.metadata)
+        stub.IngestEvents(
+            ingest_pb2.IngestEventsRequest(events=[track() for _ in range(501)]), metadata=tenant.metadata
+        )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request(err.value) == [("events", "at most 500 events per batch, got 501")]
     assert stored_message_ids(engine, tenant.tenant_id) == []
@@ -204,7 +208,9 @@ def test_rate_limit_answers_resource_exhausted_with_retry_info(stub, engine: Eng
             sa.text("UPDATE tenancy.tenants SET ingest_rate_limit = 5, ingest_rate_burst = 10 WHERE tenant_id = :t"),
             {"t": limited.tenant_id},
         )
-    ok = stub.IngestEvents(ingest_pb2.IngestEventsRequest(events=[track() for _ in range(10)]), metadata=limited.metadata)
+    ok = stub.IngestEvents(
+        ingest_pb2.IngestEventsRequest(events=[track() for _ in range(10)]), metadata=limited.metadata
+    )
     assert ok.accepted_count == 10
     with pytest.raises(grpc.RpcError) as err:
         stub.IngestEvents(ingest_pb2.IngestEventsRequest(events=[track() for _ in range(5)]), metadata=limited.metadata)
@@ -213,9 +219,13 @@ def test_rate_limit_answers_resource_exhausted_with_retry_info(stub, engine: Eng
     assert delay is not None and 0.5 < delay <= 1.1
     # Another tenant is not affected by this one's bucket.
     other = make_tenant(engine)
-    assert stub.IngestEvents(ingest_pb2.IngestEventsRequest(events=[track()]), metadata=other.metadata).accepted_count == 1
+    assert (
+        stub.IngestEvents(ingest_pb2.IngestEventsRequest(events=[track()]), metadata=other.metadata).accepted_count == 1
+    )
     time.sleep(delay)
-    again = stub.IngestEvents(ingest_pb2.IngestEventsRequest(events=[track() for _ in range(5)]), metadata=limited.metadata)
+    again = stub.IngestEvents(
+        ingest_pb2.IngestEventsRequest(events=[track() for _ in range(5)]), metadata=limited.metadata
+    )
     assert again.accepted_count == 5
 
 
@@ -275,9 +285,7 @@ def test_tenants_never_see_each_other(stub, engine: Engine) -> None:  # type: ig
     ev = track(uid("private"))
     stub.IngestEvents(ingest_pb2.IngestEventsRequest(events=[ev]), metadata=t1.metadata)
     assert stub.ListEvents(ingest_pb2.ListEventsRequest(), metadata=t2.metadata).events == []
-    assert stub.ListEvents(
-        ingest_pb2.ListEventsRequest(message_ids=[ev.message_id]), metadata=t2.metadata
-    ).events == []
+    assert stub.ListEvents(ingest_pb2.ListEventsRequest(message_ids=[ev.message_id]), metadata=t2.metadata).events == []
 
 
 def test_expired_deadline_writes_nothing(stub, tenant: TenantKey, engine: Engine) -> None:  # type: ignore[no-untyped-def]

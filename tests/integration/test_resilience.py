@@ -66,7 +66,9 @@ def stored_counts(engine: Engine, tenant_id: str) -> tuple[int, int]:
 def outbox_rows(engine: Engine, tenant_id: str) -> int:
     with engine.connect() as conn:
         return int(
-            conn.execute(sa.text("SELECT count(*) FROM ingest.outbox WHERE tenant_id = :t"), {"t": tenant_id}).scalar_one()
+            conn.execute(
+                sa.text("SELECT count(*) FROM ingest.outbox WHERE tenant_id = :t"), {"t": tenant_id}
+            ).scalar_one()
         )
 
 
@@ -166,7 +168,9 @@ def service_env(settings: Settings) -> dict[str, str]:
 
 
 @pytest.fixture
-def spawned(tmp_path: Path, service_env: dict[str, str]) -> Iterator[tuple[list[subprocess.Popen[bytes]], int, dict[str, str]]]:
+def spawned(
+    tmp_path: Path, service_env: dict[str, str]
+) -> Iterator[tuple[list[subprocess.Popen[bytes]], int, dict[str, str]]]:
     port = free_port()
     env = {**service_env, "TESSERA_INGEST_PORT": str(port)}
     procs: list[subprocess.Popen[bytes]] = []
@@ -306,7 +310,9 @@ def test_reflection_lets_grpcurl_work_without_protos(  # type: ignore[no-untyped
     assert {"tessera.v1.IngestService", "grpc.health.v1.Health"} <= set(listed.stdout.split())
     described = subprocess.run(
         [grpcurl, "-plaintext", target, "describe", "tessera.v1.IngestService"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert "StreamEvents" in described.stdout and "IngestEvents" in described.stdout
     body = (
@@ -314,9 +320,19 @@ def test_reflection_lets_grpcurl_work_without_protos(  # type: ignore[no-untyped
         '"identifiers":[{"type":"email","value":"ada@example.com"}],"track":{"event":"Signed Up"}}]}'
     )
     called = subprocess.run(
-        [grpcurl, "-plaintext", "-H", f"authorization: Bearer {tenant.api_key}", "-d", body, target,
-         "tessera.v1.IngestService/IngestEvents"],
-        capture_output=True, text=True, timeout=30,
+        [
+            grpcurl,
+            "-plaintext",
+            "-H",
+            f"authorization: Bearer {tenant.api_key}",
+            "-d",
+            body,
+            target,
+            "tessera.v1.IngestService/IngestEvents",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert called.returncode == 0, called.stderr
     assert "EVENT_STATUS_ACCEPTED" in called.stdout

@@ -11,7 +11,9 @@ def uid(label: str = "m") -> str:
     return f"{label}-{secrets.token_hex(6)}"
 
 
-def track(message_id: str | None = None, email: str = "ada@example.com", name: str = "Order Completed") -> event_pb2.Event:
+def track(
+    message_id: str | None = None, email: str = "ada@example.com", name: str = "Order Completed"
+) -> event_pb2.Event:
     ev = event_pb2.Event(
         message_id=message_id or uid(),
         channel=event_pb2.CHANNEL_WEB,

@@ -69,8 +69,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_health(target: str, want: int = health_pb2.HealthCheckResponse.SERVING, timeout: float = 20.0,
-                service: str = "") -> bool:
+def wait_health(
+    target: str, want: int = health_pb2.HealthCheckResponse.SERVING, timeout: float = 20.0, service: str = ""
+) -> bool:
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)

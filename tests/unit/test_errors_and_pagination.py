@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -25,8 +26,11 @@ from services.core.errors import (
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
-def unpack(status: status_pb2.Status, kind: type[Message]) -> list[Message]:
-    out = []
+M = TypeVar("M", bound=Message)
+
+
+def unpack(status: status_pb2.Status, kind: type[M]) -> list[M]:
+    out: list[M] = []
     for detail in status.details:
         msg = kind()
         if detail.Unpack(msg):

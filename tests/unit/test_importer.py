@@ -19,9 +19,7 @@ def test_channel_short_forms(raw: str) -> None:
     assert normalize_enums({"channel": raw}) == {"channel": "CHANNEL_WEB"}
 
 
-@pytest.mark.parametrize(
-    ("raw", "expected"), [("in-store", "CHANNEL_IN_STORE"), ("mobile app", "CHANNEL_MOBILE_APP")]
-)
+@pytest.mark.parametrize(("raw", "expected"), [("in-store", "CHANNEL_IN_STORE"), ("mobile app", "CHANNEL_MOBILE_APP")])
 def test_channel_dashes_and_spaces(raw: str, expected: str) -> None:
     assert normalize_enums({"channel": raw})["channel"] == expected
 
@@ -93,8 +91,14 @@ def test_csv_row_maps_every_column_kind() -> None:
 
 
 def test_csv_track_row_with_typed_properties() -> None:
-    row = {"type": "track", "event": "Order Completed", "properties.revenue": "42.5", "properties.gift": "false",
-           "properties.currency": "EUR", "id.user_id": "u-1"}
+    row = {
+        "type": "track",
+        "event": "Order Completed",
+        "properties.revenue": "42.5",
+        "properties.gift": "false",
+        "properties.currency": "EUR",
+        "id.user_id": "u-1",
+    }
     out = csv_row_to_dict(row)
     assert out["track"] == {"event": "Order Completed"}
     assert out["properties"] == {"revenue": 42.5, "gift": False, "currency": "EUR"}
@@ -102,8 +106,15 @@ def test_csv_track_row_with_typed_properties() -> None:
 
 
 def test_csv_survey_row_parses_to_an_event() -> None:
-    row = {"message_id": "s1", "channel": "email", "type": "survey_response", "id.email": "ada@example.com",
-           "survey_response.type": "nps", "survey_response.score": "9", "survey_response.comment": "42"}
+    row = {
+        "message_id": "s1",
+        "channel": "email",
+        "type": "survey_response",
+        "id.email": "ada@example.com",
+        "survey_response.type": "nps",
+        "survey_response.score": "9",
+        "survey_response.comment": "42",
+    }
     out = csv_row_to_dict(row)
     assert out["survey_response"] == {"type": "nps", "score": "9", "comment": "42"}
     ev = parse_event(out)
@@ -122,8 +133,11 @@ def test_csv_unknown_column_is_a_clear_error() -> None:
 
 
 def test_csv_unknown_type_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"type must be one of identify, track, interaction, survey_response, "
-                                         r"message, got 'purchase'"):
+    with pytest.raises(
+        ValueError,
+        match=r"type must be one of identify, track, interaction, survey_response, "
+        r"message, got 'purchase'",
+    ):
         csv_row_to_dict({"type": "purchase"})
 
 
@@ -142,17 +156,20 @@ def _jsonl_event(message_id: str, **extra: object) -> str:
 
 
 def test_jsonl_failures_are_collected_with_line_numbers() -> None:
-    text = "\n".join(
-        [
-            _jsonl_event("a"),  # 1
-            "{not json",  # 2
-            "",  # 3 blank: skipped, still counted
-            '[{"message_id": "b"}]',  # 4
-            _jsonl_event("c", colour="blue"),  # 5 unknown field
-            _jsonl_event("d", channel="teleport"),  # 6 unknown enum value
-            _jsonl_event("e"),  # 7
-        ]
-    ) + "\n"
+    text = (
+        "\n".join(
+            [
+                _jsonl_event("a"),  # 1
+                "{not json",  # 2
+                "",  # 3 blank: skipped, still counted
+                '[{"message_id": "b"}]',  # 4
+                _jsonl_event("c", colour="blue"),  # 5 unknown field
+                _jsonl_event("d", channel="teleport"),  # 6 unknown enum value
+                _jsonl_event("e"),  # 7
+            ]
+        )
+        + "\n"
+    )
     failures: list[ParseFailure] = []
     got = [(line, ev.message_id) for line, ev in read_events(io.StringIO(text), "jsonl", failures)]
     assert got == [(1, "a"), (7, "e")]
