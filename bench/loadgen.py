@@ -302,6 +302,13 @@ class PhaseResult:
                 100 * self.machine_busy_s / self.machine_total_s if self.machine_total_s else float("nan"), 1
             ),
             "machine_cores": cores,
+            # busy CPU not spent by the server, the clients, postgres or redis: kernel work for them,
+            # the benchmark itself, or anything else running on the machine (a contaminated run)
+            "other_cpu_cores": rounded(
+                (self.machine_busy_s * cores / self.machine_total_s if self.machine_total_s else 0.0)
+                - (self.server_cpu_s + self.client_cpu_s + self.postgres_cpu_s + self.redis_cpu_s) / self.seconds,
+                2,
+            ),
             "client_build_ms_per_batch": rounded(
                 t.build_seconds / t.sent_batches * 1000 if t.sent_batches else float("nan"), 4
             ),

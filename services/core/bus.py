@@ -234,7 +234,11 @@ class Consumer:
             span.set_attribute("messaging.batch.message_count", len(batch))
             try:
                 self.handler(batch)
-            except Exception:
+            except Exception as exc:
+                if len(batch) == 1:
+                    self._errors[batch[0].id] = f"{type(exc).__name__}: {exc}"[:500]
+                    log.warning("message failed", extra={"stream_id": batch[0].id}, exc_info=True)
+                    return
                 log.warning("batch failed; retrying its messages one by one", exc_info=True)
                 for msg in batch:
                     try:
@@ -261,7 +265,7 @@ class Consumer:
         fields: dict[Any, Any] = dict(msg.fields)
         fields[b"dead_from_id"] = msg.id
         fields[b"dead_group"] = self.group
-        fields[b"dead_attempts"] = str(msg.deliveries)
+        fields[b"dead_attempts"] = str(msg.deliveries - 1)  # the claim that found it spent counts as one
         fields[b"dead_reason"] = self._errors.pop(msg.id, "exceeded max delivery attempts")
         pipe = self.bus.redis.pipeline(transaction=True)
         pipe.xadd(self.bus.key(msg.tenant_id, dead_letter_name(self.stream)), fields)

@@ -35,6 +35,10 @@ def time_remaining(context: grpc.ServicerContext) -> float | None:
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
+    code = context.code() if hasattr(context, "code") else None
+    if not isinstance(exc, TesseraError) and code not in (None, grpc.StatusCode.OK):
+        # The handler called context.abort() itself: its status stands.
+        raise exc
     if isinstance(exc, TesseraError):
         status = error_status(exc)
     else:

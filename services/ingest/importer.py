@@ -133,14 +133,27 @@ def read_events(fp: TextIO, fmt: str, failures: list[ParseFailure]) -> Iterator[
     """(line number, event) for every parseable record; failures are collected, not fatal."""
     if fmt == "csv":
         reader = csv.DictReader(fp)
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except UnicodeDecodeError:
+                failures.append(ParseFailure(reader.line_num + 1, "not UTF-8 text; the rest of the file was skipped"))
+                return
             line = reader.line_num
             try:
                 yield line, parse_event(csv_row_to_dict(row))
             except (ValueError, json_format.ParseError) as exc:
                 failures.append(ParseFailure(line, str(exc)))
-        return
-    for line, text in enumerate(fp, start=1):
+    raw = fp.buffer if isinstance(fp, io.TextIOWrapper) else None
+    lines: Iterator[str | bytes] = iter(raw) if raw is not None else iter(fp)
+    for line, chunk in enumerate(lines, start=1):
+        try:
+            text = chunk.decode("utf-8") if isinstance(chunk, bytes) else chunk
+        except UnicodeDecodeError:
+            failures.append(ParseFailure(line, "not UTF-8 text"))
+            continue
         if not text.strip():
             continue
         try:

@@ -171,7 +171,7 @@ def test_poison_message_does_not_hold_back_others_and_is_dead_lettered(bus: Bus)
     assert dead.fields[b"dead_from_id"].decode() == poison_id
     assert dead.fields[b"dead_group"].decode() == GROUP
     assert dead.fields[b"dead_reason"].decode() == "ValueError: poison n=2"
-    assert int(dead.fields[b"dead_attempts"]) >= 3
+    assert int(dead.fields[b"dead_attempts"]) == 3  # the handler saw it max_attempts times
     assert b"traceparent" in dead.fields
     assert pending_count(bus, t) == 0
     # Dead-lettered means it is not delivered again.
@@ -300,13 +300,9 @@ def test_publish_nothing_is_a_no_op(bus: Bus) -> None:
     assert bus.publish([]) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Consumer._reclaim looks up delivery counts with XPENDING over [first, last] claimed id "
-    "limited to 2*len(ids) entries; when other consumers' in-flight messages lie between the claimed "
-    "ones, later claimed messages get no count, default to 1 delivery and are never dead-lettered",
-)
 def test_poison_messages_among_in_flight_ones_are_still_dead_lettered(bus: Bus) -> None:
+    """Delivery counts of reclaimed messages must not be lost to other consumers' in-flight
+    messages lying between them in the pending list (a range XPENDING capped at 2*n did)."""
     t = new_tenant()
     key = bus.key(t, EVENTS)
     ids = publish_n(bus, t, 10)

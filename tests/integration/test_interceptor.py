@@ -280,12 +280,6 @@ def test_unknown_method_is_unimplemented(channel: grpc.Channel, tenant: TenantKe
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: GuardInterceptor catches the bare Exception that grpc raises from context.abort() and "
-    "calls abort_with_status again, so a handler's own abort(NOT_FOUND, ...) reaches the caller as "
-    "INTERNAL 'internal error' and is logged as an unhandled error",
-)
 def test_a_handlers_own_abort_keeps_its_status(channel: grpc.Channel, tenant: TenantKey) -> None:
     with pytest.raises(grpc.RpcError) as info:
         unary(channel, "Abort")(b"", metadata=tenant.metadata, timeout=10)

@@ -221,3 +221,15 @@ def test_detect_format() -> None:
     assert importer.detect_format(Path("events.CSV"), None) == "csv"
     assert importer.detect_format(Path("events.jsonl"), None) == "jsonl"
     assert importer.detect_format(Path("events.txt"), "csv") == "csv"
+
+
+def test_a_line_that_is_not_utf8_is_reported_and_the_rest_imported() -> None:
+    import io
+
+    good = b'{"message_id":"u1","channel":"web","identifiers":[{"type":"email","value":"a@b.c"}],"track":{"event":"X"}}\n'
+    data = good + b'{"message_id":"\xff\xfe"}\n' + good.replace(b"u1", b"u2")
+    failures: list = []  # type: ignore[type-arg]
+    fp = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+    parsed = list(read_events(fp, "jsonl", failures))
+    assert [(line, ev.message_id) for line, ev in parsed] == [(1, "u1"), (3, "u2")]
+    assert [(f.line, f.reason) for f in failures] == [(2, "not UTF-8 text")]

@@ -168,11 +168,18 @@ def test_redact_url_of_nothing() -> None:
     assert redact_url("") == "<unset>"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: settings.redact_url only redacts the userinfo password; a password passed as a "
-    "?password= query parameter (accepted by libpq and redis-py) is printed in clear",
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://db.example/tessera?user=tessera&password=hunter2",
+        "postgresql://db.example/tessera?sslmode=require&PASSWORD=hunter2",
+        "redis://cache.example:6379/0?password=hunter2",
+        "postgresql://tessera:hunter2@db.example/tessera?password=hunter2&sslmode=require",
+    ],
 )
-def test_redact_url_hides_a_password_in_the_query_string() -> None:
-    out = redact_url("postgresql://db.example/tessera?user=tessera&password=hunter2")
+def test_redact_url_hides_a_password_in_the_query_string(url: str) -> None:
+    out = redact_url(url)
     assert "hunter2" not in out
+    assert "db.example" in out or "cache.example" in out
+    if "sslmode" in url:
+        assert "sslmode=require" in out  # other parameters are kept
