@@ -294,6 +294,9 @@ class PhaseResult:
             "max_ms": rounded(lat[-1] * 1000, 2) if lat else None,
             "server_cpu_s_per_1k_events": rounded(per_k(self.server_cpu_s), 4),
             "server_cpu_cores": rounded(self.server_cpu_s / self.seconds, 2),
+            "server_cpu_ms_per_batch": rounded(
+                self.server_cpu_s / t.measured_batches * 1000 if t.measured_batches else float("nan"), 3
+            ),
             "postgres_cpu_s_per_1k_events": rounded(per_k(self.postgres_cpu_s), 4),
             "redis_cpu_s_per_1k_events": rounded(per_k(self.redis_cpu_s), 4),
             "client_cpu_s_per_1k_events": rounded(per_k(self.client_cpu_s), 4),

@@ -123,7 +123,7 @@ class Settings:
     identity_port: int = field(default=50052, metadata={"env": "IDENTITY_PORT", "parse": _int(0, 65535)})
     profile_port: int = field(default=50053, metadata={"env": "PROFILE_PORT", "parse": _int(0, 65535)})
     metrics_port: int = field(default=50054, metadata={"env": "METRICS_PORT", "parse": _int(0, 65535)})
-    grpc_workers: int = field(default=16, metadata={"env": "GRPC_WORKERS", "parse": _int(1, 1024)})
+    grpc_workers: int = field(default=32, metadata={"env": "GRPC_WORKERS", "parse": _int(1, 1024)})
     shutdown_grace_seconds: float = field(
         default=20.0, metadata={"env": "SHUTDOWN_GRACE_SECONDS", "parse": _float(0, 600)}
     )

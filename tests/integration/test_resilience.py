@@ -87,7 +87,10 @@ def health_of(port: int, service: str = "") -> int | None:
 def ingest(port: int, tenant: TenantKey, events: list[event_pb2.Event]) -> ingest_pb2.IngestEventsResponse:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
-        return stub.IngestEvents(ingest_pb2.IngestEventsRequest(events=events), metadata=tenant.metadata, timeout=20)
+        resp: ingest_pb2.IngestEventsResponse = stub.IngestEvents(
+            ingest_pb2.IngestEventsRequest(events=events), metadata=tenant.metadata, timeout=20
+        )
+        return resp
 
 
 def test_redis_down_then_up_loses_nothing_and_publishes_nothing_twice(  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ from grpc_status import rpc_status
 def bad_request(err: grpc.RpcError) -> list[tuple[str, str]]:
     status = rpc_status.from_call(err)  # type: ignore[arg-type]
     assert status is not None, "no rich status details"
-    out = []
+    out: list[tuple[str, str]] = []
     for detail in status.details:
         br = error_details_pb2.BadRequest()
         if detail.Unpack(br):
@@ -25,5 +25,5 @@ def retry_delay(err: grpc.RpcError) -> float | None:
     for detail in status.details:
         info = error_details_pb2.RetryInfo()
         if detail.Unpack(info):
-            return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+            return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
     return None
