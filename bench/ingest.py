@@ -21,11 +21,13 @@ import json
 import logging
 import os
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -190,9 +192,10 @@ def verify(
 def _run(cfg: Config) -> dict[str, Any]:
     started = time.monotonic()
     facts = machine_facts()
-    if facts["load_avg_at_start"][0] > 0.5:
-        log.warning("the machine is not idle (load average %s): figures will be lower and noisier",
-                    facts["load_avg_at_start"])
+    facts["cpu_busy_pct_before_start"] = psutil.cpu_percent(interval=1.0)
+    if facts["cpu_busy_pct_before_start"] > 10:
+        log.warning("the machine is not idle (%.0f%% CPU busy before the start): figures will be lower "
+                    "and noisier", facts["cpu_busy_pct_before_start"])
     date = utc_now()
     templates = demo_templates()
     log.info("%d demo event templates, %.0f bytes on average", len(templates),
@@ -367,12 +370,18 @@ def run(*, seconds: float, as_json: bool, extra: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tessera bench: {exc}", file=sys.stderr)
         return 2
+    def on_term(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every finally: children stop
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     with stdout_to_stderr() as out:
         try:
             rep = _run(cfg)
         except Exception:
             log.exception("benchmark failed")
             return 1
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         if as_json:
             out.write(json.dumps(rep, indent=2, sort_keys=False) + "\n")
         else:
