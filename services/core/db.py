@@ -5,12 +5,16 @@ Each service owns one PostgreSQL schema; nothing here knows their tables.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
+import psycopg2
 import sqlalchemy as sa
+from opentelemetry.trace import SpanKind
 from sqlalchemy.engine import Connection, Engine
+
+T = TypeVar("T")
 
 
 def sa_url(url: str) -> sa.engine.URL:
@@ -21,15 +25,24 @@ def sa_url(url: str) -> sa.engine.URL:
     return parsed
 
 
-def make_engine(url: str, *, application_name: str, pool_size: int = 10, instrument: bool = True) -> Engine:
-    """An engine with a pool sized for one process; ``pool_pre_ping`` heals after a restart."""
+def make_engine(
+    url: str, *, application_name: str, pool_size: int = 10, instrument: bool = True, autocommit: bool = False
+) -> Engine:
+    """An engine with a pool sized for one process.
+
+    No pre-ping: it would cost a round trip per checkout on the hot path. A connection that
+    died with a server restart fails once, SQLAlchemy then drops the whole pool, and
+    :func:`retry_on_disconnect` lets idempotent work try again on a fresh connection.
+    """
     engine = sa.create_engine(
         sa_url(url),
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=False,
         pool_recycle=1800,
         connect_args={"application_name": f"tessera-{application_name}", "connect_timeout": 5},
+        # A pool of autocommit connections serves single-statement writes in one round trip.
+        **({"isolation_level": "AUTOCOMMIT"} if autocommit else {}),
     )
     if instrument:
         from services.core.telemetry import instrument_engine
@@ -46,6 +59,50 @@ def transaction(engine: Engine, *, timeout_seconds: float | None = None) -> Iter
             ms = max(int(timeout_seconds * 1000), 1)
             conn.exec_driver_sql(f"SET LOCAL statement_timeout = {ms}")
         yield conn
+
+
+def retry_on_disconnect(fn: Callable[[], T], attempts: int = 2) -> T:
+    """Run idempotent database work again if its pooled connection turned out to be dead."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except sa.exc.DBAPIError as exc:
+            if not exc.connection_invalidated or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def statement_timeout_sql(timeout_seconds: float | None) -> str:
+    """A prefix that sets this session's statement timeout in the same round trip as the
+    statement after it (``RESET`` restores the server's default when there is no deadline)."""
+    if timeout_seconds is None:
+        return "RESET statement_timeout; "
+    return f"SET statement_timeout = {max(int(timeout_seconds * 1000), 1)}; "
+
+
+DBAPI_ERRORS = (psycopg2.Error,)
+
+
+def wrap_dbapi_error(conn: Connection, exc: Exception) -> sa.exc.DBAPIError:
+    """The SQLAlchemy error SQLAlchemy itself would raise for a raw-cursor failure, with the
+    pool invalidated when the connection is gone, so callers handle one kind of error."""
+    is_disconnect = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, None)  # type: ignore[arg-type]
+    if is_disconnect:
+        conn.invalidate(exc)
+    err = sa.exc.DBAPIError.instance(None, None, exc, psycopg2.Error, connection_invalidated=is_disconnect)
+    assert isinstance(err, sa.exc.DBAPIError)
+    return err
+
+
+@contextmanager
+def sql_span(name: str, rows: int = 0) -> Iterator[None]:
+    """A client span for a statement run on the raw cursor, like the SQLAlchemy instrumentation's."""
+    from services.core.telemetry import tracer
+
+    with tracer.start_as_current_span(
+        name, kind=SpanKind.CLIENT, attributes={"db.system": "postgresql", "db.operation.batch.size": rows}
+    ):
+        yield
 
 
 def ping(engine: Engine) -> None:

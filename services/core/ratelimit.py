@@ -1,19 +1,28 @@
-"""Per-tenant token buckets in Redis: one atomic Lua call per request, shared by all replicas."""
+"""Per-tenant token buckets in Redis, shared by all replicas.
+
+Each process takes tokens from Redis a slice at a time (up to 50 ms of the tenant's rate)
+and spends them locally, so most requests cost no Redis round trip; a slice not spent
+within a second is dropped, so a replica never sits on another's share for long.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass
 
 import redis
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] bucket; ARGV rate/s, burst, cost. Uses the server clock so replicas agree.
+# KEYS[1] bucket; ARGV rate/s, burst, need (at least), want (at most). Grants between need and
+# want tokens, or none; uses the server clock so replicas agree.
 _BUCKET_SCRIPT = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
+local need = tonumber(ARGV[3])
+local want = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
@@ -21,18 +30,21 @@ local tokens = tonumber(state[1])
 local ts = tonumber(state[2])
 if tokens == nil then tokens = burst; ts = now end
 tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
-local allowed = 0
+local granted = 0
 local wait = 0
-if tokens >= cost then
-  tokens = tokens - cost
-  allowed = 1
+if tokens >= need then
+  granted = math.min(tokens, want)
+  tokens = tokens - granted
 else
-  wait = (cost - tokens) / rate
+  wait = (need - tokens) / rate
 end
 redis.call('HSET', KEYS[1], 'tokens', tokens, 'ts', now)
 redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 60)
-return {allowed, tostring(wait)}
+return {tostring(granted), tostring(wait)}
 """
+
+SLICE_SECONDS = 0.05
+SLICE_TTL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -46,13 +58,28 @@ class RateLimiter:
 
     def __init__(self, client: redis.Redis) -> None:
         self._script = client.register_script(_BUCKET_SCRIPT)
+        self._local: dict[str, tuple[float, float]] = {}  # key -> (tokens, expires at)
+        self._lock = threading.Lock()
 
     def acquire(self, key: str, cost: float, rate: float, burst: float) -> Decision:
         # A request larger than the bucket could never pass; it costs the whole bucket instead.
         cost = min(cost, burst)
+        now = time.monotonic()
+        with self._lock:
+            tokens, expires = self._local.get(key, (0.0, 0.0))
+            if expires > now and tokens >= cost:
+                self._local[key] = (tokens - cost, expires)
+                return Decision(True)
+        want = max(cost, min(rate * SLICE_SECONDS, burst / 4))
         try:
-            allowed, wait = self._script(keys=[key], args=[rate, burst, cost])
+            granted_raw, wait = self._script(keys=[key], args=[rate, burst, cost, want])
         except (redis.ConnectionError, redis.TimeoutError):
             log.warning("rate limiter unavailable; allowing", extra={"bucket": key})
             return Decision(True)
-        return Decision(bool(int(allowed)), float(wait))
+        granted = float(granted_raw)
+        if granted < cost:
+            return Decision(False, float(wait))
+        with self._lock:
+            left, expires = self._local.get(key, (0.0, 0.0))
+            self._local[key] = ((left if expires > now else 0.0) + granted - cost, now + SLICE_TTL_SECONDS)
+        return Decision(True)

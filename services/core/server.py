@@ -50,6 +50,8 @@ class ServiceContext:
 
     settings: Settings
     engine: Engine
+    # Same database, autocommit connections: for writes that are one statement.
+    autocommit_engine: Engine
     redis: redis.Redis
     bus: Bus
     authenticator: Authenticator
@@ -119,6 +121,7 @@ class RunningServer:
         for worker in self.workers:
             worker.stop(timeout=max(grace, 1.0))
         self.ctx.engine.dispose()
+        self.ctx.autocommit_engine.dispose()
         self.ctx.redis.close()
         log.info("stopped")
 
@@ -133,10 +136,17 @@ def _probe(fn: Callable[[], Any]) -> bool:
 
 def build_context(settings: Settings, service: str) -> ServiceContext:
     engine = db.make_engine(settings.require_database_url(), application_name=service, pool_size=settings.db_pool_size)
+    autocommit_engine = db.make_engine(
+        settings.require_database_url(),
+        application_name=service,
+        pool_size=settings.db_pool_size,
+        autocommit=True,
+    )
     client = connect(settings.require_redis_url())
     return ServiceContext(
         settings=settings,
         engine=engine,
+        autocommit_engine=autocommit_engine,
         redis=client,
         bus=Bus(client, settings.redis_prefix, settings.stream_maxlen),
         authenticator=Authenticator(engine, ttl=settings.auth_cache_seconds),

@@ -16,7 +16,7 @@ SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
 
 
 def register(server: grpc.Server, ctx: ServiceContext) -> list[Background]:
-    store = EventStore(ctx.engine)
+    store = EventStore(ctx.engine, ctx.autocommit_engine)
     relay = OutboxRelay(
         store,
         ctx.bus,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -34,14 +33,46 @@ _batch_latency = meter.create_histogram("tessera.ingest.batch.duration", unit="s
 _rate_limited = meter.create_counter("tessera.ingest.rate_limited", description="batches refused by rate limit")
 
 
+_RAND74 = (1 << 74) - 1
+
+
+def new_event_ids(count: int, now_ms: int | None = None) -> list[str]:
+    """UUIDv7s: time-ordered, so the event log's index grows at its right edge.
+
+    One ``os.urandom`` call per batch, not per event: each call releases the GIL.
+    """
+    ms = (int(time.time() * 1000) if now_ms is None else now_ms) & ((1 << 48) - 1)
+    pool = os.urandom(10 * count)
+    out = []
+    for i in range(count):
+        rand = int.from_bytes(pool[i * 10 : i * 10 + 10], "big") & _RAND74
+        value = ms << 80 | 0x7 << 76 | (rand >> 62) << 64 | 0b10 << 62 | (rand & ((1 << 62) - 1))
+        h = f"{value:032x}"
+        out.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return out
+
+
 def new_event_id(now_ms: int | None = None) -> str:
-    """A UUIDv7: time-ordered, so the event log's index grows at its right edge."""
-    ms = int(time.time() * 1000) if now_ms is None else now_ms
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (
-        (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | (rand & ((1 << 62) - 1))
-    )
-    return str(uuid.UUID(int=value))
+    return new_event_ids(1, now_ms)[0]
+
+
+def _field_bytes(field_number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field, to append to a serialized message."""
+    return _varint(field_number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_EVENT_ID_FIELD = event_pb2.Event.DESCRIPTOR.fields_by_name["event_id"].number
+_RECEIVED_AT_FIELD = event_pb2.Event.DESCRIPTOR.fields_by_name["received_at"].number
+_TIMESTAMP_FIELD = event_pb2.Event.DESCRIPTOR.fields_by_name["timestamp"].number
 
 
 @dataclass
@@ -65,14 +96,23 @@ class Prepared:
 
 
 def prepare(events: Sequence[event_pb2.Event], received_at: dt.datetime, limits: validation.Limits) -> Prepared:
-    """Validate and stamp each event; the request's own messages are not modified."""
+    """Validate and stamp each event; the request's own messages are not modified.
+
+    The stored bytes are the client's event with event_id and received_at (and a defaulted
+    timestamp) appended as fields: protobuf parsing lets a later field win, so there is no
+    per-event copy and re-serialization.
+    """
     now_s = received_at.timestamp()
+    received = event_pb2.Event()
+    received.received_at.FromDatetime(received_at)
+    received_field = received.SerializeToString()
+    default_ts = _field_bytes(_TIMESTAMP_FIELD, received.received_at.SerializeToString())
     results: list[ingest_pb2.EventResult] = []
     to_store: list[NewEvent] = []
     positions: list[int] = []
     first_seen: dict[str, int] = {}
     dups: dict[int, int] = {}
-    now_ms = int(now_s * 1000)
+    ids = new_event_ids(len(events), int(now_s * 1000))
     for i, ev in enumerate(events):
         result = ingest_pb2.EventResult(index=i, message_id=ev.message_id)
         results.append(result)
@@ -85,21 +125,30 @@ def prepare(events: Sequence[event_pb2.Event], received_at: dt.datetime, limits:
             dups[i] = first_seen[ev.message_id]
             continue
         first_seen[ev.message_id] = i
-        stamped = event_pb2.Event()
-        stamped.CopyFrom(ev)
-        stamped.event_id = new_event_id(now_ms)
-        stamped.received_at.FromDatetime(received_at)
-        stamped.ClearField("profile_id")
-        if not stamped.HasField("timestamp"):
-            stamped.timestamp.CopyFrom(stamped.received_at)
+        event_id = ids[i]
+        if ev.event_id or ev.profile_id or ev.HasField("received_at"):
+            # Output-only fields sent by a client are replaced, not merged: take the slow path.
+            clean = event_pb2.Event()
+            clean.CopyFrom(ev)
+            clean.ClearField("event_id")
+            clean.ClearField("profile_id")
+            clean.ClearField("received_at")
+            body = clean.SerializeToString()
+        else:
+            body = ev.SerializeToString()
+        has_ts = ev.HasField("timestamp")
+        payload = b"".join(
+            (body, _field_bytes(_EVENT_ID_FIELD, event_id.encode()), received_field, b"" if has_ts else default_ts)
+        )
+        occurred = ev.timestamp.seconds + ev.timestamp.nanos / 1e9 if has_ts else now_s
         to_store.append(
             NewEvent(
-                event_id=stamped.event_id,
+                event_id=event_id,
                 message_id=ev.message_id,
-                occurred=stamped.timestamp.seconds + stamped.timestamp.nanos / 1e9,
+                occurred=occurred,
                 channel=int(ev.channel),
                 kind=str(ev.WhichOneof("payload")),
-                payload=stamped.SerializeToString(),
+                payload=payload,
             )
         )
         positions.append(i)

@@ -13,14 +13,15 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
 import sqlalchemy.exc
 
-from services.core.bus import EVENTS, Bus, Publication
+from services.core.bus import EVENTS, Bus
 from services.core.telemetry import meter
-from services.ingest.storage import EventStore
+from services.ingest.storage import EventStore, OutboxRow
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +111,7 @@ class OutboxRelay:
             with self.store.engine.begin() as conn:
                 taken = self.store.delete_outbox(conn, [(i.tenant_id, i.seq) for i in items])
                 live = [i for i in items if (i.tenant_id, i.seq) in taken]
-                self.bus.publish(
-                    [
-                        Publication(i.tenant_id, EVENTS, {"event_id": i.event_id, "payload": i.payload}, i.traceparent)
-                        for i in live
-                    ]
-                )
+                self._append(live)
         except redis.RedisError as exc:
             self._enter_degraded(exc)
             return
@@ -123,6 +119,21 @@ class OutboxRelay:
             log.warning("fast publish failed; the sweep will retry", exc_info=True)
             return
         _published.add(len(live), {"path": "fast"})
+
+    def _append(self, items: Sequence[Committed | OutboxRow]) -> None:
+        by_tenant: dict[str, list[Committed | OutboxRow]] = {}
+        for i in items:
+            by_tenant.setdefault(i.tenant_id, []).append(i)
+        for tenant_id, rows in by_tenant.items():
+            self.bus.append_columns(
+                tenant_id,
+                EVENTS,
+                {
+                    "event_id": [r.event_id.encode() for r in rows],
+                    "payload": [r.payload or b"" for r in rows],
+                    "traceparent": [r.traceparent.encode() for r in rows],
+                },
+            )
 
     def _enter_degraded(self, exc: Exception) -> None:
         if not self._degraded:
@@ -139,15 +150,7 @@ class OutboxRelay:
                     orphans = [r for r in rows if r.payload is None]
                     if orphans:
                         log.error("outbox rows without an event; dropping", extra={"count": len(orphans)})
-                    self.bus.publish(
-                        [
-                            Publication(
-                                r.tenant_id, EVENTS, {"event_id": r.event_id, "payload": r.payload}, r.traceparent
-                            )
-                            for r in rows
-                            if r.payload is not None
-                        ]
-                    )
+                    self._append([r for r in rows if r.payload is not None])
                     self.store.delete_outbox(conn, [(r.tenant_id, r.seq) for r in rows])
             except redis.RedisError as exc:
                 self._enter_degraded(exc)

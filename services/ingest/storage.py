@@ -16,28 +16,36 @@ from sqlalchemy.engine import Connection, Engine
 
 from services.core import db
 
-_WRITE_BATCH = """
+# Prepared once per connection: planning this statement costs PostgreSQL about as much as
+# running it. $1 tenant, $2 received_at, $3 traceparent, then one array per column.
+_WRITE_BATCH_NAME = "tessera_ingest_write_batch"
+_WRITE_BATCH = (
+    f"PREPARE {_WRITE_BATCH_NAME} "  # noqa: S608 - only a constant name is interpolated
+    """(text, timestamptz, text, uuid[], text[], float8[], int2[], text[], bytea[]) AS
 WITH batch AS (
-    SELECT * FROM unnest(
-        %(event_ids)s::uuid[], %(message_ids)s::text[], %(occurred)s::float8[],
-        %(channels)s::int2[], %(kinds)s::text[], %(payloads)s::bytea[]
-    ) AS b(event_id, message_id, occurred, channel, kind, payload)
+    SELECT * FROM unnest($4, $5, $6, $7, $8, $9)
+        AS b(event_id, message_id, occurred, channel, kind, payload)
 ), keys AS (
     INSERT INTO ingest.dedupe_keys (tenant_id, message_id, event_id, received_at)
-    SELECT %(tenant)s, message_id, event_id, %(received_at)s FROM batch
+    SELECT $1, message_id, event_id, $2 FROM batch
     ON CONFLICT DO NOTHING
     RETURNING event_id
 ), stored AS (
     INSERT INTO ingest.events (tenant_id, received_at, event_id, message_id, occurred_at, channel, kind, payload)
-    SELECT %(tenant)s, %(received_at)s, b.event_id, b.message_id, to_timestamp(b.occurred), b.channel, b.kind,
-           b.payload
+    SELECT $1, $2, b.event_id, b.message_id, to_timestamp(b.occurred), b.channel, b.kind, b.payload
     FROM batch b JOIN keys k USING (event_id)
     RETURNING event_id
 )
 INSERT INTO ingest.outbox (tenant_id, event_id, received_at, traceparent)
-SELECT %(tenant)s, event_id, %(received_at)s, %(traceparent)s FROM stored
-RETURNING seq, event_id::text
+SELECT $1, event_id, $2, $3 FROM stored
+RETURNING seq, event_id::text;
 """
+)
+_EXECUTE_WRITE_BATCH = (
+    f"EXECUTE {_WRITE_BATCH_NAME} (%(tenant)s, %(received_at)s, %(traceparent)s, %(event_ids)s::uuid[], "
+    "%(message_ids)s::text[], %(occurred)s::float8[], %(channels)s::int2[], %(kinds)s::text[], "
+    "%(payloads)s::bytea[])"
+)
 
 _EXISTING_KEYS = """
 SELECT message_id, event_id::text FROM ingest.dedupe_keys
@@ -55,11 +63,11 @@ LIMIT %(limit)s
 FOR UPDATE OF o SKIP LOCKED
 """
 
+# seq is unique on its own (one sequence); the tenant list lets the primary key serve the lookup.
 _DELETE_OUTBOX = """
-DELETE FROM ingest.outbox o
-USING unnest(%(tenants)s::text[], %(seqs)s::int8[]) AS d(tenant_id, seq)
-WHERE o.tenant_id = d.tenant_id AND o.seq = d.seq
-RETURNING o.tenant_id, o.seq
+DELETE FROM ingest.outbox
+WHERE tenant_id = ANY(%(tenants)s) AND seq = ANY(%(seqs)s)
+RETURNING tenant_id, seq
 """
 
 PARTITION_LOCK_KEY = 0x7E55E7B
@@ -95,8 +103,9 @@ class OutboxRow:
 
 
 class EventStore:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, autocommit_engine: Engine | None = None) -> None:
         self.engine = engine
+        self.autocommit = autocommit_engine or engine.execution_options(isolation_level="AUTOCOMMIT")
 
     def write_batch(
         self,
@@ -106,29 +115,50 @@ class EventStore:
         traceparent: str = "",
         timeout_seconds: float | None = None,
     ) -> WriteResult:
-        """Commit a batch; returns once it is durable. Duplicates (by message id) are not rewritten."""
-        with db.transaction(self.engine, timeout_seconds=timeout_seconds) as conn:
-            rows = conn.exec_driver_sql(
-                _WRITE_BATCH,
-                {
-                    "tenant": tenant_id,
-                    "received_at": received_at,
-                    "traceparent": traceparent,
-                    "event_ids": [e.event_id for e in events],
-                    "message_ids": [e.message_id for e in events],
-                    "occurred": [e.occurred for e in events],
-                    "channels": [e.channel for e in events],
-                    "kinds": [e.kind for e in events],
-                    "payloads": [e.payload for e in events],
-                },
-            ).all()
-            accepted = {event_id: seq for seq, event_id in rows}
-            duplicates: dict[str, str] = {}
-            if len(accepted) < len(events):
-                missing = [e.message_id for e in events if e.event_id not in accepted]
-                rows = conn.exec_driver_sql(_EXISTING_KEYS, {"tenant": tenant_id, "message_ids": missing}).all()
-                duplicates = {str(r[0]): str(r[1]) for r in rows}
-        return WriteResult(accepted, duplicates)
+        """Commit a batch; returns once it is durable. Duplicates (by message id) are not rewritten.
+
+        One round trip: the statement runs in autocommit, so it is its own transaction, and
+        the statement timeout rides in the same query string. Safe to retry: dedupe keys make
+        a second attempt answer DUPLICATE for what the first one committed.
+        """
+        params = {
+            "tenant": tenant_id,
+            "received_at": received_at,
+            "traceparent": traceparent,
+            "event_ids": [e.event_id for e in events],
+            "message_ids": [e.message_id for e in events],
+            "occurred": [e.occurred for e in events],
+            "channels": [e.channel for e in events],
+            "kinds": [e.kind for e in events],
+            "payloads": [e.payload for e in events],
+        }
+        execute = db.statement_timeout_sql(timeout_seconds) + _EXECUTE_WRITE_BATCH
+
+        def write() -> WriteResult:
+            # The hot path uses the DBAPI cursor directly (SQLAlchemy's per-statement machinery
+            # costs as much CPU as the rest of the batch), with its own span for the trace.
+            with self.autocommit.connect() as conn, db.sql_span("INSERT ingest.events", len(events)):
+                info = conn.connection.info
+                cursor = db.raw_cursor(conn)
+                try:
+                    if _WRITE_BATCH_NAME in info:
+                        cursor.execute(execute, params)
+                    else:  # first use of this connection: prepare in the same round trip
+                        cursor.execute(_WRITE_BATCH.replace("%", "%%") + execute, params)
+                        info[_WRITE_BATCH_NAME] = True
+                    accepted = dict((event_id, seq) for seq, event_id in cursor.fetchall())
+                    duplicates: dict[str, str] = {}
+                    if len(accepted) < len(events):
+                        missing = [e.message_id for e in events if e.event_id not in accepted]
+                        cursor.execute(_EXISTING_KEYS, {"tenant": tenant_id, "message_ids": missing})
+                        duplicates = {str(r[0]): str(r[1]) for r in cursor.fetchall()}
+                except db.DBAPI_ERRORS as exc:
+                    raise db.wrap_dbapi_error(conn, exc) from exc
+                finally:
+                    cursor.close()
+            return WriteResult(accepted, duplicates)
+
+        return db.retry_on_disconnect(write)
 
     def claim_outbox(self, conn: Connection, min_age_seconds: float, limit: int) -> list[OutboxRow]:
         rows = conn.exec_driver_sql(_CLAIM_OUTBOX, {"min_age": min_age_seconds, "limit": limit}).all()
@@ -141,7 +171,7 @@ class EventStore:
         if not keys:
             return set()
         rows = conn.exec_driver_sql(
-            _DELETE_OUTBOX, {"tenants": [k[0] for k in keys], "seqs": [k[1] for k in keys]}
+            _DELETE_OUTBOX, {"tenants": sorted({k[0] for k in keys}), "seqs": [k[1] for k in keys]}
         ).all()
         return {(r[0], r[1]) for r in rows}
 

@@ -28,6 +28,7 @@ MAX_FUTURE_SECONDS = 24 * 3600
 # 1970 and earlier are nearly always a zero or missing timestamp, not a real touchpoint.
 MIN_TIMESTAMP_SECONDS = 86_400
 
+_CHANNELS = frozenset(event_pb2.Channel.values())
 IDENTIFIER_TYPE_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 SCORE_RANGES = {
     event_pb2.SURVEY_TYPE_NPS: (0, 10, "NPS"),
@@ -112,7 +113,7 @@ def validate_event(
 
     if ev.channel == event_pb2.CHANNEL_UNSPECIFIED:
         out.append(Violation(f"{p}.channel", "required; use CHANNEL_OTHER when none fits", "REQUIRED"))
-    elif ev.channel not in event_pb2.Channel.values():
+    elif ev.channel not in _CHANNELS:
         out.append(Violation(f"{p}.channel", f"unknown channel {ev.channel}", "UNKNOWN_VALUE"))
 
     if not ev.identifiers:

@@ -30,7 +30,6 @@ def upgrade() -> None:
             payload      bytea       NOT NULL,
             PRIMARY KEY (tenant_id, received_at, event_id)
         ) PARTITION BY RANGE (received_at);
-        CREATE INDEX events_occurred ON ingest.events (tenant_id, occurred_at);
 
         -- Catch-all, so an insert never fails if partition upkeep fell behind.
         CREATE TABLE ingest.events_default PARTITION OF ingest.events DEFAULT;
