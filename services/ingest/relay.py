@@ -110,7 +110,7 @@ class OutboxRelay:
         try:
             with self.store.engine.begin() as conn:
                 taken = self.store.delete_outbox(conn, [(i.tenant_id, i.seq) for i in items])
-                live = [i for i in items if (i.tenant_id, i.seq) in taken]
+                live = [i for i in items if i.seq in taken]
                 self._append(live)
         except redis.RedisError as exc:
             self._enter_degraded(exc)

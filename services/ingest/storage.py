@@ -67,7 +67,7 @@ FOR UPDATE OF o SKIP LOCKED
 _DELETE_OUTBOX = """
 DELETE FROM ingest.outbox
 WHERE tenant_id = ANY(%(tenants)s) AND seq = ANY(%(seqs)s)
-RETURNING tenant_id, seq
+RETURNING seq
 """
 
 PARTITION_LOCK_KEY = 0x7E55E7B
@@ -165,15 +165,20 @@ class EventStore:
         return [OutboxRow(r[0], r[1], r[2], r[3], bytes(r[4]) if r[4] is not None else None) for r in rows]
 
     @staticmethod
-    def delete_outbox(conn: Connection, keys: Sequence[tuple[str, int]]) -> set[tuple[str, int]]:
-        """Delete rows and return the ones this transaction removed; a row another relay is
-        sweeping is locked, and once that sweep commits it is gone, so it is not returned."""
+    def delete_outbox(conn: Connection, keys: Sequence[tuple[str, int]]) -> set[int]:
+        """Delete rows and return the seqs this transaction removed. A row another relay is
+        sweeping is locked; once that sweep commits the row is gone, so it is not returned."""
         if not keys:
             return set()
-        rows = conn.exec_driver_sql(
-            _DELETE_OUTBOX, {"tenants": sorted({k[0] for k in keys}), "seqs": [k[1] for k in keys]}
-        ).all()
-        return {(r[0], r[1]) for r in rows}
+        with db.sql_span("DELETE ingest.outbox", len(keys)):
+            cursor = db.raw_cursor(conn)
+            try:
+                cursor.execute(_DELETE_OUTBOX, {"tenants": sorted({k[0] for k in keys}), "seqs": [k[1] for k in keys]})
+                return {row[0] for row in cursor.fetchall()}
+            except db.DBAPI_ERRORS as exc:
+                raise db.wrap_dbapi_error(conn, exc) from exc
+            finally:
+                cursor.close()
 
     def list_events(
         self, tenant_id: str, limit: int, after: tuple[str, str] | None, message_ids: Sequence[str] = ()
