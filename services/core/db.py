@@ -80,18 +80,39 @@ def statement_timeout_sql(timeout_seconds: float | None) -> str:
     return f"SET statement_timeout = {max(int(timeout_seconds * 1000), 1)}; "
 
 
-DBAPI_ERRORS = (psycopg2.Error,)
+@contextmanager
+def raw_transaction(engine: Engine, span: str, rows: int = 0) -> Iterator[tuple[Any, dict[Any, Any]]]:
+    """A pooled psycopg2 cursor for hot-path statements, and the connection's ``info`` dict.
 
-
-def wrap_dbapi_error(conn: Connection, exc: Exception) -> sa.exc.DBAPIError:
-    """The SQLAlchemy error SQLAlchemy itself would raise for a raw-cursor failure, with the
-    pool invalidated when the connection is gone, so callers handle one kind of error."""
-    is_disconnect = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, None)  # type: ignore[arg-type]
-    if is_disconnect:
-        conn.invalidate(exc)
-    err = sa.exc.DBAPIError.instance(None, None, exc, psycopg2.Error, connection_invalidated=is_disconnect)
-    assert isinstance(err, sa.exc.DBAPIError)
-    return err
+    SQLAlchemy's per-statement machinery costs as much CPU as a whole ingest batch, so the
+    hot paths talk to the driver directly, but through the same pool, with a span of their
+    own, committing on success (a no-op on an autocommit engine) and rolling back on error.
+    Driver errors come out as SQLAlchemy's ``DBAPIError``, with a dead connection invalidated
+    so :func:`retry_on_disconnect` works here too.
+    """
+    fairy = engine.raw_connection()
+    try:
+        with sql_span(span, rows):
+            cursor = fairy.cursor()
+            try:
+                yield cursor, fairy.info
+                fairy.commit()
+            except psycopg2.Error as exc:
+                disconnected = engine.dialect.is_disconnect(exc, fairy.dbapi_connection, cursor)  # type: ignore[arg-type]
+                if disconnected:
+                    fairy.invalidate(exc)
+                else:
+                    fairy.rollback()
+                err = sa.exc.DBAPIError.instance(None, None, exc, psycopg2.Error, connection_invalidated=disconnected)
+                raise err from exc
+            except BaseException:
+                fairy.rollback()
+                raise
+            finally:
+                if not cursor.closed:
+                    cursor.close()
+    finally:
+        fairy.close()
 
 
 @contextmanager
@@ -108,11 +129,6 @@ def sql_span(name: str, rows: int = 0) -> Iterator[None]:
 def ping(engine: Engine) -> None:
     with engine.connect() as conn:
         conn.exec_driver_sql("SELECT 1")
-
-
-def raw_cursor(conn: Connection) -> Any:
-    """The psycopg2 cursor under a connection, for array-parameter bulk statements."""
-    return conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
 
 
 def ensure_database(admin_url: str, name: str) -> None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import redis
 import sqlalchemy.exc
 
+from services.core import db
 from services.core.bus import EVENTS, Bus
 from services.core.telemetry import meter
 from services.ingest.storage import EventStore, OutboxRow
@@ -108,8 +109,8 @@ class OutboxRelay:
         if self._degraded:
             return  # the sweep drains the outbox, oldest first, until Redis is back
         try:
-            with self.store.engine.begin() as conn:
-                taken = self.store.delete_outbox(conn, [(i.tenant_id, i.seq) for i in items])
+            with db.raw_transaction(self.store.engine, "DELETE ingest.outbox", len(items)) as (cursor, _):
+                taken = self.store.delete_outbox(cursor, [(i.tenant_id, i.seq) for i in items])
                 live = [i for i in items if i.seq in taken]
                 self._append(live)
         except redis.RedisError as exc:
@@ -144,14 +145,14 @@ class OutboxRelay:
         """Publish what the fast path did not, oldest first, until the outbox is drained."""
         for _ in range(10_000):
             try:
-                with self.store.engine.begin() as conn:
+                with db.raw_transaction(self.store.engine, "SELECT ingest.outbox FOR UPDATE") as (cursor, _):
                     min_age = 0.0 if self._degraded else self.grace_seconds
-                    rows = self.store.claim_outbox(conn, min_age, self.sweep_limit)
+                    rows = self.store.claim_outbox(cursor, min_age, self.sweep_limit)
                     orphans = [r for r in rows if r.payload is None]
                     if orphans:
                         log.error("outbox rows without an event; dropping", extra={"count": len(orphans)})
                     self._append([r for r in rows if r.payload is not None])
-                    self.store.delete_outbox(conn, [(r.tenant_id, r.seq) for r in rows])
+                    self.store.delete_outbox(cursor, [(r.tenant_id, r.seq) for r in rows])
             except redis.RedisError as exc:
                 self._enter_degraded(exc)
                 return

@@ -10,9 +10,10 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from services.core import db
 
@@ -135,50 +136,36 @@ class EventStore:
         execute = db.statement_timeout_sql(timeout_seconds) + _EXECUTE_WRITE_BATCH
 
         def write() -> WriteResult:
-            # The hot path uses the DBAPI cursor directly (SQLAlchemy's per-statement machinery
-            # costs as much CPU as the rest of the batch), with its own span for the trace.
-            with self.autocommit.connect() as conn, db.sql_span("INSERT ingest.events", len(events)):
-                info = conn.connection.info
-                cursor = db.raw_cursor(conn)
-                try:
-                    if _WRITE_BATCH_NAME in info:
-                        cursor.execute(execute, params)
-                    else:  # first use of this connection: prepare in the same round trip
-                        cursor.execute(_WRITE_BATCH.replace("%", "%%") + execute, params)
-                        info[_WRITE_BATCH_NAME] = True
-                    accepted = dict((event_id, seq) for seq, event_id in cursor.fetchall())
-                    duplicates: dict[str, str] = {}
-                    if len(accepted) < len(events):
-                        missing = [e.message_id for e in events if e.event_id not in accepted]
-                        cursor.execute(_EXISTING_KEYS, {"tenant": tenant_id, "message_ids": missing})
-                        duplicates = {str(r[0]): str(r[1]) for r in cursor.fetchall()}
-                except db.DBAPI_ERRORS as exc:
-                    raise db.wrap_dbapi_error(conn, exc) from exc
-                finally:
-                    cursor.close()
+            with db.raw_transaction(self.autocommit, "INSERT ingest.events", len(events)) as (cursor, info):
+                if _WRITE_BATCH_NAME in info:
+                    cursor.execute(execute, params)
+                else:  # first use of this connection: prepare in the same round trip
+                    cursor.execute(_WRITE_BATCH.replace("%", "%%") + execute, params)
+                    info[_WRITE_BATCH_NAME] = True
+                accepted = {event_id: seq for seq, event_id in cursor.fetchall()}
+                duplicates: dict[str, str] = {}
+                if len(accepted) < len(events):
+                    missing = [e.message_id for e in events if e.event_id not in accepted]
+                    cursor.execute(_EXISTING_KEYS, {"tenant": tenant_id, "message_ids": missing})
+                    duplicates = {str(r[0]): str(r[1]) for r in cursor.fetchall()}
             return WriteResult(accepted, duplicates)
 
         return db.retry_on_disconnect(write)
 
-    def claim_outbox(self, conn: Connection, min_age_seconds: float, limit: int) -> list[OutboxRow]:
-        rows = conn.exec_driver_sql(_CLAIM_OUTBOX, {"min_age": min_age_seconds, "limit": limit}).all()
-        return [OutboxRow(r[0], r[1], r[2], r[3], bytes(r[4]) if r[4] is not None else None) for r in rows]
+    @staticmethod
+    def claim_outbox(cursor: Any, min_age_seconds: float, limit: int) -> list[OutboxRow]:
+        """Lock the oldest unpublished rows (skipping ones another relay holds) with their events."""
+        cursor.execute(_CLAIM_OUTBOX, {"min_age": min_age_seconds, "limit": limit})
+        return [OutboxRow(r[0], r[1], r[2], r[3], bytes(r[4]) if r[4] is not None else None) for r in cursor.fetchall()]
 
     @staticmethod
-    def delete_outbox(conn: Connection, keys: Sequence[tuple[str, int]]) -> set[int]:
+    def delete_outbox(cursor: Any, keys: Sequence[tuple[str, int]]) -> set[int]:
         """Delete rows and return the seqs this transaction removed. A row another relay is
         sweeping is locked; once that sweep commits the row is gone, so it is not returned."""
         if not keys:
             return set()
-        with db.sql_span("DELETE ingest.outbox", len(keys)):
-            cursor = db.raw_cursor(conn)
-            try:
-                cursor.execute(_DELETE_OUTBOX, {"tenants": sorted({k[0] for k in keys}), "seqs": [k[1] for k in keys]})
-                return {row[0] for row in cursor.fetchall()}
-            except db.DBAPI_ERRORS as exc:
-                raise db.wrap_dbapi_error(conn, exc) from exc
-            finally:
-                cursor.close()
+        cursor.execute(_DELETE_OUTBOX, {"tenants": sorted({k[0] for k in keys}), "seqs": [k[1] for k in keys]})
+        return {row[0] for row in cursor.fetchall()}
 
     def list_events(
         self, tenant_id: str, limit: int, after: tuple[str, str] | None, message_ids: Sequence[str] = ()
