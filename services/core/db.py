@@ -6,7 +6,7 @@ Each service owns one PostgreSQL schema; nothing here knows their tables.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
 
 import psycopg2
@@ -102,11 +102,13 @@ def raw_transaction(engine: Engine, span: str, rows: int = 0) -> Iterator[tuple[
                 if disconnected:
                     fairy.invalidate(exc)
                 else:
-                    fairy.rollback()
+                    with suppress(psycopg2.Error):
+                        fairy.rollback()
                 err = sa.exc.DBAPIError.instance(None, None, exc, psycopg2.Error, connection_invalidated=disconnected)
                 raise err from exc
             except BaseException:
-                fairy.rollback()
+                with suppress(psycopg2.Error):
+                    fairy.rollback()
                 raise
             finally:
                 if not cursor.closed:

@@ -81,27 +81,40 @@ class OutboxRelay:
         return self._degraded
 
     def _run(self) -> None:
+        """The relay must outlive any single failure: what it does not publish now stays in
+        the outbox for the next sweep, so an unexpected error is logged and the loop goes on."""
         while True:
-            stopping = self._stop.is_set()
-            timeout = max(0.0, self._next_sweep - time.monotonic())
-            items: list[Committed] = []
             try:
-                items.extend(self._queue.get(timeout=0 if stopping else min(timeout, 0.5) or 0.0001))
-                while len(items) < 5000:
-                    items.extend(self._queue.get_nowait())
-            except queue.Empty:
-                pass
-            if items:
-                self._publish_fresh(items)
-            if stopping and self._queue.empty():
-                return
-            now = time.monotonic()
-            if now >= self._next_sweep:
-                self._next_sweep = now + self.sweep_seconds
-                self._sweep()
-            if now >= self._next_partition_check:
-                self._next_partition_check = now + self.partition_check_seconds
-                self._keep_partitions()
+                if self._cycle():
+                    return
+            except Exception:
+                log.exception("outbox relay cycle failed; what it held stays in the outbox")
+                if self._stop.wait(0.5):
+                    return
+
+    def _cycle(self) -> bool:
+        """One round of publishing; True once stopped and drained."""
+        stopping = self._stop.is_set()
+        timeout = max(0.0, self._next_sweep - time.monotonic())
+        items: list[Committed] = []
+        try:
+            items.extend(self._queue.get(timeout=0 if stopping else min(timeout, 0.5) or 0.0001))
+            while len(items) < 5000:
+                items.extend(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        if items:
+            self._publish_fresh(items)
+        if stopping and self._queue.empty():
+            return True
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.sweep_seconds
+            self._sweep()
+        if now >= self._next_partition_check:
+            self._next_partition_check = now + self.partition_check_seconds
+            self._keep_partitions()
+        return False
 
     def _publish_fresh(self, items: list[Committed]) -> None:
         """Delete the rows, publish, then commit: a row is published by whoever deleted it,
