@@ -24,6 +24,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 _configured = False
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
@@ -80,8 +81,13 @@ def configure_telemetry(service: str) -> None:
         return
     _configured = True
     resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", f"tessera-{service}")})
-    tracer_provider = TracerProvider(resource=resource)
     choice = _exporter_choice("TRACES")
+    sampler = None  # the SDK then honours OTEL_TRACES_SAMPLER
+    if choice == "none" and not os.environ.get("OTEL_TRACES_SAMPLER"):
+        # Nothing would be exported: spans still get ids (for logs and for the traceparent carried
+        # downstream) but are not recorded, which spares a real cost on every RPC and statement.
+        sampler = ALWAYS_OFF
+    tracer_provider = TracerProvider(resource=resource, sampler=sampler)
     if choice == "otlp":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 

@@ -21,8 +21,8 @@ from services.core.ratelimit import RateLimiter
 from services.core.telemetry import inject_traceparent, meter
 from services.core.tenancy import Tenant
 from services.ingest import validation
-from services.ingest.relay import Committed, OutboxRelay
-from services.ingest.storage import EventStore, NewEvent
+from services.ingest.relay import OutboxRelay
+from services.ingest.storage import EventStore, NewEvent, OutboxBatch
 from tessera.v1 import event_pb2, ingest_pb2
 
 ACCEPTED = ingest_pb2.EVENT_STATUS_ACCEPTED
@@ -209,18 +209,20 @@ class Ingestor:
                 if "statement timeout" in str(exc.orig):
                     raise DeadlineExceeded("deadline expired while committing; nothing was written") from exc
                 raise Unavailable("the event store is unavailable; nothing was written, retry the batch") from exc
-            committed = []
+            ids: list[str] = []
+            payloads: list[bytes] = []
             for new, pos in zip(prep.to_store, prep.positions, strict=True):
                 result = prep.results[pos]
-                seq = written.accepted.get(new.event_id)
-                if seq is not None:
+                if new.event_id in written.accepted:
                     result.status = ACCEPTED
                     result.event_id = new.event_id
-                    committed.append(Committed(tenant.tenant_id, seq, new.event_id, new.payload, traceparent))
+                    ids.append(new.event_id)
+                    payloads.append(new.payload)
                 else:
                     result.status = DUPLICATE
                     result.event_id = written.duplicates.get(new.message_id, "")
-            self.relay.submit(committed)
+            if written.outbox_seq is not None:
+                self.relay.submit(OutboxBatch(tenant.tenant_id, written.outbox_seq, ids, payloads, traceparent))
         for i, first in prep.in_batch_duplicates.items():
             prep.results[i].status = DUPLICATE
             prep.results[i].event_id = prep.results[first].event_id

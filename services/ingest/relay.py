@@ -14,7 +14,6 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import redis
 import sqlalchemy.exc
@@ -22,20 +21,11 @@ import sqlalchemy.exc
 from services.core import db
 from services.core.bus import EVENTS, Bus
 from services.core.telemetry import meter
-from services.ingest.storage import EventStore, OutboxRow
+from services.ingest.storage import EventStore, OutboxBatch
 
 log = logging.getLogger(__name__)
 
 _published = meter.create_counter("tessera.ingest.published", description="events published to the stream")
-
-
-@dataclass(frozen=True)
-class Committed:
-    tenant_id: str
-    seq: int
-    event_id: str
-    payload: bytes
-    traceparent: str
 
 
 class OutboxRelay:
@@ -46,7 +36,7 @@ class OutboxRelay:
         *,
         sweep_seconds: float = 1.0,
         grace_seconds: float = 5.0,
-        sweep_limit: int = 2000,
+        sweep_limit: int = 50,
         partition_check_seconds: float = 3600.0,
     ) -> None:
         self.store = store
@@ -55,7 +45,7 @@ class OutboxRelay:
         self.grace_seconds = grace_seconds
         self.sweep_limit = sweep_limit
         self.partition_check_seconds = partition_check_seconds
-        self._queue: queue.SimpleQueue[list[Committed]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[OutboxBatch | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
         self._degraded = False
@@ -68,13 +58,12 @@ class OutboxRelay:
 
     def stop(self, timeout: float) -> None:
         self._stop.set()
-        self._queue.put([])  # wake the thread
+        self._queue.put(None)  # wake the thread
         self._thread.join(timeout)
 
-    def submit(self, items: list[Committed]) -> None:
+    def submit(self, batch: OutboxBatch) -> None:
         """Called after commit; never blocks the RPC."""
-        if items:
-            self._queue.put(items)
+        self._queue.put(batch)
 
     @property
     def degraded(self) -> bool:
@@ -96,11 +85,15 @@ class OutboxRelay:
         """One round of publishing; True once stopped and drained."""
         stopping = self._stop.is_set()
         timeout = max(0.0, self._next_sweep - time.monotonic())
-        items: list[Committed] = []
+        items: list[OutboxBatch] = []
         try:
-            items.extend(self._queue.get(timeout=0 if stopping else min(timeout, 0.5) or 0.0001))
-            while len(items) < 5000:
-                items.extend(self._queue.get_nowait())
+            item = self._queue.get(timeout=0 if stopping else min(timeout, 0.5) or 0.0001)
+            while True:
+                if item is not None:
+                    items.append(item)
+                if len(items) >= 100:
+                    break
+                item = self._queue.get_nowait()
         except queue.Empty:
             pass
         if items:
@@ -116,7 +109,7 @@ class OutboxRelay:
             self._keep_partitions()
         return False
 
-    def _publish_fresh(self, items: list[Committed]) -> None:
+    def _publish_fresh(self, items: list[OutboxBatch]) -> None:
         """Delete the rows, publish, then commit: a row is published by whoever deleted it,
         so the fast path and a sweep (here or in another replica) never both publish it."""
         if self._degraded:
@@ -132,20 +125,23 @@ class OutboxRelay:
         except sqlalchemy.exc.SQLAlchemyError:
             log.warning("fast publish failed; the sweep will retry", exc_info=True)
             return
-        _published.add(len(live), {"path": "fast"})
+        _published.add(sum(len(b.event_ids) for b in live), {"path": "fast"})
 
-    def _append(self, items: Sequence[Committed | OutboxRow]) -> None:
-        by_tenant: dict[str, list[Committed | OutboxRow]] = {}
-        for i in items:
-            by_tenant.setdefault(i.tenant_id, []).append(i)
-        for tenant_id, rows in by_tenant.items():
+    def _append(self, batches: Sequence[OutboxBatch]) -> None:
+        by_tenant: dict[str, list[OutboxBatch]] = {}
+        for b in batches:
+            by_tenant.setdefault(b.tenant_id, []).append(b)
+        for tenant_id, group in by_tenant.items():
+            ids = [i.encode() for b in group for i in b.event_ids]
+            if not ids:
+                continue
             self.bus.append_columns(
                 tenant_id,
                 EVENTS,
                 {
-                    "event_id": [r.event_id.encode() for r in rows],
-                    "payload": [r.payload or b"" for r in rows],
-                    "traceparent": [r.traceparent.encode() for r in rows],
+                    "event_id": ids,
+                    "payload": [p for b in group for p in b.payloads],
+                    "traceparent": [b.traceparent.encode() for b in group for _ in b.event_ids],
                 },
             )
 
@@ -161,10 +157,7 @@ class OutboxRelay:
                 with db.raw_transaction(self.store.engine, "SELECT ingest.outbox FOR UPDATE") as (cursor, _):
                     min_age = 0.0 if self._degraded else self.grace_seconds
                     rows = self.store.claim_outbox(cursor, min_age, self.sweep_limit)
-                    orphans = [r for r in rows if r.payload is None]
-                    if orphans:
-                        log.error("outbox rows without an event; dropping", extra={"count": len(orphans)})
-                    self._append([r for r in rows if r.payload is not None])
+                    self._append(rows)
                     self.store.delete_outbox(cursor, [(r.tenant_id, r.seq) for r in rows])
             except redis.RedisError as exc:
                 self._enter_degraded(exc)
@@ -173,7 +166,7 @@ class OutboxRelay:
                 log.warning("outbox sweep failed; will retry", exc_info=True)
                 return
             if rows:
-                _published.add(len(rows), {"path": "sweep"})
+                _published.add(sum(len(r.event_ids) for r in rows), {"path": "sweep"})
             if len(rows) < self.sweep_limit:
                 if self._degraded:
                     log.info("outbox drained; back to the fast path")

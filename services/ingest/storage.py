@@ -36,10 +36,12 @@ WITH batch AS (
     SELECT $1, $2, b.event_id, b.message_id, to_timestamp(b.occurred), b.channel, b.kind, b.payload
     FROM batch b JOIN keys k USING (event_id)
     RETURNING event_id
+), outbox AS (
+    INSERT INTO ingest.outbox (tenant_id, received_at, event_ids, traceparent)
+    SELECT $1, $2, array_agg(event_id ORDER BY event_id), $3 FROM stored HAVING count(*) > 0
+    RETURNING seq
 )
-INSERT INTO ingest.outbox (tenant_id, event_id, received_at, traceparent)
-SELECT $1, event_id, $2, $3 FROM stored
-RETURNING seq, event_id::text;
+SELECT s.event_id::text, o.seq FROM stored s CROSS JOIN outbox o;
 """
 )
 _EXECUTE_WRITE_BATCH = (
@@ -54,14 +56,18 @@ WHERE tenant_id = %(tenant)s AND message_id = ANY(%(message_ids)s)
 """
 
 _CLAIM_OUTBOX = """
-SELECT o.tenant_id, o.seq, o.event_id::text, o.traceparent, e.payload
-FROM ingest.outbox o
-LEFT JOIN ingest.events e
-  ON e.tenant_id = o.tenant_id AND e.received_at = o.received_at AND e.event_id = o.event_id
-WHERE o.created_at < clock_timestamp() - make_interval(secs => %(min_age)s)
-ORDER BY o.tenant_id, o.seq
+SELECT tenant_id, seq, received_at, event_ids::text[], traceparent
+FROM ingest.outbox
+WHERE created_at < clock_timestamp() - make_interval(secs => %(min_age)s)
+ORDER BY tenant_id, seq
 LIMIT %(limit)s
-FOR UPDATE OF o SKIP LOCKED
+FOR UPDATE SKIP LOCKED
+"""
+
+_OUTBOX_PAYLOADS = """
+SELECT event_id::text, payload FROM ingest.events
+WHERE tenant_id = %(tenant)s AND received_at = %(received_at)s AND event_id = ANY(%(event_ids)s::uuid[])
+ORDER BY event_id
 """
 
 # seq is unique on its own (one sequence); the tenant list lets the primary key serve the lookup.
@@ -88,19 +94,22 @@ class NewEvent:
 
 @dataclass(frozen=True)
 class WriteResult:
-    # event_id -> outbox seq, for the events this batch stored.
-    accepted: dict[str, int]
+    # The outbox row of this batch (None when nothing was new) and the events it stored.
+    outbox_seq: int | None
+    accepted: set[str]
     # message_id -> event_id of the first commit, for the ones already stored.
     duplicates: dict[str, str]
 
 
 @dataclass(frozen=True)
-class OutboxRow:
+class OutboxBatch:
+    """A committed batch waiting to be published, with its events' payloads in order."""
+
     tenant_id: str
     seq: int
-    event_id: str
+    event_ids: list[str]
+    payloads: list[bytes]
     traceparent: str
-    payload: bytes | None
 
 
 class EventStore:
@@ -142,21 +151,30 @@ class EventStore:
                 else:  # first use of this connection: prepare in the same round trip
                     cursor.execute(_WRITE_BATCH.replace("%", "%%") + execute, params)
                     info[_WRITE_BATCH_NAME] = True
-                accepted = {event_id: seq for seq, event_id in cursor.fetchall()}
+                rows = cursor.fetchall()
+                accepted = {event_id for event_id, _ in rows}
+                seq = rows[0][1] if rows else None
                 duplicates: dict[str, str] = {}
                 if len(accepted) < len(events):
                     missing = [e.message_id for e in events if e.event_id not in accepted]
                     cursor.execute(_EXISTING_KEYS, {"tenant": tenant_id, "message_ids": missing})
                     duplicates = {str(r[0]): str(r[1]) for r in cursor.fetchall()}
-            return WriteResult(accepted, duplicates)
+            return WriteResult(seq, accepted, duplicates)
 
         return db.retry_on_disconnect(write)
 
     @staticmethod
-    def claim_outbox(cursor: Any, min_age_seconds: float, limit: int) -> list[OutboxRow]:
-        """Lock the oldest unpublished rows (skipping ones another relay holds) with their events."""
+    def claim_outbox(cursor: Any, min_age_seconds: float, limit: int) -> list[OutboxBatch]:
+        """Lock the oldest unpublished batches (skipping ones another relay holds), with their events."""
         cursor.execute(_CLAIM_OUTBOX, {"min_age": min_age_seconds, "limit": limit})
-        return [OutboxRow(r[0], r[1], r[2], r[3], bytes(r[4]) if r[4] is not None else None) for r in cursor.fetchall()]
+        out = []
+        for tenant_id, seq, received_at, event_ids, traceparent in cursor.fetchall():
+            cursor.execute(
+                _OUTBOX_PAYLOADS, {"tenant": tenant_id, "received_at": received_at, "event_ids": event_ids}
+            )
+            found = cursor.fetchall()
+            out.append(OutboxBatch(tenant_id, seq, [r[0] for r in found], [bytes(r[1]) for r in found], traceparent))
+        return out
 
     @staticmethod
     def delete_outbox(cursor: Any, keys: Sequence[tuple[str, int]]) -> set[int]:

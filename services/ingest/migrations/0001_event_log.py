@@ -43,12 +43,14 @@ def upgrade() -> None:
             PRIMARY KEY (tenant_id, message_id)
         );
 
-        -- Committed but not yet on the Redis stream. Rows live for milliseconds unless Redis is down.
+        -- Committed batches not yet on the Redis stream: one row per batch, not per event, so the
+        -- outbox costs one insert and one delete per batch. Rows live for milliseconds unless
+        -- Redis is down.
         CREATE TABLE ingest.outbox (
             tenant_id    text        NOT NULL,
             seq          bigserial   NOT NULL,
-            event_id     uuid        NOT NULL,
             received_at  timestamptz NOT NULL,
+            event_ids    uuid[]      NOT NULL,
             traceparent  text        NOT NULL DEFAULT '',
             created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
             PRIMARY KEY (tenant_id, seq)
