@@ -58,8 +58,9 @@ for r = 1, rows do
     entry[#entry + 1] = names[k]
     entry[#entry + 1] = values[k][r]
   end
-  ids[r] = redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(entry))
+  ids[r] = redis.call('XADD', KEYS[1], '*', unpack(entry))
 end
+redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', maxlen)
 return ids
 """
 
