@@ -99,9 +99,7 @@ def make_config(seconds: float, extra: argparse.Namespace) -> Config:
     # 4 processes give the same figures within run-to-run noise; in every case the server process
     # (~0.9 core, its GIL) is the bottleneck, not the clients. Two keep one client GIL out of the way.
     procs = _env_int("TESSERA_BENCH_CLIENT_PROCS", min(clients, max(2, cpus)))
-    modes = tuple(
-        m.strip() for m in os.environ.get("TESSERA_BENCH_MODES", "unary,stream").split(",") if m.strip()
-    )
+    modes = tuple(m.strip() for m in os.environ.get("TESSERA_BENCH_MODES", "unary,stream").split(",") if m.strip())
     bad = [m for m in modes if m not in ("unary", "stream")]
     if bad or not modes:
         raise ValueError(f"TESSERA_BENCH_MODES: unary and/or stream, got {bad or 'nothing'}")
@@ -126,8 +124,15 @@ def postgres_facts(engine: Engine) -> dict[str, Any]:
 
 
 def _phase(
-    cfg: Config, name: str, target: str, mode: str, ingest: bool, metadata: tuple[tuple[str, str], ...],
-    run_tag: str, templates: list[bytes], server: Child,
+    cfg: Config,
+    name: str,
+    target: str,
+    mode: str,
+    ingest: bool,
+    metadata: tuple[tuple[str, str], ...],
+    run_tag: str,
+    templates: list[bytes],
+    server: Child,
 ) -> PhaseResult:
     spec = PhaseSpec(
         name=name,
@@ -141,35 +146,55 @@ def _phase(
         seconds=cfg.seconds,
         window=cfg.stream_window,
     )
-    log.info("phase %s: %d clients in %d processes, %.1fs warm-up + %.1fs", name, cfg.clients,
-             cfg.client_procs, cfg.warmup, cfg.seconds)
+    log.info(
+        "phase %s: %d clients in %d processes, %.1fs warm-up + %.1fs",
+        name,
+        cfg.clients,
+        cfg.client_procs,
+        cfg.warmup,
+        cfg.seconds,
+    )
     result = run_phase(spec, templates, clients=cfg.clients, procs=cfg.client_procs, server_pid=server.pid)
     f = result.figures()
-    log.info("phase %s: %s events/s, p50 %s ms, p99 %s ms, server %s CPU s/1k events, errors %d", name,
-             f["events_per_s"], f["p50_ms"], f["p99_ms"], f["server_cpu_s_per_1k_events"], f["errors"])
+    log.info(
+        "phase %s: %s events/s, p50 %s ms, p99 %s ms, server %s CPU s/1k events, errors %d",
+        name,
+        f["events_per_s"],
+        f["p50_ms"],
+        f["p99_ms"],
+        f["server_cpu_s_per_1k_events"],
+        f["errors"],
+    )
     if not server.alive():
         raise RuntimeError(f"{server.name} died during {name}:\n{server.log_tail()}")
     return result
 
 
-def verify(
-    engine: Engine, redis_url: str, prefix: str, tenant_id: str, accepted: int, unknown: int
-) -> dict[str, Any]:
+def verify(engine: Engine, redis_url: str, prefix: str, tenant_id: str, accepted: int, unknown: int) -> dict[str, Any]:
     """Rows in ingest.events for the tenant == accepted events reported (after the outbox drains)."""
     deadline = time.monotonic() + 20
     outbox = -1
     while time.monotonic() < deadline:
         with engine.connect() as conn:
-            outbox = int(conn.execute(sa.text("SELECT count(*) FROM ingest.outbox WHERE tenant_id = :t"),
-                                      {"t": tenant_id}).scalar_one())
+            outbox = int(
+                conn.execute(
+                    sa.text("SELECT count(*) FROM ingest.outbox WHERE tenant_id = :t"), {"t": tenant_id}
+                ).scalar_one()
+            )
         if outbox == 0:
             break
         time.sleep(0.25)
     with engine.connect() as conn:
-        rows = int(conn.execute(sa.text("SELECT count(*) FROM ingest.events WHERE tenant_id = :t"),
-                                {"t": tenant_id}).scalar_one())
-        keys = int(conn.execute(sa.text("SELECT count(*) FROM ingest.dedupe_keys WHERE tenant_id = :t"),
-                                {"t": tenant_id}).scalar_one())
+        rows = int(
+            conn.execute(
+                sa.text("SELECT count(*) FROM ingest.events WHERE tenant_id = :t"), {"t": tenant_id}
+            ).scalar_one()
+        )
+        keys = int(
+            conn.execute(
+                sa.text("SELECT count(*) FROM ingest.dedupe_keys WHERE tenant_id = :t"), {"t": tenant_id}
+            ).scalar_one()
+        )
     client = connect(redis_url)
     try:
         stream_len = int(client.xlen(tenant_key(prefix, tenant_id, EVENTS)))
@@ -194,12 +219,15 @@ def _run(cfg: Config) -> dict[str, Any]:
     facts = machine_facts()
     facts["cpu_busy_pct_before_start"] = psutil.cpu_percent(interval=1.0)
     if facts["cpu_busy_pct_before_start"] > 10:
-        log.warning("the machine is not idle (%.0f%% CPU busy before the start): figures will be lower "
-                    "and noisier", facts["cpu_busy_pct_before_start"])
+        log.warning(
+            "the machine is not idle (%.0f%% CPU busy before the start): figures will be lower and noisier",
+            facts["cpu_busy_pct_before_start"],
+        )
     date = utc_now()
     templates = demo_templates()
-    log.info("%d demo event templates, %.0f bytes on average", len(templates),
-             sum(map(len, templates)) / len(templates))
+    log.info(
+        "%d demo event templates, %.0f bytes on average", len(templates), sum(map(len, templates)) / len(templates)
+    )
     token = run_token()
     results: dict[str, PhaseResult] = {}
     with backends("ingest") as be:
@@ -212,14 +240,26 @@ def _run(cfg: Config) -> dict[str, Any]:
 
             # 1. transport-only baseline
             port = free_port()
-            transport = spawn("transport", python_argv("bench.transport_server", str(port),
-                                                       str(cfg.grpc_workers)), python_env({}), be.workdir)
+            transport = spawn(
+                "transport",
+                python_argv("bench.transport_server", str(port), str(cfg.grpc_workers)),
+                python_env({}),
+                be.workdir,
+            )
             try:
                 wait_serving(f"127.0.0.1:{port}", transport, timeout=30)
                 for mode in cfg.modes:
-                    results[f"transport_{mode}"] = _phase(cfg, f"transport_{mode}", f"127.0.0.1:{port}", mode,
-                                                          False, metadata, f"{token}t{mode[0]}", templates,
-                                                          transport)
+                    results[f"transport_{mode}"] = _phase(
+                        cfg,
+                        f"transport_{mode}",
+                        f"127.0.0.1:{port}",
+                        mode,
+                        False,
+                        metadata,
+                        f"{token}t{mode[0]}",
+                        templates,
+                        transport,
+                    )
             finally:
                 transport.stop(5)
 
@@ -228,11 +268,11 @@ def _run(cfg: Config) -> dict[str, Any]:
             try:
                 wait_serving(target, ingest, timeout=60, service=INGEST_SERVICE)
                 for mode in cfg.modes:
-                    results[f"ingest_{mode}"] = _phase(cfg, f"ingest_{mode}", target, mode, True, metadata,
-                                                       f"{token}i{mode[0]}", templates, ingest)
+                    results[f"ingest_{mode}"] = _phase(
+                        cfg, f"ingest_{mode}", target, mode, True, metadata, f"{token}i{mode[0]}", templates, ingest
+                    )
                 accepted = sum(r.tally.accepted for k, r in results.items() if k.startswith("ingest_"))
-                unknown = sum(r.tally.unknown_outcome_events for k, r in results.items()
-                              if k.startswith("ingest_"))
+                unknown = sum(r.tally.unknown_outcome_events for k, r in results.items() if k.startswith("ingest_"))
                 check = verify(engine, be.redis_url, be.redis_prefix, tenant_id, accepted, unknown)
                 log.info("correctness: %s", check)
             finally:
@@ -268,8 +308,15 @@ def start_ingest(be: Backends, cfg: Config) -> tuple[Child, str]:
 
 
 def report(
-    cfg: Config, facts: dict[str, Any], date: str, be: Backends, pg_facts: dict[str, Any],
-    results: dict[str, PhaseResult], check: dict[str, Any], ingest_exit: int | None, wall: float,
+    cfg: Config,
+    facts: dict[str, Any],
+    date: str,
+    be: Backends,
+    pg_facts: dict[str, Any],
+    results: dict[str, PhaseResult],
+    check: dict[str, Any],
+    ingest_exit: int | None,
+    wall: float,
 ) -> dict[str, Any]:
     figures = {name: r.figures() for name, r in results.items()}
     ratios: dict[str, float | None] = {}
@@ -327,16 +374,18 @@ def table(rep: dict[str, Any]) -> str:
             continue
         label = name.replace("_", " ") + f" ({f['method']})"
         ratio = f.get("ratio_to_transport")
-        rows.append((
-            label,
-            _fmt(f["events_per_s"], ",.0f"),
-            _fmt(f["p50_ms"], ".1f"),
-            _fmt(f["p99_ms"], ".1f"),
-            _fmt(f["server_cpu_s_per_1k_events"], ".4f"),
-            _fmt(f["server_cpu_cores"], ".2f"),
-            _fmt(ratio, ".1%") if name.startswith("ingest") else "-",
-            str(f["errors"] + f["refused_batches"]),
-        ))
+        rows.append(
+            (
+                label,
+                _fmt(f["events_per_s"], ",.0f"),
+                _fmt(f["p50_ms"], ".1f"),
+                _fmt(f["p99_ms"], ".1f"),
+                _fmt(f["server_cpu_s_per_1k_events"], ".4f"),
+                _fmt(f["server_cpu_cores"], ".2f"),
+                _fmt(ratio, ".1%") if name.startswith("ingest") else "-",
+                str(f["errors"] + f["refused_batches"]),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for i, r in enumerate(rows):
         cells = (cell.ljust(widths[j]) if j == 0 else cell.rjust(widths[j]) for j, cell in enumerate(r))
@@ -370,6 +419,7 @@ def run(*, seconds: float, as_json: bool, extra: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tessera bench: {exc}", file=sys.stderr)
         return 2
+
     def on_term(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every finally: children stop
 

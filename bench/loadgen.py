@@ -68,8 +68,15 @@ class ClientTally:
     def merge(self, other: ClientTally) -> None:
         self.latencies += other.latencies
         for name in (
-            "measured_events", "measured_batches", "sent_batches", "accepted", "duplicate", "rejected",
-            "refused_batches", "errors", "unknown_outcome_events",
+            "measured_events",
+            "measured_batches",
+            "sent_batches",
+            "accepted",
+            "duplicate",
+            "rejected",
+            "refused_batches",
+            "errors",
+            "unknown_outcome_events",
         ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.error_samples += other.error_samples[: max(0, 5 - len(self.error_samples))]
@@ -134,8 +141,12 @@ def run_unary(spec: PhaseSpec, channel: grpc.Channel, maker: BatchMaker, win: Wi
             raw = call(req, metadata=spec.metadata, timeout=CALL_TIMEOUT)
         except grpc.RpcError as exc:
             tally.error(exc)
-            if exc.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE,  # type: ignore[attr-defined]
-                              grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN):
+            if exc.code() in (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.UNAVAILABLE,  # type: ignore[attr-defined]
+                grpc.StatusCode.CANCELLED,
+                grpc.StatusCode.UNKNOWN,
+            ):
                 tally.unknown_outcome_events += maker.size
             time.sleep(0.05)
             continue
@@ -152,17 +163,19 @@ def run_stream(spec: PhaseSpec, channel: grpc.Channel, maker: BatchMaker, win: W
     """A pipelined StreamEvents: up to ``window`` batches unanswered; each answer frees a slot.
     Latency is from handing the batch to gRPC to reading its answer (queueing included)."""
     tally = ClientTally()
-    call = channel.stream_stream(
-        SERVICE + "StreamEvents", request_serializer=None, response_deserializer=None
-    )
+    call = channel.stream_stream(SERVICE + "StreamEvents", request_serializer=None, response_deserializer=None)
     while time.monotonic() < win.end and tally.errors < MAX_ERRORS:
         slots = threading.Semaphore(spec.window)
         sent_at: dict[int, float] = {}
         state: dict[str, Any] = {"seq": 0, "build": 0.0}
         start_seq = tally.sent_batches
 
-        def requests(slots: threading.Semaphore = slots, sent_at: dict[int, float] = sent_at,
-                     state: dict[str, Any] = state, start_seq: int = start_seq) -> Any:
+        def requests(
+            slots: threading.Semaphore = slots,
+            sent_at: dict[int, float] = sent_at,
+            state: dict[str, Any] = state,
+            start_seq: int = start_seq,
+        ) -> Any:
             while True:
                 if not slots.acquire(timeout=0.1):
                     if time.monotonic() >= win.end:

@@ -60,9 +60,7 @@ class BatchMaker:
         mid_field = _MESSAGE_ID_TAG + varint(mid_len)
         events_tag = _EVENTS_TAG[kind]
         # per template: events tag + length of the whole event, then the message_id tag + length
-        self._heads = [
-            events_tag + varint(len(mid_field) + mid_len + len(t)) + mid_field for t in self.templates
-        ]
+        self._heads = [events_tag + varint(len(mid_field) + mid_len + len(t)) + mid_field for t in self.templates]
         self._suffixes = [b"%03d" % i for i in range(size)]
 
     def make(self, seq: int) -> bytes:

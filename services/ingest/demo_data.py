@@ -103,38 +103,258 @@ PERSONA: Final = DemoPersona(
 # identity and traits code must cope with them.
 
 FIRST_NAMES: Final = (
-    "James", "Mary", "Robert", "Patricia", "John", "Jennifer", "Michael", "Linda", "David", "Elizabeth",
-    "William", "Barbara", "Richard", "Susan", "Joseph", "Jessica", "Thomas", "Sarah", "Christopher",
-    "Karen", "Charles", "Lisa", "Daniel", "Nancy", "Matthew", "Betty", "Anthony", "Margaret", "Mark",
-    "Sandra", "Donald", "Ashley", "Steven", "Kimberly", "Andrew", "Emily", "Joshua", "Donna", "Kenneth",
-    "Michelle", "Kevin", "Carol", "Brian", "Amanda", "Timothy", "Melissa", "Ronald", "Deborah", "Jason",
-    "Stephanie", "Katherine", "Rebecca", "Alexander", "Samantha", "Benjamin", "Olivia", "Nicholas",
-    "Sophia", "Jonathan", "Isabella", "Wei", "Mei", "Hiroshi", "Yuki", "Priya", "Arjun", "Aisha", "Omar",
-    "Fatima", "Mohammed", "Chloé", "José", "María", "Luis", "Sofía", "Diego", "Camila", "Mateo", "Zoë",
-    "Noah", "Liam", "Ava", "Mia", "Ethan", "Lucas", "Harper", "Amelia", "Elijah", "Chidi", "Ngozi",
-    "Kwame", "Amara", "Sven", "Ingrid", "Lars", "Anya", "Dmitri", "Siobhan", "Seán", "Niamh", "Thanh",
-    "Linh", "Minh", "Jae", "Ji-woo", "Rahul", "Ananya", "Tariq", "Leila", "Gabriel", "Valentina",
+    "James",
+    "Mary",
+    "Robert",
+    "Patricia",
+    "John",
+    "Jennifer",
+    "Michael",
+    "Linda",
+    "David",
+    "Elizabeth",
+    "William",
+    "Barbara",
+    "Richard",
+    "Susan",
+    "Joseph",
+    "Jessica",
+    "Thomas",
+    "Sarah",
+    "Christopher",
+    "Karen",
+    "Charles",
+    "Lisa",
+    "Daniel",
+    "Nancy",
+    "Matthew",
+    "Betty",
+    "Anthony",
+    "Margaret",
+    "Mark",
+    "Sandra",
+    "Donald",
+    "Ashley",
+    "Steven",
+    "Kimberly",
+    "Andrew",
+    "Emily",
+    "Joshua",
+    "Donna",
+    "Kenneth",
+    "Michelle",
+    "Kevin",
+    "Carol",
+    "Brian",
+    "Amanda",
+    "Timothy",
+    "Melissa",
+    "Ronald",
+    "Deborah",
+    "Jason",
+    "Stephanie",
+    "Katherine",
+    "Rebecca",
+    "Alexander",
+    "Samantha",
+    "Benjamin",
+    "Olivia",
+    "Nicholas",
+    "Sophia",
+    "Jonathan",
+    "Isabella",
+    "Wei",
+    "Mei",
+    "Hiroshi",
+    "Yuki",
+    "Priya",
+    "Arjun",
+    "Aisha",
+    "Omar",
+    "Fatima",
+    "Mohammed",
+    "Chloé",
+    "José",
+    "María",
+    "Luis",
+    "Sofía",
+    "Diego",
+    "Camila",
+    "Mateo",
+    "Zoë",
+    "Noah",
+    "Liam",
+    "Ava",
+    "Mia",
+    "Ethan",
+    "Lucas",
+    "Harper",
+    "Amelia",
+    "Elijah",
+    "Chidi",
+    "Ngozi",
+    "Kwame",
+    "Amara",
+    "Sven",
+    "Ingrid",
+    "Lars",
+    "Anya",
+    "Dmitri",
+    "Siobhan",
+    "Seán",
+    "Niamh",
+    "Thanh",
+    "Linh",
+    "Minh",
+    "Jae",
+    "Ji-woo",
+    "Rahul",
+    "Ananya",
+    "Tariq",
+    "Leila",
+    "Gabriel",
+    "Valentina",
 )
 LAST_NAMES: Final = (
-    "Smith", "Johnson", "Williams", "Brown", "Jones", "Garcia", "Miller", "Davis", "Rodriguez",
-    "Martinez", "Hernandez", "Lopez", "Gonzalez", "Wilson", "Anderson", "Thomas", "Taylor", "Moore",
-    "Jackson", "Martin", "Lee", "Perez", "Thompson", "White", "Harris", "Sanchez", "Clark", "Ramirez",
-    "Lewis", "Robinson", "Walker", "Young", "Allen", "King", "Wright", "Scott", "Torres", "Nguyen",
-    "Hill", "Flores", "Green", "Adams", "Nelson", "Baker", "Hall", "Rivera", "Campbell", "Mitchell",
-    "Carter", "Roberts", "Chen", "Wang", "Kim", "Park", "Patel", "Shah", "Singh", "Tanaka", "Sato",
-    "Okafor", "Adeyemi", "Mensah", "O'Brien", "O'Connor", "McCarthy", "Murphy", "Kowalski", "Nowak",
-    "Müller", "Schmidt", "Johansson", "Lindqvist", "Rossi", "Bianchi", "Dubois", "Lefèvre", "Ivanova",
-    "Petrov", "Haddad", "Khan", "Ali", "Hussain", "Cohen", "Levy", "Santos", "Oliveira", "Costa",
-    "Silva", "Reyes", "Cruz", "Morales", "Ortiz", "Gutierrez", "Tran", "Pham", "Le", "Huang", "Zhang",
-    "Liu", "Yamamoto", "Choi", "Sharma", "Gupta", "Iyer", "Smith-Jones", "Van der Berg", "St. Clair",
+    "Smith",
+    "Johnson",
+    "Williams",
+    "Brown",
+    "Jones",
+    "Garcia",
+    "Miller",
+    "Davis",
+    "Rodriguez",
+    "Martinez",
+    "Hernandez",
+    "Lopez",
+    "Gonzalez",
+    "Wilson",
+    "Anderson",
+    "Thomas",
+    "Taylor",
+    "Moore",
+    "Jackson",
+    "Martin",
+    "Lee",
+    "Perez",
+    "Thompson",
+    "White",
+    "Harris",
+    "Sanchez",
+    "Clark",
+    "Ramirez",
+    "Lewis",
+    "Robinson",
+    "Walker",
+    "Young",
+    "Allen",
+    "King",
+    "Wright",
+    "Scott",
+    "Torres",
+    "Nguyen",
+    "Hill",
+    "Flores",
+    "Green",
+    "Adams",
+    "Nelson",
+    "Baker",
+    "Hall",
+    "Rivera",
+    "Campbell",
+    "Mitchell",
+    "Carter",
+    "Roberts",
+    "Chen",
+    "Wang",
+    "Kim",
+    "Park",
+    "Patel",
+    "Shah",
+    "Singh",
+    "Tanaka",
+    "Sato",
+    "Okafor",
+    "Adeyemi",
+    "Mensah",
+    "O'Brien",
+    "O'Connor",
+    "McCarthy",
+    "Murphy",
+    "Kowalski",
+    "Nowak",
+    "Müller",
+    "Schmidt",
+    "Johansson",
+    "Lindqvist",
+    "Rossi",
+    "Bianchi",
+    "Dubois",
+    "Lefèvre",
+    "Ivanova",
+    "Petrov",
+    "Haddad",
+    "Khan",
+    "Ali",
+    "Hussain",
+    "Cohen",
+    "Levy",
+    "Santos",
+    "Oliveira",
+    "Costa",
+    "Silva",
+    "Reyes",
+    "Cruz",
+    "Morales",
+    "Ortiz",
+    "Gutierrez",
+    "Tran",
+    "Pham",
+    "Le",
+    "Huang",
+    "Zhang",
+    "Liu",
+    "Yamamoto",
+    "Choi",
+    "Sharma",
+    "Gupta",
+    "Iyer",
+    "Smith-Jones",
+    "Van der Berg",
+    "St. Clair",
 )
 NICKNAMES: Final = {
-    "James": "Jim", "Robert": "Bob", "Patricia": "Pat", "Jennifer": "Jen", "Michael": "Mike",
-    "Elizabeth": "Liz", "William": "Bill", "Richard": "Rick", "Susan": "Sue", "Joseph": "Joe",
-    "Thomas": "Tom", "Christopher": "Chris", "Daniel": "Dan", "Matthew": "Matt", "Anthony": "Tony",
-    "Margaret": "Maggie", "Steven": "Steve", "Kimberly": "Kim", "Andrew": "Andy", "Kenneth": "Ken",
-    "Timothy": "Tim", "Ronald": "Ron", "Katherine": "Kate", "Rebecca": "Becky", "Alexander": "Alex",
-    "Samantha": "Sam", "Benjamin": "Ben", "Nicholas": "Nick", "Jonathan": "Jon", "Valentina": "Vale",
+    "James": "Jim",
+    "Robert": "Bob",
+    "Patricia": "Pat",
+    "Jennifer": "Jen",
+    "Michael": "Mike",
+    "Elizabeth": "Liz",
+    "William": "Bill",
+    "Richard": "Rick",
+    "Susan": "Sue",
+    "Joseph": "Joe",
+    "Thomas": "Tom",
+    "Christopher": "Chris",
+    "Daniel": "Dan",
+    "Matthew": "Matt",
+    "Anthony": "Tony",
+    "Margaret": "Maggie",
+    "Steven": "Steve",
+    "Kimberly": "Kim",
+    "Andrew": "Andy",
+    "Kenneth": "Ken",
+    "Timothy": "Tim",
+    "Ronald": "Ron",
+    "Katherine": "Kate",
+    "Rebecca": "Becky",
+    "Alexander": "Alex",
+    "Samantha": "Sam",
+    "Benjamin": "Ben",
+    "Nicholas": "Nick",
+    "Jonathan": "Jon",
+    "Valentina": "Vale",
 }
 # (city, state, area codes, zip prefix)
 CITIES: Final = (
@@ -162,22 +382,57 @@ CITIES: Final = (
     ("Salt Lake City", "UT", ("801",), "841"),
 )
 STREETS: Final = (
-    "Maple", "Oak", "Cedar", "Pine", "Elm", "Washington", "Lake", "Hill", "Park", "Main", "Sunset",
-    "Mission", "Valencia", "Church", "Broadway", "Lincoln", "Jefferson", "Highland", "Madison",
-    "Franklin", "Willow", "Magnolia", "Riverside", "Harbor", "Chestnut", "Spruce", "Walnut", "Cherry",
+    "Maple",
+    "Oak",
+    "Cedar",
+    "Pine",
+    "Elm",
+    "Washington",
+    "Lake",
+    "Hill",
+    "Park",
+    "Main",
+    "Sunset",
+    "Mission",
+    "Valencia",
+    "Church",
+    "Broadway",
+    "Lincoln",
+    "Jefferson",
+    "Highland",
+    "Madison",
+    "Franklin",
+    "Willow",
+    "Magnolia",
+    "Riverside",
+    "Harbor",
+    "Chestnut",
+    "Spruce",
+    "Walnut",
+    "Cherry",
 )
 STREET_SUFFIXES: Final = (
-    ("Street", "St"), ("Avenue", "Ave"), ("Road", "Rd"), ("Boulevard", "Blvd"), ("Drive", "Dr"),
-    ("Lane", "Ln"), ("Court", "Ct"), ("Place", "Pl"),
+    ("Street", "St"),
+    ("Avenue", "Ave"),
+    ("Road", "Rd"),
+    ("Boulevard", "Blvd"),
+    ("Drive", "Dr"),
+    ("Lane", "Ln"),
+    ("Court", "Ct"),
+    ("Place", "Pl"),
 )
 EMAIL_DOMAINS: Final = (
-    "example.com", "example.com", "example.com", "example.net", "example.org", "mail.example.com",
+    "example.com",
+    "example.com",
+    "example.com",
+    "example.net",
+    "example.org",
+    "mail.example.com",
     "inbox.example.net",
 )
 LOCALES: Final = ("en-US",) * 12 + ("es-US", "es-US", "en-GB", "fr-CA", "zh-CN", "vi-VN")
 USER_AGENTS: Final = (
-    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
-    "Chrome/124.0.0.0 Safari/537.36",
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36",
     "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
     "Version/17.4 Safari/605.1.15",
     "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
@@ -221,20 +476,41 @@ PRODUCTS: Final = (
     ("HP-OUT-214", "Camp Chair", "outdoor", 64.0),
 )
 PAGES: Final = (
-    ("/", "Home"), ("/collections/new", "New Arrivals"), ("/collections/sale", "Sale"),
-    ("/collections/outdoor", "Outdoor"), ("/collections/home", "Home Goods"), ("/help", "Help Center"),
-    ("/help/returns", "Returns & Exchanges"), ("/help/shipping", "Shipping"), ("/account", "My Account"),
-    ("/account/orders", "Order History"), ("/stores", "Store Locator"), ("/membership", "Plus Membership"),
+    ("/", "Home"),
+    ("/collections/new", "New Arrivals"),
+    ("/collections/sale", "Sale"),
+    ("/collections/outdoor", "Outdoor"),
+    ("/collections/home", "Home Goods"),
+    ("/help", "Help Center"),
+    ("/help/returns", "Returns & Exchanges"),
+    ("/help/shipping", "Shipping"),
+    ("/account", "My Account"),
+    ("/account/orders", "Order History"),
+    ("/stores", "Store Locator"),
+    ("/membership", "Plus Membership"),
 )
 REFERRERS: Final = (
-    "", "", "https://www.google.com/", "https://www.bing.com/", "https://duckduckgo.com/",
-    "https://www.instagram.com/", "https://www.pinterest.com/",
+    "",
+    "",
+    "https://www.google.com/",
+    "https://www.bing.com/",
+    "https://duckduckgo.com/",
+    "https://www.instagram.com/",
+    "https://www.pinterest.com/",
 )
 STORES: Final = (
-    ("store-0101", "San Francisco"), ("store-0102", "Oakland"), ("store-0201", "Los Angeles"),
-    ("store-0301", "Seattle"), ("store-0302", "Portland"), ("store-0401", "Denver"),
-    ("store-0501", "Austin"), ("store-0601", "Chicago"), ("store-0701", "Boston"),
-    ("store-0801", "New York"), ("store-0802", "Brooklyn"), ("store-0901", "Atlanta"),
+    ("store-0101", "San Francisco"),
+    ("store-0102", "Oakland"),
+    ("store-0201", "Los Angeles"),
+    ("store-0301", "Seattle"),
+    ("store-0302", "Portland"),
+    ("store-0401", "Denver"),
+    ("store-0501", "Austin"),
+    ("store-0601", "Chicago"),
+    ("store-0701", "Boston"),
+    ("store-0801", "New York"),
+    ("store-0802", "Brooklyn"),
+    ("store-0901", "Atlanta"),
 )
 
 # Queues, their agents and the reasons that land in them.
@@ -320,12 +596,56 @@ JUNK_IDS: Final[dict[Channel, tuple[tuple[str, str], ...]]] = {
 
 # Hour-of-day weights in US local time (UTC-5 is close enough for a demo).
 DIGITAL_HOURS: Final = (
-    0.15, 0.1, 0.07, 0.05, 0.05, 0.08, 0.2, 0.4, 0.6, 0.7, 0.75, 0.8,
-    0.85, 0.8, 0.75, 0.75, 0.8, 0.85, 0.95, 1.0, 1.0, 0.9, 0.6, 0.3,
+    0.15,
+    0.1,
+    0.07,
+    0.05,
+    0.05,
+    0.08,
+    0.2,
+    0.4,
+    0.6,
+    0.7,
+    0.75,
+    0.8,
+    0.85,
+    0.8,
+    0.75,
+    0.75,
+    0.8,
+    0.85,
+    0.95,
+    1.0,
+    1.0,
+    0.9,
+    0.6,
+    0.3,
 )
 CONTACT_HOURS: Final = (
-    0.02, 0.02, 0.02, 0.02, 0.02, 0.02, 0.05, 0.3, 0.8, 1.0, 1.0, 0.95,
-    0.85, 0.9, 0.95, 0.9, 0.8, 0.6, 0.4, 0.25, 0.1, 0.05, 0.03, 0.02,
+    0.02,
+    0.02,
+    0.02,
+    0.02,
+    0.02,
+    0.02,
+    0.05,
+    0.3,
+    0.8,
+    1.0,
+    1.0,
+    0.95,
+    0.85,
+    0.9,
+    0.95,
+    0.9,
+    0.8,
+    0.6,
+    0.4,
+    0.25,
+    0.1,
+    0.05,
+    0.03,
+    0.02,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -333,13 +653,11 @@ CONTACT_HOURS: Final = (
 
 BOT_GREETINGS: Final = (
     "Hi there! I'm Pine, the Harbor & Pine virtual assistant. What can I help you with today?",
-    "Welcome to Harbor & Pine support. Tell me a little about what you need and I'll find the right "
-    "person.",
+    "Welcome to Harbor & Pine support. Tell me a little about what you need and I'll find the right person.",
     "Hello! You're chatting with our assistant. You can ask about orders, returns, billing or your account.",
 )
 BOT_HANDOFFS: Final = (
-    "Thanks! I'm connecting you with someone from our {queue} team. The current wait is about {wait} "
-    "minutes.",
+    "Thanks! I'm connecting you with someone from our {queue} team. The current wait is about {wait} minutes.",
     "Got it. Let me find a {queue} specialist for you, it should only take a few minutes.",
 )
 OPENERS: Final = {
@@ -408,10 +726,8 @@ RESOLUTIONS: Final = {
     "billing_question": "That {amount} is your membership renewal. I've emailed you an itemised invoice.",
     "unexpected_charge": "I can see the duplicate charge. I've reversed the extra {amount}; it should "
     "disappear within 3-5 business days.",
-    "payment_failed": "Your bank flagged the payment. I've cleared the hold on our side, please try again "
-    "now.",
-    "refund_status": "Your refund of {amount} was processed today and should reach your card within 5 "
-    "business days.",
+    "payment_failed": "Your bank flagged the payment. I've cleared the hold on our side, please try again now.",
+    "refund_status": "Your refund of {amount} was processed today and should reach your card within 5 business days.",
     "password_reset": "I've sent a fresh reset link. It should arrive in a minute, please check spam too.",
     "app_not_working": "Thanks for the details. Updating to the latest app version fixes that crash, and "
     "I've cleared your session.",
@@ -425,17 +741,13 @@ RESOLUTIONS: Final = {
     "is issued within 3 days.",
     "wrong_item": "Apologies for the mix-up! The correct {product} ships today by express, with a return "
     "label for the wrong one.",
-    "product_question": "Yes, the {product} comes in sizes XS to XXL and it's machine washable at 30 "
-    "degrees.",
-    "plan_upgrade": "Done! You're on the Plus plan now with free express shipping and early access to "
-    "sales.",
-    "cancel_membership": "I've cancelled your membership; you keep your benefits until the end of the "
-    "billing period.",
+    "product_question": "Yes, the {product} comes in sizes XS to XXL and it's machine washable at 30 degrees.",
+    "plan_upgrade": "Done! You're on the Plus plan now with free express shipping and early access to sales.",
+    "cancel_membership": "I've cancelled your membership; you keep your benefits until the end of the billing period.",
 }
 UNRESOLVED: Final = (
     "I've escalated this to our specialist team; they will get back to you within 48 hours.",
-    "I'm unable to fix this from my side, so I've opened a ticket with the warehouse. You'll get an "
-    "update by email.",
+    "I'm unable to fix this from my side, so I've opened a ticket with the warehouse. You'll get an update by email.",
     "I need to check with another department. I'll follow up with you tomorrow.",
 )
 FRUSTRATED: Final = (
@@ -666,8 +978,13 @@ class _Generator:
         self.out: list[tuple[int, int, event_pb2.Event]] = []
         self.seq = 0
         self.used: set[str] = {
-            PERSONA.email, PERSONA.phone, PERSONA.chat_id, PERSONA.loyalty_id, PERSONA.user_id,
-            PERSONA.anonymous_id, PERSONA.crm_id,
+            PERSONA.email,
+            PERSONA.phone,
+            PERSONA.chat_id,
+            PERSONA.loyalty_id,
+            PERSONA.user_id,
+            PERSONA.anonymous_id,
+            PERSONA.crm_id,
         }
         self.case_no = 1_040_000
         self.order_no = 100_000 + self.rng.randrange(100_000)
@@ -746,9 +1063,7 @@ class _Generator:
         """Emit a Track event."""
         self.emit(ts, via, props=props, ctx=ctx, junk=junk).track.event = name
 
-    def identify(
-        self, ts: int, via: _Via, traits: Json, ctx: Json | None = None, *, junk: bool = True
-    ) -> None:
+    def identify(self, ts: int, via: _Via, traits: Json, ctx: Json | None = None, *, junk: bool = True) -> None:
         """Emit an Identify event."""
         self.emit(ts, via, ctx=ctx, junk=junk).identify.traits.update(traits)
 
@@ -1060,18 +1375,25 @@ class _Generator:
         if not c.device_id:
             return
         rng = self.rng
-        via = _Via(APP, "ios-app" if c.platform == "ios" else "android-app",
-                   [("device_id", c.device_id), ("user_id", c.user_id)])
-        ctx: Json = {"app_version": c.app_version, "os": c.device[1], "device_model": c.device[0],
-                     "locale": c.locale}
+        via = _Via(
+            APP,
+            "ios-app" if c.platform == "ios" else "android-app",
+            [("device_id", c.device_id), ("user_id", c.user_id)],
+        )
+        ctx: Json = {"app_version": c.app_version, "os": c.device[1], "device_model": c.device[0], "locale": c.locale}
         for _ in range(_poisson(rng, 2.2 * c.activity * self.scale)):
             ts = self.when(DIGITAL_HOURS, 2 * HOUR)
             self.track(ts, via, "Application Opened", {"from_background": rng.random() < 0.4}, ctx)
             ts += rng.randint(3, 60)
             for _ in range(_poisson(rng, 1.0)):
                 item = self.product()
-                props: Json = {"sku": item[0], "name": item[1], "category": item[2], "price": item[3],
-                               "currency": "USD"}
+                props: Json = {
+                    "sku": item[0],
+                    "name": item[1],
+                    "category": item[2],
+                    "price": item[3],
+                    "currency": "USD",
+                }
                 self.track(ts, via, "Product Viewed", props, ctx)
                 ts += rng.randint(10, 200)
                 if rng.random() < 0.12:
@@ -1127,13 +1449,20 @@ class _Generator:
         for v in range(visits):
             ts = self.when(CONTACT_HOURS, 2 * HOUR)
             store_id = c.home_store if rng.random() < 0.8 else rng.choice(STORES)[0]
-            ctx: Json = {"store_id": store_id, "terminal_id": f"pos-{rng.randint(1, 6)}",
-                         "associate_id": f"emp-{rng.randint(1000, 1400)}"}
+            ctx: Json = {
+                "store_id": store_id,
+                "terminal_id": f"pos-{rng.randint(1, 6)}",
+                "associate_id": f"emp-{rng.randint(1000, 1400)}",
+            }
             ids: Ids = [("loyalty_id", c.loyalty_id)]
             if v == 0 and rng.random() < 0.45:
                 email = self.email_variant(c.email)
-                traits: Json = {"first_name": c.first_name, "last_name": c.last_name, "email": email,
-                                "postcode": c.postcode}
+                traits: Json = {
+                    "first_name": c.first_name,
+                    "last_name": c.last_name,
+                    "email": email,
+                    "postcode": c.postcode,
+                }
                 signup: Ids = [*ids, ("email", email)]
                 if rng.random() < 0.5:
                     traits["phone"] = self.phone_variant(c.phone, 0.7)
@@ -1174,8 +1503,9 @@ class _Generator:
         if c.crm_id:
             ids.append(("crm_id", c.crm_id))
         kind = event_pb2.SURVEY_TYPE_NPS
-        self.survey(ts, _Via(EMAIL, "qualtrics", ids), kind, score, SURVEY_RELATIONSHIP_NPS,
-                    comment=self.comment(kind, score))
+        self.survey(
+            ts, _Via(EMAIL, "qualtrics", ids), kind, score, SURVEY_RELATIONSHIP_NPS, comment=self.comment(kind, score)
+        )
 
     def comment(self, kind: event_pb2.SurveyType.ValueType, score: int) -> str:
         """A free-text comment matching the score, on about a third of answers."""
@@ -1260,9 +1590,7 @@ class _Generator:
             weights.append(25.0)
         return self.rng.choices(options, weights)[0]
 
-    def plan_legs(
-        self, channel: Channel, queue: str, arrival: int, *, resolved: bool, outbound: bool
-    ) -> list[_Leg]:
+    def plan_legs(self, channel: Channel, queue: str, arrival: int, *, resolved: bool, outbound: bool) -> list[_Leg]:
         """Durations per channel, with abandons and transfers on the live channels."""
         rng = self.rng
         live = channel in (VOICE, CHAT)
@@ -1289,11 +1617,28 @@ class _Generator:
         agent = self.agent(queue)
         disposition = "resolved" if resolved else rng.choice(UNRESOLVED_DISPOSITIONS)
         if live and rng.random() < (0.12 if channel == VOICE else 0.06):
-            first = _Leg(arrival, wait, _lognorm(rng, 150, 0.6, 20, 1800), min(hold, 120),
-                         _lognorm(rng, 20, 0.5, 0, 300), queue, agent, "transferred", transferred=True)
+            first = _Leg(
+                arrival,
+                wait,
+                _lognorm(rng, 150, 0.6, 20, 1800),
+                min(hold, 120),
+                _lognorm(rng, 20, 0.5, 0, 300),
+                queue,
+                agent,
+                "transferred",
+                transferred=True,
+            )
             target = rng.choice(TRANSFER_TO[queue])
-            second = _Leg(first.ended, _lognorm(rng, 20, 0.9, 0, 900), talk, hold, acw, target,
-                          self.agent(target, exclude=agent), disposition)
+            second = _Leg(
+                first.ended,
+                _lognorm(rng, 20, 0.9, 0, 900),
+                talk,
+                hold,
+                acw,
+                target,
+                self.agent(target, exclude=agent),
+                disposition,
+            )
             return [first, second]
         return [_Leg(arrival, wait, talk, hold, acw, queue, agent, disposition)]
 
@@ -1336,12 +1681,25 @@ class _Generator:
         elif channel == EMAIL:
             props = {"subject": f"Re: {reason.replace('_', ' ').capitalize()}", "ticket_via": "email"}
         for leg in legs:
-            self.interaction(leg, via, iid, reason, case_id, outbound=outbound, props=props,
-                             case_status=event_pb2.CASE_STATUS_OPEN if leg.transferred else status)
+            self.interaction(
+                leg,
+                via,
+                iid,
+                reason,
+                case_id,
+                outbound=outbound,
+                props=props,
+                case_status=event_pb2.CASE_STATUS_OPEN if leg.transferred else status,
+            )
         order = c.orders[-1] if c.orders else (self.order_id(), self.product()[1], 0.0)
         amount = order[2] or round(rng.uniform(20, 250), 2)
-        fill = {"order": order[0], "product": order[1], "amount": f"${amount:.2f}", "first": c.first_name,
-                "city": c.city}
+        fill = {
+            "order": order[0],
+            "product": order[1],
+            "amount": f"${amount:.2f}",
+            "first": c.first_name,
+            "city": c.city,
+        }
         if channel in (CHAT, SMS, SOCIAL):
             self.conversation(via, iid, reason, legs, fill=fill, resolved=resolved, repeat=repeat)
         if not abandoned and rng.random() < 0.3:
@@ -1490,20 +1848,44 @@ class _Generator:
 
         # Web: browses anonymously, signs up (email + phone), buys a rain shell.
         t = at(0.02, 12.3)
-        self.track(t, anon, "Page Viewed", {"path": "/collections/outdoor", "title": "Outdoor",
-                                            "url": f"{SHOP_URL}/collections/outdoor",
-                                            "referrer": "https://www.instagram.com/"}, web_ctx, junk=False)
-        self.track(t + 95, anon, "Product Viewed", {**line, "category": category, "currency": "USD"}, web_ctx,
-                   junk=False)
+        self.track(
+            t,
+            anon,
+            "Page Viewed",
+            {
+                "path": "/collections/outdoor",
+                "title": "Outdoor",
+                "url": f"{SHOP_URL}/collections/outdoor",
+                "referrer": "https://www.instagram.com/",
+            },
+            web_ctx,
+            junk=False,
+        )
+        self.track(
+            t + 95, anon, "Product Viewed", {**line, "category": category, "currency": "USD"}, web_ctx, junk=False
+        )
         t = at(0.05, 20.5)
         signup = _Via(WEB, "web-sdk", [*known.ids, ("phone", p.phone)])
         self.identify(t, signup, traits, web_ctx, junk=False)
         self.track(t + 2, known, "Signed Up", {"method": "email"}, web_ctx, junk=False)
         self.track(t + 140, known, "Product Added", {**line, "currency": "USD"}, web_ctx, junk=False)
         order_id = "HP-0424242"
-        self.track(t + 420, known, "Order Completed",
-                   {"order_id": order_id, "revenue": price, "tax": 10.64, "shipping": 0.0, "total": 139.64,
-                    "currency": "USD", "products": [line]}, web_ctx, junk=False)
+        self.track(
+            t + 420,
+            known,
+            "Order Completed",
+            {
+                "order_id": order_id,
+                "revenue": price,
+                "tax": 10.64,
+                "shipping": 0.0,
+                "total": 139.64,
+                "currency": "USD",
+                "products": [line],
+            },
+            web_ctx,
+            junk=False,
+        )
 
         # First call: a national-format caller id; the late delivery is left open.
         orders_agent, chat_agent, billing_agent = "agt-118", "agt-121", "agt-104"
@@ -1511,12 +1893,18 @@ class _Generator:
         voice_props: Json = {"ivr_path": "main>orders", "language": "en-US", "dnis": "+18005550100"}
         call1 = "7d1e9a4c-3b2f-4e8a-9c61-5a0f2b7d3e11"
         leg = _Leg(at(0.30, 10.25), 48, 312, 65, 55, "orders", orders_agent, "follow_up_required")
-        self.interaction(leg, _Via(VOICE, "genesys-cloud", [("phone", p.phone_national)]), call1,
-                         "delivery_delay", case_id, case_status=event_pb2.CASE_STATUS_OPEN, props=voice_props,
-                         junk=False)
+        self.interaction(
+            leg,
+            _Via(VOICE, "genesys-cloud", [("phone", p.phone_national)]),
+            call1,
+            "delivery_delay",
+            case_id,
+            case_status=event_pb2.CASE_STATUS_OPEN,
+            props=voice_props,
+            junk=False,
+        )
         # The agent creates her CRM record after the call.
-        crm = _Via(OTHER, "salesforce-crm", [("crm_id", p.crm_id), ("phone", p.phone_national),
-                                             ("email", p.email)])
+        crm = _Via(OTHER, "salesforce-crm", [("crm_id", p.crm_id), ("phone", p.phone_national), ("email", p.email)])
         crm_traits: Json = {**traits, "phone": p.phone_national, "lifecycle_stage": "customer"}
         self.identify(leg.ended + HOUR, crm, crm_traits, junk=False)
 
@@ -1524,49 +1912,79 @@ class _Generator:
         chat_id = "zd-90000142"
         chat = _Via(CHAT, "zendesk", [("chat_id", p.chat_id)])
         t = at(0.34, 19.6)
-        self.identify(t - 30, _Via(CHAT, "zendesk", [*chat.ids, ("email", p.email)]),
-                      {"first_name": p.first_name, "email": p.email}, junk=False)
+        self.identify(
+            t - 30,
+            _Via(CHAT, "zendesk", [*chat.ids, ("email", p.email)]),
+            {"first_name": p.first_name, "email": p.email},
+            junk=False,
+        )
         chat_leg = _Leg(t, 95, 620, 0, 40, "orders", chat_agent, "follow_up_required")
-        self.interaction(chat_leg, chat, chat_id, "delivery_delay", case_id,
-                         case_status=event_pb2.CASE_STATUS_PENDING, junk=False)
+        self.interaction(
+            chat_leg, chat, chat_id, "delivery_delay", case_id, case_status=event_pb2.CASE_STATUS_PENDING, junk=False
+        )
         agent_name = self.agent_names[chat_agent]
         lines: list[tuple[int, event_pb2.Author.ValueType, str]] = [
             (0, event_pb2.AUTHOR_BOT, BOT_GREETINGS[0]),
-            (20, event_pb2.AUTHOR_CUSTOMER,
-             f"My order {order_id} still hasn't arrived and I called yesterday. Nobody got back to me."),
-            (30, event_pb2.AUTHOR_CUSTOMER,
-             "Honestly this is really frustrating, I needed the jacket for a trip."),
-            (100, event_pb2.AUTHOR_AGENT,
-             f"Hi Maya, I'm {agent_name}. I'm so sorry about this, let me check."),
-            (300, event_pb2.AUTHOR_AGENT,
-             "The parcel was held at the depot. I've asked the carrier to deliver it tomorrow morning."),
+            (
+                20,
+                event_pb2.AUTHOR_CUSTOMER,
+                f"My order {order_id} still hasn't arrived and I called yesterday. Nobody got back to me.",
+            ),
+            (30, event_pb2.AUTHOR_CUSTOMER, "Honestly this is really frustrating, I needed the jacket for a trip."),
+            (100, event_pb2.AUTHOR_AGENT, f"Hi Maya, I'm {agent_name}. I'm so sorry about this, let me check."),
+            (
+                300,
+                event_pb2.AUTHOR_AGENT,
+                "The parcel was held at the depot. I've asked the carrier to deliver it tomorrow morning.",
+            ),
             (420, event_pb2.AUTHOR_CUSTOMER, "Ok. I hope it actually turns up this time."),
-            (700, event_pb2.AUTHOR_AGENT,
-             "I'll keep the case open until it's delivered. Anything else today?"),
+            (700, event_pb2.AUTHOR_AGENT, "I'll keep the case open until it's delivered. Anything else today?"),
         ]
         for offset, author, text in lines:
             agent = chat_agent if author == event_pb2.AUTHOR_AGENT else ""
             self.message(t + offset, chat, chat_id, author, text, agent=agent, junk=False)
-        self.survey(chat_leg.ended + 120, chat, event_pb2.SURVEY_TYPE_CSAT, 2, SURVEY_DIGITAL_CSAT,
-                    interaction_id=chat_id, comment="Still no jacket, and I had to contact you twice.",
-                    junk=False)
+        self.survey(
+            chat_leg.ended + 120,
+            chat,
+            event_pb2.SURVEY_TYPE_CSAT,
+            2,
+            SURVEY_DIGITAL_CSAT,
+            interaction_id=chat_id,
+            comment="Still no jacket, and I had to contact you twice.",
+            junk=False,
+        )
 
         # Second call a few days after the first: E.164 caller id, transferred to billing for a refund.
         call2 = "2c8b5f0e-9a7d-4b13-8e42-6d1f3a9c7b25"
         voice = _Via(VOICE, "genesys-cloud", [("phone", p.phone)])
-        leg1 = _Leg(at(0.40, 9.5), 30, 140, 40, 15, "orders", orders_agent, "transferred", transferred=True,
-                    leg_id=f"{call2}:1")
-        leg2 = _Leg(leg1.ended, 25, 260, 0, 70, "billing", billing_agent, "shipping_refunded",
-                    leg_id=f"{call2}:2")
+        leg1 = _Leg(
+            at(0.40, 9.5), 30, 140, 40, 15, "orders", orders_agent, "transferred", transferred=True, leg_id=f"{call2}:1"
+        )
+        leg2 = _Leg(leg1.ended, 25, 260, 0, 70, "billing", billing_agent, "shipping_refunded", leg_id=f"{call2}:2")
         for voice_leg, status in ((leg1, event_pb2.CASE_STATUS_OPEN), (leg2, event_pb2.CASE_STATUS_RESOLVED)):
-            self.interaction(voice_leg, voice, call2, "delivery_delay", case_id, case_status=status,
-                             props=voice_props, junk=False)
-        self.survey(leg2.ended + 20, voice, event_pb2.SURVEY_TYPE_NPS, 6, SURVEY_POSTCALL_NPS,
-                    interaction_id=call2, comment="Sorted in the end, but it took three contacts.",
-                    junk=False)
-        self.track(leg2.ended + 3 * HOUR, _Via(SMS, "twilio", voice.ids), "SMS Delivered",
-                   {"campaign_id": "txn-delivery-update",
-                    "body": f"Harbor & Pine: your order {order_id} is out for delivery today."}, junk=False)
+            self.interaction(
+                voice_leg, voice, call2, "delivery_delay", case_id, case_status=status, props=voice_props, junk=False
+            )
+        self.survey(
+            leg2.ended + 20,
+            voice,
+            event_pb2.SURVEY_TYPE_NPS,
+            6,
+            SURVEY_POSTCALL_NPS,
+            interaction_id=call2,
+            comment="Sorted in the end, but it took three contacts.",
+            junk=False,
+        )
+        self.track(
+            leg2.ended + 3 * HOUR,
+            _Via(SMS, "twilio", voice.ids),
+            "SMS Delivered",
+            {
+                "campaign_id": "txn-delivery-update",
+                "body": f"Harbor & Pine: your order {order_id} is out for delivery today.",
+            },
+            junk=False,
+        )
 
         # In store: the loyalty signup links the card to her email; later purchases carry the card only.
         store_ctx: Json = {"store_id": "store-0101", "terminal_id": "pos-2", "associate_id": "emp-1207"}
@@ -1574,25 +1992,34 @@ class _Generator:
         t = at(0.60, 17.75)
         loyalty_traits: Json = {"first_name": p.first_name, "last_name": p.last_name, "email": p.email}
         loyalty_traits["postcode"] = "94110"
-        self.identify(t, _Via(STORE, "pos", [*card.ids, ("email", p.email)]), loyalty_traits, store_ctx,
-                      junk=False)
+        self.identify(t, _Via(STORE, "pos", [*card.ids, ("email", p.email)]), loyalty_traits, store_ctx, junk=False)
         for when, (item_sku, item_name, _, item_price), order, total, payment in (
             (t + 60, PRODUCTS[15], "HP-0424990", 38.97, "apple_pay"),
             (at(0.82, 12.5), PRODUCTS[14], "HP-0425311", 84.44, "card"),
         ):
             item_line: Json = {"sku": item_sku, "name": item_name, "price": item_price, "quantity": 1}
-            self.track(when, card, "Order Completed",
-                       {"order_id": order, "revenue": item_price, "total": total, "currency": "USD",
-                        "products": [item_line]},
-                       {**store_ctx, "payment_method": payment}, junk=False)
+            self.track(
+                when,
+                card,
+                "Order Completed",
+                {"order_id": order, "revenue": item_price, "total": total, "currency": "USD", "products": [item_line]},
+                {**store_ctx, "payment_method": payment},
+                junk=False,
+            )
 
         # Email: a campaign open and the relationship NPS, now as a promoter.
         mail = _Via(EMAIL, "salesforce-marketing", [("email", p.email)])
         campaign: Json = {"campaign_id": "cmp-linen-launch-07", "subject": "Meet our new linen collection"}
         self.track(at(0.88, 7.2), mail, "Email Opened", campaign, junk=False)
-        self.survey(at(0.93, 21.0), _Via(EMAIL, "qualtrics", mail.ids), event_pb2.SURVEY_TYPE_NPS, 9,
-                    SURVEY_RELATIONSHIP_NPS, junk=False,
-                    comment="Love the new store in the Mission, the staff are lovely.")
+        self.survey(
+            at(0.93, 21.0),
+            _Via(EMAIL, "qualtrics", mail.ids),
+            event_pb2.SURVEY_TYPE_NPS,
+            9,
+            SURVEY_RELATIONSHIP_NPS,
+            junk=False,
+            comment="Love the new store in the Mission, the staff are lovely.",
+        )
 
     # ---- driver --------------------------------------------------------------------------------------
 

@@ -169,9 +169,7 @@ class EventStore:
         cursor.execute(_CLAIM_OUTBOX, {"min_age": min_age_seconds, "limit": limit})
         out = []
         for tenant_id, seq, received_at, event_ids, traceparent in cursor.fetchall():
-            cursor.execute(
-                _OUTBOX_PAYLOADS, {"tenant": tenant_id, "received_at": received_at, "event_ids": event_ids}
-            )
+            cursor.execute(_OUTBOX_PAYLOADS, {"tenant": tenant_id, "received_at": received_at, "event_ids": event_ids})
             found = cursor.fetchall()
             out.append(OutboxBatch(tenant_id, seq, [r[0] for r in found], [bytes(r[1]) for r in found], traceparent))
         return out

@@ -35,6 +35,6 @@ def test_stream_message_continues_the_callers_trace(
         time.sleep(0.05)
     assert rows, "the event never reached the stream"
     traceparent = rows[0][1][b"traceparent"].decode()
-    version, trace_id, span_id, _flags = traceparent.split("-")
+    _version, trace_id, span_id, _flags = traceparent.split("-")
     assert trace_id == TRACE_ID
     assert span_id != "00f067aa0ba902b7"  # the server's own span, a child of the caller's

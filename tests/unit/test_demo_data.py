@@ -18,8 +18,7 @@ from tessera.v1 import event_pb2
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 CUSTOMERS = 200
 DAYS = 90
-BLOCKED = {"test@test.com", "0000000000", "+10000000000", "unknown", "null",
-           "00000000-0000-0000-0000-000000000000"}
+BLOCKED = {"test@test.com", "0000000000", "+10000000000", "unknown", "null", "00000000-0000-0000-0000-000000000000"}
 SNAKE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 
 
@@ -71,8 +70,13 @@ def test_every_channel_and_payload_kind_is_present(events: list[event_pb2.Event]
     kinds = Counter(ev.WhichOneof("payload") for ev in events)
     assert set(kinds) == {"identify", "track", "interaction", "survey_response", "message"}
     interaction_channels = {ev.channel for ev in _payloads(events, "interaction")}
-    assert {event_pb2.CHANNEL_VOICE, event_pb2.CHANNEL_CHAT, event_pb2.CHANNEL_EMAIL,
-            event_pb2.CHANNEL_SMS, event_pb2.CHANNEL_SOCIAL} <= interaction_channels
+    assert {
+        event_pb2.CHANNEL_VOICE,
+        event_pb2.CHANNEL_CHAT,
+        event_pb2.CHANNEL_EMAIL,
+        event_pb2.CHANNEL_SMS,
+        event_pb2.CHANNEL_SOCIAL,
+    } <= interaction_channels
 
 
 def test_timestamps_are_in_the_window_and_sorted(events: list[event_pb2.Event]) -> None:
@@ -168,8 +172,7 @@ def test_agent_pool_is_about_forty(events: list[event_pb2.Event]) -> None:
 
 def test_survey_scores_are_explicit_and_in_range(events: list[event_pb2.Event]) -> None:
     surveys = _payloads(events, "survey_response")
-    ranges = {event_pb2.SURVEY_TYPE_NPS: (0, 10), event_pb2.SURVEY_TYPE_CSAT: (1, 5),
-              event_pb2.SURVEY_TYPE_CES: (1, 7)}
+    ranges = {event_pb2.SURVEY_TYPE_NPS: (0, 10), event_pb2.SURVEY_TYPE_CSAT: (1, 5), event_pb2.SURVEY_TYPE_CES: (1, 7)}
     assert {ev.survey_response.type for ev in surveys} == set(ranges)
     interaction_ids = {ev.interaction.interaction_id for ev in _payloads(events, "interaction")}
     for ev in surveys:
@@ -186,8 +189,13 @@ def test_survey_scores_are_explicit_and_in_range(events: list[event_pb2.Event]) 
 
 def test_zero_nps_survives_the_wire() -> None:
     evs = list(generate(seed=3, customers=1500, days=DAYS, now=NOW))
-    zeros = [ev for ev in evs if ev.WhichOneof("payload") == "survey_response"
-             and ev.survey_response.type == event_pb2.SURVEY_TYPE_NPS and ev.survey_response.score == 0]
+    zeros = [
+        ev
+        for ev in evs
+        if ev.WhichOneof("payload") == "survey_response"
+        and ev.survey_response.type == event_pb2.SURVEY_TYPE_NPS
+        and ev.survey_response.score == 0
+    ]
     assert zeros
     back = event_pb2.Event.FromString(zeros[0].SerializeToString())
     assert back.survey_response.HasField("score") and back.survey_response.score == 0
@@ -198,14 +206,16 @@ def test_messages_have_varied_sentiment_and_link_to_interactions(events: list[ev
     interaction_ids = {ev.interaction.interaction_id for ev in _payloads(events, "interaction")}
     assert {ev.message.interaction_id for ev in messages} <= interaction_ids
     assert {ev.message.author for ev in messages} == {
-        event_pb2.AUTHOR_CUSTOMER, event_pb2.AUTHOR_AGENT, event_pb2.AUTHOR_BOT}
+        event_pb2.AUTHOR_CUSTOMER,
+        event_pb2.AUTHOR_AGENT,
+        event_pb2.AUTHOR_BOT,
+    }
     texts = {ev.message.text for ev in messages}
     assert len(texts) > 50
     joined = " ".join(texts).lower()
     for word in ("thank", "frustrat", "disappoint", "great", "order"):
         assert word in joined
-    assert {ev.channel for ev in messages} == {
-        event_pb2.CHANNEL_CHAT, event_pb2.CHANNEL_SMS, event_pb2.CHANNEL_SOCIAL}
+    assert {ev.channel for ev in messages} == {event_pb2.CHANNEL_CHAT, event_pb2.CHANNEL_SMS, event_pb2.CHANNEL_SOCIAL}
 
 
 def test_identifiers_overlap_across_channels(events: list[event_pb2.Event]) -> None:
@@ -217,8 +227,7 @@ def test_identifiers_overlap_across_channels(events: list[event_pb2.Event]) -> N
     shared = [value for value, chans in channels_by_value.items() if len(chans) > 1]
     assert len(shared) > CUSTOMERS // 2
     types = {ident.type for ev in events for ident in ev.identifiers}
-    assert {"anonymous_id", "user_id", "email", "phone", "device_id", "chat_id", "loyalty_id",
-            "crm_id"} <= types
+    assert {"anonymous_id", "user_id", "email", "phone", "device_id", "chat_id", "loyalty_id", "crm_id"} <= types
 
 
 def test_phones_come_in_e164_and_national_formats(events: list[event_pb2.Event]) -> None:
@@ -287,15 +296,30 @@ def test_persona_stitches_into_one_component(events: list[event_pb2.Event]) -> N
             x = parent[x]
         return x
 
-    mine = {PERSONA.email, PERSONA.phone, PERSONA.phone_national, PERSONA.chat_id, PERSONA.loyalty_id,
-            PERSONA.user_id, PERSONA.anonymous_id, PERSONA.crm_id}
+    mine = {
+        PERSONA.email,
+        PERSONA.phone,
+        PERSONA.phone_national,
+        PERSONA.chat_id,
+        PERSONA.loyalty_id,
+        PERSONA.user_id,
+        PERSONA.anonymous_id,
+        PERSONA.crm_id,
+    }
     persona_events = [ev for ev in events if any(ident.value in mine for ident in ev.identifiers)]
     for ev in persona_events:
         keys = [f"{i.type}:{i.value}" for i in ev.identifiers]
         for key in keys[1:]:
             parent[find(key)] = find(keys[0])
-    roots = {find(f"{t}:{v}") for t, v in (("email", PERSONA.email), ("phone", PERSONA.phone),
-                                           ("chat_id", PERSONA.chat_id), ("loyalty_id", PERSONA.loyalty_id))}
+    roots = {
+        find(f"{t}:{v}")
+        for t, v in (
+            ("email", PERSONA.email),
+            ("phone", PERSONA.phone),
+            ("chat_id", PERSONA.chat_id),
+            ("loyalty_id", PERSONA.loyalty_id),
+        )
+    }
     assert len(roots) == 1
     kinds = Counter(ev.WhichOneof("payload") for ev in persona_events)
     assert kinds["identify"] >= 2

@@ -226,7 +226,9 @@ def test_detect_format() -> None:
 def test_a_line_that_is_not_utf8_is_reported_and_the_rest_imported() -> None:
     import io
 
-    good = b'{"message_id":"u1","channel":"web","identifiers":[{"type":"email","value":"a@b.c"}],"track":{"event":"X"}}\n'
+    good = (
+        b'{"message_id":"u1","channel":"web","identifiers":[{"type":"email","value":"a@b.c"}],"track":{"event":"X"}}\n'
+    )
     data = good + b'{"message_id":"\xff\xfe"}\n' + good.replace(b"u1", b"u2")
     failures: list = []  # type: ignore[type-arg]
     fp = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
