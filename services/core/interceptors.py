@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -61,46 +62,36 @@ class GuardInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         method: str = handler_call_details.method
         public = self.authenticator is None or method.startswith(PUBLIC_PREFIXES)
 
-        def enter(context: grpc.ServicerContext) -> Any:
-            if public:
-                return None
-            assert self.authenticator is not None
-            metadata = dict(context.invocation_metadata())
-            tenant = self.authenticator.authenticate(metadata.get("authorization"))
-            return set_current_tenant(tenant)
-
-        def check_deadline(context: grpc.ServicerContext) -> None:
-            remaining = time_remaining(context)
-            if remaining is not None and remaining <= 0:
-                raise DeadlineExceeded("deadline expired before the request was served")
+        @contextmanager
+        def guarded(context: grpc.ServicerContext) -> Iterator[None]:
+            """Tenant from credentials and a live deadline in; any exception out as a status."""
+            token = None
+            try:
+                if not public:
+                    assert self.authenticator is not None
+                    metadata = dict(context.invocation_metadata())
+                    token = set_current_tenant(self.authenticator.authenticate(metadata.get("authorization")))
+                remaining = time_remaining(context)
+                if remaining is not None and remaining <= 0:
+                    raise DeadlineExceeded("deadline expired before the request was served")
+                yield
+            except Exception as exc:
+                _abort(context, exc, method)
+            finally:
+                if token is not None:
+                    reset_current_tenant(token)
 
         def wrap_unary(behavior: Behavior) -> Behavior:
             def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-                token = None
-                try:
-                    token = enter(context)
-                    check_deadline(context)
+                with guarded(context):
                     return behavior(request, context)
-                except Exception as exc:
-                    _abort(context, exc, method)
-                finally:
-                    if token is not None:
-                        reset_current_tenant(token)
 
             return wrapped
 
         def wrap_stream(behavior: Behavior) -> Behavior:
             def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                token = None
-                try:
-                    token = enter(context)
-                    check_deadline(context)
+                with guarded(context):
                     yield from behavior(request, context)
-                except Exception as exc:
-                    _abort(context, exc, method)
-                finally:
-                    if token is not None:
-                        reset_current_tenant(token)
 
             return wrapped
 
