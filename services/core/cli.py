@@ -86,7 +86,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     from services.ingest.client import StreamIngester, open_channel
     from services.ingest.importer import import_file
 
-    settings = Settings.from_env()
+    settings = _settings()
     api_key = args.api_key or os.environ.get("TESSERA_API_KEY")
     if not api_key:
         print("no API key: pass --api-key or set TESSERA_API_KEY", file=sys.stderr)

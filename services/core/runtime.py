@@ -1,11 +1,17 @@
-"""Where a running ``tessera up`` left its embedded servers, so other ``tessera`` commands in
-another terminal find them without any configuration."""
+"""Where a running ``tessera up`` left its embedded servers, so other ``tessera`` commands, in
+another terminal or another directory, find them without any configuration.
+
+The data directory holds ``runtime.json``; a pointer in the user's state directory names the
+most recent ``tessera up``, for commands run from elsewhere.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from services.core.settings import Settings
 
@@ -14,27 +20,69 @@ def runtime_file(settings: Settings) -> Path:
     return settings.data_dir.expanduser().resolve() / "runtime.json"
 
 
-def write_runtime(settings: Settings, database_url: str, redis_url: str) -> None:
-    path = runtime_file(settings)
+def pointer_file() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "tessera" / "current.json"
+
+
+def _write_private(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fp:
-        json.dump({"database_url": database_url, "redis_url": redis_url, "pid": os.getpid()}, fp)
+        json.dump(data, fp)
+
+
+def write_runtime(settings: Settings, database_url: str, redis_url: str) -> None:
+    data = {
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "ingest_port": settings.ingest_port,
+        "data_dir": str(settings.data_dir.expanduser().resolve()),
+        "pid": os.getpid(),
+    }
+    _write_private(runtime_file(settings), data)
+    with contextlib.suppress(OSError):  # a read-only home only costs the convenience
+        _write_private(pointer_file(), data)
 
 
 def clear_runtime(settings: Settings) -> None:
     runtime_file(settings).unlink(missing_ok=True)
+    pointer = pointer_file()
+    try:
+        if json.loads(pointer.read_text()).get("data_dir") == str(settings.data_dir.expanduser().resolve()):
+            pointer.unlink(missing_ok=True)
+    except (OSError, ValueError):
+        pass
 
 
-def with_runtime(settings: Settings) -> Settings:
-    """Fill unset URLs from a running ``tessera up``; explicit settings always win."""
+def _alive(pid: object) -> bool:
+    try:
+        os.kill(int(pid), 0)  # type: ignore[call-overload]
+        return True
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and _alive(data.get("pid")) else None
+
+
+def with_runtime(settings: Settings, environ: dict[str, str] | None = None) -> Settings:
+    """Fill what is not configured from a running ``tessera up``; explicit settings always win."""
+    env = os.environ if environ is None else environ
     if settings.database_url and settings.redis_url:
         return settings
-    path = runtime_file(settings)
-    if not path.exists():
+    data = _load(runtime_file(settings)) or _load(pointer_file())
+    if data is None:
         return settings
-    data = json.loads(path.read_text())
-    return settings.with_overrides(
-        database_url=settings.database_url or data.get("database_url"),
-        redis_url=settings.redis_url or data.get("redis_url"),
-    )
+    changes: dict[str, Any] = {
+        "database_url": settings.database_url or data.get("database_url"),
+        "redis_url": settings.redis_url or data.get("redis_url"),
+    }
+    if "TESSERA_INGEST_PORT" not in env and isinstance(data.get("ingest_port"), int):
+        changes["ingest_port"] = data["ingest_port"]
+    return settings.with_overrides(**changes)

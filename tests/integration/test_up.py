@@ -24,7 +24,13 @@ TESSERA = [sys.executable, "-m", "services.core.cli"]
 
 def _env(data_dir: Path, port: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TESSERA_")}
-    env.update({"TESSERA_DATA_DIR": str(data_dir), "TESSERA_INGEST_PORT": str(port)})
+    env.update(
+        {
+            "TESSERA_DATA_DIR": str(data_dir),
+            "TESSERA_INGEST_PORT": str(port),
+            "XDG_STATE_HOME": str(data_dir.parent / f"{data_dir.name}-state"),
+        }
+    )
     return env
 
 
@@ -118,3 +124,4 @@ def test_newcomer_session_from_nothing_to_a_query(tmp_path: Path) -> None:
     finally:
         assert _stop(proc) == 0
         shutil.rmtree(data_dir, ignore_errors=True)
+        shutil.rmtree(data_dir.parent / f"{data_dir.name}-state", ignore_errors=True)
