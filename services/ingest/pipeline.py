@@ -80,6 +80,8 @@ def _varint(value: int) -> bytes:
 _EVENT_ID_FIELD = event_pb2.Event.DESCRIPTOR.fields_by_name["event_id"].number
 _RECEIVED_AT_FIELD = event_pb2.Event.DESCRIPTOR.fields_by_name["received_at"].number
 _TIMESTAMP_FIELD = event_pb2.Event.DESCRIPTOR.fields_by_name["timestamp"].number
+# Tag and length of the event_id field: a UUID's text form is always 36 characters.
+_EVENT_ID_PREFIX = _varint(_EVENT_ID_FIELD << 3 | 2) + _varint(36)
 
 
 @dataclass
@@ -123,7 +125,8 @@ def prepare(events: Sequence[event_pb2.Event], received_at: dt.datetime, limits:
     for i, ev in enumerate(events):
         result = ingest_pb2.EventResult(index=i, message_id=ev.message_id)
         results.append(result)
-        violations: list[Violation] = validation.validate_event(ev, i, now_s, limits)
+        raw = ev.SerializeToString()
+        violations: list[Violation] = validation.validate_event(ev, i, now_s, limits, size=len(raw))
         if violations:
             result.status = REJECTED
             result.violations.extend(v.to_proto() for v in violations)
@@ -142,11 +145,9 @@ def prepare(events: Sequence[event_pb2.Event], received_at: dt.datetime, limits:
             clean.ClearField("received_at")
             body = clean.SerializeToString()
         else:
-            body = ev.SerializeToString()
+            body = raw
         has_ts = ev.HasField("timestamp")
-        payload = b"".join(
-            (body, _field_bytes(_EVENT_ID_FIELD, event_id.encode()), received_field, b"" if has_ts else default_ts)
-        )
+        payload = b"".join((body, _EVENT_ID_PREFIX, event_id.encode(), received_field, b"" if has_ts else default_ts))
         occurred = ev.timestamp.seconds + ev.timestamp.nanos / 1e9 if has_ts else now_s
         to_store.append(
             NewEvent(

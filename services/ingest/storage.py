@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -80,9 +80,8 @@ RETURNING seq
 PARTITION_LOCK_KEY = 0x7E55E7B
 
 
-@dataclass(frozen=True)
-class NewEvent:
-    """An event ready to store: validated, stamped, serialized."""
+class NewEvent(NamedTuple):
+    """An event ready to store: validated, stamped, serialized (a tuple: one is built per event)."""
 
     event_id: str
     message_id: str
