@@ -72,6 +72,9 @@ def cmd_tenant(args: argparse.Namespace) -> int:
         elif args.action == "create-key":
             key = tenancy.create_api_key(engine, args.name, args.description or "")
             print(json.dumps({"tenant": args.name, "api_key": key}) if args.json else key)
+        elif args.action == "set-limits":
+            tenancy.set_rate_limit(engine, args.name, args.rate, args.burst)
+            print(f"{args.name}: ingest rate {args.rate or 'default'} events/s, burst {args.burst or 'default'}")
         elif args.action == "revoke-key":
             if not tenancy.revoke_api_key(engine, args.name, args.key_id):
                 print(f"no active key {args.key_id} for tenant {args.name}", file=sys.stderr)
@@ -79,6 +82,26 @@ def cmd_tenant(args: argparse.Namespace) -> int:
             print(f"revoked {args.key_id}")
     finally:
         engine.dispose()
+    return 0
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    import datetime as dt
+
+    from services.ingest.storage import EventStore
+
+    if args.keep_months < 1:
+        print("--keep-months must be at least 1", file=sys.stderr)
+        return 2
+    today = dt.datetime.now(dt.UTC).date().replace(day=1)
+    month = today.year * 12 + today.month - 1 - args.keep_months
+    cutoff = dt.date(month // 12, month % 12 + 1, 1)
+    engine = _engine(_settings())
+    try:
+        dropped = EventStore(engine).drop_partitions_before(cutoff)
+    finally:
+        engine.dispose()
+    print(f"dropped {len(dropped)} event partitions ending on or before {cutoff}: {', '.join(dropped) or '-'}")
     return 0
 
 
@@ -162,13 +185,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("tenant", help="manage tenants and API keys")
-    p.add_argument("action", choices=["create", "list", "create-key", "revoke-key"])
+    p.add_argument("action", choices=["create", "list", "create-key", "revoke-key", "set-limits"])
     p.add_argument("name", nargs="?", default="")
     p.add_argument("key_id", nargs="?", default="")
     p.add_argument("--display-name")
+    p.add_argument("--rate", type=float, help="set-limits: ingest events/s (omit for the default)")
+    p.add_argument("--burst", type=float, help="set-limits: bucket size in events (omit for the default)")
     p.add_argument("--description")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tenant)
+
+    p = sub.add_parser("retention", help="drop raw-event partitions older than N whole months")
+    p.add_argument("--keep-months", type=int, required=True)
+    p.set_defaults(func=cmd_retention)
 
     p = sub.add_parser("import", help="stream JSONL or CSV events through the ingest API")
     p.add_argument("file")

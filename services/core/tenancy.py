@@ -113,11 +113,27 @@ def revoke_api_key(engine: Engine, tenant_id: str, key_id: str) -> bool:
         return bool(result.rowcount)
 
 
+def set_rate_limit(engine: Engine, tenant_id: str, rate: float | None, burst: float | None) -> None:
+    """A tenant's own ingest rate (events/s) and burst; None goes back to the service default.
+    Replicas pick it up when their credential cache expires (TESSERA_AUTH_CACHE_SECONDS)."""
+    for field, value in (("rate", rate), ("burst", burst)):
+        if value is not None and value <= 0:
+            raise InvalidArgument(f"{field} must be positive", [Violation(field, "must be > 0")])
+    with engine.begin() as conn:
+        updated = conn.execute(
+            sa.text("UPDATE tenancy.tenants SET ingest_rate_limit = :r, ingest_rate_burst = :b WHERE tenant_id = :t"),
+            {"t": tenant_id, "r": rate, "b": burst},
+        ).rowcount
+    if not updated:
+        raise NotFound(f"tenant {tenant_id!r} not found")
+
+
 def list_tenants(engine: Engine) -> list[dict[str, object]]:
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text(
-                "SELECT t.tenant_id, t.display_name, t.created_at, t.disabled, "
+                "SELECT t.tenant_id, t.display_name, t.created_at, t.disabled, t.ingest_rate_limit, "
+                "t.ingest_rate_burst, "
                 "count(k.key_id) FILTER (WHERE k.revoked_at IS NULL) AS active_keys "
                 "FROM tenancy.tenants t LEFT JOIN tenancy.api_keys k USING (tenant_id) "
                 "GROUP BY t.tenant_id ORDER BY t.tenant_id"

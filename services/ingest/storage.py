@@ -209,6 +209,30 @@ class EventStore:
         with self.engine.connect() as conn:
             return int(conn.exec_driver_sql("SELECT count(*) FROM ingest.outbox").scalar_one())
 
+    def drop_partitions_before(self, cutoff: dt.date) -> list[str]:
+        """Retention: drop the monthly event partitions that end on or before ``cutoff``.
+
+        Dedupe keys stay: a (tenant, message_id) is stored once, ever, so a replay of old events
+        after retention still answers DUPLICATE instead of storing them again.
+        """
+        dropped: list[str] = []
+        with self.engine.begin() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": PARTITION_LOCK_KEY})
+            rows = conn.execute(
+                sa.text(
+                    "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+                    "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'ingest.events'::regclass"
+                )
+            ).all()
+            for name, bound in rows:
+                if not name.startswith("events_") or "TO ('" not in bound:
+                    continue  # the default partition has no bound
+                upper = dt.date.fromisoformat(bound.split("TO ('", 1)[1][:10])
+                if upper <= cutoff:
+                    conn.exec_driver_sql(f'DROP TABLE ingest."{name}"')
+                    dropped.append(name)
+        return sorted(dropped)
+
     def ensure_partitions(self, months_ahead: int = 3) -> int:
         """Create this month's and the next months' partitions; safe to call from every replica."""
         with self.engine.begin() as conn:

@@ -304,3 +304,35 @@ def test_health_and_reflection_need_no_credentials(ingest_server: RunningServer)
         for service in ("", "tessera.v1.IngestService"):
             resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_retention_drops_old_partitions_but_keeps_dedupe(stub, tenant: TenantKey, engine: Engine) -> None:  # type: ignore[no-untyped-def]
+    import datetime as dt
+
+    from services.ingest.storage import EventStore
+
+    ev = track()
+    stub.IngestEvents(ingest_pb2.IngestEventsRequest(events=[ev]), metadata=tenant.metadata)
+    store = EventStore(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SELECT ingest.ensure_event_partitions('2001-01-01', 2)")
+    assert store.drop_partitions_before(dt.date(2001, 2, 1)) == ["events_2001_01"]
+    with engine.connect() as conn:
+        names = set(conn.execute(sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'ingest'")).scalars())
+    assert "events_2001_02" in names and "events_2001_01" not in names
+    assert "events_default" in names
+    this_month = dt.datetime.now(dt.UTC).strftime("events_%Y_%m")
+    assert this_month in names
+    assert stored_message_ids(engine, tenant.tenant_id) == [ev.message_id]  # current data untouched
+    store.drop_partitions_before(dt.date(2001, 3, 1))
+
+
+def test_per_tenant_limits_are_validated(engine: Engine, tenant: TenantKey) -> None:
+    from services.core import tenancy
+    from services.core.errors import InvalidArgument, NotFound
+
+    tenancy.set_rate_limit(engine, tenant.tenant_id, 100, 200)
+    with pytest.raises(InvalidArgument):
+        tenancy.set_rate_limit(engine, tenant.tenant_id, -1, None)
+    with pytest.raises(NotFound):
+        tenancy.set_rate_limit(engine, "no-such-tenant", 10, None)
