@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 import grpc
+import psutil
 import pytest
 
 from tessera.v1 import ingest_pb2, ingest_pb2_grpc
-from tests.support.servers import ROOT, free_port
+from tests.support.servers import ROOT, free_port, wait_health
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -104,6 +105,23 @@ def test_newcomer_session_from_nothing_to_a_query(tmp_path: Path) -> None:
                 ingest_pb2.ListEventsRequest(page_size=5), metadata=(("authorization", f"Bearer {key}"),)
             )
             assert len(page.events) == 5 and page.next_page_token
+
+        # A service that dies is restarted by `tessera up`, and nothing it acknowledged is lost.
+        [child] = [
+            c
+            for c in psutil.Process(proc.pid).children(recursive=True)
+            if "serve" in c.cmdline() and "ingest" in c.cmdline()
+        ]
+        child.kill()
+        child.wait(10)
+        assert wait_health(f"127.0.0.1:{port}", timeout=60), "ingest was not restarted"
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            again_page = stub.ListEvents(
+                ingest_pb2.ListEventsRequest(page_size=5), metadata=(("authorization", f"Bearer {key}"),)
+            )
+            assert [e.event_id for e in again_page.events] == [e.event_id for e in page.events]
+        assert "ingest exited with" in log.read_text()
     finally:
         code = _stop(proc)
     assert code == 0, log.read_text()
