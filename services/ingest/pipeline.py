@@ -107,9 +107,9 @@ class Prepared:
 def prepare(events: Sequence[event_pb2.Event], received_at: dt.datetime, limits: validation.Limits) -> Prepared:
     """Validate and stamp each event; the request's own messages are not modified.
 
-    The stored bytes are the client's event with event_id and received_at (and a defaulted
-    timestamp) appended as fields: protobuf parsing lets a later field win, so there is no
-    per-event copy and re-serialization.
+    The stored bytes are the client's event, serialized once (the same bytes size the 32 KB
+    check), with event_id and received_at (and a defaulted timestamp) appended as fields:
+    protobuf parsing lets a later field win, so no event is copied and re-serialized.
     """
     now_s = received_at.timestamp()
     received = event_pb2.Event()
