@@ -80,6 +80,10 @@ def settings(database_url: str, redis_server_url: str, redis_prefix: str) -> Set
         relay_grace_seconds=1.0,
         shutdown_grace_seconds=5.0,
         auth_cache_seconds=0.0,
+        consumer_block_ms=100,
+        consumer_claim_idle_ms=2000,
+        tenant_refresh_seconds=0.1,
+        identity_rules_cache_seconds=0.0,
     )
 
 
@@ -116,6 +120,22 @@ def ingest_server(settings: Settings) -> Iterator[RunningServer]:
 @pytest.fixture(scope="session")
 def ingest_channel(ingest_server: RunningServer) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(f"127.0.0.1:{ingest_server.port}") as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def identity_server(settings: Settings) -> Iterator[RunningServer]:
+    from services.identity.app import definition
+
+    running = start_server(definition(), settings, port=0)
+    assert wait_health(f"127.0.0.1:{running.port}"), "identity never became SERVING"
+    yield running
+    running.shutdown(grace=1)
+
+
+@pytest.fixture(scope="session")
+def identity_channel(identity_server: RunningServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{identity_server.port}") as channel:
         yield channel
 
 

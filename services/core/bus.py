@@ -337,7 +337,8 @@ class Consumer:
         log.error("dead-lettered message", extra={"stream_id": msg.id, "tenant": msg.tenant_id})
 
     def run(self, stop: threading.Event) -> None:
-        """Poll until ``stop`` is set; Redis outages are waited out, not fatal."""
+        """Poll until ``stop`` is set; Redis outages and unexpected errors are waited out, not fatal
+        (what was not acknowledged is redelivered)."""
         backoff = 0.1
         while not stop.is_set():
             try:
@@ -347,3 +348,25 @@ class Consumer:
                 log.warning("redis unavailable; consumer waiting", extra={"group": self.group})
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
+            except Exception:
+                log.exception("consumer cycle failed; retrying", extra={"group": self.group})
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+
+class ConsumerWorker:
+    """A :class:`Consumer` on its own thread, as a service's background worker: on stop it
+    finishes the batch in hand (unacknowledged messages would be redelivered anyway)."""
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=consumer.run, args=(self._stop,), name=f"consumer-{consumer.name}")
+        self._thread.daemon = True
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        self._stop.set()
+        self._thread.join(timeout)

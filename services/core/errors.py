@@ -122,6 +122,10 @@ class Unavailable(TesseraError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unimplemented(TesseraError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class DeadlineExceeded(TesseraError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

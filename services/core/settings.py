@@ -140,6 +140,20 @@ class Settings:
     relay_sweep_seconds: float = field(default=1.0, metadata={"env": "RELAY_SWEEP_SECONDS", "parse": _float(0.01, 300)})
     relay_grace_seconds: float = field(default=5.0, metadata={"env": "RELAY_GRACE_SECONDS", "parse": _float(0, 3600)})
     auth_cache_seconds: float = field(default=30.0, metadata={"env": "AUTH_CACHE_SECONDS", "parse": _float(0, 3600)})
+    # Stream consumers (identity, profile, metrics).
+    consumer_batch_size: int = field(default=250, metadata={"env": "CONSUMER_BATCH_SIZE", "parse": _int(1, 2000)})
+    consumer_block_ms: int = field(default=1000, metadata={"env": "CONSUMER_BLOCK_MS", "parse": _int(1, 60_000)})
+    consumer_claim_idle_ms: int = field(
+        default=30_000, metadata={"env": "CONSUMER_CLAIM_IDLE_MS", "parse": _int(100, 3_600_000)}
+    )
+    consumer_max_attempts: int = field(default=5, metadata={"env": "CONSUMER_MAX_ATTEMPTS", "parse": _int(1, 100)})
+    tenant_refresh_seconds: float = field(
+        default=5.0, metadata={"env": "TENANT_REFRESH_SECONDS", "parse": _float(0.01, 3600)}
+    )
+    # Identity.
+    identity_rules_cache_seconds: float = field(
+        default=5.0, metadata={"env": "IDENTITY_RULES_CACHE_SECONDS", "parse": _float(0, 3600)}
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

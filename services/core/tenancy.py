@@ -128,6 +128,12 @@ def set_rate_limit(engine: Engine, tenant_id: str, rate: float | None, burst: fl
         raise NotFound(f"tenant {tenant_id!r} not found")
 
 
+def tenant_ids(engine: Engine) -> list[str]:
+    """Every enabled tenant, for consumers that read each tenant's streams."""
+    with engine.connect() as conn:
+        return list(conn.execute(sa.text("SELECT tenant_id FROM tenancy.tenants WHERE NOT disabled")).scalars())
+
+
 def list_tenants(engine: Engine) -> list[dict[str, object]]:
     with engine.connect() as conn:
         rows = conn.execute(

@@ -27,3 +27,15 @@ def retry_delay(err: grpc.RpcError) -> float | None:
         if detail.Unpack(info):
             return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
     return None
+
+
+def precondition_failures(err: grpc.RpcError) -> list[tuple[str, str]]:
+    """(type, subject) of each PreconditionFailure violation."""
+    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    assert status is not None, "no rich status details"
+    out: list[tuple[str, str]] = []
+    for detail in status.details:
+        pf = error_details_pb2.PreconditionFailure()
+        if detail.Unpack(pf):
+            out.extend((v.type, v.subject) for v in pf.violations)
+    return out

@@ -1,0 +1,43 @@
+"""The identity service as the core bootstrap runs it: the API and the ``identity`` consumer."""
+
+from __future__ import annotations
+
+import grpc
+
+from services.core import tenancy
+from services.core.bus import ConsumerWorker
+from services.core.server import Background, ServiceContext, ServiceDefinition
+from services.identity.consumer import build_consumer
+from services.identity.resolver import Resolver
+from services.identity.rules_store import RulesCache
+from services.identity.servicer import IdentityServicer
+from services.identity.storage import IdentityStore
+from tessera.v1 import identity_pb2, identity_pb2_grpc
+
+SERVICE_NAME = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
+
+
+def build_resolver(ctx: ServiceContext) -> Resolver:
+    store = IdentityStore(ctx.engine)
+    return Resolver(store, RulesCache(store, ttl=ctx.settings.identity_rules_cache_seconds))
+
+
+def register(server: grpc.Server, ctx: ServiceContext) -> list[Background]:
+    resolver = build_resolver(ctx)
+    identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(resolver, ctx.bus), server)
+    s = ctx.settings
+    consumer = build_consumer(
+        resolver,
+        ctx.bus,
+        lambda: tenancy.tenant_ids(ctx.engine),
+        batch_size=s.consumer_batch_size,
+        block_ms=s.consumer_block_ms,
+        claim_idle_ms=s.consumer_claim_idle_ms,
+        max_attempts=s.consumer_max_attempts,
+        tenant_refresh_seconds=s.tenant_refresh_seconds,
+    )
+    return [ConsumerWorker(consumer)]
+
+
+def definition() -> ServiceDefinition:
+    return ServiceDefinition(name="identity", grpc_services=[SERVICE_NAME], register=register)

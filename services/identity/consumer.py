@@ -1,0 +1,80 @@
+"""The ``identity`` consumer group on the events stream: resolve, then publish downstream.
+
+A batch is grouped by tenant; each tenant's part is one transaction (see
+:meth:`~services.identity.resolver.Resolver.resolve_batch`). Resolved events and profile changes
+are published after the commit and before the acknowledgement, so a crash anywhere means a
+redelivery, and a redelivered event republishes its stored result instead of resolving again.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterable
+
+from services.core.bus import CHANGES, EVENTS, RESOLVED, Bus, Consumer, StreamMessage
+from services.identity.resolver import IncomingEvent, Resolver, parse_event
+
+GROUP = "identity"
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class ResolveHandler:
+    def __init__(self, resolver: Resolver, bus: Bus) -> None:
+        self.resolver = resolver
+        self.bus = bus
+
+    def __call__(self, batch: list[StreamMessage]) -> None:
+        by_tenant: dict[str, list[IncomingEvent]] = {}
+        for msg in batch:
+            rules = self.resolver.rules.get(msg.tenant_id)
+            event_id = msg.fields.get(b"event_id", b"").decode()
+            by_tenant.setdefault(msg.tenant_id, []).append(
+                parse_event(rules, event_id, msg.fields[b"payload"], msg.traceparent)
+            )
+        for tenant_id, events in by_tenant.items():
+            result = self.resolver.resolve_batch(tenant_id, events)
+            self.bus.append_columns(
+                tenant_id,
+                RESOLVED,
+                {
+                    "event_id": [e.event_id.encode() for e in result.events],
+                    "profile_id": [(e.profile_id or "").encode() for e in result.events],
+                    "payload": [e.payload for e in result.events],
+                    "traceparent": [e.traceparent.encode() for e in result.events],
+                },
+            )
+            self.bus.publish(result.changes)
+
+
+def build_consumer(
+    resolver: Resolver,
+    bus: Bus,
+    tenants: Callable[[], Iterable[str]],
+    *,
+    name: str | None = None,
+    batch_size: int = 250,
+    block_ms: int = 1000,
+    claim_idle_ms: int = 30_000,
+    max_attempts: int = 5,
+    tenant_refresh_seconds: float = 5.0,
+) -> Consumer:
+    return Consumer(
+        bus=bus,
+        stream=EVENTS,
+        group=GROUP,
+        name=name or consumer_name(),
+        handler=ResolveHandler(resolver, bus),
+        tenants=tenants,
+        batch_size=batch_size,
+        block_ms=block_ms,
+        claim_idle_ms=claim_idle_ms,
+        max_attempts=max_attempts,
+        tenant_refresh_seconds=tenant_refresh_seconds,
+    )
+
+
+__all__ = ["CHANGES", "GROUP", "RESOLVED", "ResolveHandler", "build_consumer", "consumer_name"]

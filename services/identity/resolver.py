@@ -1,0 +1,280 @@
+"""Identity resolution as transactions: a consumer batch, a manual merge, an unmerge.
+
+Each one locks its working set (see :mod:`services.identity.storage`), lets the pure
+:class:`~services.identity.stitching.Graph` decide, writes back in a few statements and commits.
+What downstream must hear (resolved events, profile changes) is returned and published after the
+commit; a crash in between only means a redelivery, which republishes from the stored result.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.core import db
+from services.core.bus import CHANGES, Publication
+from services.core.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
+from services.core.telemetry import meter
+from services.identity.rules import IdentityRules
+from services.identity.rules_store import RulesCache
+from services.identity.stitching import Graph, Key, LimitBroken, MergeFact, Outcome
+from services.identity.storage import Changes, IdentityStore, KeySeen, RecordedMerge
+from tessera.v1 import event_pb2, identity_pb2
+
+log = logging.getLogger(__name__)
+
+_merges = meter.create_counter("tessera.identity.merges", description="profiles merged")
+_resolved = meter.create_counter("tessera.identity.events_resolved", description="events resolved")
+_dropped = meter.create_counter("tessera.identity.identifiers_dropped", description="identifiers not used to link")
+
+# Field 21 of tessera.v1.Event (profile_id), length-delimited: appended to the stored bytes it
+# overrides nothing else, and a later field wins, so no re-serialization is needed.
+_PROFILE_FIELD_TAG = bytes([0xAA, 0x01])
+DETERMINISTIC_RULE = "deterministic: the event carried identifiers of each profile"
+
+
+def stamp_profile(payload: bytes, profile_id: str) -> bytes:
+    raw = profile_id.encode()
+    return payload + _PROFILE_FIELD_TAG + bytes([len(raw)]) + raw
+
+
+@dataclass
+class IncomingEvent:
+    """An event off the stream, its identifiers normalized by the tenant's rules."""
+
+    event_id: str
+    payload: bytes
+    traceparent: str
+    keys: list[Key]
+    occurred: dt.datetime
+    source: str
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (type, reason)
+
+
+@dataclass
+class ResolvedEvent:
+    event_id: str
+    profile_id: str | None
+    payload: bytes
+    traceparent: str
+
+
+@dataclass
+class BatchResult:
+    events: list[ResolvedEvent]
+    changes: list[Publication]
+    outcomes: dict[str, Outcome]
+
+
+def parse_event(rules: IdentityRules, event_id: str, payload: bytes, traceparent: str = "") -> IncomingEvent:
+    """Decode a stream payload and normalize its identifiers; dropped ones are kept with a reason."""
+    ev = event_pb2.Event.FromString(payload)
+    keys: list[Key] = []
+    dropped: list[tuple[str, str]] = []
+    for ident in ev.identifiers:
+        result = rules.normalize(ident.type, ident.value)
+        if result.value is None:
+            dropped.append((ident.type, str(result.dropped)))
+        else:
+            keys.append((ident.type, result.value))
+    occurred = ev.timestamp.ToDatetime(dt.UTC) if ev.HasField("timestamp") else dt.datetime.now(dt.UTC)
+    return IncomingEvent(event_id or ev.event_id, payload, traceparent, keys, occurred, ev.source, dropped)
+
+
+def change(tenant_id: str, kind: str, profile_id: str, **extra: str) -> Publication:
+    return Publication(tenant_id, CHANGES, {"kind": kind, "profile_id": profile_id, **extra})
+
+
+def merge_changes(tenant_id: str, recorded: Sequence[RecordedMerge]) -> list[Publication]:
+    return [
+        change(
+            tenant_id,
+            "merged",
+            r.fact.survivor,
+            absorbed_profile_id=r.fact.absorbed,
+            merge_id=str(r.merge_id),
+            event_id=r.fact.event_id,
+        )
+        for r in recorded
+    ]
+
+
+class Resolver:
+    def __init__(
+        self,
+        store: IdentityStore,
+        rules: RulesCache,
+        *,
+        clock: Callable[[], float] = time.time,
+        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
+    ) -> None:
+        self.store = store
+        self.rules = rules
+        self.clock = clock
+        self.new_id = new_id
+
+    # ------------------------------------------------------------------------------------------
+    # The consumer's batch.
+
+    def resolve_batch(self, tenant_id: str, events: Sequence[IncomingEvent]) -> BatchResult:
+        """Apply a batch of one tenant's events in one transaction; idempotent per event id."""
+        rules = self.rules.get(tenant_id)
+        all_keys = {k for e in events for k in e.keys}
+        now_s = self.clock()
+        now = dt.datetime.fromtimestamp(now_s, dt.UTC)
+        outcomes: dict[str, Outcome] = {}
+        with db.raw_transaction(self.store.engine, "identity resolve batch", len(events)) as (cur, _):
+            graph = self.store.lock_working_set(cur, tenant_id, rules, all_keys)
+            # Checked under the locks: a concurrent redelivery of the same event waits for them.
+            done = self.store.processed(cur, tenant_id, [e.event_id for e in events])
+            changes = Changes(graph)
+            links: list[tuple[str, str | None, Sequence[Key], dt.datetime]] = []
+            for e in events:
+                if e.event_id in done or e.event_id in outcomes:
+                    continue
+                if not e.keys:
+                    done[e.event_id] = None
+                    links.append((e.event_id, None, (), e.occurred))
+                    continue
+                out = graph.resolve(e.event_id, e.keys, self.new_id, now_s)
+                outcomes[e.event_id] = out
+                seen = KeySeen(e.occurred, e.source, e.event_id)
+                for k in out.attached:
+                    changes.new_keys[k] = (out.profile_id, seen)
+                for k in out.linked:
+                    if k not in changes.new_keys:
+                        prev = changes.seen.get(k)
+                        changes.seen[k] = e.occurred if prev is None else max(prev, e.occurred)
+                changes.merges.extend(
+                    (m, identity_pb2.MERGE_KIND_DETERMINISTIC, DETERMINISTIC_RULE, "") for m in out.merges
+                )
+                links.append((e.event_id, out.profile_id, out.linked, e.occurred))
+            recorded = self.store.write(cur, tenant_id, changes, now)
+            self.store.link_events(cur, tenant_id, links)
+        publications = [change(tenant_id, "created", p.profile_id) for p in graph.new_profiles()]
+        publications += merge_changes(tenant_id, recorded)
+        resolved: list[ResolvedEvent] = []
+        emitted: set[str] = set()
+        for e in events:
+            if e.event_id in emitted:
+                continue
+            emitted.add(e.event_id)
+            if e.event_id in outcomes:
+                pid: str | None = graph.final(outcomes[e.event_id].profile_id)
+            else:
+                pid = done.get(e.event_id)
+            payload = stamp_profile(e.payload, pid) if pid else e.payload
+            resolved.append(ResolvedEvent(e.event_id, pid, payload, e.traceparent))
+        self._count(tenant_id, events, outcomes, recorded)
+        return BatchResult(resolved, publications, outcomes)
+
+    def _count(
+        self,
+        tenant_id: str,
+        events: Sequence[IncomingEvent],
+        outcomes: dict[str, Outcome],
+        recorded: Sequence[RecordedMerge],
+    ) -> None:
+        _resolved.add(len(outcomes))
+        if recorded:
+            _merges.add(len(recorded), {"kind": "deterministic"})
+        for e in events:
+            for _type, reason in e.dropped:
+                _dropped.add(1, {"reason": reason})
+        for out in outcomes.values():
+            if out.dropped:
+                _dropped.add(len(out.dropped), {"reason": "MERGE_PROTECTION"})
+                log.info(
+                    "merge protection dropped identifiers",
+                    extra={"tenant": tenant_id, "event_id": out.event_id, "dropped": [d.key[0] for d in out.dropped]},
+                )
+
+    # ------------------------------------------------------------------------------------------
+    # Manual changes.
+
+    def merge(
+        self, tenant_id: str, survivor: str, absorbed: str, reason: str, *, kind: int = identity_pb2.MERGE_KIND_MANUAL
+    ) -> tuple[RecordedMerge, list[Publication]]:
+        rules = self.rules.get(tenant_id)
+        now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
+        with db.raw_transaction(self.store.engine, "identity manual merge") as (cur, _):
+            graph = self.store.lock_working_set(cur, tenant_id, rules, (), (survivor, absorbed))
+            s = self._active(cur, tenant_id, graph, survivor, "survivor_profile")
+            a = self._active(cur, tenant_id, graph, absorbed, "absorbed_profile")
+            if s == a:
+                raise FailedPrecondition(
+                    "the two profiles are already one customer",
+                    type_="ALREADY_MERGED",
+                    subject=f"profiles/{s}",
+                    description=f"profiles/{survivor} and profiles/{absorbed} both resolve to profiles/{s}",
+                )
+            try:
+                fact = graph.merge(s, a)
+            except LimitBroken as exc:
+                raise FailedPrecondition(
+                    f"merge refused by merge protection: {exc}",
+                    type_="IDENTIFIER_LIMIT",
+                    subject=f"identityRules/types/{exc.type_name}",
+                    description=str(exc),
+                ) from None
+            changes = Changes(graph, merges=[(fact, kind, "manual", reason)])
+            recorded = self.store.write(cur, tenant_id, changes, now)
+        _merges.add(1, {"kind": "manual"})
+        return recorded[0], merge_changes(tenant_id, recorded)
+
+    def unmerge(
+        self, tenant_id: str, profile: str, keys: Sequence[Key], reason: str
+    ) -> tuple[RecordedMerge, list[str], list[Publication]]:
+        """Split ``keys`` off ``profile`` into a new profile; events linked only by them follow."""
+        rules = self.rules.get(tenant_id)
+        now_s = self.clock()
+        now = dt.datetime.fromtimestamp(now_s, dt.UTC)
+        with db.raw_transaction(self.store.engine, "identity unmerge") as (cur, _):
+            graph = self.store.lock_working_set(cur, tenant_id, rules, keys, (profile,))
+            source = self._active(cur, tenant_id, graph, profile, "profile")
+            violations = [
+                Violation(f"identifiers[{i}]", f"does not belong to profiles/{source}", "NOT_ON_PROFILE")
+                for i, k in enumerate(keys)
+                if graph.owner.get(k) != source
+            ]
+            if violations:
+                raise InvalidArgument("every identifier to split off must belong to the profile", violations)
+            if set(keys) == graph.profiles[source].keys:
+                raise FailedPrecondition(
+                    "a split must leave at least one identifier on the profile",
+                    type_="SPLIT_EVERYTHING",
+                    subject=f"profiles/{source}",
+                    description="name a subset of the profile's identifiers",
+                )
+            target = graph.split(source, keys, self.new_id(), now_s)
+            changes = Changes(graph, new_origin={k: target.profile_id for k in keys})
+            fact = MergeFact(source, target.profile_id, tuple(sorted(set(keys))))
+            changes.merges.append((fact, identity_pb2.MERGE_KIND_UNMERGE, "manual", reason))
+            recorded = self.store.write(cur, tenant_id, changes, now)
+            moved = self.store.reattribute(cur, tenant_id, source, sorted(set(keys)), target.profile_id)
+        _merges.add(1, {"kind": "unmerge"})
+        rec = recorded[0]
+        pubs = [
+            change(tenant_id, "created", target.profile_id),
+            change(
+                tenant_id,
+                "split",
+                source,
+                new_profile_id=target.profile_id,
+                merge_id=str(rec.merge_id),
+                moved_event_ids=",".join(moved),
+            ),
+        ]
+        return rec, moved, pubs
+
+    def _active(self, cur: Any, tenant_id: str, graph: Graph, asked: str, field_name: str) -> str:
+        """The locked active profile an id (maybe merged away) resolves to, or NOT_FOUND."""
+        final = self.store.survivor(tenant_id, asked, cur)
+        if final is None or final not in graph.profiles:
+            raise NotFound(f"profiles/{asked} not found")
+        return final

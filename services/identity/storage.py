@@ -1,0 +1,406 @@
+"""The identity graph in PostgreSQL, and the locking that keeps it correct under concurrency.
+
+Locking protocol (advisory transaction locks, one 64-bit key per identifier and per profile):
+- an identifier's owner changes only while its own lock or its owner's lock is held;
+- a profile's identifier set and state change only while its lock is held.
+
+A writer reads which profiles its identifiers belong to, locks identifiers and profiles in one
+pass in ascending key order, and reads again. If the second read names a profile it did not
+lock (someone merged or split in between), it rolls back to a savepoint, which releases those
+locks, and takes the larger set, again in order. Every acquisition is one sorted pass with
+nothing held, so there are no deadlocks, and nothing it read can change until it commits.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from services.core import db
+from services.identity.stitching import Graph, Key, MergeFact, Profile
+from tessera.v1 import identity_pb2
+
+KEY_SEP = "\x1f"
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def key_text(key: Key) -> str:
+    return f"{key[0]}{KEY_SEP}{key[1]}"
+
+
+def text_key(text: str) -> Key:
+    t, _, v = text.partition(KEY_SEP)
+    return (t, v)
+
+
+def lock_id(tenant_id: str, kind: str, *parts: str) -> int:
+    """A signed 64-bit advisory lock key; the tenant is part of it, so tenants never contend."""
+    digest = hashlib.blake2b(KEY_SEP.join((tenant_id, kind, *parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def is_uuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+_LOAD = """
+WITH k AS (SELECT t, v FROM unnest(%(types)s::text[], %(values)s::text[]) AS k(t, v)),
+owners AS (
+    SELECT i.profile_id FROM identity.identifiers i JOIN k ON i.id_type = k.t AND i.id_value = k.v
+    WHERE i.tenant_id = %(tenant)s
+    UNION
+    SELECT coalesce(p.merged_into, p.profile_id) FROM identity.profiles p
+    WHERE p.tenant_id = %(tenant)s AND p.profile_id = ANY(%(pids)s::uuid[])
+)
+SELECT o.profile_id::text, extract(epoch FROM p.created_at)::float8, i.id_type, i.id_value
+FROM owners o
+JOIN identity.profiles p ON p.tenant_id = %(tenant)s AND p.profile_id = o.profile_id
+LEFT JOIN identity.identifiers i ON i.tenant_id = %(tenant)s AND i.profile_id = o.profile_id
+"""
+
+_LOCK = "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k"
+
+_PROCESSED = """
+SELECT l.event_id, coalesce(p.merged_into, p.profile_id)::text
+FROM identity.event_links l
+LEFT JOIN identity.profiles p ON p.tenant_id = l.tenant_id AND p.profile_id = l.profile_id
+WHERE l.tenant_id = %(tenant)s AND l.event_id = ANY(%(ids)s)
+"""
+
+
+#: (event id, profile id or None when no identifier could link, linking identifiers, occurred at).
+EventLink = tuple[str, str | None, Sequence[Key], dt.datetime]
+
+
+@dataclass
+class KeySeen:
+    """When and where an event saw an identifier: first_seen/source for new ones, last_seen for all."""
+
+    at: dt.datetime
+    source: str
+    event_id: str
+
+
+@dataclass
+class Changes:
+    """What a transaction did to the graph, for writing back and for the changes stream."""
+
+    graph: Graph
+    # New identifiers -> (origin profile, when/where first seen).
+    new_keys: dict[Key, tuple[str, KeySeen]] = field(default_factory=dict)
+    # Existing identifiers the events saw: last_seen moves forward.
+    seen: dict[Key, dt.datetime] = field(default_factory=dict)
+    # (fact, kind, rule, reason).
+    merges: list[tuple[MergeFact, int, str, str]] = field(default_factory=list)
+    # Identifiers whose origin becomes another profile (a split).
+    new_origin: dict[Key, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RecordedMerge:
+    merge_id: int
+    fact: MergeFact
+    kind: int
+
+
+class IdentityStore:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    # ------------------------------------------------------------------------------------------
+    # Locked working sets.
+
+    def lock_working_set(
+        self, cur: Any, tenant_id: str, rules: Any, keys: Iterable[Key], profile_ids: Iterable[str] = ()
+    ) -> Graph:
+        """Lock ``keys``, the profiles that own them and the survivors of ``profile_ids``; return
+        them as a graph that nobody else can change until this transaction ends."""
+        keys = sorted(set(keys))
+        asked = sorted({p for p in profile_ids if is_uuid(p)})
+        args = {
+            "tenant": tenant_id,
+            "types": [k[0] for k in keys],
+            "values": [k[1] for k in keys],
+            "pids": asked,
+        }
+        cur.execute(_LOAD, args)
+        profiles = {row[0] for row in cur.fetchall()} | set(asked)
+        key_locks = [lock_id(tenant_id, "k", *k) for k in keys]
+        cur.execute("SAVEPOINT working_set")
+        while True:
+            locks = sorted(set(key_locks) | {lock_id(tenant_id, "p", p) for p in profiles})
+            cur.execute(_LOCK, (locks,))
+            cur.execute(_LOAD, args)
+            rows = cur.fetchall()
+            found = {row[0] for row in rows}
+            if found <= profiles:
+                break
+            cur.execute("ROLLBACK TO SAVEPOINT working_set")
+            profiles |= found
+        loaded: dict[str, Profile] = {}
+        for pid, created, id_type, id_value in rows:
+            p = loaded.setdefault(pid, Profile(pid, float(created)))
+            if id_type is not None:
+                p.keys.add((id_type, id_value))
+        return Graph(rules, loaded.values())
+
+    @staticmethod
+    def processed(cur: Any, tenant_id: str, event_ids: Sequence[str]) -> dict[str, str | None]:
+        """Events already applied, with the profile they belong to now."""
+        if not event_ids:
+            return {}
+        cur.execute(_PROCESSED, {"tenant": tenant_id, "ids": list(event_ids)})
+        return {eid: pid for eid, pid in cur.fetchall()}
+
+    # ------------------------------------------------------------------------------------------
+    # Writing back.
+
+    def write(self, cur: Any, tenant_id: str, changes: Changes, now: dt.datetime) -> list[RecordedMerge]:
+        """Write what a working set changed: new profiles, merged-away profiles (pointing at their
+        final survivor), identifier owners, merge facts. A handful of statements, whatever the size."""
+        graph = changes.graph
+        new = graph.new_profiles()
+        if new:
+            cur.execute(
+                "INSERT INTO identity.profiles (tenant_id, profile_id, created_at) "
+                "SELECT %s, p, to_timestamp(c) FROM unnest(%s::uuid[], %s::float8[]) AS m(p, c)",
+                (tenant_id, [p.profile_id for p in new], [p.created for p in new]),
+            )
+        if graph.absorbed:
+            absorbed = sorted(graph.absorbed)
+            finals = [graph.final(a) for a in absorbed]
+            # Anything that pointed at an absorbed profile now points at the final survivor too.
+            cur.execute(
+                "UPDATE identity.profiles p SET merged_into = m.s, merged_at = coalesce(p.merged_at, %s) "
+                "FROM unnest(%s::uuid[], %s::uuid[]) AS m(a, s) "
+                "WHERE p.tenant_id = %s AND (p.profile_id = m.a OR p.merged_into = m.a)",
+                (now, absorbed, finals, tenant_id),
+            )
+        if changes.new_keys:
+            items = sorted(changes.new_keys.items())
+            cur.execute(
+                "INSERT INTO identity.identifiers (tenant_id, id_type, id_value, profile_id, origin_profile_id, "
+                "first_seen, last_seen, source, first_event_id) "
+                "SELECT %s, t, v, p::uuid, o::uuid, s, s, src, e "
+                "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[], "
+                "%s::text[]) AS m(t, v, p, o, s, src, e)",
+                (
+                    tenant_id,
+                    [k[0] for k, _ in items],
+                    [k[1] for k, _ in items],
+                    [graph.owner[k] for k, _ in items],
+                    [origin for _, (origin, _) in items],
+                    [seen.at for _, (_, seen) in items],
+                    [seen.source for _, (_, seen) in items],
+                    [seen.event_id for _, (_, seen) in items],
+                ),
+            )
+        existing = sorted((graph.dirty_keys | changes.seen.keys()) - changes.new_keys.keys())
+        if existing:
+            cur.execute(
+                "UPDATE identity.identifiers i SET profile_id = m.p::uuid, "
+                "origin_profile_id = coalesce(m.o::uuid, i.origin_profile_id), "
+                "last_seen = greatest(i.last_seen, m.s) "
+                "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[]) AS m(t, v, p, o, s) "
+                "WHERE i.tenant_id = %s AND i.id_type = m.t AND i.id_value = m.v",
+                (
+                    [k[0] for k in existing],
+                    [k[1] for k in existing],
+                    [graph.owner[k] for k in existing],
+                    [changes.new_origin.get(k) for k in existing],
+                    [changes.seen.get(k) for k in existing],
+                    tenant_id,
+                ),
+            )
+        return self._record_merges(cur, tenant_id, changes.merges)
+
+    @staticmethod
+    def _record_merges(
+        cur: Any, tenant_id: str, merges: Sequence[tuple[MergeFact, int, str, str]]
+    ) -> list[RecordedMerge]:
+        out: list[RecordedMerge] = []
+        for fact, kind, rule, reason in merges:
+            cur.execute(
+                "INSERT INTO identity.merges (tenant_id, kind, survivor_id, absorbed_id, identifiers, event_id, "
+                "rule, reason) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING merge_id",
+                (
+                    tenant_id,
+                    kind,
+                    fact.survivor,
+                    fact.absorbed,
+                    json.dumps([list(k) for k in fact.keys]),
+                    fact.event_id,
+                    rule,
+                    reason,
+                ),
+            )
+            out.append(RecordedMerge(int(cur.fetchone()[0]), fact, kind))
+        return out
+
+    @staticmethod
+    def link_events(
+        cur: Any, tenant_id: str, links: Sequence[tuple[str, str | None, Sequence[Key], dt.datetime]]
+    ) -> None:
+        """Record applied events (the idempotency record) with their profile and linking identifiers."""
+        if not links:
+            return
+        cur.execute(
+            "INSERT INTO identity.event_links (tenant_id, event_id, profile_id, identifiers, occurred_at) "
+            "SELECT %s, e, p::uuid, string_to_array(k, %s), o "
+            "FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[]) AS m(e, p, k, o) "
+            "ON CONFLICT DO NOTHING",
+            (
+                tenant_id,
+                "\x1e",
+                [e for e, _, _, _ in links],
+                [p for _, p, _, _ in links],
+                ["\x1e".join(key_text(k) for k in keys) for _, _, keys, _ in links],
+                [o for _, _, _, o in links],
+            ),
+        )
+
+    # ------------------------------------------------------------------------------------------
+    # Rules.
+
+    def load_rules(self, tenant_id: str) -> tuple[dict[str, Any] | None, dict[str, Any], dt.datetime | None]:
+        with db.raw_transaction(self.engine, "SELECT identity.rules") as (cur, _):
+            cur.execute("SELECT spec, probabilistic, updated_at FROM identity.rules WHERE tenant_id = %s", (tenant_id,))
+            row = cur.fetchone()
+        if row is None:
+            return None, {}, None
+        return row[0], row[1], row[2]
+
+    def save_rules(self, tenant_id: str, spec: dict[str, Any], probabilistic: dict[str, Any]) -> dt.datetime:
+        with db.raw_transaction(self.engine, "UPSERT identity.rules") as (cur, _):
+            cur.execute(
+                "INSERT INTO identity.rules (tenant_id, spec, probabilistic, updated_at) VALUES (%s, %s, %s, now()) "
+                "ON CONFLICT (tenant_id) DO UPDATE SET spec = EXCLUDED.spec, "
+                "probabilistic = EXCLUDED.probabilistic, updated_at = EXCLUDED.updated_at RETURNING updated_at",
+                (tenant_id, json.dumps(spec), json.dumps(probabilistic)),
+            )
+            updated: dt.datetime = cur.fetchone()[0]
+        return updated
+
+    # ------------------------------------------------------------------------------------------
+    # Reads.
+
+    def owners(self, tenant_id: str, keys: Sequence[Key]) -> dict[Key, str]:
+        with db.raw_transaction(self.engine, "SELECT identity.identifiers") as (cur, _):
+            cur.execute(
+                "SELECT i.id_type, i.id_value, i.profile_id::text FROM identity.identifiers i "
+                "JOIN unnest(%s::text[], %s::text[]) AS k(t, v) ON i.id_type = k.t AND i.id_value = k.v "
+                "WHERE i.tenant_id = %s",
+                ([k[0] for k in keys], [k[1] for k in keys], tenant_id),
+            )
+            return {(t, v): p for t, v, p in cur.fetchall()}
+
+    def survivor(self, tenant_id: str, profile_id: str, cur: Any = None) -> str | None:
+        """The active profile a (possibly merged-away) id resolves to; None if the tenant has no such id."""
+        if not is_uuid(profile_id):
+            return None
+        sql = (
+            "SELECT coalesce(merged_into, profile_id)::text FROM identity.profiles "
+            "WHERE tenant_id = %s AND profile_id = %s"
+        )
+        if cur is not None:
+            cur.execute(sql, (tenant_id, profile_id))
+            row = cur.fetchone()
+        else:
+            with db.raw_transaction(self.engine, "SELECT identity.profiles") as (own, _):
+                own.execute(sql, (tenant_id, profile_id))
+                row = own.fetchone()
+        return row[0] if row else None
+
+    def identifiers(self, tenant_id: str, profile_id: str) -> list[tuple[Any, ...]]:
+        with db.raw_transaction(self.engine, "SELECT identity.identifiers") as (cur, _):
+            cur.execute(
+                "SELECT id_type, id_value, first_seen, last_seen, source, first_event_id, origin_profile_id::text "
+                "FROM identity.identifiers WHERE tenant_id = %s AND profile_id = %s ORDER BY id_type, id_value",
+                (tenant_id, profile_id),
+            )
+            return list(cur.fetchall())
+
+    def identifier_rows(self, tenant_id: str, keys: Sequence[Key]) -> dict[Key, tuple[str, str, str]]:
+        """(owner, origin, first_event_id) of each known identifier."""
+        with db.raw_transaction(self.engine, "SELECT identity.identifiers") as (cur, _):
+            cur.execute(
+                "SELECT i.id_type, i.id_value, i.profile_id::text, i.origin_profile_id::text, i.first_event_id "
+                "FROM identity.identifiers i "
+                "JOIN unnest(%s::text[], %s::text[]) AS k(t, v) ON i.id_type = k.t AND i.id_value = k.v "
+                "WHERE i.tenant_id = %s",
+                ([k[0] for k in keys], [k[1] for k in keys], tenant_id),
+            )
+            return {(t, v): (p, o, e) for t, v, p, o, e in cur.fetchall()}
+
+    def merges(
+        self,
+        tenant_id: str,
+        *,
+        profile_ids: Sequence[str] | None = None,
+        limit: int = 1000,
+        before: int | None = None,
+    ) -> list[tuple[Any, ...]]:
+        """Merge facts newest first; with ``profile_ids``, those touching any of them (the ids
+        given plus every profile ever merged into them)."""
+        sql = (
+            "SELECT merge_id, kind, survivor_id::text, absorbed_id::text, identifiers, event_id, rule, reason, "
+            "created_at, score, evidence FROM identity.merges m WHERE tenant_id = %(tenant)s"
+        )
+        args: dict[str, Any] = {"tenant": tenant_id, "limit": limit, "before": before}
+        if profile_ids is not None:
+            sql += (
+                " AND (survivor_id = ANY(%(pids)s::uuid[]) OR absorbed_id = ANY(%(pids)s::uuid[])"
+                " OR survivor_id IN (SELECT profile_id FROM identity.profiles WHERE tenant_id = %(tenant)s"
+                " AND merged_into = ANY(%(pids)s::uuid[])))"
+            )
+            args["pids"] = list(profile_ids)
+        if before is not None:
+            sql += " AND merge_id < %(before)s"
+        sql += " ORDER BY merge_id DESC LIMIT %(limit)s"
+        with db.raw_transaction(self.engine, "SELECT identity.merges") as (cur, _):
+            cur.execute(sql, args)
+            return list(cur.fetchall())
+
+    def merge_path(self, tenant_id: str, start: str) -> list[tuple[Any, ...]]:
+        """The merges that carried ``start`` into its final survivor, in order (walking up the tree)."""
+        with db.raw_transaction(self.engine, "SELECT identity.merges path") as (cur, _):
+            cur.execute(
+                """
+                WITH RECURSIVE up AS (
+                    SELECT m.*, 1 AS depth FROM identity.merges m
+                    WHERE m.tenant_id = %(tenant)s AND m.absorbed_id = %(start)s AND m.kind <> %(unmerge)s
+                    UNION ALL
+                    SELECT m.*, up.depth + 1 FROM identity.merges m JOIN up
+                      ON m.tenant_id = up.tenant_id AND m.absorbed_id = up.survivor_id AND m.kind <> %(unmerge)s
+                    WHERE up.depth < 10000
+                )
+                SELECT merge_id, kind, survivor_id::text, absorbed_id::text, identifiers, event_id, rule, reason,
+                       created_at, score, evidence
+                FROM up ORDER BY depth
+                """,
+                {"tenant": tenant_id, "start": start, "unmerge": identity_pb2.MERGE_KIND_UNMERGE},
+            )
+            return list(cur.fetchall())
+
+    def reattribute(self, cur: Any, tenant_id: str, profile_id: str, moved: Sequence[Key], target: str) -> list[str]:
+        """Events of ``profile_id`` (or profiles merged into it) linked only by ``moved`` identifiers
+        now belong to ``target``; returns their ids."""
+        cur.execute(
+            "UPDATE identity.event_links SET profile_id = %(target)s "
+            "WHERE tenant_id = %(tenant)s AND identifiers <@ %(moved)s::text[] AND cardinality(identifiers) > 0 "
+            "AND (profile_id = %(pid)s OR profile_id IN (SELECT profile_id FROM identity.profiles "
+            "WHERE tenant_id = %(tenant)s AND merged_into = %(pid)s)) RETURNING event_id",
+            {"tenant": tenant_id, "pid": profile_id, "target": target, "moved": [key_text(k) for k in moved]},
+        )
+        return [row[0] for row in cur.fetchall()]

@@ -1,0 +1,381 @@
+"""Identity end to end on real PostgreSQL and Redis: events go in through the public ingest API,
+the identity consumer stitches them, and IdentityService answers for the result."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import field_mask_pb2
+from sqlalchemy.engine import Engine
+
+from services.core.bus import CHANGES, EVENTS, RESOLVED, Bus
+from services.core.server import RunningServer
+from services.core.settings import Settings
+from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc, ingest_pb2_grpc
+from tests.conftest import TenantKey
+from tests.support.grpc_errors import bad_request, precondition_failures
+from tests.support.identity import event_profile, linked_count, person_event, send, wait_linked
+
+pytestmark = pytest.mark.integration
+
+Ident = event_pb2.Identifier
+
+
+@pytest.fixture
+def ingest(ingest_channel: grpc.Channel) -> ingest_pb2_grpc.IngestServiceStub:
+    return ingest_pb2_grpc.IngestServiceStub(ingest_channel)
+
+
+@pytest.fixture
+def identity(identity_channel: grpc.Channel, identity_server: RunningServer) -> identity_pb2_grpc.IdentityServiceStub:
+    return identity_pb2_grpc.IdentityServiceStub(identity_channel)
+
+
+def resolve(stub: identity_pb2_grpc.IdentityServiceStub, tenant: TenantKey, t: str, v: str) -> str:
+    req = identity_pb2.ResolveIdentifiersRequest(identifiers=[Ident(type=t, value=v)])
+    return str(stub.ResolveIdentifiers(req, metadata=tenant.metadata, timeout=5).profile_id)
+
+
+def add_custom_types(stub: identity_pb2_grpc.IdentityServiceStub, tenant: TenantKey, *names: str) -> None:
+    rules = stub.GetIdentityRules(identity_pb2.GetIdentityRulesRequest(), metadata=tenant.metadata).rules
+    for name in names:
+        rules.types.add(type=name, normalizer="trim", priority=70, max_per_profile=5)
+    stub.UpdateIdentityRules(
+        identity_pb2.UpdateIdentityRulesRequest(rules=rules, update_mask=field_mask_pb2.FieldMask(paths=["types"])),
+        metadata=tenant.metadata,
+    )
+
+
+def test_one_person_across_channels_becomes_one_profile(
+    ingest: ingest_pb2_grpc.IngestServiceStub,
+    identity: identity_pb2_grpc.IdentityServiceStub,
+    tenant: TenantKey,
+    engine: Engine,
+    redis_client: Any,
+    settings: Settings,
+) -> None:
+    add_custom_types(identity, tenant, "chat_id", "loyalty_id")
+    md = tenant.metadata
+    web = send(ingest, md, person_event(("email", " Maya.Okafor@Example.com ")))[0]
+    voice = send(ingest, md, person_event(("phone", "(415) 555-0199"), channel=event_pb2.CHANNEL_VOICE))[0]
+    wait_linked(engine, tenant.tenant_id, 2)
+    assert resolve(identity, tenant, "email", "maya.okafor@example.com") != resolve(
+        identity, tenant, "phone", "+14155550199"
+    )
+    # The chat transcript carries both: the two profiles merge into the older one (the web one).
+    chat = send(
+        ingest,
+        md,
+        person_event(("chat_id", "c-77"), ("phone", "+1 415 555 0199"), ("email", "maya.okafor@example.com")),
+    )[0]
+    store = send(ingest, md, person_event(("loyalty_id", "L-1234"), ("chat_id", "c-77")))[0]
+    wait_linked(engine, tenant.tenant_id, 4)
+
+    survivor = event_profile(engine, tenant.tenant_id, web)
+    assert survivor is not None
+    for t, v in [
+        ("email", "MAYA.OKAFOR@example.com"),
+        ("phone", "415-555-0199"),
+        ("chat_id", "c-77"),
+        ("loyalty_id", "L-1234"),
+    ]:
+        assert resolve(identity, tenant, t, v) == survivor
+
+    graph = identity.GetIdentityGraph(
+        identity_pb2.GetIdentityGraphRequest(name=f"profiles/{survivor}"), metadata=md
+    ).graph
+    assert not graph.redirected
+    assert {(i.type, i.value) for i in graph.identifiers} == {
+        ("email", "maya.okafor@example.com"),
+        ("phone", "+14155550199"),
+        ("chat_id", "c-77"),
+        ("loyalty_id", "L-1234"),
+    }
+    first = {i.type: i for i in graph.identifiers}
+    assert first["email"].first_event_id == web and first["email"].source == "tests"
+    assert first["phone"].first_event_id == voice
+    assert first["loyalty_id"].first_event_id == store
+    (merge,) = graph.merges
+    assert merge.kind == identity_pb2.MERGE_KIND_DETERMINISTIC and merge.event_id == chat
+    assert merge.survivor_profile_id == survivor
+    absorbed = merge.absorbed_profile_id
+    assert absorbed == event_profile(engine, tenant.tenant_id, voice)
+
+    # The merged-away id keeps resolving, with a flag.
+    old = identity.GetIdentityGraph(identity_pb2.GetIdentityGraphRequest(name=f"profiles/{absorbed}"), metadata=md)
+    assert old.graph.redirected and old.graph.profile_id == survivor
+
+    # Downstream sees each event stamped with its profile, and the lifecycle changes.
+    bus = Bus(redis_client, settings.redis_prefix)
+    resolved = redis_client.xrange(bus.key(tenant.tenant_id, RESOLVED))
+    by_event = {f[b"event_id"].decode(): f for _, f in resolved}
+    assert set(by_event) == {web, voice, chat, store}
+    stamped = event_pb2.Event.FromString(by_event[store][b"payload"])
+    assert stamped.profile_id == survivor and stamped.event_id == store
+    changes = [f for _, f in redis_client.xrange(bus.key(tenant.tenant_id, CHANGES))]
+    kinds = [(c[b"kind"], c[b"profile_id"].decode()) for c in changes]
+    assert (b"created", survivor) in kinds and (b"created", absorbed) in kinds
+    assert (b"merged", survivor) in kinds
+    merged = next(c for c in changes if c[b"kind"] == b"merged")
+    assert merged[b"absorbed_profile_id"].decode() == absorbed and merged[b"event_id"].decode() == chat
+
+
+def test_merge_chain_explain_and_unmerge(
+    ingest: ingest_pb2_grpc.IngestServiceStub,
+    identity: identity_pb2_grpc.IdentityServiceStub,
+    tenant: TenantKey,
+    engine: Engine,
+) -> None:
+    md = tenant.metadata
+    c_ev = send(ingest, md, person_event(("anonymous_id", "anon-c")))[0]
+    wait_linked(engine, tenant.tenant_id, 1)
+    b_ev = send(ingest, md, person_event(("phone", "+442071838750")))[0]
+    wait_linked(engine, tenant.tenant_id, 2)
+    a_ev = send(ingest, md, person_event(("email", "a@chain.example")))[0]
+    wait_linked(engine, tenant.tenant_id, 3)
+    a, b, c = (event_profile(engine, tenant.tenant_id, e) for e in (a_ev, b_ev, c_ev))
+    assert len({a, b, c}) == 3
+    ab = send(ingest, md, person_event(("email", "a@chain.example"), ("phone", "+44 20 7183 8750")))[0]
+    wait_linked(engine, tenant.tenant_id, 4)
+    bc = send(ingest, md, person_event(("phone", "+442071838750"), ("anonymous_id", "anon-c")))[0]
+    wait_linked(engine, tenant.tenant_id, 5)
+
+    # A went into B, B into C (the oldest survives): A resolves to C.
+    graph = identity.GetIdentityGraph(identity_pb2.GetIdentityGraphRequest(name=f"profiles/{a}"), metadata=md).graph
+    assert graph.redirected and graph.profile_id == c
+    assert resolve(identity, tenant, "email", "a@chain.example") == c
+
+    explain = identity.ExplainLink(
+        identity_pb2.ExplainLinkRequest(
+            identifier_a=Ident(type="email", value="A@chain.example"),
+            identifier_b=Ident(type="anonymous_id", value="anon-c"),
+        ),
+        metadata=md,
+    )
+    assert explain.linked
+    assert [(m.absorbed_profile_id, m.survivor_profile_id, m.event_id) for m in explain.chain] == [
+        (a, b, ab),
+        (b, c, bc),
+    ]
+    assert ab in explain.summary and bc in explain.summary
+    by_profile = identity.ExplainLink(
+        identity_pb2.ExplainLinkRequest(profile_a=f"profiles/{a}", profile_b=f"profiles/{b}"), metadata=md
+    )
+    assert by_profile.linked and [m.event_id for m in by_profile.chain] == [ab]
+
+    # Undo: split the email off C. Its own event follows it; the others stay.
+    split = identity.UnmergeProfile(
+        identity_pb2.UnmergeProfileRequest(
+            profile=f"profiles/{c}",
+            identifiers=[Ident(type="email", value="a@chain.example")],
+            reason="shared family device",
+        ),
+        metadata=md,
+    ).merge
+    new = split.absorbed_profile_id
+    assert split.kind == identity_pb2.MERGE_KIND_UNMERGE and split.survivor_profile_id == c
+    assert split.reason == "shared family device"
+    assert resolve(identity, tenant, "email", "a@chain.example") == new
+    assert resolve(identity, tenant, "phone", "+442071838750") == c
+    assert event_profile(engine, tenant.tenant_id, a_ev) == new
+    assert event_profile(engine, tenant.tenant_id, b_ev) != new
+    not_linked = identity.ExplainLink(
+        identity_pb2.ExplainLinkRequest(
+            identifier_a=Ident(type="email", value="a@chain.example"),
+            identifier_b=Ident(type="anonymous_id", value="anon-c"),
+        ),
+        metadata=md,
+    )
+    assert not not_linked.linked and not_linked.summary.startswith("not linked")
+    # The split is itself a recorded, listed fact.
+    merges = identity.ListMerges(identity_pb2.ListMergesRequest(profile=f"profiles/{c}"), metadata=md).merges
+    assert merges[0].name == split.name and merges[0].kind == identity_pb2.MERGE_KIND_UNMERGE
+
+
+def test_blocked_placeholders_never_link(
+    ingest: ingest_pb2_grpc.IngestServiceStub,
+    identity: identity_pb2_grpc.IdentityServiceStub,
+    tenant: TenantKey,
+    engine: Engine,
+) -> None:
+    md = tenant.metadata
+    send(
+        ingest,
+        md,
+        person_event(("email", "test@test.com"), ("phone", "+14155550111")),
+        person_event(("email", "TEST@test.com"), ("phone", "+14155550122")),
+        person_event(("email", "unknown"), ("phone", "000-000-0000"), ("device_id", "d-1")),
+    )
+    wait_linked(engine, tenant.tenant_id, 3)
+    p1 = resolve(identity, tenant, "phone", "+14155550111")
+    p2 = resolve(identity, tenant, "phone", "+14155550122")
+    assert p1 != p2
+    with pytest.raises(grpc.RpcError) as err:
+        resolve(identity, tenant, "email", "test@test.com")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(err.value)[0][0] == "identifiers[0].value"
+
+
+def test_manual_merge_respects_limits_and_needs_a_reason(
+    ingest: ingest_pb2_grpc.IngestServiceStub,
+    identity: identity_pb2_grpc.IdentityServiceStub,
+    tenant: TenantKey,
+    engine: Engine,
+) -> None:
+    md = tenant.metadata
+    e1, e2, e3 = send(
+        ingest,
+        md,
+        person_event(("user_id", "u-1")),
+        person_event(("user_id", "u-2")),
+        person_event(("email", "third@example.com")),
+    )
+    wait_linked(engine, tenant.tenant_id, 3)
+    p1, p2, p3 = (event_profile(engine, tenant.tenant_id, e) for e in (e1, e2, e3))
+    with pytest.raises(grpc.RpcError) as err:
+        identity.MergeProfiles(
+            identity_pb2.MergeProfilesRequest(
+                survivor_profile=f"profiles/{p1}", absorbed_profile=f"profiles/{p2}", reason="same person"
+            ),
+            metadata=md,
+        )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert precondition_failures(err.value) == [("IDENTIFIER_LIMIT", "identityRules/types/user_id")]
+
+    with pytest.raises(grpc.RpcError) as err:
+        identity.MergeProfiles(
+            identity_pb2.MergeProfilesRequest(survivor_profile=f"profiles/{p1}", absorbed_profile=f"profiles/{p3}"),
+            metadata=md,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(err.value) == [("reason", "say why, for the audit trail")]
+
+    merge = identity.MergeProfiles(
+        identity_pb2.MergeProfilesRequest(
+            survivor_profile=f"profiles/{p1}", absorbed_profile=f"profiles/{p3}", reason="agent verified by phone"
+        ),
+        metadata=md,
+    ).merge
+    assert merge.kind == identity_pb2.MERGE_KIND_MANUAL and merge.reason == "agent verified by phone"
+    assert resolve(identity, tenant, "email", "third@example.com") == p1
+
+    with pytest.raises(grpc.RpcError) as err:
+        identity.MergeProfiles(
+            identity_pb2.MergeProfilesRequest(
+                survivor_profile=f"profiles/{p1}", absorbed_profile=f"profiles/{p3}", reason="again"
+            ),
+            metadata=md,
+        )
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as err:
+        identity.MergeProfiles(
+            identity_pb2.MergeProfilesRequest(survivor_profile="profiles/nope", absorbed_profile=f"profiles/{p3}"),
+            metadata=md,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(err.value)[0][0] == "survivor_profile"
+
+
+def test_rules_are_validated_and_updated_by_mask(
+    identity: identity_pb2_grpc.IdentityServiceStub, tenant: TenantKey
+) -> None:
+    md = tenant.metadata
+    rules = identity.GetIdentityRules(identity_pb2.GetIdentityRulesRequest(), metadata=md).rules
+    limits = {t.type: t.max_per_profile for t in rules.types}
+    assert limits == {"user_id": 1, "email": 5, "phone": 5, "device_id": 5, "anonymous_id": 5}
+    assert rules.default_region == "US"
+
+    bad = identity_pb2.IdentityRules()
+    bad.CopyFrom(rules)
+    bad.types.add(type="crm_id", normalizer="soundex", priority=10, max_per_profile=-1)
+    with pytest.raises(grpc.RpcError) as err:
+        identity.UpdateIdentityRules(
+            identity_pb2.UpdateIdentityRulesRequest(rules=bad, update_mask=field_mask_pb2.FieldMask(paths=["types"])),
+            metadata=md,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    fields = {f for f, _ in bad_request(err.value)}
+    assert fields == {"rules.types[crm_id].normalizer", "rules.types[crm_id].max_per_profile"}
+
+    with pytest.raises(grpc.RpcError) as err:
+        identity.UpdateIdentityRules(
+            identity_pb2.UpdateIdentityRulesRequest(
+                rules=identity_pb2.IdentityRules(default_region="GB"),
+                update_mask=field_mask_pb2.FieldMask(paths=["default_region", "colour"]),
+            ),
+            metadata=md,
+        )
+    assert bad_request(err.value)[0][0] == "update_mask.paths[1]"
+
+    updated = identity.UpdateIdentityRules(
+        identity_pb2.UpdateIdentityRulesRequest(
+            rules=identity_pb2.IdentityRules(default_region="GB"),
+            update_mask=field_mask_pb2.FieldMask(paths=["default_region"]),
+        ),
+        metadata=md,
+    ).rules
+    assert updated.default_region == "GB" and len(updated.types) == 5 and updated.HasField("update_time")
+    # A national number now reads as British.
+    req = identity_pb2.ResolveIdentifiersRequest(identifiers=[Ident(type="phone", value="020 7183 8750")])
+    with pytest.raises(grpc.RpcError) as err:
+        identity.ResolveIdentifiers(req, metadata=md)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_redelivered_event_has_no_second_effect(
+    identity_server: RunningServer,
+    tenant: TenantKey,
+    engine: Engine,
+    redis_client: Any,
+    settings: Settings,
+) -> None:
+    bus = Bus(redis_client, settings.redis_prefix)
+    ev = person_event(("email", "twice@example.com"), ("phone", "+14155550133"))
+    ev.event_id = "0193aaaa-0000-7000-8000-000000000001"
+    payload = ev.SerializeToString()
+    key = bus.key(tenant.tenant_id, RESOLVED)
+    for n in (1, 2, 3):
+        # Delivered again after it was applied, as after a crash between commit and acknowledgement.
+        bus.append(tenant.tenant_id, EVENTS, ("event_id", "payload"), [(ev.event_id.encode(), payload)])
+        deadline = time.monotonic() + 10
+        while redis_client.xlen(key) < n and time.monotonic() < deadline:
+            time.sleep(0.02)
+    resolved = redis_client.xrange(key)
+    assert len(resolved) == 3
+    assert len({f[b"profile_id"] for _, f in resolved}) == 1
+    assert linked_count(engine, tenant.tenant_id) == 1
+    changes = redis_client.xrange(bus.key(tenant.tenant_id, CHANGES))
+    assert [f[b"kind"] for _, f in changes] == [b"created"]
+
+
+def test_list_merges_pages_newest_first(
+    ingest: ingest_pb2_grpc.IngestServiceStub,
+    identity: identity_pb2_grpc.IdentityServiceStub,
+    tenant: TenantKey,
+    engine: Engine,
+) -> None:
+    md = tenant.metadata
+    n = 0
+    for i in range(5):
+        send(ingest, md, person_event(("email", f"m{i}@example.com")), person_event(("phone", f"+1415555{i:04d}")))
+        n += 2
+        wait_linked(engine, tenant.tenant_id, n)
+        send(ingest, md, person_event(("email", f"m{i}@example.com"), ("phone", f"+1415555{i:04d}")))
+        n += 1
+        wait_linked(engine, tenant.tenant_id, n)
+    names: list[str] = []
+    token = ""
+    while True:
+        page = identity.ListMerges(identity_pb2.ListMergesRequest(page_size=2, page_token=token), metadata=md)
+        names += [m.name for m in page.merges]
+        token = page.next_page_token
+        if not token:
+            break
+    ids = [int(n.split("/")[1]) for n in names]
+    assert len(ids) == 5 and ids == sorted(ids, reverse=True)
+    with pytest.raises(grpc.RpcError) as err:
+        identity.ListMerges(identity_pb2.ListMergesRequest(page_token="forged"), metadata=md)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
