@@ -86,6 +86,8 @@ class Graph:
         for p in profiles:
             self.add_profile(p)
         self.dirty_keys: set[Key] = set()
+        #: Every profile created here, in order, including ones absorbed again before the end.
+        self.created: list[Profile] = []
         #: absorbed profile id -> its survivor (followed transitively by :meth:`final`).
         self.absorbed: dict[str, str] = {}
 
@@ -101,7 +103,9 @@ class Graph:
         return profile_id
 
     def new_profiles(self) -> list[Profile]:
-        return [p for p in self.profiles.values() if p.new]
+        """Profiles created in this working set, absorbed or not: all of them must be stored,
+        since events and merge facts name them."""
+        return list(self.created)
 
     # ------------------------------------------------------------------------------------------
     # Limits.
@@ -211,8 +215,9 @@ class Graph:
     def _create(self, profile_id: str, now: float) -> Profile:
         # Profiles created in one working set get increasing microseconds, so "oldest survives"
         # follows the order of the events that created them.
-        profile = Profile(profile_id, now + len(self.new_profiles()) * 1e-6, set(), new=True)
+        profile = Profile(profile_id, now + len(self.created) * 1e-6, set(), new=True)
         self.profiles[profile_id] = profile
+        self.created.append(profile)
         return profile
 
     def _attach(self, profile_id: str, key: Key) -> None:

@@ -166,3 +166,14 @@ def test_limits_always_hold_with_default_rules(events: list[list[Key]]) -> None:
     for p in g.profiles.values():
         for t, rule in rules.types.items():
             assert sum(1 for k in p.keys if k[0] == t) <= rule.max_per_profile
+
+
+def test_profiles_created_and_absorbed_in_one_working_set_are_still_reported_new() -> None:
+    g = Graph(DEFAULT_RULES)
+    ids = Ids()
+    first = g.resolve("e1", [E1], ids, 1.0).profile_id
+    second = g.resolve("e2", [PH], ids, 1.0).profile_id
+    out = g.resolve("e3", [E1, PH], ids, 1.0)
+    assert out.profile_id == first, "the profile created first survives"
+    assert [p.profile_id for p in g.new_profiles()] == [first, second]
+    assert g.final(second) == first
