@@ -13,6 +13,7 @@ from typing import Any
 
 SCENARIOS: dict[str, str] = {
     "ingest": "bench.ingest",
+    "identity": "bench.identity",
 }
 
 
