@@ -162,6 +162,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    """Messages a consumer gave up on after its attempts: list them, or put them back on their
+    stream once the cause is fixed (consumers are idempotent, so a replay applies nothing twice)."""
+    from services.core.bus import Bus, connect
+
+    settings = _settings()
+    client = connect(settings.require_redis_url())
+    bus = Bus(client, settings.redis_prefix)
+    try:
+        if args.action == "replay":
+            moved = bus.replay_dead_letters(args.tenant, args.stream, args.id or None)
+            print(json.dumps({"replayed": moved}) if args.json else f"replayed {moved} message(s)")
+            return 0
+        rows = []
+        for msg in bus.dead_letters(args.tenant, args.stream, count=args.limit):
+            fields = {k.decode(): v for k, v in msg.fields.items()}
+            rows.append(
+                {
+                    "id": msg.id,
+                    "event_id": fields.get("event_id", b"").decode(errors="replace"),
+                    "group": fields.get("dead_group", b"").decode(errors="replace"),
+                    "attempts": int(fields.get("dead_attempts", b"0") or 0),
+                    "reason": fields.get("dead_reason", b"").decode(errors="replace"),
+                    "original_id": fields.get("dead_from_id", b"").decode(errors="replace"),
+                }
+            )
+        if args.json:
+            print(json.dumps(rows))
+        elif not rows:
+            print("no dead letters")
+        else:
+            for r in rows:
+                print(f"{r['id']}  event {r['event_id'] or '-'}  group {r['group']}  attempts {r['attempts']}")
+                print(f"    {r['reason']}")
+        return 0
+    finally:
+        client.close()
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from bench import run_scenario
 
@@ -219,6 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=90)
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("dead-letters", help="list or replay messages consumers gave up on")
+    p.add_argument("action", choices=["list", "replay"])
+    p.add_argument("tenant")
+    p.add_argument("--stream", default="events", choices=["events", "resolved", "changes"])
+    p.add_argument("--id", action="append", help="replay: only this dead-letter id (repeatable)")
+    p.add_argument("--limit", type=int, default=100, help="list: at most this many")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_dead_letters)
 
     p = sub.add_parser("bench", help="run a benchmark scenario")
     p.add_argument("scenario")

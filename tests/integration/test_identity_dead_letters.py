@@ -1,0 +1,86 @@
+"""A poison event does not hold back its neighbours in the identity consumer; after its attempts
+it goes to the dead-letter stream, and `tessera dead-letters` lists it and replays it."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import pytest
+from sqlalchemy.engine import Engine
+
+from services.core.bus import EVENTS, RESOLVED, Bus
+from services.core.cli import main
+from services.core.settings import Settings
+from services.identity.consumer import build_consumer
+from services.identity.resolver import Resolver
+from services.identity.rules_store import RulesCache
+from services.identity.storage import IdentityStore
+from tests.conftest import TenantKey
+from tests.support.identity import linked_count, person_event
+from tests.support.servers import delete_prefix
+
+pytestmark = pytest.mark.integration
+
+
+def test_poison_event_is_dead_lettered_listed_and_replayed(
+    settings: Settings,
+    engine: Engine,
+    redis_client: Any,
+    tenant: TenantKey,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A prefix of its own, so the session's identity server does not consume these messages.
+    prefix = f"{settings.redis_prefix}-dlq"
+    bus = Bus(redis_client, prefix)
+    store = IdentityStore(engine)
+    consumer = build_consumer(
+        Resolver(store, RulesCache(store, ttl=0)),
+        bus,
+        lambda: [tenant.tenant_id],
+        name="dlq-test",
+        block_ms=10,
+        claim_idle_ms=100,
+        max_attempts=2,
+    )
+    good = person_event(("email", "good@example.com"))
+    good.event_id = str(uuid.uuid4())
+    poison_id = str(uuid.uuid4())
+    try:
+        bus.ensure_group(tenant.tenant_id, EVENTS, "identity")
+        bus.append(
+            tenant.tenant_id,
+            EVENTS,
+            ("event_id", "payload"),
+            [(poison_id.encode(), b"\xff\xff not a protobuf"), (good.event_id.encode(), good.SerializeToString())],
+        )
+        deadline = time.monotonic() + 20
+        while not bus.dead_letters(tenant.tenant_id, EVENTS) and time.monotonic() < deadline:
+            consumer.poll()
+            time.sleep(0.05)
+        assert linked_count(engine, tenant.tenant_id) == 1, "the good neighbour was applied"
+        (dead,) = bus.dead_letters(tenant.tenant_id, EVENTS)
+        assert dead.fields[b"event_id"].decode() == poison_id
+
+        monkeypatch.setenv("TESSERA_REDIS_URL", settings.require_redis_url())
+        monkeypatch.setenv("TESSERA_DATABASE_URL", settings.require_database_url())
+        monkeypatch.setenv("TESSERA_REDIS_PREFIX", prefix)
+        capsys.readouterr()
+        assert main(["dead-letters", "list", tenant.tenant_id, "--json"]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        assert row["event_id"] == poison_id and row["group"] == "identity" and row["attempts"] == 2
+        assert "DecodeError" in row["reason"] or "Error" in row["reason"]
+
+        assert main(["dead-letters", "replay", tenant.tenant_id, "--id", row["id"]]) == 0
+        assert "replayed 1" in capsys.readouterr().out
+        assert bus.dead_letters(tenant.tenant_id, EVENTS) == []
+        # Back on the stream for the group: still poison, so it fails again rather than vanishing.
+        consumer.poll()
+        pending = redis_client.xpending(bus.key(tenant.tenant_id, EVENTS), "identity")
+        assert pending["pending"] == 1
+        assert redis_client.xlen(bus.key(tenant.tenant_id, RESOLVED)) == 1
+    finally:
+        delete_prefix(redis_client, prefix)
