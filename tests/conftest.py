@@ -107,14 +107,19 @@ def tenant(engine: Engine) -> TenantKey:
     return make_tenant(engine)
 
 
-@pytest.fixture(scope="session")
-def ingest_server(settings: Settings) -> Iterator[RunningServer]:
-    from services.ingest.app import definition
+def _serve(service: str, settings: Settings) -> Iterator[RunningServer]:
+    """A service in this process on a free port, SERVING before the tests get it."""
+    import importlib
 
-    running = start_server(definition(), settings, port=0)
-    assert wait_health(f"127.0.0.1:{running.port}"), "ingest never became SERVING"
+    running = start_server(importlib.import_module(f"services.{service}.app").definition(), settings, port=0)
+    assert wait_health(f"127.0.0.1:{running.port}"), f"{service} never became SERVING"
     yield running
     running.shutdown(grace=1)
+
+
+@pytest.fixture(scope="session")
+def ingest_server(settings: Settings) -> Iterator[RunningServer]:
+    yield from _serve("ingest", settings)
 
 
 @pytest.fixture(scope="session")
@@ -125,12 +130,7 @@ def ingest_channel(ingest_server: RunningServer) -> Iterator[grpc.Channel]:
 
 @pytest.fixture(scope="session")
 def identity_server(settings: Settings) -> Iterator[RunningServer]:
-    from services.identity.app import definition
-
-    running = start_server(definition(), settings, port=0)
-    assert wait_health(f"127.0.0.1:{running.port}"), "identity never became SERVING"
-    yield running
-    running.shutdown(grace=1)
+    yield from _serve("identity", settings)
 
 
 @pytest.fixture(scope="session")

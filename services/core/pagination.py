@@ -28,6 +28,10 @@ def encode_token(position: Any, query: Any) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def invalid_token() -> InvalidArgument:
+    return InvalidArgument("invalid page_token", [Violation("page_token", "not a token this API issued")])
+
+
 def decode_token(token: str, query: Any) -> Any:
     """The position a token points at; a token from another query or a forged one is refused."""
     if not token:
@@ -36,7 +40,7 @@ def decode_token(token: str, query: Any) -> Any:
         data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         position, fingerprint = data["p"], data["q"]
     except (ValueError, KeyError, TypeError):
-        raise InvalidArgument("invalid page_token", [Violation("page_token", "not a token this API issued")]) from None
+        raise invalid_token() from None
     if fingerprint != _fingerprint(query):
         raise InvalidArgument(
             "page_token does not match the request",

@@ -139,6 +139,11 @@ class Stack:
             migrated = migrate(engine)
             self.say(f"migrated schemas: {', '.join(migrated)}")
             new_tenant = self._demo_tenant(engine, data_dir)
+            if new_tenant and "identity" in available_services():
+                from services.identity.storage import IdentityStore
+                from services.ingest.demo_data import IDENTITY_RULES
+
+                IdentityStore(engine).save_rules(DEMO_TENANT, IDENTITY_RULES, {})
         finally:
             engine.dispose()
 
@@ -217,6 +222,13 @@ class Stack:
             f'"track":{{"event":"Signed Up"}}}}]}}\' 127.0.0.1:{port} tessera.v1.IngestService/IngestEvents'
         )
         self.say("  tessera demo export demo.jsonl --customers 50 && tessera import demo.jsonl")
+        if any(c.service == "identity" for c in self.children):
+            iport = self.settings.port_for("identity")
+            self.say(
+                f'  grpcurl -plaintext -H "authorization: Bearer $TESSERA_API_KEY" -d '
+                '\'{"identifiers":[{"type":"loyalty_id","value":"LY4401287305"}]}\' '
+                f"127.0.0.1:{iport} tessera.v1.IdentityService/ResolveIdentifiers"
+            )
         self.say()
         self.say("Ctrl-C stops everything; the data stays for the next `tessera up`.")
 

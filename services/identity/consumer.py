@@ -30,10 +30,13 @@ class ResolveHandler:
     def __call__(self, batch: list[StreamMessage]) -> None:
         by_tenant: dict[str, list[IncomingEvent]] = {}
         for msg in batch:
-            rules = self.resolver.rules.get(msg.tenant_id)
+            tenant_rules = self.resolver.rules.get_full(msg.tenant_id)
             event_id = msg.fields.get(b"event_id", b"").decode()
+            with_traits = bool(tenant_rules.probabilistic.get("enabled"))
             by_tenant.setdefault(msg.tenant_id, []).append(
-                parse_event(rules, event_id, msg.fields[b"payload"], msg.traceparent)
+                parse_event(
+                    tenant_rules.rules, event_id, msg.fields[b"payload"], msg.traceparent, with_traits=with_traits
+                )
             )
         for tenant_id, events in by_tenant.items():
             result = self.resolver.resolve_batch(tenant_id, events)

@@ -16,14 +16,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf import json_format
+
 from services.core import db
 from services.core.bus import CHANGES, Publication
 from services.core.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from services.core.telemetry import meter
+from services.identity.probabilistic import BatchMatcher, Thresholds
 from services.identity.rules import IdentityRules
 from services.identity.rules_store import RulesCache
 from services.identity.stitching import Graph, Key, LimitBroken, MergeFact, Outcome
-from services.identity.storage import Changes, IdentityStore, KeySeen, RecordedMerge
+from services.identity.storage import Changes, IdentityStore, KeySeen, MergeRecord, RecordedMerge
 from tessera.v1 import event_pb2, identity_pb2
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,7 @@ class IncomingEvent:
     occurred: dt.datetime
     source: str
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (type, reason)
+    traits: dict[str, Any] | None = None  # Identify traits, read only when matching is on
 
 
 @dataclass
@@ -71,9 +75,12 @@ class BatchResult:
     outcomes: dict[str, Outcome]
 
 
-def parse_event(rules: IdentityRules, event_id: str, payload: bytes, traceparent: str = "") -> IncomingEvent:
+def parse_event(
+    rules: IdentityRules, event_id: str, payload: bytes, traceparent: str = "", *, with_traits: bool = False
+) -> IncomingEvent:
     """Decode a stream payload and normalize its identifiers; dropped ones are kept with a reason."""
     ev = event_pb2.Event.FromString(payload)
+    traits = json_format.MessageToDict(ev.identify.traits) if with_traits and ev.HasField("identify") else None
     keys: list[Key] = []
     dropped: list[tuple[str, str]] = []
     for ident in ev.identifiers:
@@ -83,7 +90,7 @@ def parse_event(rules: IdentityRules, event_id: str, payload: bytes, traceparent
         else:
             keys.append((ident.type, result.value))
     occurred = ev.timestamp.ToDatetime(dt.UTC) if ev.HasField("timestamp") else dt.datetime.now(dt.UTC)
-    return IncomingEvent(event_id or ev.event_id, payload, traceparent, keys, occurred, ev.source, dropped)
+    return IncomingEvent(event_id or ev.event_id, payload, traceparent, keys, occurred, ev.source, dropped, traits)
 
 
 def change(tenant_id: str, kind: str, profile_id: str, **extra: str) -> Publication:
@@ -102,6 +109,19 @@ def merge_changes(tenant_id: str, recorded: Sequence[RecordedMerge]) -> list[Pub
         )
         for r in recorded
     ]
+
+
+def checked_merge(graph: Graph, survivor: str, absorbed: str) -> MergeFact:
+    """A requested merge, or FAILED_PRECONDITION naming the identifier type whose limit it breaks."""
+    try:
+        return graph.merge(survivor, absorbed)
+    except LimitBroken as exc:
+        raise FailedPrecondition(
+            f"merge refused by merge protection: {exc}",
+            type_="IDENTIFIER_LIMIT",
+            subject=f"identityRules/types/{exc.type_name}",
+            description=str(exc),
+        ) from None
 
 
 class Resolver:
@@ -123,13 +143,23 @@ class Resolver:
 
     def resolve_batch(self, tenant_id: str, events: Sequence[IncomingEvent]) -> BatchResult:
         """Apply a batch of one tenant's events in one transaction; idempotent per event id."""
-        rules = self.rules.get(tenant_id)
+        tenant_rules = self.rules.get_full(tenant_id)
+        rules = tenant_rules.rules
+        matcher = None
+        if tenant_rules.probabilistic.get("enabled"):
+            thresholds = Thresholds.of(tenant_rules.probabilistic)
+            matcher = BatchMatcher.for_events(thresholds, ((e.event_id, e.traits) for e in events))
         all_keys = {k for e in events for k in e.keys}
         now_s = self.clock()
         now = dt.datetime.fromtimestamp(now_s, dt.UTC)
         outcomes: dict[str, Outcome] = {}
         with db.raw_transaction(self.store.engine, "identity resolve batch", len(events)) as (cur, _):
-            graph = self.store.lock_working_set(cur, tenant_id, rules, all_keys)
+            blocks = matcher.block_keys() if matcher else []
+            # Candidates are read once to learn which profiles to lock, and again under the locks.
+            candidates = self.store.match_candidates(cur, tenant_id, blocks)
+            graph = self.store.lock_working_set(cur, tenant_id, rules, all_keys, {c[2] for c in candidates})
+            if matcher and blocks:
+                matcher.load(self.store.match_candidates(cur, tenant_id, blocks))
             # Checked under the locks: a concurrent redelivery of the same event waits for them.
             done = self.store.processed(cur, tenant_id, [e.event_id for e in events])
             changes = Changes(graph)
@@ -151,11 +181,18 @@ class Resolver:
                         prev = changes.seen.get(k)
                         changes.seen[k] = e.occurred if prev is None else max(prev, e.occurred)
                 changes.merges.extend(
-                    (m, identity_pb2.MERGE_KIND_DETERMINISTIC, DETERMINISTIC_RULE, "") for m in out.merges
+                    MergeRecord(m, identity_pb2.MERGE_KIND_DETERMINISTIC, DETERMINISTIC_RULE) for m in out.merges
                 )
+                if matcher is not None:
+                    scored = matcher.match(graph, e.event_id, out.profile_id)
+                    if scored is not None:
+                        changes.merges.append(scored)
                 links.append((e.event_id, out.profile_id, out.linked, e.occurred))
             recorded = self.store.write(cur, tenant_id, changes, now)
             self.store.link_events(cur, tenant_id, links)
+            if matcher is not None:
+                self.store.add_match_records(cur, tenant_id, matcher.new_records(graph, outcomes))
+                self.store.add_suggestions(cur, tenant_id, matcher.suggestion_rows(graph))
         publications = [change(tenant_id, "created", p.profile_id) for p in graph.new_profiles()]
         publications += merge_changes(tenant_id, recorded)
         resolved: list[ResolvedEvent] = []
@@ -213,16 +250,8 @@ class Resolver:
                     subject=f"profiles/{s}",
                     description=f"profiles/{survivor} and profiles/{absorbed} both resolve to profiles/{s}",
                 )
-            try:
-                fact = graph.merge(s, a)
-            except LimitBroken as exc:
-                raise FailedPrecondition(
-                    f"merge refused by merge protection: {exc}",
-                    type_="IDENTIFIER_LIMIT",
-                    subject=f"identityRules/types/{exc.type_name}",
-                    description=str(exc),
-                ) from None
-            changes = Changes(graph, merges=[(fact, kind, "manual", reason)])
+            fact = checked_merge(graph, s, a)
+            changes = Changes(graph, merges=[MergeRecord(fact, kind, "manual", reason)])
             recorded = self.store.write(cur, tenant_id, changes, now)
         _merges.add(1, {"kind": "manual"})
         return recorded[0], merge_changes(tenant_id, recorded)
@@ -254,7 +283,7 @@ class Resolver:
             target = graph.split(source, keys, self.new_id(), now_s)
             changes = Changes(graph, new_origin={k: target.profile_id for k in keys})
             fact = MergeFact(source, target.profile_id, tuple(sorted(set(keys))))
-            changes.merges.append((fact, identity_pb2.MERGE_KIND_UNMERGE, "manual", reason))
+            changes.merges.append(MergeRecord(fact, identity_pb2.MERGE_KIND_UNMERGE, "manual", reason))
             recorded = self.store.write(cur, tenant_id, changes, now)
             moved = self.store.reattribute(cur, tenant_id, source, sorted(set(keys)), target.profile_id)
         _merges.add(1, {"kind": "unmerge"})
@@ -271,6 +300,43 @@ class Resolver:
             ),
         ]
         return rec, moved, pubs
+
+    def review(
+        self, tenant_id: str, suggestion_id: int, accept: bool, reason: str
+    ) -> tuple[tuple[Any, ...], RecordedMerge | None, list[Publication]]:
+        """Accept (merge the pair, older profile surviving) or reject an open suggestion."""
+        rules = self.rules.get(tenant_id)
+        now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
+        name = f"matchSuggestions/{suggestion_id}"
+        recorded: RecordedMerge | None = None
+        with db.raw_transaction(self.store.engine, "identity review suggestion") as (cur, _):
+            row = self.store.suggestion_for_update(cur, tenant_id, suggestion_id)
+            if row is None:
+                raise NotFound(f"{name} not found")
+            _sid, a, b, score, evidence, state, _created = row
+            if state != identity_pb2.MATCH_SUGGESTION_STATE_OPEN:
+                raise FailedPrecondition(
+                    f"{name} was already reviewed", type_="ALREADY_REVIEWED", subject=name, description="not open"
+                )
+            if accept:
+                graph = self.store.lock_working_set(cur, tenant_id, rules, (), (a, b))
+                fa = self._active(cur, tenant_id, graph, a, "profile_a")
+                fb = self._active(cur, tenant_id, graph, b, "profile_b")
+                if fa != fb:
+                    survivor, absorbed = sorted((fa, fb), key=lambda p: (graph.profiles[p].created, p))
+                    fact = checked_merge(graph, survivor, absorbed)
+                    kind = identity_pb2.MERGE_KIND_SUGGESTION
+                    merge = MergeRecord(fact, kind, f"accepted {name}", reason, float(score), dict(evidence or {}))
+                    (recorded,) = self.store.write(cur, tenant_id, Changes(graph, merges=[merge]), now)
+            new_state = (
+                identity_pb2.MATCH_SUGGESTION_STATE_ACCEPTED if accept else identity_pb2.MATCH_SUGGESTION_STATE_REJECTED
+            )
+            updated = self.store.review_suggestion(
+                cur, tenant_id, suggestion_id, new_state, reason, recorded.merge_id if recorded else None
+            )
+        if recorded is not None:
+            _merges.add(1, {"kind": "suggestion"})
+        return updated, recorded, merge_changes(tenant_id, [recorded] if recorded else [])
 
     def _active(self, cur: Any, tenant_id: str, graph: Graph, asked: str, field_name: str) -> str:
         """The locked active profile an id (maybe merged away) resolves to, or NOT_FOUND."""

@@ -159,7 +159,8 @@ class IdentityRules:
             or (compiled.is_phone and _is_zero_phone(trimmed))
         ):
             return NormalizedResult(type_name, None, DropReason.BLOCKED)
-        value = compiled.normalize(trimmed, self.default_region)
+        # Control characters (NUL above all, which PostgreSQL text cannot hold) mean a broken value.
+        value = None if any(ord(ch) < 32 for ch in trimmed) else compiled.normalize(trimmed, self.default_region)
         if value is None:
             return NormalizedResult(type_name, None, DropReason.INVALID)
         if value.casefold() in compiled.blocked or (compiled.is_email and _is_automated_sender(value)):

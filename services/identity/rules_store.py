@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from services.core.errors import FailedPrecondition, InvalidArgument, Violation
+from services.core.errors import InvalidArgument, Violation
 from services.identity.rules import DEFAULT_RULES, IdentityRules, validate_rules
 from services.identity.storage import IdentityStore
 from tessera.v1 import identity_pb2
@@ -141,13 +141,6 @@ def _check_probabilistic(prob: dict[str, Any]) -> None:
         )
     if violations:
         raise InvalidArgument("invalid probabilistic matching settings", violations)
-    if prob.get("enabled"):
-        raise FailedPrecondition(
-            "probabilistic matching is not available in this release; deterministic stitching is always on",
-            type_="NOT_AVAILABLE",
-            subject="identityRules/probabilistic",
-            description="probabilistic.enabled cannot be turned on yet",
-        )
 
 
 class RulesCache:

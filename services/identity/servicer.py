@@ -12,19 +12,19 @@ import grpc
 
 from services.core import pagination
 from services.core.bus import Bus, Publication
-from services.core.errors import InvalidArgument, NotFound, Unimplemented, Violation
+from services.core.errors import InvalidArgument, NotFound, Violation
 from services.core.tenancy import current_tenant
 from services.identity.resolver import Resolver
 from services.identity.rules import IdentityRules
 from services.identity.rules_store import apply_update, to_proto
 from services.identity.stitching import Key
-from services.identity.storage import IdentityStore, is_uuid
+from services.identity.storage import IdentityStore, canonical_uuid
 from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 PROFILE_PREFIX = "profiles/"
-PROBABILISTIC_UNAVAILABLE = "probabilistic matching is not available in this release"
+SUGGESTION_PREFIX = "matchSuggestions/"
 
 
 def profile_name(profile_id: str) -> str:
@@ -35,13 +35,13 @@ def parse_profile_name(name: str, field: str) -> str:
     """The id in ``profiles/{id}`` (a bare id is accepted too), or INVALID_ARGUMENT naming the field."""
     if not name:
         raise InvalidArgument(f"{field} is required", [Violation(field, "required: profiles/{profile_id}", "REQUIRED")])
-    pid = name.removeprefix(PROFILE_PREFIX)
-    if not is_uuid(pid):
+    pid = canonical_uuid(name.removeprefix(PROFILE_PREFIX))
+    if pid is None:
         raise InvalidArgument(
             f"{field} is not a profile name",
             [Violation(field, "must be profiles/{profile_id} with a UUID profile id", "INVALID_FORMAT")],
         )
-    return pid.lower()
+    return pid
 
 
 def normalize_all(rules: IdentityRules, idents: Sequence[event_pb2.Identifier], field: str) -> list[Key]:
@@ -80,6 +80,21 @@ def merge_proto(row: Sequence[Any]) -> identity_pb2.Merge:
         reason=reason,
         score=score,
         evidence={str(k): float(v) for k, v in (evidence or {}).items()},
+    )
+    msg.create_time.FromDatetime(created_at)
+    return msg
+
+
+def suggestion_proto(row: Sequence[Any]) -> identity_pb2.MatchSuggestion:
+    suggestion_id, a, b, score, evidence, state, created_at = row
+    evidence = json.loads(evidence) if isinstance(evidence, str) else evidence
+    msg = identity_pb2.MatchSuggestion(
+        name=f"{SUGGESTION_PREFIX}{suggestion_id}",
+        profile_a=profile_name(a),
+        profile_b=profile_name(b),
+        score=score,
+        evidence={str(k): float(v) for k, v in (evidence or {}).items()},
+        state=state,
     )
     msg.create_time.FromDatetime(created_at)
     return msg
@@ -227,8 +242,10 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     ) -> identity_pb2.ListMergesResponse:
         tenant = current_tenant().tenant_id
         size = pagination.page_size(request.page_size)
-        query = {"profile": request.profile}
+        query = {"profile": request.profile, "tenant": tenant}
         before = pagination.decode_token(request.page_token, query)
+        if before is not None and (not isinstance(before, int) or isinstance(before, bool)):
+            raise pagination.invalid_token()
         pids = None
         if request.profile:
             pids = [self._survivor(tenant, parse_profile_name(request.profile, "profile"))]
@@ -258,12 +275,49 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     def ListMatchSuggestions(
         self, request: identity_pb2.ListMatchSuggestionsRequest, context: grpc.ServicerContext
     ) -> identity_pb2.ListMatchSuggestionsResponse:
-        raise Unimplemented(PROBABILISTIC_UNAVAILABLE)
+        tenant = current_tenant().tenant_id
+        state = request.state or identity_pb2.MATCH_SUGGESTION_STATE_OPEN
+        size = pagination.page_size(request.page_size)
+        query = {"state": int(state), "tenant": tenant}
+        after = pagination.decode_token(request.page_token, query)
+        if after is not None and not (
+            isinstance(after, list)
+            and len(after) == 2
+            and isinstance(after[0], int | float)
+            and isinstance(after[1], int)
+            and not isinstance(after[1], bool)
+        ):
+            raise pagination.invalid_token()
+        rows = self.store.suggestions(tenant, int(state), size + 1, tuple(after) if after else None)
+        resp = identity_pb2.ListMatchSuggestionsResponse(suggestions=[suggestion_proto(r) for r in rows[:size]])
+        if len(rows) > size:
+            last = rows[size - 1]
+            resp.next_page_token = pagination.encode_token([last[3], last[0]], query)
+        return resp
 
     def ReviewMatchSuggestion(
         self, request: identity_pb2.ReviewMatchSuggestionRequest, context: grpc.ServicerContext
     ) -> identity_pb2.ReviewMatchSuggestionResponse:
-        raise Unimplemented(PROBABILISTIC_UNAVAILABLE)
+        tenant = current_tenant().tenant_id
+        raw = request.name.removeprefix(SUGGESTION_PREFIX)
+        if not raw.isdigit() or not request.name.startswith(SUGGESTION_PREFIX):
+            raise InvalidArgument(
+                "name is not a suggestion name",
+                [
+                    Violation(
+                        "name", "must be matchSuggestions/{id} as ListMatchSuggestions returns it", "INVALID_FORMAT"
+                    )
+                ],
+            )
+        reason = request.reason.strip()
+        if len(reason) > 1000:
+            raise InvalidArgument("reason is too long", [Violation("reason", "at most 1000 characters", "TOO_LONG")])
+        row, recorded, pubs = self.resolver.review(tenant, int(raw), request.accept, reason)
+        self._publish(pubs)
+        resp = identity_pb2.ReviewMatchSuggestionResponse(suggestion=suggestion_proto(row))
+        if recorded is not None:
+            resp.merge.CopyFrom(self._merge(tenant, recorded.merge_id))
+        return resp
 
 
 def _require_reason(reason: str) -> str:

@@ -46,12 +46,17 @@ def lock_id(tenant_id: str, kind: str, *parts: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
-def is_uuid(text: str) -> bool:
+def canonical_uuid(text: str) -> str | None:
+    """The canonical lower-case hyphenated form, or None: PostgreSQL accepts fewer spellings
+    than Python's ``uuid.UUID`` (no ``urn:uuid:``), so only this form is ever sent to it."""
     try:
-        uuid.UUID(text)
+        return str(uuid.UUID(text))
     except ValueError:
-        return False
-    return True
+        return None
+
+
+def is_uuid(text: str) -> bool:
+    return canonical_uuid(text) is not None
 
 
 _LOAD = """
@@ -92,6 +97,18 @@ class KeySeen:
     event_id: str
 
 
+@dataclass(frozen=True)
+class MergeRecord:
+    """A merge fact as it is recorded: why (kind, rule, reason) and, when scored, the evidence."""
+
+    fact: MergeFact
+    kind: int
+    rule: str
+    reason: str = ""
+    score: float = 0.0
+    evidence: dict[str, float] = field(default_factory=dict)
+
+
 @dataclass
 class Changes:
     """What a transaction did to the graph, for writing back and for the changes stream."""
@@ -101,8 +118,7 @@ class Changes:
     new_keys: dict[Key, tuple[str, KeySeen]] = field(default_factory=dict)
     # Existing identifiers the events saw: last_seen moves forward.
     seen: dict[Key, dt.datetime] = field(default_factory=dict)
-    # (fact, kind, rule, reason).
-    merges: list[tuple[MergeFact, int, str, str]] = field(default_factory=list)
+    merges: list[MergeRecord] = field(default_factory=list)
     # Identifiers whose origin becomes another profile (a split).
     new_origin: dict[Key, str] = field(default_factory=dict)
 
@@ -127,7 +143,7 @@ class IdentityStore:
         """Lock ``keys``, the profiles that own them and the survivors of ``profile_ids``; return
         them as a graph that nobody else can change until this transaction ends."""
         keys = sorted(set(keys))
-        asked = sorted({p for p in profile_ids if is_uuid(p)})
+        asked = sorted({c for c in map(canonical_uuid, profile_ids) if c is not None})
         args = {
             "tenant": tenant_id,
             "types": [k[0] for k in keys],
@@ -187,6 +203,12 @@ class IdentityStore:
                 "WHERE p.tenant_id = %s AND (p.profile_id = m.a OR p.merged_into = m.a)",
                 (now, absorbed, finals, tenant_id),
             )
+            # Trait records follow their profile, so matching compares against the survivor.
+            cur.execute(
+                "UPDATE identity.match_records r SET profile_id = m.s FROM unnest(%s::uuid[], %s::uuid[]) AS m(a, s) "
+                "WHERE r.tenant_id = %s AND r.profile_id = m.a",
+                (absorbed, finals, tenant_id),
+            )
         if changes.new_keys:
             items = sorted(changes.new_keys.items())
             cur.execute(
@@ -226,26 +248,26 @@ class IdentityStore:
         return self._record_merges(cur, tenant_id, changes.merges)
 
     @staticmethod
-    def _record_merges(
-        cur: Any, tenant_id: str, merges: Sequence[tuple[MergeFact, int, str, str]]
-    ) -> list[RecordedMerge]:
+    def _record_merges(cur: Any, tenant_id: str, merges: Sequence[MergeRecord]) -> list[RecordedMerge]:
         out: list[RecordedMerge] = []
-        for fact, kind, rule, reason in merges:
+        for m in merges:
             cur.execute(
                 "INSERT INTO identity.merges (tenant_id, kind, survivor_id, absorbed_id, identifiers, event_id, "
-                "rule, reason) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING merge_id",
+                "rule, reason, score, evidence) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING merge_id",
                 (
                     tenant_id,
-                    kind,
-                    fact.survivor,
-                    fact.absorbed,
-                    json.dumps([list(k) for k in fact.keys]),
-                    fact.event_id,
-                    rule,
-                    reason,
+                    m.kind,
+                    m.fact.survivor,
+                    m.fact.absorbed,
+                    json.dumps([list(k) for k in m.fact.keys]),
+                    m.fact.event_id,
+                    m.rule,
+                    m.reason,
+                    m.score,
+                    json.dumps(m.evidence),
                 ),
             )
-            out.append(RecordedMerge(int(cur.fetchone()[0]), fact, kind))
+            out.append(RecordedMerge(int(cur.fetchone()[0]), m.fact, m.kind))
         return out
 
     @staticmethod
@@ -307,8 +329,10 @@ class IdentityStore:
 
     def survivor(self, tenant_id: str, profile_id: str, cur: Any = None) -> str | None:
         """The active profile a (possibly merged-away) id resolves to; None if the tenant has no such id."""
-        if not is_uuid(profile_id):
+        canonical = canonical_uuid(profile_id)
+        if canonical is None:
             return None
+        profile_id = canonical
         sql = (
             "SELECT coalesce(merged_into, profile_id)::text FROM identity.profiles "
             "WHERE tenant_id = %s AND profile_id = %s"
@@ -393,6 +417,96 @@ class IdentityStore:
             )
             return list(cur.fetchall())
 
+    # ------------------------------------------------------------------------------------------
+    # Probabilistic matching.
+
+    @staticmethod
+    def match_candidates(cur: Any, tenant_id: str, block_keys: Sequence[str]) -> list[tuple[str, str, str, Any]]:
+        """(block key, event id, current profile, record) of every stored record sharing a blocking key."""
+        if not block_keys:
+            return []
+        cur.execute(
+            "SELECT b.block_key, r.event_id, r.profile_id::text, r.record FROM identity.match_blocks b "
+            "JOIN identity.match_records r ON r.tenant_id = b.tenant_id AND r.event_id = b.event_id "
+            "WHERE b.tenant_id = %s AND b.block_key = ANY(%s)",
+            (tenant_id, list(block_keys)),
+        )
+        return list(cur.fetchall())
+
+    @staticmethod
+    def add_match_records(
+        cur: Any, tenant_id: str, rows: Sequence[tuple[str, str, dict[str, str], Sequence[str]]]
+    ) -> None:
+        """Store (event id, profile, record, blocking keys) for later events to match against."""
+        if not rows:
+            return
+        cur.execute(
+            "INSERT INTO identity.match_records (tenant_id, event_id, profile_id, record) "
+            "SELECT %s, e, p::uuid, r::jsonb FROM unnest(%s::text[], %s::text[], %s::text[]) AS m(e, p, r) "
+            "ON CONFLICT DO NOTHING",
+            (tenant_id, [r[0] for r in rows], [r[1] for r in rows], [json.dumps(r[2]) for r in rows]),
+        )
+        blocks = [(key, r[0]) for r in rows for key in r[3]]
+        cur.execute(
+            "INSERT INTO identity.match_blocks (tenant_id, block_key, event_id) "
+            "SELECT %s, k, e FROM unnest(%s::text[], %s::text[]) AS m(k, e) ON CONFLICT DO NOTHING",
+            (tenant_id, [b[0] for b in blocks], [b[1] for b in blocks]),
+        )
+
+    @staticmethod
+    def add_suggestions(cur: Any, tenant_id: str, rows: Sequence[tuple[str, str, float, dict[str, float], str]]) -> int:
+        """(profile a, profile b, score, evidence, event id); a pair already suggested is skipped."""
+        added = 0
+        for a, b, score, evidence, event_id in rows:
+            cur.execute(
+                "INSERT INTO identity.match_suggestions (tenant_id, profile_a, profile_b, score, evidence, event_id) "
+                "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                (tenant_id, a, b, score, json.dumps(evidence), event_id),
+            )
+            added += cur.rowcount
+        return added
+
+    def suggestions(
+        self, tenant_id: str, state: int, limit: int, after: tuple[float, int] | None
+    ) -> list[tuple[Any, ...]]:
+        """Highest score first; ``after`` is the (score, id) the previous page ended on."""
+        sql = (
+            "SELECT suggestion_id, profile_a::text, profile_b::text, score, evidence, state, created_at "
+            "FROM identity.match_suggestions WHERE tenant_id = %(tenant)s AND state = %(state)s"
+        )
+        if after is not None:
+            sql += " AND (score, -suggestion_id) < (%(score)s, -%(id)s)"
+        sql += " ORDER BY score DESC, suggestion_id LIMIT %(limit)s"
+        args = {"tenant": tenant_id, "state": state, "limit": limit}
+        if after is not None:
+            args.update(score=after[0], id=after[1])
+        with db.raw_transaction(self.engine, "SELECT identity.match_suggestions") as (cur, _):
+            cur.execute(sql, args)
+            return list(cur.fetchall())
+
+    @staticmethod
+    def suggestion_for_update(cur: Any, tenant_id: str, suggestion_id: int) -> tuple[Any, ...] | None:
+        cur.execute(
+            "SELECT suggestion_id, profile_a::text, profile_b::text, score, evidence, state, created_at "
+            "FROM identity.match_suggestions WHERE tenant_id = %s AND suggestion_id = %s FOR UPDATE",
+            (tenant_id, suggestion_id),
+        )
+        row: tuple[Any, ...] | None = cur.fetchone()
+        return row
+
+    @staticmethod
+    def review_suggestion(
+        cur: Any, tenant_id: str, suggestion_id: int, state: int, reason: str, merge_id: int | None
+    ) -> tuple[Any, ...]:
+        cur.execute(
+            "UPDATE identity.match_suggestions SET state = %s, reason = %s, merge_id = %s, reviewed_at = now() "
+            "WHERE tenant_id = %s AND suggestion_id = %s "
+            "RETURNING suggestion_id, profile_a::text, profile_b::text, score, evidence, state, created_at",
+            (state, reason, merge_id, tenant_id, suggestion_id),
+        )
+        row: tuple[Any, ...] = cur.fetchone()
+        return row
+
     def reattribute(self, cur: Any, tenant_id: str, profile_id: str, moved: Sequence[Key], target: str) -> list[str]:
         """Events of ``profile_id`` (or profiles merged into it) linked only by ``moved`` identifiers
         now belong to ``target``; returns their ids."""
@@ -403,4 +517,9 @@ class IdentityStore:
             "WHERE tenant_id = %(tenant)s AND merged_into = %(pid)s)) RETURNING event_id",
             {"tenant": tenant_id, "pid": profile_id, "target": target, "moved": [key_text(k) for k in moved]},
         )
-        return [row[0] for row in cur.fetchall()]
+        events = [row[0] for row in cur.fetchall()]
+        cur.execute(
+            "UPDATE identity.match_records SET profile_id = %s WHERE tenant_id = %s AND event_id = ANY(%s)",
+            (target, tenant_id, events),
+        )
+        return events

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import uuid
 from collections.abc import Iterator
 
 import grpc
@@ -24,8 +26,18 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     ) -> ingest_pb2.ListEventsResponse:
         tenant = current_tenant()
         size = pagination.page_size(request.page_size)
-        query = {"m": sorted(request.message_ids)}
+        query = {"m": sorted(request.message_ids), "t": tenant.tenant_id}
         after = pagination.decode_token(request.page_token, query)
+        if after is not None and not (
+            isinstance(after, list) and len(after) == 2 and all(isinstance(x, str) for x in after)
+        ):
+            raise pagination.invalid_token()
+        if after is not None:
+            try:
+                dt.datetime.fromisoformat(after[0])
+                uuid.UUID(after[1])
+            except ValueError:
+                raise pagination.invalid_token() from None
         rows = self.store.list_events(
             tenant.tenant_id, size + 1, tuple(after) if after else None, list(request.message_ids)
         )

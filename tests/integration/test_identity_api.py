@@ -11,6 +11,7 @@ import pytest
 from google.protobuf import field_mask_pb2
 from sqlalchemy.engine import Engine
 
+from services.core import pagination
 from services.core.bus import CHANGES, EVENTS, RESOLVED, Bus
 from services.core.server import RunningServer
 from services.core.settings import Settings
@@ -378,4 +379,26 @@ def test_list_merges_pages_newest_first(
     assert len(ids) == 5 and ids == sorted(ids, reverse=True)
     with pytest.raises(grpc.RpcError) as err:
         identity.ListMerges(identity_pb2.ListMergesRequest(page_token="forged"), metadata=md)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_odd_input_gets_a_clear_error_not_internal(
+    identity: identity_pb2_grpc.IdentityServiceStub, tenant: TenantKey
+) -> None:
+    md = tenant.metadata
+    # A spelling Python's uuid accepts and PostgreSQL does not.
+    name = "profiles/urn:uuid:12345678-1234-5678-1234-567812345678"
+    with pytest.raises(grpc.RpcError) as err:
+        identity.GetIdentityGraph(identity_pb2.GetIdentityGraphRequest(name=name), metadata=md)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # NUL cannot be stored in PostgreSQL text: the identifier is invalid, not a server error.
+    req = identity_pb2.ResolveIdentifiersRequest(identifiers=[Ident(type="device_id", value="a\x00b")])
+    with pytest.raises(grpc.RpcError) as err:
+        identity.ResolveIdentifiers(req, metadata=md)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(err.value)[0][0] == "identifiers[0].value"
+    # A token with the right fingerprint but a position this API never issues.
+    forged = pagination.encode_token("x", {"profile": "", "tenant": tenant.tenant_id})
+    with pytest.raises(grpc.RpcError) as err:
+        identity.ListMerges(identity_pb2.ListMergesRequest(page_token=forged), metadata=md)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -15,12 +15,16 @@ import grpc
 import psutil
 import pytest
 
-from tessera.v1 import ingest_pb2, ingest_pb2_grpc
+from services.ingest.demo_data import PERSONA
+from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 from tests.support.servers import ROOT, free_port, wait_health
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TESSERA = [sys.executable, "-m", "services.core.cli"]
+
+
+IDENTITY_PORT = free_port()
 
 
 def _env(data_dir: Path, port: int) -> dict[str, str]:
@@ -29,6 +33,7 @@ def _env(data_dir: Path, port: int) -> dict[str, str]:
         {
             "TESSERA_DATA_DIR": str(data_dir),
             "TESSERA_INGEST_PORT": str(port),
+            "TESSERA_IDENTITY_PORT": str(IDENTITY_PORT),
             "XDG_STATE_HOME": str(data_dir.parent / f"{data_dir.name}-state"),
         }
     )
@@ -71,6 +76,28 @@ def _stop(proc: subprocess.Popen[str]) -> int:
     return proc.wait(60)
 
 
+def _wait_one_profile(api_key: str, identifiers: list[tuple[str, str]], timeout: float = 90) -> str:
+    deadline = time.monotonic() + timeout
+    found: set[str] = set()
+    with grpc.insecure_channel(f"127.0.0.1:{IDENTITY_PORT}") as channel:
+        stub = identity_pb2_grpc.IdentityServiceStub(channel)
+        while time.monotonic() < deadline:
+            found = set()
+            for t, v in identifiers:
+                req = identity_pb2.ResolveIdentifiersRequest(identifiers=[event_pb2.Identifier(type=t, value=v)])
+                try:
+                    found.add(
+                        stub.ResolveIdentifiers(req, metadata=(("authorization", f"Bearer {api_key}"),)).profile_id
+                    )
+                except grpc.RpcError as err:
+                    assert err.code() == grpc.StatusCode.NOT_FOUND, err
+                    found.add("")
+            if len(found) == 1 and "" not in found:
+                return found.pop()
+            time.sleep(0.5)
+    raise AssertionError(f"the persona did not resolve to one profile: {found}")
+
+
 def test_newcomer_session_from_nothing_to_a_query(tmp_path: Path) -> None:
     data_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"tup-{os.getpid()}"
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -84,6 +111,18 @@ def test_newcomer_session_from_nothing_to_a_query(tmp_path: Path) -> None:
         demo_key = (data_dir / "demo-api-key").read_text().strip()
         assert demo_key in banner
         assert oct((data_dir / "demo-api-key").stat().st_mode & 0o777) == "0o600"
+        assert f"identity  127.0.0.1:{IDENTITY_PORT}" in banner
+
+        # The demo persona's four channels resolve to one customer once identity has caught up.
+        _wait_one_profile(
+            demo_key,
+            [
+                ("email", PERSONA.email),
+                ("phone", PERSONA.phone_national),
+                ("chat_id", PERSONA.chat_id),
+                ("loyalty_id", PERSONA.loyalty_id),
+            ],
+        )
 
         # Another terminal: a tenant of one's own, and an import, with no configuration at all.
         created = _cli(data_dir, port, "tenant", "create", "acme", "--json")

@@ -1,0 +1,416 @@
+"""Probabilistic record matching for identity resolution: normalise, block, score, pick the best profile.
+
+Deterministic stitching links only identical identifiers; people also arrive with a typo'd surname, a
+swapped day and month or a new address. This module scores how likely two person records describe the
+same person with a Fellegi-Sunter model: every field is compared into a few similarity levels, each
+level carries a log-likelihood weight ``log2(m / u)`` (``m``: how often true matches land on it, ``u``:
+how often unrelated people do), the weights are summed with the prior log-odds and mapped through a
+logistic into a probability. A missing field adds nothing, so absence is never evidence.
+
+Pure functions, no I/O: the caller owns storage and the block index. Blocking keys decide which stored
+profiles are worth scoring at all; several keys per record mean one typo cannot hide a true match.
+
+The m/u probabilities were estimated without labels on the FEBRL4 benchmark and frozen here; the
+procedure is ``bench.identity_accuracy_offline.estimate_parameters`` (u from random pairs, m and the
+prior by expectation-maximisation over blocked pairs). Phone has no data there, so its values are an
+assumption, documented below.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import re
+import unicodedata
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, Final
+
+from rapidfuzz.distance import OSA, JaroWinkler
+
+# On FEBRL4 every true pair scores above 1 - 1e-9 and every other candidate pair below 0.3, so any
+# threshold in between gives the same result there. Auto-merge sits high because a wrong merge is
+# costly to undo and real data violates the independence the model assumes (a household shares its
+# address fields); the band between the two is for a person to review.
+DEFAULT_AUTO_MERGE_THRESHOLD: Final[float] = 0.99
+DEFAULT_REVIEW_THRESHOLD: Final[float] = 0.6
+
+MIN_FIELDS: Final = 3  # below this a record is too thin to tell people apart
+
+
+@dataclass(frozen=True, slots=True)
+class MatchRecord:
+    """The normalised person attributes one profile record contributes to matching ("" = unknown)."""
+
+    first_name: str = ""
+    last_name: str = ""
+    date_of_birth: str = ""  # YYYYMMDD or ""
+    street_number: str = ""
+    address_line1: str = ""
+    address_line2: str = ""
+    city: str = ""
+    postcode: str = ""
+    state: str = ""
+    phone: str = ""
+    national_id: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        """Non-empty fields only, so stored records stay small and read like the traits they came from."""
+        return {name: value for name in _FIELD_NAMES if (value := getattr(self, name))}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> MatchRecord:
+        """Inverse of ``to_json``; unknown keys are ignored so older or newer stored forms still load."""
+        return cls(**{name: str(data[name]) for name in _FIELD_NAMES if data.get(name) is not None})
+
+
+_FIELD_NAMES: Final[tuple[str, ...]] = tuple(f.name for f in fields(MatchRecord))
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation
+# --------------------------------------------------------------------------------------------------
+
+# Trait names people actually send, mapped to our fields; the canonical name wins over an alias.
+_ALIASES: Final[Mapping[str, tuple[str, ...]]] = {
+    "first_name": ("first_name", "given_name", "firstname", "firstName"),
+    "last_name": ("last_name", "surname", "lastname", "lastName", "family_name"),
+    "date_of_birth": ("date_of_birth", "dob", "birthday", "birth_date"),
+    "street_number": ("street_number",),
+    "address_line1": ("address_line1", "address", "street"),
+    "address_line2": ("address_line2",),
+    "city": ("city", "suburb", "town"),
+    "postcode": ("postcode", "zip", "postal_code", "zipcode"),
+    "state": ("state", "region"),
+    "phone": ("phone", "phone_number"),
+    "national_id": ("national_id",),
+}
+# Sub-keys of a structured ``address`` trait (Segment-style) and the field each fills.
+_ADDRESS_PARTS: Final[Mapping[str, str]] = {
+    "street": "address_line1",
+    "line1": "address_line1",
+    "line2": "address_line2",
+    "city": "city",
+    "postal_code": "postcode",
+    "postcode": "postcode",
+    "zip": "postcode",
+    "state": "state",
+}
+_DIGIT_FIELDS: Final = frozenset({"street_number", "postcode", "phone", "national_id"})
+_APOSTROPHES = re.compile(r"['\u2019`]")
+_NON_WORD = re.compile(r"[^a-z0-9 ]+")
+_SPACES = re.compile(r"\s+")
+_ISO_DATE = re.compile(r"^\s*(\d{4})[-/.](\d{1,2})[-/.](\d{1,2})(?:$|[T ])")
+
+
+def _as_text(value: Any) -> str:
+    """Traits are JSON-ish: numbers and NaN (from data frames) turn up where strings are expected."""
+    if value is None or isinstance(value, bool):
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value) or math.isinf(value):
+            return ""
+        if value.is_integer():
+            return str(int(value))
+    return str(value)
+
+
+def normalize_text(raw: Any) -> str:
+    """Lower-case ASCII words: accents folded, apostrophes dropped (o'brien = obrien), other punctuation
+    turned into spaces and whitespace collapsed, so formatting never reads as disagreement."""
+    text = unicodedata.normalize("NFKD", _as_text(raw))
+    text = "".join(ch for ch in text if not unicodedata.combining(ch)).lower()
+    text = _NON_WORD.sub(" ", _APOSTROPHES.sub("", text))
+    return _SPACES.sub(" ", text).strip()
+
+
+def normalize_digits(raw: Any) -> str:
+    """Digits only, for numbers that arrive formatted ("2615 ", "+61 2 9999-0000", 4223.0)."""
+    return "".join(str(unicodedata.decimal(ch)) for ch in _as_text(raw) if ch.isdecimal())
+
+
+def normalize_dob(raw: Any) -> str:
+    """YYYYMMDD from YYYYMMDD, YYYY-MM-DD (ISO timestamps too), a number or a date; "" otherwise.
+
+    Only the shape is checked, not the calendar: a typo'd month is still evidence for the other digits.
+    """
+    if isinstance(raw, dt.date):
+        return raw.strftime("%Y%m%d")
+    text = _as_text(raw)
+    if m := _ISO_DATE.match(text):
+        year, month, day = m.groups()
+        return f"{year}{int(month):02d}{int(day):02d}"
+    digits = text.strip()
+    return digits if len(digits) == 8 and digits.isdigit() else ""
+
+
+def record_from_traits(traits: Mapping[str, Any]) -> MatchRecord | None:
+    """A normalised record from Identify traits, or ``None`` when there is too little to match on:
+    no name at all, or fewer than ``MIN_FIELDS`` fields (a lone name plus city fits thousands)."""
+    values: dict[str, str] = {}
+    address = traits.get("address")
+    if isinstance(address, Mapping):
+        for key, name in _ADDRESS_PARTS.items():
+            if address.get(key) is not None and name not in values:
+                values[name] = _normalize_field(name, address[key])
+    for name, keys in _ALIASES.items():
+        for key in keys:
+            value = traits.get(key)
+            if value is None or isinstance(value, Mapping):
+                continue
+            normalized = _normalize_field(name, value)
+            if normalized:
+                values[name] = normalized
+                break
+    values = {k: v for k, v in values.items() if v}
+    if len(values) < MIN_FIELDS or not (values.get("first_name") or values.get("last_name")):
+        return None
+    return MatchRecord(**values)
+
+
+def _normalize_field(name: str, value: Any) -> str:
+    if name == "date_of_birth":
+        return normalize_dob(value)
+    if name in _DIGIT_FIELDS:
+        return normalize_digits(value)
+    return normalize_text(value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Blocking
+# --------------------------------------------------------------------------------------------------
+
+_SOUNDEX_CODES: Final[Mapping[str, str]] = {
+    **dict.fromkeys("bfpv", "1"),
+    **dict.fromkeys("cgjkqsxz", "2"),
+    **dict.fromkeys("dt", "3"),
+    "l": "4",
+    **dict.fromkeys("mn", "5"),
+    "r": "6",
+}
+
+
+def soundex(text: str) -> str:
+    """American Soundex of the letters in ``text`` ("" if none): spelling variants share a code, so a
+    blocking key built on it survives most single-letter typos after the first letter."""
+    letters = [ch for ch in text if "a" <= ch <= "z"]
+    if not letters:
+        return ""
+    code = letters[0]
+    last = _SOUNDEX_CODES.get(letters[0], "")
+    for ch in letters[1:]:
+        digit = _SOUNDEX_CODES.get(ch, "")
+        if digit and digit != last:
+            code += digit
+            if len(code) == 4:
+                break
+        if ch not in "hw":  # h and w do not separate equal codes; vowels do
+            last = digit
+    return code.ljust(4, "0")
+
+
+def blocking_keys(rec: MatchRecord) -> list[str]:
+    """Selective keys under which a record is indexed and its candidates looked up.
+
+    Each key pairs two independent attributes, so a typo in any one field still leaves most keys intact,
+    and none is so broad (a surname alone, a postcode alone) that it returns a crowd. Name keys do not
+    say which name they came from, so first and last names entered the wrong way round still meet.
+    National id and phone are keys on their own: one value rarely covers more than a household.
+    """
+    first, last, dob, postcode = rec.first_name, rec.last_name, rec.date_of_birth, rec.postcode
+    names = [name for name in (first, last) if name]
+    sounds = sorted({code for name in names if (code := soundex(name))})
+    # Sound of one name with the other's initial, both ways round: the same set for a swapped record.
+    pairs = sorted({f"{soundex(x)}|{y[0]}" for x, y in ((last, first), (first, last)) if x and y and soundex(x)})
+    keys: list[str] = []
+    if dob:
+        keys.extend(f"dob_ini:{dob}|{initial}" for initial in sorted({name[0] for name in names}))
+        keys.extend(f"name_ym:{code}|{dob[:6]}" for code in sounds)
+    if postcode:
+        keys.extend(f"names_pc:{pair}|{postcode}" for pair in pairs)
+    if rec.city:
+        keys.extend(f"names_city:{pair}|{rec.city}" for pair in pairs)
+    # Each address line on its own, so lines entered the wrong way round still meet.
+    for line in sorted({line[:4] for line in (rec.address_line1, rec.address_line2) if line}):
+        street = f"{rec.street_number}|{line}"
+        if postcode:
+            keys.append(f"addr_pc:{street}|{postcode}")
+        if rec.city:
+            keys.append(f"addr_city:{street}|{rec.city[:4]}")
+    if len(rec.national_id) >= 4:
+        keys.append(f"nid:{rec.national_id}")
+    if len(rec.phone) >= 6:
+        keys.append(f"phone:{rec.phone}")
+    return keys
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparison levels
+# --------------------------------------------------------------------------------------------------
+
+MISSING: Final = -1  # a comparison level meaning "one side unknown": weight 0
+
+
+def _string_level(x: str, y: str) -> int:
+    """0 exact, 1 one typo (one edit, spaces ignored, or Jaro-Winkler >= 0.95), 2 similar (two edits
+    or JW >= 0.88), 3 different. Spaces are ignored for edits because split or fused words
+    ("myles close" / "myleshclose") are keying slips, not different values."""
+    if x == y:
+        return 0
+    edits = OSA.distance(x.replace(" ", ""), y.replace(" ", ""), score_cutoff=2)
+    if edits <= 1:
+        return 1
+    jw = JaroWinkler.similarity(x, y)
+    if jw >= 0.95:
+        return 1
+    if edits <= 2 or jw >= 0.88:
+        return 2
+    return 3
+
+
+def _number_level(x: str, y: str) -> int:
+    """0 exact, 1 one edit (a wrong or transposed digit, one digit dropped), 2 different."""
+    if x == y:
+        return 0
+    return 1 if OSA.distance(x, y, score_cutoff=1) <= 1 else 2
+
+
+def _dob_level(x: str, y: str) -> int:
+    """0 exact, 1 day and month swapped (US/EU order), 2 one digit wrong or transposed, 3 same year and
+    month, 4 different."""
+    if x == y:
+        return 0
+    if x[:4] == y[:4] and x[4:6] == y[6:8] and x[6:8] == y[4:6]:
+        return 1
+    if OSA.distance(x, y, score_cutoff=1) <= 1:
+        return 2
+    if x[:6] == y[:6]:
+        return 3
+    return 4
+
+
+def _exact_level(x: str, y: str) -> int:
+    return 0 if x == y else 1
+
+
+_COMPARATORS: Final[Mapping[str, Callable[[str, str], int]]] = {
+    "first_name": _string_level,
+    "last_name": _string_level,
+    "date_of_birth": _dob_level,
+    "street_number": _number_level,
+    "address_line1": _string_level,
+    "address_line2": _string_level,
+    "city": _string_level,
+    "postcode": _number_level,
+    "state": _exact_level,
+    "phone": _number_level,
+    "national_id": _number_level,
+}
+# Pairs of fields people fill the wrong way round (first/last name, the two address lines): compared
+# crossed as well, and the better-aligned reading is used.
+_SWAPPABLE: Final[tuple[tuple[str, str], ...]] = (
+    ("first_name", "last_name"),
+    ("address_line1", "address_line2"),
+)
+_SIMPLE_FIELDS: Final[tuple[str, ...]] = tuple(
+    name for name in _FIELD_NAMES if all(name not in pair for pair in _SWAPPABLE)
+)
+
+
+def _level(field: str, x: str, y: str) -> int:
+    return _COMPARATORS[field](x, y) if x and y else MISSING
+
+
+def comparison_levels(a: MatchRecord, b: MatchRecord) -> dict[str, int]:
+    """Per-field similarity level (``MISSING`` where either side is empty); the Fellegi-Sunter
+    comparison vector that ``score`` weighs and that the parameter estimation counts."""
+    levels: dict[str, int] = {}
+    for f1, f2 in _SWAPPABLE:
+        a1, a2, b1, b2 = getattr(a, f1), getattr(a, f2), getattr(b, f1), getattr(b, f2)
+        straight = (_level(f1, a1, b1), _level(f2, a2, b2))
+        if straight != (0, 0) and a1 and a2 and b1 and b2:
+            crossed = (_level(f1, a1, b2), _level(f2, a2, b1))
+            # Only a clean swap counts: both crossed comparisons close, and better than straight.
+            if max(crossed) <= 1 and sum(crossed) < sum(straight):
+                straight = crossed
+        levels[f1], levels[f2] = straight
+    for name in _SIMPLE_FIELDS:
+        levels[name] = _level(name, getattr(a, name), getattr(b, name))
+    return levels
+
+
+# --------------------------------------------------------------------------------------------------
+# Fellegi-Sunter parameters
+# --------------------------------------------------------------------------------------------------
+
+#: field -> (m, u) per comparison level, best level first. Estimated on FEBRL4 by
+#: ``bench.identity_accuracy_offline.estimate_parameters`` (no labels used) and frozen here.
+M_U: Final[Mapping[str, tuple[tuple[float, float], ...]]] = {
+    "first_name": ((0.7432, 0.003323), (0.1526, 0.001599), (0.008684, 0.005869), (0.09553, 0.9892)),
+    "last_name": ((0.7299, 0.003298), (0.1918, 0.0009027), (0.01163, 0.002201), (0.06671, 0.9936)),
+    # FEBRL never swaps day and month nor keeps only year and month, so those two m are smoothing
+    # only: weak evidence either way, as it should be without data.
+    "date_of_birth": (
+        (0.9308, 2.358e-05),
+        (0.0002083, 1.856e-05),
+        (0.02298, 0.000993),
+        (0.0002089, 0.000568),
+        (0.04581, 0.9984),
+    ),
+    "street_number": ((0.8722, 0.01383), (0.04584, 0.2208), (0.08194, 0.7653)),
+    "address_line1": ((0.6591, 0.0003263), (0.3073, 0.000188), (0.004391, 0.0008321), (0.02928, 0.9987)),
+    "address_line2": ((0.6342, 0.0004917), (0.3451, 0.0002841), (0.007781, 0.0003672), (0.01297, 0.9989)),
+    "city": ((0.7628, 0.0008016), (0.1787, 0.0001835), (0.005725, 0.0006295), (0.05281, 0.9984)),
+    "postcode": ((0.8431, 0.0009207), (0.1428, 0.01244), (0.01402, 0.9866)),
+    "state": ((0.9623, 0.2244), (0.03771, 0.7756)),
+    # Not in FEBRL4, so assumed: agreement rates like a national id's, but u well above one because a
+    # phone is often shared by a household.
+    "phone": ((0.9, 0.001), (0.05, 0.005), (0.05, 0.994)),
+    "national_id": ((0.911, 2.5e-06), (0.04874, 7.62e-06), (0.04029, 1.0)),
+}
+#: Prior probability that two records drawn at random are the same person (EM's match count over all
+#: FEBRL4 pairs). Deliberately not the share among blocked candidates, so a score does not depend on
+#: the blocking keys; it is conservative, as every pair must overcome about 13 bits of doubt.
+PRIOR_MATCH: Final[float] = 0.0001001
+
+_WEIGHTS: Final[Mapping[str, tuple[float, ...]]] = {
+    name: tuple(math.log2(m / u) for m, u in levels) for name, levels in M_U.items()
+}
+_PRIOR_BITS: Final[float] = math.log2(PRIOR_MATCH / (1 - PRIOR_MATCH))
+
+
+def match_weight(a: MatchRecord, b: MatchRecord) -> tuple[float, dict[str, float]]:
+    """Total log2 likelihood ratio (prior included) and each compared field's weight in bits."""
+    evidence = {name: _WEIGHTS[name][level] for name, level in comparison_levels(a, b).items() if level != MISSING}
+    return _PRIOR_BITS + sum(evidence.values()), evidence
+
+
+def probability(bits: float) -> float:
+    """Logistic in base 2: log-odds in bits to a probability, safe for any magnitude."""
+    if bits >= 0:
+        return 1.0 / (1.0 + math.exp2(-min(bits, 1000.0)))
+    odds = math.exp2(max(bits, -1000.0))
+    return odds / (1.0 + odds)
+
+
+def score(a: MatchRecord, b: MatchRecord) -> tuple[float, dict[str, float]]:
+    """Match probability in [0, 1] and the per-field evidence (weight in bits; fields missing on either
+    side are absent, as they add nothing). The national id is weighed like any other field, so neither a
+    typo in it nor a stranger's shared number decides on its own."""
+    bits, evidence = match_weight(a, b)
+    return probability(bits), evidence
+
+
+def best_match(
+    rec: MatchRecord, candidates: Mapping[str, Sequence[MatchRecord]]
+) -> tuple[str, float, dict[str, float]] | None:
+    """The candidate profile most likely to be ``rec``'s person: (profile id, probability, evidence),
+    scoring a profile by its best-matching record, since a person's older records may hold old
+    addresses. ``None`` when there is nothing to compare with."""
+    best: tuple[str, float, dict[str, float]] | None = None
+    best_bits = -math.inf
+    for profile_id, records in candidates.items():
+        for other in records:
+            bits, evidence = match_weight(rec, other)
+            if bits > best_bits:
+                best_bits, best = bits, (profile_id, probability(bits), evidence)
+    return best
