@@ -6,6 +6,7 @@ import grpc
 
 from services.core import tenancy
 from services.core.bus import ConsumerWorker
+from services.core.outbox import Outbox
 from services.core.server import Background, ServiceContext, ServiceDefinition
 from services.identity.consumer import build_consumer
 from services.identity.resolver import Resolver
@@ -17,14 +18,17 @@ from tessera.v1 import identity_pb2, identity_pb2_grpc
 SERVICE_NAME = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
 
 
-def build_resolver(ctx: ServiceContext) -> Resolver:
-    store = IdentityStore(ctx.engine)
-    return Resolver(store, RulesCache(store, ttl=ctx.settings.identity_rules_cache_seconds))
-
-
 def register(server: grpc.Server, ctx: ServiceContext) -> list[Background]:
-    resolver = build_resolver(ctx)
-    identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(resolver, ctx.bus), server)
+    store = IdentityStore(ctx.engine)
+    outbox = Outbox(
+        ctx.engine,
+        ctx.bus,
+        "identity",
+        grace_seconds=ctx.settings.relay_grace_seconds,
+        sweep_seconds=ctx.settings.relay_sweep_seconds,
+    )
+    resolver = Resolver(store, RulesCache(store, ttl=ctx.settings.identity_rules_cache_seconds), outbox)
+    identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(resolver), server)
     s = ctx.settings
     consumer = build_consumer(
         resolver,
@@ -36,7 +40,7 @@ def register(server: grpc.Server, ctx: ServiceContext) -> list[Background]:
         max_attempts=s.consumer_max_attempts,
         tenant_refresh_seconds=s.tenant_refresh_seconds,
     )
-    return [ConsumerWorker(consumer)]
+    return [ConsumerWorker(consumer), outbox]
 
 
 def definition() -> ServiceDefinition:

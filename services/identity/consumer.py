@@ -50,7 +50,6 @@ class ResolveHandler:
                     "traceparent": [e.traceparent.encode() for e in result.events],
                 },
             )
-            self.bus.publish(result.changes)
 
 
 def build_consumer(

@@ -2,8 +2,9 @@
 
 Each one locks its working set (see :mod:`services.identity.storage`), lets the pure
 :class:`~services.identity.stitching.Graph` decide, writes back in a few statements and commits.
-What downstream must hear (resolved events, profile changes) is returned and published after the
-commit; a crash in between only means a redelivery, which republishes from the stored result.
+Profile changes go through the identity outbox (inserted in the same transaction, published after
+the commit, swept if that fails). Resolved events are returned for the consumer to publish before
+it acknowledges; a crash in between means a redelivery, which republishes from the stored result.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from google.protobuf import json_format
 from services.core import db
 from services.core.bus import CHANGES, Publication
 from services.core.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
+from services.core.outbox import Outbox
 from services.core.telemetry import meter
 from services.identity.probabilistic import BatchMatcher, Thresholds
 from services.identity.rules import IdentityRules
@@ -129,12 +131,14 @@ class Resolver:
         self,
         store: IdentityStore,
         rules: RulesCache,
+        outbox: Outbox,
         *,
         clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
     ) -> None:
         self.store = store
         self.rules = rules
+        self.outbox = outbox
         self.clock = clock
         self.new_id = new_id
 
@@ -193,8 +197,10 @@ class Resolver:
             if matcher is not None:
                 self.store.add_match_records(cur, tenant_id, matcher.new_records(graph, outcomes))
                 self.store.add_suggestions(cur, tenant_id, matcher.suggestion_rows(graph))
-        publications = [change(tenant_id, "created", p.profile_id) for p in graph.new_profiles()]
-        publications += merge_changes(tenant_id, recorded)
+            publications = [change(tenant_id, "created", p.profile_id) for p in graph.new_profiles()]
+            publications += merge_changes(tenant_id, recorded)
+            queued = self.outbox.enqueue(cur, publications)
+        self.outbox.flush(publications, queued)
         resolved: list[ResolvedEvent] = []
         emitted: set[str] = set()
         for e in events:
@@ -253,8 +259,11 @@ class Resolver:
             fact = checked_merge(graph, s, a)
             changes = Changes(graph, merges=[MergeRecord(fact, kind, "manual", reason)])
             recorded = self.store.write(cur, tenant_id, changes, now)
+            pubs = merge_changes(tenant_id, recorded)
+            queued = self.outbox.enqueue(cur, pubs)
+        self.outbox.flush(pubs, queued)
         _merges.add(1, {"kind": "manual"})
-        return recorded[0], merge_changes(tenant_id, recorded)
+        return recorded[0], pubs
 
     def unmerge(
         self, tenant_id: str, profile: str, keys: Sequence[Key], reason: str
@@ -286,19 +295,21 @@ class Resolver:
             changes.merges.append(MergeRecord(fact, identity_pb2.MERGE_KIND_UNMERGE, "manual", reason))
             recorded = self.store.write(cur, tenant_id, changes, now)
             moved = self.store.reattribute(cur, tenant_id, source, sorted(set(keys)), target.profile_id)
+            rec = recorded[0]
+            pubs = [
+                change(tenant_id, "created", target.profile_id),
+                change(
+                    tenant_id,
+                    "split",
+                    source,
+                    new_profile_id=target.profile_id,
+                    merge_id=str(rec.merge_id),
+                    moved_event_ids=",".join(moved),
+                ),
+            ]
+            queued = self.outbox.enqueue(cur, pubs)
+        self.outbox.flush(pubs, queued)
         _merges.add(1, {"kind": "unmerge"})
-        rec = recorded[0]
-        pubs = [
-            change(tenant_id, "created", target.profile_id),
-            change(
-                tenant_id,
-                "split",
-                source,
-                new_profile_id=target.profile_id,
-                merge_id=str(rec.merge_id),
-                moved_event_ids=",".join(moved),
-            ),
-        ]
         return rec, moved, pubs
 
     def review(
@@ -334,9 +345,12 @@ class Resolver:
             updated = self.store.review_suggestion(
                 cur, tenant_id, suggestion_id, new_state, reason, recorded.merge_id if recorded else None
             )
+            pubs = merge_changes(tenant_id, [recorded] if recorded else [])
+            queued = self.outbox.enqueue(cur, pubs)
+        self.outbox.flush(pubs, queued)
         if recorded is not None:
             _merges.add(1, {"kind": "suggestion"})
-        return updated, recorded, merge_changes(tenant_id, [recorded] if recorded else [])
+        return updated, recorded, pubs
 
     def _active(self, cur: Any, tenant_id: str, graph: Graph, asked: str, field_name: str) -> str:
         """The locked active profile an id (maybe merged away) resolves to, or NOT_FOUND."""

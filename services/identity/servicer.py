@@ -11,7 +11,6 @@ from typing import Any
 import grpc
 
 from services.core import pagination
-from services.core.bus import Bus, Publication
 from services.core.errors import InvalidArgument, NotFound, Violation
 from services.core.tenancy import current_tenant
 from services.identity.resolver import Resolver
@@ -101,18 +100,9 @@ def suggestion_proto(row: Sequence[Any]) -> identity_pb2.MatchSuggestion:
 
 
 class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
-    def __init__(self, resolver: Resolver, bus: Bus) -> None:
+    def __init__(self, resolver: Resolver) -> None:
         self.resolver = resolver
         self.store: IdentityStore = resolver.store
-        self.bus = bus
-
-    def _publish(self, pubs: list[Publication]) -> None:
-        """Changes made through the API, after their commit. If Redis is down they are logged, not
-        lost from the graph: the facts are in PostgreSQL and readable through ListMerges."""
-        try:
-            self.bus.publish(pubs)
-        except Exception:
-            log.exception("could not publish profile changes", extra={"count": len(pubs)})
 
     def _survivor(self, tenant_id: str, pid: str) -> str:
         final = self.store.survivor(tenant_id, pid)
@@ -214,8 +204,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         survivor = parse_profile_name(request.survivor_profile, "survivor_profile")
         absorbed = parse_profile_name(request.absorbed_profile, "absorbed_profile")
         reason = _require_reason(request.reason)
-        recorded, pubs = self.resolver.merge(tenant, survivor, absorbed, reason)
-        self._publish(pubs)
+        recorded, _pubs = self.resolver.merge(tenant, survivor, absorbed, reason)
         return identity_pb2.MergeProfilesResponse(merge=self._merge(tenant, recorded.merge_id))
 
     def UnmergeProfile(
@@ -229,8 +218,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             )
         reason = _require_reason(request.reason)
         keys = normalize_all(self.resolver.rules.get(tenant), request.identifiers, "identifiers")
-        recorded, _moved, pubs = self.resolver.unmerge(tenant, pid, keys, reason)
-        self._publish(pubs)
+        recorded, _moved, _pubs = self.resolver.unmerge(tenant, pid, keys, reason)
         return identity_pb2.UnmergeProfileResponse(merge=self._merge(tenant, recorded.merge_id))
 
     def _merge(self, tenant: str, merge_id: int) -> identity_pb2.Merge:
@@ -312,8 +300,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         reason = request.reason.strip()
         if len(reason) > 1000:
             raise InvalidArgument("reason is too long", [Violation("reason", "at most 1000 characters", "TOO_LONG")])
-        row, recorded, pubs = self.resolver.review(tenant, int(raw), request.accept, reason)
-        self._publish(pubs)
+        row, recorded, _pubs = self.resolver.review(tenant, int(raw), request.accept, reason)
         resp = identity_pb2.ReviewMatchSuggestionResponse(suggestion=suggestion_proto(row))
         if recorded is not None:
             resp.merge.CopyFrom(self._merge(tenant, recorded.merge_id))

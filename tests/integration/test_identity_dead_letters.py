@@ -13,6 +13,7 @@ from sqlalchemy.engine import Engine
 
 from services.core.bus import EVENTS, RESOLVED, Bus
 from services.core.cli import main
+from services.core.outbox import Outbox
 from services.core.settings import Settings
 from services.identity.consumer import build_consumer
 from services.identity.resolver import Resolver
@@ -38,7 +39,7 @@ def test_poison_event_is_dead_lettered_listed_and_replayed(
     bus = Bus(redis_client, prefix)
     store = IdentityStore(engine)
     consumer = build_consumer(
-        Resolver(store, RulesCache(store, ttl=0)),
+        Resolver(store, RulesCache(store, ttl=0), Outbox(engine, bus, "identity")),
         bus,
         lambda: [tenant.tenant_id],
         name="dlq-test",
@@ -82,5 +83,44 @@ def test_poison_event_is_dead_lettered_listed_and_replayed(
         pending = redis_client.xpending(bus.key(tenant.tenant_id, EVENTS), "identity")
         assert pending["pending"] == 1
         assert redis_client.xlen(bus.key(tenant.tenant_id, RESOLVED)) == 1
+    finally:
+        delete_prefix(redis_client, prefix)
+
+
+def test_changes_survive_a_failed_publish_through_the_outbox(
+    settings: Settings, engine: Engine, redis_client: Any, tenant: TenantKey
+) -> None:
+    """Redis gone between commit and publish: the change stays in the outbox and the sweeper sends it."""
+    from services.core.bus import CHANGES, connect
+    from services.identity.resolver import parse_event
+    from tests.support.servers import free_port
+
+    prefix = f"{settings.redis_prefix}-outbox"
+    live = Bus(redis_client, prefix)
+    dead = Bus(connect(f"redis://127.0.0.1:{free_port()}/0"), prefix)
+    store = IdentityStore(engine)
+    rules = RulesCache(store, ttl=0)
+    resolver = Resolver(store, rules, Outbox(engine, dead, "identity"))
+    try:
+        events = []
+        for anon in ("o-1", "o-2"):
+            ev = person_event(("anonymous_id", anon))
+            ev.event_id = str(uuid.uuid4())
+            events.append(parse_event(rules.get(tenant.tenant_id), ev.event_id, ev.SerializeToString()))
+        joined = person_event(("anonymous_id", "o-1"), ("anonymous_id", "o-2"))
+        joined.event_id = str(uuid.uuid4())
+        events.append(parse_event(rules.get(tenant.tenant_id), joined.event_id, joined.SerializeToString()))
+        result = resolver.resolve_batch(tenant.tenant_id, events)  # commits; the publish fails
+        assert [p.fields["kind"] for p in result.changes] == ["created", "created", "merged"]
+        assert redis_client.xlen(live.key(tenant.tenant_id, CHANGES)) == 0
+
+        assert Outbox(engine, live, "identity", grace_seconds=0).sweep() >= 3
+        sent = [f[b"kind"] for _, f in redis_client.xrange(live.key(tenant.tenant_id, CHANGES))]
+        assert sent == [b"created", b"created", b"merged"]
+        with engine.connect() as conn:
+            left = conn.exec_driver_sql(
+                "SELECT count(*) FROM identity.outbox WHERE tenant_id = %(t)s", {"t": tenant.tenant_id}
+            ).scalar_one()
+        assert left == 0
     finally:
         delete_prefix(redis_client, prefix)
