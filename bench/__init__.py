@@ -14,6 +14,7 @@ from typing import Any
 SCENARIOS: dict[str, str] = {
     "ingest": "bench.ingest",
     "identity": "bench.identity",
+    "identity-accuracy": "bench.identity_accuracy",
 }
 
 

@@ -11,9 +11,13 @@ Pure functions, no I/O: the caller owns storage and the block index. Blocking ke
 profiles are worth scoring at all; several keys per record mean one typo cannot hide a true match.
 
 The m/u probabilities were estimated without labels on the FEBRL4 benchmark and frozen here; the
-procedure is ``bench.identity_accuracy_offline.estimate_parameters`` (u from random pairs, m and the
-prior by expectation-maximisation over blocked pairs). Phone has no data there, so its values are an
-assumption, documented below.
+procedure is ``bench.identity_accuracy_offline.estimate_parameters`` (u from random pairs, m by
+expectation-maximisation over blocked pairs, the prior as the match rate among random pairs). Phone
+has no data there, so its values are an assumption, documented below. Fields are treated as
+independent except the parts of an address, which count once (see ``match_weight``): FEBRL draws them
+independently, real people share them by household. Other real-data effects FEBRL cannot show (common
+names agree by chance more often than rare ones) are not modelled, so re-estimate on a tenant's own
+records before trusting auto-merge there.
 """
 
 from __future__ import annotations
@@ -28,14 +32,16 @@ from typing import Any, Final
 
 from rapidfuzz.distance import OSA, JaroWinkler
 
-# On FEBRL4 every true pair scores above 1 - 1e-9 and every other candidate pair below 0.3, so any
-# threshold in between gives the same result there. Auto-merge sits high because a wrong merge is
-# costly to undo and real data violates the independence the model assumes (a household shares its
-# address fields); the band between the two is for a person to review.
-DEFAULT_AUTO_MERGE_THRESHOLD: Final[float] = 0.99
+# On FEBRL4 every true pair scores above 0.99999 and every other candidate pair below 0.001, so any
+# threshold in between gives the same result there (on FEBRL3 a few true pairs fall in the review band).
+# Auto-merge sits high because a wrong merge is costly to undo and real data breaks the independence
+# the model assumes (a household shares its address fields); the band between the two thresholds is
+# for a person to review.
+DEFAULT_AUTO_MERGE_THRESHOLD: Final[float] = 0.95
 DEFAULT_REVIEW_THRESHOLD: Final[float] = 0.6
 
 MIN_FIELDS: Final = 3  # below this a record is too thin to tell people apart
+PHONE_TAIL: Final = 9  # phone digits compared: "+61 2 9999 0000" and "(02) 9999 0000" end the same
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +103,7 @@ _ADDRESS_PARTS: Final[Mapping[str, str]] = {
 }
 _DIGIT_FIELDS: Final = frozenset({"street_number", "postcode", "phone", "national_id"})
 _APOSTROPHES = re.compile(r"['\u2019`]")
-_NON_WORD = re.compile(r"[^a-z0-9 ]+")
+_NON_WORD = re.compile(r"[\W_]+")
 _SPACES = re.compile(r"\s+")
 _ISO_DATE = re.compile(r"^\s*(\d{4})[-/.](\d{1,2})[-/.](\d{1,2})(?:$|[T ])")
 
@@ -115,10 +121,10 @@ def _as_text(value: Any) -> str:
 
 
 def normalize_text(raw: Any) -> str:
-    """Lower-case ASCII words: accents folded, apostrophes dropped (o'brien = obrien), other punctuation
+    """Lower-case words: accents folded, apostrophes dropped (o'brien = obrien), other punctuation
     turned into spaces and whitespace collapsed, so formatting never reads as disagreement."""
     text = unicodedata.normalize("NFKD", _as_text(raw))
-    text = "".join(ch for ch in text if not unicodedata.combining(ch)).lower()
+    text = "".join(ch for ch in text if not unicodedata.combining(ch)).casefold()
     text = _NON_WORD.sub(" ", _APOSTROPHES.sub("", text))
     return _SPACES.sub(" ", text).strip()
 
@@ -167,11 +173,41 @@ def record_from_traits(traits: Mapping[str, Any]) -> MatchRecord | None:
     return MatchRecord(**values)
 
 
+# Street-type abbreviations, spelled out so "wattle st" and "wattle street" agree exactly.
+_STREET_TYPES: Final[Mapping[str, str]] = {
+    "st": "street",
+    "rd": "road",
+    "ave": "avenue",
+    "av": "avenue",
+    "dr": "drive",
+    "ln": "lane",
+    "pl": "place",
+    "ct": "court",
+    "cr": "crescent",
+    "cres": "crescent",
+    "cct": "circuit",
+    "cl": "close",
+    "tce": "terrace",
+    "pde": "parade",
+    "hwy": "highway",
+    "blvd": "boulevard",
+    "sq": "square",
+}
+
+
+def normalize_address_line(raw: Any) -> str:
+    """``normalize_text`` plus street types spelled out; a leading word is left alone ("st johns road")."""
+    words = normalize_text(raw).split(" ")
+    return " ".join([words[0], *(_STREET_TYPES.get(word, word) for word in words[1:])])
+
+
 def _normalize_field(name: str, value: Any) -> str:
     if name == "date_of_birth":
         return normalize_dob(value)
     if name in _DIGIT_FIELDS:
         return normalize_digits(value)
+    if name in {"address_line1", "address_line2"}:
+        return normalize_address_line(value)
     return normalize_text(value)
 
 
@@ -239,7 +275,7 @@ def blocking_keys(rec: MatchRecord) -> list[str]:
     if len(rec.national_id) >= 4:
         keys.append(f"nid:{rec.national_id}")
     if len(rec.phone) >= 6:
-        keys.append(f"phone:{rec.phone}")
+        keys.append(f"phone:{rec.phone[-PHONE_TAIL:]}")
     return keys
 
 
@@ -288,6 +324,12 @@ def _dob_level(x: str, y: str) -> int:
     return 4
 
 
+def _phone_level(x: str, y: str) -> int:
+    """Like a number, on the last ``PHONE_TAIL`` digits only, so a country or trunk prefix written one
+    way and not the other does not hide agreement."""
+    return _number_level(x[-PHONE_TAIL:], y[-PHONE_TAIL:])
+
+
 def _exact_level(x: str, y: str) -> int:
     return 0 if x == y else 1
 
@@ -302,7 +344,7 @@ _COMPARATORS: Final[Mapping[str, Callable[[str, str], int]]] = {
     "city": _string_level,
     "postcode": _number_level,
     "state": _exact_level,
-    "phone": _number_level,
+    "phone": _phone_level,
     "national_id": _number_level,
 }
 # Pairs of fields people fill the wrong way round (first/last name, the two address lines): compared
@@ -357,8 +399,8 @@ M_U: Final[Mapping[str, tuple[tuple[float, float], ...]]] = {
         (0.04581, 0.9984),
     ),
     "street_number": ((0.8722, 0.01383), (0.04584, 0.2208), (0.08194, 0.7653)),
-    "address_line1": ((0.6591, 0.0003263), (0.3073, 0.000188), (0.004391, 0.0008321), (0.02928, 0.9987)),
-    "address_line2": ((0.6342, 0.0004917), (0.3451, 0.0002841), (0.007781, 0.0003672), (0.01297, 0.9989)),
+    "address_line1": ((0.6591, 0.0003263), (0.3048, 0.0001883), (0.0069, 0.0008319), (0.02928, 0.9987)),
+    "address_line2": ((0.6342, 0.0004917), (0.3446, 0.0002842), (0.008268, 0.0003671), (0.01297, 0.9989)),
     "city": ((0.7628, 0.0008016), (0.1787, 0.0001835), (0.005725, 0.0006295), (0.05281, 0.9984)),
     "postcode": ((0.8431, 0.0009207), (0.1428, 0.01244), (0.01402, 0.9866)),
     "state": ((0.9623, 0.2244), (0.03771, 0.7756)),
@@ -372,6 +414,7 @@ M_U: Final[Mapping[str, tuple[tuple[float, float], ...]]] = {
 #: the blocking keys; it is conservative, as every pair must overcome about 13 bits of doubt.
 PRIOR_MATCH: Final[float] = 0.0001001
 
+_ADDRESS_FIELDS: Final = frozenset({"street_number", "address_line1", "address_line2", "city", "postcode", "state"})
 _WEIGHTS: Final[Mapping[str, tuple[float, ...]]] = {
     name: tuple(math.log2(m / u) for m, u in levels) for name, levels in M_U.items()
 }
@@ -379,9 +422,36 @@ _PRIOR_BITS: Final[float] = math.log2(PRIOR_MATCH / (1 - PRIOR_MATCH))
 
 
 def match_weight(a: MatchRecord, b: MatchRecord) -> tuple[float, dict[str, float]]:
-    """Total log2 likelihood ratio (prior included) and each compared field's weight in bits."""
-    evidence = {name: _WEIGHTS[name][level] for name, level in comparison_levels(a, b).items() if level != MISSING}
-    return _PRIOR_BITS + sum(evidence.values()), evidence
+    """Total log2 likelihood ratio (prior included) and each compared field's contribution in bits;
+    the contributions plus the prior add up to the total.
+
+    The address fields are one fact, where the person lives: in real data they agree together
+    (a household, a neighbour in the same street) and change together (a move), so adding them up as
+    independent would count one address up to six times. They count as one piece of evidence instead:
+    the strongest agreement among them plus the strongest disagreement; the others contribute 0.
+    """
+    bits = _PRIOR_BITS
+    evidence: dict[str, float] = {}
+    best: tuple[str, float] | None = None
+    worst: tuple[str, float] | None = None
+    for name, level in comparison_levels(a, b).items():
+        if level == MISSING:
+            continue
+        weight = _WEIGHTS[name][level]
+        if name not in _ADDRESS_FIELDS:
+            evidence[name] = weight
+            bits += weight
+            continue
+        evidence[name] = 0.0
+        if weight > 0 and (best is None or weight > best[1]):
+            best = (name, weight)
+        elif weight < 0 and (worst is None or weight < worst[1]):
+            worst = (name, weight)
+    for strongest in (best, worst):
+        if strongest is not None:
+            evidence[strongest[0]] = strongest[1]
+            bits += strongest[1]
+    return bits, evidence
 
 
 def probability(bits: float) -> float:
@@ -393,9 +463,10 @@ def probability(bits: float) -> float:
 
 
 def score(a: MatchRecord, b: MatchRecord) -> tuple[float, dict[str, float]]:
-    """Match probability in [0, 1] and the per-field evidence (weight in bits; fields missing on either
-    side are absent, as they add nothing). The national id is weighed like any other field, so neither a
-    typo in it nor a stranger's shared number decides on its own."""
+    """Match probability in [0, 1] and the per-field evidence (contribution in bits, see
+    ``match_weight``; fields missing on either side are absent, as they add nothing). The national id
+    is weighed like any other field, so neither a typo in it nor a stranger's shared number decides on
+    its own."""
     bits, evidence = match_weight(a, b)
     return probability(bits), evidence
 

