@@ -46,9 +46,11 @@ proto-check: proto ## Fail if the committed generated code is stale
 	@git diff --exit-code --stat -- tessera/ || (echo "generated code is stale: run 'make proto' and commit" >&2; exit 1)
 	@test -z "$$(git status --porcelain -- tessera/)" || (echo "untracked generated files: run 'make proto' and commit" >&2; git status --porcelain -- tessera/; exit 1)
 
+SCENARIO ?= ingest
+
 .PHONY: bench
-bench: install ## Run the ingest benchmark (writes a table; see bench/RESULTS.md)
-	$(BIN)/tessera bench ingest
+bench: install ## Run a benchmark: SCENARIO=ingest (default), identity or identity-accuracy; see bench/RESULTS.md
+	$(BIN)/tessera bench $(SCENARIO)
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches

@@ -220,6 +220,16 @@ def test_blocked_placeholders_never_link(
     assert bad_request(err.value)[0][0] == "identifiers[0].value"
 
 
+def merge_refused(
+    stub: identity_pb2_grpc.IdentityServiceStub, tenant: TenantKey, survivor: str, absorbed: str, reason: str
+) -> grpc.RpcError:
+    """The error a MergeProfiles call that must fail fails with."""
+    req = identity_pb2.MergeProfilesRequest(survivor_profile=survivor, absorbed_profile=absorbed, reason=reason)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.MergeProfiles(req, metadata=tenant.metadata)
+    return err.value
+
+
 def test_manual_merge_respects_limits_and_needs_a_reason(
     ingest: ingest_pb2_grpc.IngestServiceStub,
     identity: identity_pb2_grpc.IdentityServiceStub,
@@ -236,23 +246,13 @@ def test_manual_merge_respects_limits_and_needs_a_reason(
     )
     wait_linked(engine, tenant.tenant_id, 3)
     p1, p2, p3 = (event_profile(engine, tenant.tenant_id, e) for e in (e1, e2, e3))
-    with pytest.raises(grpc.RpcError) as err:
-        identity.MergeProfiles(
-            identity_pb2.MergeProfilesRequest(
-                survivor_profile=f"profiles/{p1}", absorbed_profile=f"profiles/{p2}", reason="same person"
-            ),
-            metadata=md,
-        )
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert precondition_failures(err.value) == [("IDENTIFIER_LIMIT", "identityRules/types/user_id")]
+    err = merge_refused(identity, tenant, f"profiles/{p1}", f"profiles/{p2}", "same person")
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert precondition_failures(err) == [("IDENTIFIER_LIMIT", "identityRules/types/user_id")]
 
-    with pytest.raises(grpc.RpcError) as err:
-        identity.MergeProfiles(
-            identity_pb2.MergeProfilesRequest(survivor_profile=f"profiles/{p1}", absorbed_profile=f"profiles/{p3}"),
-            metadata=md,
-        )
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert bad_request(err.value) == [("reason", "say why, for the audit trail")]
+    err = merge_refused(identity, tenant, f"profiles/{p1}", f"profiles/{p3}", "")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(err) == [("reason", "say why, for the audit trail")]
 
     merge = identity.MergeProfiles(
         identity_pb2.MergeProfilesRequest(
@@ -263,21 +263,12 @@ def test_manual_merge_respects_limits_and_needs_a_reason(
     assert merge.kind == identity_pb2.MERGE_KIND_MANUAL and merge.reason == "agent verified by phone"
     assert resolve(identity, tenant, "email", "third@example.com") == p1
 
-    with pytest.raises(grpc.RpcError) as err:
-        identity.MergeProfiles(
-            identity_pb2.MergeProfilesRequest(
-                survivor_profile=f"profiles/{p1}", absorbed_profile=f"profiles/{p3}", reason="again"
-            ),
-            metadata=md,
-        )
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    with pytest.raises(grpc.RpcError) as err:
-        identity.MergeProfiles(
-            identity_pb2.MergeProfilesRequest(survivor_profile="profiles/nope", absorbed_profile=f"profiles/{p3}"),
-            metadata=md,
-        )
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert bad_request(err.value)[0][0] == "survivor_profile"
+    err = merge_refused(identity, tenant, f"profiles/{p1}", f"profiles/{p3}", "again")
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert precondition_failures(err) == [("ALREADY_MERGED", f"profiles/{p1}")]
+    err = merge_refused(identity, tenant, "profiles/nope", f"profiles/{p3}", "typo")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(err)[0][0] == "survivor_profile"
 
 
 def test_rules_are_validated_and_updated_by_mask(

@@ -165,6 +165,17 @@ def check_invariants(
     return owners
 
 
+def apply_with_workers(
+    settings: Settings, engine: Engine, redis_client: Any, rules: dict[str, Any], events: Sequence[Sequence[Key]]
+) -> tuple[str, list[str]]:
+    """A fresh tenant with these rules; publish the events at once and wait until all are applied."""
+    tenant = make_tenant(engine, "cc")
+    IdentityStore(engine).save_rules(tenant.tenant_id, rules, {})
+    ids = publish(Bus(redis_client, settings.redis_prefix), tenant.tenant_id, events)
+    wait_linked(engine, tenant.tenant_id, len(ids), timeout=60)
+    return tenant.tenant_id, ids
+
+
 EVENTS_STRATEGY = st.lists(st.lists(st.sampled_from(POOL), min_size=1, max_size=3), min_size=10, max_size=60)
 
 
@@ -177,11 +188,8 @@ def test_partition_equals_connected_components_with_several_workers(
     redis_client: Any,
     events: list[list[Key]],
 ) -> None:
-    tenant = make_tenant(engine, "cc")
-    IdentityStore(engine).save_rules(tenant.tenant_id, UNLIMITED, {})
-    ids = publish(Bus(redis_client, settings.redis_prefix), tenant.tenant_id, events)
-    wait_linked(engine, tenant.tenant_id, len(ids), timeout=60)
-    owners = check_invariants(engine, tenant.tenant_id, ids, events, dict.fromkeys(TYPES, 1000))
+    tenant_id, ids = apply_with_workers(settings, engine, redis_client, UNLIMITED, events)
+    owners = check_invariants(engine, tenant_id, ids, events, dict.fromkeys(TYPES, 1000))
     assert partition(owners) == components(events)
     assert all(p.poll() is None for p in workers), "a worker died"
 
@@ -195,11 +203,8 @@ def test_limits_hold_and_attribution_survives_with_several_workers(
     redis_client: Any,
     events: list[list[Key]],
 ) -> None:
-    tenant = make_tenant(engine, "lim")
-    IdentityStore(engine).save_rules(tenant.tenant_id, LIMITED, {})
-    ids = publish(Bus(redis_client, settings.redis_prefix), tenant.tenant_id, events)
-    wait_linked(engine, tenant.tenant_id, len(ids), timeout=60)
-    check_invariants(engine, tenant.tenant_id, ids, events, {"user_id": 1, "device_id": 2, "anonymous_id": 3})
+    tenant_id, ids = apply_with_workers(settings, engine, redis_client, LIMITED, events)
+    check_invariants(engine, tenant_id, ids, events, {"user_id": 1, "device_id": 2, "anonymous_id": 3})
 
 
 def test_kill_9_mid_batch_the_survivor_finishes_with_nothing_lost_or_doubled(
