@@ -352,6 +352,19 @@ class Resolver:
             _merges.add(1, {"kind": "suggestion"})
         return updated, recorded, pubs
 
+    def erase(self, tenant_id: str, profile: str) -> tuple[str, int, list[str]]:
+        """Forget a person (see IdentityService.EraseProfile); emits an "erased" change."""
+        rules = self.rules.get(tenant_id)
+        with db.raw_transaction(self.store.engine, "identity erase") as (cur, _):
+            graph = self.store.lock_working_set(cur, tenant_id, rules, (), (profile,))
+            target = self._active(cur, tenant_id, graph, profile, "name")
+            deleted, ids = self.store.erase(cur, tenant_id, target)
+            pubs = [change(tenant_id, "erased", target, erased_profile_ids=",".join(ids))]
+            queued = self.outbox.enqueue(cur, pubs)
+        self.outbox.flush(pubs, queued)
+        log.info("profile erased", extra={"tenant": tenant_id, "identifiers": deleted, "profiles": len(ids)})
+        return target, deleted, ids
+
     def _active(self, cur: Any, tenant_id: str, graph: Graph, asked: str, field_name: str) -> str:
         """The locked active profile an id (maybe merged away) resolves to, or NOT_FOUND."""
         final = self.store.survivor(tenant_id, asked, cur)

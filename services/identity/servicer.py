@@ -260,6 +260,18 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         updated = self.resolver.rules.update(tenant, rules, prob)
         return identity_pb2.UpdateIdentityRulesResponse(rules=to_proto(updated))
 
+    def EraseProfile(
+        self, request: identity_pb2.EraseProfileRequest, context: grpc.ServicerContext
+    ) -> identity_pb2.EraseProfileResponse:
+        tenant = current_tenant().tenant_id
+        pid = parse_profile_name(request.name, "name")
+        reason = _require_reason(request.reason)
+        target, deleted, ids = self.resolver.erase(tenant, pid)
+        log.info("erasure requested", extra={"tenant": tenant, "profile": target, "reason": reason})
+        return identity_pb2.EraseProfileResponse(
+            profile=profile_name(target), identifiers_erased=deleted, erased_profile_ids=ids
+        )
+
     def ListMatchSuggestions(
         self, request: identity_pb2.ListMatchSuggestionsRequest, context: grpc.ServicerContext
     ) -> identity_pb2.ListMatchSuggestionsResponse:

@@ -59,29 +59,52 @@ def is_uuid(text: str) -> bool:
     return canonical_uuid(text) is not None
 
 
+# The working set's statements probe an index once per identifier, profile or event id. Written as
+# plain joins, the planner hashes the tenant's whole table instead whenever its statistics lag a
+# fast-growing table (a new tenant, a first import), so each batch cost grew with the tenant. The
+# LATERAL subqueries with LIMIT 1 (primary keys: at most one row anyway) or OFFSET 0 keep them probes.
 _LOAD = """
 WITH k AS (SELECT t, v FROM unnest(%(types)s::text[], %(values)s::text[]) AS k(t, v)),
 owners AS (
-    SELECT i.profile_id FROM identity.identifiers i JOIN k ON i.id_type = k.t AND i.id_value = k.v
-    WHERE i.tenant_id = %(tenant)s
+    SELECT i.profile_id FROM k CROSS JOIN LATERAL (
+        SELECT i.profile_id FROM identity.identifiers i
+        WHERE i.tenant_id = %(tenant)s AND i.id_type = k.t AND i.id_value = k.v LIMIT 1
+    ) i
     UNION
     SELECT coalesce(p.merged_into, p.profile_id) FROM identity.profiles p
-    WHERE p.tenant_id = %(tenant)s AND p.profile_id = ANY(%(pids)s::uuid[])
+    WHERE p.tenant_id = %(tenant)s AND p.profile_id = ANY(%(pids)s::uuid[]) AND p.erased_at IS NULL
 )
 SELECT o.profile_id::text, extract(epoch FROM p.created_at)::float8, i.id_type, i.id_value
 FROM owners o
-JOIN identity.profiles p ON p.tenant_id = %(tenant)s AND p.profile_id = o.profile_id
-LEFT JOIN identity.identifiers i ON i.tenant_id = %(tenant)s AND i.profile_id = o.profile_id
+CROSS JOIN LATERAL (
+    SELECT p.created_at FROM identity.profiles p
+    WHERE p.tenant_id = %(tenant)s AND p.profile_id = o.profile_id LIMIT 1
+) p
+LEFT JOIN LATERAL (
+    SELECT i.id_type, i.id_value FROM identity.identifiers i
+    WHERE i.tenant_id = %(tenant)s AND i.profile_id = o.profile_id OFFSET 0
+) i ON true
 """
 
 _LOCK = "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k"
 
 _PROCESSED = """
 SELECT l.event_id, coalesce(p.merged_into, p.profile_id)::text
-FROM identity.event_links l
-LEFT JOIN identity.profiles p ON p.tenant_id = l.tenant_id AND p.profile_id = l.profile_id
-WHERE l.tenant_id = %(tenant)s AND l.event_id = ANY(%(ids)s)
+FROM unnest(%(ids)s::text[]) AS x(id)
+CROSS JOIN LATERAL (
+    SELECT l.event_id, l.profile_id FROM identity.event_links l
+    WHERE l.tenant_id = %(tenant)s AND l.event_id = x.id LIMIT 1
+) l
+LEFT JOIN identity.profiles p ON p.tenant_id = %(tenant)s AND p.profile_id = l.profile_id
 """
+
+# Merged-away profiles, then the profiles merged into them earlier, point at the final survivor.
+_REPOINT = (
+    "UPDATE identity.profiles p SET merged_into = m.s, merged_at = coalesce(p.merged_at, %s) "
+    "FROM unnest(%s::uuid[], %s::uuid[]) AS m(a, s) WHERE p.tenant_id = %s AND p.profile_id = m.a",
+    "UPDATE identity.profiles p SET merged_into = m.s, merged_at = coalesce(p.merged_at, %s) "
+    "FROM unnest(%s::uuid[], %s::uuid[]) AS m(a, s) WHERE p.tenant_id = %s AND p.merged_into = m.a",
+)
 
 
 #: (event id, profile id or None when no identifier could link, linking identifiers, occurred at).
@@ -196,13 +219,12 @@ class IdentityStore:
         if graph.absorbed:
             absorbed = sorted(graph.absorbed)
             finals = [graph.final(a) for a in absorbed]
-            # Anything that pointed at an absorbed profile now points at the final survivor too.
-            cur.execute(
-                "UPDATE identity.profiles p SET merged_into = m.s, merged_at = coalesce(p.merged_at, %s) "
-                "FROM unnest(%s::uuid[], %s::uuid[]) AS m(a, s) "
-                "WHERE p.tenant_id = %s AND (p.profile_id = m.a OR p.merged_into = m.a)",
-                (now, absorbed, finals, tenant_id),
-            )
+            # Anything that pointed at an absorbed profile now points at the final survivor too. Two
+            # statements, each an index probe per absorbed id: an OR of the two joins makes the planner
+            # compare every absorbed id with every profile of the tenant. The row sets are disjoint (an
+            # absorbed profile was active, merged_into NULL; a final survivor is never absorbed).
+            for sql in _REPOINT:
+                cur.execute(sql, (now, absorbed, finals, tenant_id))
             # Trait records follow their profile, so matching compares against the survivor.
             cur.execute(
                 "UPDATE identity.match_records r SET profile_id = m.s FROM unnest(%s::uuid[], %s::uuid[]) AS m(a, s) "
@@ -335,7 +357,7 @@ class IdentityStore:
         profile_id = canonical
         sql = (
             "SELECT coalesce(merged_into, profile_id)::text FROM identity.profiles "
-            "WHERE tenant_id = %s AND profile_id = %s"
+            "WHERE tenant_id = %s AND profile_id = %s AND erased_at IS NULL"
         )
         if cur is not None:
             cur.execute(sql, (tenant_id, profile_id))
@@ -506,6 +528,44 @@ class IdentityStore:
         )
         row: tuple[Any, ...] = cur.fetchone()
         return row
+
+    @staticmethod
+    def erase(cur: Any, tenant_id: str, profile_id: str) -> tuple[int, list[str]]:
+        """Forget a (locked, active) profile: its identifiers, trait records, suggestions and the
+        identifier values in its merge facts and event links. Returns (identifiers deleted, ids
+        erased: the profile and every id merged into it)."""
+        cur.execute(
+            "UPDATE identity.profiles SET erased_at = now() "
+            "WHERE tenant_id = %(t)s AND (profile_id = %(p)s OR merged_into = %(p)s) RETURNING profile_id::text",
+            {"t": tenant_id, "p": profile_id},
+        )
+        ids = sorted(row[0] for row in cur.fetchall())
+        args = {"t": tenant_id, "p": profile_id, "ids": ids}
+        cur.execute("DELETE FROM identity.identifiers WHERE tenant_id = %(t)s AND profile_id = %(p)s", args)
+        deleted = int(cur.rowcount)
+        cur.execute(
+            "DELETE FROM identity.match_blocks b USING identity.match_records r "
+            "WHERE b.tenant_id = %(t)s AND r.tenant_id = %(t)s AND b.event_id = r.event_id AND r.profile_id = %(p)s",
+            args,
+        )
+        cur.execute("DELETE FROM identity.match_records WHERE tenant_id = %(t)s AND profile_id = %(p)s", args)
+        cur.execute(
+            "DELETE FROM identity.match_suggestions WHERE tenant_id = %(t)s "
+            "AND (profile_a = ANY(%(ids)s::uuid[]) OR profile_b = ANY(%(ids)s::uuid[]))",
+            args,
+        )
+        cur.execute(
+            "UPDATE identity.merges SET identifiers = '[]', evidence = '{}' WHERE tenant_id = %(t)s "
+            "AND (survivor_id = ANY(%(ids)s::uuid[]) OR absorbed_id = ANY(%(ids)s::uuid[]))",
+            args,
+        )
+        # The event ids stay (they keep redeliveries idempotent); the identifier values go.
+        cur.execute(
+            "UPDATE identity.event_links SET identifiers = '{}' "
+            "WHERE tenant_id = %(t)s AND profile_id = ANY(%(ids)s::uuid[])",
+            args,
+        )
+        return deleted, ids
 
     def reattribute(self, cur: Any, tenant_id: str, profile_id: str, moved: Sequence[Key], target: str) -> list[str]:
         """Events of ``profile_id`` (or profiles merged into it) linked only by ``moved`` identifiers

@@ -920,3 +920,60 @@ class ReviewMatchSuggestionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReviewMatchSuggestionResponse: _TypeAlias = ReviewMatchSuggestionResponse  # noqa: Y015
+
+@_typing.final
+class EraseProfileRequest(_message.Message):
+    """Which profile to forget, and why (kept in the audit log, not with the person's data)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """"profiles/{profile_id}"; a merged-away id erases its survivor."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseProfileRequest: _TypeAlias = EraseProfileRequest  # noqa: Y015
+
+@_typing.final
+class EraseProfileResponse(_message.Message):
+    """What was forgotten."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROFILE_FIELD_NUMBER: _builtins.int
+    IDENTIFIERS_ERASED_FIELD_NUMBER: _builtins.int
+    ERASED_PROFILE_IDS_FIELD_NUMBER: _builtins.int
+    profile: _builtins.str
+    """The profile erased (the survivor, when a merged-away id was named)."""
+    identifiers_erased: _builtins.int
+    """How many identifiers were deleted."""
+    @_builtins.property
+    def erased_profile_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every profile id that now answers NOT_FOUND: the profile and those merged into it."""
+
+    def __init__(
+        self,
+        *,
+        profile: _builtins.str = ...,
+        identifiers_erased: _builtins.int = ...,
+        erased_profile_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["erased_profile_ids", b"erased_profile_ids", "identifiers_erased", b"identifiers_erased", "profile", b"profile"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseProfileResponse: _TypeAlias = EraseProfileResponse  # noqa: Y015

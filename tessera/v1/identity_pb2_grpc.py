@@ -86,6 +86,11 @@ class IdentityServiceStub:
                 request_serializer=tessera_dot_v1_dot_identity__pb2.ReviewMatchSuggestionRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_identity__pb2.ReviewMatchSuggestionResponse.FromString,
                 _registered_method=True)
+        self.EraseProfile = channel.unary_unary(
+                '/tessera.v1.IdentityService/EraseProfile',
+                request_serializer=tessera_dot_v1_dot_identity__pb2.EraseProfileRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_identity__pb2.EraseProfileResponse.FromString,
+                _registered_method=True)
 
 
 class IdentityServiceServicer:
@@ -163,6 +168,16 @@ class IdentityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EraseProfile(self, request, context):
+        """Forgets a person for a privacy erasure: the profile's identifiers, trait records and
+        suggestions are deleted, identifier values are removed from its merge facts, and the profile
+        and every id merged into it answer NOT_FOUND from then on. Emits an "erased" change. The
+        profile service's ErasePerson calls this and removes what the other services hold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IdentityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -215,6 +230,11 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.ReviewMatchSuggestion,
                     request_deserializer=tessera_dot_v1_dot_identity__pb2.ReviewMatchSuggestionRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_identity__pb2.ReviewMatchSuggestionResponse.SerializeToString,
+            ),
+            'EraseProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseProfile,
+                    request_deserializer=tessera_dot_v1_dot_identity__pb2.EraseProfileRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_identity__pb2.EraseProfileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -489,6 +509,33 @@ class IdentityService:
             '/tessera.v1.IdentityService/ReviewMatchSuggestion',
             tessera_dot_v1_dot_identity__pb2.ReviewMatchSuggestionRequest.SerializeToString,
             tessera_dot_v1_dot_identity__pb2.ReviewMatchSuggestionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.IdentityService/EraseProfile',
+            tessera_dot_v1_dot_identity__pb2.EraseProfileRequest.SerializeToString,
+            tessera_dot_v1_dot_identity__pb2.EraseProfileResponse.FromString,
             options,
             channel_credentials,
             insecure,

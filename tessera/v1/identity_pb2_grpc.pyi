@@ -55,6 +55,12 @@ class IdentityServiceStub:
     """Probable matches between the review and auto-merge thresholds (AIP-158)."""
     ReviewMatchSuggestion: _grpc.UnaryUnaryMultiCallable[_identity_pb2.ReviewMatchSuggestionRequest, _identity_pb2.ReviewMatchSuggestionResponse]
     """Accepts (merges) or rejects a suggestion."""
+    EraseProfile: _grpc.UnaryUnaryMultiCallable[_identity_pb2.EraseProfileRequest, _identity_pb2.EraseProfileResponse]
+    """Forgets a person for a privacy erasure: the profile's identifiers, trait records and
+    suggestions are deleted, identifier values are removed from its merge facts, and the profile
+    and every id merged into it answer NOT_FOUND from then on. Emits an "erased" change. The
+    profile service's ErasePerson calls this and removes what the other services hold.
+    """
 
 @_typing.type_check_only
 class IdentityServiceAsyncStub(IdentityServiceStub):
@@ -83,6 +89,12 @@ class IdentityServiceAsyncStub(IdentityServiceStub):
     """Probable matches between the review and auto-merge thresholds (AIP-158)."""
     ReviewMatchSuggestion: _aio.UnaryUnaryMultiCallable[_identity_pb2.ReviewMatchSuggestionRequest, _identity_pb2.ReviewMatchSuggestionResponse]  # type: ignore[assignment]
     """Accepts (merges) or rejects a suggestion."""
+    EraseProfile: _aio.UnaryUnaryMultiCallable[_identity_pb2.EraseProfileRequest, _identity_pb2.EraseProfileResponse]  # type: ignore[assignment]
+    """Forgets a person for a privacy erasure: the profile's identifiers, trait records and
+    suggestions are deleted, identifier values are removed from its merge facts, and the profile
+    and every id merged into it answer NOT_FOUND from then on. Emits an "erased" change. The
+    profile service's ErasePerson calls this and removes what the other services hold.
+    """
 
 class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
     """Resolves identifiers into customer profiles, and explains and corrects how they were joined.
@@ -168,5 +180,17 @@ class IdentityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_identity_pb2.ReviewMatchSuggestionResponse, _abc.Awaitable[_identity_pb2.ReviewMatchSuggestionResponse]]:
         """Accepts (merges) or rejects a suggestion."""
+
+    @_abc_1.abstractmethod
+    def EraseProfile(
+        self,
+        request: _identity_pb2.EraseProfileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_identity_pb2.EraseProfileResponse, _abc.Awaitable[_identity_pb2.EraseProfileResponse]]:
+        """Forgets a person for a privacy erasure: the profile's identifiers, trait records and
+        suggestions are deleted, identifier values are removed from its merge facts, and the profile
+        and every id merged into it answer NOT_FOUND from then on. Emits an "erased" change. The
+        profile service's ErasePerson calls this and removes what the other services hold.
+        """
 
 def add_IdentityServiceServicer_to_server(servicer: IdentityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

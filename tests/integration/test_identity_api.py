@@ -393,3 +393,58 @@ def test_odd_input_gets_a_clear_error_not_internal(
     with pytest.raises(grpc.RpcError) as err:
         identity.ListMerges(identity_pb2.ListMergesRequest(page_token=forged), metadata=md)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_erase_forgets_the_person_and_every_id_merged_into_them(
+    ingest: ingest_pb2_grpc.IngestServiceStub,
+    identity: identity_pb2_grpc.IdentityServiceStub,
+    tenant: TenantKey,
+    engine: Engine,
+    redis_client: Any,
+    settings: Settings,
+) -> None:
+    md = tenant.metadata
+    first, second = send(
+        ingest, md, person_event(("email", "gone@example.com")), person_event(("phone", "+14155550177"))
+    )
+    wait_linked(engine, tenant.tenant_id, 2)
+    send(ingest, md, person_event(("email", "gone@example.com"), ("phone", "+14155550177")))
+    wait_linked(engine, tenant.tenant_id, 3)
+    survivor, absorbed = (event_profile(engine, tenant.tenant_id, e) for e in (first, second))
+    assert survivor and absorbed and survivor != absorbed
+
+    with pytest.raises(grpc.RpcError) as err:
+        identity.EraseProfile(identity_pb2.EraseProfileRequest(name=f"profiles/{absorbed}"), metadata=md)
+    assert bad_request(err.value) == [("reason", "say why, for the audit trail")]
+
+    erased = identity.EraseProfile(
+        identity_pb2.EraseProfileRequest(name=f"profiles/{absorbed}", reason="GDPR art. 17 request #991"),
+        metadata=md,
+    )
+    assert erased.profile == f"profiles/{survivor}" and erased.identifiers_erased == 2
+    assert sorted(erased.erased_profile_ids) == sorted([survivor, absorbed])
+    for pid in (survivor, absorbed):
+        with pytest.raises(grpc.RpcError) as err:
+            identity.GetIdentityGraph(identity_pb2.GetIdentityGraphRequest(name=f"profiles/{pid}"), metadata=md)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        resolve(identity, tenant, "email", "gone@example.com")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    merges = identity.ListMerges(identity_pb2.ListMergesRequest(), metadata=md).merges
+    assert merges and all(not m.identifiers for m in merges), "identifier values stay in merge facts"
+
+    bus = Bus(redis_client, settings.redis_prefix)
+    deadline = time.monotonic() + 10
+    erased_changes: list[dict[bytes, bytes]] = []
+    while not erased_changes and time.monotonic() < deadline:
+        changes = redis_client.xrange(bus.key(tenant.tenant_id, CHANGES))
+        erased_changes = [f for _, f in changes if f[b"kind"] == b"erased"]
+        time.sleep(0.05)
+    (change,) = erased_changes
+    assert change[b"profile_id"].decode() == survivor
+    assert sorted(change[b"erased_profile_ids"].decode().split(",")) == sorted([survivor, absorbed])
+
+    # Seen again later, the person starts a new profile: nothing links it to the forgotten one.
+    again = send(ingest, md, person_event(("email", "gone@example.com")))[0]
+    wait_linked(engine, tenant.tenant_id, 4)
+    assert event_profile(engine, tenant.tenant_id, again) not in (survivor, absorbed)

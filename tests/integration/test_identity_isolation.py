@@ -64,8 +64,9 @@ RPCS = (
     "UpdateIdentityRules",
     "ListMatchSuggestions",
     "ReviewMatchSuggestion",
+    "EraseProfile",
 )
-MUTATING = {"MergeProfiles", "UnmergeProfile", "UpdateIdentityRules", "ReviewMatchSuggestion"}
+MUTATING = {"MergeProfiles", "UnmergeProfile", "UpdateIdentityRules", "ReviewMatchSuggestion", "EraseProfile"}
 
 # A's identifiers that B never saw: (type, normalized value, a look-alike that exists nowhere).
 A_ONLY: tuple[tuple[str, str, str], ...] = (
@@ -571,6 +572,25 @@ def merge_call(survivor: Tok, absorbed: Tok, reason: str) -> Call:
     )
 
 
+def erase_call(ref: Tok, reason: str) -> Call:
+    """B asks to erase a profile. The fuzz never names one of B's own (that would empty B's world),
+    so anything that parses is someone else's or nobody's: NOT_FOUND."""
+
+    def expect(b: BState) -> Expect:
+        status, final = b.profile(ref.real)
+        if status == "invalid" or reason_error(reason):
+            return only(Code.INVALID_ARGUMENT)
+        assert final is None, "the fuzz must not erase B's own profiles"
+        return only(Code.NOT_FOUND)
+
+    return Call(
+        "EraseProfile",
+        lambda pick: identity_pb2.EraseProfileRequest(name=pick(ref), reason=reason),
+        [ref],
+        expect,
+    )
+
+
 def unmerge_call(ref: Tok, idents: Sequence[IdentArg], reason: str) -> Call:
     def expect(b: BState) -> Expect:
         status, final = b.profile(ref.real)
@@ -939,6 +959,16 @@ def draw_call(data: st.DataObject, w: World, b: BState) -> Call:
         return get_rules_call(w)
     if rpc == "UpdateIdentityRules":
         return update_rules_call(w, data.draw(st.sampled_from(sorted(rules_updates(w))), label="update"))
+    if rpc == "EraseProfile":  # never one of B's own profiles (see erase_call)
+        kind = data.draw(st.sampled_from(["a_live", "a_merged", "random", "garbage"]), label="erase")
+        if kind == "garbage":
+            ref = Tok(data.draw(st.sampled_from(["", "profiles/", "profiles/nope", "merges/1"])))
+        elif kind == "random":
+            ref = Tok(f"profiles/{data.draw(st.uuids())}")
+        else:
+            pid = data.draw(st.sampled_from(w.a_live if kind == "a_live" else w.a_merged))
+            ref = Tok(f"profiles/{pid}", f"profiles/{w.twins[pid]}")
+        return erase_call(ref, data.draw(REASONS))
     if rpc == "ListMatchSuggestions":
         token = data.draw(st.sampled_from(["", w.a_page_token, "forged"]))
         return suggestions_call(data.draw(st.sampled_from([0, 10, -1])), token, data.draw(st.integers(0, 3)))
@@ -1028,6 +1058,8 @@ def test_a_secrets_are_not_found_for_b_on_every_rpc(world: World) -> None:
         (merge_call(b_ref, a_refs[0], "fuzz"), nf),
         (merge_call(a_refs[0], b_ref, "fuzz"), nf),
         (merge_call(a_refs[-1], b_ref, "fuzz"), nf),
+        (erase_call(a_refs[0], "fuzz"), nf),
+        (erase_call(a_refs[-1], "fuzz"), nf),
         (unmerge_call(a_refs[0], [email], "fuzz"), nf),
         (unmerge_call(a_refs[0], [shared], "fuzz"), nf),
         (unmerge_call(a_refs[-1], [device], "fuzz"), nf),
@@ -1098,6 +1130,7 @@ def test_no_credentials_is_unauthenticated_on_every_rpc(world: World) -> None:
         ),
         "ListMatchSuggestions": identity_pb2.ListMatchSuggestionsRequest(),
         "ReviewMatchSuggestion": identity_pb2.ReviewMatchSuggestionRequest(name="matchSuggestions/1", accept=True),
+        "EraseProfile": erase_call(Tok(f"profiles/{live}"), "no key").build(real),
     }
     assert sorted(requests) == sorted(RPCS)
     credentials: list[Sequence[tuple[str, str]] | None] = [
