@@ -151,6 +151,7 @@ class Settings:
         default=5.0, metadata={"env": "TENANT_REFRESH_SECONDS", "parse": _float(0.01, 3600)}
     )
     # Identity.
+    identity_consumers: int = field(default=2, metadata={"env": "IDENTITY_CONSUMERS", "parse": _int(1, 64)})
     identity_rules_cache_seconds: float = field(
         default=5.0, metadata={"env": "IDENTITY_RULES_CACHE_SECONDS", "parse": _float(0, 3600)}
     )

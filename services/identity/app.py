@@ -8,7 +8,7 @@ from services.core import tenancy
 from services.core.bus import ConsumerWorker
 from services.core.outbox import Outbox
 from services.core.server import Background, ServiceContext, ServiceDefinition
-from services.identity.consumer import build_consumer
+from services.identity.consumer import build_consumer, consumer_name
 from services.identity.resolver import Resolver
 from services.identity.rules_store import RulesCache
 from services.identity.servicer import IdentityServicer
@@ -30,17 +30,23 @@ def register(server: grpc.Server, ctx: ServiceContext) -> list[Background]:
     resolver = Resolver(store, RulesCache(store, ttl=ctx.settings.identity_rules_cache_seconds), outbox)
     identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(resolver), server)
     s = ctx.settings
-    consumer = build_consumer(
-        resolver,
-        ctx.bus,
-        lambda: tenancy.tenant_ids(ctx.engine),
-        batch_size=s.consumer_batch_size,
-        block_ms=s.consumer_block_ms,
-        claim_idle_ms=s.consumer_claim_idle_ms,
-        max_attempts=s.consumer_max_attempts,
-        tenant_refresh_seconds=s.tenant_refresh_seconds,
-    )
-    return [ConsumerWorker(consumer), outbox]
+    # Several consumers per process: while one waits on PostgreSQL, another runs its Python. The
+    # working-set locks make them as safe together as separate replicas.
+    consumers = [
+        build_consumer(
+            resolver,
+            ctx.bus,
+            lambda: tenancy.tenant_ids(ctx.engine),
+            name=f"{consumer_name()}-{n}",
+            batch_size=s.consumer_batch_size,
+            block_ms=s.consumer_block_ms,
+            claim_idle_ms=s.consumer_claim_idle_ms,
+            max_attempts=s.consumer_max_attempts,
+            tenant_refresh_seconds=s.tenant_refresh_seconds,
+        )
+        for n in range(s.identity_consumers)
+    ]
+    return [*(ConsumerWorker(c) for c in consumers), outbox]
 
 
 def definition() -> ServiceDefinition:

@@ -162,8 +162,10 @@ class RulesCache:
         if hit is not None and now - hit[0] < self.ttl:
             return hit[1]
         spec, prob, updated = self.store.load_rules(tenant_id)
-        rules = DEFAULT_RULES if spec is None else validate_rules(spec)
-        tr = TenantRules(rules, prob, updated)
+        if hit is not None and hit[1].updated_at == updated and hit[1].probabilistic == prob:
+            tr = hit[1]  # unchanged: keep the object, and with it the normalization memo
+        else:
+            tr = TenantRules(DEFAULT_RULES if spec is None else validate_rules(spec), prob, updated)
         with self._lock:
             self._cache[tenant_id] = (now, tr)
         return tr

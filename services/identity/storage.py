@@ -63,7 +63,7 @@ def is_uuid(text: str) -> bool:
 # plain joins, the planner hashes the tenant's whole table instead whenever its statistics lag a
 # fast-growing table (a new tenant, a first import), so each batch cost grew with the tenant. The
 # LATERAL subqueries with LIMIT 1 (primary keys: at most one row anyway) or OFFSET 0 keep them probes.
-_LOAD = """
+_OWNERS_CTE = """
 WITH k AS (SELECT t, v FROM unnest(%(types)s::text[], %(values)s::text[]) AS k(t, v)),
 owners AS (
     SELECT i.profile_id FROM k CROSS JOIN LATERAL (
@@ -73,7 +73,15 @@ owners AS (
     UNION
     SELECT coalesce(p.merged_into, p.profile_id) FROM identity.profiles p
     WHERE p.tenant_id = %(tenant)s AND p.profile_id = ANY(%(pids)s::uuid[]) AND p.erased_at IS NULL
-)
+)"""
+
+# Which profiles to lock: read without locks, so only the ids.
+_OWNERS = _OWNERS_CTE + "SELECT profile_id::text FROM owners"  # noqa: S608 - constants only
+
+# The working set, read again under the locks: the profiles and all their identifiers.
+_LOAD = (
+    _OWNERS_CTE  # noqa: S608 - constants only
+    + """
 SELECT o.profile_id::text, extract(epoch FROM p.created_at)::float8, i.id_type, i.id_value
 FROM owners o
 CROSS JOIN LATERAL (
@@ -85,6 +93,7 @@ LEFT JOIN LATERAL (
     WHERE i.tenant_id = %(tenant)s AND i.profile_id = o.profile_id OFFSET 0
 ) i ON true
 """
+)
 
 _LOCK = "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k"
 
@@ -99,11 +108,17 @@ LEFT JOIN identity.profiles p ON p.tenant_id = %(tenant)s AND p.profile_id = l.p
 """
 
 # Merged-away profiles, then the profiles merged into them earlier, point at the final survivor.
+# The "= ANY" repeats the join as an index condition, so the planner probes instead of hashing.
 _REPOINT = (
-    "UPDATE identity.profiles p SET merged_into = m.s, merged_at = coalesce(p.merged_at, %s) "
-    "FROM unnest(%s::uuid[], %s::uuid[]) AS m(a, s) WHERE p.tenant_id = %s AND p.profile_id = m.a",
-    "UPDATE identity.profiles p SET merged_into = m.s, merged_at = coalesce(p.merged_at, %s) "
-    "FROM unnest(%s::uuid[], %s::uuid[]) AS m(a, s) WHERE p.tenant_id = %s AND p.merged_into = m.a",
+    "UPDATE identity.profiles p SET merged_into = m.s, merged_at = coalesce(p.merged_at, %(now)s) "
+    "FROM unnest(%(a)s::uuid[], %(s)s::uuid[]) AS m(a, s) "
+    "WHERE p.tenant_id = %(t)s AND p.profile_id = ANY(%(a)s::uuid[]) AND p.profile_id = m.a",
+    "UPDATE identity.profiles p SET merged_into = m.s, merged_at = coalesce(p.merged_at, %(now)s) "
+    "FROM unnest(%(a)s::uuid[], %(s)s::uuid[]) AS m(a, s) "
+    "WHERE p.tenant_id = %(t)s AND p.merged_into = ANY(%(a)s::uuid[]) AND p.merged_into = m.a",
+    # Trait records follow their profile, so matching compares against the survivor.
+    "UPDATE identity.match_records r SET profile_id = m.s FROM unnest(%(a)s::uuid[], %(s)s::uuid[]) AS m(a, s) "
+    "WHERE r.tenant_id = %(t)s AND r.profile_id = ANY(%(a)s::uuid[]) AND r.profile_id = m.a",
 )
 
 
@@ -173,7 +188,7 @@ class IdentityStore:
             "values": [k[1] for k in keys],
             "pids": asked,
         }
-        cur.execute(_LOAD, args)
+        cur.execute(_OWNERS, args)
         profiles = {row[0] for row in cur.fetchall()} | set(asked)
         key_locks = [lock_id(tenant_id, "k", *k) for k in keys]
         cur.execute("SAVEPOINT working_set")
@@ -224,13 +239,7 @@ class IdentityStore:
             # compare every absorbed id with every profile of the tenant. The row sets are disjoint (an
             # absorbed profile was active, merged_into NULL; a final survivor is never absorbed).
             for sql in _REPOINT:
-                cur.execute(sql, (now, absorbed, finals, tenant_id))
-            # Trait records follow their profile, so matching compares against the survivor.
-            cur.execute(
-                "UPDATE identity.match_records r SET profile_id = m.s FROM unnest(%s::uuid[], %s::uuid[]) AS m(a, s) "
-                "WHERE r.tenant_id = %s AND r.profile_id = m.a",
-                (absorbed, finals, tenant_id),
-            )
+                cur.execute(sql, {"now": now, "a": absorbed, "s": finals, "t": tenant_id})
         if changes.new_keys:
             items = sorted(changes.new_keys.items())
             cur.execute(
@@ -252,25 +261,57 @@ class IdentityStore:
             )
         existing = sorted((graph.dirty_keys | changes.seen.keys()) - changes.new_keys.keys())
         if existing:
+            # An upsert on rows that exist (they are locked): ON CONFLICT probes the primary key
+            # once per row, where an UPDATE ... FROM unnest may hash the tenant's whole table when
+            # statistics lag a fast-growing one. The insert values are never used.
             cur.execute(
-                "UPDATE identity.identifiers i SET profile_id = m.p::uuid, "
-                "origin_profile_id = coalesce(m.o::uuid, i.origin_profile_id), "
-                "last_seen = greatest(i.last_seen, m.s) "
+                "INSERT INTO identity.identifiers AS i (tenant_id, id_type, id_value, profile_id, origin_profile_id, "
+                "first_seen, last_seen) "
+                "SELECT %s, t, v, p::uuid, coalesce(o, p)::uuid, coalesce(s, now()), coalesce(s, '-infinity') "
                 "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[]) AS m(t, v, p, o, s) "
-                "WHERE i.tenant_id = %s AND i.id_type = m.t AND i.id_value = m.v",
+                "ON CONFLICT (tenant_id, id_type, id_value) DO UPDATE SET profile_id = EXCLUDED.profile_id, "
+                "origin_profile_id = CASE WHEN %s THEN EXCLUDED.origin_profile_id ELSE i.origin_profile_id END, "
+                "last_seen = greatest(i.last_seen, EXCLUDED.last_seen)",
                 (
+                    tenant_id,
                     [k[0] for k in existing],
                     [k[1] for k in existing],
                     [graph.owner[k] for k in existing],
                     [changes.new_origin.get(k) for k in existing],
                     [changes.seen.get(k) for k in existing],
-                    tenant_id,
+                    bool(changes.new_origin),
                 ),
             )
         return self._record_merges(cur, tenant_id, changes.merges)
 
     @staticmethod
     def _record_merges(cur: Any, tenant_id: str, merges: Sequence[MergeRecord]) -> list[RecordedMerge]:
+        """All of a write's merge facts in one statement (a consumer batch can merge dozens of pairs),
+        ids assigned in the given order; a (survivor, absorbed) pair names its row in the answer."""
+        pairs = [(uuid.UUID(m.fact.survivor), uuid.UUID(m.fact.absorbed)) for m in merges] if len(merges) > 1 else []
+        if pairs and len(set(pairs)) == len(pairs):
+            cur.execute(
+                "INSERT INTO identity.merges (tenant_id, kind, survivor_id, absorbed_id, identifiers, event_id, "
+                "rule, reason, score, evidence) "
+                "SELECT %s, k, s, a, i::jsonb, e, r, why, sc, ev::jsonb "
+                "FROM unnest(%s::int2[], %s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], "
+                "%s::float8[], %s::text[]) WITH ORDINALITY AS m(k, s, a, i, e, r, why, sc, ev, n) ORDER BY n "
+                "RETURNING merge_id, survivor_id::text, absorbed_id::text",
+                (
+                    tenant_id,
+                    [m.kind for m in merges],
+                    [m.fact.survivor for m in merges],
+                    [m.fact.absorbed for m in merges],
+                    [json.dumps([list(k) for k in m.fact.keys]) for m in merges],
+                    [m.fact.event_id for m in merges],
+                    [m.rule for m in merges],
+                    [m.reason for m in merges],
+                    [m.score for m in merges],
+                    [json.dumps(m.evidence) for m in merges],
+                ),
+            )
+            ids = {(uuid.UUID(s), uuid.UUID(a)): int(mid) for mid, s, a in cur.fetchall()}
+            return [RecordedMerge(ids[pair], m.fact, m.kind) for pair, m in zip(pairs, merges, strict=True)]
         out: list[RecordedMerge] = []
         for m in merges:
             cur.execute(
