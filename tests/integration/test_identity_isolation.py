@@ -809,9 +809,16 @@ def merges_in(resp: Any) -> list[identity_pb2.Merge]:
 def swap(text: str, toks: Sequence[Tok], w: World) -> str:
     """``text`` with every secret of A the request carried replaced by its twin."""
     pairs = [(t.real, t.twin) for t in toks if t.secret] + [(t.real.lower(), t.twin.lower()) for t in toks if t.secret]
-    for old, new in sorted(pairs, key=lambda p: -len(p[0])) + w.pairs:
-        text = text.replace(old, new)
-    return text
+    mapping: dict[str, str] = {}
+    for old, new in [*pairs, *w.pairs]:
+        if old:
+            mapping.setdefault(old, new)
+    if not mapping:
+        return text
+    # One pass, longest first at every position: a replacement is never replaced again, and a short
+    # secret that starts a longer one does not break the longer one apart.
+    pattern = re.compile("|".join(re.escape(k) for k in sorted(mapping, key=len, reverse=True)))
+    return pattern.sub(lambda m: mapping[m.group(0)], text)
 
 
 def run(w: World, call: Call, *, want: grpc.StatusCode | None = None) -> Outcome:
