@@ -192,8 +192,7 @@ class Resolver:
                     if scored is not None:
                         changes.merges.append(scored)
                 links.append((e.event_id, out.profile_id, out.linked, e.occurred))
-            recorded = self.store.write(cur, tenant_id, changes, now)
-            self.store.link_events(cur, tenant_id, links)
+            recorded = self.store.write(cur, tenant_id, changes, now, links)
             if matcher is not None:
                 self.store.add_match_records(cur, tenant_id, matcher.new_records(graph, outcomes))
                 self.store.add_suggestions(cur, tenant_id, matcher.suggestion_rows(graph))

@@ -23,10 +23,11 @@ MERGE_PROTECTION = "MERGE_PROTECTION"
 
 @dataclass(slots=True)
 class Profile:
-    """An active profile in the working set. ``created`` (epoch seconds) orders survivors."""
+    """An active profile in the working set. ``created`` (epoch microseconds, exact: a float would
+    let two profiles of one batch round to the same instant) orders survivors."""
 
     profile_id: str
-    created: float
+    created: int
     keys: set[Key] = field(default_factory=set)
     new: bool = False
 
@@ -215,7 +216,7 @@ class Graph:
     def _create(self, profile_id: str, now: float) -> Profile:
         # Profiles created in one working set get increasing microseconds, so "oldest survives"
         # follows the order of the events that created them.
-        profile = Profile(profile_id, now + len(self.created) * 1e-6, set(), new=True)
+        profile = Profile(profile_id, int(now * 1_000_000) + len(self.created), set(), new=True)
         self.profiles[profile_id] = profile
         self.created.append(profile)
         return profile

@@ -82,7 +82,7 @@ _OWNERS = _OWNERS_CTE + "SELECT profile_id::text FROM owners"  # noqa: S608 - co
 _LOAD = (
     _OWNERS_CTE  # noqa: S608 - constants only
     + """
-SELECT o.profile_id::text, extract(epoch FROM p.created_at)::float8, i.id_type, i.id_value
+SELECT o.profile_id::text, (extract(epoch FROM p.created_at) * 1000000)::bigint, i.id_type, i.id_value
 FROM owners o
 CROSS JOIN LATERAL (
     SELECT p.created_at FROM identity.profiles p
@@ -168,6 +168,26 @@ class RecordedMerge:
     kind: int
 
 
+class _Statements:
+    """Statements whose results are not needed, sent to PostgreSQL together in one round trip."""
+
+    def __init__(self, cur: Any) -> None:
+        self.cur = cur
+        self.parts: list[bytes] = []
+
+    def add(self, sql: str, params: Any) -> None:
+        self.parts.append(self.cur.mogrify(sql, params))
+
+    def run(self, last: str | None = None, params: Any = None) -> list[tuple[Any, ...]]:
+        """Send what was added, then ``last``; returns the rows of ``last`` (psycopg2 keeps the
+        result of the final statement)."""
+        parts = [*self.parts, *([self.cur.mogrify(last, params)] if last else [])]
+        self.parts.clear()
+        if parts:
+            self.cur.execute(b";\n".join(parts))
+        return list(self.cur.fetchall()) if last else []
+
+
 class IdentityStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -191,20 +211,21 @@ class IdentityStore:
         cur.execute(_OWNERS, args)
         profiles = {row[0] for row in cur.fetchall()} | set(asked)
         key_locks = [lock_id(tenant_id, "k", *k) for k in keys]
-        cur.execute("SAVEPOINT working_set")
+        load = cur.mogrify(_LOAD, args)
+        start = b"SAVEPOINT working_set"
         while True:
             locks = sorted(set(key_locks) | {lock_id(tenant_id, "p", p) for p in profiles})
-            cur.execute(_LOCK, (locks,))
-            cur.execute(_LOAD, args)
+            # Savepoint, locks and read in one round trip: this is where other workers wait.
+            cur.execute(b";\n".join((start, cur.mogrify(_LOCK, (locks,)), load)))
             rows = cur.fetchall()
             found = {row[0] for row in rows}
             if found <= profiles:
                 break
-            cur.execute("ROLLBACK TO SAVEPOINT working_set")
+            start = b"ROLLBACK TO SAVEPOINT working_set"  # releases the locks; the savepoint stays
             profiles |= found
         loaded: dict[str, Profile] = {}
         for pid, created, id_type, id_value in rows:
-            p = loaded.setdefault(pid, Profile(pid, float(created)))
+            p = loaded.setdefault(pid, Profile(pid, int(created)))
             if id_type is not None:
                 p.keys.add((id_type, id_value))
         return Graph(rules, loaded.values())
@@ -220,15 +241,19 @@ class IdentityStore:
     # ------------------------------------------------------------------------------------------
     # Writing back.
 
-    def write(self, cur: Any, tenant_id: str, changes: Changes, now: dt.datetime) -> list[RecordedMerge]:
+    def write(
+        self, cur: Any, tenant_id: str, changes: Changes, now: dt.datetime, links: Sequence[EventLink] = ()
+    ) -> list[RecordedMerge]:
         """Write what a working set changed: new profiles, merged-away profiles (pointing at their
-        final survivor), identifier owners, merge facts. A handful of statements, whatever the size."""
+        final survivor), identifier owners, event links, merge facts. A handful of statements,
+        whatever the size, sent in one or two round trips (the locks are held meanwhile)."""
         graph = changes.graph
+        out = _Statements(cur)
         new = graph.new_profiles()
         if new:
-            cur.execute(
+            out.add(
                 "INSERT INTO identity.profiles (tenant_id, profile_id, created_at) "
-                "SELECT %s, p, to_timestamp(c) FROM unnest(%s::uuid[], %s::float8[]) AS m(p, c)",
+                "SELECT %s, p, to_timestamp(c / 1000000.0) FROM unnest(%s::uuid[], %s::int8[]) AS m(p, c)",
                 (tenant_id, [p.profile_id for p in new], [p.created for p in new]),
             )
         if graph.absorbed:
@@ -239,10 +264,10 @@ class IdentityStore:
             # compare every absorbed id with every profile of the tenant. The row sets are disjoint (an
             # absorbed profile was active, merged_into NULL; a final survivor is never absorbed).
             for sql in _REPOINT:
-                cur.execute(sql, {"now": now, "a": absorbed, "s": finals, "t": tenant_id})
+                out.add(sql, {"now": now, "a": absorbed, "s": finals, "t": tenant_id})
         if changes.new_keys:
             items = sorted(changes.new_keys.items())
-            cur.execute(
+            out.add(
                 "INSERT INTO identity.identifiers (tenant_id, id_type, id_value, profile_id, origin_profile_id, "
                 "first_seen, last_seen, source, first_event_id) "
                 "SELECT %s, t, v, p::uuid, o::uuid, s, s, src, e "
@@ -264,7 +289,7 @@ class IdentityStore:
             # An upsert on rows that exist (they are locked): ON CONFLICT probes the primary key
             # once per row, where an UPDATE ... FROM unnest may hash the tenant's whole table when
             # statistics lag a fast-growing one. The insert values are never used.
-            cur.execute(
+            out.add(
                 "INSERT INTO identity.identifiers AS i (tenant_id, id_type, id_value, profile_id, origin_profile_id, "
                 "first_seen, last_seen) "
                 "SELECT %s, t, v, p::uuid, coalesce(o, p)::uuid, coalesce(s, now()), coalesce(s, '-infinity') "
@@ -282,15 +307,17 @@ class IdentityStore:
                     bool(changes.new_origin),
                 ),
             )
-        return self._record_merges(cur, tenant_id, changes.merges)
+        if links:
+            self.link_events(out, tenant_id, links)
+        return self._record_merges(out, tenant_id, changes.merges)
 
     @staticmethod
-    def _record_merges(cur: Any, tenant_id: str, merges: Sequence[MergeRecord]) -> list[RecordedMerge]:
+    def _record_merges(out: _Statements, tenant_id: str, merges: Sequence[MergeRecord]) -> list[RecordedMerge]:
         """All of a write's merge facts in one statement (a consumer batch can merge dozens of pairs),
         ids assigned in the given order; a (survivor, absorbed) pair names its row in the answer."""
         pairs = [(uuid.UUID(m.fact.survivor), uuid.UUID(m.fact.absorbed)) for m in merges] if len(merges) > 1 else []
         if pairs and len(set(pairs)) == len(pairs):
-            cur.execute(
+            rows = out.run(
                 "INSERT INTO identity.merges (tenant_id, kind, survivor_id, absorbed_id, identifiers, event_id, "
                 "rule, reason, score, evidence) "
                 "SELECT %s, k, s, a, i::jsonb, e, r, why, sc, ev::jsonb "
@@ -310,11 +337,14 @@ class IdentityStore:
                     [json.dumps(m.evidence) for m in merges],
                 ),
             )
-            ids = {(uuid.UUID(s), uuid.UUID(a)): int(mid) for mid, s, a in cur.fetchall()}
+            ids = {(uuid.UUID(s), uuid.UUID(a)): int(mid) for mid, s, a in rows}
             return [RecordedMerge(ids[pair], m.fact, m.kind) for pair, m in zip(pairs, merges, strict=True)]
-        out: list[RecordedMerge] = []
-        for m in merges:
-            cur.execute(
+        if not merges:
+            out.run()
+            return []
+        recorded: list[RecordedMerge] = []
+        for m in merges:  # one merge (the usual manual case), or a pair that repeats
+            (row,) = out.run(
                 "INSERT INTO identity.merges (tenant_id, kind, survivor_id, absorbed_id, identifiers, event_id, "
                 "rule, reason, score, evidence) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING merge_id",
                 (
@@ -330,17 +360,15 @@ class IdentityStore:
                     json.dumps(m.evidence),
                 ),
             )
-            out.append(RecordedMerge(int(cur.fetchone()[0]), m.fact, m.kind))
-        return out
+            recorded.append(RecordedMerge(int(row[0]), m.fact, m.kind))
+        return recorded
 
     @staticmethod
-    def link_events(
-        cur: Any, tenant_id: str, links: Sequence[tuple[str, str | None, Sequence[Key], dt.datetime]]
-    ) -> None:
+    def link_events(out: _Statements, tenant_id: str, links: Sequence[EventLink]) -> None:
         """Record applied events (the idempotency record) with their profile and linking identifiers."""
         if not links:
             return
-        cur.execute(
+        out.add(
             "INSERT INTO identity.event_links (tenant_id, event_id, profile_id, identifiers, occurred_at) "
             "SELECT %s, e, p::uuid, string_to_array(k, %s), o "
             "FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[]) AS m(e, p, k, o) "

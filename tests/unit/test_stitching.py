@@ -47,7 +47,7 @@ def test_known_identifier_attaches_new_ones_to_its_profile() -> None:
 
 
 def test_identifiers_of_two_profiles_merge_them_into_the_oldest() -> None:
-    g = Graph(DEFAULT_RULES, [Profile("old", 1.0, {E1}), Profile("new", 5.0, {PH})])
+    g = Graph(DEFAULT_RULES, [Profile("old", 1, {E1}), Profile("new", 5, {PH})])
     out = g.resolve("e3", [PH, E1, AN], Ids(), 9.0)
     assert out.profile_id == "old"
     assert [(m.survivor, m.absorbed, m.event_id) for m in out.merges] == [("old", "new", "e3")]
@@ -57,7 +57,7 @@ def test_identifiers_of_two_profiles_merge_them_into_the_oldest() -> None:
 
 
 def test_merge_chain_resolves_to_the_last_survivor() -> None:
-    g = Graph(DEFAULT_RULES, [Profile("a", 3.0, {E1}), Profile("b", 2.0, {PH}), Profile("c", 1.0, {AN})])
+    g = Graph(DEFAULT_RULES, [Profile("a", 3, {E1}), Profile("b", 2, {PH}), Profile("c", 1, {AN})])
     g.resolve("x", [E1, PH], Ids(), 9.0)  # a into b
     g.resolve("y", [PH, AN], Ids(), 9.0)  # b into c
     assert g.final("a") == "c" and g.final("b") == "c"
@@ -65,7 +65,7 @@ def test_merge_chain_resolves_to_the_last_survivor() -> None:
 
 
 def test_merge_protection_keeps_two_user_ids_apart_and_drops_the_weaker_link() -> None:
-    g = Graph(DEFAULT_RULES, [Profile("p", 1.0, {U1, E1})])
+    g = Graph(DEFAULT_RULES, [Profile("p", 1, {U1, E1})])
     # A second user_id with the first one's email: user_id allows one value per profile.
     out = g.resolve("e", [U2, E1], Ids(), 2.0)
     assert out.created and out.profile_id != "p"
@@ -75,7 +75,7 @@ def test_merge_protection_keeps_two_user_ids_apart_and_drops_the_weaker_link() -
 
 
 def test_merge_protection_drops_lowest_priority_first() -> None:
-    g = Graph(DEFAULT_RULES, [Profile("p", 1.0, {U1}), Profile("q", 2.0, {U2, AN})])
+    g = Graph(DEFAULT_RULES, [Profile("p", 1, {U1}), Profile("q", 2, {U2, AN})])
     out = g.resolve("e", [U1, E1, AN], Ids(), 3.0)
     # anonymous_id (priority 50) goes first; then the union no longer holds two user_ids.
     assert [d.key for d in out.dropped] == [AN]
@@ -86,7 +86,7 @@ def test_merge_protection_drops_lowest_priority_first() -> None:
 def test_a_full_type_keeps_its_known_value_and_drops_the_new_one() -> None:
     rules = IdentityRules.of(IdentifierType("email", "email", 90, 2))
     known = [("email", f"k{i}@example.com") for i in range(2)]
-    g = Graph(rules, [Profile("p", 1.0, set(known))])
+    g = Graph(rules, [Profile("p", 1, set(known))])
     new: Key = ("email", "a-new@example.com")  # sorts before the known ones
     out = g.resolve("e", [new, known[1]], Ids(), 2.0)
     assert out.profile_id == "p" and [d.key for d in out.dropped] == [new]
@@ -94,22 +94,22 @@ def test_a_full_type_keeps_its_known_value_and_drops_the_new_one() -> None:
 
 def test_lowered_limit_does_not_block_events_that_add_nothing() -> None:
     rules = IdentityRules.of(IdentifierType("email", "email", 90, 1))
-    g = Graph(rules, [Profile("p", 1.0, {E1, E2})])  # over the limit since it was lowered
+    g = Graph(rules, [Profile("p", 1, {E1, E2})])  # over the limit since it was lowered
     out = g.resolve("e", [E1, E2], Ids(), 2.0)
     assert out.profile_id == "p" and not out.dropped
 
 
 def test_manual_merge_refuses_to_break_a_limit() -> None:
-    g = Graph(DEFAULT_RULES, [Profile("p", 1.0, {U1}), Profile("q", 2.0, {U2})])
+    g = Graph(DEFAULT_RULES, [Profile("p", 1, {U1}), Profile("q", 2, {U2})])
     with pytest.raises(LimitBroken) as err:
         g.merge("p", "q")
     assert err.value.type_name == "user_id" and err.value.limit == 1
-    fact = Graph(DEFAULT_RULES, [Profile("p", 1.0, {U1}), Profile("q", 2.0, {E1})]).merge("p", "q")
+    fact = Graph(DEFAULT_RULES, [Profile("p", 1, {U1}), Profile("q", 2, {E1})]).merge("p", "q")
     assert (fact.survivor, fact.absorbed) == ("p", "q")
 
 
 def test_split_moves_identifiers_to_a_new_profile() -> None:
-    g = Graph(DEFAULT_RULES, [Profile("p", 1.0, {E1, PH, AN})])
+    g = Graph(DEFAULT_RULES, [Profile("p", 1, {E1, PH, AN})])
     target = g.split("p", [PH, AN], "q", 5.0)
     assert target.profile_id == "q" and g.owner[PH] == "q" and g.owner[E1] == "p"
     with pytest.raises(ValueError, match="at least one"):
