@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import logging
 import math
 import os
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -360,3 +361,23 @@ def python_env(extra: dict[str, str]) -> dict[str, str]:
 
 def python_argv(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
+
+
+def print_report(produce: Callable[[], dict[str, Any]], table: Callable[[dict[str, Any]], str], as_json: bool) -> int:
+    """Run a scenario and print its figures: a table, or one JSON object. SIGTERM unwinds through
+    every ``finally``, so the scenario's children stop; exit 1 on a failed run or check."""
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    with stdout_to_stderr() as out:
+        try:
+            rep = produce()
+        except Exception:
+            log.exception("benchmark failed")
+            return 1
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        out.write((json.dumps(rep, indent=2, sort_keys=False) if as_json else table(rep)) + "\n")
+    return 0 if rep.get("ok", True) else 1

@@ -31,7 +31,6 @@ import os
 import random
 import secrets
 import shlex
-import signal
 import sys
 import threading
 import time
@@ -54,6 +53,7 @@ from bench.common import (
     machine_busy,
     machine_facts,
     percentile,
+    print_report,
     proc_cpu,
     python_argv,
     python_env,
@@ -61,7 +61,6 @@ from bench.common import (
     run_token,
     setup_logging,
     spawn,
-    stdout_to_stderr,
     utc_now,
     wait_serving,
 )
@@ -971,20 +970,4 @@ def run(*, seconds: float, as_json: bool, extra: argparse.Namespace) -> int:
         print(f"tessera bench: {exc}", file=sys.stderr)
         return 2
 
-    def on_term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every finally: the worker stops
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    with stdout_to_stderr() as out:
-        try:
-            rep = _run(cfg)
-        except Exception:
-            log.exception("benchmark failed")
-            return 1
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        if as_json:
-            out.write(json.dumps(rep, indent=2, sort_keys=False) + "\n")
-        else:
-            out.write(table(rep) + "\n")
-    return 0 if rep["ok"] else 1
+    return print_report(lambda: _run(cfg), table, as_json)

@@ -17,11 +17,9 @@ committed). Server CPU is user+system time of the server process over the window
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shlex
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -38,13 +36,13 @@ from bench.common import (
     backends,
     free_port,
     machine_facts,
+    print_report,
     python_argv,
     python_env,
     rounded,
     run_token,
     setup_logging,
     spawn,
-    stdout_to_stderr,
     utc_now,
     wait_serving,
 )
@@ -420,20 +418,4 @@ def run(*, seconds: float, as_json: bool, extra: argparse.Namespace) -> int:
         print(f"tessera bench: {exc}", file=sys.stderr)
         return 2
 
-    def on_term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")  # unwinds through every finally: children stop
-
-    previous = signal.signal(signal.SIGTERM, on_term)
-    with stdout_to_stderr() as out:
-        try:
-            rep = _run(cfg)
-        except Exception:
-            log.exception("benchmark failed")
-            return 1
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        if as_json:
-            out.write(json.dumps(rep, indent=2, sort_keys=False) + "\n")
-        else:
-            out.write(table(rep) + "\n")
-    return 0 if rep["ok"] else 1
+    return print_report(lambda: _run(cfg), table, as_json)

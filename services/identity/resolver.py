@@ -159,11 +159,11 @@ class Resolver:
         outcomes: dict[str, Outcome] = {}
         with db.raw_transaction(self.store.engine, "identity resolve batch", len(events)) as (cur, _):
             blocks = matcher.block_keys() if matcher else []
-            # Candidates are read once to learn which profiles to lock, and again under the locks.
-            candidates = self.store.match_candidates(cur, tenant_id, blocks)
-            graph = self.store.lock_working_set(cur, tenant_id, rules, all_keys, {c[2] for c in candidates})
-            if matcher and blocks:
-                matcher.load(self.store.match_candidates(cur, tenant_id, blocks))
+            graph, candidates = self.store.lock_working_set(
+                cur, tenant_id, rules, all_keys, block_keys=blocks, with_candidates=matcher is not None
+            )
+            if matcher is not None:
+                matcher.load(candidates)
             # Checked under the locks: a concurrent redelivery of the same event waits for them.
             done = self.store.processed(cur, tenant_id, [e.event_id for e in events])
             changes = Changes(graph)
@@ -245,7 +245,7 @@ class Resolver:
         rules = self.rules.get(tenant_id)
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
         with db.raw_transaction(self.store.engine, "identity manual merge") as (cur, _):
-            graph = self.store.lock_working_set(cur, tenant_id, rules, (), (survivor, absorbed))
+            graph, _ = self.store.lock_working_set(cur, tenant_id, rules, (), (survivor, absorbed))
             s = self._active(cur, tenant_id, graph, survivor, "survivor_profile")
             a = self._active(cur, tenant_id, graph, absorbed, "absorbed_profile")
             if s == a:
@@ -272,7 +272,7 @@ class Resolver:
         now_s = self.clock()
         now = dt.datetime.fromtimestamp(now_s, dt.UTC)
         with db.raw_transaction(self.store.engine, "identity unmerge") as (cur, _):
-            graph = self.store.lock_working_set(cur, tenant_id, rules, keys, (profile,))
+            graph, _ = self.store.lock_working_set(cur, tenant_id, rules, keys, (profile,))
             source = self._active(cur, tenant_id, graph, profile, "profile")
             violations = [
                 Violation(f"identifiers[{i}]", f"does not belong to profiles/{source}", "NOT_ON_PROFILE")
@@ -329,7 +329,7 @@ class Resolver:
                     f"{name} was already reviewed", type_="ALREADY_REVIEWED", subject=name, description="not open"
                 )
             if accept:
-                graph = self.store.lock_working_set(cur, tenant_id, rules, (), (a, b))
+                graph, _ = self.store.lock_working_set(cur, tenant_id, rules, (), (a, b))
                 fa = self._active(cur, tenant_id, graph, a, "profile_a")
                 fb = self._active(cur, tenant_id, graph, b, "profile_b")
                 if fa != fb:
@@ -355,7 +355,7 @@ class Resolver:
         """Forget a person (see IdentityService.EraseProfile); emits an "erased" change."""
         rules = self.rules.get(tenant_id)
         with db.raw_transaction(self.store.engine, "identity erase") as (cur, _):
-            graph = self.store.lock_working_set(cur, tenant_id, rules, (), (profile,))
+            graph, _ = self.store.lock_working_set(cur, tenant_id, rules, (), (profile,))
             target = self._active(cur, tenant_id, graph, profile, "name")
             deleted, ids = self.store.erase(cur, tenant_id, target)
             pubs = [change(tenant_id, "erased", target, erased_profile_ids=",".join(ids))]

@@ -196,10 +196,23 @@ class IdentityStore:
     # Locked working sets.
 
     def lock_working_set(
-        self, cur: Any, tenant_id: str, rules: Any, keys: Iterable[Key], profile_ids: Iterable[str] = ()
-    ) -> Graph:
+        self,
+        cur: Any,
+        tenant_id: str,
+        rules: Any,
+        keys: Iterable[Key],
+        profile_ids: Iterable[str] = (),
+        *,
+        block_keys: Sequence[str] = (),
+        with_candidates: bool = False,
+    ) -> tuple[Graph, list[tuple[str, str, str, Any]]]:
         """Lock ``keys``, the profiles that own them and the survivors of ``profile_ids``; return
-        them as a graph that nobody else can change until this transaction ends."""
+        them as a graph that nobody else can change until this transaction ends.
+
+        With ``with_candidates`` (probabilistic matching) the tenant's matching lock is taken too,
+        so matching batches of one tenant run one at a time and each sees every record committed
+        before it; the stored records sharing ``block_keys`` are returned, and their profiles are
+        part of the locked working set."""
         keys = sorted(set(keys))
         asked = sorted({c for c in map(canonical_uuid, profile_ids) if c is not None})
         args = {
@@ -211,14 +224,22 @@ class IdentityStore:
         cur.execute(_OWNERS, args)
         profiles = {row[0] for row in cur.fetchall()} | set(asked)
         key_locks = [lock_id(tenant_id, "k", *k) for k in keys]
-        load = cur.mogrify(_LOAD, args)
+        if with_candidates:
+            key_locks.append(lock_id(tenant_id, "matching"))
+            profiles |= {c[2] for c in self.match_candidates(cur, tenant_id, block_keys)}
+        candidates: list[tuple[str, str, str, Any]] = []
         start = b"SAVEPOINT working_set"
         while True:
             locks = sorted(set(key_locks) | {lock_id(tenant_id, "p", p) for p in profiles})
+            # Every profile to lock is read too (candidates of matching have no key of ours).
+            load = cur.mogrify(_LOAD, {**args, "pids": sorted(profiles)})
             # Savepoint, locks and read in one round trip: this is where other workers wait.
             cur.execute(b";\n".join((start, cur.mogrify(_LOCK, (locks,)), load)))
             rows = cur.fetchall()
             found = {row[0] for row in rows}
+            if with_candidates:
+                candidates = self.match_candidates(cur, tenant_id, block_keys)
+                found |= {c[2] for c in candidates}
             if found <= profiles:
                 break
             start = b"ROLLBACK TO SAVEPOINT working_set"  # releases the locks; the savepoint stays
@@ -228,7 +249,7 @@ class IdentityStore:
             p = loaded.setdefault(pid, Profile(pid, int(created)))
             if id_type is not None:
                 p.keys.add((id_type, id_value))
-        return Graph(rules, loaded.values())
+        return Graph(rules, loaded.values()), candidates
 
     @staticmethod
     def processed(cur: Any, tenant_id: str, event_ids: Sequence[str]) -> dict[str, str | None]:

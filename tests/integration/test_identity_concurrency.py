@@ -242,3 +242,51 @@ def test_kill_9_mid_batch_the_survivor_finishes_with_nothing_lost_or_doubled(
         assert procs[1].poll() is None
     finally:
         stop_workers(procs)
+
+
+def test_probabilistic_matching_is_not_lost_between_concurrent_batches(
+    workers: list[subprocess.Popen[bytes]], settings: Settings, engine: Engine, redis_client: Any
+) -> None:
+    """Duplicates spread over batches that three workers apply at once still merge: a tenant's
+    matching batches take one lock, so each sees every record committed before it."""
+    from bench.identity_accuracy_offline import load_traits
+    from services.identity.matching import record_from_traits, score
+
+    by_person: dict[str, list[dict[str, Any]]] = {}
+    for rec_id, traits in load_traits():
+        by_person.setdefault(rec_id.split("-")[1], []).append(traits)
+    pairs = []
+    for person in sorted(by_person):
+        a, b = (record_from_traits(t) for t in by_person[person])
+        if a is not None and b is not None and score(a, b)[0] >= 0.9999:
+            pairs.append(by_person[person])
+        if len(pairs) == 60:
+            break
+    tenant = make_tenant(engine, "pm")
+    IdentityStore(engine).save_rules(tenant.tenant_id, {}, {"enabled": True})
+    # Four originals, then their four duplicates, and so on: with batches of four, each duplicate
+    # lands in the batch right after its original's, which another worker applies at the same time.
+    records = [
+        (f"p{n}-{side}", pairs[n][side])
+        for start in range(0, len(pairs), 4)
+        for side in (0, 1)
+        for n in range(start, min(start + 4, len(pairs)))
+    ]
+    ids, payloads = [], []
+    for anon, traits in records:
+        ev = event_pb2.Event(
+            event_id=str(uuid.uuid4()),
+            channel=event_pb2.CHANNEL_OTHER,
+            identifiers=[event_pb2.Identifier(type="anonymous_id", value=anon)],
+            identify=event_pb2.Identify(),
+        )
+        ev.identify.traits.update(traits)
+        ids.append(ev.event_id)
+        payloads.append(ev.SerializeToString())
+    bus = Bus(redis_client, settings.redis_prefix)
+    bus.append_columns(tenant.tenant_id, EVENTS, {"event_id": [i.encode() for i in ids], "payload": payloads})
+    wait_linked(engine, tenant.tenant_id, len(ids), timeout=60)
+    owners, _, _ = graph_state(engine, tenant.tenant_id)
+    for n in range(len(pairs)):
+        assert owners[("anonymous_id", f"p{n}-0")] == owners[("anonymous_id", f"p{n}-1")], f"pair {n} not merged"
+    assert len(set(owners.values())) == len(pairs), "records of different people were merged"
