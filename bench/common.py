@@ -102,6 +102,19 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
+def idle_machine_facts() -> dict[str, Any]:
+    """:func:`machine_facts` plus how busy the machine was before the start, with a warning when it
+    was not idle (the figures of a shared machine are then lower and noisier)."""
+    facts = machine_facts()
+    facts["cpu_busy_pct_before_start"] = psutil.cpu_percent(interval=1.0)
+    if facts["cpu_busy_pct_before_start"] > 10:
+        log.warning(
+            "the machine is not idle (%.0f%% CPU busy before the start): figures will be lower and noisier",
+            facts["cpu_busy_pct_before_start"],
+        )
+    return facts
+
+
 def utc_now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 

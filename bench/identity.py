@@ -39,7 +39,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import psutil
 import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -50,8 +49,8 @@ from bench.common import (
     CpuGroup,
     backends,
     free_port,
+    idle_machine_facts,
     machine_busy,
-    machine_facts,
     percentile,
     print_report,
     proc_cpu,
@@ -767,13 +766,7 @@ def start_identity(be: Backends, cfg: Config) -> tuple[Child, str]:
 
 def _run(cfg: Config) -> dict[str, Any]:
     started = time.monotonic()
-    facts = machine_facts()
-    facts["cpu_busy_pct_before_start"] = psutil.cpu_percent(interval=1.0)
-    if facts["cpu_busy_pct_before_start"] > 10:
-        log.warning(
-            "the machine is not idle (%.0f%% CPU busy before the start): figures will be lower and noisier",
-            facts["cpu_busy_pct_before_start"],
-        )
+    facts = idle_machine_facts()
     date = utc_now()
     validate_phone_space()
     bodies = event_bodies()

@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
 import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -35,7 +34,7 @@ from bench.common import (
     Child,
     backends,
     free_port,
-    machine_facts,
+    idle_machine_facts,
     print_report,
     python_argv,
     python_env,
@@ -214,13 +213,7 @@ def verify(engine: Engine, redis_url: str, prefix: str, tenant_id: str, accepted
 
 def _run(cfg: Config) -> dict[str, Any]:
     started = time.monotonic()
-    facts = machine_facts()
-    facts["cpu_busy_pct_before_start"] = psutil.cpu_percent(interval=1.0)
-    if facts["cpu_busy_pct_before_start"] > 10:
-        log.warning(
-            "the machine is not idle (%.0f%% CPU busy before the start): figures will be lower and noisier",
-            facts["cpu_busy_pct_before_start"],
-        )
+    facts = idle_machine_facts()
     date = utc_now()
     templates = demo_templates()
     log.info(
