@@ -161,10 +161,10 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         chain_ids = sorted(set(path_a) ^ set(path_b))
         chain = [merge_proto({**path_a, **path_b}[i]) for i in chain_ids]
         if not chain:
-            how = "they were on the same profile from the start"
-            evidence = [e for e in (ev_a, ev_b) if e]
-            if evidence:
-                how += f" (first seen in event {', '.join(dict.fromkeys(evidence))})"
+            # No merge joined them: each joined this profile with the event that first carried it
+            # (alongside an identifier the profile already had).
+            joined = [f"{label} joined it with event {ev}" for label, ev in ((label_a, ev_a), (label_b, ev_b)) if ev]
+            how = "no merge was needed; " + "; ".join(joined) if joined else "they are the same profile"
         else:
             steps = [
                 f"profiles/{m.absorbed_profile_id} merged into profiles/{m.survivor_profile_id}"

@@ -105,6 +105,16 @@ def test_one_person_across_channels_becomes_one_profile(
     absorbed = merge.absorbed_profile_id
     assert absorbed == event_profile(engine, tenant.tenant_id, voice)
 
+    # Attached without a merge: the explanation names the event that brought each one in.
+    attached = identity.ExplainLink(
+        identity_pb2.ExplainLinkRequest(
+            identifier_a=Ident(type="chat_id", value="c-77"), identifier_b=Ident(type="loyalty_id", value="L-1234")
+        ),
+        metadata=md,
+    )
+    assert attached.linked and not attached.chain
+    assert "no merge was needed" in attached.summary and chat in attached.summary and store in attached.summary
+
     # The merged-away id keeps resolving, with a flag.
     old = identity.GetIdentityGraph(identity_pb2.GetIdentityGraphRequest(name=f"profiles/{absorbed}"), metadata=md)
     assert old.graph.redirected and old.graph.profile_id == survivor
