@@ -1,13 +1,15 @@
-"""AIP-158 page tokens: opaque to callers, bound to the query that made them."""
+"""AIP-158 page tokens: opaque to callers, bound to the query and the tenant that made them."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from services.core.errors import InvalidArgument, Violation
+from services.core.tenancy import current_tenant_id
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -20,7 +22,9 @@ def page_size(requested: int, default: int = DEFAULT_PAGE_SIZE, maximum: int = M
 
 
 def _fingerprint(query: Any) -> str:
-    return hashlib.sha256(json.dumps(query, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The query and the caller's tenant: another tenant's token fails like one for other filters."""
+    bound = {"query": query, "tenant": current_tenant_id()}
+    return hashlib.sha256(json.dumps(bound, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def encode_token(position: Any, query: Any) -> str:
@@ -32,8 +36,9 @@ def invalid_token() -> InvalidArgument:
     return InvalidArgument("invalid page_token", [Violation("page_token", "not a token this API issued")])
 
 
-def decode_token(token: str, query: Any) -> Any:
-    """The position a token points at; a token from another query or a forged one is refused."""
+def decode_token(token: str, query: Any, valid: Callable[[Any], bool] = lambda _position: True) -> Any:
+    """The position a token points at; a token from another query or tenant, or a forged one
+    (including a position ``valid`` rejects, so a handler never queries with it), is refused."""
     if not token:
         return None
     try:
@@ -46,4 +51,6 @@ def decode_token(token: str, query: Any) -> Any:
             "page_token does not match the request",
             [Violation("page_token", "was issued for a request with other filters")],
         )
+    if not valid(position):
+        raise invalid_token()
     return position

@@ -42,6 +42,12 @@ def current_tenant() -> Tenant:
         raise Unauthenticated("no tenant in this context") from None
 
 
+def current_tenant_id() -> str | None:
+    """The tenant of the RPC being served, or None outside one."""
+    tenant = _current.get(None)
+    return tenant.tenant_id if tenant else None
+
+
 def set_current_tenant(tenant: Tenant) -> contextvars.Token[Tenant]:
     return _current.set(tenant)
 

@@ -84,6 +84,17 @@ def merge_proto(row: Sequence[Any]) -> identity_pb2.Merge:
     return msg
 
 
+def _suggestion_position(position: Any) -> bool:
+    """[score, suggestion id], as ListMatchSuggestions issues it."""
+    return (
+        isinstance(position, list)
+        and len(position) == 2
+        and isinstance(position[0], int | float)
+        and isinstance(position[1], int)
+        and not isinstance(position[1], bool)
+    )
+
+
 def suggestion_proto(row: Sequence[Any]) -> identity_pb2.MatchSuggestion:
     suggestion_id, a, b, score, evidence, state, created_at = row
     evidence = json.loads(evidence) if isinstance(evidence, str) else evidence
@@ -230,10 +241,10 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     ) -> identity_pb2.ListMergesResponse:
         tenant = current_tenant().tenant_id
         size = pagination.page_size(request.page_size)
-        query = {"profile": request.profile, "tenant": tenant}
-        before = pagination.decode_token(request.page_token, query)
-        if before is not None and (not isinstance(before, int) or isinstance(before, bool)):
-            raise pagination.invalid_token()
+        query = {"profile": request.profile}
+        before = pagination.decode_token(
+            request.page_token, query, valid=lambda p: isinstance(p, int) and not isinstance(p, bool)
+        )
         pids = None
         if request.profile:
             pids = [self._survivor(tenant, parse_profile_name(request.profile, "profile"))]
@@ -278,16 +289,8 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         tenant = current_tenant().tenant_id
         state = request.state or identity_pb2.MATCH_SUGGESTION_STATE_OPEN
         size = pagination.page_size(request.page_size)
-        query = {"state": int(state), "tenant": tenant}
-        after = pagination.decode_token(request.page_token, query)
-        if after is not None and not (
-            isinstance(after, list)
-            and len(after) == 2
-            and isinstance(after[0], int | float)
-            and isinstance(after[1], int)
-            and not isinstance(after[1], bool)
-        ):
-            raise pagination.invalid_token()
+        query = {"state": int(state)}
+        after = pagination.decode_token(request.page_token, query, valid=_suggestion_position)
         rows = self.store.suggestions(tenant, int(state), size + 1, tuple(after) if after else None)
         resp = identity_pb2.ListMatchSuggestionsResponse(suggestions=[suggestion_proto(r) for r in rows[:size]])
         if len(rows) > size:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 
@@ -14,6 +15,18 @@ from services.core.interceptors import time_remaining
 from services.core.tenancy import current_tenant
 from services.ingest.pipeline import Ingestor
 from tessera.v1 import ingest_pb2, ingest_pb2_grpc
+
+
+def _event_position(position: Any) -> bool:
+    """[received_at ISO timestamp, event uuid], as ListEvents issues it."""
+    if not (isinstance(position, list) and len(position) == 2 and all(isinstance(x, str) for x in position)):
+        return False
+    try:
+        dt.datetime.fromisoformat(position[0])
+        uuid.UUID(position[1])
+    except ValueError:
+        return False
+    return True
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
@@ -26,18 +39,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     ) -> ingest_pb2.ListEventsResponse:
         tenant = current_tenant()
         size = pagination.page_size(request.page_size)
-        query = {"m": sorted(request.message_ids), "t": tenant.tenant_id}
-        after = pagination.decode_token(request.page_token, query)
-        if after is not None and not (
-            isinstance(after, list) and len(after) == 2 and all(isinstance(x, str) for x in after)
-        ):
-            raise pagination.invalid_token()
-        if after is not None:
-            try:
-                dt.datetime.fromisoformat(after[0])
-                uuid.UUID(after[1])
-            except ValueError:
-                raise pagination.invalid_token() from None
+        query = {"m": sorted(request.message_ids)}
+        after = pagination.decode_token(request.page_token, query, valid=_event_position)
         rows = self.store.list_events(
             tenant.tenant_id, size + 1, tuple(after) if after else None, list(request.message_ids)
         )

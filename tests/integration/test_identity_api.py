@@ -15,6 +15,7 @@ from services.core import pagination
 from services.core.bus import CHANGES, EVENTS, RESOLVED, Bus
 from services.core.server import RunningServer
 from services.core.settings import Settings
+from services.core.tenancy import Tenant, reset_current_tenant, set_current_tenant
 from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc, ingest_pb2_grpc
 from tests.conftest import TenantKey
 from tests.support.grpc_errors import bad_request, precondition_failures
@@ -399,7 +400,11 @@ def test_odd_input_gets_a_clear_error_not_internal(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request(err.value)[0][0] == "identifiers[0].value"
     # A token with the right fingerprint but a position this API never issues.
-    forged = pagination.encode_token("x", {"profile": "", "tenant": tenant.tenant_id})
+    token = set_current_tenant(Tenant(tenant.tenant_id))  # as the server fingerprints it
+    try:
+        forged = pagination.encode_token("x", {"profile": ""})
+    finally:
+        reset_current_tenant(token)
     with pytest.raises(grpc.RpcError) as err:
         identity.ListMerges(identity_pb2.ListMergesRequest(page_token=forged), metadata=md)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -162,6 +162,30 @@ def test_token_from_another_query_is_refused() -> None:
     assert [v.field for v in info.value.violations] == ["page_token"]
 
 
+def test_token_from_another_tenant_is_refused() -> None:
+    from services.core.tenancy import Tenant, reset_current_tenant, set_current_tenant
+
+    def as_tenant(tenant_id: str, fn):  # type: ignore[no-untyped-def]
+        token = set_current_tenant(Tenant(tenant_id))
+        try:
+            return fn()
+        finally:
+            reset_current_tenant(token)
+
+    issued = as_tenant("acme", lambda: pagination.encode_token(10, {"profile": ""}))
+    assert as_tenant("acme", lambda: pagination.decode_token(issued, {"profile": ""})) == 10
+    with pytest.raises(InvalidArgument):
+        as_tenant("globex", lambda: pagination.decode_token(issued, {"profile": ""}))
+
+
+def test_position_the_handler_rejects_is_an_invalid_token() -> None:
+    token = pagination.encode_token("x", {"q": 1})
+    assert pagination.decode_token(token, {"q": 1}) == "x"
+    with pytest.raises(InvalidArgument) as info:
+        pagination.decode_token(token, {"q": 1}, valid=lambda p: isinstance(p, int))
+    assert [v.field for v in info.value.violations] == ["page_token"]
+
+
 def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
