@@ -344,12 +344,11 @@ class Consumer:
             try:
                 self.poll()
                 backoff = 0.1
-            except redis.ConnectionError:
-                log.warning("redis unavailable; consumer waiting", extra={"group": self.group})
-                stop.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
-            except Exception:
-                log.exception("consumer cycle failed; retrying", extra={"group": self.group})
+            except Exception as exc:
+                if isinstance(exc, redis.ConnectionError):
+                    log.warning("redis unavailable; consumer waiting", extra={"group": self.group})
+                else:
+                    log.exception("consumer cycle failed; retrying", extra={"group": self.group})
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
 

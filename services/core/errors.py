@@ -122,10 +122,6 @@ class Unavailable(TesseraError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class Unimplemented(TesseraError):
-    code = grpc.StatusCode.UNIMPLEMENTED
-
-
 class DeadlineExceeded(TesseraError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

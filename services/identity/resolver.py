@@ -13,7 +13,9 @@ import datetime as dt
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +30,7 @@ from services.identity.probabilistic import BatchMatcher, Thresholds
 from services.identity.rules import IdentityRules
 from services.identity.rules_store import RulesCache
 from services.identity.stitching import Graph, Key, LimitBroken, MergeFact, Outcome
-from services.identity.storage import Changes, IdentityStore, KeySeen, MergeRecord, RecordedMerge
+from services.identity.storage import Changes, EventLink, IdentityStore, KeySeen, MergeRecord, RecordedMerge
 from tessera.v1 import event_pb2, identity_pb2
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,16 @@ class Resolver:
         self.clock = clock
         self.new_id = new_id
 
+    @contextmanager
+    def _changing(self, span: str, rows: int = 0) -> Iterator[tuple[Any, list[Publication]]]:
+        """A transaction whose profile changes (appended to the list) go into the outbox within it
+        and are published once it has committed."""
+        pubs: list[Publication] = []
+        with db.raw_transaction(self.store.engine, span, rows) as (cur, _):
+            yield cur, pubs
+            queued = self.outbox.enqueue(cur, pubs)
+        self.outbox.flush(pubs, queued)
+
     # ------------------------------------------------------------------------------------------
     # The consumer's batch.
 
@@ -157,7 +169,7 @@ class Resolver:
         now_s = self.clock()
         now = dt.datetime.fromtimestamp(now_s, dt.UTC)
         outcomes: dict[str, Outcome] = {}
-        with db.raw_transaction(self.store.engine, "identity resolve batch", len(events)) as (cur, _):
+        with self._changing("identity resolve batch", len(events)) as (cur, publications):
             blocks = matcher.block_keys() if matcher else []
             graph, candidates = self.store.lock_working_set(
                 cur, tenant_id, rules, all_keys, block_keys=blocks, with_candidates=matcher is not None
@@ -167,7 +179,7 @@ class Resolver:
             # Checked under the locks: a concurrent redelivery of the same event waits for them.
             done = self.store.processed(cur, tenant_id, [e.event_id for e in events])
             changes = Changes(graph)
-            links: list[tuple[str, str | None, Sequence[Key], dt.datetime]] = []
+            links: list[EventLink] = []
             for e in events:
                 if e.event_id in done or e.event_id in outcomes:
                     continue
@@ -196,10 +208,8 @@ class Resolver:
             if matcher is not None:
                 self.store.add_match_records(cur, tenant_id, matcher.new_records(graph, outcomes))
                 self.store.add_suggestions(cur, tenant_id, matcher.suggestion_rows(graph))
-            publications = [change(tenant_id, "created", p.profile_id) for p in graph.new_profiles()]
-            publications += merge_changes(tenant_id, recorded)
-            queued = self.outbox.enqueue(cur, publications)
-        self.outbox.flush(publications, queued)
+            publications.extend(change(tenant_id, "created", p.profile_id) for p in graph.new_profiles())
+            publications.extend(merge_changes(tenant_id, recorded))
         resolved: list[ResolvedEvent] = []
         emitted: set[str] = set()
         for e in events:
@@ -223,14 +233,17 @@ class Resolver:
         recorded: Sequence[RecordedMerge],
     ) -> None:
         _resolved.add(len(outcomes))
-        if recorded:
-            _merges.add(len(recorded), {"kind": "deterministic"})
-        for e in events:
-            for _type, reason in e.dropped:
-                _dropped.add(1, {"reason": reason})
+        names = {v.number: v.name for v in identity_pb2.MergeKind.DESCRIPTOR.values}
+        kinds = Counter(names[r.kind].removeprefix("MERGE_KIND_").lower() for r in recorded)
+        for kind, n in kinds.items():
+            _merges.add(n, {"kind": kind})
+        drops = Counter(reason for e in events for _type, reason in e.dropped)
+        drops["MERGE_PROTECTION"] += sum(len(out.dropped) for out in outcomes.values())
+        for reason, n in drops.items():
+            if n:
+                _dropped.add(n, {"reason": reason})
         for out in outcomes.values():
             if out.dropped:
-                _dropped.add(len(out.dropped), {"reason": "MERGE_PROTECTION"})
                 log.info(
                     "merge protection dropped identifiers",
                     extra={"tenant": tenant_id, "event_id": out.event_id, "dropped": [d.key[0] for d in out.dropped]},
@@ -244,10 +257,10 @@ class Resolver:
     ) -> tuple[RecordedMerge, list[Publication]]:
         rules = self.rules.get(tenant_id)
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
-        with db.raw_transaction(self.store.engine, "identity manual merge") as (cur, _):
+        with self._changing("identity manual merge") as (cur, pubs):
             graph, _ = self.store.lock_working_set(cur, tenant_id, rules, (), (survivor, absorbed))
-            s = self._active(cur, tenant_id, graph, survivor, "survivor_profile")
-            a = self._active(cur, tenant_id, graph, absorbed, "absorbed_profile")
+            s = self._active(cur, tenant_id, graph, survivor)
+            a = self._active(cur, tenant_id, graph, absorbed)
             if s == a:
                 raise FailedPrecondition(
                     "the two profiles are already one customer",
@@ -258,9 +271,7 @@ class Resolver:
             fact = checked_merge(graph, s, a)
             changes = Changes(graph, merges=[MergeRecord(fact, kind, "manual", reason)])
             recorded = self.store.write(cur, tenant_id, changes, now)
-            pubs = merge_changes(tenant_id, recorded)
-            queued = self.outbox.enqueue(cur, pubs)
-        self.outbox.flush(pubs, queued)
+            pubs.extend(merge_changes(tenant_id, recorded))
         _merges.add(1, {"kind": "manual"})
         return recorded[0], pubs
 
@@ -271,9 +282,9 @@ class Resolver:
         rules = self.rules.get(tenant_id)
         now_s = self.clock()
         now = dt.datetime.fromtimestamp(now_s, dt.UTC)
-        with db.raw_transaction(self.store.engine, "identity unmerge") as (cur, _):
+        with self._changing("identity unmerge") as (cur, pubs):
             graph, _ = self.store.lock_working_set(cur, tenant_id, rules, keys, (profile,))
-            source = self._active(cur, tenant_id, graph, profile, "profile")
+            source = self._active(cur, tenant_id, graph, profile)
             violations = [
                 Violation(f"identifiers[{i}]", f"does not belong to profiles/{source}", "NOT_ON_PROFILE")
                 for i, k in enumerate(keys)
@@ -295,19 +306,19 @@ class Resolver:
             recorded = self.store.write(cur, tenant_id, changes, now)
             moved = self.store.reattribute(cur, tenant_id, source, sorted(set(keys)), target.profile_id)
             rec = recorded[0]
-            pubs = [
-                change(tenant_id, "created", target.profile_id),
-                change(
-                    tenant_id,
-                    "split",
-                    source,
-                    new_profile_id=target.profile_id,
-                    merge_id=str(rec.merge_id),
-                    moved_event_ids=",".join(moved),
-                ),
-            ]
-            queued = self.outbox.enqueue(cur, pubs)
-        self.outbox.flush(pubs, queued)
+            pubs.extend(
+                (
+                    change(tenant_id, "created", target.profile_id),
+                    change(
+                        tenant_id,
+                        "split",
+                        source,
+                        new_profile_id=target.profile_id,
+                        merge_id=str(rec.merge_id),
+                        moved_event_ids=",".join(moved),
+                    ),
+                )
+            )
         _merges.add(1, {"kind": "unmerge"})
         return rec, moved, pubs
 
@@ -319,7 +330,7 @@ class Resolver:
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
         name = f"matchSuggestions/{suggestion_id}"
         recorded: RecordedMerge | None = None
-        with db.raw_transaction(self.store.engine, "identity review suggestion") as (cur, _):
+        with self._changing("identity review suggestion") as (cur, pubs):
             row = self.store.suggestion_for_update(cur, tenant_id, suggestion_id)
             if row is None:
                 raise NotFound(f"{name} not found")
@@ -330,8 +341,8 @@ class Resolver:
                 )
             if accept:
                 graph, _ = self.store.lock_working_set(cur, tenant_id, rules, (), (a, b))
-                fa = self._active(cur, tenant_id, graph, a, "profile_a")
-                fb = self._active(cur, tenant_id, graph, b, "profile_b")
+                fa = self._active(cur, tenant_id, graph, a)
+                fb = self._active(cur, tenant_id, graph, b)
                 if fa != fb:
                     survivor, absorbed = sorted((fa, fb), key=lambda p: (graph.profiles[p].created, p))
                     fact = checked_merge(graph, survivor, absorbed)
@@ -344,9 +355,7 @@ class Resolver:
             updated = self.store.review_suggestion(
                 cur, tenant_id, suggestion_id, new_state, reason, recorded.merge_id if recorded else None
             )
-            pubs = merge_changes(tenant_id, [recorded] if recorded else [])
-            queued = self.outbox.enqueue(cur, pubs)
-        self.outbox.flush(pubs, queued)
+            pubs.extend(merge_changes(tenant_id, [recorded] if recorded else []))
         if recorded is not None:
             _merges.add(1, {"kind": "suggestion"})
         return updated, recorded, pubs
@@ -354,17 +363,15 @@ class Resolver:
     def erase(self, tenant_id: str, profile: str) -> tuple[str, int, list[str]]:
         """Forget a person (see IdentityService.EraseProfile); emits an "erased" change."""
         rules = self.rules.get(tenant_id)
-        with db.raw_transaction(self.store.engine, "identity erase") as (cur, _):
+        with self._changing("identity erase") as (cur, pubs):
             graph, _ = self.store.lock_working_set(cur, tenant_id, rules, (), (profile,))
-            target = self._active(cur, tenant_id, graph, profile, "name")
+            target = self._active(cur, tenant_id, graph, profile)
             deleted, ids = self.store.erase(cur, tenant_id, target)
-            pubs = [change(tenant_id, "erased", target, erased_profile_ids=",".join(ids))]
-            queued = self.outbox.enqueue(cur, pubs)
-        self.outbox.flush(pubs, queued)
+            pubs.append(change(tenant_id, "erased", target, erased_profile_ids=",".join(ids)))
         log.info("profile erased", extra={"tenant": tenant_id, "identifiers": deleted, "profiles": len(ids)})
         return target, deleted, ids
 
-    def _active(self, cur: Any, tenant_id: str, graph: Graph, asked: str, field_name: str) -> str:
+    def _active(self, cur: Any, tenant_id: str, graph: Graph, asked: str) -> str:
         """The locked active profile an id (maybe merged away) resolves to, or NOT_FOUND."""
         final = self.store.survivor(tenant_id, asked, cur)
         if final is None or final not in graph.profiles:

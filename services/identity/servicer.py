@@ -133,7 +133,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             )
         rules = self.resolver.rules.get(tenant)
         keys = normalize_all(rules, request.identifiers, "identifiers")
-        owners = self.store.owners(tenant, keys)
+        owners = {k: row[0] for k, row in self.store.identifier_rows(tenant, keys).items()}
         if not owners:
             raise NotFound("no profile has these identifiers")
         # Several profiles (merge protection kept them apart): the most trusted identifier decides.

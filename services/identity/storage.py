@@ -28,16 +28,10 @@ from services.identity.stitching import Graph, Key, MergeFact, Profile
 from tessera.v1 import identity_pb2
 
 KEY_SEP = "\x1f"
-EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 
 def key_text(key: Key) -> str:
     return f"{key[0]}{KEY_SEP}{key[1]}"
-
-
-def text_key(text: str) -> Key:
-    t, _, v = text.partition(KEY_SEP)
-    return (t, v)
 
 
 def lock_id(tenant_id: str, kind: str, *parts: str) -> int:
@@ -53,10 +47,6 @@ def canonical_uuid(text: str) -> str | None:
         return str(uuid.UUID(text))
     except ValueError:
         return None
-
-
-def is_uuid(text: str) -> bool:
-    return canonical_uuid(text) is not None
 
 
 # The working set's statements probe an index once per identifier, profile or event id. Written as
@@ -429,16 +419,6 @@ class IdentityStore:
     # ------------------------------------------------------------------------------------------
     # Reads.
 
-    def owners(self, tenant_id: str, keys: Sequence[Key]) -> dict[Key, str]:
-        with db.raw_transaction(self.engine, "SELECT identity.identifiers") as (cur, _):
-            cur.execute(
-                "SELECT i.id_type, i.id_value, i.profile_id::text FROM identity.identifiers i "
-                "JOIN unnest(%s::text[], %s::text[]) AS k(t, v) ON i.id_type = k.t AND i.id_value = k.v "
-                "WHERE i.tenant_id = %s",
-                ([k[0] for k in keys], [k[1] for k in keys], tenant_id),
-            )
-            return {(t, v): p for t, v, p in cur.fetchall()}
-
     def survivor(self, tenant_id: str, profile_id: str, cur: Any = None) -> str | None:
         """The active profile a (possibly merged-away) id resolves to; None if the tenant has no such id."""
         canonical = canonical_uuid(profile_id)
@@ -468,13 +448,14 @@ class IdentityStore:
             return list(cur.fetchall())
 
     def identifier_rows(self, tenant_id: str, keys: Sequence[Key]) -> dict[Key, tuple[str, str, str]]:
-        """(owner, origin, first_event_id) of each known identifier."""
+        """(owner, origin, first_event_id) of each known identifier: one primary-key probe each."""
         with db.raw_transaction(self.engine, "SELECT identity.identifiers") as (cur, _):
             cur.execute(
-                "SELECT i.id_type, i.id_value, i.profile_id::text, i.origin_profile_id::text, i.first_event_id "
-                "FROM identity.identifiers i "
-                "JOIN unnest(%s::text[], %s::text[]) AS k(t, v) ON i.id_type = k.t AND i.id_value = k.v "
-                "WHERE i.tenant_id = %s",
+                "SELECT k.t, k.v, i.profile_id::text, i.origin_profile_id::text, i.first_event_id "
+                "FROM unnest(%s::text[], %s::text[]) AS k(t, v) CROSS JOIN LATERAL ("
+                "  SELECT * FROM identity.identifiers i"
+                "  WHERE i.tenant_id = %s AND i.id_type = k.t AND i.id_value = k.v LIMIT 1"
+                ") i",
                 ([k[0] for k in keys], [k[1] for k in keys], tenant_id),
             )
             return {(t, v): (p, o, e) for t, v, p, o, e in cur.fetchall()}
