@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import google.protobuf
 import grpc
@@ -35,6 +35,7 @@ from services.core.migrate import migrate
 from services.core.settings import redact_url
 
 log = logging.getLogger("bench")
+T = TypeVar("T")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -394,3 +395,26 @@ def print_report(produce: Callable[[], dict[str, Any]], table: Callable[[dict[st
             signal.signal(signal.SIGTERM, previous)
         out.write((json.dumps(rep, indent=2, sort_keys=False) if as_json else table(rep)) + "\n")
     return 0 if rep.get("ok", True) else 1
+
+
+def run_configured(
+    make_config: Callable[[float, Any], T],
+    produce: Callable[[T], dict[str, Any]],
+    table: Callable[[dict[str, Any]], str],
+    *,
+    seconds: float,
+    extra: Any,
+    as_json: bool,
+) -> int:
+    """A scenario's ``run``: its configuration (exit 2 if the options are wrong), then the report."""
+    setup_logging()
+    try:
+        cfg = make_config(seconds, extra)
+    except ValueError as exc:
+        print(f"tessera bench: {exc}", file=sys.stderr)
+        return 2
+    return print_report(lambda: produce(cfg), table, as_json)
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)

@@ -31,7 +31,6 @@ import os
 import random
 import secrets
 import shlex
-import sys
 import threading
 import time
 import unicodedata
@@ -48,17 +47,17 @@ from bench.common import (
     Child,
     CpuGroup,
     backends,
+    fmt,
     free_port,
     idle_machine_facts,
     machine_busy,
     percentile,
-    print_report,
     proc_cpu,
     python_argv,
     python_env,
     rounded,
+    run_configured,
     run_token,
-    setup_logging,
     spawn,
     utc_now,
     wait_serving,
@@ -881,10 +880,6 @@ def report(
     }
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def table(rep: dict[str, Any]) -> str:
     m, c, mx = rep["machine"], rep["config"], rep["mix"]
     pg = rep["servers"]["postgres"]
@@ -920,15 +915,15 @@ def table(rep: dict[str, Any]) -> str:
         rows.append(
             (
                 name,
-                _fmt(f["resolved_events_per_s"], ",.0f"),
-                _fmt(f["offered_events_per_s"], ",.0f") if name == "sustained" else "(backlog)",
-                _fmt(f["lag"]["lag_seconds_p50"], ".2f"),
-                _fmt(f["lag"]["lag_seconds_p99"], ".2f"),
-                _fmt(f["lag"]["backlog_events_max"], ","),
-                _fmt(f["server_cpu_s_per_1k_events"], ".3f"),
-                _fmt(f["server_cpu_cores"], ".2f"),
-                _fmt(f["postgres_cpu_s_per_1k_events"], ".3f"),
-                _fmt(f["other_cpu_cores"], ".2f"),
+                fmt(f["resolved_events_per_s"], ",.0f"),
+                fmt(f["offered_events_per_s"], ",.0f") if name == "sustained" else "(backlog)",
+                fmt(f["lag"]["lag_seconds_p50"], ".2f"),
+                fmt(f["lag"]["lag_seconds_p99"], ".2f"),
+                fmt(f["lag"]["backlog_events_max"], ","),
+                fmt(f["server_cpu_s_per_1k_events"], ".3f"),
+                fmt(f["server_cpu_cores"], ".2f"),
+                fmt(f["postgres_cpu_s_per_1k_events"], ".3f"),
+                fmt(f["other_cpu_cores"], ".2f"),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
@@ -940,9 +935,9 @@ def table(rep: dict[str, Any]) -> str:
     chk, t = rep["correctness"], rep["targets"]
     lines += [
         "",
-        f"sustained: append-to-resolved latency p50 {_fmt(s['resolve_latency_ms_p50'], '.0f')} ms, "
-        f"p99 {_fmt(s['resolve_latency_ms_p99'], '.0f')} ms ({s['resolve_latency_events']:,} events); "
-        f"machine {_fmt(s['machine_cpu_busy_pct'], '.0f')}% busy",
+        f"sustained: append-to-resolved latency p50 {fmt(s['resolve_latency_ms_p50'], '.0f')} ms, "
+        f"p99 {fmt(s['resolve_latency_ms_p99'], '.0f')} ms ({s['resolve_latency_events']:,} events); "
+        f"machine {fmt(s['machine_cpu_busy_pct'], '.0f')}% busy",
         f"correctness: {chk['event_links_rows_for_produced_ids']:,} event_links rows for {chk['produced_events']:,} "
         f"events, {chk['merges']:,} merges, {chk['active_profiles']:,} active profiles, "
         f"{chk['identifiers']:,} identifiers -> {'OK' if chk['ok'] else 'MISMATCH ' + json.dumps(chk['mismatches'])} "
@@ -956,11 +951,4 @@ def table(rep: dict[str, Any]) -> str:
 
 
 def run(*, seconds: float, as_json: bool, extra: argparse.Namespace) -> int:
-    setup_logging()
-    try:
-        cfg = make_config(seconds, extra)
-    except ValueError as exc:
-        print(f"tessera bench: {exc}", file=sys.stderr)
-        return 2
-
-    return print_report(lambda: _run(cfg), table, as_json)
+    return run_configured(make_config, _run, table, seconds=seconds, extra=extra, as_json=as_json)

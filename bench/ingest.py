@@ -20,7 +20,6 @@ import argparse
 import logging
 import os
 import shlex
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,14 +32,14 @@ from bench.common import (
     Backends,
     Child,
     backends,
+    fmt,
     free_port,
     idle_machine_facts,
-    print_report,
     python_argv,
     python_env,
     rounded,
+    run_configured,
     run_token,
-    setup_logging,
     spawn,
     utc_now,
     wait_serving,
@@ -368,12 +367,12 @@ def table(rep: dict[str, Any]) -> str:
         rows.append(
             (
                 label,
-                _fmt(f["events_per_s"], ",.0f"),
-                _fmt(f["p50_ms"], ".1f"),
-                _fmt(f["p99_ms"], ".1f"),
-                _fmt(f["server_cpu_s_per_1k_events"], ".4f"),
-                _fmt(f["server_cpu_cores"], ".2f"),
-                _fmt(ratio, ".1%") if name.startswith("ingest") else "-",
+                fmt(f["events_per_s"], ",.0f"),
+                fmt(f["p50_ms"], ".1f"),
+                fmt(f["p99_ms"], ".1f"),
+                fmt(f["server_cpu_s_per_1k_events"], ".4f"),
+                fmt(f["server_cpu_cores"], ".2f"),
+                fmt(ratio, ".1%") if name.startswith("ingest") else "-",
                 str(f["errors"] + f["refused_batches"]),
             )
         )
@@ -399,16 +398,5 @@ def table(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def run(*, seconds: float, as_json: bool, extra: argparse.Namespace) -> int:
-    setup_logging()
-    try:
-        cfg = make_config(seconds, extra)
-    except ValueError as exc:
-        print(f"tessera bench: {exc}", file=sys.stderr)
-        return 2
-
-    return print_report(lambda: _run(cfg), table, as_json)
+    return run_configured(make_config, _run, table, seconds=seconds, extra=extra, as_json=as_json)
