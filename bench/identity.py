@@ -68,7 +68,7 @@ from services.core import db, tenancy
 from services.core.bus import EVENTS, RESOLVED, Bus, connect, dead_letter_name
 from services.core.settings import Settings
 from services.identity.consumer import GROUP
-from services.ingest.demo_data import EMAIL_DOMAINS, FIRST_NAMES, LAST_NAMES, generate
+from services.cli.demo import EMAIL_DOMAINS, FIRST_NAMES, LAST_NAMES, generate
 from tessera.v1 import event_pb2
 
 log = logging.getLogger("bench.identity")
@@ -759,7 +759,7 @@ def start_identity(be: Backends, cfg: Config) -> tuple[Child, str]:
     # TESSERA_BENCH_IDENTITY_ARGV runs the worker another way (under a profiler, a timing harness);
     # it must still be `... serve identity` reading the same environment.
     override = os.environ.get("TESSERA_BENCH_IDENTITY_ARGV", "").strip()
-    argv = shlex.split(override) if override else python_argv("services.core.cli", "serve", "identity")
+    argv = shlex.split(override) if override else python_argv("services.cli", "serve", "identity")
     return spawn("identity", argv, env, be.workdir), f"127.0.0.1:{port}"
 
 

@@ -108,13 +108,13 @@ def _run(limit: int | None) -> dict[str, Any]:
         ingest_port, identity_port = free_port(), free_port()
         ingest = spawn(
             "ingest",
-            python_argv("services.core.cli", "serve", "ingest"),
+            python_argv("services.cli", "serve", "ingest"),
             _env(be, TESSERA_INGEST_PORT=str(ingest_port)),
             be.workdir,
         )
         identity = spawn(
             "identity",
-            python_argv("services.core.cli", "serve", "identity"),
+            python_argv("services.cli", "serve", "identity"),
             _env(be, TESSERA_IDENTITY_PORT=str(identity_port), TESSERA_CONSUMER_BATCH_SIZE="50"),
             be.workdir,
         )

@@ -292,7 +292,7 @@ def start_ingest(be: Backends, cfg: Config) -> tuple[Child, str]:
     # TESSERA_BENCH_INGEST_ARGV runs the server another way (under a profiler, a timing harness);
     # it must still be `... serve ingest` reading the same environment.
     override = os.environ.get("TESSERA_BENCH_INGEST_ARGV", "").strip()
-    argv = shlex.split(override) if override else python_argv("services.core.cli", "serve", "ingest")
+    argv = shlex.split(override) if override else python_argv("services.cli", "serve", "ingest")
     child = spawn("ingest", argv, env, be.workdir)
     return child, f"127.0.0.1:{port}"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from services.ingest.demo_data import generate
+from services.cli.demo import generate
 from tessera.v1 import event_pb2, ingest_pb2
 
 # Field numbers in ingest.proto: IngestEventsRequest.events = 1;

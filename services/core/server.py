@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 import redis
@@ -25,7 +25,8 @@ from sqlalchemy.engine import Engine
 from services.core import db
 from services.core.bus import Bus, connect
 from services.core.interceptors import GuardInterceptor
-from services.core.settings import Settings
+from services.core.migrate import MigrationSet
+from services.core.settings import EnvSettings, Settings
 from services.core.telemetry import configure_logging, configure_telemetry, shutdown_telemetry
 from services.core.tenancy import Authenticator
 
@@ -57,18 +58,29 @@ class ServiceContext:
     authenticator: Authenticator
 
 
+S = TypeVar("S", bound=EnvSettings)
+
+
 @dataclass
-class ServiceDefinition:
+class ServiceDefinition(Generic[S]):
+    """What the bootstrap needs to run a service: its gRPC services, its own settings type, the
+    function that adds its servicers and returns its background workers, and its migrations."""
+
     name: str
     grpc_services: Sequence[str]
-    register: Callable[[grpc.Server, ServiceContext], list[Background]]
+    settings_type: type[S]
+    register: Callable[[grpc.Server, ServiceContext, S], list[Background]]
+    migrations: MigrationSet | None = None
     # Ingest keeps serving while Redis is down (its outbox catches up later); readers do not.
     redis_required: bool = True
+
+    def settings_from_env(self) -> S:
+        return self.settings_type.from_env()
 
 
 @dataclass
 class RunningServer:
-    definition: ServiceDefinition
+    definition: ServiceDefinition[Any]
     ctx: ServiceContext
     server: grpc.Server
     health: health.HealthServicer
@@ -153,10 +165,20 @@ def build_context(settings: Settings, service: str) -> ServiceContext:
     )
 
 
-def start_server(definition: ServiceDefinition, settings: Settings, port: int | None = None) -> RunningServer:
-    """Build and start the server; it reports NOT_SERVING until its dependencies answer."""
+def start_server(
+    definition: ServiceDefinition[S],
+    settings: Settings,
+    port: int | None = None,
+    service_settings: S | None = None,
+) -> RunningServer:
+    """Build and start the server; it reports NOT_SERVING until its dependencies answer.
+
+    ``service_settings`` defaults to the service's own ``TESSERA_*`` variables; ``port`` to its
+    configured port (0 picks a free one).
+    """
     from opentelemetry.instrumentation.grpc import server_interceptor
 
+    own = definition.settings_from_env() if service_settings is None else service_settings
     ctx = build_context(settings, definition.name)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="rpc"),
@@ -175,11 +197,11 @@ def start_server(definition: ServiceDefinition, settings: Settings, port: int | 
     for name in ("", *definition.grpc_services, POSTGRES_HEALTH, REDIS_HEALTH):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    workers = definition.register(server, ctx)
+    workers = definition.register(server, ctx, own)
     reflection.enable_server_reflection(
         (*definition.grpc_services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    address = f"{settings.bind_host}:{settings.port_for(definition.name) if port is None else port}"
+    address = f"{settings.bind_host}:{_port(own) if port is None else port}"
     if settings.tls_cert_file and settings.tls_key_file:
         creds = grpc.ssl_server_credentials([(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())])
         bound = server.add_secure_port(address, creds)
@@ -194,11 +216,19 @@ def start_server(definition: ServiceDefinition, settings: Settings, port: int | 
     return running
 
 
-def serve(definition: ServiceDefinition, settings: Settings) -> None:
-    """Run until SIGTERM or SIGINT, then stop gracefully."""
+def _port(own: EnvSettings) -> int:
+    port = getattr(own, "port", None)
+    if not isinstance(port, int):
+        raise TypeError(f"{type(own).__name__} has no port setting")
+    return port
+
+
+def serve(definition: ServiceDefinition[S], settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then stop gracefully. Every setting is checked before anything starts."""
+    own = definition.settings_from_env()
     configure_logging(definition.name, settings.log_level)
     configure_telemetry(definition.name)
-    running = start_server(definition, settings)
+    running = start_server(definition, settings, service_settings=own)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -1,7 +1,9 @@
 """Typed settings from ``TESSERA_*`` variables, validated once at startup.
 
 A bad value stops the process with a message that names the variable, instead of a
-stack trace minutes later on the first request that needs it.
+stack trace minutes later on the first request that needs it. :class:`EnvSettings` is the
+machinery; :class:`Settings` holds what every process shares. A service's own settings
+(its port, its tuning) are an ``EnvSettings`` of their own, next to that service.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-SERVICES: tuple[str, ...] = ("ingest", "identity", "profile", "metrics")
-DEFAULT_PORTS: dict[str, int] = {"ingest": 50051, "identity": 50052, "profile": 50053, "metrics": 50054}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 T = TypeVar("T")
@@ -80,6 +80,25 @@ def _prefix(raw: str) -> str:
     return value
 
 
+def port_number(raw: str) -> int:
+    return _int(0, 65535)(raw)
+
+
+def whole(lo: int, hi: int) -> Callable[[str], int]:
+    """A parser for a whole number in ``[lo, hi]``."""
+    return _int(lo, hi)
+
+
+def number(lo: float, hi: float) -> Callable[[str], float]:
+    """A parser for a number in ``[lo, hi]``."""
+    return _float(lo, hi)
+
+
+def setting(default: Any, env: str, parse: Callable[[str], Any]) -> Any:
+    """A settings field read from ``TESSERA_<env>`` with ``parse`` (which raises ValueError)."""
+    return field(default=default, metadata={"env": env, "parse": parse})
+
+
 def _path(raw: str) -> Path:
     return Path(raw).expanduser()
 
@@ -109,56 +128,16 @@ def redact_url(url: str | None) -> str:
     return urlunsplit(parts)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything a Tessera process can be told through its environment."""
+S = TypeVar("S", bound="EnvSettings")
 
-    database_url: str | None = field(default=None, metadata={"env": "DATABASE_URL", "parse": _postgres_url})
-    redis_url: str | None = field(default=None, metadata={"env": "REDIS_URL", "parse": _redis_url})
-    redis_prefix: str = field(default="tessera", metadata={"env": "REDIS_PREFIX", "parse": _prefix})
-    data_dir: Path = field(default=Path(".tessera"), metadata={"env": "DATA_DIR", "parse": _path})
-    log_level: str = field(default="INFO", metadata={"env": "LOG_LEVEL", "parse": _log_level})
-    bind_host: str = field(default="0.0.0.0", metadata={"env": "BIND_HOST", "parse": str.strip})  # noqa: S104
-    ingest_port: int = field(default=50051, metadata={"env": "INGEST_PORT", "parse": _int(0, 65535)})
-    identity_port: int = field(default=50052, metadata={"env": "IDENTITY_PORT", "parse": _int(0, 65535)})
-    profile_port: int = field(default=50053, metadata={"env": "PROFILE_PORT", "parse": _int(0, 65535)})
-    metrics_port: int = field(default=50054, metadata={"env": "METRICS_PORT", "parse": _int(0, 65535)})
-    grpc_workers: int = field(default=32, metadata={"env": "GRPC_WORKERS", "parse": _int(1, 1024)})
-    shutdown_grace_seconds: float = field(
-        default=20.0, metadata={"env": "SHUTDOWN_GRACE_SECONDS", "parse": _float(0, 600)}
-    )
-    health_interval_seconds: float = field(
-        default=1.0, metadata={"env": "HEALTH_INTERVAL_SECONDS", "parse": _float(0.05, 60)}
-    )
-    db_pool_size: int = field(default=10, metadata={"env": "DB_POOL_SIZE", "parse": _int(1, 500)})
-    tls_cert_file: Path | None = field(default=None, metadata={"env": "TLS_CERT_FILE", "parse": _optional_file})
-    tls_key_file: Path | None = field(default=None, metadata={"env": "TLS_KEY_FILE", "parse": _optional_file})
-    # Ingest.
-    ingest_rate_limit: float = field(default=50_000.0, metadata={"env": "INGEST_RATE_LIMIT", "parse": _float(1, 1e9)})
-    ingest_rate_burst: float = field(default=100_000.0, metadata={"env": "INGEST_RATE_BURST", "parse": _float(1, 1e9)})
-    stream_maxlen: int = field(default=1_000_000, metadata={"env": "STREAM_MAXLEN", "parse": _int(1000, 10**10)})
-    relay_sweep_seconds: float = field(default=1.0, metadata={"env": "RELAY_SWEEP_SECONDS", "parse": _float(0.01, 300)})
-    relay_grace_seconds: float = field(default=5.0, metadata={"env": "RELAY_GRACE_SECONDS", "parse": _float(0, 3600)})
-    auth_cache_seconds: float = field(default=30.0, metadata={"env": "AUTH_CACHE_SECONDS", "parse": _float(0, 3600)})
-    # Stream consumers (identity, profile, metrics).
-    consumer_batch_size: int = field(default=250, metadata={"env": "CONSUMER_BATCH_SIZE", "parse": _int(1, 2000)})
-    consumer_block_ms: int = field(default=1000, metadata={"env": "CONSUMER_BLOCK_MS", "parse": _int(1, 60_000)})
-    consumer_claim_idle_ms: int = field(
-        default=30_000, metadata={"env": "CONSUMER_CLAIM_IDLE_MS", "parse": _int(100, 3_600_000)}
-    )
-    consumer_max_attempts: int = field(default=5, metadata={"env": "CONSUMER_MAX_ATTEMPTS", "parse": _int(1, 100)})
-    tenant_refresh_seconds: float = field(
-        default=5.0, metadata={"env": "TENANT_REFRESH_SECONDS", "parse": _float(0.01, 3600)}
-    )
-    # Identity.
-    identity_consumers: int = field(default=2, metadata={"env": "IDENTITY_CONSUMERS", "parse": _int(1, 64)})
-    identity_rules_cache_seconds: float = field(
-        default=5.0, metadata={"env": "IDENTITY_RULES_CACHE_SECONDS", "parse": _float(0, 3600)}
-    )
+
+@dataclass(frozen=True)
+class EnvSettings:
+    """Fields declared with :func:`setting`, read from the environment all at once."""
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read and validate every ``TESSERA_*`` variable, reporting all problems at once."""
+    def from_env(cls: type[S], environ: Mapping[str, str] | None = None) -> S:
+        """Read and validate every ``TESSERA_*`` variable of this class, reporting all problems at once."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         problems: list[str] = []
@@ -171,18 +150,60 @@ class Settings:
                 values[f.name] = f.metadata["parse"](raw)
             except ValueError as exc:
                 problems.append(f"{name} {exc}")
-        if (values.get("tls_cert_file") is None) != (values.get("tls_key_file") is None):
-            problems.append("TESSERA_TLS_CERT_FILE and TESSERA_TLS_KEY_FILE must be set together")
+        problems += cls.cross_check(values)
         if problems:
             raise SettingsError("invalid configuration: " + "; ".join(problems))
         return cls(**values)
 
-    def port_for(self, service: str) -> int:
-        port: int = getattr(self, f"{service}_port")
-        return port
+    @classmethod
+    def cross_check(cls, values: Mapping[str, Any]) -> list[str]:
+        """Problems between fields (each parsed alone was fine); none by default."""
+        return []
 
-    def with_overrides(self, **changes: Any) -> Settings:
+    def with_overrides(self: S, **changes: Any) -> S:
         return replace(self, **changes)
+
+    def env_for(self, name: str) -> str:
+        """The environment variable behind a field, for messages."""
+        for f in fields(self):
+            if f.name == name:
+                return "TESSERA_" + str(f.metadata["env"])
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class Settings(EnvSettings):
+    """What every Tessera process can be told through its environment."""
+
+    database_url: str | None = setting(None, "DATABASE_URL", _postgres_url)
+    redis_url: str | None = setting(None, "REDIS_URL", _redis_url)
+    redis_prefix: str = setting("tessera", "REDIS_PREFIX", _prefix)
+    data_dir: Path = setting(Path(".tessera"), "DATA_DIR", _path)
+    log_level: str = setting("INFO", "LOG_LEVEL", _log_level)
+    bind_host: str = setting("0.0.0.0", "BIND_HOST", str.strip)  # noqa: S104
+    grpc_workers: int = setting(32, "GRPC_WORKERS", _int(1, 1024))
+    shutdown_grace_seconds: float = setting(20.0, "SHUTDOWN_GRACE_SECONDS", _float(0, 600))
+    health_interval_seconds: float = setting(1.0, "HEALTH_INTERVAL_SECONDS", _float(0.05, 60))
+    db_pool_size: int = setting(10, "DB_POOL_SIZE", _int(1, 500))
+    tls_cert_file: Path | None = setting(None, "TLS_CERT_FILE", _optional_file)
+    tls_key_file: Path | None = setting(None, "TLS_KEY_FILE", _optional_file)
+    auth_cache_seconds: float = setting(30.0, "AUTH_CACHE_SECONDS", _float(0, 3600))
+    # Streams and the outbox that feeds them.
+    stream_maxlen: int = setting(1_000_000, "STREAM_MAXLEN", _int(1000, 10**10))
+    outbox_sweep_seconds: float = setting(1.0, "OUTBOX_SWEEP_SECONDS", _float(0.01, 300))
+    outbox_grace_seconds: float = setting(5.0, "OUTBOX_GRACE_SECONDS", _float(0, 3600))
+    # Stream consumers (identity, profile, metrics).
+    consumer_batch_size: int = setting(250, "CONSUMER_BATCH_SIZE", _int(1, 2000))
+    consumer_block_ms: int = setting(1000, "CONSUMER_BLOCK_MS", _int(1, 60_000))
+    consumer_claim_idle_ms: int = setting(30_000, "CONSUMER_CLAIM_IDLE_MS", _int(100, 3_600_000))
+    consumer_max_attempts: int = setting(5, "CONSUMER_MAX_ATTEMPTS", _int(1, 100))
+    tenant_refresh_seconds: float = setting(5.0, "TENANT_REFRESH_SECONDS", _float(0.01, 3600))
+
+    @classmethod
+    def cross_check(cls, values: Mapping[str, Any]) -> list[str]:
+        if (values.get("tls_cert_file") is None) != (values.get("tls_key_file") is None):
+            return ["TESSERA_TLS_CERT_FILE and TESSERA_TLS_KEY_FILE must be set together"]
+        return []
 
     def require_database_url(self) -> str:
         if not self.database_url:
@@ -195,10 +216,3 @@ class Settings:
         if not self.redis_url:
             raise SettingsError("TESSERA_REDIS_URL is not set; `tessera up` starts an embedded Redis when it is unset")
         return self.redis_url
-
-    def env_for(self, name: str) -> str:
-        """The environment variable behind a field, for messages."""
-        for f in fields(self):
-            if f.name == name:
-                return "TESSERA_" + str(f.metadata["env"])
-        raise KeyError(name)

@@ -2,36 +2,39 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 
 from services.core import tenancy
 from services.core.bus import ConsumerWorker
+from services.core.migrate import MigrationSet
 from services.core.outbox import Outbox
 from services.core.server import Background, ServiceContext, ServiceDefinition
 from services.identity.consumer import build_consumer, consumer_name
 from services.identity.resolver import Resolver
 from services.identity.rules_store import RulesCache
 from services.identity.servicer import IdentityServicer
+from services.identity.settings import IdentitySettings
 from services.identity.storage import IdentityStore
 from tessera.v1 import identity_pb2, identity_pb2_grpc
 
 SERVICE_NAME = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
+MIGRATIONS = MigrationSet("identity", Path(__file__).resolve().parent / "migrations")
 
 
-def register(server: grpc.Server, ctx: ServiceContext) -> list[Background]:
+def register(server: grpc.Server, ctx: ServiceContext, own: IdentitySettings) -> list[Background]:
     store = IdentityStore(ctx.engine)
     outbox = Outbox(
         ctx.engine,
         ctx.bus,
         "identity",
-        grace_seconds=ctx.settings.relay_grace_seconds,
-        sweep_seconds=ctx.settings.relay_sweep_seconds,
+        grace_seconds=ctx.settings.outbox_grace_seconds,
+        sweep_seconds=ctx.settings.outbox_sweep_seconds,
     )
-    resolver = Resolver(store, RulesCache(store, ttl=ctx.settings.identity_rules_cache_seconds), outbox)
+    resolver = Resolver(store, RulesCache(store, ttl=own.rules_cache_seconds), outbox)
     identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(resolver), server)
     s = ctx.settings
-    # Several consumers per process: while one waits on PostgreSQL, another runs its Python. The
-    # working-set locks make them as safe together as separate replicas.
     consumers = [
         build_consumer(
             resolver,
@@ -44,10 +47,16 @@ def register(server: grpc.Server, ctx: ServiceContext) -> list[Background]:
             max_attempts=s.consumer_max_attempts,
             tenant_refresh_seconds=s.tenant_refresh_seconds,
         )
-        for n in range(s.identity_consumers)
+        for n in range(own.consumers)
     ]
     return [*(ConsumerWorker(c) for c in consumers), outbox]
 
 
-def definition() -> ServiceDefinition:
-    return ServiceDefinition(name="identity", grpc_services=[SERVICE_NAME], register=register)
+def definition() -> ServiceDefinition[IdentitySettings]:
+    return ServiceDefinition(
+        name="identity",
+        grpc_services=[SERVICE_NAME],
+        settings_type=IdentitySettings,
+        register=register,
+        migrations=MIGRATIONS,
+    )

@@ -2,38 +2,50 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 
+from services.core.migrate import MigrationSet
 from services.core.ratelimit import RateLimiter
 from services.core.server import Background, ServiceContext, ServiceDefinition
 from services.ingest.pipeline import Ingestor
 from services.ingest.relay import OutboxRelay
 from services.ingest.servicer import IngestServicer
+from services.ingest.settings import IngestSettings
 from services.ingest.storage import EventStore
 from tessera.v1 import ingest_pb2, ingest_pb2_grpc
 
 SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
+MIGRATIONS = MigrationSet("ingest", Path(__file__).resolve().parent / "migrations")
 
 
-def register(server: grpc.Server, ctx: ServiceContext) -> list[Background]:
+def register(server: grpc.Server, ctx: ServiceContext, own: IngestSettings) -> list[Background]:
     store = EventStore(ctx.engine, ctx.autocommit_engine)
     relay = OutboxRelay(
         store,
         ctx.bus,
-        sweep_seconds=ctx.settings.relay_sweep_seconds,
-        grace_seconds=ctx.settings.relay_grace_seconds,
+        sweep_seconds=ctx.settings.outbox_sweep_seconds,
+        grace_seconds=ctx.settings.outbox_grace_seconds,
     )
     ingestor = Ingestor(
         store,
         relay,
         RateLimiter(ctx.redis),
         redis_prefix=ctx.settings.redis_prefix,
-        default_rate=ctx.settings.ingest_rate_limit,
-        default_burst=ctx.settings.ingest_rate_burst,
+        default_rate=own.rate_limit,
+        default_burst=own.rate_burst,
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(ingestor), server)
     return [relay]
 
 
-def definition() -> ServiceDefinition:
-    return ServiceDefinition(name="ingest", grpc_services=[SERVICE_NAME], register=register, redis_required=False)
+def definition() -> ServiceDefinition[IngestSettings]:
+    return ServiceDefinition(
+        name="ingest",
+        grpc_services=[SERVICE_NAME],
+        settings_type=IngestSettings,
+        register=register,
+        migrations=MIGRATIONS,
+        redis_required=False,
+    )

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from services.core.bus import EVENTS, RESOLVED, Bus
-from services.core.cli import main
+from services.cli.main import main
 from services.core.outbox import Outbox
 from services.core.settings import Settings
 from services.identity.consumer import build_consumer

@@ -15,13 +15,13 @@ import grpc
 import psutil
 import pytest
 
-from services.ingest.demo_data import PERSONA
+from services.cli.demo import PERSONA
 from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 from tests.support.servers import ROOT, free_port, wait_health
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TESSERA = [sys.executable, "-m", "services.core.cli"]
+TESSERA = [sys.executable, "-m", "services.cli"]
 
 
 IDENTITY_PORT = free_port()

@@ -90,7 +90,7 @@ def spawn_service(service: str, env: dict[str, str], log_path: Path) -> subproce
     full_env = {**os.environ, **env}
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "services.core.cli", "serve", service],
+            [sys.executable, "-m", "services.cli", "serve", service],
             env=full_env,
             stdout=log,
             stderr=log,

@@ -11,8 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from google.protobuf import json_format
 
-from services.ingest import demo_data
-from services.ingest.demo_data import PERSONA, generate, to_jsonl
+from services.cli import demo as demo_data
+from services.cli.demo import PERSONA, generate, to_jsonl
 from tessera.v1 import event_pb2
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from services.ingest import importer
-from services.ingest.importer import ParseFailure, csv_row_to_dict, normalize_enums, parse_event, read_events
+from services.cli.importer import ParseFailure, csv_row_to_dict, normalize_enums, parse_event, read_events
 from tessera.v1 import event_pb2
 
 # --- normalize_enums --------------------------------------------------------------------------------

@@ -56,23 +56,6 @@ HOUR: Final = 3_600
 JUNK_RATE: Final = 0.01
 SHOP_URL: Final = "https://shop.example.com"
 
-# --------------------------------------------------------------------------------------------------
-#: Identity rules for a tenant holding the demo data: the default types plus the custom ones the demo
-#: systems send (CRM, loyalty program, chat platform). Unconfigured types never link anything.
-IDENTITY_RULES: Final[dict[str, Any]] = {
-    "types": {
-        "user_id": {},
-        "email": {},
-        "phone": {},
-        "device_id": {},
-        "anonymous_id": {},
-        "crm_id": {"normalizer": "trim", "priority": 95, "max_per_profile": 1},
-        "loyalty_id": {"normalizer": "trim", "priority": 85, "max_per_profile": 1},
-        "chat_id": {"normalizer": "trim", "priority": 40, "max_per_profile": 5},
-    }
-}
-
-
 # The showcase person.
 
 

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
 from pathlib import Path
 
-from services.core.settings import SERVICES, Settings, SettingsError
+from services.cli.registry import SERVICES
+from services.core.settings import Settings, SettingsError
 
 
 def _settings() -> Settings:
-    from services.core.runtime import with_runtime
+    from services.cli.runtime import with_runtime
 
     return with_runtime(Settings.from_env())
+
+
+def runtime_port(service: str) -> int:
+    """The port of ``service``: its setting, else the one a running ``tessera up`` uses."""
+    from services.cli.runtime import service_port
+
+    return service_port(service)
 
 
 def _engine(settings: Settings):  # type: ignore[no-untyped-def]
@@ -25,26 +32,28 @@ def _engine(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from services.cli import registry
     from services.core.server import serve
 
-    settings = Settings.from_env()
-    module = importlib.import_module(f"services.{args.service}.app")
-    serve(module.definition(), settings)
+    if args.service not in registry.available():
+        print(f"tessera: the {args.service} service is not part of this build", file=sys.stderr)
+        return 2
+    serve(registry.definition(args.service), Settings.from_env())
     return 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from services.core.up import up
+    from services.cli.up import up
 
     return up(Settings.from_env(), demo=not args.no_demo, demo_customers=args.demo_customers)
 
 
 def cmd_migrate(_args: argparse.Namespace) -> int:
-    from services.core.migrate import migrate
+    from services.cli.registry import migrate_all
 
     engine = _engine(_settings())
     try:
-        done = migrate(engine)
+        done = migrate_all(engine)
     finally:
         engine.dispose()
     print(f"migrated: {', '.join(done)}")
@@ -106,10 +115,9 @@ def cmd_retention(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from services.ingest.client import StreamIngester, open_channel
-    from services.ingest.importer import import_file
+    from services.cli.client import StreamIngester, open_channel
+    from services.cli.importer import import_file
 
-    settings = _settings()
     api_key = args.api_key or os.environ.get("TESSERA_API_KEY")
     if not api_key:
         print("no API key: pass --api-key or set TESSERA_API_KEY", file=sys.stderr)
@@ -118,7 +126,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     if not path.is_file():
         print(f"no such file: {path}", file=sys.stderr)
         return 2
-    target = args.target or f"localhost:{settings.ingest_port}"
+    target = args.target or f"localhost:{runtime_port('ingest')}"
     with open_channel(target, tls=args.tls) as channel:
         report = import_file(
             path,
@@ -150,7 +158,7 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from services.ingest.demo_data import generate, to_jsonl
+    from services.cli.demo import generate, to_jsonl
 
     events = generate(seed=args.seed, customers=args.customers, days=args.days)
     if args.file == "-":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,11 @@ def _write_private(path: Path, data: dict[str, Any]) -> None:
         json.dump(data, fp)
 
 
-def write_runtime(settings: Settings, database_url: str, redis_url: str) -> None:
+def write_runtime(settings: Settings, database_url: str, redis_url: str, ports: dict[str, int]) -> None:
     data = {
         "database_url": database_url,
         "redis_url": redis_url,
-        "ingest_port": settings.ingest_port,
+        "ports": dict(ports),
         "data_dir": str(settings.data_dir.expanduser().resolve()),
         "pid": os.getpid(),
     }
@@ -71,18 +72,33 @@ def _load(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and _alive(data.get("pid")) else None
 
 
-def with_runtime(settings: Settings, environ: dict[str, str] | None = None) -> Settings:
+def current(settings: Settings) -> dict[str, Any] | None:
+    """What the running ``tessera up`` of this data dir (else the latest one) wrote, if it still runs."""
+    return _load(runtime_file(settings)) or _load(pointer_file())
+
+
+def with_runtime(settings: Settings) -> Settings:
     """Fill what is not configured from a running ``tessera up``; explicit settings always win."""
-    env = os.environ if environ is None else environ
     if settings.database_url and settings.redis_url:
         return settings
-    data = _load(runtime_file(settings)) or _load(pointer_file())
+    data = current(settings)
     if data is None:
         return settings
-    changes: dict[str, Any] = {
-        "database_url": settings.database_url or data.get("database_url"),
-        "redis_url": settings.redis_url or data.get("redis_url"),
-    }
-    if "TESSERA_INGEST_PORT" not in env and isinstance(data.get("ingest_port"), int):
-        changes["ingest_port"] = data["ingest_port"]
-    return settings.with_overrides(**changes)
+    return settings.with_overrides(
+        database_url=settings.database_url or data.get("database_url"),
+        redis_url=settings.redis_url or data.get("redis_url"),
+    )
+
+
+def service_port(service: str, environ: Mapping[str, str] | None = None) -> int:
+    """``TESSERA_<SERVICE>_PORT`` when set, else the port a running ``tessera up`` gave the service,
+    else the service's default."""
+    from services.cli import registry
+
+    env = os.environ if environ is None else environ
+    if not env.get(f"TESSERA_{service.upper()}_PORT", "").strip():
+        data = current(Settings.from_env(env))
+        ports = (data or {}).get("ports")
+        if isinstance(ports, dict) and isinstance(ports.get(service), int):
+            return int(ports[service])
+    return registry.port(service, env)

@@ -22,7 +22,7 @@ from typing import Any, TextIO
 
 from google.protobuf import json_format
 
-from services.ingest.client import StreamIngester, Tally, batches_of
+from services.cli.client import StreamIngester, Tally, batches_of
 from tessera.v1 import event_pb2
 
 ENUM_FIELDS: dict[tuple[str, ...], str] = {

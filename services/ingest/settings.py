@@ -1,0 +1,15 @@
+"""Ingest's own settings (the shared ones are :class:`services.core.settings.Settings`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.core.settings import EnvSettings, number, port_number, setting
+
+
+@dataclass(frozen=True)
+class IngestSettings(EnvSettings):
+    port: int = setting(50051, "INGEST_PORT", port_number)
+    # A tenant's default token bucket; `tessera tenant set-limits` overrides it per tenant.
+    rate_limit: float = setting(50_000.0, "INGEST_RATE_LIMIT", number(1, 1e9))
+    rate_burst: float = setting(100_000.0, "INGEST_RATE_BURST", number(1, 1e9))
