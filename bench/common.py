@@ -10,13 +10,9 @@ import logging
 import math
 import os
 import platform
-import secrets
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +22,10 @@ import google.protobuf
 import grpc
 import psutil
 from google.protobuf.internal import api_implementation
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.core import db
-from services.core.bus import connect
-from services.core.embedded import EmbeddedPostgres, EmbeddedRedis
-from services.core.migrate import migrate
+from services.cli import registry
+from services.core import harness
+from services.core.harness import Scratch, ServiceProcess
 from services.core.settings import redact_url
 
 log = logging.getLogger("bench")
@@ -138,185 +132,59 @@ def rounded(value: float, digits: int = 3) -> float | None:
     return round(value, digits)
 
 
-# ---- ports, processes, health ------------------------------------------------------------------
+# ---- servers and processes (the shared harness) ------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run_token() -> str:
-    return secrets.token_hex(4)
-
-
-@dataclass
-class Child:
-    """A server process of the benchmark, with its log file; always stopped by :meth:`stop`."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self, grace: float = 10.0) -> int | None:
-        """SIGTERM, wait up to ``grace`` seconds, then SIGKILL. Returns the exit code."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop in %.0fs; killing it", self.name, grace)
-                with contextlib.suppress(ProcessLookupError):
-                    self.proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(5)
-        return self.proc.returncode
-
-
-def spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> Child:
-    log_path = log_dir / f"{name}.log"
-    with log_path.open("ab") as fp:
-        proc = subprocess.Popen(
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=fp,
-            stderr=fp,
-            cwd=ROOT,
-            start_new_session=True,  # a ^C reaches the benchmark, which stops its children itself
-        )
-    log.info("started %s (pid %d)", name, proc.pid)
-    return Child(name, proc, log_path)
-
-
-def wait_serving(target: str, child: Child, timeout: float = 60.0, service: str = "") -> None:
-    """Block until grpc.health.v1 says SERVING; raise if the child dies or time runs out."""
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if not child.alive():
-                raise RuntimeError(f"{child.name} exited with {child.proc.returncode}:\n{child.log_tail()}")
-            try:
-                resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-                if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.05)
-    raise RuntimeError(f"{child.name} was not SERVING within {timeout:.0f}s:\n{child.log_tail()}")
-
-
-# ---- PostgreSQL and Redis ----------------------------------------------------------------------
-
-
-@dataclass
+@dataclass(frozen=True)
 class Backends:
-    """A fresh, migrated database and a fresh Redis key prefix, on external or embedded servers."""
+    """The run's scratch database and key prefix (see :func:`services.core.harness.scratch`),
+    and a work directory for logs and data that is removed with them."""
 
-    mode: str  # "external" or "embedded"
-    admin_url: str
-    database: str
-    database_url: str
-    redis_url: str
-    redis_prefix: str
+    scratch: Scratch
     workdir: Path
 
+    @property
+    def mode(self) -> str:
+        return self.scratch.mode
 
-def _redacted(url: str) -> str:
-    return redact_url(url)
+    @property
+    def database_url(self) -> str:
+        return self.scratch.database_url
 
+    @property
+    def redis_url(self) -> str:
+        return self.scratch.redis_url
 
-def _delete_prefix(redis_url: str, prefix: str) -> int:
-    client = connect(redis_url)
-    deleted = 0
-    try:
-        batch: list[bytes] = []
-        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
-            batch.append(key)
-            if len(batch) >= 500:
-                deleted += int(client.delete(*batch))
-                batch = []
-        if batch:
-            deleted += int(client.delete(*batch))
-    finally:
-        client.close()
-    return deleted
+    @property
+    def redis_prefix(self) -> str:
+        return self.scratch.redis_prefix
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """A service process's environment on these servers, unbuffered, with its own data dir."""
+        return python_env(self.scratch.env(TESSERA_DATA_DIR=str(self.workdir / "data"), **extra))
 
 
 @contextlib.contextmanager
 def backends(label: str) -> Iterator[Backends]:
     """Servers from ``TESSERA_DATABASE_URL``/``TESSERA_REDIS_URL`` (or the ``TESSERA_TEST_*`` ones),
-    else embedded ones in a temp dir. Whatever is created here is dropped on the way out."""
-    pg_url = os.environ.get("TESSERA_DATABASE_URL") or os.environ.get("TESSERA_TEST_DATABASE_URL")
-    redis_url = os.environ.get("TESSERA_REDIS_URL") or os.environ.get("TESSERA_TEST_REDIS_URL")
-    token = run_token()
-    with contextlib.ExitStack() as stack:
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tbench-", dir="/tmp")))
-        embedded = []
-        if pg_url:
-            admin_url = pg_url
-        else:
-            log.info("no TESSERA_DATABASE_URL: starting an embedded PostgreSQL")
-            pg = EmbeddedPostgres(workdir / "pg")
-            pg.start()
-            stack.callback(pg.stop)
-            admin_url = db.with_database(pg.url, "postgres")
-            embedded.append("postgres")
-        if not redis_url:
-            log.info("no TESSERA_REDIS_URL: starting an embedded Redis")
-            rs = EmbeddedRedis(workdir / "rd")
-            redis_url = rs.start()
-            stack.callback(rs.stop)
-            embedded.append("redis")
-        name = f"tessera_bench_{token}"
-        prefix = f"tbench-{label}-{token}"
-        log.info("creating database %s on %s", name, _redacted(admin_url))
-        db.ensure_database(admin_url, name)
-        stack.callback(_drop_quietly, admin_url, name)
-        database_url = db.with_database(admin_url, name)
-        engine = db.make_engine(database_url, application_name="bench-migrate", pool_size=1, instrument=False)
-        try:
-            migrate(engine)
-        finally:
-            engine.dispose()
-        stack.callback(_cleanup_redis_quietly, redis_url, prefix)
-        mode = "embedded" if embedded else "external"
-        if embedded and len(embedded) < 2:
-            mode = f"mixed (embedded {embedded[0]})"
-        yield Backends(mode, admin_url, name, database_url, redis_url, prefix, workdir)
+    else embedded ones; a fresh migrated database and key prefix either way, dropped at the end."""
+    with tempfile.TemporaryDirectory(prefix="tbench-", dir="/tmp") as tmp:
+        workdir = Path(tmp)
+        with harness.scratch(
+            f"bench_{label}",
+            registry.migration_sets(),
+            database_url=harness.configured("TESSERA_DATABASE_URL", "TESSERA_TEST_DATABASE_URL"),
+            redis_url=harness.configured("TESSERA_REDIS_URL", "TESSERA_TEST_REDIS_URL"),
+            workdir=workdir,
+        ) as found:
+            where = redact_url(found.admin_url)
+            log.info("database %s on %s, redis prefix %s", found.database, where, found.redis_prefix)
+            yield Backends(found, workdir)
 
 
-def _drop_quietly(admin_url: str, name: str) -> None:
-    try:
-        db.drop_database(admin_url, name)
-        log.info("dropped database %s", name)
-    except Exception:
-        log.warning("could not drop database %s", name, exc_info=True)
-
-
-def _cleanup_redis_quietly(redis_url: str, prefix: str) -> None:
-    try:
-        n = _delete_prefix(redis_url, prefix)
-        log.info("deleted %d redis keys under %s:", n, prefix)
-    except Exception:
-        log.warning("could not clean redis prefix %s", prefix, exc_info=True)
+def spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> ServiceProcess:
+    """A server process of the benchmark, logging to ``log_dir/NAME.log``; always stop it."""
+    return ServiceProcess(name, argv, env, log_dir / f"{name}.log", cwd=ROOT).start()
 
 
 # ---- CPU accounting ----------------------------------------------------------------------------

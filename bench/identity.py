@@ -44,31 +44,26 @@ from sqlalchemy.engine import Engine
 
 from bench.common import (
     Backends,
-    Child,
     CpuGroup,
     backends,
     fmt,
-    free_port,
     idle_machine_facts,
     machine_busy,
     percentile,
     proc_cpu,
-    python_argv,
-    python_env,
     rounded,
     run_configured,
-    run_token,
     spawn,
     utc_now,
-    wait_serving,
 )
 from bench.ingest import postgres_facts
 from bench.payloads import varint
+from services.cli.demo import EMAIL_DOMAINS, FIRST_NAMES, LAST_NAMES, generate
 from services.core import db, tenancy
 from services.core.bus import EVENTS, RESOLVED, Bus, connect, dead_letter_name
+from services.core.harness import ServiceProcess, free_port, run_token, serve_argv, wait_serving
 from services.core.settings import Settings
 from services.identity.consumer import GROUP
-from services.cli.demo import EMAIL_DOMAINS, FIRST_NAMES, LAST_NAMES, generate
 from tessera.v1 import event_pb2
 
 log = logging.getLogger("bench.identity")
@@ -515,7 +510,7 @@ class Meter:
     total: float
 
     @classmethod
-    def now(cls, watcher: Watcher, producer: Producer, server: Child) -> Meter:
+    def now(cls, watcher: Watcher, producer: Producer, server: ServiceProcess) -> Meter:
         busy, total = machine_busy()
         resolved = watcher.resolved()
         return cls(
@@ -561,7 +556,9 @@ class PhaseFigures:
         }
 
 
-def _wait_until(watcher: Watcher, server: Child, predicate: Callable[[int], bool], timeout: float, what: str) -> None:
+def _wait_until(
+    watcher: Watcher, server: ServiceProcess, predicate: Callable[[int], bool], timeout: float, what: str
+) -> None:
     deadline = time.monotonic() + timeout
     last_log = time.monotonic()
     while True:
@@ -569,7 +566,7 @@ def _wait_until(watcher: Watcher, server: Child, predicate: Callable[[int], bool
         if predicate(resolved):
             return
         if not server.alive():
-            raise RuntimeError(f"identity exited with {server.proc.returncode} while {what}:\n{server.log_tail()}")
+            raise RuntimeError(f"identity exited with {server.returncode} while {what}:\n{server.log_tail()}")
         now = time.monotonic()
         if now > deadline:
             raise RuntimeError(f"timed out after {timeout:.0f}s {what} ({resolved} resolved)")
@@ -579,7 +576,9 @@ def _wait_until(watcher: Watcher, server: Child, predicate: Callable[[int], bool
         time.sleep(0.02)
 
 
-def drain_phase(cfg: Config, watcher: Watcher, producer: Producer, server: Child, preloaded: int) -> PhaseFigures:
+def drain_phase(
+    cfg: Config, watcher: Watcher, producer: Producer, server: ServiceProcess, preloaded: int
+) -> PhaseFigures:
     """Capacity: the window runs from 5 % into the backlog (seed and start-up behind it) until
     the last preloaded event is resolved."""
     start_at = cfg.seed_people + cfg.backlog // 20
@@ -596,7 +595,7 @@ def drain_phase(cfg: Config, watcher: Watcher, producer: Producer, server: Child
     return phase
 
 
-def sustained_phase(cfg: Config, watcher: Watcher, producer: Producer, server: Child) -> PhaseFigures:
+def sustained_phase(cfg: Config, watcher: Watcher, producer: Producer, server: ServiceProcess) -> PhaseFigures:
     """A steady offered rate: warm-up, then the window; the producer stops at its end."""
     stop = threading.Event()
     t0_box: list[float] = []
@@ -739,27 +738,20 @@ def verify(engine: Engine, redis_url: str, bus: Bus, tenant_id: str, mix: Mix, p
 # ---- the run -----------------------------------------------------------------------------------
 
 
-def start_identity(be: Backends, cfg: Config) -> tuple[Child, str]:
+def start_identity(be: Backends, cfg: Config) -> tuple[ServiceProcess, str]:
     port = free_port()
-    env = python_env(
-        {
-            "TESSERA_DATABASE_URL": be.database_url,
-            "TESSERA_REDIS_URL": be.redis_url,
-            "TESSERA_REDIS_PREFIX": be.redis_prefix,
-            "TESSERA_IDENTITY_PORT": str(port),
-            "TESSERA_BIND_HOST": "127.0.0.1",
-            "TESSERA_CONSUMER_BATCH_SIZE": str(cfg.consumer_batch_size),
-            "TESSERA_TENANT_REFRESH_SECONDS": "1",
-            # no trimming: the resolved stream is the bench's counter
-            "TESSERA_STREAM_MAXLEN": str(10**10),
-            "TESSERA_SHUTDOWN_GRACE_SECONDS": "5",
-            "TESSERA_DATA_DIR": str(be.workdir / "data"),
-        }
+    env = be.env(
+        TESSERA_IDENTITY_PORT=str(port),
+        TESSERA_CONSUMER_BATCH_SIZE=str(cfg.consumer_batch_size),
+        TESSERA_TENANT_REFRESH_SECONDS="1",
+        # no trimming: the resolved stream is the bench's counter
+        TESSERA_STREAM_MAXLEN=str(10**10),
+        TESSERA_SHUTDOWN_GRACE_SECONDS="5",
     )
     # TESSERA_BENCH_IDENTITY_ARGV runs the worker another way (under a profiler, a timing harness);
     # it must still be `... serve identity` reading the same environment.
     override = os.environ.get("TESSERA_BENCH_IDENTITY_ARGV", "").strip()
-    argv = shlex.split(override) if override else python_argv("services.cli", "serve", "identity")
+    argv = shlex.split(override) if override else serve_argv("identity")
     return spawn("identity", argv, env, be.workdir), f"127.0.0.1:{port}"
 
 

@@ -23,38 +23,28 @@ from google.protobuf import field_mask_pb2
 from bench.common import (
     Backends,
     backends,
-    free_port,
     log,
     machine_facts,
     print_report,
-    python_argv,
-    python_env,
     setup_logging,
     spawn,
     utc_now,
-    wait_serving,
 )
 from bench.identity_accuracy_offline import SEED, load_traits, pair_counts
 from services.core import db, tenancy
+from services.core.harness import free_port, run_token, serve_argv, wait_serving
 from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 
 TARGET_F1 = 0.99
 
 
 def _env(be: Backends, **extra: str) -> dict[str, str]:
-    return python_env(
-        {
-            "TESSERA_DATABASE_URL": be.database_url,
-            "TESSERA_REDIS_URL": be.redis_url,
-            "TESSERA_REDIS_PREFIX": be.redis_prefix,
-            "TESSERA_BIND_HOST": "127.0.0.1",
-            "TESSERA_TENANT_REFRESH_SECONDS": "0.5",
-            "TESSERA_IDENTITY_RULES_CACHE_SECONDS": "0",
-            "TESSERA_INGEST_RATE_LIMIT": "1000000",
-            "TESSERA_DATA_DIR": str(be.workdir / "data"),
-            "TESSERA_LOG_LEVEL": "WARNING",
-            **extra,
-        }
+    return be.env(
+        TESSERA_TENANT_REFRESH_SECONDS="0.5",
+        TESSERA_IDENTITY_RULES_CACHE_SECONDS="0",
+        TESSERA_INGEST_RATE_LIMIT="1000000",
+        TESSERA_LOG_LEVEL="WARNING",
+        **extra,
     )
 
 
@@ -108,13 +98,13 @@ def _run(limit: int | None) -> dict[str, Any]:
         ingest_port, identity_port = free_port(), free_port()
         ingest = spawn(
             "ingest",
-            python_argv("services.cli", "serve", "ingest"),
+            serve_argv("ingest"),
             _env(be, TESSERA_INGEST_PORT=str(ingest_port)),
             be.workdir,
         )
         identity = spawn(
             "identity",
-            python_argv("services.cli", "serve", "identity"),
+            serve_argv("identity"),
             _env(be, TESSERA_IDENTITY_PORT=str(identity_port), TESSERA_CONSUMER_BATCH_SIZE="50"),
             be.workdir,
         )
@@ -122,7 +112,7 @@ def _run(limit: int | None) -> dict[str, Any]:
         try:
             wait_serving(f"127.0.0.1:{ingest_port}", ingest)
             wait_serving(f"127.0.0.1:{identity_port}", identity)
-            tenant_id = f"febrl-{be.redis_prefix.rsplit('-', 1)[-1]}"
+            tenant_id = f"febrl-{run_token()}"
             key = tenancy.create_tenant(engine, tenant_id)
             md = (("authorization", f"Bearer {key}"),)
             with grpc.insecure_channel(f"127.0.0.1:{identity_port}") as ch:

@@ -30,24 +30,21 @@ from sqlalchemy.engine import Engine
 
 from bench.common import (
     Backends,
-    Child,
     backends,
     fmt,
-    free_port,
     idle_machine_facts,
     python_argv,
     python_env,
     rounded,
     run_configured,
-    run_token,
     spawn,
     utc_now,
-    wait_serving,
 )
 from bench.loadgen import PhaseResult, PhaseSpec, run_phase
 from bench.payloads import demo_templates
 from services.core import db, tenancy
 from services.core.bus import EVENTS, connect, tenant_key
+from services.core.harness import ServiceProcess, free_port, run_token, serve_argv, wait_serving
 
 log = logging.getLogger("bench.ingest")
 
@@ -128,7 +125,7 @@ def _phase(
     metadata: tuple[tuple[str, str], ...],
     run_tag: str,
     templates: list[bytes],
-    server: Child,
+    server: ServiceProcess,
 ) -> PhaseResult:
     spec = PhaseSpec(
         name=name,
@@ -273,26 +270,19 @@ def _run(cfg: Config) -> dict[str, Any]:
     return report(cfg, facts, date, be, pg_facts, results, check, check_exit, time.monotonic() - started)
 
 
-def start_ingest(be: Backends, cfg: Config) -> tuple[Child, str]:
+def start_ingest(be: Backends, cfg: Config) -> tuple[ServiceProcess, str]:
     port = free_port()
-    env = python_env(
-        {
-            "TESSERA_DATABASE_URL": be.database_url,
-            "TESSERA_REDIS_URL": be.redis_url,
-            "TESSERA_REDIS_PREFIX": be.redis_prefix,
-            "TESSERA_INGEST_PORT": str(port),
-            "TESSERA_BIND_HOST": "127.0.0.1",
-            "TESSERA_INGEST_RATE_LIMIT": "1e9",
-            "TESSERA_INGEST_RATE_BURST": "1e9",
-            "TESSERA_GRPC_WORKERS": str(cfg.grpc_workers),
-            "TESSERA_SHUTDOWN_GRACE_SECONDS": "5",
-            "TESSERA_DATA_DIR": str(be.workdir / "data"),
-        }
+    env = be.env(
+        TESSERA_INGEST_PORT=str(port),
+        TESSERA_INGEST_RATE_LIMIT="1e9",
+        TESSERA_INGEST_RATE_BURST="1e9",
+        TESSERA_GRPC_WORKERS=str(cfg.grpc_workers),
+        TESSERA_SHUTDOWN_GRACE_SECONDS="5",
     )
     # TESSERA_BENCH_INGEST_ARGV runs the server another way (under a profiler, a timing harness);
     # it must still be `... serve ingest` reading the same environment.
     override = os.environ.get("TESSERA_BENCH_INGEST_ARGV", "").strip()
-    argv = shlex.split(override) if override else python_argv("services.cli", "serve", "ingest")
+    argv = shlex.split(override) if override else serve_argv("ingest")
     child = spawn("ingest", argv, env, be.workdir)
     return child, f"127.0.0.1:{port}"
 

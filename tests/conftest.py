@@ -13,30 +13,31 @@ import pytest
 import redis
 from sqlalchemy.engine import Engine
 
-from services.core import db, tenancy
+from services.cli import registry
+from services.core import db, harness, tenancy
 from services.core.bus import connect
-from services.core.migrate import migrate
 from services.core.server import RunningServer, start_server
 from services.core.settings import Settings
-from tests.support.servers import delete_prefix, postgres_admin_url, redis_url, run_token, wait_health
+
+#: What a test server of each service runs with beyond the defaults (no caches to wait out).
+SERVICE_OVERRIDES: dict[str, dict[str, object]] = {"identity": {"rules_cache_seconds": 0.0}}
 
 
 @pytest.fixture(scope="session")
-def admin_database_url() -> Iterator[str]:
-    with postgres_admin_url() as url:
-        yield url
+def backends() -> Iterator[harness.Scratch]:
+    """This run's database and key prefix, on the servers CI names, else embedded ones."""
+    with harness.scratch(
+        "test",
+        registry.migration_sets(),
+        database_url=harness.configured("TESSERA_TEST_DATABASE_URL"),
+        redis_url=harness.configured("TESSERA_TEST_REDIS_URL"),
+    ) as found:
+        yield found
 
 
 @pytest.fixture(scope="session")
-def database_url(admin_database_url: str) -> Iterator[str]:
-    name = f"tessera_test_{run_token()}"
-    db.ensure_database(admin_database_url, name)
-    url = db.with_database(admin_database_url, name)
-    engine = db.make_engine(url, application_name="tests-migrate", pool_size=1, instrument=False)
-    migrate(engine)
-    engine.dispose()
-    yield url
-    db.drop_database(admin_database_url, name)
+def database_url(backends: harness.Scratch) -> str:
+    return backends.database_url
 
 
 @pytest.fixture(scope="session")
@@ -47,18 +48,13 @@ def engine(database_url: str) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="session")
-def redis_server_url() -> Iterator[str]:
-    with redis_url() as url:
-        yield url
+def redis_server_url(backends: harness.Scratch) -> str:
+    return backends.redis_url
 
 
 @pytest.fixture(scope="session")
-def redis_prefix(redis_server_url: str) -> Iterator[str]:
-    prefix = f"ttest-{run_token()}"
-    yield prefix
-    client = connect(redis_server_url)
-    delete_prefix(client, prefix)
-    client.close()
+def redis_prefix(backends: harness.Scratch) -> str:
+    return backends.redis_prefix
 
 
 @pytest.fixture(scope="session")
@@ -76,14 +72,13 @@ def settings(database_url: str, redis_server_url: str, redis_prefix: str) -> Set
         redis_prefix=redis_prefix,
         bind_host="127.0.0.1",
         health_interval_seconds=0.1,
-        relay_sweep_seconds=0.2,
-        relay_grace_seconds=1.0,
+        outbox_sweep_seconds=0.2,
+        outbox_grace_seconds=1.0,
         shutdown_grace_seconds=5.0,
         auth_cache_seconds=0.0,
         consumer_block_ms=100,
         consumer_claim_idle_ms=2000,
         tenant_refresh_seconds=0.1,
-        identity_rules_cache_seconds=0.0,
     )
 
 
@@ -109,10 +104,10 @@ def tenant(engine: Engine) -> TenantKey:
 
 def _serve(service: str, settings: Settings) -> Iterator[RunningServer]:
     """A service in this process on a free port, SERVING before the tests get it."""
-    import importlib
-
-    running = start_server(importlib.import_module(f"services.{service}.app").definition(), settings, port=0)
-    assert wait_health(f"127.0.0.1:{running.port}"), f"{service} never became SERVING"
+    definition = registry.definition(service)
+    own = definition.settings_type(**SERVICE_OVERRIDES.get(service, {}))
+    running = start_server(definition, settings, port=0, service_settings=own)
+    assert harness.wait_health(f"127.0.0.1:{running.port}"), f"{service} never became SERVING"
     yield running
     running.shutdown(grace=1)
 

@@ -53,8 +53,8 @@ def free_port() -> int:
 
 
 def run_token() -> str:
-    """Unique enough to keep concurrent runs on one server apart."""
-    return f"{os.getpid()}_{secrets.token_hex(3)}"
+    """Unique enough to keep concurrent runs on one server apart; valid in tenant ids and names."""
+    return secrets.token_hex(5)
 
 
 def configured(*names: str) -> str | None:
@@ -243,6 +243,19 @@ class ServiceProcess:
             return ""
         return "\n".join(text.splitlines()[-lines:])
 
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.proc is not None
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+
+    def wait(self, timeout: float | None = None) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
     def kill(self) -> None:
         """SIGKILL, as a crash would; waits for the process to be gone."""
         if self.alive():
@@ -267,6 +280,11 @@ class ServiceProcess:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(5)
         return self.proc.returncode
+
+
+def spawn_service(service: str, env: dict[str, str], log_path: Path) -> ServiceProcess:
+    """``tessera serve SERVICE`` started now, as production runs it."""
+    return ServiceProcess.service(service, env, log_path).start()
 
 
 def health_status(target: str, service: str = "", timeout: float = 1.0) -> int | None:

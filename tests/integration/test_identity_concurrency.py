@@ -26,13 +26,13 @@ from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
 from services.core.bus import EVENTS, RESOLVED, Bus
+from services.core.harness import ServiceProcess, free_port, spawn_service, wait_health
 from services.core.settings import Settings
 from services.identity.stitching import Key, components, partition
 from services.identity.storage import IdentityStore
 from tessera.v1 import event_pb2
 from tests.conftest import make_tenant
 from tests.support.identity import linked_count, wait_linked
-from tests.support.servers import free_port, spawn_service, wait_health
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -64,7 +64,7 @@ def worker_env(s: Settings, **extra: str) -> dict[str, str]:
     }
 
 
-def start_workers(s: Settings, count: int, log_dir: Path, **extra: str) -> list[subprocess.Popen[bytes]]:
+def start_workers(s: Settings, count: int, log_dir: Path, **extra: str) -> list[ServiceProcess]:
     procs = []
     ports = []
     for n in range(count):
@@ -77,7 +77,7 @@ def start_workers(s: Settings, count: int, log_dir: Path, **extra: str) -> list[
     return procs
 
 
-def stop_workers(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+def stop_workers(procs: Sequence[ServiceProcess]) -> None:
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
@@ -89,7 +89,7 @@ def stop_workers(procs: Sequence[subprocess.Popen[bytes]]) -> None:
 
 
 @pytest.fixture(scope="module")
-def workers(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[subprocess.Popen[bytes]]]:
+def workers(settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServiceProcess]]:
     """Three identity processes reading small batches, so their batches interleave."""
     procs = start_workers(settings, 3, tmp_path_factory.mktemp("identity-workers"), TESSERA_CONSUMER_BATCH_SIZE="4")
     yield procs
@@ -182,7 +182,7 @@ EVENTS_STRATEGY = st.lists(st.lists(st.sampled_from(POOL), min_size=1, max_size=
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(events=EVENTS_STRATEGY)
 def test_partition_equals_connected_components_with_several_workers(
-    workers: list[subprocess.Popen[bytes]],
+    workers: list[ServiceProcess],
     settings: Settings,
     engine: Engine,
     redis_client: Any,
@@ -197,7 +197,7 @@ def test_partition_equals_connected_components_with_several_workers(
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(events=EVENTS_STRATEGY)
 def test_limits_hold_and_attribution_survives_with_several_workers(
-    workers: list[subprocess.Popen[bytes]],
+    workers: list[ServiceProcess],
     settings: Settings,
     engine: Engine,
     redis_client: Any,
@@ -245,7 +245,7 @@ def test_kill_9_mid_batch_the_survivor_finishes_with_nothing_lost_or_doubled(
 
 
 def test_probabilistic_matching_is_not_lost_between_concurrent_batches(
-    workers: list[subprocess.Popen[bytes]], settings: Settings, engine: Engine, redis_client: Any
+    workers: list[ServiceProcess], settings: Settings, engine: Engine, redis_client: Any
 ) -> None:
     """Duplicates spread over batches that three workers apply at once still merge: a tenant's
     matching batches take one lock, so each sees every record committed before it."""

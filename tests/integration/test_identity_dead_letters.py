@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import Engine
 
-from services.core.bus import EVENTS, RESOLVED, Bus
 from services.cli.main import main
+from services.core.bus import EVENTS, RESOLVED, Bus
+from services.core.harness import delete_prefix, free_port
 from services.core.outbox import Outbox
 from services.core.settings import Settings
 from services.identity.consumer import build_consumer
@@ -21,7 +22,6 @@ from services.identity.rules_store import RulesCache
 from services.identity.storage import IdentityStore
 from tests.conftest import TenantKey
 from tests.support.identity import linked_count, person_event
-from tests.support.servers import delete_prefix
 
 pytestmark = pytest.mark.integration
 
@@ -93,7 +93,6 @@ def test_changes_survive_a_failed_publish_through_the_outbox(
     """Redis gone between commit and publish: the change stays in the outbox and the sweeper sends it."""
     from services.core.bus import CHANGES, connect
     from services.identity.resolver import parse_event
-    from tests.support.servers import free_port
 
     prefix = f"{settings.redis_prefix}-outbox"
     live = Bus(redis_client, prefix)

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import Engine
 
+from services.core.harness import ServiceProcess, free_port, spawn_service, wait_health
 from services.core.server import POSTGRES_HEALTH, REDIS_HEALTH, RunningServer, start_server
 from services.core.settings import Settings
 from services.ingest.app import definition
@@ -28,7 +29,6 @@ from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.conftest import TenantKey
 from tests.support.events import track
 from tests.support.proxy import proxy_postgres, proxy_redis
-from tests.support.servers import free_port, spawn_service, wait_health
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -166,19 +166,17 @@ def service_env(settings: Settings) -> dict[str, str]:
         "TESSERA_REDIS_PREFIX": settings.redis_prefix,
         "TESSERA_BIND_HOST": "127.0.0.1",
         "TESSERA_HEALTH_INTERVAL_SECONDS": "0.1",
-        "TESSERA_RELAY_SWEEP_SECONDS": "0.2",
-        "TESSERA_RELAY_GRACE_SECONDS": "1",
+        "TESSERA_OUTBOX_SWEEP_SECONDS": "0.2",
+        "TESSERA_OUTBOX_GRACE_SECONDS": "1",
         "TESSERA_SHUTDOWN_GRACE_SECONDS": "20",
     }
 
 
 @pytest.fixture
-def spawned(
-    tmp_path: Path, service_env: dict[str, str]
-) -> Iterator[tuple[list[subprocess.Popen[bytes]], int, dict[str, str]]]:
+def spawned(tmp_path: Path, service_env: dict[str, str]) -> Iterator[tuple[list[ServiceProcess], int, dict[str, str]]]:
     port = free_port()
     env = {**service_env, "TESSERA_INGEST_PORT": str(port)}
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[ServiceProcess] = []
     yield procs, port, env
     for proc in procs:
         if proc.poll() is None:

@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,14 +15,12 @@ import psutil
 import pytest
 
 from services.cli.demo import PERSONA
+from services.core.harness import TESSERA, free_port, wait_health
 from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc, ingest_pb2, ingest_pb2_grpc
-from tests.support.servers import ROOT, free_port, wait_health
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TESSERA = [sys.executable, "-m", "services.cli"]
-
-
+ROOT = Path(__file__).resolve().parents[2]
 IDENTITY_PORT = free_port()
 
 

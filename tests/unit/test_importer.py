@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from services.ingest import importer
+from services.cli import importer
 from services.cli.importer import ParseFailure, csv_row_to_dict, normalize_enums, parse_event, read_events
 from tessera.v1 import event_pb2
 

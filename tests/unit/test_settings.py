@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from services.core.settings import Settings, SettingsError, redact_url
+from services.identity.settings import IdentitySettings
+from services.ingest.settings import IngestSettings
 
 
 def test_defaults_when_nothing_is_set() -> None:
@@ -16,14 +18,13 @@ def test_defaults_when_nothing_is_set() -> None:
     assert s.database_url is None and s.redis_url is None
     assert s.redis_prefix == "tessera"
     assert s.log_level == "INFO"
-    assert [s.port_for(svc) for svc in ("ingest", "identity", "profile", "metrics")] == [50051, 50052, 50053, 50054]
+    assert (IngestSettings.from_env({}).port, IdentitySettings.from_env({}).port) == (50051, 50052)
     assert s.tls_cert_file is None and s.tls_key_file is None
 
 
 def test_values_are_parsed_and_typed() -> None:
     s = Settings.from_env(
         {
-            "TESSERA_INGEST_PORT": " 6000 ",
             "TESSERA_LOG_LEVEL": "debug",
             "TESSERA_SHUTDOWN_GRACE_SECONDS": "2.5",
             "TESSERA_REDIS_URL": "rediss://cache.example:6380/2",
@@ -31,7 +32,7 @@ def test_values_are_parsed_and_typed() -> None:
             "UNRELATED": "ignored",
         }
     )
-    assert s.ingest_port == 6000
+    assert IngestSettings.from_env({"TESSERA_INGEST_PORT": " 6000 "}).port == 6000
     assert s.log_level == "DEBUG"
     assert s.shutdown_grace_seconds == 2.5
     assert s.redis_url == "rediss://cache.example:6380/2"
@@ -39,15 +40,20 @@ def test_values_are_parsed_and_typed() -> None:
 
 
 def test_blank_values_count_as_unset() -> None:
-    assert Settings.from_env({"TESSERA_INGEST_PORT": "  ", "TESSERA_LOG_LEVEL": ""}) == Settings()
+    assert Settings.from_env({"TESSERA_DB_POOL_SIZE": "  ", "TESSERA_LOG_LEVEL": ""}) == Settings()
+    assert IngestSettings.from_env({"TESSERA_INGEST_PORT": "  "}) == IngestSettings()
+
+
+def test_shared_settings_ignore_a_service_s_variables() -> None:
+    """A service's own variables are checked by that service's settings, not by every process."""
+    assert Settings.from_env({"TESSERA_INGEST_PORT": "70000"}) == Settings()
+    with pytest.raises(SettingsError, match="TESSERA_INGEST_PORT"):
+        IngestSettings.from_env({"TESSERA_INGEST_PORT": "70000"})
 
 
 @pytest.mark.parametrize(
     ("variable", "value"),
     [
-        ("TESSERA_INGEST_PORT", "http"),
-        ("TESSERA_INGEST_PORT", "70000"),
-        ("TESSERA_METRICS_PORT", "-1"),
         ("TESSERA_GRPC_WORKERS", "0"),
         ("TESSERA_SHUTDOWN_GRACE_SECONDS", "soon"),
         ("TESSERA_HEALTH_INTERVAL_SECONDS", "nan"),
@@ -69,14 +75,31 @@ def test_a_bad_value_names_its_variable(variable: str, value: str) -> None:
     assert set(re.findall(r"TESSERA_[A-Z_]+", str(info.value))) == {variable}
 
 
+@pytest.mark.parametrize(
+    ("settings", "variable", "value"),
+    [
+        (IngestSettings, "TESSERA_INGEST_PORT", "http"),
+        (IngestSettings, "TESSERA_INGEST_PORT", "70000"),
+        (IngestSettings, "TESSERA_INGEST_RATE_LIMIT", "0"),
+        (IdentitySettings, "TESSERA_IDENTITY_PORT", "-1"),
+        (IdentitySettings, "TESSERA_IDENTITY_CONSUMERS", "0"),
+        (IdentitySettings, "TESSERA_IDENTITY_RULES_CACHE_SECONDS", "forever"),
+    ],
+)
+def test_a_bad_service_value_names_its_variable(settings: type[IngestSettings], variable: str, value: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        settings.from_env({variable: value})
+    assert set(re.findall(r"TESSERA_[A-Z_]+", str(info.value))) == {variable}
+
+
 def test_port_out_of_range_says_the_range() -> None:
     with pytest.raises(SettingsError, match=r"TESSERA_INGEST_PORT must be between 0 and 65535, got 70000"):
-        Settings.from_env({"TESSERA_INGEST_PORT": "70000"})
+        IngestSettings.from_env({"TESSERA_INGEST_PORT": "70000"})
 
 
 def test_non_numeric_port_quotes_the_value() -> None:
     with pytest.raises(SettingsError, match=r"TESSERA_INGEST_PORT must be a whole number, got 'http'"):
-        Settings.from_env({"TESSERA_INGEST_PORT": "http"})
+        IngestSettings.from_env({"TESSERA_INGEST_PORT": "http"})
 
 
 def test_tls_cert_without_key_is_refused(tmp_path: Path) -> None:
@@ -100,17 +123,17 @@ def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(SettingsError) as info:
         Settings.from_env(
             {
-                "TESSERA_INGEST_PORT": "70000",
+                "TESSERA_GRPC_WORKERS": "0",
                 "TESSERA_LOG_LEVEL": "chatty",
                 "TESSERA_DATABASE_URL": "sqlite:///x.db",
                 "TESSERA_REDIS_PREFIX": "{x}",
-                "TESSERA_PROFILE_PORT": "50053",  # fine, must not be blamed
+                "TESSERA_DB_POOL_SIZE": "3",  # fine, must not be blamed
             }
         )
     message = str(info.value)
-    for variable in ("TESSERA_INGEST_PORT", "TESSERA_LOG_LEVEL", "TESSERA_DATABASE_URL", "TESSERA_REDIS_PREFIX"):
+    for variable in ("TESSERA_GRPC_WORKERS", "TESSERA_LOG_LEVEL", "TESSERA_DATABASE_URL", "TESSERA_REDIS_PREFIX"):
         assert variable in message
-    assert "TESSERA_PROFILE_PORT" not in message
+    assert "TESSERA_DB_POOL_SIZE" not in message
 
 
 def test_settings_error_is_a_value_error() -> None:
@@ -143,7 +166,8 @@ def test_require_urls_name_the_variable() -> None:
         s.require_database_url()
     with pytest.raises(SettingsError, match="TESSERA_REDIS_URL"):
         s.require_redis_url()
-    assert s.env_for("ingest_port") == "TESSERA_INGEST_PORT"
+    assert s.env_for("redis_prefix") == "TESSERA_REDIS_PREFIX"
+    assert IngestSettings().env_for("port") == "TESSERA_INGEST_PORT"
 
 
 @pytest.mark.parametrize(

@@ -1,21 +1,15 @@
-"""Seeded, deterministic demo dataset of Tessera events.
+"""Seeded, deterministic generator of the demo dataset, and its public API: `generate` and `to_jsonl`.
 
-`tessera up` loads it through the public ingest API, tests assert on it and benchmarks replay it, so it
-must be realistic enough to exercise every part of the pipeline (identity stitching across channels,
-phone/email normalization, blocked placeholder values, AHT/FCR/NPS/CSAT/CES/sentiment) while being
-reproducible: all randomness flows from one ``random.Random(seed)`` and every id is derived from it
-or from a counter, never from ``uuid4`` or the clock (except the default ``now``). Equal arguments give
-equal events, byte-identical under deterministic serialization and in `to_jsonl` output.
-
-The dataset is a fictional retailer, "Harbor & Pine". Emails use the reserved ``example.*`` domains,
-US phone numbers use the 555 exchange and web IPs use the documentation ranges, so nothing
-points at a real person or host.
-
-Time conventions of an Interaction leg, so durations and timestamps agree exactly:
-the event ``timestamp`` is when the contact arrived in the queue, ``started_at`` is ``wait_seconds``
-later (when an agent picked it up), and ``ended_at - started_at == talk_seconds + hold_seconds``.
-After-contact work follows ``ended_at``. An abandoned contact has no agent, zero talk and hold, and
-``started_at == ended_at`` at the moment the customer gave up.
+`tessera up` loads the dataset through the public ingest API, tests assert on it and benchmarks
+replay it, so it must be realistic enough to exercise every part of the pipeline (identity stitching
+across channels, phone/email normalization, blocked placeholder values,
+AHT/FCR/NPS/CSAT/CES/sentiment) while being reproducible: all randomness flows from one
+``random.Random(seed)`` and every id is derived from it or from a counter, never from ``uuid4`` or
+the clock (except the default ``now``). Equal arguments give equal events, byte-identical under
+deterministic serialization and in `to_jsonl` output. This module holds the logic (the synthetic
+customer, contact legs, sampling helpers and the `_Generator` that emits every channel); the data
+it draws from is in `vocabulary` and `conversations`, the showcase person in `persona`. US phone
+numbers use the 555 exchange, so none belongs to a real person.
 """
 
 from __future__ import annotations
@@ -32,825 +26,93 @@ from typing import Any, Final, TextIO, TypeAlias
 
 from google.protobuf import json_format
 
+from services.cli.demo.conversations import (
+    ABANDON_LINES,
+    AGENT_ASKS,
+    AGENT_CLOSINGS,
+    AGENT_GREETINGS,
+    AGENT_TRANSFERS,
+    BOT_GREETINGS,
+    BOT_HANDOFFS,
+    CLOSING_NEGATIVE,
+    CLOSING_NEUTRAL,
+    CLOSING_POSITIVE,
+    COMMENTS_NEGATIVE,
+    COMMENTS_NEUTRAL,
+    COMMENTS_POSITIVE,
+    CUSTOMER_DETAILS,
+    EMAIL_CAMPAIGNS,
+    FRUSTRATED,
+    OPENERS,
+    RESOLUTIONS,
+    SMS_CAMPAIGNS,
+    SOCIAL_NEGATIVE,
+    SOCIAL_NEUTRAL,
+    SOCIAL_POSITIVE,
+    SOCIAL_REPLIES,
+    UNRESOLVED,
+)
+from services.cli.demo.persona import PERSONA
+from services.cli.demo.vocabulary import (
+    ANDROID_DEVICES,
+    APP,
+    APP_VERSIONS,
+    CES_BAD,
+    CES_GOOD,
+    CHAT,
+    CITIES,
+    CONTACT_HOURS,
+    CSAT_BAD,
+    CSAT_GOOD,
+    DIGITAL_HOURS,
+    EMAIL,
+    EMAIL_DOMAINS,
+    FIRST_NAMES,
+    IOS_DEVICES,
+    IP_PREFIXES,
+    JUNK_IDS,
+    LAST_NAMES,
+    LOCALES,
+    NICKNAMES,
+    NPS_BAD,
+    NPS_GOOD,
+    NPS_RELATIONSHIP,
+    OTHER,
+    PAGES,
+    PRODUCTS,
+    QUEUES,
+    REASONS,
+    REFERRERS,
+    RESOLVED_DISPOSITIONS,
+    SHOP_URL,
+    SMS,
+    SOCIAL,
+    STORE,
+    STORES,
+    STREET_SUFFIXES,
+    STREETS,
+    SURVEY_DIGITAL_CSAT,
+    SURVEY_POSTCALL_CES,
+    SURVEY_POSTCALL_NPS,
+    SURVEY_RELATIONSHIP_NPS,
+    TRANSFER_TO,
+    UNRESOLVED_DISPOSITIONS,
+    USER_AGENTS,
+    VOICE,
+    WEB,
+    Channel,
+)
 from tessera.v1 import event_pb2
 
-__all__ = ["PERSONA", "DemoPersona", "generate", "to_jsonl"]
+__all__ = ["generate", "to_jsonl"]
 
-Channel: TypeAlias = event_pb2.Channel.ValueType
 Ids: TypeAlias = list[tuple[str, str]]
 Json: TypeAlias = dict[str, Any]
-
-WEB: Final = event_pb2.CHANNEL_WEB
-APP: Final = event_pb2.CHANNEL_MOBILE_APP
-EMAIL: Final = event_pb2.CHANNEL_EMAIL
-SMS: Final = event_pb2.CHANNEL_SMS
-CHAT: Final = event_pb2.CHANNEL_CHAT
-VOICE: Final = event_pb2.CHANNEL_VOICE
-SOCIAL: Final = event_pb2.CHANNEL_SOCIAL
-STORE: Final = event_pb2.CHANNEL_IN_STORE
-OTHER: Final = event_pb2.CHANNEL_OTHER
 
 DAY: Final = 86_400
 HOUR: Final = 3_600
 # Share of events that carry a placeholder identifier a resolver must block.
 JUNK_RATE: Final = 0.01
-SHOP_URL: Final = "https://shop.example.com"
-
-# The showcase person.
-
-
-@dataclass(frozen=True, slots=True)
-class DemoPersona:
-    """The one customer whose identifiers are spread over four channels, so a demo can show stitching.
-
-    The email is seen on the web, the phone on voice, the chat id in chat and the loyalty id in store;
-    Identify events link them, so a resolver that works ends with one profile holding all four.
-    """
-
-    first_name: str
-    last_name: str
-    email: str
-    phone: str  # E.164
-    phone_national: str  # the same number as a caller-id system might format it
-    chat_id: str
-    loyalty_id: str
-    user_id: str
-    anonymous_id: str
-    crm_id: str
-
-    @property
-    def name(self) -> str:
-        """Full display name."""
-        return f"{self.first_name} {self.last_name}"
-
-
-PERSONA: Final = DemoPersona(
-    first_name="Maya",
-    last_name="Okafor",
-    email="maya.okafor@example.com",
-    phone="+14155550142",
-    phone_national="(415) 555-0142",
-    chat_id="zd-v-7f3c9a21e04b",
-    loyalty_id="LY4401287305",
-    user_id="usr_5c1d2e3f4a5b",
-    anonymous_id="0b6f4c1e-8a52-4d7e-9c3a-2f1e5d6a7b80",
-    crm_id="0035g00000MayOkfQA",
-)
-
-# --------------------------------------------------------------------------------------------------
-# Embedded reference data. Names are varied on purpose (accents, apostrophes, hyphens) because
-# identity and traits code must cope with them.
-
-FIRST_NAMES: Final = (
-    "James",
-    "Mary",
-    "Robert",
-    "Patricia",
-    "John",
-    "Jennifer",
-    "Michael",
-    "Linda",
-    "David",
-    "Elizabeth",
-    "William",
-    "Barbara",
-    "Richard",
-    "Susan",
-    "Joseph",
-    "Jessica",
-    "Thomas",
-    "Sarah",
-    "Christopher",
-    "Karen",
-    "Charles",
-    "Lisa",
-    "Daniel",
-    "Nancy",
-    "Matthew",
-    "Betty",
-    "Anthony",
-    "Margaret",
-    "Mark",
-    "Sandra",
-    "Donald",
-    "Ashley",
-    "Steven",
-    "Kimberly",
-    "Andrew",
-    "Emily",
-    "Joshua",
-    "Donna",
-    "Kenneth",
-    "Michelle",
-    "Kevin",
-    "Carol",
-    "Brian",
-    "Amanda",
-    "Timothy",
-    "Melissa",
-    "Ronald",
-    "Deborah",
-    "Jason",
-    "Stephanie",
-    "Katherine",
-    "Rebecca",
-    "Alexander",
-    "Samantha",
-    "Benjamin",
-    "Olivia",
-    "Nicholas",
-    "Sophia",
-    "Jonathan",
-    "Isabella",
-    "Wei",
-    "Mei",
-    "Hiroshi",
-    "Yuki",
-    "Priya",
-    "Arjun",
-    "Aisha",
-    "Omar",
-    "Fatima",
-    "Mohammed",
-    "Chloé",
-    "José",
-    "María",
-    "Luis",
-    "Sofía",
-    "Diego",
-    "Camila",
-    "Mateo",
-    "Zoë",
-    "Noah",
-    "Liam",
-    "Ava",
-    "Mia",
-    "Ethan",
-    "Lucas",
-    "Harper",
-    "Amelia",
-    "Elijah",
-    "Chidi",
-    "Ngozi",
-    "Kwame",
-    "Amara",
-    "Sven",
-    "Ingrid",
-    "Lars",
-    "Anya",
-    "Dmitri",
-    "Siobhan",
-    "Seán",
-    "Niamh",
-    "Thanh",
-    "Linh",
-    "Minh",
-    "Jae",
-    "Ji-woo",
-    "Rahul",
-    "Ananya",
-    "Tariq",
-    "Leila",
-    "Gabriel",
-    "Valentina",
-)
-LAST_NAMES: Final = (
-    "Smith",
-    "Johnson",
-    "Williams",
-    "Brown",
-    "Jones",
-    "Garcia",
-    "Miller",
-    "Davis",
-    "Rodriguez",
-    "Martinez",
-    "Hernandez",
-    "Lopez",
-    "Gonzalez",
-    "Wilson",
-    "Anderson",
-    "Thomas",
-    "Taylor",
-    "Moore",
-    "Jackson",
-    "Martin",
-    "Lee",
-    "Perez",
-    "Thompson",
-    "White",
-    "Harris",
-    "Sanchez",
-    "Clark",
-    "Ramirez",
-    "Lewis",
-    "Robinson",
-    "Walker",
-    "Young",
-    "Allen",
-    "King",
-    "Wright",
-    "Scott",
-    "Torres",
-    "Nguyen",
-    "Hill",
-    "Flores",
-    "Green",
-    "Adams",
-    "Nelson",
-    "Baker",
-    "Hall",
-    "Rivera",
-    "Campbell",
-    "Mitchell",
-    "Carter",
-    "Roberts",
-    "Chen",
-    "Wang",
-    "Kim",
-    "Park",
-    "Patel",
-    "Shah",
-    "Singh",
-    "Tanaka",
-    "Sato",
-    "Okafor",
-    "Adeyemi",
-    "Mensah",
-    "O'Brien",
-    "O'Connor",
-    "McCarthy",
-    "Murphy",
-    "Kowalski",
-    "Nowak",
-    "Müller",
-    "Schmidt",
-    "Johansson",
-    "Lindqvist",
-    "Rossi",
-    "Bianchi",
-    "Dubois",
-    "Lefèvre",
-    "Ivanova",
-    "Petrov",
-    "Haddad",
-    "Khan",
-    "Ali",
-    "Hussain",
-    "Cohen",
-    "Levy",
-    "Santos",
-    "Oliveira",
-    "Costa",
-    "Silva",
-    "Reyes",
-    "Cruz",
-    "Morales",
-    "Ortiz",
-    "Gutierrez",
-    "Tran",
-    "Pham",
-    "Le",
-    "Huang",
-    "Zhang",
-    "Liu",
-    "Yamamoto",
-    "Choi",
-    "Sharma",
-    "Gupta",
-    "Iyer",
-    "Smith-Jones",
-    "Van der Berg",
-    "St. Clair",
-)
-NICKNAMES: Final = {
-    "James": "Jim",
-    "Robert": "Bob",
-    "Patricia": "Pat",
-    "Jennifer": "Jen",
-    "Michael": "Mike",
-    "Elizabeth": "Liz",
-    "William": "Bill",
-    "Richard": "Rick",
-    "Susan": "Sue",
-    "Joseph": "Joe",
-    "Thomas": "Tom",
-    "Christopher": "Chris",
-    "Daniel": "Dan",
-    "Matthew": "Matt",
-    "Anthony": "Tony",
-    "Margaret": "Maggie",
-    "Steven": "Steve",
-    "Kimberly": "Kim",
-    "Andrew": "Andy",
-    "Kenneth": "Ken",
-    "Timothy": "Tim",
-    "Ronald": "Ron",
-    "Katherine": "Kate",
-    "Rebecca": "Becky",
-    "Alexander": "Alex",
-    "Samantha": "Sam",
-    "Benjamin": "Ben",
-    "Nicholas": "Nick",
-    "Jonathan": "Jon",
-    "Valentina": "Vale",
-}
-# (city, state, area codes, zip prefix)
-CITIES: Final = (
-    ("San Francisco", "CA", ("415", "628"), "941"),
-    ("Oakland", "CA", ("510",), "946"),
-    ("Los Angeles", "CA", ("213", "310", "323"), "900"),
-    ("San Diego", "CA", ("619", "858"), "921"),
-    ("Seattle", "WA", ("206",), "981"),
-    ("Portland", "OR", ("503", "971"), "972"),
-    ("Denver", "CO", ("303", "720"), "802"),
-    ("Austin", "TX", ("512", "737"), "787"),
-    ("Dallas", "TX", ("214", "469"), "752"),
-    ("Houston", "TX", ("713", "832"), "770"),
-    ("Chicago", "IL", ("312", "773"), "606"),
-    ("Minneapolis", "MN", ("612",), "554"),
-    ("Boston", "MA", ("617", "857"), "021"),
-    ("New York", "NY", ("212", "646"), "100"),
-    ("Brooklyn", "NY", ("718", "347"), "112"),
-    ("Philadelphia", "PA", ("215", "267"), "191"),
-    ("Atlanta", "GA", ("404", "470"), "303"),
-    ("Miami", "FL", ("305", "786"), "331"),
-    ("Phoenix", "AZ", ("602", "480"), "850"),
-    ("Nashville", "TN", ("615",), "372"),
-    ("Detroit", "MI", ("313",), "482"),
-    ("Salt Lake City", "UT", ("801",), "841"),
-)
-STREETS: Final = (
-    "Maple",
-    "Oak",
-    "Cedar",
-    "Pine",
-    "Elm",
-    "Washington",
-    "Lake",
-    "Hill",
-    "Park",
-    "Main",
-    "Sunset",
-    "Mission",
-    "Valencia",
-    "Church",
-    "Broadway",
-    "Lincoln",
-    "Jefferson",
-    "Highland",
-    "Madison",
-    "Franklin",
-    "Willow",
-    "Magnolia",
-    "Riverside",
-    "Harbor",
-    "Chestnut",
-    "Spruce",
-    "Walnut",
-    "Cherry",
-)
-STREET_SUFFIXES: Final = (
-    ("Street", "St"),
-    ("Avenue", "Ave"),
-    ("Road", "Rd"),
-    ("Boulevard", "Blvd"),
-    ("Drive", "Dr"),
-    ("Lane", "Ln"),
-    ("Court", "Ct"),
-    ("Place", "Pl"),
-)
-EMAIL_DOMAINS: Final = (
-    "example.com",
-    "example.com",
-    "example.com",
-    "example.net",
-    "example.org",
-    "mail.example.com",
-    "inbox.example.net",
-)
-LOCALES: Final = ("en-US",) * 12 + ("es-US", "es-US", "en-GB", "fr-CA", "zh-CN", "vi-VN")
-USER_AGENTS: Final = (
-    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/124.0.0.0 Safari/537.36",
-    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko) "
-    "Version/17.4 Safari/605.1.15",
-    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_4 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
-    "Version/17.4 Mobile/15E148 Safari/604.1",
-    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) "
-    "Chrome/124.0.0.0 Mobile Safari/537.36",
-    "Mozilla/5.0 (Windows NT 10.0; Win64; x64; rv:125.0) Gecko/20100101 Firefox/125.0",
-    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/537.36 (KHTML, like Gecko) "
-    "Chrome/124.0.0.0 Safari/537.36 Edg/124.0.2478.67",
-)
-IP_PREFIXES: Final = ("192.0.2.", "198.51.100.", "203.0.113.")
-APP_VERSIONS: Final = ("5.12.0", "5.12.1", "5.13.0", "5.14.0", "5.14.2")
-IOS_DEVICES: Final = (("iPhone15,2", "iOS 17.4"), ("iPhone14,5", "iOS 17.5"), ("iPhone16,1", "iOS 17.5"))
-ANDROID_DEVICES: Final = (("Pixel 8", "Android 14"), ("SM-S918B", "Android 14"), ("moto g 5G", "Android 13"))
-
-# (sku, name, category, price)
-PRODUCTS: Final = (
-    ("HP-TEE-001", "Organic Cotton Tee", "apparel", 24.0),
-    ("HP-TEE-014", "Striped Breton Tee", "apparel", 32.0),
-    ("HP-SWT-003", "Merino Crew Sweater", "apparel", 89.0),
-    ("HP-JKT-007", "Waxed Canvas Jacket", "apparel", 198.0),
-    ("HP-JKT-011", "Packable Rain Shell", "apparel", 129.0),
-    ("HP-PNT-002", "Stretch Chino", "apparel", 68.0),
-    ("HP-PNT-009", "Relaxed Linen Trouser", "apparel", 74.0),
-    ("HP-DRS-004", "Wrap Midi Dress", "apparel", 96.0),
-    ("HP-SHO-021", "Leather Chelsea Boot", "footwear", 165.0),
-    ("HP-SHO-023", "Canvas Low Sneaker", "footwear", 58.0),
-    ("HP-SHO-030", "Trail Runner", "footwear", 124.0),
-    ("HP-BAG-005", "Canvas Tote", "accessories", 38.0),
-    ("HP-BAG-012", "Leather Weekender", "accessories", 245.0),
-    ("HP-ACC-008", "Wool Beanie", "accessories", 22.0),
-    ("HP-ACC-016", "Cashmere Scarf", "accessories", 78.0),
-    ("HP-HOM-101", "Stoneware Mug Set", "home", 36.0),
-    ("HP-HOM-104", "Linen Duvet Cover", "home", 149.0),
-    ("HP-HOM-110", "Cast Iron Skillet", "home", 54.0),
-    ("HP-HOM-115", "Wool Throw Blanket", "home", 112.0),
-    ("HP-HOM-122", "Ceramic Table Lamp", "home", 89.0),
-    ("HP-OUT-201", "Insulated Water Bottle", "outdoor", 29.0),
-    ("HP-OUT-205", "Two-Person Tent", "outdoor", 289.0),
-    ("HP-OUT-209", "Down Sleeping Bag", "outdoor", 219.0),
-    ("HP-OUT-214", "Camp Chair", "outdoor", 64.0),
-)
-PAGES: Final = (
-    ("/", "Home"),
-    ("/collections/new", "New Arrivals"),
-    ("/collections/sale", "Sale"),
-    ("/collections/outdoor", "Outdoor"),
-    ("/collections/home", "Home Goods"),
-    ("/help", "Help Center"),
-    ("/help/returns", "Returns & Exchanges"),
-    ("/help/shipping", "Shipping"),
-    ("/account", "My Account"),
-    ("/account/orders", "Order History"),
-    ("/stores", "Store Locator"),
-    ("/membership", "Plus Membership"),
-)
-REFERRERS: Final = (
-    "",
-    "",
-    "https://www.google.com/",
-    "https://www.bing.com/",
-    "https://duckduckgo.com/",
-    "https://www.instagram.com/",
-    "https://www.pinterest.com/",
-)
-STORES: Final = (
-    ("store-0101", "San Francisco"),
-    ("store-0102", "Oakland"),
-    ("store-0201", "Los Angeles"),
-    ("store-0301", "Seattle"),
-    ("store-0302", "Portland"),
-    ("store-0401", "Denver"),
-    ("store-0501", "Austin"),
-    ("store-0601", "Chicago"),
-    ("store-0701", "Boston"),
-    ("store-0801", "New York"),
-    ("store-0802", "Brooklyn"),
-    ("store-0901", "Atlanta"),
-)
-
-# Queues, their agents and the reasons that land in them.
-QUEUES: Final = {
-    "billing": ("Billing", 9),
-    "tech_support": ("Tech Support", 8),
-    "orders": ("Orders", 8),
-    "returns": ("Returns", 7),
-    "sales": ("Sales", 5),
-    "retention": ("Membership", 3),
-}
-TRANSFER_TO: Final = {
-    "billing": ("retention", "tech_support"),
-    "tech_support": ("billing",),
-    "orders": ("returns", "billing"),
-    "returns": ("billing",),
-    "sales": ("billing", "orders"),
-    "retention": ("billing",),
-}
-# reason -> (queue, weight)
-REASONS: Final = {
-    "billing_question": ("billing", 6),
-    "unexpected_charge": ("billing", 4),
-    "payment_failed": ("billing", 3),
-    "refund_status": ("billing", 7),
-    "password_reset": ("tech_support", 4),
-    "app_not_working": ("tech_support", 3),
-    "account_access": ("tech_support", 3),
-    "order_status": ("orders", 10),
-    "delivery_delay": ("orders", 8),
-    "damaged_item": ("returns", 4),
-    "return_request": ("returns", 7),
-    "wrong_item": ("returns", 3),
-    "product_question": ("sales", 5),
-    "plan_upgrade": ("sales", 2),
-    "cancel_membership": ("retention", 2),
-}
-RESOLVED_DISPOSITIONS: Final = {
-    "billing_question": "information_provided",
-    "unexpected_charge": "refund_issued",
-    "payment_failed": "resolved",
-    "refund_status": "information_provided",
-    "password_reset": "resolved",
-    "app_not_working": "resolved",
-    "account_access": "resolved",
-    "order_status": "information_provided",
-    "delivery_delay": "shipping_upgraded",
-    "damaged_item": "replacement_sent",
-    "return_request": "return_label_sent",
-    "wrong_item": "replacement_sent",
-    "product_question": "information_provided",
-    "plan_upgrade": "upgraded",
-    "cancel_membership": "cancelled",
-}
-UNRESOLVED_DISPOSITIONS: Final = ("escalated", "callback_scheduled", "follow_up_required", "pending_customer")
-
-# Survey instruments: (survey_id, type).
-SURVEY_POSTCALL_NPS: Final = "SV_5cE2Xn0VbWQ9aFT"
-SURVEY_POSTCALL_CES: Final = "SV_0HnT3kLw8RzPq1d"
-SURVEY_DIGITAL_CSAT: Final = "SV_9fKp2YbXv4Mm7Qa"
-SURVEY_RELATIONSHIP_NPS: Final = "SV_3aRt6UeZc1Hy8Lw"
-# Skewed score distributions: satisfied contacts pile up at the top, bad ones spread low.
-NPS_GOOD: Final = (1, 1, 1, 1, 2, 3, 4, 10, 18, 24, 35)
-NPS_BAD: Final = (10, 6, 7, 8, 9, 12, 12, 12, 10, 7, 7)
-NPS_RELATIONSHIP: Final = (2, 1, 2, 2, 3, 6, 7, 14, 20, 18, 25)
-CSAT_GOOD: Final = (2, 3, 7, 28, 60)
-CSAT_BAD: Final = (25, 20, 22, 18, 15)
-CES_GOOD: Final = (1, 2, 3, 6, 14, 34, 40)
-CES_BAD: Final = (14, 18, 17, 16, 14, 12, 9)
-
-# Placeholders that real systems emit and that must never link two people.
-JUNK_IDS: Final[dict[Channel, tuple[tuple[str, str], ...]]] = {
-    WEB: (("email", "test@test.com"), ("user_id", "null"), ("anonymous_id", "unknown")),
-    APP: (("user_id", "null"), ("device_id", "00000000-0000-0000-0000-000000000000")),
-    EMAIL: (("email", "test@test.com"), ("email", "unknown")),
-    SMS: (("phone", "0000000000"), ("phone", "+10000000000")),
-    CHAT: (("email", "test@test.com"), ("email", "unknown"), ("phone", "0000000000")),
-    VOICE: (("phone", "0000000000"), ("phone", "unknown"), ("crm_id", "null")),
-    SOCIAL: (("email", "unknown"),),
-    STORE: (("phone", "0000000000"), ("email", "test@test.com"), ("loyalty_id", "unknown")),
-    OTHER: (("email", "test@test.com"), ("phone", "0000000000"), ("crm_id", "null")),
-}
-
-# Hour-of-day weights in US local time (UTC-5 is close enough for a demo).
-DIGITAL_HOURS: Final = (
-    0.15,
-    0.1,
-    0.07,
-    0.05,
-    0.05,
-    0.08,
-    0.2,
-    0.4,
-    0.6,
-    0.7,
-    0.75,
-    0.8,
-    0.85,
-    0.8,
-    0.75,
-    0.75,
-    0.8,
-    0.85,
-    0.95,
-    1.0,
-    1.0,
-    0.9,
-    0.6,
-    0.3,
-)
-CONTACT_HOURS: Final = (
-    0.02,
-    0.02,
-    0.02,
-    0.02,
-    0.02,
-    0.02,
-    0.05,
-    0.3,
-    0.8,
-    1.0,
-    1.0,
-    0.95,
-    0.85,
-    0.9,
-    0.95,
-    0.9,
-    0.8,
-    0.6,
-    0.4,
-    0.25,
-    0.1,
-    0.05,
-    0.03,
-    0.02,
-)
-
-# --------------------------------------------------------------------------------------------------
-# Conversation phrase lists, written so a sentiment model finds positive, negative and neutral text.
-
-BOT_GREETINGS: Final = (
-    "Hi there! I'm Pine, the Harbor & Pine virtual assistant. What can I help you with today?",
-    "Welcome to Harbor & Pine support. Tell me a little about what you need and I'll find the right person.",
-    "Hello! You're chatting with our assistant. You can ask about orders, returns, billing or your account.",
-)
-BOT_HANDOFFS: Final = (
-    "Thanks! I'm connecting you with someone from our {queue} team. The current wait is about {wait} minutes.",
-    "Got it. Let me find a {queue} specialist for you, it should only take a few minutes.",
-)
-OPENERS: Final = {
-    "billing_question": (
-        "Hi, I have a question about my last bill. Can you explain the charge of {amount}?",
-        "Hello, I don't understand my latest invoice, there's a line for {amount} I don't recognise.",
-    ),
-    "unexpected_charge": (
-        "I was charged {amount} twice for order {order}. Please fix this.",
-        "There's a charge of {amount} on my card that I never authorised. What is going on?",
-    ),
-    "payment_failed": (
-        "My payment keeps getting declined at checkout even though my card works everywhere else.",
-        "Hi, I tried to pay for order {order} but it says payment failed.",
-    ),
-    "refund_status": (
-        "I returned my order two weeks ago and still haven't received my refund of {amount}.",
-        "Can you tell me when my refund for order {order} will arrive?",
-    ),
-    "password_reset": (
-        "I can't log in, the password reset email never arrives.",
-        "Hi, I need help resetting my password please.",
-    ),
-    "app_not_working": (
-        "The app crashes every time I open my order history.",
-        "Your app won't let me check out, it just spins forever. Very annoying.",
-    ),
-    "account_access": (
-        "My account got locked after I changed my email address.",
-        "I can't access my account anymore, it says my email isn't registered.",
-    ),
-    "order_status": (
-        "Hi, where is my order {order}? The tracking hasn't updated in days.",
-        "Can you check the status of order {order} for me?",
-    ),
-    "delivery_delay": (
-        "My order {order} was supposed to arrive last Tuesday and it still isn't here.",
-        "The delivery is a week late and I needed it for a birthday. Really disappointed.",
-    ),
-    "damaged_item": (
-        "The {product} I received is damaged, the box was completely crushed.",
-        "My {product} arrived broken. I'd like a replacement.",
-    ),
-    "return_request": (
-        "I'd like to return the {product} from order {order}, it doesn't fit.",
-        "How do I return an item? The {product} isn't what I expected.",
-    ),
-    "wrong_item": (
-        "I ordered the {product} but received something completely different.",
-        "You sent me the wrong item in order {order}.",
-    ),
-    "product_question": (
-        "Does the {product} come in other sizes?",
-        "Hi! Quick question, is the {product} machine washable?",
-    ),
-    "plan_upgrade": (
-        "I'd like to upgrade my membership to the Plus plan. What are the benefits?",
-        "Can I switch to annual billing for my membership?",
-    ),
-    "cancel_membership": (
-        "I want to cancel my membership, I'm not using it enough.",
-        "Please cancel my subscription, it's too expensive for me right now.",
-    ),
-}
-RESOLUTIONS: Final = {
-    "billing_question": "That {amount} is your membership renewal. I've emailed you an itemised invoice.",
-    "unexpected_charge": "I can see the duplicate charge. I've reversed the extra {amount}; it should "
-    "disappear within 3-5 business days.",
-    "payment_failed": "Your bank flagged the payment. I've cleared the hold on our side, please try again now.",
-    "refund_status": "Your refund of {amount} was processed today and should reach your card within 5 business days.",
-    "password_reset": "I've sent a fresh reset link. It should arrive in a minute, please check spam too.",
-    "app_not_working": "Thanks for the details. Updating to the latest app version fixes that crash, and "
-    "I've cleared your session.",
-    "account_access": "I've unlocked your account and updated the email on file. You can sign in now.",
-    "order_status": "Order {order} is with the carrier and scheduled for delivery tomorrow.",
-    "delivery_delay": "I'm sorry about the delay. I've upgraded your shipping to express at no cost and "
-    "refunded the delivery fee.",
-    "damaged_item": "I'm so sorry about that. A replacement {product} ships today and you don't need to "
-    "send the damaged one back.",
-    "return_request": "I've emailed you a prepaid return label. Once we receive the {product} your refund "
-    "is issued within 3 days.",
-    "wrong_item": "Apologies for the mix-up! The correct {product} ships today by express, with a return "
-    "label for the wrong one.",
-    "product_question": "Yes, the {product} comes in sizes XS to XXL and it's machine washable at 30 degrees.",
-    "plan_upgrade": "Done! You're on the Plus plan now with free express shipping and early access to sales.",
-    "cancel_membership": "I've cancelled your membership; you keep your benefits until the end of the billing period.",
-}
-UNRESOLVED: Final = (
-    "I've escalated this to our specialist team; they will get back to you within 48 hours.",
-    "I'm unable to fix this from my side, so I've opened a ticket with the warehouse. You'll get an update by email.",
-    "I need to check with another department. I'll follow up with you tomorrow.",
-)
-FRUSTRATED: Final = (
-    "This is the second time I'm contacting you about this and it's still not sorted.",
-    "I was promised a follow up and nobody got back to me. This is really frustrating.",
-    "Honestly the service has been terrible, I've explained this problem several times now.",
-    "I'm very unhappy, I was told this would be fixed days ago.",
-)
-AGENT_GREETINGS: Final = (
-    "Hi {first}, my name is {agent}. I'm sorry to hear about that, let me take a look.",
-    "Hello {first}, thanks for reaching out! I'm {agent} and I'll be happy to help.",
-    "Hi {first}, {agent} here. Thanks for your patience while you waited.",
-)
-AGENT_ASKS: Final = (
-    "Could you confirm the order number for me?",
-    "Can you share the order number so I can look into it?",
-    "Thanks, just a moment while I pull up your account.",
-)
-CUSTOMER_DETAILS: Final = (
-    "Sure, it's order {order}.",
-    "The order number is {order}.",
-    "Ok, it's {order}. I placed it about ten days ago.",
-)
-AGENT_TRANSFERS: Final = (
-    "I'm going to transfer you to our {queue} team, they can sort this out for you. One moment please.",
-    "This needs our {queue} team, so I'll transfer you now. Thanks for bearing with me.",
-)
-AGENT_CLOSINGS: Final = (
-    "Is there anything else I can help you with today?",
-    "Thanks for contacting Harbor & Pine, {first}. Have a great day!",
-)
-CLOSING_POSITIVE: Final = (
-    "Thank you so much, that's perfect!",
-    "Great, I really appreciate the quick help.",
-    "Awesome, you've been super helpful. Have a great day!",
-    "Wonderful, thanks for sorting that out so fast.",
-)
-CLOSING_NEUTRAL: Final = ("Ok, thanks.", "Got it.", "Alright, I'll wait for the email.", "Ok.")
-CLOSING_NEGATIVE: Final = (
-    "Fine. I hope it actually gets fixed this time.",
-    "Not happy about this, but ok.",
-    "That doesn't help me at all. I'll take my business elsewhere.",
-    "This is ridiculous, I've wasted so much time on this.",
-)
-ABANDON_LINES: Final = (
-    "Hello? Is anyone there?",
-    "I've been waiting forever, forget it.",
-    "Still waiting...",
-)
-SOCIAL_NEGATIVE: Final = (
-    "@HarborAndPine still waiting on my refund for order {order}. Two weeks and counting. Not impressed.",
-    "@HarborAndPine worst delivery experience ever, my package is a week late and nobody answers.",
-    "@HarborAndPine your app has been broken all day and I can't check out. Fix it please!",
-)
-SOCIAL_POSITIVE: Final = (
-    "Huge thanks to @HarborAndPine support for sorting out my order in minutes!",
-    "@HarborAndPine love my new {product}, great quality and fast shipping.",
-)
-SOCIAL_NEUTRAL: Final = (
-    "@HarborAndPine does the {product} come in navy?",
-    "@HarborAndPine what time does the {city} store open on Sundays?",
-)
-SOCIAL_REPLIES: Final = (
-    "Hi {first}, we're sorry to hear that! We've sent you a DM so we can look into it. ^{initials}",
-    "Thanks for reaching out, {first}! Check your DMs and we'll get this sorted. ^{initials}",
-    "Thanks so much for the kind words, {first}! We'll pass them on to the team. ^{initials}",
-)
-COMMENTS_POSITIVE: Final = (
-    "Quick and friendly help, thank you!",
-    "The agent was fantastic and solved it on the first contact.",
-    "Love the products, and support was easy to reach.",
-    "Really smooth experience, would recommend to friends.",
-    "Great service, the refund came through faster than expected.",
-)
-COMMENTS_NEUTRAL: Final = (
-    "It was ok, took a bit longer than I'd like.",
-    "Fine, but I had to explain my issue twice.",
-    "Average experience. The website could be clearer about delivery times.",
-)
-COMMENTS_NEGATIVE: Final = (
-    "Waited on hold for ages and the problem still isn't fixed.",
-    "Several contacts for one simple refund. Very frustrating.",
-    "Nobody got back to me as promised. Disappointed.",
-    "The agent was polite but couldn't actually help.",
-    "Terrible experience, I'm considering shopping elsewhere.",
-)
-EMAIL_CAMPAIGNS: Final = (
-    ("New arrivals for the season", "new-arrivals"),
-    ("Members save 20% this weekend", "members-weekend"),
-    ("Your guide to layering", "layering-guide"),
-    ("Last chance: sale ends tonight", "sale-last-chance"),
-    ("Camping essentials are back", "camping-essentials"),
-    ("Free shipping on home goods", "home-free-shipping"),
-    ("Meet our new linen collection", "linen-launch"),
-)
-SMS_CAMPAIGNS: Final = (
-    ("Harbor & Pine: 48h flash sale, 25% off outdoor. Reply STOP to opt out.", "flash-outdoor"),
-    ("Harbor & Pine: your Plus perks just got better. Reply STOP to opt out.", "plus-perks"),
-    ("Harbor & Pine: new store opening near you this Saturday! Reply STOP to opt out.", "store-opening"),
-)
-
-
-# --------------------------------------------------------------------------------------------------
-# Internals.
 
 
 @dataclass(slots=True)
@@ -892,7 +154,14 @@ class _Customer:
 
 @dataclass(slots=True)
 class _Leg:
-    """One agent leg (or the abandoned remainder) of a planned contact."""
+    """One agent leg (or the abandoned remainder) of a planned contact.
+
+    Time conventions, so durations and timestamps agree exactly: the event ``timestamp`` is when the
+    contact arrived in the queue (``arrival``), ``started_at`` is ``wait_seconds`` later (when an agent
+    picked it up), and ``ended_at - started_at == talk_seconds + hold_seconds``. After-contact work
+    follows ``ended_at``. An abandoned contact has no agent, zero talk and hold, and
+    ``started_at == ended_at`` at the moment the customer gave up.
+    """
 
     arrival: int
     wait: int

@@ -26,4 +26,5 @@ def configure_tenant(identity: grpc.Channel, api_key: str, timeout: float = 10.0
     request = identity_pb2.UpdateIdentityRulesRequest(
         rules=identity_pb2.IdentityRules(types=types), update_mask=field_mask_pb2.FieldMask(paths=["types"])
     )
-    return stub.UpdateIdentityRules(request, metadata=metadata, timeout=timeout).rules
+    updated: identity_pb2.IdentityRules = stub.UpdateIdentityRules(request, metadata=metadata, timeout=timeout).rules
+    return updated
