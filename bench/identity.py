@@ -57,18 +57,20 @@ from bench.common import (
     utc_now,
 )
 from bench.ingest import postgres_facts
-from bench.payloads import varint
 from services.cli.demo import EMAIL_DOMAINS, FIRST_NAMES, LAST_NAMES, generate
-from services.core import db, tenancy
-from services.core.bus import EVENTS, RESOLVED, Bus, connect, dead_letter_name
+from services.core import db, streams, tenancy
+from services.core.bus import Bus, connect, dead_letter_name
 from services.core.harness import ServiceProcess, free_port, run_token, serve_argv, wait_serving
 from services.core.settings import Settings
+from services.core.streams import tag, varint
 from services.identity.consumer import GROUP
 from tessera.v1 import event_pb2
 
 log = logging.getLogger("bench.identity")
 
 TARGET_EVENTS_PER_S = 5_000
+EVENTS = streams.EVENTS.name
+RESOLVED = streams.RESOLVED.name
 IDENTITY_SERVICE = "tessera.v1.IdentityService"
 SHARE_NEW, SHARE_KNOWN = 0.30, 0.60  # the rest (10 %) merges two people
 SEED_PEOPLE = 2_000  # like `tessera up`'s demo: known people exist before the first measured event
@@ -86,9 +88,11 @@ EXCHANGES = ("555", "556", "557", "558", "559")
 LINES_PER_EXCHANGE = 9_900
 
 # tessera.v1.Event: message_id = 1, identifiers = 6, event_id = 20; Identifier: type = 1, value = 2.
-_MESSAGE_ID_TAG = b"\x0a"
-_IDENTIFIER_TAG = b"\x32"
-_EVENT_ID_TAG = b"\xa2\x01"
+_MESSAGE_ID_TAG = tag(event_pb2.Event.DESCRIPTOR, "message_id")
+_IDENTIFIER_TAG = tag(event_pb2.Event.DESCRIPTOR, "identifiers")
+_EVENT_ID_TAG = tag(event_pb2.Event.DESCRIPTOR, "event_id")
+_IDENT_TYPE_TAG = tag(event_pb2.Identifier.DESCRIPTOR, "type")
+_IDENT_VALUE_TAG = tag(event_pb2.Identifier.DESCRIPTOR, "value")
 _EMAIL, _PHONE = 1, 2  # bits of a person's "seen" mask: which identifiers the graph knows
 
 
@@ -163,7 +167,7 @@ def event_bodies(customers: int = 200, seed: int = 11, days: int = 30) -> list[b
 
 def _identifier(type_name: bytes, value: str) -> bytes:
     raw = value.encode()
-    body = b"\x0a" + varint(len(type_name)) + type_name + b"\x12" + varint(len(raw)) + raw
+    body = _IDENT_TYPE_TAG + varint(len(type_name)) + type_name + _IDENT_VALUE_TAG + varint(len(raw)) + raw
     return _IDENTIFIER_TAG + varint(len(body)) + body
 
 
@@ -316,16 +320,17 @@ class Mix:
         )
         return eid, payload
 
-    def columns(self, count: int, kind: str | None = None) -> dict[str, Sequence[bytes]]:
-        """``count`` events as the relay's stream fields, one traceparent per append like ingest's batches."""
+    def envelopes(self, tenant_id: str, count: int, kind: str | None = None) -> tuple[list[bytes], list[bytes]]:
+        """(event ids, ``events`` entries) of ``count`` events, one traceparent per append like
+        ingest's batches, encoded by the codec ingest's outbox uses."""
         ids: list[bytes] = []
         payloads: list[bytes] = []
         for _ in range(count):
             eid, payload = self.event(kind)
             ids.append(eid)
             payloads.append(payload)
-        tp = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01".encode()
-        return {"event_id": ids, "payload": payloads, "traceparent": [tp] * count}
+        tp = f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+        return ids, streams.event_envelopes(tenant_id, tp, payloads)
 
     @property
     def people(self) -> int:
@@ -371,10 +376,10 @@ class Producer:
         self.cpu_s = 0.0  # thread CPU of the paced producer
 
     def append(self, count: int, kind: str | None = None) -> None:
-        cols = self.mix.columns(count, kind)
-        ids = self.bus.append_columns(self.tenant_id, EVENTS, cols)
+        eids, envelopes = self.mix.envelopes(self.tenant_id, count, kind)
+        ids = self.bus.append(self.tenant_id, EVENTS, envelopes)
         if self.record:
-            for eid, sid in zip(cols["event_id"], ids, strict=True):
+            for eid, sid in zip(eids, ids, strict=True):
                 self.appended_ms[eid] = int(sid.split("-", 1)[0])
         self.produced += count
 
@@ -647,7 +652,8 @@ def resolve_latency(watcher: Watcher, producer: Producer, window_ms: tuple[int, 
         if not rows:
             break
         for sid, fields in rows:
-            appended = wanted.pop(fields.get(b"event_id", b""), None)
+            resolved = streams.decode(streams.RESOLVED, fields[streams.ENTRY_FIELD])
+            appended = wanted.pop(resolved.event.event_id.encode(), None)
             if appended is not None:
                 latencies.append(int(sid.split(b"-", 1)[0]) - appended)
         if not wanted:

@@ -42,8 +42,8 @@ from bench.common import (
 )
 from bench.loadgen import PhaseResult, PhaseSpec, run_phase
 from bench.payloads import demo_templates
-from services.core import db, tenancy
-from services.core.bus import EVENTS, connect, tenant_key
+from services.core import db, streams, tenancy
+from services.core.bus import connect, tenant_key
 from services.core.harness import ServiceProcess, free_port, run_token, serve_argv, wait_serving
 
 log = logging.getLogger("bench.ingest")
@@ -190,7 +190,7 @@ def verify(engine: Engine, redis_url: str, prefix: str, tenant_id: str, accepted
         )
     client = connect(redis_url)
     try:
-        stream_len = int(client.xlen(tenant_key(prefix, tenant_id, EVENTS)))
+        stream_len = int(client.xlen(tenant_key(prefix, tenant_id, streams.EVENTS.name)))
     except redis.RedisError:
         stream_len = -1
     finally:

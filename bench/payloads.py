@@ -12,25 +12,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from services.cli.demo import generate
+from services.core.streams import tag, varint
 from tessera.v1 import event_pb2, ingest_pb2
 
-# Field numbers in ingest.proto: IngestEventsRequest.events = 1;
-# StreamEventsRequest.batch_id = 1, StreamEventsRequest.events = 2. Event.message_id = 1.
-_EVENTS_TAG = {"unary": b"\x0a", "stream": b"\x12"}
-_MESSAGE_ID_TAG = b"\x0a"
-_BATCH_ID_TAG = b"\x0a"
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
+# Tags from the descriptors (the codec's helpers), never spelled by hand.
+_EVENTS_TAG = {
+    "unary": tag(ingest_pb2.IngestEventsRequest.DESCRIPTOR, "events"),
+    "stream": tag(ingest_pb2.StreamEventsRequest.DESCRIPTOR, "events"),
+}
+_MESSAGE_ID_TAG = tag(event_pb2.Event.DESCRIPTOR, "message_id")
+_BATCH_ID_TAG = tag(ingest_pb2.StreamEventsRequest.DESCRIPTOR, "batch_id")
 
 
 def demo_templates(customers: int = 200, seed: int = 11, days: int = 30) -> list[bytes]:

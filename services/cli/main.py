@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from services.cli.registry import SERVICES
+from services.core.streams import STREAMS as STREAM_NAMES
 from services.core.settings import Settings, SettingsError
 
 
@@ -173,6 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     """Messages a consumer gave up on after its attempts: list them, or put them back on their
     stream once the cause is fixed (consumers are idempotent, so a replay applies nothing twice)."""
+    from services.core import streams
     from services.core.bus import Bus, connect
 
     settings = _settings()
@@ -184,16 +186,17 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
             print(json.dumps({"replayed": moved}) if args.json else f"replayed {moved} message(s)")
             return 0
         rows = []
-        for msg in bus.dead_letters(args.tenant, args.stream, count=args.limit):
-            fields = {k.decode(): v for k, v in msg.fields.items()}
+        for dead_id, letter in bus.dead_letters(args.tenant, args.stream, count=args.limit):
+            carries = streams.describe(args.stream, letter.envelope)
             rows.append(
                 {
-                    "id": msg.id,
-                    "event_id": fields.get("event_id", b"").decode(errors="replace"),
-                    "group": fields.get("dead_group", b"").decode(errors="replace"),
-                    "attempts": int(fields.get("dead_attempts", b"0") or 0),
-                    "reason": fields.get("dead_reason", b"").decode(errors="replace"),
-                    "original_id": fields.get("dead_from_id", b"").decode(errors="replace"),
+                    "id": dead_id,
+                    "event_id": carries.removeprefix("event ") if carries.startswith("event ") else "",
+                    "carries": carries,
+                    "group": letter.group,
+                    "attempts": letter.attempts,
+                    "reason": letter.reason,
+                    "original_id": letter.original_id,
                 }
             )
         if args.json:
@@ -202,7 +205,7 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
             print("no dead letters")
         else:
             for r in rows:
-                print(f"{r['id']}  event {r['event_id'] or '-'}  group {r['group']}  attempts {r['attempts']}")
+                print(f"{r['id']}  {r['carries'] or '-'}  group {r['group']}  attempts {r['attempts']}")
                 print(f"    {r['reason']}")
         return 0
     finally:
@@ -270,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dead-letters", help="list or replay messages consumers gave up on")
     p.add_argument("action", choices=["list", "replay"])
     p.add_argument("tenant")
-    p.add_argument("--stream", default="events", choices=["events", "resolved", "changes"])
+    p.add_argument("--stream", default="events", choices=list(STREAM_NAMES))
     p.add_argument("--id", action="append", help="replay: only this dead-letter id (repeatable)")
     p.add_argument("--limit", type=int, default=100, help="list: at most this many")
     p.add_argument("--json", action="store_true")

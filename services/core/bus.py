@@ -2,7 +2,8 @@
 messages reclaimed with XAUTOCLAIM, and a dead-letter stream after N failed attempts.
 
 Every key carries a ``{tenant}`` hash tag, so all of one tenant's keys live in one Redis
-Cluster slot. Every message carries the W3C ``traceparent`` of its producer, so one trace
+Cluster slot. Entries are the typed envelopes of :mod:`services.core.streams` (one field,
+``m``), which carry their tenant and the W3C ``traceparent`` of their producer, so one trace
 runs from ingest to the last consumer.
 """
 
@@ -13,18 +14,20 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis
+from google.protobuf.message import Message
 from opentelemetry import trace
 
-from services.core.telemetry import extract_context, inject_traceparent, meter, tracer
+from services.core import streams
+from services.core.streams import ENTRY_FIELD, Stream, UndecodableEntry
+from services.core.telemetry import extract_context, meter, tracer
+from tessera.v1 import stream_pb2
 
 log = logging.getLogger(__name__)
 
-EVENTS = "events"
-RESOLVED = "resolved"
-CHANGES = "changes"
+M = TypeVar("M", bound=Message)
 
 _dead_lettered = meter.create_counter("tessera.bus.dead_lettered", description="messages moved to dead letters")
 _lag = meter.create_histogram(
@@ -32,37 +35,20 @@ _lag = meter.create_histogram(
 )
 
 
-# KEYS[1] the stream. ARGV: maxlen, row count, then per field: its name, the comma-separated
-# byte lengths of its values, and the values concatenated. Columns as blobs keep the client's
-# cost per entry near zero; one key per call keeps it valid on Redis Cluster.
-_XADD_COLUMNS = """
-local maxlen = ARGV[1]
-local rows = tonumber(ARGV[2])
-local names, values = {}, {}
-local f = 0
-for i = 3, #ARGV, 3 do
-  f = f + 1
-  names[f] = ARGV[i]
-  local blob, pos, col = ARGV[i + 2], 1, {}
-  for len in string.gmatch(ARGV[i + 1], '%d+') do
-    local n = tonumber(len)
-    col[#col + 1] = string.sub(blob, pos, pos + n - 1)
-    pos = pos + n
-  end
-  values[f] = col
+# KEYS[1] the stream. ARGV: maxlen, the comma-separated byte lengths of the entries, and the
+# entries concatenated. One blob keeps the client's cost per entry near zero; one key per call
+# keeps it valid on Redis Cluster.
+_XADD_BLOB = """
+local blob, pos, ids = ARGV[3], 1, {}
+for len in string.gmatch(ARGV[2], '%d+') do
+  local n = tonumber(len)
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'm', string.sub(blob, pos, pos + n - 1))
+  pos = pos + n
 end
-local ids = {}
-for r = 1, rows do
-  local entry = {}
-  for k = 1, f do
-    entry[#entry + 1] = names[k]
-    entry[#entry + 1] = values[k][r]
-  end
-  ids[r] = redis.call('XADD', KEYS[1], '*', unpack(entry))
-end
-redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', maxlen)
+redis.call('XTRIM', KEYS[1], 'MAXLEN', '~', ARGV[1])
 return ids
 """
+assert ENTRY_FIELD == b"m"  # the field name the script writes
 
 
 def connect(url: str) -> redis.Redis:
@@ -87,17 +73,19 @@ def dead_letter_name(stream: str) -> str:
 
 
 @dataclass
-class StreamMessage:
+class Delivery(Generic[M]):
+    """One entry as a consumer gets it: decoded, its tenant checked against its stream's."""
+
     tenant_id: str
-    stream: str
     key: str
     id: str
-    fields: dict[bytes, bytes]
+    raw: bytes
+    envelope: M
     deliveries: int = 1
 
     @property
     def traceparent(self) -> str:
-        return self.fields.get(b"traceparent", b"").decode()
+        return str(getattr(self.envelope, "traceparent", ""))
 
     def context(self) -> Any:
         return extract_context(self.traceparent)
@@ -105,10 +93,11 @@ class StreamMessage:
 
 @dataclass
 class Publication:
+    """An encoded envelope to append to a tenant's stream."""
+
     tenant_id: str
     stream: str
-    fields: dict[str, bytes | str]
-    traceparent: str = ""
+    envelope: bytes
 
 
 class Bus:
@@ -118,50 +107,34 @@ class Bus:
         self.redis = client
         self.prefix = prefix
         self.maxlen = maxlen
-        self._xadd_columns = client.register_script(_XADD_COLUMNS)
+        self._xadd_blob = client.register_script(_XADD_BLOB)
 
     def key(self, tenant_id: str, stream: str) -> str:
         return tenant_key(self.prefix, tenant_id, stream)
 
     def publish(self, items: Sequence[Publication]) -> list[str]:
-        """XADD everything; raises if Redis is unreachable. Returns ids in the order of ``items``."""
-        if not items:
-            return []
-        default_tp = inject_traceparent()
-        groups: dict[tuple[str, str, tuple[str, ...]], list[int]] = {}
+        """Append everything, one command per tenant and stream; raises if Redis is unreachable.
+        Returns the entry ids in the order of ``items``."""
+        groups: dict[tuple[str, str], list[int]] = {}
         for n, item in enumerate(items):
-            groups.setdefault((item.tenant_id, item.stream, tuple(item.fields)), []).append(n)
+            groups.setdefault((item.tenant_id, item.stream), []).append(n)
         ids: list[str] = [""] * len(items)
-        for (tenant_id, stream, names), members in groups.items():
-            rows = [(*items[n].fields.values(), items[n].traceparent or default_tp) for n in members]
-            for n, stream_id in zip(
-                members, self.append(tenant_id, stream, (*names, "traceparent"), rows), strict=True
-            ):
+        for (tenant_id, stream), members in groups.items():
+            appended = self.append(tenant_id, stream, [items[n].envelope for n in members])
+            for n, stream_id in zip(members, appended, strict=True):
                 ids[n] = stream_id
         return ids
 
-    def append(
-        self, tenant_id: str, stream: str, names: Sequence[str], rows: Sequence[Sequence[bytes | str]]
-    ) -> list[str]:
-        """Add many entries with the same field names to one stream; see :meth:`append_columns`."""
-        columns = [[_as_bytes(row[k]) for row in rows] for k in range(len(names))]
-        return self.append_columns(tenant_id, stream, dict(zip(names, columns, strict=True)))
-
-    def append_columns(self, tenant_id: str, stream: str, columns: dict[str, Sequence[bytes]]) -> list[str]:
-        """Add one entry per row, given column by column, in a single command.
+    def append(self, tenant_id: str, stream: str, envelopes: Sequence[bytes]) -> list[str]:
+        """Add one entry per envelope to one stream, in a single command.
 
         The client-side cost of a command, not Redis, is what limits a Python publisher;
-        sending each column as one blob makes 100 entries cost about as much as one.
+        sending the entries as one blob makes 100 entries cost about as much as one.
         """
-        count = len(next(iter(columns.values()), ()))
-        if not count:
+        if not envelopes:
             return []
-        args: list[Any] = [self.maxlen, count]
-        for name, values in columns.items():
-            if len(values) != count:
-                raise ValueError(f"column {name!r} has {len(values)} values, expected {count}")
-            args.extend((name, ",".join(map(str, map(len, values))), b"".join(values)))
-        result = self._xadd_columns(keys=[self.key(tenant_id, stream)], args=args)
+        args: list[bytes | str | int] = [self.maxlen, ",".join(str(len(e)) for e in envelopes), b"".join(envelopes)]
+        result = self._xadd_blob(keys=[self.key(tenant_id, stream)], args=args)
         return [i.decode() if isinstance(i, bytes) else str(i) for i in result]  # type: ignore[union-attr]
 
     def ensure_group(self, tenant_id: str, stream: str, group: str) -> None:
@@ -171,51 +144,60 @@ class Bus:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def dead_letters(self, tenant_id: str, stream: str, count: int = 100) -> list[StreamMessage]:
+    def dead_letters(self, tenant_id: str, stream: str, count: int = 100) -> list[tuple[str, stream_pb2.DeadLetter]]:
+        """(dead-letter entry id, what was given up and why), oldest first."""
         key = self.key(tenant_id, dead_letter_name(stream))
         rows: list[Any] = self.redis.xrange(key, count=count)  # type: ignore[assignment]
-        return [StreamMessage(tenant_id, dead_letter_name(stream), key, _id(mid), dict(fields)) for mid, fields in rows]
+        out = []
+        for mid, fields in rows:
+            letter = stream_pb2.DeadLetter()
+            try:
+                letter.ParseFromString(fields.get(ENTRY_FIELD, b""))
+            except Exception:  # an unreadable dead letter is listed, not fatal
+                letter.reason = "unreadable dead letter"
+            out.append((_id(mid), letter))
+        return out
 
     def replay_dead_letters(self, tenant_id: str, stream: str, ids: Iterable[str] | None = None) -> int:
         """Put dead letters back on their stream (after a fix) and remove them from the dead letters."""
         wanted = set(ids) if ids is not None else None
         moved = 0
-        for msg in self.dead_letters(tenant_id, stream, count=10_000):
-            if wanted is not None and msg.id not in wanted:
+        dead_key = self.key(tenant_id, dead_letter_name(stream))
+        for dead_id, letter in self.dead_letters(tenant_id, stream, count=10_000):
+            if wanted is not None and dead_id not in wanted:
                 continue
-            fields = {k.decode(): v for k, v in msg.fields.items() if not k.startswith(b"dead_")}
-            self.redis.xadd(self.key(tenant_id, stream), fields)  # type: ignore[arg-type]
-            self.redis.xdel(msg.key, msg.id)
+            pipe = self.redis.pipeline(transaction=True)
+            pipe.xadd(self.key(tenant_id, stream), {ENTRY_FIELD: letter.envelope})
+            pipe.xdel(dead_key, dead_id)
+            pipe.execute()
             moved += 1
         return moved
-
-
-def _as_bytes(value: bytes | str) -> bytes:
-    return value if isinstance(value, bytes) else value.encode()
 
 
 def _id(raw: bytes | str) -> str:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
-Handler = Callable[[list[StreamMessage]], None]
+Handler = Callable[[list[Delivery[M]]], None]
 
 
 @dataclass
-class Consumer:
+class Consumer(Generic[M]):
     """A consumer-group member that reads every tenant's stream in batches.
 
-    The handler gets a batch and must apply it idempotently (record message ids in the
-    same transaction as the effect). A failed batch is retried message by message, so
-    one poison message cannot hold back its neighbours; a message that keeps failing is
-    moved to the dead-letter stream after ``max_attempts`` deliveries.
+    Entries are decoded with the stream's envelope type and checked to belong to the tenant of
+    the stream they were read from; one that is not (garbage, or another tenant's) goes to the
+    dead letters at once, since no retry could make it valid. The handler gets a batch and must
+    apply it idempotently (record message ids in the same transaction as the effect). A failed
+    batch is retried message by message, so one poison message cannot hold back its neighbours;
+    a message that keeps failing is moved to the dead letters after ``max_attempts`` deliveries.
     """
 
     bus: Bus
-    stream: str
+    stream: Stream[M]
     group: str
     name: str
-    handler: Handler
+    handler: Handler[M]
     tenants: Callable[[], Iterable[str]]
     batch_size: int = 500
     block_ms: int = 1000
@@ -231,37 +213,50 @@ class Consumer:
         if now - self._refreshed > self.tenant_refresh_seconds:
             for tenant in self.tenants():
                 if tenant not in self._known:
-                    self.bus.ensure_group(tenant, self.stream, self.group)
+                    self.bus.ensure_group(tenant, self.stream.name, self.group)
                     self._known.add(tenant)
             self._refreshed = now
-        return {self.bus.key(t, self.stream): t for t in sorted(self._known)}
+        return {self.bus.key(t, self.stream.name): t for t in sorted(self._known)}
 
     def poll(self) -> int:
         """One cycle: reclaim stale messages, read new ones, handle, ack. Returns messages handled."""
-        streams = self._streams()
-        if not streams:
+        keys = self._streams()
+        if not keys:
             time.sleep(self.block_ms / 1000)
             return 0
-        batch = self._reclaim(streams)
+        batch = self._reclaim(keys)
         if len(batch) < self.batch_size:
             resp: Any = self.bus.redis.xreadgroup(
                 self.group,
                 self.name,
-                dict.fromkeys(streams, ">"),  # type: ignore[arg-type]
+                dict.fromkeys(keys, ">"),  # type: ignore[arg-type]
                 count=self.batch_size,
                 block=None if batch else self.block_ms,
             )
             for key, rows in resp or []:
                 skey = _id(key)
                 for mid, fields in rows:
-                    batch.append(StreamMessage(streams[skey], self.stream, skey, _id(mid), dict(fields)))
+                    found = self._delivery(keys[skey], skey, _id(mid), fields, 1)
+                    if found is not None:
+                        batch.append(found)
         if batch:
             self._handle(batch)
         return len(batch)
 
-    def _reclaim(self, streams: dict[str, str]) -> list[StreamMessage]:
-        out: list[StreamMessage] = []
-        for skey, tenant in streams.items():
+    def _delivery(self, tenant: str, key: str, mid: str, fields: dict[bytes, bytes], n: int) -> Delivery[M] | None:
+        """The decoded entry, or None after dead-lettering one that can never be applied."""
+        raw = fields.get(ENTRY_FIELD, b"")
+        try:
+            envelope = streams.decode(self.stream, raw, tenant)
+        except UndecodableEntry as exc:
+            self._errors[mid] = f"UndecodableEntry: {exc}"
+            self._dead_letter(tenant, key, mid, raw, n)
+            return None
+        return Delivery(tenant, key, mid, raw, envelope, n)
+
+    def _reclaim(self, keys: dict[str, str]) -> list[Delivery[M]]:
+        out: list[Delivery[M]] = []
+        for skey, tenant in keys.items():
             claimed: Any = self.bus.redis.xautoclaim(
                 skey, self.group, self.name, self.claim_idle_ms, start_id="0-0", count=self.batch_size
             )
@@ -281,18 +276,20 @@ class Consumer:
                 if fields is None:  # deleted from the stream while pending
                     self.bus.redis.xack(skey, self.group, mid)
                     continue
-                msg = StreamMessage(tenant, self.stream, skey, _id(mid), dict(fields), counts.get(_id(mid), 1))
-                if msg.deliveries > self.max_attempts:
-                    self._dead_letter(msg)
-                else:
-                    out.append(msg)
+                n = counts.get(_id(mid), 1)
+                if n > self.max_attempts:
+                    self._dead_letter(tenant, skey, _id(mid), fields.get(ENTRY_FIELD, b""), n)
+                    continue
+                found = self._delivery(tenant, skey, _id(mid), fields, n)
+                if found is not None:
+                    out.append(found)
         return out
 
-    def _handle(self, batch: list[StreamMessage]) -> None:
+    def _handle(self, batch: list[Delivery[M]]) -> None:
         oldest_ms = min(int(m.id.split("-", 1)[0]) for m in batch)
-        _lag.record(max(0.0, time.time() - oldest_ms / 1000), {"stream": self.stream, "group": self.group})
+        _lag.record(max(0.0, time.time() - oldest_ms / 1000), {"stream": self.stream.name, "group": self.group})
         links = [trace.Link(trace.get_current_span(m.context()).get_span_context()) for m in batch[:64]]
-        with tracer.start_as_current_span(f"consume {self.stream}", links=links) as span:
+        with tracer.start_as_current_span(f"consume {self.stream.name}", links=links) as span:
             span.set_attribute("messaging.batch.message_count", len(batch))
             try:
                 self.handler(batch)
@@ -307,13 +304,13 @@ class Consumer:
                         self.handler([msg])
                     except Exception as exc:
                         self._errors[msg.id] = f"{type(exc).__name__}: {exc}"[:500]
-                        log.warning("message failed", extra={"message_id": msg.id, "deliveries": msg.deliveries})
+                        log.warning("message failed", extra={"stream_id": msg.id, "deliveries": msg.deliveries})
                     else:
                         self._ack([msg])
                 return
             self._ack(batch)
 
-    def _ack(self, msgs: list[StreamMessage]) -> None:
+    def _ack(self, msgs: list[Delivery[M]]) -> None:
         by_key: dict[str, list[str]] = {}
         for m in msgs:
             by_key.setdefault(m.key, []).append(m.id)
@@ -323,18 +320,18 @@ class Consumer:
             pipe.xack(key, self.group, *ids)
         pipe.execute()
 
-    def _dead_letter(self, msg: StreamMessage) -> None:
-        fields: dict[Any, Any] = dict(msg.fields)
-        fields[b"dead_from_id"] = msg.id
-        fields[b"dead_group"] = self.group
-        fields[b"dead_attempts"] = str(msg.deliveries - 1)  # the claim that found it spent counts as one
-        fields[b"dead_reason"] = self._errors.pop(msg.id, "exceeded max delivery attempts")
+    def _dead_letter(self, tenant_id: str, key: str, mid: str, raw: bytes, deliveries: int) -> None:
+        reason = self._errors.pop(mid, "exceeded max delivery attempts")
+        # A reclaim that finds it over the limit is itself a delivery: it does not count as a try.
+        attempts = deliveries if reason.startswith("UndecodableEntry") else deliveries - 1
+        letter = streams.dead_letter(self.stream.name, self.group, mid, attempts, reason, raw)
         pipe = self.bus.redis.pipeline(transaction=True)
-        pipe.xadd(self.bus.key(msg.tenant_id, dead_letter_name(self.stream)), fields)
-        pipe.xack(msg.key, self.group, msg.id)
+        dead_key = self.bus.key(tenant_id, dead_letter_name(self.stream.name))
+        pipe.xadd(dead_key, {ENTRY_FIELD: letter.SerializeToString()})
+        pipe.xack(key, self.group, mid)
         pipe.execute()
-        _dead_lettered.add(1, {"stream": self.stream, "group": self.group})
-        log.error("dead-lettered message", extra={"stream_id": msg.id, "tenant": msg.tenant_id})
+        _dead_lettered.add(1, {"stream": self.stream.name, "group": self.group})
+        log.error("dead-lettered message", extra={"stream_id": mid, "tenant": tenant_id, "reason": reason[:200]})
 
     def run(self, stop: threading.Event) -> None:
         """Poll until ``stop`` is set; Redis outages and unexpected errors are waited out, not fatal
@@ -357,7 +354,7 @@ class ConsumerWorker:
     """A :class:`Consumer` on its own thread, as a service's background worker: on stop it
     finishes the batch in hand (unacknowledged messages would be redelivered anyway)."""
 
-    def __init__(self, consumer: Consumer) -> None:
+    def __init__(self, consumer: Consumer[Any]) -> None:
         self.consumer = consumer
         self._stop = threading.Event()
         self._thread = threading.Thread(target=consumer.run, args=(self._stop,), name=f"consumer-{consumer.name}")

@@ -1,20 +1,39 @@
-"""Domain errors and their one mapping to gRPC status codes with ``google.rpc`` details.
+"""Domain errors: plain exceptions that any layer may raise and no layer needs a transport for.
 
-Servicers raise these; :mod:`services.core.interceptors` turns them into a status.
-Anything else becomes INTERNAL with a generic message, so internals never leak.
+Each names its outcome with a :class:`Code` (the ``google.rpc.Code`` numbers, so the mapping is
+one-to-one) and carries its details as plain data: field violations, a retry delay, a failed
+precondition. Only :mod:`services.core.status`, beside the interceptor, turns them into gRPC
+statuses with ``google.rpc`` details; anything else a handler raises becomes INTERNAL with a
+generic message, so internals never leak.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.protobuf.message import Message
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 
-GENERIC_INTERNAL_MESSAGE = "internal error; the server logged it with trace id {trace_id}"
+class Code(enum.IntEnum):
+    """Canonical status codes, numbered as ``google.rpc.Code``."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
 
 
 @dataclass(frozen=True)
@@ -25,123 +44,67 @@ class Violation:
     description: str
     reason: str = ""
 
-    def to_proto(self) -> error_details_pb2.BadRequest.FieldViolation:
-        return error_details_pb2.BadRequest.FieldViolation(
-            field=self.field, description=self.description, reason=self.reason
-        )
-
 
 class TesseraError(Exception):
-    """Base of the errors a caller may see; the subclass fixes the status code."""
+    """Base of the errors a caller may see; the subclass fixes the code."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: Code = Code.INTERNAL
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
 
-    def details(self) -> Sequence[Message]:
-        return ()
-
 
 class InvalidArgument(TesseraError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = Code.INVALID_ARGUMENT
 
     def __init__(self, message: str, violations: Iterable[Violation] = ()) -> None:
         super().__init__(message)
         self.violations = list(violations)
 
-    def details(self) -> Sequence[Message]:
-        if not self.violations:
-            return ()
-        return (error_details_pb2.BadRequest(field_violations=[v.to_proto() for v in self.violations]),)
-
 
 class Unauthenticated(TesseraError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    code = Code.UNAUTHENTICATED
 
 
 class PermissionDenied(TesseraError):
-    code = grpc.StatusCode.PERMISSION_DENIED
+    code = Code.PERMISSION_DENIED
 
 
 class NotFound(TesseraError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = Code.NOT_FOUND
 
 
 class AlreadyExists(TesseraError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = Code.ALREADY_EXISTS
 
 
 class FailedPrecondition(TesseraError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    """A state that must change first; ``type_`` and ``subject`` name the precondition for callers."""
+
+    code = Code.FAILED_PRECONDITION
 
     def __init__(self, message: str, *, type_: str = "", subject: str = "", description: str = "") -> None:
         super().__init__(message)
-        self.violation = (type_, subject, description or message)
-
-    def details(self) -> Sequence[Message]:
-        type_, subject, description = self.violation
-        if not type_:
-            return ()
-        return (
-            error_details_pb2.PreconditionFailure(
-                violations=[
-                    error_details_pb2.PreconditionFailure.Violation(
-                        type=type_, subject=subject, description=description
-                    )
-                ]
-            ),
-        )
+        self.type_ = type_
+        self.subject = subject
+        self.description = description or message
 
 
 class ResourceExhausted(TesseraError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    """Over a quota: the caller may retry after ``retry_after`` seconds."""
+
+    code = Code.RESOURCE_EXHAUSTED
 
     def __init__(self, message: str, *, retry_after: float, subject: str = "") -> None:
         super().__init__(message)
         self.retry_after = max(retry_after, 0.001)
         self.subject = subject
 
-    def details(self) -> Sequence[Message]:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(int(self.retry_after * 1e9))
-        out: list[Message] = [error_details_pb2.RetryInfo(retry_delay=delay)]
-        if self.subject:
-            out.append(
-                error_details_pb2.QuotaFailure(
-                    violations=[
-                        error_details_pb2.QuotaFailure.Violation(subject=self.subject, description=self.message)
-                    ]
-                )
-            )
-        return out
-
 
 class Unavailable(TesseraError):
-    code = grpc.StatusCode.UNAVAILABLE
+    code = Code.UNAVAILABLE
 
 
 class DeadlineExceeded(TesseraError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
-
-
-def status_proto(code: grpc.StatusCode, message: str, details: Sequence[Message] = ()) -> status_pb2.Status:
-    """A ``google.rpc.Status`` with packed details, for trailers or for an in-band batch error."""
-    packed = []
-    for detail in details:
-        any_msg = any_pb2.Any()
-        any_msg.Pack(detail)
-        packed.append(any_msg)
-    return status_pb2.Status(code=code.value[0], message=message, details=packed)
-
-
-def error_status(err: TesseraError) -> status_pb2.Status:
-    return status_proto(err.code, err.message, err.details())
-
-
-def internal_status(trace_id: str) -> status_pb2.Status:
-    return status_proto(grpc.StatusCode.INTERNAL, GENERIC_INTERNAL_MESSAGE.format(trace_id=trace_id or "-"))
-
-
-OK_CODE = code_pb2.OK
+    code = Code.DEADLINE_EXCEEDED

@@ -15,7 +15,8 @@ from typing import Any
 import grpc
 from grpc_status import rpc_status
 
-from services.core.errors import DeadlineExceeded, TesseraError, error_status, internal_status
+from services.core.errors import Code, DeadlineExceeded, TesseraError
+from services.core.status import error_status, internal_status
 from services.core.telemetry import current_trace_id
 from services.core.tenancy import Authenticator, reset_current_tenant, set_current_tenant
 
@@ -24,6 +25,14 @@ log = logging.getLogger(__name__)
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 Behavior = Callable[..., Any]
+_GRPC_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def grpc_code(code: Code) -> grpc.StatusCode:
+    """The gRPC status code of a domain code (they share their numbers)."""
+    return _GRPC_CODES[int(code)]
+
+
 NO_DEADLINE_SECONDS = 86_400.0
 
 

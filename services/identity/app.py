@@ -9,7 +9,7 @@ import grpc
 from services.core import tenancy
 from services.core.bus import ConsumerWorker
 from services.core.migrate import MigrationSet
-from services.core.outbox import Outbox
+from services.core.outbox import EnvelopeTable, Outbox
 from services.core.server import Background, ServiceContext, ServiceDefinition
 from services.identity.consumer import build_consumer, consumer_name
 from services.identity.resolver import Resolver
@@ -28,7 +28,7 @@ def register(server: grpc.Server, ctx: ServiceContext, own: IdentitySettings) ->
     outbox = Outbox(
         ctx.engine,
         ctx.bus,
-        "identity",
+        EnvelopeTable("identity"),
         grace_seconds=ctx.settings.outbox_grace_seconds,
         sweep_seconds=ctx.settings.outbox_sweep_seconds,
     )

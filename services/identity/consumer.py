@@ -12,8 +12,10 @@ import os
 import socket
 from collections.abc import Callable, Iterable
 
-from services.core.bus import CHANGES, EVENTS, RESOLVED, Bus, Consumer, StreamMessage
+from services.core import streams
+from services.core.bus import Bus, Consumer, Delivery
 from services.identity.resolver import IncomingEvent, Resolver, parse_event
+from tessera.v1 import stream_pb2
 
 GROUP = "identity"
 
@@ -27,29 +29,17 @@ class ResolveHandler:
         self.resolver = resolver
         self.bus = bus
 
-    def __call__(self, batch: list[StreamMessage]) -> None:
+    def __call__(self, batch: list[Delivery[stream_pb2.EventEnvelope]]) -> None:
         by_tenant: dict[str, list[IncomingEvent]] = {}
         for msg in batch:
             tenant_rules = self.resolver.rules.get_full(msg.tenant_id)
-            event_id = msg.fields.get(b"event_id", b"").decode()
             with_traits = bool(tenant_rules.probabilistic.get("enabled"))
             by_tenant.setdefault(msg.tenant_id, []).append(
-                parse_event(
-                    tenant_rules.rules, event_id, msg.fields[b"payload"], msg.traceparent, with_traits=with_traits
-                )
+                parse_event(tenant_rules.rules, msg.envelope.event, msg.raw, msg.traceparent, with_traits=with_traits)
             )
         for tenant_id, events in by_tenant.items():
             result = self.resolver.resolve_batch(tenant_id, events)
-            self.bus.append_columns(
-                tenant_id,
-                RESOLVED,
-                {
-                    "event_id": [e.event_id.encode() for e in result.events],
-                    "profile_id": [(e.profile_id or "").encode() for e in result.events],
-                    "payload": [e.payload for e in result.events],
-                    "traceparent": [e.traceparent.encode() for e in result.events],
-                },
-            )
+            self.bus.append(tenant_id, streams.RESOLVED.name, [e.envelope for e in result.events])
 
 
 def build_consumer(
@@ -63,10 +53,10 @@ def build_consumer(
     claim_idle_ms: int = 30_000,
     max_attempts: int = 5,
     tenant_refresh_seconds: float = 5.0,
-) -> Consumer:
+) -> Consumer[stream_pb2.EventEnvelope]:
     return Consumer(
         bus=bus,
-        stream=EVENTS,
+        stream=streams.EVENTS,
         group=GROUP,
         name=name or consumer_name(),
         handler=ResolveHandler(resolver, bus),
@@ -79,4 +69,4 @@ def build_consumer(
     )
 
 
-__all__ = ["CHANGES", "GROUP", "RESOLVED", "ResolveHandler", "build_consumer", "consumer_name"]
+__all__ = ["GROUP", "ResolveHandler", "build_consumer", "consumer_name"]

@@ -21,8 +21,7 @@ from services.identity.matching import (
     blocking_keys,
     record_from_traits,
 )
-from services.identity.stitching import Graph, LimitBroken
-from services.identity.storage import MergeRecord
+from services.identity.stitching import Graph, LimitBroken, MergeRecord
 from tessera.v1 import identity_pb2
 
 

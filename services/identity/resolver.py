@@ -21,17 +21,16 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from services.core import db
-from services.core.bus import CHANGES, Publication
+from services.core import db, streams
 from services.core.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from services.core.outbox import Outbox
-from services.core.telemetry import meter
+from services.core.telemetry import inject_traceparent, meter
 from services.identity.probabilistic import BatchMatcher, Thresholds
 from services.identity.rules import IdentityRules
 from services.identity.rules_store import RulesCache
-from services.identity.stitching import Graph, Key, LimitBroken, MergeFact, Outcome
-from services.identity.storage import Changes, EventLink, IdentityStore, KeySeen, MergeRecord, RecordedMerge
-from tessera.v1 import event_pb2, identity_pb2
+from services.identity.stitching import Graph, Key, LimitBroken, MergeFact, MergeRecord, Outcome
+from services.identity.storage import Changes, EventLink, IdentityStore, KeySeen, RecordedMerge
+from tessera.v1 import event_pb2, identity_pb2, stream_pb2
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +38,8 @@ _merges = meter.create_counter("tessera.identity.merges", description="profiles 
 _resolved = meter.create_counter("tessera.identity.events_resolved", description="events resolved")
 _dropped = meter.create_counter("tessera.identity.identifiers_dropped", description="identifiers not used to link")
 
-# Field 21 of tessera.v1.Event (profile_id), length-delimited: appended to the stored bytes it
-# overrides nothing else, and a later field wins, so no re-serialization is needed.
-_PROFILE_FIELD_TAG = bytes([0xAA, 0x01])
 DETERMINISTIC_RULE = "deterministic: the event carried identifiers of each profile"
-
-
-def stamp_profile(payload: bytes, profile_id: str) -> bytes:
-    raw = profile_id.encode()
-    return payload + _PROFILE_FIELD_TAG + bytes([len(raw)]) + raw
+Change = stream_pb2.ProfileChange
 
 
 @dataclass
@@ -55,7 +47,8 @@ class IncomingEvent:
     """An event off the stream, its identifiers normalized by the tenant's rules."""
 
     event_id: str
-    payload: bytes
+    # The ``events`` entry as it arrived: the resolved entry is these bytes plus the profile id.
+    envelope: bytes
     traceparent: str
     keys: list[Key]
     occurred: dt.datetime
@@ -68,22 +61,21 @@ class IncomingEvent:
 class ResolvedEvent:
     event_id: str
     profile_id: str | None
-    payload: bytes
-    traceparent: str
+    # The ``resolved`` entry to publish.
+    envelope: bytes
 
 
 @dataclass
 class BatchResult:
     events: list[ResolvedEvent]
-    changes: list[Publication]
+    changes: list[Change]
     outcomes: dict[str, Outcome]
 
 
 def parse_event(
-    rules: IdentityRules, event_id: str, payload: bytes, traceparent: str = "", *, with_traits: bool = False
+    rules: IdentityRules, ev: event_pb2.Event, envelope: bytes, traceparent: str = "", *, with_traits: bool = False
 ) -> IncomingEvent:
-    """Decode a stream payload and normalize its identifiers; dropped ones are kept with a reason."""
-    ev = event_pb2.Event.FromString(payload)
+    """Normalize an event's identifiers (dropped ones are kept with a reason)."""
     traits = json_format.MessageToDict(ev.identify.traits) if with_traits and ev.HasField("identify") else None
     keys: list[Key] = []
     dropped: list[tuple[str, str]] = []
@@ -94,22 +86,18 @@ def parse_event(
         else:
             keys.append((ident.type, result.value))
     occurred = ev.timestamp.ToDatetime(dt.UTC) if ev.HasField("timestamp") else dt.datetime.now(dt.UTC)
-    return IncomingEvent(event_id or ev.event_id, payload, traceparent, keys, occurred, ev.source, dropped, traits)
+    return IncomingEvent(ev.event_id, envelope, traceparent, keys, occurred, ev.source, dropped, traits)
 
 
-def change(tenant_id: str, kind: str, profile_id: str, **extra: str) -> Publication:
-    return Publication(tenant_id, CHANGES, {"kind": kind, "profile_id": profile_id, **extra})
-
-
-def merge_changes(tenant_id: str, recorded: Sequence[RecordedMerge]) -> list[Publication]:
+def merge_changes(recorded: Sequence[RecordedMerge], at: dt.datetime) -> list[Change]:
     return [
-        change(
-            tenant_id,
-            "merged",
+        streams.change(
+            streams.MERGED,
             r.fact.survivor,
             absorbed_profile_id=r.fact.absorbed,
-            merge_id=str(r.merge_id),
+            merge_id=r.merge_id,
             event_id=r.fact.event_id,
+            at=at,
         )
         for r in recorded
     ]
@@ -145,14 +133,16 @@ class Resolver:
         self.new_id = new_id
 
     @contextmanager
-    def _changing(self, span: str, rows: int = 0) -> Iterator[tuple[Any, list[Publication]]]:
+    def _changing(self, tenant_id: str, span: str, rows: int = 0) -> Iterator[tuple[Any, list[Change]]]:
         """A transaction whose profile changes (appended to the list) go into the outbox within it
         and are published once it has committed."""
-        pubs: list[Publication] = []
+        changes: list[Change] = []
         with db.raw_transaction(self.store.engine, span, rows) as (cur, _):
-            yield cur, pubs
-            queued = self.outbox.enqueue(cur, pubs)
-        self.outbox.flush(pubs, queued)
+            yield cur, changes
+            traceparent = inject_traceparent()
+            envelopes = [streams.change_envelope(tenant_id, traceparent, c) for c in changes]
+            pending = self.outbox.enqueue(cur, tenant_id, streams.CHANGES.name, envelopes)
+        self.outbox.submit(pending)
 
     # ------------------------------------------------------------------------------------------
     # The consumer's batch.
@@ -169,7 +159,7 @@ class Resolver:
         now_s = self.clock()
         now = dt.datetime.fromtimestamp(now_s, dt.UTC)
         outcomes: dict[str, Outcome] = {}
-        with self._changing("identity resolve batch", len(events)) as (cur, publications):
+        with self._changing(tenant_id, "identity resolve batch", len(events)) as (cur, publications):
             blocks = matcher.block_keys() if matcher else []
             graph, candidates = self.store.lock_working_set(
                 cur, tenant_id, rules, all_keys, block_keys=blocks, with_candidates=matcher is not None
@@ -208,8 +198,8 @@ class Resolver:
             if matcher is not None:
                 self.store.add_match_records(cur, tenant_id, matcher.new_records(graph, outcomes))
                 self.store.add_suggestions(cur, tenant_id, matcher.suggestion_rows(graph))
-            publications.extend(change(tenant_id, "created", p.profile_id) for p in graph.new_profiles())
-            publications.extend(merge_changes(tenant_id, recorded))
+            publications.extend(streams.change(streams.CREATED, p.profile_id, at=now) for p in graph.new_profiles())
+            publications.extend(merge_changes(recorded, now))
         resolved: list[ResolvedEvent] = []
         emitted: set[str] = set()
         for e in events:
@@ -220,8 +210,7 @@ class Resolver:
                 pid: str | None = graph.final(outcomes[e.event_id].profile_id)
             else:
                 pid = done.get(e.event_id)
-            payload = stamp_profile(e.payload, pid) if pid else e.payload
-            resolved.append(ResolvedEvent(e.event_id, pid, payload, e.traceparent))
+            resolved.append(ResolvedEvent(e.event_id, pid, streams.resolved_envelope(e.envelope, pid)))
         self._count(tenant_id, events, outcomes, recorded)
         return BatchResult(resolved, publications, outcomes)
 
@@ -254,10 +243,10 @@ class Resolver:
 
     def merge(
         self, tenant_id: str, survivor: str, absorbed: str, reason: str, *, kind: int = identity_pb2.MERGE_KIND_MANUAL
-    ) -> tuple[RecordedMerge, list[Publication]]:
+    ) -> tuple[RecordedMerge, list[Change]]:
         rules = self.rules.get(tenant_id)
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
-        with self._changing("identity manual merge") as (cur, pubs):
+        with self._changing(tenant_id, "identity manual merge") as (cur, pubs):
             graph, _ = self.store.lock_working_set(cur, tenant_id, rules, (), (survivor, absorbed))
             s = self._active(cur, tenant_id, graph, survivor)
             a = self._active(cur, tenant_id, graph, absorbed)
@@ -271,18 +260,18 @@ class Resolver:
             fact = checked_merge(graph, s, a)
             changes = Changes(graph, merges=[MergeRecord(fact, kind, "manual", reason)])
             recorded = self.store.write(cur, tenant_id, changes, now)
-            pubs.extend(merge_changes(tenant_id, recorded))
+            pubs.extend(merge_changes(recorded, now))
         _merges.add(1, {"kind": "manual"})
         return recorded[0], pubs
 
     def unmerge(
         self, tenant_id: str, profile: str, keys: Sequence[Key], reason: str
-    ) -> tuple[RecordedMerge, list[str], list[Publication]]:
+    ) -> tuple[RecordedMerge, list[str], list[Change]]:
         """Split ``keys`` off ``profile`` into a new profile; events linked only by them follow."""
         rules = self.rules.get(tenant_id)
         now_s = self.clock()
         now = dt.datetime.fromtimestamp(now_s, dt.UTC)
-        with self._changing("identity unmerge") as (cur, pubs):
+        with self._changing(tenant_id, "identity unmerge") as (cur, pubs):
             graph, _ = self.store.lock_working_set(cur, tenant_id, rules, keys, (profile,))
             source = self._active(cur, tenant_id, graph, profile)
             violations = [
@@ -308,14 +297,14 @@ class Resolver:
             rec = recorded[0]
             pubs.extend(
                 (
-                    change(tenant_id, "created", target.profile_id),
-                    change(
-                        tenant_id,
-                        "split",
+                    streams.change(streams.CREATED, target.profile_id, at=now),
+                    streams.change(
+                        streams.SPLIT,
                         source,
                         new_profile_id=target.profile_id,
-                        merge_id=str(rec.merge_id),
-                        moved_event_ids=",".join(moved),
+                        merge_id=rec.merge_id,
+                        moved_event_ids=moved,
+                        at=now,
                     ),
                 )
             )
@@ -324,13 +313,13 @@ class Resolver:
 
     def review(
         self, tenant_id: str, suggestion_id: int, accept: bool, reason: str
-    ) -> tuple[tuple[Any, ...], RecordedMerge | None, list[Publication]]:
+    ) -> tuple[tuple[Any, ...], RecordedMerge | None, list[Change]]:
         """Accept (merge the pair, older profile surviving) or reject an open suggestion."""
         rules = self.rules.get(tenant_id)
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
         name = f"matchSuggestions/{suggestion_id}"
         recorded: RecordedMerge | None = None
-        with self._changing("identity review suggestion") as (cur, pubs):
+        with self._changing(tenant_id, "identity review suggestion") as (cur, pubs):
             row = self.store.suggestion_for_update(cur, tenant_id, suggestion_id)
             if row is None:
                 raise NotFound(f"{name} not found")
@@ -355,7 +344,7 @@ class Resolver:
             updated = self.store.review_suggestion(
                 cur, tenant_id, suggestion_id, new_state, reason, recorded.merge_id if recorded else None
             )
-            pubs.extend(merge_changes(tenant_id, [recorded] if recorded else []))
+            pubs.extend(merge_changes([recorded] if recorded else [], now))
         if recorded is not None:
             _merges.add(1, {"kind": "suggestion"})
         return updated, recorded, pubs
@@ -363,11 +352,11 @@ class Resolver:
     def erase(self, tenant_id: str, profile: str) -> tuple[str, int, list[str]]:
         """Forget a person (see IdentityService.EraseProfile); emits an "erased" change."""
         rules = self.rules.get(tenant_id)
-        with self._changing("identity erase") as (cur, pubs):
+        with self._changing(tenant_id, "identity erase") as (cur, pubs):
             graph, _ = self.store.lock_working_set(cur, tenant_id, rules, (), (profile,))
             target = self._active(cur, tenant_id, graph, profile)
             deleted, ids = self.store.erase(cur, tenant_id, target)
-            pubs.append(change(tenant_id, "erased", target, erased_profile_ids=",".join(ids)))
+            pubs.append(streams.change(streams.ERASED, target, erased_profile_ids=ids))
         log.info("profile erased", extra={"tenant": tenant_id, "identifiers": deleted, "profiles": len(ids)})
         return target, deleted, ids
 

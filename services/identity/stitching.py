@@ -42,6 +42,18 @@ class MergeFact:
     event_id: str = ""
 
 
+@dataclass(frozen=True)
+class MergeRecord:
+    """A merge fact as it is recorded: why (kind, rule, reason) and, when scored, the evidence."""
+
+    fact: MergeFact
+    kind: int
+    rule: str
+    reason: str = ""
+    score: float = 0.0
+    evidence: dict[str, float] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, slots=True)
 class Dropped:
     key: Key

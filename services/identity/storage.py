@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from services.core import db
-from services.identity.stitching import Graph, Key, MergeFact, Profile
+from services.identity.stitching import Graph, Key, MergeFact, MergeRecord, Profile
 from tessera.v1 import identity_pb2
 
 KEY_SEP = "\x1f"
@@ -123,18 +123,6 @@ class KeySeen:
     at: dt.datetime
     source: str
     event_id: str
-
-
-@dataclass(frozen=True)
-class MergeRecord:
-    """A merge fact as it is recorded: why (kind, rule, reason) and, when scored, the evidence."""
-
-    fact: MergeFact
-    kind: int
-    rule: str
-    reason: str = ""
-    score: float = 0.0
-    evidence: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -7,13 +7,14 @@ from pathlib import Path
 import grpc
 
 from services.core.migrate import MigrationSet
+from services.core.outbox import Outbox
+from services.core.periodic import Periodic
 from services.core.ratelimit import RateLimiter
 from services.core.server import Background, ServiceContext, ServiceDefinition
 from services.ingest.pipeline import Ingestor
-from services.ingest.relay import OutboxRelay
 from services.ingest.servicer import IngestServicer
 from services.ingest.settings import IngestSettings
-from services.ingest.storage import EventStore
+from services.ingest.storage import EventLogOutbox, EventStore
 from tessera.v1 import ingest_pb2, ingest_pb2_grpc
 
 SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
@@ -22,22 +23,25 @@ MIGRATIONS = MigrationSet("ingest", Path(__file__).resolve().parent / "migration
 
 def register(server: grpc.Server, ctx: ServiceContext, own: IngestSettings) -> list[Background]:
     store = EventStore(ctx.engine, ctx.autocommit_engine)
-    relay = OutboxRelay(
-        store,
+    outbox = Outbox(
+        ctx.engine,
         ctx.bus,
+        EventLogOutbox(),
         sweep_seconds=ctx.settings.outbox_sweep_seconds,
         grace_seconds=ctx.settings.outbox_grace_seconds,
+        sweep_limit=50,
     )
     ingestor = Ingestor(
         store,
-        relay,
+        outbox,
         RateLimiter(ctx.redis),
         redis_prefix=ctx.settings.redis_prefix,
         default_rate=own.rate_limit,
         default_burst=own.rate_burst,
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(ingestor), server)
-    return [relay]
+    partitions = Periodic("event partition upkeep", 3600.0, store.ensure_partitions)
+    return [outbox, partitions]
 
 
 def definition() -> ServiceDefinition[IngestSettings]:

@@ -10,8 +10,9 @@ from typing import Any
 import grpc
 
 from services.core import pagination
-from services.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, error_status
+from services.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
 from services.core.interceptors import time_remaining
+from services.core.status import error_status
 from services.core.tenancy import current_tenant
 from services.ingest.pipeline import Ingestor
 from tessera.v1 import ingest_pb2, ingest_pb2_grpc

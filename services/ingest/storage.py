@@ -10,12 +10,14 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from services.core import db
+from services.core import db, streams
+from services.core.outbox import Pending
+from services.ingest.prepare import NewEvent
 
 # Prepared once per connection: planning this statement costs PostgreSQL about as much as
 # running it. $1 tenant, $2 received_at, $3 traceparent, then one array per column.
@@ -65,7 +67,7 @@ FOR UPDATE SKIP LOCKED
 """
 
 _OUTBOX_PAYLOADS = """
-SELECT event_id::text, payload FROM ingest.events
+SELECT payload FROM ingest.events
 WHERE tenant_id = %(tenant)s AND received_at = %(received_at)s AND event_id = ANY(%(event_ids)s::uuid[])
 ORDER BY event_id
 """
@@ -80,17 +82,6 @@ RETURNING seq
 PARTITION_LOCK_KEY = 0x7E55E7B
 
 
-class NewEvent(NamedTuple):
-    """An event ready to store: validated, stamped, serialized (a tuple: one is built per event)."""
-
-    event_id: str
-    message_id: str
-    occurred: float
-    channel: int
-    kind: str
-    payload: bytes
-
-
 @dataclass(frozen=True)
 class WriteResult:
     # The outbox row of this batch (None when nothing was new) and the events it stored.
@@ -100,15 +91,31 @@ class WriteResult:
     duplicates: dict[str, str]
 
 
-@dataclass(frozen=True)
-class OutboxBatch:
-    """A committed batch waiting to be published, with its events' payloads in order."""
+class EventLogOutbox:
+    """``ingest.outbox``: one row per committed batch, naming its events in the event log, so an
+    event's bytes are written once. The write-batch statement inserts the rows; the core
+    :class:`~services.core.outbox.Outbox` publishes and deletes them."""
 
-    tenant_id: str
-    seq: int
-    event_ids: list[str]
-    payloads: list[bytes]
-    traceparent: str
+    name = "ingest.outbox"
+
+    def claim(self, cur: Any, min_age_seconds: float, limit: int) -> list[Pending]:
+        """Lock the oldest unpublished batches (skipping ones another relay holds), with their events."""
+        cur.execute(_CLAIM_OUTBOX, {"min_age": min_age_seconds, "limit": limit})
+        out = []
+        for tenant_id, seq, received_at, event_ids, traceparent in cur.fetchall():
+            cur.execute(_OUTBOX_PAYLOADS, {"tenant": tenant_id, "received_at": received_at, "event_ids": event_ids})
+            payloads = [bytes(r[0]) for r in cur.fetchall()]
+            envelopes = streams.event_envelopes(tenant_id, traceparent, payloads)
+            out.append(Pending(tenant_id, streams.EVENTS.name, (int(seq),), envelopes))
+        return out
+
+    def delete(self, cur: Any, keys: Sequence[tuple[str, int]]) -> set[int]:
+        """Delete rows and return the seqs this transaction removed. A row another relay is
+        sweeping is locked; once that sweep commits the row is gone, so it is not returned."""
+        if not keys:
+            return set()
+        cur.execute(_DELETE_OUTBOX, {"tenants": sorted({k[0] for k in keys}), "seqs": [k[1] for k in keys]})
+        return {int(row[0]) for row in cur.fetchall()}
 
 
 class EventStore:
@@ -161,26 +168,6 @@ class EventStore:
             return WriteResult(seq, accepted, duplicates)
 
         return db.retry_on_disconnect(write)
-
-    @staticmethod
-    def claim_outbox(cursor: Any, min_age_seconds: float, limit: int) -> list[OutboxBatch]:
-        """Lock the oldest unpublished batches (skipping ones another relay holds), with their events."""
-        cursor.execute(_CLAIM_OUTBOX, {"min_age": min_age_seconds, "limit": limit})
-        out = []
-        for tenant_id, seq, received_at, event_ids, traceparent in cursor.fetchall():
-            cursor.execute(_OUTBOX_PAYLOADS, {"tenant": tenant_id, "received_at": received_at, "event_ids": event_ids})
-            found = cursor.fetchall()
-            out.append(OutboxBatch(tenant_id, seq, [r[0] for r in found], [bytes(r[1]) for r in found], traceparent))
-        return out
-
-    @staticmethod
-    def delete_outbox(cursor: Any, keys: Sequence[tuple[str, int]]) -> set[int]:
-        """Delete rows and return the seqs this transaction removed. A row another relay is
-        sweeping is locked; once that sweep commits the row is gone, so it is not returned."""
-        if not keys:
-            return set()
-        cursor.execute(_DELETE_OUTBOX, {"tenants": sorted({k[0] for k in keys}), "seqs": [k[1] for k in keys]})
-        return {row[0] for row in cursor.fetchall()}
 
     def list_events(
         self, tenant_id: str, limit: int, after: tuple[str, str] | None, message_ids: Sequence[str] = ()

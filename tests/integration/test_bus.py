@@ -13,11 +13,17 @@ import redis
 from opentelemetry.sdk.trace import TracerProvider
 from redis.crc import key_slot
 
-from services.core.bus import EVENTS, Bus, Consumer, Publication, StreamMessage, dead_letter_name, tenant_key
+from services.core import streams
+from services.core.bus import Bus, Consumer, Delivery, Publication, dead_letter_name, tenant_key
+from services.core.streams import ENTRY_FIELD
+from services.core.telemetry import inject_traceparent
+from tessera.v1 import event_pb2, stream_pb2
 
 pytestmark = pytest.mark.integration
 
 GROUP = "tests"
+EVENTS = streams.EVENTS.name
+Envelope = stream_pb2.EventEnvelope
 
 
 @pytest.fixture
@@ -29,8 +35,18 @@ def new_tenant() -> str:
     return f"bus-{secrets.token_hex(4)}"
 
 
+def entry(tenant_id: str, n: int | str, traceparent: str | None = None) -> bytes:
+    """An events entry whose event's message_id is ``n``, traced from the current span."""
+    tp = inject_traceparent() if traceparent is None else traceparent
+    return streams.event_envelope(tenant_id, tp, event_pb2.Event(message_id=str(n)).SerializeToString())
+
+
 def publish_n(bus: Bus, tenant_id: str, n: int, stream: str = EVENTS) -> list[str]:
-    return bus.publish([Publication(tenant_id, stream, {"n": str(i)}) for i in range(n)])
+    return bus.publish([Publication(tenant_id, stream, entry(tenant_id, i)) for i in range(n)])
+
+
+def number(m: Delivery[Envelope]) -> str:
+    return m.envelope.event.message_id
 
 
 class Recorder:
@@ -38,11 +54,11 @@ class Recorder:
 
     def __init__(self, poison: Iterable[str] = ()) -> None:
         self.poison = set(poison)
-        self.seen: list[StreamMessage] = []  # messages of successful calls
+        self.seen: list[Delivery[Envelope]] = []  # messages of successful calls
         self.calls: list[list[str]] = []  # every call's message numbers, failed or not
 
-    def __call__(self, batch: list[StreamMessage]) -> None:
-        numbers = [m.fields[b"n"].decode() for m in batch]
+    def __call__(self, batch: list[Delivery[Envelope]]) -> None:
+        numbers = [number(m) for m in batch]
         self.calls.append(numbers)
         bad = self.poison.intersection(numbers)
         if bad:
@@ -57,15 +73,15 @@ class Recorder:
 def consumer(
     bus: Bus,
     tenants: Callable[[], Iterable[str]],
-    handler: Callable[[list[StreamMessage]], None],
+    handler: Callable[[list[Delivery[Envelope]]], None],
     name: str = "c1",
     **kw: object,
-) -> Consumer:
+) -> Consumer[Envelope]:
     kw.setdefault("block_ms", 20)
-    return Consumer(bus=bus, stream=EVENTS, group=GROUP, name=name, handler=handler, tenants=tenants, **kw)  # type: ignore[arg-type]
+    return Consumer(bus=bus, stream=streams.EVENTS, group=GROUP, name=name, handler=handler, tenants=tenants, **kw)  # type: ignore[arg-type]
 
 
-def poll_until(consumers: list[Consumer], done: Callable[[], bool], timeout: float = 5.0) -> None:
+def poll_until(consumers: list[Consumer[Envelope]], done: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not done():
         assert time.monotonic() < deadline, "condition not met in time"
@@ -84,7 +100,7 @@ def test_every_message_is_delivered_once_and_acked(bus: Bus) -> None:
     c = consumer(bus, lambda: [t], rec)
     poll_until([c], lambda: len(rec.seen) >= 7)
     assert rec.ids == ids
-    assert [m.fields[b"n"] for m in rec.seen] == [str(i).encode() for i in range(7)]
+    assert [number(m) for m in rec.seen] == [str(i) for i in range(7)]
     assert {m.tenant_id for m in rec.seen} == {t}
     assert {m.deliveries for m in rec.seen} == {1}
     assert pending_count(bus, t) == 0
@@ -164,15 +180,14 @@ def test_poison_message_does_not_hold_back_others_and_is_dead_lettered(bus: Bus)
     assert all(call == ["2"] for call in poison_calls[1:])
     assert len(rec.seen) == 4  # the good ones, once each
 
-    (dead,) = bus.dead_letters(t, EVENTS)
-    assert dead.stream == dead_letter_name(EVENTS)
-    assert dead.key == bus.key(t, "events:dead")
-    assert dead.fields[b"n"] == b"2"
-    assert dead.fields[b"dead_from_id"].decode() == poison_id
-    assert dead.fields[b"dead_group"].decode() == GROUP
-    assert dead.fields[b"dead_reason"].decode() == "ValueError: poison n=2"
-    assert int(dead.fields[b"dead_attempts"]) == 3  # the handler saw it max_attempts times
-    assert b"traceparent" in dead.fields
+    ((_dead_id, dead),) = bus.dead_letters(t, EVENTS)
+    assert bus.redis.xlen(bus.key(t, "events:dead")) == 1
+    assert dead.stream == EVENTS
+    assert Envelope.FromString(dead.envelope).event.message_id == "2"
+    assert dead.original_id == poison_id
+    assert dead.group == GROUP
+    assert dead.reason == "ValueError: poison n=2"
+    assert dead.attempts == 3  # the handler saw it max_attempts times
     assert pending_count(bus, t) == 0
     # Dead-lettered means it is not delivered again.
     calls = len(rec.calls)
@@ -185,9 +200,9 @@ def test_poison_message_does_not_hold_back_others_and_is_dead_lettered(bus: Bus)
     assert bus.dead_letters(t, EVENTS) == []
     poll_until([c], lambda: len(rec.seen) >= 5)
     replayed = rec.seen[-1]
-    assert replayed.fields[b"n"] == b"2"
+    assert number(replayed) == "2"
     assert replayed.id != poison_id
-    assert not any(k.startswith(b"dead_") for k in replayed.fields)
+    assert replayed.raw == dead.envelope, "a replay puts back the entry exactly as it was"
     assert pending_count(bus, t) == 0
 
 
@@ -196,16 +211,17 @@ def test_poison_message_is_delivered_max_attempts_times(bus: Bus) -> None:
     (poison_id,) = publish_n(bus, t, 1)
     deliveries: list[int] = []
 
-    def always_fail(batch: list[StreamMessage]) -> None:
+    def always_fail(batch: list[Delivery[Envelope]]) -> None:
         deliveries.extend(m.deliveries for m in batch)
         raise RuntimeError("cannot apply")
 
     c = consumer(bus, lambda: [t], always_fail, claim_idle_ms=1, max_attempts=4)
     poll_until([c], lambda: bool(bus.dead_letters(t, EVENTS)))
     assert sorted(set(deliveries)) == [1, 2, 3, 4]
-    (dead,) = bus.dead_letters(t, EVENTS)
-    assert dead.fields[b"dead_from_id"].decode() == poison_id
-    assert dead.fields[b"dead_reason"].decode() == "RuntimeError: cannot apply"
+    ((_dead_id, dead),) = bus.dead_letters(t, EVENTS)
+    assert dead.original_id == poison_id
+    assert dead.reason == "RuntimeError: cannot apply"
+    assert dead.attempts == 4
 
 
 def test_replay_only_the_chosen_dead_letters(bus: Bus) -> None:
@@ -214,12 +230,12 @@ def test_replay_only_the_chosen_dead_letters(bus: Bus) -> None:
     rec = Recorder(poison={"0", "1", "2"})
     c = consumer(bus, lambda: [t], rec, claim_idle_ms=1, max_attempts=1)
     poll_until([c], lambda: len(bus.dead_letters(t, EVENTS)) == 3)
-    first = bus.dead_letters(t, EVENTS)[0]
-    assert bus.replay_dead_letters(t, EVENTS, ids=[first.id]) == 1
+    first_id, _ = bus.dead_letters(t, EVENTS)[0]
+    assert bus.replay_dead_letters(t, EVENTS, ids=[first_id]) == 1
     left = bus.dead_letters(t, EVENTS)
-    assert [m.fields[b"n"] for m in left] == [b"1", b"2"]
-    tail = bus.redis.xrevrange(bus.key(t, EVENTS), count=1)
-    assert tail[0][1][b"n"] == b"0"  # type: ignore[index]
+    assert [Envelope.FromString(d.envelope).event.message_id for _, d in left] == ["1", "2"]
+    tail: Any = bus.redis.xrevrange(bus.key(t, EVENTS), count=1)
+    assert Envelope.FromString(tail[0][1][ENTRY_FIELD]).event.message_id == "0"
 
 
 def test_traceparent_of_the_publishing_span_rides_in_the_message(bus: Bus) -> None:
@@ -228,9 +244,9 @@ def test_traceparent_of_the_publishing_span_rides_in_the_message(bus: Bus) -> No
     with tracer.start_as_current_span("produce") as span:
         trace_id = format(span.get_span_context().trace_id, "032x")
         span_id = format(span.get_span_context().span_id, "016x")
-        bus.publish([Publication(t, EVENTS, {"n": "0"})])
+        bus.publish([Publication(t, EVENTS, entry(t, 0))])
     explicit = f"00-{'a' * 32}-{'b' * 16}-01"
-    bus.publish([Publication(t, EVENTS, {"n": "1"}, traceparent=explicit)])
+    bus.publish([Publication(t, EVENTS, entry(t, 1, explicit))])
 
     rec = Recorder()
     c = consumer(bus, lambda: [t], rec)
@@ -316,4 +332,33 @@ def test_poison_messages_among_in_flight_ones_are_still_dead_lettered(bus: Bus) 
     c = consumer(bus, lambda: [t], rec, name="rescuer", claim_idle_ms=30_000, max_attempts=3)
     c.poll()
     assert rec.seen == [], "a message past max_attempts was handed to the handler"
-    assert [m.fields[b"dead_from_id"].decode() for m in bus.dead_letters(t, EVENTS)] == [ids[0], ids[-1]]
+    assert [d.original_id for _, d in bus.dead_letters(t, EVENTS)] == [ids[0], ids[-1]]
+
+
+def test_an_entry_that_is_not_an_envelope_is_dead_lettered_without_reaching_the_handler(bus: Bus) -> None:
+    """Garbage on a stream can never become valid: it goes to the dead letters on first sight."""
+    t = new_tenant()
+    good = publish_n(bus, t, 1)
+    bad: Any = bus.redis.xadd(bus.key(t, EVENTS), {ENTRY_FIELD: b"\xff\xff not protobuf"})
+    rec = Recorder()
+    c = consumer(bus, lambda: [t], rec)
+    poll_until([c], lambda: len(rec.seen) >= 1 and bool(bus.dead_letters(t, EVENTS)))
+    assert rec.ids == good
+    assert [number(m) for m in rec.seen] == ["0"]
+    ((_id, dead),) = bus.dead_letters(t, EVENTS)
+    assert dead.original_id == bad.decode()
+    assert dead.reason.startswith("UndecodableEntry")
+    assert dead.attempts == 1
+    assert pending_count(bus, t) == 0
+
+
+def test_an_envelope_naming_another_tenant_is_never_applied(bus: Bus) -> None:
+    """Defence in depth: a message on tenant A's stream that says it is B's is refused."""
+    a, b = new_tenant(), new_tenant()
+    bus.publish([Publication(a, EVENTS, entry(b, "forged")), Publication(a, EVENTS, entry(a, "mine"))])
+    rec = Recorder()
+    c = consumer(bus, lambda: [a], rec)
+    poll_until([c], lambda: len(rec.seen) >= 1 and bool(bus.dead_letters(a, EVENTS)))
+    assert [number(m) for m in rec.seen] == ["mine"]
+    ((_id, dead),) = bus.dead_letters(a, EVENTS)
+    assert "not the stream's" in dead.reason

@@ -11,15 +11,17 @@ import pytest
 from google.protobuf import field_mask_pb2
 from sqlalchemy.engine import Engine
 
-from services.core import pagination
-from services.core.bus import CHANGES, EVENTS, RESOLVED, Bus
+from services.core import pagination, streams
+from services.core.bus import Bus
 from services.core.server import RunningServer
 from services.core.settings import Settings
+from services.core.streams import CREATED, ERASED, MERGED
 from services.core.tenancy import Tenant, reset_current_tenant, set_current_tenant
 from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc, ingest_pb2_grpc
 from tests.conftest import TenantKey
 from tests.support.grpc_errors import bad_request, precondition_failures
 from tests.support.identity import event_profile, linked_count, person_event, send, wait_linked
+from tests.support.streams import entries, publish_events, wait_entries
 
 pytestmark = pytest.mark.integration
 
@@ -122,17 +124,22 @@ def test_one_person_across_channels_becomes_one_profile(
 
     # Downstream sees each event stamped with its profile, and the lifecycle changes.
     bus = Bus(redis_client, settings.redis_prefix)
-    resolved = redis_client.xrange(bus.key(tenant.tenant_id, RESOLVED))
-    by_event = {f[b"event_id"].decode(): f for _, f in resolved}
+    resolved = entries(redis_client, bus, tenant.tenant_id, streams.RESOLVED)
+    by_event = {env.event.event_id: env for _, env in resolved}
     assert set(by_event) == {web, voice, chat, store}
-    stamped = event_pb2.Event.FromString(by_event[store][b"payload"])
+    stamped = by_event[store].event
     assert stamped.profile_id == survivor and stamped.event_id == store
-    changes = [f for _, f in redis_client.xrange(bus.key(tenant.tenant_id, CHANGES))]
-    kinds = [(c[b"kind"], c[b"profile_id"].decode()) for c in changes]
-    assert (b"created", survivor) in kinds and (b"created", absorbed) in kinds
-    assert (b"merged", survivor) in kinds
-    merged = next(c for c in changes if c[b"kind"] == b"merged")
-    assert merged[b"absorbed_profile_id"].decode() == absorbed and merged[b"event_id"].decode() == chat
+    # The envelope says whose it is, and carries the producer's trace.
+    assert by_event[store].tenant_id == tenant.tenant_id
+    found = wait_entries(
+        redis_client, bus, tenant.tenant_id, streams.CHANGES, lambda es: any(e.change.kind == MERGED for _, e in es)
+    )
+    changes = [env.change for _, env in found]
+    kinds = [(c.kind, c.profile_id) for c in changes]
+    assert (CREATED, survivor) in kinds and (CREATED, absorbed) in kinds
+    assert (MERGED, survivor) in kinds
+    merged = next(c for c in changes if c.kind == MERGED)
+    assert merged.absorbed_profile_id == absorbed and merged.event_id == chat and merged.merge_id > 0
 
 
 def test_merge_chain_explain_and_unmerge(
@@ -339,19 +346,21 @@ def test_redelivered_event_has_no_second_effect(
     ev = person_event(("email", "twice@example.com"), ("phone", "+14155550133"))
     ev.event_id = "0193aaaa-0000-7000-8000-000000000001"
     payload = ev.SerializeToString()
-    key = bus.key(tenant.tenant_id, RESOLVED)
+    key = bus.key(tenant.tenant_id, streams.RESOLVED.name)
     for n in (1, 2, 3):
         # Delivered again after it was applied, as after a crash between commit and acknowledgement.
-        bus.append(tenant.tenant_id, EVENTS, ("event_id", "payload"), [(ev.event_id.encode(), payload)])
+        publish_events(bus, tenant.tenant_id, [payload])
         deadline = time.monotonic() + 10
         while redis_client.xlen(key) < n and time.monotonic() < deadline:
             time.sleep(0.02)
-    resolved = redis_client.xrange(key)
+    resolved = entries(redis_client, bus, tenant.tenant_id, streams.RESOLVED)
     assert len(resolved) == 3
-    assert len({f[b"profile_id"] for _, f in resolved}) == 1
+    assert len({env.event.profile_id for _, env in resolved}) == 1
     assert linked_count(engine, tenant.tenant_id) == 1
-    changes = redis_client.xrange(bus.key(tenant.tenant_id, CHANGES))
-    assert [f[b"kind"] for _, f in changes] == [b"created"]
+    wait_entries(redis_client, bus, tenant.tenant_id, streams.CHANGES, bool)
+    time.sleep(0.3)  # a second "created" would have been published by now
+    changes = entries(redis_client, bus, tenant.tenant_id, streams.CHANGES)
+    assert [env.change.kind for _, env in changes] == [CREATED]
 
 
 def test_list_merges_pages_newest_first(
@@ -449,15 +458,12 @@ def test_erase_forgets_the_person_and_every_id_merged_into_them(
     assert merges and all(not m.identifiers for m in merges), "identifier values stay in merge facts"
 
     bus = Bus(redis_client, settings.redis_prefix)
-    deadline = time.monotonic() + 10
-    erased_changes: list[dict[bytes, bytes]] = []
-    while not erased_changes and time.monotonic() < deadline:
-        changes = redis_client.xrange(bus.key(tenant.tenant_id, CHANGES))
-        erased_changes = [f for _, f in changes if f[b"kind"] == b"erased"]
-        time.sleep(0.05)
-    (change,) = erased_changes
-    assert change[b"profile_id"].decode() == survivor
-    assert sorted(change[b"erased_profile_ids"].decode().split(",")) == sorted([survivor, absorbed])
+    found = wait_entries(
+        redis_client, bus, tenant.tenant_id, streams.CHANGES, lambda es: any(e.change.kind == ERASED for _, e in es)
+    )
+    (change,) = [env.change for _, env in found if env.change.kind == ERASED]
+    assert change.profile_id == survivor
+    assert sorted(change.erased_profile_ids) == sorted([survivor, absorbed])
 
     # Seen again later, the person starts a new profile: nothing links it to the forgotten one.
     again = send(ingest, md, person_event(("email", "gone@example.com")))[0]

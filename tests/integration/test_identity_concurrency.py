@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
-from services.core.bus import EVENTS, RESOLVED, Bus
+from services.core import streams
+from services.core.bus import Bus
 from services.core.harness import ServiceProcess, free_port, spawn_service, wait_health
 from services.core.settings import Settings
 from services.identity.stitching import Key, components, partition
@@ -33,6 +34,7 @@ from services.identity.storage import IdentityStore
 from tessera.v1 import event_pb2
 from tests.conftest import make_tenant
 from tests.support.identity import linked_count, wait_linked
+from tests.support.streams import entries, publish_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -110,7 +112,7 @@ def publish(bus: Bus, tenant_id: str, events: Sequence[Sequence[Key]]) -> list[s
         )
         ev.timestamp.GetCurrentTime()
         payloads.append(ev.SerializeToString())
-    bus.append_columns(tenant_id, EVENTS, {"event_id": [i.encode() for i in ids], "payload": payloads})
+    publish_events(bus, tenant_id, payloads)
     return ids
 
 
@@ -237,7 +239,7 @@ def test_kill_9_mid_batch_the_survivor_finishes_with_nothing_lost_or_doubled(
         owners = check_invariants(engine, tenant.tenant_id, ids, events, dict.fromkeys(TYPES, 1000))
         assert partition(owners) == components(events)
         # Downstream got every event at least once (a redelivery may repeat one; consumers dedupe).
-        resolved = {f[b"event_id"].decode() for _, f in redis_client.xrange(bus.key(tenant.tenant_id, RESOLVED))}
+        resolved = {env.event.event_id for _, env in entries(redis_client, bus, tenant.tenant_id, streams.RESOLVED)}
         assert resolved == set(ids)
         assert procs[1].poll() is None
     finally:
@@ -284,7 +286,7 @@ def test_probabilistic_matching_is_not_lost_between_concurrent_batches(
         ids.append(ev.event_id)
         payloads.append(ev.SerializeToString())
     bus = Bus(redis_client, settings.redis_prefix)
-    bus.append_columns(tenant.tenant_id, EVENTS, {"event_id": [i.encode() for i in ids], "payload": payloads})
+    publish_events(bus, tenant.tenant_id, payloads)
     wait_linked(engine, tenant.tenant_id, len(ids), timeout=60)
     owners, _, _ = graph_state(engine, tenant.tenant_id)
     for n in range(len(pairs)):

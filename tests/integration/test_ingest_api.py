@@ -10,12 +10,15 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from services.core import streams
+from services.core.bus import Bus
 from services.core.server import RunningServer
 from services.core.settings import Settings
 from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.conftest import TenantKey, make_tenant
 from tests.support.events import interaction, survey, track, uid
 from tests.support.grpc_errors import bad_request, retry_delay
+from tests.support.streams import entries
 
 pytestmark = pytest.mark.integration
 
@@ -40,13 +43,8 @@ def stored_message_ids(engine: Engine, tenant_id: str) -> list[str]:
 
 
 def stream_payloads(redis_client, settings: Settings, tenant_id: str) -> list[event_pb2.Event]:  # type: ignore[no-untyped-def]
-    key = f"{settings.redis_prefix}:{{{tenant_id}}}:events"
-    out = []
-    for _id, fields in redis_client.xrange(key):
-        ev = event_pb2.Event()
-        ev.ParseFromString(fields[b"payload"])
-        out.append(ev)
-    return out
+    bus = Bus(redis_client, settings.redis_prefix)
+    return [env.event for _id, env in entries(redis_client, bus, tenant_id, streams.EVENTS)]
 
 
 def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]

@@ -21,6 +21,8 @@ import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import Engine
 
+from services.core import streams
+from services.core.bus import Bus
 from services.core.harness import ServiceProcess, free_port, spawn_service, wait_health
 from services.core.server import POSTGRES_HEALTH, REDIS_HEALTH, RunningServer, start_server
 from services.core.settings import Settings
@@ -29,6 +31,7 @@ from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.conftest import TenantKey
 from tests.support.events import track
 from tests.support.proxy import proxy_postgres, proxy_redis
+from tests.support.streams import entries
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -46,12 +49,8 @@ def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:
 
 
 def stream_message_ids(redis_client, settings: Settings, tenant_id: str) -> list[str]:  # type: ignore[no-untyped-def]
-    out = []
-    for _id, fields in redis_client.xrange(f"{settings.redis_prefix}:{{{tenant_id}}}:events"):
-        ev = event_pb2.Event()
-        ev.ParseFromString(fields[b"payload"])
-        out.append(ev.message_id)
-    return out
+    bus = Bus(redis_client, settings.redis_prefix)
+    return [env.event.message_id for _id, env in entries(redis_client, bus, tenant_id, streams.EVENTS)]
 
 
 def stored_counts(engine: Engine, tenant_id: str) -> tuple[int, int]:

@@ -8,6 +8,7 @@ import grpc
 import pytest
 import redis
 
+from services.core import streams
 from services.core.settings import Settings
 from services.core.telemetry import configure_telemetry
 from tessera.v1 import ingest_pb2, ingest_pb2_grpc
@@ -34,7 +35,7 @@ def test_stream_message_continues_the_callers_trace(
         rows = redis_client.xrange(key)  # type: ignore[assignment]
         time.sleep(0.05)
     assert rows, "the event never reached the stream"
-    traceparent = rows[0][1][b"traceparent"].decode()
+    traceparent = streams.decode(streams.EVENTS, rows[0][1][streams.ENTRY_FIELD], tenant.tenant_id).traceparent
     _version, trace_id, span_id, _flags = traceparent.split("-")
     assert trace_id == TRACE_ID
     assert span_id != "00f067aa0ba902b7"  # the server's own span, a child of the caller's

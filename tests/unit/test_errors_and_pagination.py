@@ -13,15 +13,15 @@ from google.rpc import error_details_pb2, status_pb2
 
 from services.core import pagination
 from services.core.errors import (
+    Code,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Violation,
-    error_status,
-    internal_status,
-    status_proto,
 )
+from services.core.interceptors import grpc_code
+from services.core.status import error_status, internal_status, status_proto
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
@@ -120,7 +120,7 @@ def test_internal_status_without_trace() -> None:
 
 def test_status_proto_packs_details_in_order() -> None:
     details = [error_details_pb2.RetryInfo(), error_details_pb2.BadRequest()]
-    status = status_proto(grpc.StatusCode.ABORTED, "x", details)
+    status = status_proto(Code.ABORTED, "x", details)
     assert [d.type_url.rsplit("/", 1)[-1] for d in status.details] == ["google.rpc.RetryInfo", "google.rpc.BadRequest"]
 
 
@@ -207,3 +207,11 @@ def test_garbage_token_is_refused_naming_page_token(token: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         pagination.decode_token(token, {"profile": "p-1"})
     assert [v.field for v in info.value.violations] == ["page_token"]
+
+
+def test_every_domain_code_is_the_grpc_code_of_the_same_number() -> None:
+    """The errors module has no gRPC import; its codes must still mean what gRPC means by them."""
+    assert {c.name for c in Code} == {c.name for c in grpc.StatusCode}
+    for code in Code:
+        assert grpc_code(code).name == code.name
+        assert grpc_code(code).value[0] == int(code)

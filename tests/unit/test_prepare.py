@@ -8,7 +8,8 @@ import uuid
 
 import pytest
 
-from services.ingest import pipeline, validation
+from services.ingest import prepare as pipeline
+from services.ingest import validation
 from tessera.v1 import event_pb2, ingest_pb2
 from tests.support.events import interaction, survey, track
 
