@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 from services.cli.registry import SERVICES
-from services.core.streams import STREAMS as STREAM_NAMES
 from services.core.settings import Settings, SettingsError
+from services.core.streams import STREAMS as STREAM_NAMES
 
 
 def _settings() -> Settings:
