@@ -29,10 +29,11 @@ test: install ## Run the tests on real PostgreSQL and Redis (this machine's, els
 	VENV=$(VENV) bash scripts/run-tests.sh $(PYTEST_ARGS)
 
 .PHONY: lint
-lint: install ## ruff, mypy and buf lint
+lint: install ## ruff, mypy, the layer contracts (.importlinter) and buf lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/buf lint
 
 .PHONY: proto

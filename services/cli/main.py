@@ -83,8 +83,13 @@ def cmd_tenant(args: argparse.Namespace) -> int:
             key = tenancy.create_api_key(engine, args.name, args.description or "")
             print(json.dumps({"tenant": args.name, "api_key": key}) if args.json else key)
         elif args.action == "set-limits":
-            tenancy.set_rate_limit(engine, args.name, args.rate, args.burst)
-            print(f"{args.name}: ingest rate {args.rate or 'default'} events/s, burst {args.burst or 'default'}")
+            if args.dedupe_days is not None:
+                days = None if args.dedupe_days == 0 else args.dedupe_days
+                tenancy.set_dedupe_window(engine, args.name, days)
+                print(f"{args.name}: dedupe window {days or 'default'} days")
+            if args.dedupe_days is None or args.rate is not None or args.burst is not None:
+                tenancy.set_rate_limit(engine, args.name, args.rate, args.burst)
+                print(f"{args.name}: ingest rate {args.rate or 'default'} events/s, burst {args.burst or 'default'}")
         elif args.action == "revoke-key":
             if not tenancy.revoke_api_key(engine, args.name, args.key_id):
                 print(f"no active key {args.key_id} for tenant {args.name}", file=sys.stderr)
@@ -241,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--display-name")
     p.add_argument("--rate", type=float, help="set-limits: ingest events/s (omit for the default)")
     p.add_argument("--burst", type=float, help="set-limits: bucket size in events (omit for the default)")
+    p.add_argument(
+        "--dedupe-days", type=int, help="set-limits: days a message id is remembered, 1-90 (0 for the default)"
+    )
     p.add_argument("--description")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tenant)

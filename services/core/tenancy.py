@@ -29,6 +29,8 @@ class Tenant:
     tenant_id: str
     ingest_rate_limit: float | None = None
     ingest_rate_burst: float | None = None
+    # How many days a message id is remembered for dedupe; None: the ingest default.
+    dedupe_window_days: int | None = None
 
 
 _current: contextvars.ContextVar[Tenant] = contextvars.ContextVar("tessera_tenant")
@@ -134,6 +136,32 @@ def set_rate_limit(engine: Engine, tenant_id: str, rate: float | None, burst: fl
         raise NotFound(f"tenant {tenant_id!r} not found")
 
 
+MAX_DEDUPE_WINDOW_DAYS = 90
+
+
+def set_dedupe_window(engine: Engine, tenant_id: str, days: int | None) -> None:
+    """A tenant's own dedupe window in days (1-90); None goes back to the service default.
+    Replicas pick it up when their credential cache expires (TESSERA_AUTH_CACHE_SECONDS)."""
+    if days is not None and not 1 <= days <= MAX_DEDUPE_WINDOW_DAYS:
+        raise InvalidArgument(
+            "dedupe window out of range", [Violation("dedupe_days", f"must be 1-{MAX_DEDUPE_WINDOW_DAYS} days")]
+        )
+    with engine.begin() as conn:
+        updated = conn.execute(
+            sa.text("UPDATE tenancy.tenants SET dedupe_window_days = :d WHERE tenant_id = :t"),
+            {"t": tenant_id, "d": days},
+        ).rowcount
+    if not updated:
+        raise NotFound(f"tenant {tenant_id!r} not found")
+
+
+def longest_dedupe_window(engine: Engine) -> int | None:
+    """The longest window any tenant asked for (their keys must be kept that long)."""
+    with engine.connect() as conn:
+        found = conn.execute(sa.text("SELECT max(dedupe_window_days) FROM tenancy.tenants")).scalar()
+    return int(found) if found is not None else None
+
+
 def tenant_ids(engine: Engine) -> list[str]:
     """Every enabled tenant, for consumers that read each tenant's streams."""
     with engine.connect() as conn:
@@ -145,7 +173,7 @@ def list_tenants(engine: Engine) -> list[dict[str, object]]:
         rows = conn.execute(
             sa.text(
                 "SELECT t.tenant_id, t.display_name, t.created_at, t.disabled, t.ingest_rate_limit, "
-                "t.ingest_rate_burst, "
+                "t.ingest_rate_burst, t.dedupe_window_days, "
                 "count(k.key_id) FILTER (WHERE k.revoked_at IS NULL) AS active_keys "
                 "FROM tenancy.tenants t LEFT JOIN tenancy.api_keys k USING (tenant_id) "
                 "GROUP BY t.tenant_id ORDER BY t.tenant_id"
@@ -194,7 +222,7 @@ class Authenticator:
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.text(
-                    "SELECT t.tenant_id, t.ingest_rate_limit, t.ingest_rate_burst, k.key_hash "
+                    "SELECT t.tenant_id, t.ingest_rate_limit, t.ingest_rate_burst, t.dedupe_window_days, k.key_hash "
                     "FROM tenancy.api_keys k JOIN tenancy.tenants t USING (tenant_id) "
                     "WHERE k.key_hash = :h AND k.revoked_at IS NULL AND NOT t.disabled"
                 ),
@@ -202,4 +230,4 @@ class Authenticator:
             ).first()
         if row is None or not hmac.compare_digest(bytes(row.key_hash), digest):
             return None
-        return Tenant(row.tenant_id, row.ingest_rate_limit, row.ingest_rate_burst)
+        return Tenant(row.tenant_id, row.ingest_rate_limit, row.ingest_rate_burst, row.dedupe_window_days)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import grpc
 
+from services.core import tenancy
 from services.core.migrate import MigrationSet
 from services.core.outbox import Outbox
 from services.core.periodic import Periodic
@@ -38,10 +39,15 @@ def register(server: grpc.Server, ctx: ServiceContext, own: IngestSettings) -> l
         redis_prefix=ctx.settings.redis_prefix,
         default_rate=own.rate_limit,
         default_burst=own.rate_burst,
+        dedupe_window_days=own.dedupe_window_days,
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(ingestor), server)
-    partitions = Periodic("event partition upkeep", 3600.0, store.ensure_partitions)
-    return [outbox, partitions]
+
+    def upkeep() -> dict[str, int]:
+        longest = max(own.dedupe_window_days, tenancy.longest_dedupe_window(ctx.engine) or 0)
+        return store.upkeep(keep_dedupe_days=longest)
+
+    return [outbox, Periodic("partition upkeep", 3600.0, upkeep)]
 
 
 def definition() -> ServiceDefinition[IngestSettings]:

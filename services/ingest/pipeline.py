@@ -23,7 +23,7 @@ from services.core.telemetry import inject_traceparent, meter
 from services.core.tenancy import Tenant
 from services.ingest import validation
 from services.ingest.prepare import prepare
-from services.ingest.storage import EventStore
+from services.ingest.storage import EventStore, StoredEvent
 from tessera.v1 import event_pb2, ingest_pb2
 
 ACCEPTED = ingest_pb2.EVENT_STATUS_ACCEPTED
@@ -59,6 +59,7 @@ class Ingestor:
         redis_prefix: str,
         default_rate: float,
         default_burst: float,
+        dedupe_window_days: int = 7,
         limits: validation.Limits = validation.DEFAULT_LIMITS,
     ) -> None:
         self.store = store
@@ -67,6 +68,7 @@ class Ingestor:
         self.prefix = redis_prefix
         self.default_rate = default_rate
         self.default_burst = default_burst
+        self.dedupe_window_days = dedupe_window_days
         self.limits = limits
 
     def ingest(
@@ -90,7 +92,12 @@ class Ingestor:
             traceparent = inject_traceparent()
             try:
                 written = self.store.write_batch(
-                    tenant.tenant_id, prep.to_store, received_at, traceparent, timeout_seconds=time_remaining
+                    tenant.tenant_id,
+                    prep.to_store,
+                    received_at,
+                    traceparent,
+                    timeout_seconds=time_remaining,
+                    window_days=tenant.dedupe_window_days or self.dedupe_window_days,
                 )
             except sqlalchemy.exc.OperationalError as exc:
                 if "statement timeout" in str(exc.orig):
@@ -128,6 +135,12 @@ class Ingestor:
                 _events.add(count, _attrs(tenant.tenant_id, status))
         _batch_latency.record(time.perf_counter() - started)
         return outcome
+
+    def stored_events(
+        self, tenant_id: str, limit: int, after: tuple[str, str] | None, message_ids: Sequence[str] = ()
+    ) -> list[StoredEvent]:
+        """The tenant's events, newest first, after a (received_at, event_id) position."""
+        return self.store.list_events(tenant_id, limit, after, message_ids)
 
     def _rate_limit(self, tenant: Tenant, cost: int) -> None:
         rate = tenant.ingest_rate_limit or self.default_rate

@@ -33,7 +33,6 @@ def _event_position(position: Any) -> bool:
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     def __init__(self, ingestor: Ingestor) -> None:
         self.ingestor = ingestor
-        self.store = ingestor.store
 
     def ListEvents(
         self, request: ingest_pb2.ListEventsRequest, context: grpc.ServicerContext
@@ -42,15 +41,15 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         size = pagination.page_size(request.page_size)
         query = {"m": sorted(request.message_ids)}
         after = pagination.decode_token(request.page_token, query, valid=_event_position)
-        rows = self.store.list_events(
+        rows = self.ingestor.stored_events(
             tenant.tenant_id, size + 1, tuple(after) if after else None, list(request.message_ids)
         )
         resp = ingest_pb2.ListEventsResponse()
-        for _received, _event_id, payload in rows[:size]:
-            resp.events.add().ParseFromString(payload)
+        for row in rows[:size]:
+            resp.events.add().ParseFromString(row.payload)
         if len(rows) > size:
-            received, event_id, _ = rows[size - 1]
-            resp.next_page_token = pagination.encode_token([received.isoformat(), event_id], query)
+            last = rows[size - 1]
+            resp.next_page_token = pagination.encode_token([last.received_at.isoformat(), last.event_id], query)
         return resp
 
     def IngestEvents(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.core.settings import EnvSettings, number, port_number, setting
+from services.core.settings import EnvSettings, number, port_number, setting, whole
 
 
 @dataclass(frozen=True)
@@ -13,3 +13,6 @@ class IngestSettings(EnvSettings):
     # A tenant's default token bucket; `tessera tenant set-limits` overrides it per tenant.
     rate_limit: float = setting(50_000.0, "INGEST_RATE_LIMIT", number(1, 1e9))
     rate_burst: float = setting(100_000.0, "INGEST_RATE_BURST", number(1, 1e9))
+    # How many whole days a message id is remembered, so a retry or replay answers DUPLICATE;
+    # `tessera tenant set-limits --dedupe-days` overrides it per tenant (1-90).
+    dedupe_window_days: int = setting(7, "INGEST_DEDUPE_WINDOW_DAYS", whole(1, 90))

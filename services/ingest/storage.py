@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -19,24 +19,47 @@ from services.core import db, streams
 from services.core.outbox import Pending
 from services.ingest.prepare import NewEvent
 
+# The dedupe key of a message id: 16 bytes of SHA-256 over its UTF-8, computed by PostgreSQL (the
+# migration that built the table, the write and the look-ups all use this one expression).
+KEY_HASH = "substring(sha256(convert_to({}, 'UTF8')) FROM 1 FOR 16)"
+
 # Prepared once per connection: planning this statement costs PostgreSQL about as much as
-# running it. $1 tenant, $2 received_at, $3 traceparent, then one array per column.
-_WRITE_BATCH_NAME = "tessera_ingest_write_batch"
+# running it. $1 tenant, $2 received_at, $3 traceparent, $4 today (UTC day of received_at),
+# $5 the first day to write keys for ($4, or the day before just after midnight), $6 the first
+# day of the tenant's dedupe window, then one array per column.
+#
+# Why two days just after midnight: a key is unique per day's partition, so two writers of one
+# message id on either side of midnight would not conflict. A writer within the grace after
+# midnight therefore also writes the key for the day before, and wins only if it is new on both:
+# its insert there waits for, then conflicts with, a writer still in flight from before midnight.
+# Keys of earlier days in the window are only probed; nobody inserts there any more.
+_WRITE_BATCH_NAME = "tessera_ingest_write_batch_v2"
 _WRITE_BATCH = (
-    f"PREPARE {_WRITE_BATCH_NAME} "  # noqa: S608 - only a constant name is interpolated
-    """(text, timestamptz, text, uuid[], text[], float8[], int2[], text[], bytea[]) AS
+    f"PREPARE {_WRITE_BATCH_NAME} "  # noqa: S608 - only constants are interpolated
+    """(text, timestamptz, text, date, date, date, uuid[], text[], float8[], int2[], text[], bytea[]) AS
 WITH batch AS (
-    SELECT * FROM unnest($4, $5, $6, $7, $8, $9)
-        AS b(event_id, message_id, occurred, channel, kind, payload)
+    SELECT b.*, """
+    + KEY_HASH.format("b.message_id")
+    + """ AS key_hash
+    FROM unnest($7, $8, $9, $10, $11, $12) AS b(event_id, message_id, occurred, channel, kind, payload)
+), fresh AS (
+    SELECT b.event_id, b.key_hash FROM batch b
+    WHERE NOT EXISTS (
+        SELECT 1 FROM ingest.dedupe_keys k
+        WHERE k.tenant_id = $1 AND k.key_hash = b.key_hash AND k.day >= $6 AND k.day < $5
+    )
 ), keys AS (
-    INSERT INTO ingest.dedupe_keys (tenant_id, message_id, event_id, received_at)
-    SELECT $1, message_id, event_id, $2 FROM batch
+    INSERT INTO ingest.dedupe_keys (tenant_id, key_hash, day, event_id, received_at)
+    SELECT $1, f.key_hash, d.day, f.event_id, $2
+    FROM fresh f CROSS JOIN unnest(CASE WHEN $5 < $4 THEN ARRAY[$5, $4] ELSE ARRAY[$4] END) AS d(day)
     ON CONFLICT DO NOTHING
     RETURNING event_id
+), won AS (
+    SELECT event_id FROM keys GROUP BY event_id HAVING count(*) = $4 - $5 + 1
 ), stored AS (
     INSERT INTO ingest.events (tenant_id, received_at, event_id, message_id, occurred_at, channel, kind, payload)
     SELECT $1, $2, b.event_id, b.message_id, to_timestamp(b.occurred), b.channel, b.kind, b.payload
-    FROM batch b JOIN keys k USING (event_id)
+    FROM batch b JOIN won w USING (event_id)
     RETURNING event_id
 ), outbox AS (
     INSERT INTO ingest.outbox (tenant_id, received_at, event_ids, traceparent)
@@ -47,15 +70,36 @@ SELECT s.event_id::text, o.seq FROM stored s CROSS JOIN outbox o;
 """
 )
 _EXECUTE_WRITE_BATCH = (
-    f"EXECUTE {_WRITE_BATCH_NAME} (%(tenant)s, %(received_at)s, %(traceparent)s, %(event_ids)s::uuid[], "
-    "%(message_ids)s::text[], %(occurred)s::float8[], %(channels)s::int2[], %(kinds)s::text[], "
-    "%(payloads)s::bytea[])"
+    f"EXECUTE {_WRITE_BATCH_NAME} (%(tenant)s, %(received_at)s, %(traceparent)s, %(today)s, %(first_day)s, "
+    "%(window_start)s, %(event_ids)s::uuid[], %(message_ids)s::text[], %(occurred)s::float8[], "
+    "%(channels)s::int2[], %(kinds)s::text[], %(payloads)s::bytea[])"
 )
 
-_EXISTING_KEYS = """
-SELECT message_id, event_id::text FROM ingest.dedupe_keys
-WHERE tenant_id = %(tenant)s AND message_id = ANY(%(message_ids)s)
+# The event first stored under each message id, within the window.
+_EXISTING_KEYS = (
+    """
+SELECT DISTINCT ON (k.key_hash) b.message_id, k.event_id::text
+FROM unnest(%(message_ids)s::text[]) AS b(message_id)
+JOIN ingest.dedupe_keys k ON k.tenant_id = %(tenant)s AND k.day >= %(window_start)s
+    AND k.key_hash = """
+    + KEY_HASH.format("b.message_id")
+    + """
+ORDER BY k.key_hash, k.day
 """
+)
+
+# Just after midnight (UTC) a batch also writes its keys for the day before; see _WRITE_BATCH.
+MIDNIGHT_GRACE = dt.timedelta(minutes=5)
+# No batch statement may outlive the grace (its clock could be a minute off, too).
+MAX_STATEMENT_SECONDS = 60.0
+
+
+def dedupe_days(received_at: dt.datetime, window_days: int) -> tuple[dt.date, dt.date, dt.date]:
+    """(today, first day to write the keys for, first day of the window) for a batch."""
+    today = received_at.astimezone(dt.UTC).date()
+    first = (received_at - MIDNIGHT_GRACE).astimezone(dt.UTC).date()
+    return today, first, today - dt.timedelta(days=window_days)
+
 
 _CLAIM_OUTBOX = """
 SELECT tenant_id, seq, received_at, event_ids::text[], traceparent
@@ -89,6 +133,14 @@ class WriteResult:
     accepted: set[str]
     # message_id -> event_id of the first commit, for the ones already stored.
     duplicates: dict[str, str]
+
+
+class StoredEvent(NamedTuple):
+    """An event as the log holds it: the bytes the stream carries, and its place in the log."""
+
+    received_at: dt.datetime
+    event_id: str
+    payload: bytes
 
 
 class EventLogOutbox:
@@ -130,17 +182,23 @@ class EventStore:
         received_at: dt.datetime,
         traceparent: str = "",
         timeout_seconds: float | None = None,
+        window_days: int = 7,
     ) -> WriteResult:
-        """Commit a batch; returns once it is durable. Duplicates (by message id) are not rewritten.
+        """Commit a batch; returns once it is durable. A message id seen within the tenant's dedupe
+        window (``window_days`` whole days) is not stored again: it answers DUPLICATE.
 
         One round trip: the statement runs in autocommit, so it is its own transaction, and
         the statement timeout rides in the same query string. Safe to retry: dedupe keys make
         a second attempt answer DUPLICATE for what the first one committed.
         """
+        today, first_day, window_start = dedupe_days(received_at, window_days)
         params = {
             "tenant": tenant_id,
             "received_at": received_at,
             "traceparent": traceparent,
+            "today": today,
+            "first_day": first_day,
+            "window_start": window_start,
             "event_ids": [e.event_id for e in events],
             "message_ids": [e.message_id for e in events],
             "occurred": [e.occurred for e in events],
@@ -148,7 +206,8 @@ class EventStore:
             "kinds": [e.kind for e in events],
             "payloads": [e.payload for e in events],
         }
-        execute = db.statement_timeout_sql(timeout_seconds) + _EXECUTE_WRITE_BATCH
+        limit = MAX_STATEMENT_SECONDS if timeout_seconds is None else min(timeout_seconds, MAX_STATEMENT_SECONDS)
+        execute = db.statement_timeout_sql(limit) + _EXECUTE_WRITE_BATCH
 
         def write() -> WriteResult:
             with db.raw_transaction(self.autocommit, "INSERT ingest.events", len(events)) as (cursor, info):
@@ -163,7 +222,9 @@ class EventStore:
                 duplicates: dict[str, str] = {}
                 if len(accepted) < len(events):
                     missing = [e.message_id for e in events if e.event_id not in accepted]
-                    cursor.execute(_EXISTING_KEYS, {"tenant": tenant_id, "message_ids": missing})
+                    cursor.execute(
+                        _EXISTING_KEYS, {"tenant": tenant_id, "message_ids": missing, "window_start": window_start}
+                    )
                     duplicates = {str(r[0]): str(r[1]) for r in cursor.fetchall()}
             return WriteResult(seq, accepted, duplicates)
 
@@ -171,48 +232,48 @@ class EventStore:
 
     def list_events(
         self, tenant_id: str, limit: int, after: tuple[str, str] | None, message_ids: Sequence[str] = ()
-    ) -> list[tuple[dt.datetime, str, bytes]]:
+    ) -> list[StoredEvent]:
         """Newest first; ``after`` is the (received_at, event_id) the previous page ended on."""
         clauses = ["e.tenant_id = %(tenant)s"]
         params: dict[str, object] = {"tenant": tenant_id, "limit": limit}
-        join = ""
         if message_ids:
-            join = (
-                "JOIN ingest.dedupe_keys k ON k.tenant_id = e.tenant_id AND k.received_at = e.received_at "
-                "AND k.event_id = e.event_id AND k.message_id = ANY(%(message_ids)s)"
+            # Found through their dedupe keys, so only within the retained dedupe window.
+            clauses.append(
+                "(e.received_at, e.event_id) IN (SELECT k.received_at, k.event_id FROM ingest.dedupe_keys k "  # noqa: S608
+                "WHERE k.tenant_id = %(tenant)s AND k.key_hash = ANY(ARRAY(SELECT "
+                + KEY_HASH.format("m")
+                + " FROM unnest(%(message_ids)s::text[]) AS m)))"
             )
+            clauses.append("e.message_id = ANY(%(message_ids)s)")
             params["message_ids"] = list(message_ids)
         if after is not None:
             clauses.append("(e.received_at, e.event_id) < (%(after_ts)s::timestamptz, %(after_id)s::uuid)")
             params["after_ts"], params["after_id"] = after
         sql = (
-            f"SELECT e.received_at, e.event_id::text, e.payload FROM ingest.events e {join} "  # noqa: S608
+            "SELECT e.received_at, e.event_id::text, e.payload FROM ingest.events e "  # noqa: S608
             f"WHERE {' AND '.join(clauses)} ORDER BY e.received_at DESC, e.event_id DESC LIMIT %(limit)s"
         )
         with self.engine.connect() as conn:
-            return [(r[0], r[1], bytes(r[2])) for r in conn.exec_driver_sql(sql, params).all()]
+            return [StoredEvent(r[0], r[1], bytes(r[2])) for r in conn.exec_driver_sql(sql, params).all()]
 
     def outbox_backlog(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.exec_driver_sql("SELECT count(*) FROM ingest.outbox").scalar_one())
 
-    def drop_partitions_before(self, cutoff: dt.date) -> list[str]:
-        """Retention: drop the monthly event partitions that end on or before ``cutoff``.
-
-        Dedupe keys stay: a (tenant, message_id) is stored once, ever, so a replay of old events
-        after retention still answers DUPLICATE instead of storing them again.
-        """
+    def _drop_partitions(self, parent: str, prefix: str, cutoff: dt.date) -> list[str]:
+        """Drop the partitions of ``parent`` whose range ends on or before ``cutoff``."""
         dropped: list[str] = []
         with self.engine.begin() as conn:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": PARTITION_LOCK_KEY})
             rows = conn.execute(
                 sa.text(
                     "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
-                    "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'ingest.events'::regclass"
-                )
+                    "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = CAST(:p AS regclass)"
+                ),
+                {"p": parent},
             ).all()
             for name, bound in rows:
-                if not name.startswith("events_") or "TO ('" not in bound:
+                if not name.startswith(prefix) or "TO ('" not in bound:
                     continue  # the default partition has no bound
                 upper = dt.date.fromisoformat(bound.split("TO ('", 1)[1][:10])
                 if upper <= cutoff:
@@ -220,11 +281,31 @@ class EventStore:
                     dropped.append(name)
         return sorted(dropped)
 
-    def ensure_partitions(self, months_ahead: int = 3) -> int:
-        """Create this month's and the next months' partitions; safe to call from every replica."""
+    def drop_partitions_before(self, cutoff: dt.date) -> list[str]:
+        """Retention: drop the monthly event partitions that end on or before ``cutoff``. (Dedupe keys
+        have their own, shorter life: see :meth:`upkeep`.)"""
+        return self._drop_partitions("ingest.events", "events_", cutoff)
+
+    def upkeep(self, keep_dedupe_days: int, months_ahead: int = 3, days_ahead: int = 7) -> dict[str, int]:
+        """Partition upkeep, safe from every replica at once: create the coming months' event
+        partitions and days' dedupe partitions, and drop dedupe partitions that every tenant's
+        window (``keep_dedupe_days``, the longest) has left behind."""
+        today = dt.datetime.now(dt.UTC).date()
         with self.engine.begin() as conn:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": PARTITION_LOCK_KEY})
-            created = conn.execute(
-                sa.text("SELECT ingest.ensure_event_partitions(now()::date, :n)"), {"n": months_ahead}
+            months = conn.execute(
+                sa.text("SELECT ingest.ensure_event_partitions(:d, :n)"), {"d": today, "n": months_ahead}
             ).scalar_one()
-        return int(created)
+            days = conn.execute(
+                sa.text("SELECT ingest.ensure_dedupe_partitions(:d, :n)"),
+                {"d": today - dt.timedelta(days=1), "n": days_ahead + 2},
+            ).scalar_one()
+        # The window's first day is today - keep; the day before it may still take a shadow write.
+        dropped = self._drop_partitions(
+            "ingest.dedupe_keys", "dedupe_keys_", today - dt.timedelta(days=keep_dedupe_days + 1)
+        )
+        return {
+            "event_partitions_created": int(months),
+            "dedupe_partitions_created": int(days),
+            "dedupe_partitions_dropped": len(dropped),
+        }

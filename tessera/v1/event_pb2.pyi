@@ -190,8 +190,9 @@ class Event(_message.Message):
     EVENT_ID_FIELD_NUMBER: _builtins.int
     PROFILE_ID_FIELD_NUMBER: _builtins.int
     message_id: _builtins.str
-    """The client's idempotency key: a (tenant, message_id) pair is stored once, ever.
-    Required, at most 100 characters.
+    """The client's idempotency key: a (tenant, message_id) pair is stored once within the
+    tenant's dedupe window (7 whole days unless the tenant set another, 1-90); a replay
+    older than that is stored again as a new event. Required, at most 100 characters.
     """
     channel: Global___Channel.ValueType
     """Required."""

@@ -32,7 +32,9 @@ class _EventStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventStat
     EVENT_STATUS_ACCEPTED: _EventStatus.ValueType  # 1
     """Committed now."""
     EVENT_STATUS_DUPLICATE: _EventStatus.ValueType  # 2
-    """This (tenant, message_id) was committed before; nothing was written again."""
+    """This (tenant, message_id) was committed before, within the tenant's dedupe window;
+    nothing was written again.
+    """
     EVENT_STATUS_REJECTED: _EventStatus.ValueType  # 3
     """Invalid; see violations. Nothing was written for it."""
 
@@ -43,7 +45,9 @@ EVENT_STATUS_UNSPECIFIED: EventStatus.ValueType  # 0
 EVENT_STATUS_ACCEPTED: EventStatus.ValueType  # 1
 """Committed now."""
 EVENT_STATUS_DUPLICATE: EventStatus.ValueType  # 2
-"""This (tenant, message_id) was committed before; nothing was written again."""
+"""This (tenant, message_id) was committed before, within the tenant's dedupe window;
+nothing was written again.
+"""
 EVENT_STATUS_REJECTED: EventStatus.ValueType  # 3
 """Invalid; see violations. Nothing was written for it."""
 Global___EventStatus: _TypeAlias = EventStatus  # noqa: Y015

@@ -304,7 +304,7 @@ def test_health_and_reflection_need_no_credentials(ingest_server: RunningServer)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_retention_drops_old_partitions_but_keeps_dedupe(stub, tenant: TenantKey, engine: Engine) -> None:  # type: ignore[no-untyped-def]
+def test_retention_drops_old_event_partitions_only(stub, tenant: TenantKey, engine: Engine) -> None:  # type: ignore[no-untyped-def]
     import datetime as dt
 
     from services.ingest.storage import EventStore

@@ -27,6 +27,7 @@ from services.core.harness import ServiceProcess, free_port, spawn_service, wait
 from services.core.server import POSTGRES_HEALTH, REDIS_HEALTH, RunningServer, start_server
 from services.core.settings import Settings
 from services.ingest.app import definition
+from services.ingest.storage import KEY_HASH
 from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.conftest import TenantKey
 from tests.support.events import track
@@ -255,7 +256,8 @@ def test_sigterm_lets_an_in_flight_rpc_finish(  # type: ignore[no-untyped-def]
     tx = holder.begin()
     holder.execute(
         sa.text(
-            "INSERT INTO ingest.dedupe_keys (tenant_id, message_id, event_id, received_at) VALUES (:t, :m, :e, now())"
+            "INSERT INTO ingest.dedupe_keys (tenant_id, key_hash, day, event_id, received_at) "
+            f"VALUES (:t, {KEY_HASH.format(':m')}, (now() AT TIME ZONE 'UTC')::date, :e, now())"
         ),
         {"t": tenant.tenant_id, "m": blocked.message_id, "e": str(uuid.uuid4())},
     )
