@@ -26,6 +26,7 @@ from services.core.errors import FailedPrecondition, InvalidArgument, NotFound, 
 from services.core.outbox import Outbox
 from services.core.telemetry import inject_traceparent, meter
 from services.identity.probabilistic import BatchMatcher, Thresholds
+from services.identity.reads import SuggestionView, suggestion_view
 from services.identity.rules import IdentityRules
 from services.identity.rules_store import RulesCache
 from services.identity.stitching import Graph, Key, LimitBroken, MergeFact, MergeRecord, Outcome
@@ -55,6 +56,7 @@ class IncomingEvent:
     source: str
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (type, reason)
     traits: dict[str, Any] | None = None  # Identify traits, read only when matching is on
+    message_id: str = ""  # the client's idempotency key, recorded beside the event id as evidence
 
 
 @dataclass
@@ -86,7 +88,9 @@ def parse_event(
         else:
             keys.append((ident.type, result.value))
     occurred = ev.timestamp.ToDatetime(dt.UTC) if ev.HasField("timestamp") else dt.datetime.now(dt.UTC)
-    return IncomingEvent(ev.event_id, envelope, traceparent, keys, occurred, ev.source, dropped, traits)
+    return IncomingEvent(
+        ev.event_id, envelope, traceparent, keys, occurred, ev.source, dropped, traits, message_id=ev.message_id
+    )
 
 
 def merge_changes(recorded: Sequence[RecordedMerge], at: dt.datetime) -> list[Change]:
@@ -179,7 +183,9 @@ class Resolver:
                     continue
                 out = graph.resolve(e.event_id, e.keys, self.new_id, now_s)
                 outcomes[e.event_id] = out
-                seen = KeySeen(e.occurred, e.source, e.event_id)
+                seen = KeySeen(e.occurred, e.source, e.event_id, e.message_id)
+                if e.message_id:
+                    changes.message_ids[e.event_id] = e.message_id
                 for k in out.attached:
                     changes.new_keys[k] = (out.profile_id, seen)
                 for k in out.linked:
@@ -313,7 +319,7 @@ class Resolver:
 
     def review(
         self, tenant_id: str, suggestion_id: int, accept: bool, reason: str
-    ) -> tuple[tuple[Any, ...], RecordedMerge | None, list[Change]]:
+    ) -> tuple[SuggestionView, RecordedMerge | None, list[Change]]:
         """Accept (merge the pair, older profile surviving) or reject an open suggestion."""
         rules = self.rules.get(tenant_id)
         now = dt.datetime.fromtimestamp(self.clock(), dt.UTC)
@@ -323,8 +329,9 @@ class Resolver:
             row = self.store.suggestion_for_update(cur, tenant_id, suggestion_id)
             if row is None:
                 raise NotFound(f"{name} not found")
-            _sid, a, b, score, evidence, state, _created = row
-            if state != identity_pb2.MATCH_SUGGESTION_STATE_OPEN:
+            suggestion = suggestion_view(row)
+            a, b = suggestion.profile_a, suggestion.profile_b
+            if suggestion.state != identity_pb2.MATCH_SUGGESTION_STATE_OPEN:
                 raise FailedPrecondition(
                     f"{name} was already reviewed", type_="ALREADY_REVIEWED", subject=name, description="not open"
                 )
@@ -336,7 +343,9 @@ class Resolver:
                     survivor, absorbed = sorted((fa, fb), key=lambda p: (graph.profiles[p].created, p))
                     fact = checked_merge(graph, survivor, absorbed)
                     kind = identity_pb2.MERGE_KIND_SUGGESTION
-                    merge = MergeRecord(fact, kind, f"accepted {name}", reason, float(score), dict(evidence or {}))
+                    merge = MergeRecord(
+                        fact, kind, f"accepted {name}", reason, suggestion.score, dict(suggestion.evidence)
+                    )
                     (recorded,) = self.store.write(cur, tenant_id, Changes(graph, merges=[merge]), now)
             new_state = (
                 identity_pb2.MATCH_SUGGESTION_STATE_ACCEPTED if accept else identity_pb2.MATCH_SUGGESTION_STATE_REJECTED
@@ -347,7 +356,7 @@ class Resolver:
             pubs.extend(merge_changes([recorded] if recorded else [], now))
         if recorded is not None:
             _merges.add(1, {"kind": "suggestion"})
-        return updated, recorded, pubs
+        return suggestion_view(updated), recorded, pubs
 
     def erase(self, tenant_id: str, profile: str) -> tuple[str, int, list[str]]:
         """Forget a person (see IdentityService.EraseProfile); emits an "erased" change."""

@@ -1,11 +1,15 @@
 """IdentityService over gRPC. Another tenant's ids are always NOT_FOUND, never PERMISSION_DENIED,
-so their existence does not leak: every query is scoped by the tenant from the credentials."""
+so their existence does not leak: every query is scoped by the tenant from the credentials.
+
+Writes go through the :class:`~services.identity.resolver.Resolver`, reads through
+:class:`~services.identity.reads.IdentityReads`; protos are built from their views only."""
 
 from __future__ import annotations
 
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -13,11 +17,12 @@ import grpc
 from services.core import pagination
 from services.core.errors import InvalidArgument, NotFound, Violation
 from services.core.tenancy import current_tenant
+from services.identity.ids import canonical_uuid
+from services.identity.reads import IdentityReads, MergeView, SuggestionView
 from services.identity.resolver import Resolver
 from services.identity.rules import IdentityRules
 from services.identity.rules_store import apply_update, to_proto
 from services.identity.stitching import Key
-from services.identity.storage import IdentityStore, canonical_uuid
 from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -64,24 +69,26 @@ def normalize_all(rules: IdentityRules, idents: Sequence[event_pb2.Identifier], 
     return keys
 
 
-def merge_proto(row: Sequence[Any]) -> identity_pb2.Merge:
-    merge_id, kind, survivor, absorbed, idents, event_id, rule, reason, created_at, score, evidence = row
-    idents = json.loads(idents) if isinstance(idents, str) else idents
-    evidence = json.loads(evidence) if isinstance(evidence, str) else evidence
+def merge_proto(m: MergeView) -> identity_pb2.Merge:
     msg = identity_pb2.Merge(
-        name=f"merges/{merge_id}",
-        kind=kind,
-        survivor_profile_id=survivor,
-        absorbed_profile_id=absorbed,
-        identifiers=[event_pb2.Identifier(type=t, value=v) for t, v in idents],
-        event_id=event_id,
-        rule=rule,
-        reason=reason,
-        score=score,
-        evidence={str(k): float(v) for k, v in (evidence or {}).items()},
+        name=f"merges/{m.merge_id}",
+        kind=m.kind,  # type: ignore[arg-type]
+        survivor_profile_id=m.survivor_profile_id,
+        absorbed_profile_id=m.absorbed_profile_id,
+        identifiers=[event_pb2.Identifier(type=t, value=v) for t, v in m.identifiers],
+        event_id=m.event_id,
+        rule=m.rule,
+        reason=m.reason,
+        score=m.score,
+        evidence=m.evidence,
     )
-    msg.create_time.FromDatetime(created_at)
+    msg.create_time.FromDatetime(m.created_at)
     return msg
+
+
+def event_text(event_id: str, message_id: str) -> str:
+    """An evidence event as the summary names it: our id, and the client's message_id when known."""
+    return f"event {event_id}" + (f" (message_id {json.dumps(message_id, ensure_ascii=False)})" if message_id else "")
 
 
 def _suggestion_position(position: Any) -> bool:
@@ -95,28 +102,37 @@ def _suggestion_position(position: Any) -> bool:
     )
 
 
-def suggestion_proto(row: Sequence[Any]) -> identity_pb2.MatchSuggestion:
-    suggestion_id, a, b, score, evidence, state, created_at = row
-    evidence = json.loads(evidence) if isinstance(evidence, str) else evidence
+def suggestion_proto(s: SuggestionView) -> identity_pb2.MatchSuggestion:
     msg = identity_pb2.MatchSuggestion(
-        name=f"{SUGGESTION_PREFIX}{suggestion_id}",
-        profile_a=profile_name(a),
-        profile_b=profile_name(b),
-        score=score,
-        evidence={str(k): float(v) for k, v in (evidence or {}).items()},
-        state=state,
+        name=f"{SUGGESTION_PREFIX}{s.suggestion_id}",
+        profile_a=profile_name(s.profile_a),
+        profile_b=profile_name(s.profile_b),
+        score=s.score,
+        evidence=s.evidence,
+        state=s.state,  # type: ignore[arg-type]
     )
-    msg.create_time.FromDatetime(created_at)
+    msg.create_time.FromDatetime(s.created_at)
     return msg
 
 
+@dataclass(frozen=True, slots=True)
+class _Side:
+    """One side of an ExplainLink request, located."""
+
+    label: str
+    start: str  # where its merge path starts
+    owner: str  # its active profile
+    event_id: str = ""  # the event that first brought it (an identifier side)
+    message_id: str = ""
+
+
 class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
-    def __init__(self, resolver: Resolver) -> None:
+    def __init__(self, resolver: Resolver, reads: IdentityReads | None = None) -> None:
         self.resolver = resolver
-        self.store: IdentityStore = resolver.store
+        self.reads = reads if reads is not None else IdentityReads(resolver.store)
 
     def _survivor(self, tenant_id: str, pid: str) -> str:
-        final = self.store.survivor(tenant_id, pid)
+        final = self.reads.survivor(tenant_id, pid)
         if final is None:
             raise NotFound(f"{profile_name(pid)} not found")
         return final
@@ -133,7 +149,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             )
         rules = self.resolver.rules.get(tenant)
         keys = normalize_all(rules, request.identifiers, "identifiers")
-        owners = {k: row[0] for k, row in self.store.identifier_rows(tenant, keys).items()}
+        owners = {k: o.profile_id for k, o in self.reads.owners(tenant, keys).items()}
         if not owners:
             raise NotFound("no profile has these identifiers")
         # Several profiles (merge protection kept them apart): the most trusted identifier decides.
@@ -148,11 +164,11 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         asked = parse_profile_name(request.name, "name")
         pid = self._survivor(tenant, asked)
         graph = identity_pb2.IdentityGraph(profile=profile_name(pid), profile_id=pid, redirected=pid != asked)
-        for id_type, value, first, last, source, first_event, _origin in self.store.identifiers(tenant, pid):
-            item = graph.identifiers.add(type=id_type, value=value, source=source, first_event_id=first_event)
-            item.first_seen.FromDatetime(first)
-            item.last_seen.FromDatetime(last)
-        graph.merges.extend(merge_proto(r) for r in self.store.merges(tenant, profile_ids=[pid]))
+        for i in self.reads.identifiers(tenant, pid):
+            item = graph.identifiers.add(type=i.type, value=i.value, source=i.source, first_event_id=i.first_event_id)
+            item.first_seen.FromDatetime(i.first_seen)
+            item.last_seen.FromDatetime(i.last_seen)
+        graph.merges.extend(merge_proto(m) for m in self.reads.merges(tenant, profile_ids=[pid]))
         return identity_pb2.GetIdentityGraphResponse(graph=graph)
 
     def ExplainLink(
@@ -160,37 +176,34 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     ) -> identity_pb2.ExplainLinkResponse:
         tenant = current_tenant().tenant_id
         rules = self.resolver.rules.get(tenant)
-        sides = [self._anchor(tenant, rules, request, side) for side in ("a", "b")]
-        (label_a, start_a, owner_a, ev_a), (label_b, start_b, owner_b, ev_b) = sides
-        if owner_a != owner_b:
+        a, b = (self._anchor(tenant, rules, request, side) for side in ("a", "b"))
+        if a.owner != b.owner:
             return identity_pb2.ExplainLinkResponse(
                 linked=False,
-                summary=f"not linked: {label_a} is on {profile_name(owner_a)}, {label_b} on {profile_name(owner_b)}",
+                summary=f"not linked: {a.label} is on {profile_name(a.owner)}, {b.label} on {profile_name(b.owner)}",
             )
-        path_a = {r[0]: r for r in self.store.merge_path(tenant, start_a)}
-        path_b = {r[0]: r for r in self.store.merge_path(tenant, start_b)}
-        chain_ids = sorted(set(path_a) ^ set(path_b))
-        chain = [merge_proto({**path_a, **path_b}[i]) for i in chain_ids]
+        path_a = {m.merge_id: m for m in self.reads.merge_path(tenant, a.start)}
+        path_b = {m.merge_id: m for m in self.reads.merge_path(tenant, b.start)}
+        paths = {**path_a, **path_b}
+        chain = [paths[i] for i in sorted(set(path_a) ^ set(path_b))]
         if not chain:
             # No merge joined them: each joined this profile with the event that first carried it
             # (alongside an identifier the profile already had).
-            joined = [f"{label} joined it with event {ev}" for label, ev in ((label_a, ev_a), (label_b, ev_b)) if ev]
+            joined = [f"{s.label} joined it with {event_text(s.event_id, s.message_id)}" for s in (a, b) if s.event_id]
             how = "no merge was needed; " + "; ".join(joined) if joined else "they are the same profile"
         else:
             steps = [
                 f"profiles/{m.absorbed_profile_id} merged into profiles/{m.survivor_profile_id}"
-                + (f" by event {m.event_id}" if m.event_id else f" ({m.rule})")
+                + (f" by {event_text(m.event_id, m.message_id)}" if m.event_id else f" ({m.rule})")
                 for m in chain
             ]
             how = "; ".join(steps)
         return identity_pb2.ExplainLinkResponse(
-            linked=True, chain=chain, summary=f"linked on {profile_name(owner_a)}: {how}"
+            linked=True, chain=[merge_proto(m) for m in chain], summary=f"linked on {profile_name(a.owner)}: {how}"
         )
 
-    def _anchor(
-        self, tenant: str, rules: IdentityRules, request: identity_pb2.ExplainLinkRequest, side: str
-    ) -> tuple[str, str, str, str]:
-        """(label, where its merge path starts, its active profile, its first event) for one side."""
+    def _anchor(self, tenant: str, rules: IdentityRules, request: identity_pb2.ExplainLinkRequest, side: str) -> _Side:
+        """One side located: its label, merge path start, active profile and (identifiers) first event."""
         which = request.WhichOneof(side)  # type: ignore[call-overload]
         if which is None:
             raise InvalidArgument(
@@ -200,13 +213,13 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         if which.startswith("identifier"):
             ident = getattr(request, which)
             (key,) = normalize_all(rules, [ident], which)
-            row = self.store.identifier_rows(tenant, [key]).get(key)
-            if row is None:
+            found = self.reads.owners(tenant, [key]).get(key)
+            if found is None:
                 raise NotFound(f"identifier {key[0]}:{key[1]} is not known")
-            owner, origin, first_event = row
-            return f"{key[0]}:{key[1]}", origin, owner, first_event
+            label = f"{key[0]}:{key[1]}"
+            return _Side(label, found.origin_profile_id, found.profile_id, found.first_event_id, found.first_message_id)
         pid = parse_profile_name(getattr(request, which), which)
-        return profile_name(pid), pid, self._survivor(tenant, pid), ""
+        return _Side(profile_name(pid), pid, self._survivor(tenant, pid))
 
     def MergeProfiles(
         self, request: identity_pb2.MergeProfilesRequest, context: grpc.ServicerContext
@@ -233,8 +246,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         return identity_pb2.UnmergeProfileResponse(merge=self._merge(tenant, recorded.merge_id))
 
     def _merge(self, tenant: str, merge_id: int) -> identity_pb2.Merge:
-        rows = self.store.merges(tenant, limit=1, before=merge_id + 1)
-        return merge_proto(rows[0])
+        return merge_proto(self.reads.merge(tenant, merge_id))
 
     def ListMerges(
         self, request: identity_pb2.ListMergesRequest, context: grpc.ServicerContext
@@ -248,10 +260,10 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         pids = None
         if request.profile:
             pids = [self._survivor(tenant, parse_profile_name(request.profile, "profile"))]
-        rows = self.store.merges(tenant, profile_ids=pids, limit=size + 1, before=before)
-        resp = identity_pb2.ListMergesResponse(merges=[merge_proto(r) for r in rows[:size]])
-        if len(rows) > size:
-            resp.next_page_token = pagination.encode_token(rows[size - 1][0], query)
+        merges = self.reads.merges(tenant, profile_ids=pids, limit=size + 1, before=before)
+        resp = identity_pb2.ListMergesResponse(merges=[merge_proto(m) for m in merges[:size]])
+        if len(merges) > size:
+            resp.next_page_token = pagination.encode_token(merges[size - 1].merge_id, query)
         return resp
 
     def GetIdentityRules(
@@ -291,11 +303,11 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         size = pagination.page_size(request.page_size)
         query = {"state": int(state)}
         after = pagination.decode_token(request.page_token, query, valid=_suggestion_position)
-        rows = self.store.suggestions(tenant, int(state), size + 1, tuple(after) if after else None)
-        resp = identity_pb2.ListMatchSuggestionsResponse(suggestions=[suggestion_proto(r) for r in rows[:size]])
-        if len(rows) > size:
-            last = rows[size - 1]
-            resp.next_page_token = pagination.encode_token([last[3], last[0]], query)
+        found = self.reads.suggestions(tenant, int(state), size + 1, tuple(after) if after else None)
+        resp = identity_pb2.ListMatchSuggestionsResponse(suggestions=[suggestion_proto(s) for s in found[:size]])
+        if len(found) > size:
+            last = found[size - 1]
+            resp.next_page_token = pagination.encode_token([last.score, last.suggestion_id], query)
         return resp
 
     def ReviewMatchSuggestion(
@@ -315,8 +327,8 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         reason = request.reason.strip()
         if len(reason) > 1000:
             raise InvalidArgument("reason is too long", [Violation("reason", "at most 1000 characters", "TOO_LONG")])
-        row, recorded, _pubs = self.resolver.review(tenant, int(raw), request.accept, reason)
-        resp = identity_pb2.ReviewMatchSuggestionResponse(suggestion=suggestion_proto(row))
+        reviewed, recorded, _pubs = self.resolver.review(tenant, int(raw), request.accept, reason)
+        resp = identity_pb2.ReviewMatchSuggestionResponse(suggestion=suggestion_proto(reviewed))
         if recorded is not None:
             resp.merge.CopyFrom(self._merge(tenant, recorded.merge_id))
         return resp

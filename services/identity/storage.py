@@ -17,13 +17,14 @@ import datetime as dt
 import hashlib
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy.engine import Engine
 
 from services.core import db
+from services.identity.ids import canonical_uuid
 from services.identity.stitching import Graph, Key, MergeFact, MergeRecord, Profile
 from tessera.v1 import identity_pb2
 
@@ -38,15 +39,6 @@ def lock_id(tenant_id: str, kind: str, *parts: str) -> int:
     """A signed 64-bit advisory lock key; the tenant is part of it, so tenants never contend."""
     digest = hashlib.blake2b(KEY_SEP.join((tenant_id, kind, *parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big", signed=True)
-
-
-def canonical_uuid(text: str) -> str | None:
-    """The canonical lower-case hyphenated form, or None: PostgreSQL accepts fewer spellings
-    than Python's ``uuid.UUID`` (no ``urn:uuid:``), so only this form is ever sent to it."""
-    try:
-        return str(uuid.UUID(text))
-    except ValueError:
-        return None
 
 
 # The working set's statements probe an index once per identifier, profile or event id. Written as
@@ -123,6 +115,7 @@ class KeySeen:
     at: dt.datetime
     source: str
     event_id: str
+    message_id: str = ""  # the client's message_id of that event, when it carried one
 
 
 @dataclass
@@ -137,6 +130,8 @@ class Changes:
     merges: list[MergeRecord] = field(default_factory=list)
     # Identifiers whose origin becomes another profile (a split).
     new_origin: dict[Key, str] = field(default_factory=dict)
+    # Event id -> the client's message_id, for the merge facts those events caused.
+    message_ids: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -268,10 +263,10 @@ class IdentityStore:
             items = sorted(changes.new_keys.items())
             out.add(
                 "INSERT INTO identity.identifiers (tenant_id, id_type, id_value, profile_id, origin_profile_id, "
-                "first_seen, last_seen, source, first_event_id) "
-                "SELECT %s, t, v, p::uuid, o::uuid, s, s, src, e "
+                "first_seen, last_seen, source, first_event_id, first_message_id) "
+                "SELECT %s, t, v, p::uuid, o::uuid, s, s, src, e, nullif(mid, '') "
                 "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::timestamptz[], %s::text[], "
-                "%s::text[]) AS m(t, v, p, o, s, src, e)",
+                "%s::text[], %s::text[]) AS m(t, v, p, o, s, src, e, mid)",
                 (
                     tenant_id,
                     [k[0] for k, _ in items],
@@ -281,6 +276,7 @@ class IdentityStore:
                     [seen.at for _, (_, seen) in items],
                     [seen.source for _, (_, seen) in items],
                     [seen.event_id for _, (_, seen) in items],
+                    [seen.message_id for _, (_, seen) in items],
                 ),
             )
         existing = sorted((graph.dirty_keys | changes.seen.keys()) - changes.new_keys.keys())
@@ -308,20 +304,24 @@ class IdentityStore:
             )
         if links:
             self.link_events(out, tenant_id, links)
-        return self._record_merges(out, tenant_id, changes.merges)
+        return self._record_merges(out, tenant_id, changes.merges, changes.message_ids)
 
     @staticmethod
-    def _record_merges(out: _Statements, tenant_id: str, merges: Sequence[MergeRecord]) -> list[RecordedMerge]:
+    def _record_merges(
+        out: _Statements, tenant_id: str, merges: Sequence[MergeRecord], message_ids: Mapping[str, str]
+    ) -> list[RecordedMerge]:
         """All of a write's merge facts in one statement (a consumer batch can merge dozens of pairs),
-        ids assigned in the given order; a (survivor, absorbed) pair names its row in the answer."""
+        ids assigned in the given order; a (survivor, absorbed) pair names its row in the answer.
+        ``message_ids`` gives the client's message_id of each causing event that carried one."""
         pairs = [(uuid.UUID(m.fact.survivor), uuid.UUID(m.fact.absorbed)) for m in merges] if len(merges) > 1 else []
         if pairs and len(set(pairs)) == len(pairs):
             rows = out.run(
                 "INSERT INTO identity.merges (tenant_id, kind, survivor_id, absorbed_id, identifiers, event_id, "
-                "rule, reason, score, evidence) "
-                "SELECT %s, k, s, a, i::jsonb, e, r, why, sc, ev::jsonb "
+                "message_id, rule, reason, score, evidence) "
+                "SELECT %s, k, s, a, i::jsonb, e, mid, r, why, sc, ev::jsonb "
                 "FROM unnest(%s::int2[], %s::uuid[], %s::uuid[], %s::text[], %s::text[], %s::text[], %s::text[], "
-                "%s::float8[], %s::text[]) WITH ORDINALITY AS m(k, s, a, i, e, r, why, sc, ev, n) ORDER BY n "
+                "%s::text[], %s::float8[], %s::text[]) WITH ORDINALITY AS m(k, s, a, i, e, mid, r, why, sc, ev, n) "
+                "ORDER BY n "
                 "RETURNING merge_id, survivor_id::text, absorbed_id::text",
                 (
                     tenant_id,
@@ -330,6 +330,7 @@ class IdentityStore:
                     [m.fact.absorbed for m in merges],
                     [json.dumps([list(k) for k in m.fact.keys]) for m in merges],
                     [m.fact.event_id for m in merges],
+                    [message_ids.get(m.fact.event_id) for m in merges],
                     [m.rule for m in merges],
                     [m.reason for m in merges],
                     [m.score for m in merges],
@@ -345,7 +346,8 @@ class IdentityStore:
         for m in merges:  # one merge (the usual manual case), or a pair that repeats
             (row,) = out.run(
                 "INSERT INTO identity.merges (tenant_id, kind, survivor_id, absorbed_id, identifiers, event_id, "
-                "rule, reason, score, evidence) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING merge_id",
+                "message_id, rule, reason, score, evidence) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "RETURNING merge_id",
                 (
                     tenant_id,
                     m.kind,
@@ -353,6 +355,7 @@ class IdentityStore:
                     m.fact.absorbed,
                     json.dumps([list(k) for k in m.fact.keys]),
                     m.fact.event_id,
+                    message_ids.get(m.fact.event_id),
                     m.rule,
                     m.reason,
                     m.score,
@@ -429,24 +432,27 @@ class IdentityStore:
     def identifiers(self, tenant_id: str, profile_id: str) -> list[tuple[Any, ...]]:
         with db.raw_transaction(self.engine, "SELECT identity.identifiers") as (cur, _):
             cur.execute(
-                "SELECT id_type, id_value, first_seen, last_seen, source, first_event_id, origin_profile_id::text "
+                "SELECT id_type, id_value, first_seen, last_seen, source, first_event_id, origin_profile_id::text, "
+                "coalesce(first_message_id, '') "
                 "FROM identity.identifiers WHERE tenant_id = %s AND profile_id = %s ORDER BY id_type, id_value",
                 (tenant_id, profile_id),
             )
             return list(cur.fetchall())
 
-    def identifier_rows(self, tenant_id: str, keys: Sequence[Key]) -> dict[Key, tuple[str, str, str]]:
-        """(owner, origin, first_event_id) of each known identifier: one primary-key probe each."""
+    def identifier_rows(self, tenant_id: str, keys: Sequence[Key]) -> dict[Key, tuple[str, str, str, str]]:
+        """(owner, origin, first_event_id, first_message_id or "") of each known identifier: one
+        primary-key probe each."""
         with db.raw_transaction(self.engine, "SELECT identity.identifiers") as (cur, _):
             cur.execute(
-                "SELECT k.t, k.v, i.profile_id::text, i.origin_profile_id::text, i.first_event_id "
+                "SELECT k.t, k.v, i.profile_id::text, i.origin_profile_id::text, i.first_event_id, "
+                "coalesce(i.first_message_id, '') "
                 "FROM unnest(%s::text[], %s::text[]) AS k(t, v) CROSS JOIN LATERAL ("
                 "  SELECT * FROM identity.identifiers i"
                 "  WHERE i.tenant_id = %s AND i.id_type = k.t AND i.id_value = k.v LIMIT 1"
                 ") i",
                 ([k[0] for k in keys], [k[1] for k in keys], tenant_id),
             )
-            return {(t, v): (p, o, e) for t, v, p, o, e in cur.fetchall()}
+            return {(t, v): (p, o, e, mid) for t, v, p, o, e, mid in cur.fetchall()}
 
     def merges(
         self,
@@ -460,7 +466,7 @@ class IdentityStore:
         given plus every profile ever merged into them)."""
         sql = (
             "SELECT merge_id, kind, survivor_id::text, absorbed_id::text, identifiers, event_id, rule, reason, "
-            "created_at, score, evidence FROM identity.merges m WHERE tenant_id = %(tenant)s"
+            "created_at, score, evidence, coalesce(message_id, '') FROM identity.merges m WHERE tenant_id = %(tenant)s"
         )
         args: dict[str, Any] = {"tenant": tenant_id, "limit": limit, "before": before}
         if profile_ids is not None:
@@ -491,7 +497,7 @@ class IdentityStore:
                     WHERE up.depth < 10000
                 )
                 SELECT merge_id, kind, survivor_id::text, absorbed_id::text, identifiers, event_id, rule, reason,
-                       created_at, score, evidence
+                       created_at, score, evidence, coalesce(message_id, '')
                 FROM up ORDER BY depth
                 """,
                 {"tenant": tenant_id, "start": start, "unmerge": identity_pb2.MERGE_KIND_UNMERGE},
@@ -590,9 +596,9 @@ class IdentityStore:
 
     @staticmethod
     def erase(cur: Any, tenant_id: str, profile_id: str) -> tuple[int, list[str]]:
-        """Forget a (locked, active) profile: its identifiers, trait records, suggestions and the
-        identifier values in its merge facts and event links. Returns (identifiers deleted, ids
-        erased: the profile and every id merged into it)."""
+        """Forget a (locked, active) profile: its identifiers, trait records, suggestions, the
+        identifier values in its merge facts and event links, and its merge facts' client message
+        ids. Returns (identifiers deleted, ids erased: the profile and every id merged into it)."""
         cur.execute(
             "UPDATE identity.profiles SET erased_at = now() "
             "WHERE tenant_id = %(t)s AND (profile_id = %(p)s OR merged_into = %(p)s) RETURNING profile_id::text",
@@ -614,7 +620,7 @@ class IdentityStore:
             args,
         )
         cur.execute(
-            "UPDATE identity.merges SET identifiers = '[]', evidence = '{}' WHERE tenant_id = %(t)s "
+            "UPDATE identity.merges SET identifiers = '[]', evidence = '{}', message_id = NULL WHERE tenant_id = %(t)s "
             "AND (survivor_id = ANY(%(ids)s::uuid[]) OR absorbed_id = ANY(%(ids)s::uuid[]))",
             args,
         )

@@ -8,6 +8,7 @@ from typing import Any
 
 import grpc
 import pytest
+import sqlalchemy as sa
 from google.protobuf import field_mask_pb2
 from sqlalchemy.engine import Engine
 
@@ -19,6 +20,7 @@ from services.core.streams import CREATED, ERASED, MERGED
 from services.core.tenancy import Tenant, reset_current_tenant, set_current_tenant
 from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc, ingest_pb2_grpc
 from tests.conftest import TenantKey
+from tests.support.events import uid
 from tests.support.grpc_errors import bad_request, precondition_failures
 from tests.support.identity import event_profile, linked_count, person_event, send, wait_linked
 from tests.support.streams import entries, publish_events, wait_entries
@@ -212,6 +214,61 @@ def test_merge_chain_explain_and_unmerge(
     # The split is itself a recorded, listed fact.
     merges = identity.ListMerges(identity_pb2.ListMergesRequest(profile=f"profiles/{c}"), metadata=md).merges
     assert merges[0].name == split.name and merges[0].kind == identity_pb2.MERGE_KIND_UNMERGE
+
+
+def test_explain_link_names_the_clients_message_ids(
+    ingest: ingest_pb2_grpc.IngestServiceStub,
+    identity: identity_pb2_grpc.IdentityServiceStub,
+    tenant: TenantKey,
+    engine: Engine,
+) -> None:
+    """The caller knows its message_id, not our event ids: the summary names both."""
+    md = tenant.metadata
+
+    def event(message_id: str, *idents: tuple[str, str]) -> event_pb2.Event:
+        ev = person_event(*idents)
+        ev.message_id = message_id
+        return ev
+
+    web, app, anon, joined = (uid(label) for label in ("web", "app", "anon", "join"))
+    web_ev = send(ingest, md, event(web, ("email", "mid@example.com")))[0]
+    wait_linked(engine, tenant.tenant_id, 1)
+    app_ev = send(ingest, md, event(app, ("email", "mid@example.com"), ("phone", "+14155550144")))[0]
+    wait_linked(engine, tenant.tenant_id, 2)
+
+    # No merge: each identifier joined the profile with the event that first carried it.
+    attached = identity.ExplainLink(
+        identity_pb2.ExplainLinkRequest(
+            identifier_a=Ident(type="email", value="mid@example.com"),
+            identifier_b=Ident(type="phone", value="+14155550144"),
+        ),
+        metadata=md,
+    )
+    assert attached.linked and not attached.chain
+    assert "no merge was needed" in attached.summary
+    assert f'email:mid@example.com joined it with event {web_ev} (message_id "{web}")' in attached.summary
+    assert f'phone:+14155550144 joined it with event {app_ev} (message_id "{app}")' in attached.summary
+
+    # A merge: the chain names the event that caused it, and its message_id.
+    send(ingest, md, event(anon, ("anonymous_id", "anon-mid")))
+    wait_linked(engine, tenant.tenant_id, 3)
+    join_ev = send(ingest, md, event(joined, ("phone", "+14155550144"), ("anonymous_id", "anon-mid")))[0]
+    wait_linked(engine, tenant.tenant_id, 4)
+    request = identity_pb2.ExplainLinkRequest(
+        identifier_a=Ident(type="email", value="mid@example.com"),
+        identifier_b=Ident(type="anonymous_id", value="anon-mid"),
+    )
+    merged = identity.ExplainLink(request, metadata=md)
+    assert merged.linked and [m.event_id for m in merged.chain] == [join_ev]
+    assert f'by event {join_ev} (message_id "{joined}")' in merged.summary
+
+    # Facts recorded before identity kept message ids name only the event id.
+    with engine.begin() as conn:
+        forget = sa.text("UPDATE identity.merges SET message_id = NULL WHERE tenant_id = :t")
+        conn.execute(forget, {"t": tenant.tenant_id})
+    old = identity.ExplainLink(request, metadata=md)
+    assert old.summary == merged.summary.replace(f' (message_id "{joined}")', "")
+    assert "message_id" not in old.summary
 
 
 def test_blocked_placeholders_never_link(
