@@ -25,6 +25,7 @@ import grpc
 
 from bench.common import CpuGroup, machine_busy, percentile, proc_cpu, rounded
 from bench.payloads import BatchMaker, check_batch_bytes
+from bench.pg_writer import BaselineWriter, templates_of
 from tessera.v1 import ingest_pb2
 
 log = logging.getLogger("bench.loadgen")
@@ -40,7 +41,7 @@ class PhaseSpec:
 
     name: str
     target: str
-    mode: str  # "unary" (IngestEvents) or "stream" (StreamEvents)
+    mode: str  # "unary" (IngestEvents), "stream" (StreamEvents) or "postgres" (the bare baseline writer)
     counts_from_response: bool  # True for ingest (accepted_count); False for the bare transport server
     metadata: tuple[tuple[str, str], ...]
     run_tag: str
@@ -48,6 +49,7 @@ class PhaseSpec:
     warmup: float
     seconds: float
     window: int = 4  # stream: batches in flight per client
+    tenant_id: str = ""  # postgres: whose rows the baseline writes
 
 
 @dataclass
@@ -216,6 +218,31 @@ def run_stream(spec: PhaseSpec, channel: grpc.Channel, maker: BatchMaker, win: W
     return tally
 
 
+def run_postgres(spec: PhaseSpec, writer: BaselineWriter, win: Window) -> ClientTally:
+    """The baseline: one autocommitted statement per batch on this client's own connection."""
+    tally = ClientTally()
+    seq = 0
+    while True:
+        sent = time.monotonic()
+        if sent >= win.end or tally.errors >= MAX_ERRORS:
+            break
+        tally.sent_batches += 1
+        try:
+            stored = writer.write(seq)
+        except Exception as exc:
+            tally.error(exc)
+            time.sleep(0.05)
+            continue
+        seq += 1
+        done = time.monotonic()
+        tally.accepted += stored
+        if win.start <= done <= win.end:
+            tally.latencies.append(done - sent)
+            tally.measured_events += stored
+            tally.measured_batches += 1
+    return tally
+
+
 def _worker(
     spec: PhaseSpec,
     templates: list[bytes],
@@ -228,13 +255,20 @@ def _worker(
 ) -> None:
     """Entry point of one client process."""
     try:
-        channels = [_channel(spec.target) for _ in range(threads)]
-        makers = []
+        channels: list[grpc.Channel] = []
+        makers: list[BatchMaker] = []
+        writers: list[BaselineWriter] = []
         for t in range(threads):
             tag = f"{spec.run_tag}-{proc_index:02d}{t:02d}"
-            maker = BatchMaker(templates, tag, spec.batch_size, spec.mode, offset=(proc_index * 7 + t) * 997)
+            offset = (proc_index * 7 + t) * 997
+            if spec.mode == "postgres":
+                kinds = templates_of(templates)
+                writers.append(BaselineWriter(spec.target, spec.tenant_id, tag, spec.batch_size, kinds, offset))
+                continue
+            maker = BatchMaker(templates, tag, spec.batch_size, spec.mode, offset=offset)
             check_batch_bytes(maker, 0)
             makers.append(maker)
+            channels.append(_channel(spec.target))
         for ch in channels:
             grpc.channel_ready_future(ch).result(timeout=20)
         ready.put(("ready", proc_index, None))
@@ -252,7 +286,10 @@ def _worker(
 
         def client(i: int) -> None:
             try:
-                out[i] = run(spec, channels[i], makers[i], win)
+                if writers:
+                    out[i] = run_postgres(spec, writers[i], win)
+                else:
+                    out[i] = run(spec, channels[i], makers[i], win)
             except Exception as exc:  # reported, never silent
                 out[i].error(exc)
 
@@ -266,6 +303,8 @@ def _worker(
             total.merge(tally)
         for ch in channels:
             ch.close()
+        for writer in writers:
+            writer.close()
         results.put(("done", proc_index, total))
     except BaseException as exc:
         ready.put(("failed", proc_index, repr(exc)))
@@ -296,7 +335,7 @@ class PhaseResult:
         per_k = (lambda cpu: cpu / events * 1000) if events else (lambda cpu: float("nan"))
         cores = len(os.sched_getaffinity(0))
         return {
-            "method": "IngestEvents" if self.mode == "unary" else "StreamEvents",
+            "method": {"unary": "IngestEvents", "stream": "StreamEvents"}.get(self.mode, "bare psycopg2 writer"),
             "clients": self.clients,
             "client_processes": self.client_procs,
             "measured_seconds": rounded(self.seconds, 2),
@@ -345,7 +384,7 @@ def run_phase(
     *,
     clients: int,
     procs: int,
-    server_pid: int,
+    server_pid: int | None,
 ) -> PhaseResult:
     """Start the client processes, let them warm up, measure the window, collect their tallies."""
     procs = max(1, min(procs, clients))
@@ -384,13 +423,13 @@ def run_phase(
         m_start = t0 + spec.warmup
         m_end = m_start + spec.seconds
         time.sleep(max(0.0, m_start - time.monotonic()))
-        s_cpu0 = proc_cpu(server_pid)
+        s_cpu0 = proc_cpu(server_pid) if server_pid else 0.0
         c_cpu0 = sum(proc_cpu(w.pid) for w in workers if w.pid)
         busy0, total0 = machine_busy()
         pg_cpu.start()
         redis_cpu.start()
         time.sleep(max(0.0, m_end - time.monotonic()))
-        s_cpu1 = proc_cpu(server_pid)
+        s_cpu1 = proc_cpu(server_pid) if server_pid else 0.0
         c_cpu1 = sum(proc_cpu(w.pid) for w in workers if w.pid)
         busy1, total1 = machine_busy()
         pg_s = pg_cpu.stop()

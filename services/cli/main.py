@@ -291,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("scenario")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--existing-keys", type=int, default=0, help="ingest: dedupe keys to pre-fill (also measured at 0)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser

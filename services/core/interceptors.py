@@ -45,6 +45,11 @@ def time_remaining(context: grpc.ServicerContext) -> float | None:
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
+    if not context.is_active():
+        # The client cancelled or went away (grpcurl cancels every reflection stream it is done
+        # with): reading its requests fails, and there is nobody to answer. Not a server error.
+        log.debug("call ended by the client", extra={"method": method})
+        return
     code = context.code() if hasattr(context, "code") else None
     if not isinstance(exc, TesseraError) and code not in (None, grpc.StatusCode.OK):
         # The handler called context.abort() itself: its status stands.

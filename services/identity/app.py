@@ -12,6 +12,7 @@ from services.core.migrate import MigrationSet
 from services.core.outbox import EnvelopeTable, Outbox
 from services.core.server import Background, ServiceContext, ServiceDefinition
 from services.identity.consumer import build_consumer, consumer_name
+from services.identity.reads import IdentityReads
 from services.identity.resolver import Resolver
 from services.identity.rules_store import RulesCache
 from services.identity.servicer import IdentityServicer
@@ -33,7 +34,7 @@ def register(server: grpc.Server, ctx: ServiceContext, own: IdentitySettings) ->
         sweep_seconds=ctx.settings.outbox_sweep_seconds,
     )
     resolver = Resolver(store, RulesCache(store, ttl=own.rules_cache_seconds), outbox)
-    identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(resolver), server)
+    identity_pb2_grpc.add_IdentityServiceServicer_to_server(IdentityServicer(resolver, IdentityReads(store)), server)
     s = ctx.settings
     consumers = [
         build_consumer(

@@ -8,6 +8,7 @@ fields appended (see :func:`services.core.streams.stamp_event`).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -25,10 +26,17 @@ from tessera.v1 import event_pb2, ingest_pb2
 REJECTED = ingest_pb2.EVENT_STATUS_REJECTED
 
 
+def dedupe_key(message_id: str) -> str:
+    """The dedupe key of a message id: 16 bytes of SHA-256 over its UTF-8, as 32 hex digits (a
+    ``uuid`` to PostgreSQL, whose ``ingest.dedupe_key()`` computes the same one)."""
+    return hashlib.sha256(message_id.encode()).hexdigest()[:32]
+
+
 class NewEvent(NamedTuple):
     """An event ready to store: validated, stamped, serialized (a tuple: one is built per event)."""
 
     event_id: str
+    key_hash: str
     message_id: str
     occurred: float
     channel: int
@@ -117,6 +125,7 @@ def prepare(events: Sequence[event_pb2.Event], received_at: dt.datetime, limits:
         to_store.append(
             NewEvent(
                 event_id=event_id,
+                key_hash=dedupe_key(ev.message_id),
                 message_id=ev.message_id,
                 occurred=occurred,
                 channel=int(ev.channel),

@@ -17,41 +17,39 @@ from sqlalchemy.engine import Engine
 
 from services.core import db, streams
 from services.core.outbox import Pending
-from services.ingest.prepare import NewEvent
-
-# The dedupe key of a message id: 16 bytes of SHA-256 over its UTF-8, computed by PostgreSQL (the
-# migration that built the table, the write and the look-ups all use this one expression).
-KEY_HASH = "substring(sha256(convert_to({}, 'UTF8')) FROM 1 FOR 16)"
+from services.ingest.prepare import NewEvent, dedupe_key
 
 # Prepared once per connection: planning this statement costs PostgreSQL about as much as
 # running it. $1 tenant, $2 received_at, $3 traceparent, $4 today (UTC day of received_at),
 # $5 the first day to write keys for ($4, or the day before just after midnight), $6 the first
-# day of the tenant's dedupe window, then one array per column.
+# day of the tenant's dedupe window, then one array per column ($7 the dedupe keys).
+#
+# Dedupe has two levels (see migration ingest_0002): today's keys are inserted into today's small
+# hot partition, where a conflict is a duplicate; the window's earlier days are probed, once per
+# event, in the cold table (and in a hot day the upkeep has not moved yet).
 #
 # Why two days just after midnight: a key is unique per day's partition, so two writers of one
 # message id on either side of midnight would not conflict. A writer within the grace after
 # midnight therefore also writes the key for the day before, and wins only if it is new on both:
 # its insert there waits for, then conflicts with, a writer still in flight from before midnight.
-# Keys of earlier days in the window are only probed; nobody inserts there any more.
 _WRITE_BATCH_NAME = "tessera_ingest_write_batch_v2"
 _WRITE_BATCH = (
-    f"PREPARE {_WRITE_BATCH_NAME} "  # noqa: S608 - only constants are interpolated
-    """(text, timestamptz, text, date, date, date, uuid[], text[], float8[], int2[], text[], bytea[]) AS
+    f"PREPARE {_WRITE_BATCH_NAME} "  # noqa: S608 - only a constant name is interpolated
+    """(text, timestamptz, text, date, date, date, uuid[], uuid[], text[], float8[], int2[], text[], bytea[]) AS
 WITH batch AS (
-    SELECT b.*, """
-    + KEY_HASH.format("b.message_id")
-    + """ AS key_hash
-    FROM unnest($7, $8, $9, $10, $11, $12) AS b(event_id, message_id, occurred, channel, kind, payload)
-), fresh AS (
-    SELECT b.event_id, b.key_hash FROM batch b
-    WHERE NOT EXISTS (
-        SELECT 1 FROM ingest.dedupe_keys k
-        WHERE k.tenant_id = $1 AND k.key_hash = b.key_hash AND k.day >= $6 AND k.day < $5
-    )
+    SELECT * FROM unnest($7, $8, $9, $10, $11, $12, $13)
+        AS b(key_hash, event_id, message_id, occurred, channel, kind, payload)
+), seen AS (
+    SELECT w.key_hash FROM ingest.dedupe_window w
+    WHERE w.tenant_id = $1 AND w.key_hash = ANY($7) AND w.day >= $6
+    UNION ALL
+    SELECT k.key_hash FROM ingest.dedupe_keys k
+    WHERE k.tenant_id = $1 AND k.key_hash = ANY($7) AND k.day >= $6 AND k.day < $5
 ), keys AS (
     INSERT INTO ingest.dedupe_keys (tenant_id, key_hash, day, event_id, received_at)
-    SELECT $1, f.key_hash, d.day, f.event_id, $2
-    FROM fresh f CROSS JOIN unnest(CASE WHEN $5 < $4 THEN ARRAY[$5, $4] ELSE ARRAY[$4] END) AS d(day)
+    SELECT $1, b.key_hash, d.day, b.event_id, $2
+    FROM batch b CROSS JOIN unnest(CASE WHEN $5 < $4 THEN ARRAY[$5, $4] ELSE ARRAY[$4] END) AS d(day)
+    WHERE b.key_hash NOT IN (SELECT key_hash FROM seen)
     ON CONFLICT DO NOTHING
     RETURNING event_id
 ), won AS (
@@ -71,22 +69,19 @@ SELECT s.event_id::text, o.seq FROM stored s CROSS JOIN outbox o;
 )
 _EXECUTE_WRITE_BATCH = (
     f"EXECUTE {_WRITE_BATCH_NAME} (%(tenant)s, %(received_at)s, %(traceparent)s, %(today)s, %(first_day)s, "
-    "%(window_start)s, %(event_ids)s::uuid[], %(message_ids)s::text[], %(occurred)s::float8[], "
-    "%(channels)s::int2[], %(kinds)s::text[], %(payloads)s::bytea[])"
+    "%(window_start)s, %(key_hashes)s::uuid[], %(event_ids)s::uuid[], %(message_ids)s::text[], "
+    "%(occurred)s::float8[], %(channels)s::int2[], %(kinds)s::text[], %(payloads)s::bytea[])"
 )
 
-# The event first stored under each message id, within the window.
-_EXISTING_KEYS = (
-    """
-SELECT DISTINCT ON (k.key_hash) b.message_id, k.event_id::text
-FROM unnest(%(message_ids)s::text[]) AS b(message_id)
-JOIN ingest.dedupe_keys k ON k.tenant_id = %(tenant)s AND k.day >= %(window_start)s
-    AND k.key_hash = """
-    + KEY_HASH.format("b.message_id")
-    + """
-ORDER BY k.key_hash, k.day
+# Every remembered sighting of some message ids within a window, hot and cold: (key, day,
+# event_id, received_at). A key's first sighting in the window is its original event.
+_SIGHTINGS = """
+SELECT k.key_hash::text, k.day, k.event_id::text, k.received_at FROM ingest.dedupe_keys k
+WHERE k.tenant_id = %(tenant)s AND k.key_hash = ANY(%(key_hashes)s::uuid[]) AND k.day >= %(window_start)s
+UNION ALL
+SELECT w.key_hash::text, w.day, w.event_id::text, w.received_at FROM ingest.dedupe_window w
+WHERE w.tenant_id = %(tenant)s AND w.key_hash = ANY(%(key_hashes)s::uuid[]) AND w.day >= %(window_start)s
 """
-)
 
 # Just after midnight (UTC) a batch also writes its keys for the day before; see _WRITE_BATCH.
 MIDNIGHT_GRACE = dt.timedelta(minutes=5)
@@ -133,6 +128,19 @@ class WriteResult:
     accepted: set[str]
     # message_id -> event_id of the first commit, for the ones already stored.
     duplicates: dict[str, str]
+
+
+def _first_sightings(
+    cursor: Any, tenant_id: str, key_hashes: Sequence[str], window_start: dt.date
+) -> dict[str, tuple[str, dt.datetime]]:
+    """key (32 hex digits) -> (event_id, received_at) of its first sighting within the window."""
+    cursor.execute(_SIGHTINGS, {"tenant": tenant_id, "key_hashes": list(key_hashes), "window_start": window_start})
+    first: dict[str, tuple[dt.date, str, dt.datetime]] = {}
+    for key, day, event_id, received_at in cursor.fetchall():
+        hexkey = key.replace("-", "")
+        if hexkey not in first or day < first[hexkey][0]:
+            first[hexkey] = (day, event_id, received_at)
+    return {k: (eid, at) for k, (_day, eid, at) in first.items()}
 
 
 class StoredEvent(NamedTuple):
@@ -199,6 +207,7 @@ class EventStore:
             "today": today,
             "first_day": first_day,
             "window_start": window_start,
+            "key_hashes": [e.key_hash for e in events],
             "event_ids": [e.event_id for e in events],
             "message_ids": [e.message_id for e in events],
             "occurred": [e.occurred for e in events],
@@ -221,11 +230,9 @@ class EventStore:
                 seq = rows[0][1] if rows else None
                 duplicates: dict[str, str] = {}
                 if len(accepted) < len(events):
-                    missing = [e.message_id for e in events if e.event_id not in accepted]
-                    cursor.execute(
-                        _EXISTING_KEYS, {"tenant": tenant_id, "message_ids": missing, "window_start": window_start}
-                    )
-                    duplicates = {str(r[0]): str(r[1]) for r in cursor.fetchall()}
+                    missing = [e for e in events if e.event_id not in accepted]
+                    first = _first_sightings(cursor, tenant_id, [e.key_hash for e in missing], window_start)
+                    duplicates = {e.message_id: first[e.key_hash][0] for e in missing if e.key_hash in first}
             return WriteResult(seq, accepted, duplicates)
 
         return db.retry_on_disconnect(write)
@@ -238,13 +245,16 @@ class EventStore:
         params: dict[str, object] = {"tenant": tenant_id, "limit": limit}
         if message_ids:
             # Found through their dedupe keys, so only within the retained dedupe window.
+            with db.raw_transaction(self.engine, "SELECT ingest.dedupe_keys") as (cursor, _):
+                found = _first_sightings(cursor, tenant_id, [dedupe_key(m) for m in message_ids], dt.date.min)
+            if not found:
+                return []
             clauses.append(
-                "(e.received_at, e.event_id) IN (SELECT k.received_at, k.event_id FROM ingest.dedupe_keys k "  # noqa: S608
-                "WHERE k.tenant_id = %(tenant)s AND k.key_hash = ANY(ARRAY(SELECT "
-                + KEY_HASH.format("m")
-                + " FROM unnest(%(message_ids)s::text[]) AS m)))"
+                "(e.received_at, e.event_id) IN (SELECT * FROM unnest(%(at)s::timestamptz[], %(ids)s::uuid[]))"
             )
             clauses.append("e.message_id = ANY(%(message_ids)s)")
+            params["at"] = [at for _eid, at in found.values()]
+            params["ids"] = [eid for eid, _at in found.values()]
             params["message_ids"] = list(message_ids)
         if after is not None:
             clauses.append("(e.received_at, e.event_id) < (%(after_ts)s::timestamptz, %(after_id)s::uuid)")
@@ -287,25 +297,102 @@ class EventStore:
         return self._drop_partitions("ingest.events", "events_", cutoff)
 
     def upkeep(self, keep_dedupe_days: int, months_ahead: int = 3, days_ahead: int = 7) -> dict[str, int]:
-        """Partition upkeep, safe from every replica at once: create the coming months' event
-        partitions and days' dedupe partitions, and drop dedupe partitions that every tenant's
-        window (``keep_dedupe_days``, the longest) has left behind."""
-        today = dt.datetime.now(dt.UTC).date()
+        """Partition and dedupe upkeep, safe from every replica at once (each step takes the partition
+        lock and is idempotent):
+
+        - create the coming months' event partitions and the coming days' hot dedupe partitions;
+        - move every finished hot day into the cold table, then drop its partition;
+        - delete the cold keys that every tenant's window (``keep_dedupe_days``, the longest) has
+          left behind.
+        """
+        now = dt.datetime.now(dt.UTC)
+        today = now.date()
         with self.engine.begin() as conn:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": PARTITION_LOCK_KEY})
             months = conn.execute(
                 sa.text("SELECT ingest.ensure_event_partitions(:d, :n)"), {"d": today, "n": months_ahead}
             ).scalar_one()
             days = conn.execute(
-                sa.text("SELECT ingest.ensure_dedupe_partitions(:d, :n)"),
-                {"d": today - dt.timedelta(days=1), "n": days_ahead + 2},
+                sa.text("SELECT ingest.ensure_dedupe_partitions(:d, :n)"), {"d": today, "n": days_ahead + 1}
             ).scalar_one()
-        # The window's first day is today - keep; the day before it may still take a shadow write.
-        dropped = self._drop_partitions(
-            "ingest.dedupe_keys", "dedupe_keys_", today - dt.timedelta(days=keep_dedupe_days + 1)
-        )
+        # A day is finished once no write can still be made for it: past the midnight grace, and
+        # past the longest a write may run.
+        finished_before = (now - MIDNIGHT_GRACE - dt.timedelta(seconds=MAX_STATEMENT_SECONDS)).date()
+        moved = self.compact(finished_before)
+        expired = self.expire(today - dt.timedelta(days=keep_dedupe_days))
         return {
             "event_partitions_created": int(months),
             "dedupe_partitions_created": int(days),
-            "dedupe_partitions_dropped": len(dropped),
+            "dedupe_days_moved_cold": moved,
+            "dedupe_keys_expired": expired,
         }
+
+    def _hot_days(self) -> list[tuple[str, dt.date | None]]:
+        """The hot dedupe partitions: (table name, its day), None for the default partition."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.text(
+                    "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+                    "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'ingest.dedupe_keys'::regclass"
+                )
+            ).all()
+        out: list[tuple[str, dt.date | None]] = []
+        for name, bound in rows:
+            day = dt.date.fromisoformat(bound.split("FROM ('", 1)[1][:10]) if "FROM ('" in bound else None
+            out.append((name, day))
+        return sorted(out, key=lambda r: (r[1] is None, r[1] or dt.date.min))
+
+    def compact(self, finished_before: dt.date, chunks: int = 16) -> int:
+        """Move the hot days before ``finished_before`` (and the default partition's finished rows)
+        into the cold table, in key-range chunks so no transaction is long, keeping each key's
+        latest sighting; then drop those days' partitions. Returns the days moved."""
+        moved = 0
+        step = 256 // chunks
+        for name, day in self._hot_days():
+            if day is not None and day >= finished_before:
+                continue
+            for n in range(chunks):
+                lo = f"{n * step:02x}" + "0" * 30
+                hi = f"{(n + 1) * step:02x}" + "0" * 30 if n + 1 < chunks else None
+                with db.raw_transaction(self.engine, "INSERT ingest.dedupe_window") as (cur, _):
+                    cur.execute("SET LOCAL synchronous_commit = off")  # redone from the hot rows if lost
+                    cur.execute(
+                        f"INSERT INTO ingest.dedupe_window (tenant_id, key_hash, day, event_id, received_at) "  # noqa: S608
+                        f"SELECT DISTINCT ON (tenant_id, key_hash) tenant_id, key_hash, day, event_id, received_at "
+                        f'FROM ingest."{name}" WHERE key_hash >= %(lo)s::uuid '
+                        + ("AND key_hash < %(hi)s::uuid " if hi else "")
+                        + ("AND day < %(before)s " if day is None else "")
+                        + "ORDER BY tenant_id, key_hash, day DESC "
+                        "ON CONFLICT (tenant_id, key_hash) DO UPDATE SET day = EXCLUDED.day, "
+                        "event_id = EXCLUDED.event_id, received_at = EXCLUDED.received_at "
+                        "WHERE ingest.dedupe_window.day < EXCLUDED.day",
+                        {"lo": lo, "hi": hi, "before": finished_before},
+                    )
+            with self.engine.begin() as conn:
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": PARTITION_LOCK_KEY})
+                if day is None:
+                    conn.execute(
+                        sa.text("DELETE FROM ingest.dedupe_keys_default WHERE day < :d"), {"d": finished_before}
+                    )
+                else:
+                    conn.exec_driver_sql(f'DROP TABLE IF EXISTS ingest."{name}"')
+                    moved += 1
+        if moved:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("ANALYZE ingest.dedupe_window")  # plans probe it by index, not by scan
+        return moved
+
+    def expire(self, window_start: dt.date, chunk: int = 50_000) -> int:
+        """Delete cold keys first seen before ``window_start``; returns how many."""
+        total = 0
+        while True:
+            with db.raw_transaction(self.engine, "DELETE ingest.dedupe_window") as (cur, _):
+                cur.execute(
+                    "DELETE FROM ingest.dedupe_window WHERE ctid = ANY(ARRAY("
+                    "SELECT ctid FROM ingest.dedupe_window WHERE day < %s LIMIT %s))",
+                    (window_start, chunk),
+                )
+                n = int(cur.rowcount)
+            total += n
+            if n < chunk:
+                return total

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Engine
 from services.core import tenancy
 from services.core.errors import InvalidArgument
 from services.ingest import prepare, validation
-from services.ingest.storage import KEY_HASH, MIDNIGHT_GRACE, EventStore, dedupe_days
+from services.ingest.storage import MIDNIGHT_GRACE, EventStore, dedupe_days
 from tests.conftest import TenantKey
 from tests.support.events import track
 
@@ -44,15 +44,17 @@ def write(store: EventStore, tenant: TenantKey, message_id: str, received_at: dt
     return f"DUPLICATE:{result.duplicates.get(message_id, '')}"
 
 
-def plant_key(engine: Engine, tenant: TenantKey, message_id: str, day: dt.date) -> str:
-    """A key remembered from an earlier day (as the write of that day left it)."""
+def plant_key(engine: Engine, tenant: TenantKey, message_id: str, day: dt.date, *, cold: bool = True) -> str:
+    """A key remembered from an earlier day: in the cold table, where the upkeep leaves a finished
+    day, or (``cold=False``) still in that day's hot partition, not moved yet."""
     event_id = str(uuid.uuid4())
+    table = "ingest.dedupe_window" if cold else "ingest.dedupe_keys"
     with engine.begin() as conn:
         conn.execute(sa.text("SELECT ingest.ensure_dedupe_partitions(:d, 1)"), {"d": day})
         conn.execute(
             sa.text(
-                "INSERT INTO ingest.dedupe_keys (tenant_id, key_hash, day, event_id, received_at) "
-                f"VALUES (:t, {KEY_HASH.format(':m')}, :d, :e, :at)"
+                f"INSERT INTO {table} (tenant_id, key_hash, day, event_id, received_at) "
+                "VALUES (:t, ingest.dedupe_key(:m), :d, :e, :at)"
             ),
             {
                 "t": tenant.tenant_id,
@@ -63,6 +65,26 @@ def plant_key(engine: Engine, tenant: TenantKey, message_id: str, day: dt.date) 
             },
         )
     return event_id
+
+
+def cold_sighting(engine: Engine, tenant: TenantKey, message_id: str) -> tuple[dt.date, str] | None:
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.text(
+                "SELECT day, event_id::text FROM ingest.dedupe_window "
+                "WHERE tenant_id = :t AND key_hash = ingest.dedupe_key(:m)"
+            ),
+            {"t": tenant.tenant_id, "m": message_id},
+        ).first()
+    return (row[0], row[1]) if row else None
+
+
+@pytest.mark.parametrize("message_id", ["m-1", "0193aaaa-0000-7000-8000-000000000001", "Ärger-ü-😀", ""])
+def test_the_key_ingest_computes_is_the_key_postgresql_computes(engine: Engine, message_id: str) -> None:
+    """Migrations and look-ups derive keys in SQL; writes derive them in Python: they must agree."""
+    with engine.connect() as conn:
+        in_sql = conn.execute(sa.text("SELECT ingest.dedupe_key(:m)::text"), {"m": message_id}).scalar_one()
+    assert in_sql.replace("-", "") == prepare.dedupe_key(message_id)
 
 
 def test_dedupe_days_write_the_day_before_only_just_after_midnight() -> None:
@@ -88,6 +110,9 @@ def test_a_retry_within_the_window_is_a_duplicate_of_the_first_event(engine: Eng
     # Remembered from five days ago: still a duplicate, naming that first event.
     old = plant_key(engine, tenant, "w-2", now.date() - 5 * DAY)
     assert write(store, tenant, "w-2", now) == f"DUPLICATE:{old}"
+    # Yesterday's keys before the upkeep moved them: probed in their hot partition.
+    hot = plant_key(engine, tenant, "w-5", now.date() - DAY, cold=False)
+    assert write(store, tenant, "w-5", now) == f"DUPLICATE:{hot}"
 
 
 def test_a_replay_older_than_the_window_is_stored_again(engine: Engine, tenant: TenantKey) -> None:
@@ -127,7 +152,7 @@ def test_a_retry_just_after_midnight_waits_for_the_first_write_still_in_flight(
     holder.execute(
         sa.text(
             "INSERT INTO ingest.dedupe_keys (tenant_id, key_hash, day, event_id, received_at) "
-            f"VALUES (:t, {KEY_HASH.format(':m')}, :d, :e, :at)"
+            "VALUES (:t, ingest.dedupe_key(:m), :d, :e, :at)"
         ),
         {"t": tenant.tenant_id, "m": "race-1", "d": yesterday, "e": first_id, "at": midnight - dt.timedelta(seconds=1)},
     )
@@ -158,20 +183,33 @@ def test_one_message_id_in_two_tenants_stays_two_events_on_retry(engine: Engine,
     assert write(store, tenant, "shared-1", now) == a.replace("ACCEPTED", "DUPLICATE")
 
 
-def test_upkeep_creates_days_ahead_and_drops_what_every_window_left_behind(engine: Engine) -> None:
+def test_upkeep_moves_finished_days_cold_and_forgets_what_every_window_left_behind(
+    engine: Engine, tenant: TenantKey
+) -> None:
     store = EventStore(engine)
-    today = dt.datetime.now(dt.UTC).date()
-    with engine.begin() as conn:
-        conn.execute(sa.text("SELECT ingest.ensure_dedupe_partitions(:d, 1)"), {"d": today - 30 * DAY})
-        conn.execute(sa.text("SELECT ingest.ensure_dedupe_partitions(:d, 1)"), {"d": today - 8 * DAY})
-    store.upkeep(keep_dedupe_days=7)
+    now = dt.datetime.now(dt.UTC)
+    today = now.date()
+    # Two sightings of one message id, three and two days ago (the second stored again after the
+    # first fell out of some tenant's window): the cold table must keep the later one.
+    first = plant_key(engine, tenant, "up-1", today - 3 * DAY, cold=False)
+    later = plant_key(engine, tenant, "up-1", today - 2 * DAY, cold=False)
+    plant_key(engine, tenant, "up-2", today - 20 * DAY)  # expired for a 7-day window
+    accepted = write(store, tenant, "up-3", now)  # today's: stays hot
+    report = store.upkeep(keep_dedupe_days=7)
+    assert report["dedupe_days_moved_cold"] >= 2
+    assert first != later
+    assert cold_sighting(engine, tenant, "up-1") == (today - 2 * DAY, later)
+    assert cold_sighting(engine, tenant, "up-2") is None
+    assert cold_sighting(engine, tenant, "up-3") is None
     with engine.connect() as conn:
         names = set(conn.execute(sa.text("SELECT tablename FROM pg_tables WHERE schemaname = 'ingest'")).scalars())
-    assert f"dedupe_keys_{today - 30 * DAY:%Y_%m_%d}" not in names
-    # The window's first day is today - 7; the day before it may still take a write just after midnight.
-    assert f"dedupe_keys_{today - 8 * DAY:%Y_%m_%d}" in names
+    assert f"dedupe_keys_{today - 2 * DAY:%Y_%m_%d}" not in names
     assert {f"dedupe_keys_{today + n * DAY:%Y_%m_%d}" for n in range(8)} <= names
     assert "dedupe_keys_default" in names
+    # Dedupe is the same after the move: cold keys are probed, today's still conflict.
+    assert write(store, tenant, "up-1", now) == f"DUPLICATE:{later}"
+    assert write(store, tenant, "up-3", now) == accepted.replace("ACCEPTED", "DUPLICATE")
+    assert write(store, tenant, "up-2", now).startswith("ACCEPTED:")
 
 
 def test_a_tenant_window_is_validated(engine: Engine, tenant: TenantKey) -> None:

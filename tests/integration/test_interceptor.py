@@ -285,3 +285,23 @@ def test_a_handlers_own_abort_keeps_its_status(channel: grpc.Channel, tenant: Te
         unary(channel, "Abort")(b"", metadata=tenant.metadata, timeout=10)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert info.value.details() == "no such probe"
+
+
+def test_a_client_cancelling_a_stream_is_not_a_server_error(
+    ingest_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """grpcurl cancels its reflection stream after every call; the server must not log that as an
+    unhandled error (it used to, with a traceback at ERROR)."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    caplog.set_level(logging.DEBUG)
+    with grpc.insecure_channel(f"127.0.0.1:{ingest_server.port}") as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        for _ in range(3):
+            calls = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")] * 1000))
+            first = next(calls)
+            assert first.list_services_response.service
+            calls.cancel()
+    time.sleep(0.5)  # let the server notice
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("services.")]
+    assert errors == [], [r.getMessage() for r in errors]

@@ -27,7 +27,6 @@ from services.core.harness import ServiceProcess, free_port, spawn_service, wait
 from services.core.server import POSTGRES_HEALTH, REDIS_HEALTH, RunningServer, start_server
 from services.core.settings import Settings
 from services.ingest.app import definition
-from services.ingest.storage import KEY_HASH
 from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.conftest import TenantKey
 from tests.support.events import track
@@ -257,7 +256,7 @@ def test_sigterm_lets_an_in_flight_rpc_finish(  # type: ignore[no-untyped-def]
     holder.execute(
         sa.text(
             "INSERT INTO ingest.dedupe_keys (tenant_id, key_hash, day, event_id, received_at) "
-            f"VALUES (:t, {KEY_HASH.format(':m')}, (now() AT TIME ZONE 'UTC')::date, :e, now())"
+            "VALUES (:t, ingest.dedupe_key(:m), (now() AT TIME ZONE 'UTC')::date, :e, now())"
         ),
         {"t": tenant.tenant_id, "m": blocked.message_id, "e": str(uuid.uuid4())},
     )
