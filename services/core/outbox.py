@@ -32,7 +32,7 @@ import sqlalchemy.exc
 from sqlalchemy.engine import Engine
 
 from services.core import db
-from services.core.bus import Bus, Publication
+from services.core.bus import Bus
 from services.core.telemetry import meter
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,12 @@ class Outbox:
         _published.add(sum(len(i.envelopes) for i in live), {"path": "fast"})
 
     def _publish(self, items: Sequence[Pending]) -> None:
-        self.bus.publish([Publication(i.tenant_id, i.stream, e) for i in items for e in i.envelopes])
+        """One append per tenant and stream, in the order the rows were committed."""
+        groups: dict[tuple[str, str], list[bytes]] = {}
+        for i in items:
+            groups.setdefault((i.tenant_id, i.stream), []).extend(i.envelopes)
+        for (tenant_id, stream), envelopes in groups.items():
+            self.bus.append(tenant_id, stream, envelopes)
 
     def _enter_degraded(self, exc: Exception) -> None:
         if not self._degraded:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import psycopg2
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
@@ -32,28 +33,16 @@ from services.ingest.prepare import NewEvent, dedupe_key
 # message id on either side of midnight would not conflict. A writer within the grace after
 # midnight therefore also writes the key for the day before, and wins only if it is new on both:
 # its insert there waits for, then conflicts with, a writer still in flight from before midnight.
-_WRITE_BATCH_NAME = "tessera_ingest_write_batch_v2"
-_WRITE_BATCH = (
-    f"PREPARE {_WRITE_BATCH_NAME} "  # noqa: S608 - only a constant name is interpolated
-    """(text, timestamptz, text, date, date, date, uuid[], uuid[], text[], float8[], int2[], text[], bytea[]) AS
-WITH batch AS (
-    SELECT * FROM unnest($7, $8, $9, $10, $11, $12, $13)
-        AS b(key_hash, event_id, message_id, occurred, channel, kind, payload)
-), seen AS (
+_WRITE_BATCH_TEMPLATE = (
+    "PREPARE {name} "
+    """(text, timestamptz, text, date, date, date, uuid[], uuid[], text[], float8[], int2[], text[], bytea, int4[]) AS
+WITH {batch}, seen AS (
     SELECT w.key_hash FROM ingest.dedupe_window w
     WHERE w.tenant_id = $1 AND w.key_hash = ANY($7) AND w.day >= $6
     UNION ALL
     SELECT k.key_hash FROM ingest.dedupe_keys k
     WHERE k.tenant_id = $1 AND k.key_hash = ANY($7) AND k.day >= $6 AND k.day < $5
-), keys AS (
-    INSERT INTO ingest.dedupe_keys (tenant_id, key_hash, day, event_id, received_at)
-    SELECT $1, b.key_hash, d.day, b.event_id, $2
-    FROM batch b CROSS JOIN unnest(CASE WHEN $5 < $4 THEN ARRAY[$5, $4] ELSE ARRAY[$4] END) AS d(day)
-    WHERE b.key_hash NOT IN (SELECT key_hash FROM seen)
-    ON CONFLICT DO NOTHING
-    RETURNING event_id
-), won AS (
-    SELECT event_id FROM keys GROUP BY event_id HAVING count(*) = $4 - $5 + 1
+), {keys}
 ), stored AS (
     INSERT INTO ingest.events (tenant_id, received_at, event_id, message_id, occurred_at, channel, kind, payload)
     SELECT $1, $2, b.event_id, b.message_id, to_timestamp(b.occurred), b.channel, b.kind, b.payload
@@ -67,10 +56,50 @@ WITH batch AS (
 SELECT s.event_id::text, o.seq FROM stored s CROSS JOIN outbox o;
 """
 )
+# The batch's rows from its column parameters (see batch_columns): $7 keys, $8 event ids,
+# $9 message ids, $10 occurred, $11 channels, $12 kinds, then the payloads as one blob ($13) and
+# their lengths ($14): one parameter instead of a hundred.
+BATCH_CTE = """cut AS (
+    SELECT n, len, sum(len) OVER (ORDER BY n) - len + 1 AS start
+    FROM unnest($14) WITH ORDINALITY AS l(len, n)
+), batch AS (
+    SELECT b.key_hash, b.event_id, b.message_id, b.occurred, b.channel, b.kind,
+           substring($13 FROM c.start::int FOR c.len) AS payload
+    FROM unnest($7, $8, $9, $10, $11, $12) WITH ORDINALITY
+        AS b(key_hash, event_id, message_id, occurred, channel, kind, n)
+    JOIN cut c USING (n)
+)"""
+# Almost always: the keys are written for today only, and a conflict there is a duplicate.
+_ONE_DAY_KEYS = """keys AS (
+    INSERT INTO ingest.dedupe_keys (tenant_id, key_hash, day, event_id, received_at)
+    SELECT $1, b.key_hash, $4, b.event_id, $2 FROM batch b
+    WHERE b.key_hash NOT IN (SELECT key_hash FROM seen)
+    ON CONFLICT DO NOTHING
+    RETURNING event_id
+), won AS (
+    SELECT event_id FROM keys"""
+# Within the grace after midnight: for yesterday ($5) and today ($4); new only if new on both.
+_TWO_DAY_KEYS = """keys AS (
+    INSERT INTO ingest.dedupe_keys (tenant_id, key_hash, day, event_id, received_at)
+    SELECT $1, b.key_hash, d.day, b.event_id, $2
+    FROM batch b CROSS JOIN (VALUES ($5), ($4)) AS d(day)
+    WHERE b.key_hash NOT IN (SELECT key_hash FROM seen)
+    ON CONFLICT DO NOTHING
+    RETURNING event_id
+), won AS (
+    SELECT event_id FROM keys GROUP BY event_id HAVING count(*) = 2"""
+#: (statement name, PREPARE text) for one day's keys, then for two.
+_WRITE_BATCH = {
+    days: (name, _WRITE_BATCH_TEMPLATE.replace("{name}", name).replace("{keys}", keys).replace("{batch}", BATCH_CTE))
+    for days, name, keys in (
+        (1, "tessera_ingest_write_batch_v2", _ONE_DAY_KEYS),
+        (2, "tessera_ingest_write_batch_v2_midnight", _TWO_DAY_KEYS),
+    )
+}
 _EXECUTE_WRITE_BATCH = (
-    f"EXECUTE {_WRITE_BATCH_NAME} (%(tenant)s, %(received_at)s, %(traceparent)s, %(today)s, %(first_day)s, "
-    "%(window_start)s, %(key_hashes)s::uuid[], %(event_ids)s::uuid[], %(message_ids)s::text[], "
-    "%(occurred)s::float8[], %(channels)s::int2[], %(kinds)s::text[], %(payloads)s::bytea[])"
+    "EXECUTE {name} (%(tenant)s, %(received_at)s, %(traceparent)s, %(today)s, %(first_day)s, "
+    "%(window_start)s, %(key_hashes)s, %(event_ids)s, %(message_ids)s, %(occurred)s, %(channels)s, %(kinds)s, "
+    "%(payloads)s, %(lengths)s)"
 )
 
 # Every remembered sighting of some message ids within a window, hot and cold: (key, day,
@@ -128,6 +157,27 @@ class WriteResult:
     accepted: set[str]
     # message_id -> event_id of the first commit, for the ones already stored.
     duplicates: dict[str, str]
+
+
+def batch_columns(events: Sequence[NewEvent]) -> dict[str, Any]:
+    """The parameters of :data:`BATCH_CTE`: each column as one array literal (adapting a list
+    element by element costs psycopg2 about a microsecond each), the payloads as one blob."""
+    return {
+        "key_hashes": db.array_literal([e.key_hash for e in events]),
+        "event_ids": db.array_literal([e.event_id for e in events]),
+        "message_ids": db.text_array_literal([e.message_id for e in events]),
+        "occurred": db.array_literal([repr(e.occurred) for e in events]),
+        "channels": db.array_literal([e.channel for e in events]),
+        "kinds": db.text_array_literal([e.kind for e in events]),
+        "payloads": psycopg2.Binary(b"".join(e.payload for e in events)),
+        "lengths": db.array_literal([len(e.payload) for e in events]),
+    }
+
+
+# The parameters after $6, as they follow BATCH_CTE's numbering.
+BATCH_PARAMS = (
+    "%(key_hashes)s, %(event_ids)s, %(message_ids)s, %(occurred)s, %(channels)s, %(kinds)s, %(payloads)s, %(lengths)s"
+)
 
 
 def _first_sightings(
@@ -207,24 +257,19 @@ class EventStore:
             "today": today,
             "first_day": first_day,
             "window_start": window_start,
-            "key_hashes": [e.key_hash for e in events],
-            "event_ids": [e.event_id for e in events],
-            "message_ids": [e.message_id for e in events],
-            "occurred": [e.occurred for e in events],
-            "channels": [e.channel for e in events],
-            "kinds": [e.kind for e in events],
-            "payloads": [e.payload for e in events],
+            **batch_columns(events),
         }
         limit = MAX_STATEMENT_SECONDS if timeout_seconds is None else min(timeout_seconds, MAX_STATEMENT_SECONDS)
-        execute = db.statement_timeout_sql(limit) + _EXECUTE_WRITE_BATCH
+        name, prepare = _WRITE_BATCH[1 if first_day == today else 2]
+        execute = db.statement_timeout_sql(limit) + _EXECUTE_WRITE_BATCH.replace("{name}", name)
 
         def write() -> WriteResult:
             with db.raw_transaction(self.autocommit, "INSERT ingest.events", len(events)) as (cursor, info):
-                if _WRITE_BATCH_NAME in info:
+                if name in info:
                     cursor.execute(execute, params)
                 else:  # first use of this connection: prepare in the same round trip
-                    cursor.execute(_WRITE_BATCH.replace("%", "%%") + execute, params)
-                    info[_WRITE_BATCH_NAME] = True
+                    cursor.execute(prepare.replace("%", "%%") + execute, params)
+                    info[name] = True
                 rows = cursor.fetchall()
                 accepted = {event_id for event_id, _ in rows}
                 seq = rows[0][1] if rows else None
