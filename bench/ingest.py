@@ -287,19 +287,28 @@ def _run(cfg: Config) -> dict[str, Any]:
                         took = prefill_keys(be.database_url, tenant_id, cfg.existing_keys)
                         took += prefill_keys(be.database_url, base_tenant, cfg.existing_keys)
                         log.info("pre-filled in %.0fs", took)
-                    # 2. the bare PostgreSQL writer, then 3. ingest, on the same tables and keys
-                    results[f"postgres{suffix}"] = _phase(
-                        cfg,
-                        f"postgres{suffix}",
-                        be.database_url,
-                        "postgres",
-                        True,
-                        (),
-                        f"{token}p{keys}",
-                        templates,
-                        None,
-                        tenant_id=base_tenant,
-                    )
+
+                    # 2. the bare PostgreSQL writer, 3. ingest, then the bare writer again: every phase
+                    # makes the tables bigger for the next, so the baseline is the mean of one run on
+                    # each side of ingest's. (TESSERA_BENCH_SKIP_POSTGRES=1 leaves it out, for A/B
+                    # runs of ingest alone.)
+                    def baseline(name: str, tag: str, keys: str = keys) -> None:
+                        if os.environ.get("TESSERA_BENCH_SKIP_POSTGRES") == "1":
+                            return
+                        results[name] = _phase(
+                            cfg,
+                            name,
+                            be.database_url,
+                            "postgres",
+                            True,
+                            (),
+                            f"{token}{tag}{keys}",
+                            templates,
+                            None,
+                            tenant_id=base_tenant,
+                        )
+
+                    baseline(f"postgres{suffix}", "p")
                     modes = cfg.modes if keys == "0" else ("unary",)
                     for mode in modes:
                         results[f"ingest_{mode}{suffix}"] = _phase(
@@ -313,6 +322,7 @@ def _run(cfg: Config) -> dict[str, Any]:
                             templates,
                             ingest,
                         )
+                    baseline(f"postgres{suffix}_after", "q")
                 accepted = sum(r.tally.accepted for k, r in results.items() if k.startswith("ingest_"))
                 unknown = sum(r.tally.unknown_outcome_events for k, r in results.items() if k.startswith("ingest_"))
                 check = verify(engine, be.redis_url, be.redis_prefix, tenant_id, accepted, unknown)
@@ -362,7 +372,11 @@ def report(
     figures = {name: r.figures() for name, r in results.items()}
 
     def rate(name: str) -> float | None:
+        """Events/s of a phase; for the bare writer, the mean of its runs before and after ingest's."""
         found: float | None = figures.get(name, {}).get("events_per_s")
+        after: float | None = figures.get(name + "_after", {}).get("events_per_s")
+        if found is not None and after is not None:
+            return (found + after) / 2
         return found
 
     shares = {
@@ -378,7 +392,8 @@ def report(
         }
     for name, f in figures.items():
         if name.startswith("ingest_"):
-            f["share_of_postgres"] = _share(f["events_per_s"], rate("postgres" + ("_keys" if "_keys" in name else "")))
+            base = rate("postgres" + ("_keys" if "_keys" in name else ""))
+            f["share_of_postgres"] = _share(f["events_per_s"], base)
     best = max((rate(f"ingest_{m}") or 0.0 for m in cfg.modes), default=0.0)
     unary = rate("ingest_unary")
     errors = sum(f["errors"] + f["refused_batches"] for f in figures.values())
@@ -399,6 +414,10 @@ def report(
         "servers": {"mode": be.mode, "postgres": pg_facts},
         "config": cfg.as_dict(),
         "results": figures,
+        "baselines_events_per_s": {
+            "postgres": rounded(rate("postgres") or float("nan"), 1),
+            "postgres_keys": rounded(rate("postgres_keys") or float("nan"), 1),
+        },
         "shares": shares,
         "targets": targets,
         "correctness": {**check, "ingest_exit_code": ingest_exit},
@@ -423,13 +442,15 @@ def table(rep: dict[str, Any]) -> str:
     ]
     head = ("scenario", "events/s", "p50 ms", "p99 ms", "srv CPU ms/1k", "pg CPU ms/1k", "of bare pg", "errors")
     rows = [head]
-    order = ["postgres"] + [f"ingest_{m}" for m in c["modes"]] + ["postgres_keys", "ingest_unary_keys"]
+    order = ["postgres"] + [f"ingest_{m}" for m in c["modes"]] + ["postgres_after"]
+    order += ["postgres_keys", "ingest_unary_keys", "postgres_keys_after"]
     order += [f"transport_{m}" for m in c["modes"]]
     for name in order:
         f = rep["results"].get(name)
         if f is None:
             continue
         label = name.replace("_keys", f" @{c['existing_keys']:,} keys").replace("_", " ") + f" ({f['method']})"
+        label = label.replace(" after (", ", after ingest (")
         srv = f["server_cpu_s_per_1k_events"] if name.startswith("ingest") else None
         rows.append(
             (
