@@ -28,6 +28,11 @@ up: install ## Run all services (embedded PostgreSQL and Redis unless TESSERA_*_
 test: install ## Run the tests on real PostgreSQL and Redis (this machine's, else embedded)
 	VENV=$(VENV) bash scripts/run-tests.sh $(PYTEST_ARGS)
 
+.PHONY: fuzz
+fuzz: install ## Long fuzz runs: raw bytes against every RPC, arbitrary events through the ingest gate
+	TESSERA_FUZZ_EXAMPLES=$${TESSERA_FUZZ_EXAMPLES:-3000} TESSERA_GATE_EXAMPLES=$${TESSERA_GATE_EXAMPLES:-3000} \
+	  VENV=$(VENV) bash scripts/run-tests.sh -q tests/integration/test_request_fuzz.py tests/integration/test_ingest_gate.py
+
 .PHONY: lint
 lint: install ## ruff, mypy, the layer contracts (.importlinter) and buf lint
 	$(BIN)/ruff check .

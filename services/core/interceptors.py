@@ -1,31 +1,45 @@
-"""The one server interceptor: credentials to tenant, domain errors to status codes.
+"""The one server interceptor: credentials to tenant, a span per RPC, malformed requests and domain
+errors to status codes.
 
-Like kserve's exception interceptor, but every status also carries ``google.rpc`` details
-(BadRequest, RetryInfo, PreconditionFailure) through ``grpc-status-details-bin``, and
-unknown errors become INTERNAL with a generic message and a trace id in the log.
+It runs on the asyncio server (:mod:`services.core.server`). Handlers may be plain functions (run
+in the server's thread pool) or coroutines and async generators (run on the event loop, so an
+idle stream costs no thread); the guard keeps each one's kind. Like kserve's exception
+interceptor, but every status also carries ``google.rpc`` details (BadRequest, RetryInfo,
+PreconditionFailure) through ``grpc-status-details-bin``; unknown errors become INTERNAL with a
+generic message and a trace id in the log; a client that goes away is not an error.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import grpc
-from grpc_status import rpc_status
+from grpc.aio import AbortError
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.core.errors import Code, DeadlineExceeded, TesseraError
+from services.core.errors import Code, DeadlineExceeded, InvalidArgument, ResourceExhausted, TesseraError, Violation
 from services.core.status import error_status, internal_status
-from services.core.telemetry import current_trace_id
-from services.core.tenancy import Authenticator, reset_current_tenant, set_current_tenant
+from services.core.telemetry import current_trace_id, meter, tracer
+from services.core.tenancy import Authenticator, Tenant, reset_current_tenant, set_current_tenant
 
 log = logging.getLogger(__name__)
 
 PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Health checks answer whatever else is happening: they never wait for a stream slot.
+UNCAPPED_PREFIXES = ("/grpc.health.v1.Health/Check",)
+NO_DEADLINE_SECONDS = 86_400.0
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 Behavior = Callable[..., Any]
 _GRPC_CODES = {c.value[0]: c for c in grpc.StatusCode}
+_rpc_duration = meter.create_histogram("tessera.rpc.duration", unit="s", description="RPC latency by method and code")
 
 
 def grpc_code(code: Code) -> grpc.StatusCode:
@@ -33,10 +47,7 @@ def grpc_code(code: Code) -> grpc.StatusCode:
     return _GRPC_CODES[int(code)]
 
 
-NO_DEADLINE_SECONDS = 86_400.0
-
-
-def time_remaining(context: grpc.ServicerContext) -> float | None:
+def time_remaining(context: Any) -> float | None:
     """Seconds left before the caller's deadline, or None when it set none (grpc reports ~forever)."""
     remaining = context.time_remaining()
     if remaining is None or remaining > NO_DEADLINE_SECONDS:
@@ -44,83 +55,389 @@ def time_remaining(context: grpc.ServicerContext) -> float | None:
     return float(remaining)
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException, method: str) -> None:
-    if not context.is_active():
-        # The client cancelled or went away (grpcurl cancels every reflection stream it is done
-        # with): reading its requests fails, and there is nobody to answer. Not a server error.
-        log.debug("call ended by the client", extra={"method": method})
-        return
-    code = context.code() if hasattr(context, "code") else None
-    if not isinstance(exc, TesseraError) and code not in (None, grpc.StatusCode.OK):
-        # The handler called context.abort() itself: its status stands.
+class Malformed:
+    """What a request that does not parse deserializes to, so the guard can refuse it by name."""
+
+    def __init__(self, type_name: str, error: Exception) -> None:
+        self.type_name = type_name
+        self.error = error
+
+    def refusal(self) -> InvalidArgument:
+        reason = str(self.error).splitlines()[0][:200] if str(self.error) else type(self.error).__name__
+        return InvalidArgument(
+            f"request is not a valid {self.type_name}",
+            [Violation("request", f"not a valid {self.type_name} message: {reason}", "MALFORMED")],
+        )
+
+
+def _safe(deserializer: Callable[[bytes], Any] | None, type_name: str) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception as exc:  # DecodeError, RecursionError, invalid UTF-8...
+            return Malformed(type_name, exc)
+
+    return deserialize
+
+
+def first_nul(message: Any, path: str = "") -> str | None:
+    """The path of the first string (or map key) holding a NUL character, anywhere in ``message``.
+
+    PostgreSQL text and jsonb cannot store U+0000, so a request carrying one would fail deep in
+    storage as INTERNAL; refusing it up front names the field instead.
+    """
+    for field, value in message.ListFields():
+        name = f"{path}.{field.name}" if path else field.name
+        if field.type == field.TYPE_STRING:
+            values = value if field.is_repeated else (value,)
+            for i, v in enumerate(values):
+                if "\x00" in v:
+                    return f"{name}[{i}]" if field.is_repeated else name
+        elif field.type == field.TYPE_MESSAGE:
+            if field.message_type.GetOptions().map_entry:
+                val_f = field.message_type.fields_by_name["value"]
+                for k, v in value.items():
+                    if isinstance(k, str) and "\x00" in k:
+                        return name
+                    if val_f.type == val_f.TYPE_STRING and "\x00" in v:
+                        return f"{name}[{k!r}]"
+                    if val_f.type == val_f.TYPE_MESSAGE:
+                        found = first_nul(v, f"{name}[{k!r}]")
+                        if found:
+                            return found
+            elif field.is_repeated:
+                for i, item in enumerate(value):
+                    found = first_nul(item, f"{name}[{i}]")
+                    if found:
+                        return found
+            else:
+                found = first_nul(value, name)
+                if found:
+                    return found
+    return None
+
+
+def _nul_refusal(path: str) -> InvalidArgument:
+    return InvalidArgument(
+        f"{path} contains the NUL character (U+0000)",
+        [Violation(path, "must not contain the NUL character (U+0000)", "INVALID_CHARACTER")],
+    )
+
+
+def _request_type(method: str) -> str:
+    return method.rsplit("/", 1)[-1] + " request"
+
+
+class StreamSlots:
+    """How many streaming calls each tenant holds open, and all unauthenticated ones together, so
+    neither one tenant nor anonymous clients can take every stream a process can serve."""
+
+    def __init__(self, per_tenant: int, public: int) -> None:
+        self.per_tenant = per_tenant
+        self.public = public
+        self._open: dict[str, int] = {}
+
+    def take(self, tenant: Tenant | None) -> str:
+        """Take a slot (the event loop is the only caller, so no lock); raise when none is left."""
+        key = tenant.tenant_id if tenant is not None else ""
+        limit = self.per_tenant if tenant is not None else self.public
+        held = self._open.get(key, 0)
+        if held >= limit:
+            who = f"tenant {key}" if key else "unauthenticated callers"
+            raise ResourceExhausted(
+                f"{who} already hold {held} open streams (the limit); close one or retry later",
+                retry_after=1.0,
+                subject=f"tenant:{key}" if key else "streams:public",
+            )
+        self._open[key] = held + 1
+        return key
+
+    def give_back(self, key: str) -> None:
+        left = self._open.get(key, 1) - 1
+        if left > 0:
+            self._open[key] = left
+        else:
+            self._open.pop(key, None)
+
+    def held(self, tenant_id: str = "") -> int:
+        return self._open.get(tenant_id, 0)
+
+
+class _Call:
+    """One RPC's bookkeeping: its span, its tenant, and how it ended."""
+
+    def __init__(self, method: str, metadata: tuple[tuple[str, Any], ...], tracer_: trace.Tracer) -> None:
+        self.method = method
+        self.tracer = tracer_
+        self.metadata = metadata
+        self.started = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+
+    def authorization(self) -> str | None:
+        for key, value in self.metadata:
+            if key == "authorization":
+                return str(value)
+        return None
+
+    @contextmanager
+    def span(self) -> Iterator[trace.Span]:
+        parent = propagate.extract({k: v for k, v in self.metadata if isinstance(v, str)})
+        service, _, name = self.method.lstrip("/").partition("/")
+        with self.tracer.start_as_current_span(
+            self.method.lstrip("/"),
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            try:
+                yield span
+            finally:
+                span.set_attribute("rpc.grpc.status_code", self.code.value[0])
+                if self.code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+                    span.set_status(Status(StatusCode.ERROR, self.code.name))
+                _rpc_duration.record(
+                    time.perf_counter() - self.started,
+                    {"rpc.method": self.method, "rpc.grpc.status_code": self.code.name},
+                )
+
+    def status_of(self, exc: BaseException) -> Any:
+        """The ``google.rpc.Status`` to answer ``exc`` with (logging what was not a domain error)."""
+        if isinstance(exc, TesseraError):
+            status = error_status(exc)
+        else:
+            log.error("unhandled error in %s", self.method, exc_info=exc, extra={"method": self.method})
+            status = internal_status(current_trace_id())
+        self.code = _GRPC_CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+        return status
+
+
+def _trailers(status: Any) -> tuple[tuple[str, bytes], ...]:
+    return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
+
+
+def _abort_sync(context: Any, call: _Call, exc: BaseException) -> None:
+    if isinstance(exc, AbortError):
+        raise exc  # the handler called context.abort() itself: its status stands
+    status = call.status_of(exc)
+    try:
+        context.abort(_GRPC_CODES[status.code], status.message, _trailers(status))
+    except AbortError:
+        raise
+    except Exception:  # the call already ended (the client went away): nobody to answer
+        log.debug("call ended before its status could be sent", extra={"method": call.method})
+
+
+async def _abort_async(context: Any, call: _Call, exc: BaseException) -> None:
+    if isinstance(exc, AbortError):
         raise exc
-    if isinstance(exc, TesseraError):
-        status = error_status(exc)
-    else:
-        trace_id = current_trace_id()
-        log.error("unhandled error in %s", method, exc_info=exc, extra={"method": method})
-        status = internal_status(trace_id)
-    context.abort_with_status(rpc_status.to_status(status))
+    if context.done() or context.cancelled():
+        call.code = grpc.StatusCode.CANCELLED
+        log.debug("call ended by the client", extra={"method": call.method})
+        return
+    status = call.status_of(exc)
+    await context.abort(_GRPC_CODES[status.code], status.message, _trailers(status))
 
 
-class GuardInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Authenticates every non-public RPC and maps every exception it raises."""
+class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Authenticates every non-public RPC, re-checks the credential of long streams, refuses
+    malformed requests, and maps every exception a handler raises to a status."""
 
-    def __init__(self, authenticator: Authenticator | None) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator | None,
+        executor: Any = None,
+        tracer_: trace.Tracer | None = None,
+        stream_slots: StreamSlots | None = None,
+        own_text_checks: frozenset[str] = frozenset(),
+    ) -> None:
         self.authenticator = authenticator
+        self.executor = executor
+        self.tracer = tracer_ or tracer
+        self.slots = stream_slots
+        # Methods that check their requests' text themselves, item by item (ingest's batches,
+        # whose events are rejected one by one rather than the whole request refused).
+        self.own_text_checks = own_text_checks
 
-    def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
-        handler = continuation(handler_call_details)
+    # -- credentials ----------------------------------------------------------------------------
+
+    def _tenant(self, call: _Call, public: bool) -> Tenant | None:
+        if public:
+            return None
+        assert self.authenticator is not None
+        return self.authenticator.authenticate(call.authorization())
+
+    async def _tenant_async(self, call: _Call, public: bool) -> Tenant | None:
+        if public:
+            return None
+        assert self.authenticator is not None
+        cached = self.authenticator.cached(call.authorization())
+        if cached is not None:
+            return cached
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, self.authenticator.authenticate, call.authorization())
+
+    def _recheck(self, call: _Call, public: bool) -> None:
+        """A stream outlives its credential check: look again (a cache hit until it expires), so a
+        revoked key stops an open stream within the authentication cache's lifetime."""
+        if not public:
+            assert self.authenticator is not None
+            if self.authenticator.cached(call.authorization()) is None:
+                self.authenticator.authenticate(call.authorization())
+
+    # -- the wrappers ---------------------------------------------------------------------------
+
+    async def intercept_service(self, continuation: Callable[[Any], Any], handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
         if handler is None:
             return None
         method: str = handler_call_details.method
         public = self.authenticator is None or method.startswith(PUBLIC_PREFIXES)
+        metadata = tuple(handler_call_details.invocation_metadata or ())
+        deserializer = _safe(handler.request_deserializer, _request_type(method))
+        guard = self
 
-        @contextmanager
-        def guarded(context: grpc.ServicerContext) -> Iterator[None]:
-            """Tenant from credentials and a live deadline in; any exception out as a status."""
-            token = None
-            try:
-                if not public:
-                    assert self.authenticator is not None
-                    metadata = dict(context.invocation_metadata())
-                    token = set_current_tenant(self.authenticator.authenticate(metadata.get("authorization")))
-                remaining = time_remaining(context)
-                if remaining is not None and remaining <= 0:
-                    raise DeadlineExceeded("deadline expired before the request was served")
-                yield
-            except Exception as exc:
-                _abort(context, exc, method)
-            finally:
-                if token is not None:
-                    reset_current_tenant(token)
+        scan_text = method not in self.own_text_checks
 
-        def wrap_unary(behavior: Behavior) -> Behavior:
-            def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-                with guarded(context):
-                    return behavior(request, context)
+        def check_request(request: Any) -> None:
+            if isinstance(request, Malformed):
+                raise request.refusal()
+            if scan_text and hasattr(request, "ListFields"):
+                path = first_nul(request)
+                if path is not None:
+                    raise _nul_refusal(path)
+
+        def sync_unary(behavior: Behavior) -> Behavior:
+            def wrapped(request: Any, context: Any) -> Any:
+                call = _Call(method, metadata, guard.tracer)
+                with call.span():
+                    token = None
+                    try:
+                        token = _enter(guard._tenant(call, public), context)
+                        if hasattr(request, "__next__"):
+                            request = _checked_iter(request, check_request)
+                        else:
+                            check_request(request)
+                        return behavior(request, context)
+                    except Exception as exc:
+                        _abort_sync(context, call, exc)
+                    finally:
+                        _leave(token)
+                return None
 
             return wrapped
 
-        def wrap_stream(behavior: Behavior) -> Behavior:
-            def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                with guarded(context):
-                    yield from behavior(request, context)
+        def sync_stream(behavior: Behavior) -> Behavior:
+            def wrapped(request: Any, context: Any) -> Iterator[Any]:
+                call = _Call(method, metadata, guard.tracer)
+                with call.span():
+                    token = None
+                    try:
+                        token = _enter(guard._tenant(call, public), context)
+                        if hasattr(request, "__next__"):
+                            request = _checked_iter(request, check_request)
+                        else:
+                            check_request(request)
+                        for response in behavior(request, context):
+                            guard._recheck(call, public)
+                            yield response
+                    except Exception as exc:
+                        _abort_sync(context, call, exc)
+                    finally:
+                        _leave(token)
 
             return wrapped
 
+        def async_unary(behavior: Behavior) -> Behavior:
+            async def wrapped(request: Any, context: Any) -> Any:
+                call = _Call(method, metadata, guard.tracer)
+                with call.span():
+                    token = None
+                    try:
+                        token = _enter(await guard._tenant_async(call, public), context)
+                        if hasattr(request, "__anext__"):
+                            request = _checked_aiter(request, check_request, lambda: guard._recheck(call, public))
+                        else:
+                            check_request(request)
+                        return await behavior(request, context)
+                    except Exception as exc:
+                        await _abort_async(context, call, exc)
+                    finally:
+                        _leave(token)
+                return None
+
+            return wrapped
+
+        def async_stream(behavior: Behavior) -> Behavior:
+            async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
+                call = _Call(method, metadata, guard.tracer)
+                with call.span():
+                    token = None
+                    slot: str | None = None
+                    try:
+                        tenant = await guard._tenant_async(call, public)
+                        if guard.slots is not None and not method.startswith(UNCAPPED_PREFIXES):
+                            slot = guard.slots.take(tenant)
+                        token = _enter(tenant, context)
+                        if hasattr(request, "__anext__"):
+                            request = _checked_aiter(request, check_request, lambda: guard._recheck(call, public))
+                        else:
+                            check_request(request)
+                        async for response in behavior(request, context):
+                            guard._recheck(call, public)
+                            yield response
+                    except Exception as exc:
+                        await _abort_async(context, call, exc)
+                    finally:
+                        _leave(token)
+                        if slot is not None and guard.slots is not None:
+                            guard.slots.give_back(slot)
+
+            return wrapped
+
+        def wrap(behavior: Behavior, streaming: bool) -> Behavior:
+            if inspect.isasyncgenfunction(behavior):
+                return async_stream(behavior)
+            if inspect.iscoroutinefunction(behavior):
+                return async_unary(behavior)
+            return sync_stream(behavior) if streaming else sync_unary(behavior)
+
+        serializer = handler.response_serializer
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                wrap_unary(handler.unary_unary), handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False), deserializer, serializer)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                wrap_unary(handler.stream_unary), handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary, False), deserializer, serializer)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                wrap_stream(handler.unary_stream), handler.request_deserializer, handler.response_serializer
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            wrap_stream(handler.stream_stream), handler.request_deserializer, handler.response_serializer
-        )
+            return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, True), deserializer, serializer)
+        return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, True), deserializer, serializer)
+
+
+def _enter(tenant: Tenant | None, context: Any) -> Any:
+    remaining = time_remaining(context)
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded("deadline expired before the request was served")
+    return set_current_tenant(tenant) if tenant is not None else None
+
+
+def _leave(token: Any) -> None:
+    if token is not None:
+        reset_current_tenant(token)
+
+
+def _checked_iter(requests: Iterator[Any], check: Callable[[Any], None]) -> Iterator[Any]:
+    for request in requests:
+        check(request)
+        yield request
+
+
+async def _checked_aiter(
+    requests: AsyncIterator[Any], check: Callable[[Any], None], recheck: Callable[[], None]
+) -> AsyncIterator[Any]:
+    async for request in requests:
+        check(request)
+        recheck()
+        yield request

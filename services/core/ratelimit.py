@@ -16,13 +16,16 @@ import redis
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] bucket; ARGV rate/s, burst, need (at least), want (at most). Grants between need and
-# want tokens, or none; uses the server clock so replicas agree.
+# KEYS[1] bucket; ARGV rate/s, burst, need (at least), want (at most), charge (what the request
+# really costs). Grants between need and want tokens, or none; when the charge is more than the
+# bucket can hold (a batch larger than the burst), a full bucket grants it and goes into debt, so
+# the tenant's long-run rate is what it sent. Uses the server clock so replicas agree.
 _BUCKET_SCRIPT = """
 local rate = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local need = tonumber(ARGV[3])
 local want = tonumber(ARGV[4])
+local charge = tonumber(ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local state = redis.call('HMGET', KEYS[1], 'tokens', 'ts')
@@ -33,7 +36,7 @@ tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
 local granted = 0
 local wait = 0
 if tokens >= need then
-  granted = math.min(tokens, want)
+  granted = math.max(math.min(tokens, want), charge)
   tokens = tokens - granted
 else
   wait = (need - tokens) / rate
@@ -62,8 +65,9 @@ class RateLimiter:
         self._lock = threading.Lock()
 
     def acquire(self, key: str, cost: float, rate: float, burst: float) -> Decision:
-        # A request larger than the bucket could never pass; it costs the whole bucket instead.
-        cost = min(cost, burst)
+        """Take ``cost`` tokens. A request larger than the bucket waits for a full bucket and then
+        costs what it is (the bucket goes into debt): it could otherwise never pass, and charging
+        only the burst let a tenant send far more than its rate in large batches."""
         now = time.monotonic()
         with self._lock:
             tokens, expires = self._local.get(key, (0.0, 0.0))
@@ -71,8 +75,9 @@ class RateLimiter:
                 self._local[key] = (tokens - cost, expires)
                 return Decision(True)
         want = max(cost, min(rate * SLICE_SECONDS, burst / 4))
+        need = min(cost, burst)
         try:
-            granted_raw, wait = self._script(keys=[key], args=[rate, burst, cost, want])
+            granted_raw, wait = self._script(keys=[key], args=[rate, burst, need, want, cost])
         except (redis.ConnectionError, redis.TimeoutError):
             log.warning("rate limiter unavailable; allowing", extra={"bucket": key})
             return Decision(True)

@@ -1,17 +1,27 @@
 """One way to run a Tessera gRPC service: health, reflection, limits, telemetry, graceful stop.
 
-Health is NOT_SERVING until PostgreSQL (and Redis, where the service needs it) answer,
-and again whenever they stop answering. On SIGTERM health flips to NOT_SERVING, in-flight
-RPCs get ``shutdown_grace_seconds`` to finish, background workers stop, then pools close
-(the order of grpc's graceful-shutdown example).
+The server is gRPC's asyncio server on an event loop of its own thread. Plain handlers run in a
+thread pool (``TESSERA_GRPC_WORKERS``); coroutine and async-generator handlers run on the loop,
+so an idle or slow stream holds no thread and can never starve health checks, unary calls or
+other tenants. Reflection and health are the asyncio versions. Each connection may hold at most
+``TESSERA_GRPC_MAX_STREAMS_PER_CONNECTION`` streams, keepalive pings are policed, and a stream
+that sends nothing for ``TESSERA_STREAM_IDLE_SECONDS`` is ended by the servicers that read one.
+
+Health is NOT_SERVING until PostgreSQL (and Redis, where the service needs it) answer, and again
+whenever they stop answering. On SIGTERM health flips to NOT_SERVING, in-flight RPCs get
+``shutdown_grace_seconds`` to finish, background workers stop, then pools close (the order of
+grpc's graceful-shutdown example).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 import logging
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -24,7 +34,7 @@ from sqlalchemy.engine import Engine
 
 from services.core import db
 from services.core.bus import Bus, connect
-from services.core.interceptors import GuardInterceptor
+from services.core.interceptors import GuardInterceptor, StreamSlots
 from services.core.migrate import MigrationSet
 from services.core.settings import EnvSettings, Settings
 from services.core.telemetry import configure_logging, configure_telemetry, shutdown_telemetry
@@ -32,9 +42,31 @@ from services.core.tenancy import Authenticator
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The largest request: a batch may be 4 MiB (validation refuses more with INVALID_ARGUMENT and
+# field violations); a little framing on top is allowed, anything larger is refused by gRPC.
+MAX_RECEIVE_BYTES = 4 * 1024 * 1024 + 64 * 1024
+MAX_SEND_BYTES = 16 * 1024 * 1024
 POSTGRES_HEALTH = "tessera.dependency.postgres"
 REDIS_HEALTH = "tessera.dependency.redis"
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An asyncio event loop on a thread of its own, for a server the rest of the process drives
+    with plain calls (tests, the health watcher, the signal handler)."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run ``coro`` on the loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
 
 
 class Background(Protocol):
@@ -56,6 +88,15 @@ class ServiceContext:
     redis: redis.Redis
     bus: Bus
     authenticator: Authenticator
+    # Where plain handlers run, and where async handlers send blocking work (see in_pool).
+    executor: futures.ThreadPoolExecutor
+
+    async def in_pool(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking work (SQL, a batch's Python) in the pool, in the caller's context (its span
+        and tenant), without holding the event loop."""
+        ctx = contextvars.copy_context()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(ctx.run, fn, *args))
 
 
 S = TypeVar("S", bound=EnvSettings)
@@ -69,10 +110,13 @@ class ServiceDefinition(Generic[S]):
     name: str
     grpc_services: Sequence[str]
     settings_type: type[S]
-    register: Callable[[grpc.Server, ServiceContext, S], list[Background]]
+    register: Callable[[grpc.aio.Server, ServiceContext, S], list[Background]]
     migrations: MigrationSet | None = None
     # Ingest keeps serving while Redis is down (its outbox catches up later); readers do not.
     redis_required: bool = True
+    # Full method names ("/pkg.Service/Method") whose servicers check the text of their requests
+    # themselves, item by item; every other request is refused if any string holds a NUL.
+    own_text_checks: Sequence[str] = ()
 
     def settings_from_env(self) -> S:
         return self.settings_type.from_env()
@@ -82,13 +126,17 @@ class ServiceDefinition(Generic[S]):
 class RunningServer:
     definition: ServiceDefinition[Any]
     ctx: ServiceContext
-    server: grpc.Server
-    health: health.HealthServicer
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
     port: int
     workers: list[Background]
+    loop: LoopThread
     _stop_watch: threading.Event = field(default_factory=threading.Event)
     _watcher: threading.Thread | None = None
     _stopped: bool = False
+
+    def set_health(self, name: str, status: int) -> None:
+        self.loop.run(self.health.set(name, status), timeout=10)
 
     def start_watching(self) -> None:
         self._watcher = threading.Thread(target=self._watch, name="health-watch", daemon=True)
@@ -106,7 +154,7 @@ class RunningServer:
             for name in self.definition.grpc_services:
                 states[name] = serving
             for name, ok in states.items():
-                if last.get(name) != ok:
+                if last.get(name) != ok and not self._stop_watch.is_set():
                     if name.startswith("tessera.dependency"):
                         log.log(
                             logging.INFO if ok else logging.WARNING,
@@ -115,9 +163,9 @@ class RunningServer:
                             extra={"dependency": name.rsplit(".", 1)[-1]},
                         )
                     status = (
-                        health_pb2.HealthCheckResponse.SERVING if ok else (health_pb2.HealthCheckResponse.NOT_SERVING)
+                        health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
                     )
-                    self.health.set(name, status)
+                    self.set_health(name, status)
             last = states
             self._stop_watch.wait(interval)
 
@@ -128,10 +176,14 @@ class RunningServer:
         grace = self.ctx.settings.shutdown_grace_seconds if grace is None else grace
         log.info("shutting down", extra={"grace_seconds": grace})
         self._stop_watch.set()
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
+        self.loop.run(self.health.enter_graceful_shutdown(), timeout=10)
+        self.loop.run(self.server.stop(grace), timeout=grace + 10)
         for worker in self.workers:
             worker.stop(timeout=max(grace, 1.0))
+        self.ctx.executor.shutdown(wait=False, cancel_futures=True)
+        self.loop.close()
         self.ctx.engine.dispose()
         self.ctx.autocommit_engine.dispose()
         self.ctx.redis.close()
@@ -162,7 +214,62 @@ def build_context(settings: Settings, service: str) -> ServiceContext:
         redis=client,
         bus=Bus(client, settings.redis_prefix, settings.stream_maxlen),
         authenticator=Authenticator(engine, ttl=settings.auth_cache_seconds),
+        executor=futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="rpc"),
     )
+
+
+def server_options(settings: Settings) -> list[tuple[str, Any]]:
+    """Limits every server has: message sizes, streams per connection, keepalive policing."""
+    return [
+        ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+        ("grpc.max_send_message_length", MAX_SEND_BYTES),
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_concurrent_streams", settings.grpc_max_streams_per_connection),
+        # Pings from clients: at most one every 10 s without data, and none without calls, or
+        # the connection is closed (grpc's ping-strike policy); ours keep idle links alive.
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 0),
+        # A connection with no RPC for this long is closed; one that lived long is drained, so
+        # load spreads again over new replicas.
+        ("grpc.max_connection_idle_ms", 300_000),
+        ("grpc.max_connection_age_ms", 3_600_000),
+        ("grpc.max_connection_age_grace_ms", 30_000),
+    ]
+
+
+async def _build(
+    definition: ServiceDefinition[S], ctx: ServiceContext, own: S, address: str, settings: Settings
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int, list[Background]]:
+    server = grpc.aio.server(
+        migration_thread_pool=ctx.executor,
+        interceptors=[
+            GuardInterceptor(
+                ctx.authenticator,
+                ctx.executor,
+                stream_slots=StreamSlots(settings.max_streams_per_tenant, settings.max_public_streams),
+                own_text_checks=frozenset(definition.own_text_checks),
+            )
+        ],
+        options=server_options(settings),
+    )
+    health_servicer = health.aio.HealthServicer()
+    for name in ("", *definition.grpc_services, POSTGRES_HEALTH, REDIS_HEALTH):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    workers = definition.register(server, ctx, own)
+    reflection.enable_server_reflection(
+        (*definition.grpc_services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    if settings.tls_cert_file and settings.tls_key_file:
+        creds = grpc.ssl_server_credentials([(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())])
+        bound = server.add_secure_port(address, creds)
+    else:
+        bound = server.add_insecure_port(address)
+    await server.start()
+    return server, health_servicer, bound, workers
 
 
 def start_server(
@@ -171,44 +278,19 @@ def start_server(
     port: int | None = None,
     service_settings: S | None = None,
 ) -> RunningServer:
-    """Build and start the server; it reports NOT_SERVING until its dependencies answer.
-
-    ``service_settings`` defaults to the service's own ``TESSERA_*`` variables; ``port`` to its
-    configured port (0 picks a free one).
-    """
-    from opentelemetry.instrumentation.grpc import server_interceptor
-
+    """Build and start the server on its own event loop thread; it reports NOT_SERVING until its
+    dependencies answer. ``service_settings`` defaults to the service's own ``TESSERA_*``
+    variables; ``port`` to its configured port (0 picks a free one)."""
     own = definition.settings_from_env() if service_settings is None else service_settings
     ctx = build_context(settings, definition.name)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="rpc"),
-        interceptors=[server_interceptor(), GuardInterceptor(ctx.authenticator)],  # type: ignore[no-untyped-call]
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-            ("grpc.keepalive_time_ms", 60_000),
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ],
-        maximum_concurrent_rpcs=settings.grpc_workers * 8,
-    )
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    for name in ("", *definition.grpc_services, POSTGRES_HEALTH, REDIS_HEALTH):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    workers = definition.register(server, ctx, own)
-    reflection.enable_server_reflection(
-        (*definition.grpc_services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    loop = LoopThread(f"{definition.name}-grpc")
     address = f"{settings.bind_host}:{_port(own) if port is None else port}"
-    if settings.tls_cert_file and settings.tls_key_file:
-        creds = grpc.ssl_server_credentials([(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())])
-        bound = server.add_secure_port(address, creds)
-    else:
-        bound = server.add_insecure_port(address)
-    server.start()
-    running = RunningServer(definition, ctx, server, health_servicer, bound, workers)
+    try:
+        server, health_servicer, bound, workers = loop.run(_build(definition, ctx, own, address, settings), 30)
+    except BaseException:
+        loop.close()
+        raise
+    running = RunningServer(definition, ctx, server, health_servicer, bound, workers, loop)
     for worker in workers:
         worker.start()
     running.start_watching()

@@ -181,13 +181,24 @@ class Settings(EnvSettings):
     data_dir: Path = setting(Path(".tessera"), "DATA_DIR", _path)
     log_level: str = setting("INFO", "LOG_LEVEL", _log_level)
     bind_host: str = setting("0.0.0.0", "BIND_HOST", str.strip)  # noqa: S104
+    # Threads for plain (blocking) handlers; streams wait on the event loop and hold none.
     grpc_workers: int = setting(32, "GRPC_WORKERS", _int(1, 1024))
+    # Concurrent calls per HTTP/2 connection (more wait for a free one on that connection).
+    grpc_max_streams_per_connection: int = setting(100, "GRPC_MAX_STREAMS_PER_CONNECTION", _int(1, 10_000))
+    # Open streaming calls one tenant may hold per process, and all unauthenticated ones
+    # (reflection, health Watch) together; beyond, RESOURCE_EXHAUSTED. Health Check is never
+    # refused. A stream that sends nothing for this long is ended (UNAVAILABLE: open a new one).
+    max_streams_per_tenant: int = setting(200, "MAX_STREAMS_PER_TENANT", _int(1, 100_000))
+    max_public_streams: int = setting(500, "MAX_PUBLIC_STREAMS", _int(1, 100_000))
+    stream_idle_seconds: float = setting(300.0, "STREAM_IDLE_SECONDS", _float(1, 86_400))
     shutdown_grace_seconds: float = setting(20.0, "SHUTDOWN_GRACE_SECONDS", _float(0, 600))
     health_interval_seconds: float = setting(1.0, "HEALTH_INTERVAL_SECONDS", _float(0.05, 60))
     db_pool_size: int = setting(10, "DB_POOL_SIZE", _int(1, 500))
     tls_cert_file: Path | None = setting(None, "TLS_CERT_FILE", _optional_file)
     tls_key_file: Path | None = setting(None, "TLS_KEY_FILE", _optional_file)
-    auth_cache_seconds: float = setting(30.0, "AUTH_CACHE_SECONDS", _float(0, 3600))
+    # How long a checked API key is trusted without a query: a revoked key stops working within
+    # this time, for new calls and for open streams alike.
+    auth_cache_seconds: float = setting(10.0, "AUTH_CACHE_SECONDS", _float(0, 3600))
     # Streams and the outbox that feeds them.
     stream_maxlen: int = setting(1_000_000, "STREAM_MAXLEN", _int(1000, 10**10))
     outbox_sweep_seconds: float = setting(1.0, "OUTBOX_SWEEP_SECONDS", _float(0.01, 300))

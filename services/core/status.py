@@ -25,10 +25,26 @@ from services.core.errors import (
 )
 
 GENERIC_INTERNAL_MESSAGE = "internal error; the server logged it with trace id {trace_id}"
+# Details travel in a trailer, and gRPC refuses trailers past 16 KiB (the caller then sees
+# RESOURCE_EXHAUSTED instead of the real error): at most this many violations are sent, the last
+# saying how many more there were.
+MAX_VIOLATIONS = 50
+MAX_DESCRIPTION = 300
 
 
 def field_violation(v: Violation) -> error_details_pb2.BadRequest.FieldViolation:
-    return error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description, reason=v.reason)
+    return error_details_pb2.BadRequest.FieldViolation(
+        field=v.field[:MAX_DESCRIPTION], description=v.description[:MAX_DESCRIPTION], reason=v.reason
+    )
+
+
+def capped(violations: list[Violation]) -> list[Violation]:
+    """The first :data:`MAX_VIOLATIONS`, then one that counts the rest."""
+    if len(violations) <= MAX_VIOLATIONS:
+        return violations
+    more = len(violations) - MAX_VIOLATIONS + 1
+    kept = violations[: MAX_VIOLATIONS - 1]
+    return [*kept, Violation("", f"and {more} more violations not listed", "TRUNCATED")]
 
 
 def details(err: TesseraError) -> list[Message]:
@@ -36,7 +52,7 @@ def details(err: TesseraError) -> list[Message]:
     if isinstance(err, InvalidArgument):
         if not err.violations:
             return []
-        return [error_details_pb2.BadRequest(field_violations=[field_violation(v) for v in err.violations])]
+        return [error_details_pb2.BadRequest(field_violations=[field_violation(v) for v in capped(err.violations)])]
     if isinstance(err, FailedPrecondition):
         if not err.type_:
             return []
@@ -66,7 +82,7 @@ def status_proto(code: Code, message: str, detail_messages: Sequence[Message] = 
 
 
 def error_status(err: TesseraError) -> status_pb2.Status:
-    return status_proto(err.code, err.message, details(err))
+    return status_proto(err.code, err.message[:1000], details(err))
 
 
 def internal_status(trace_id: str) -> status_pb2.Status:

@@ -196,6 +196,20 @@ class Authenticator:
         self._cache: dict[bytes, tuple[float, Tenant | None]] = {}
         self._lock = threading.Lock()
 
+    def cached(self, authorization: str | None) -> Tenant | None:
+        """The tenant of a key the cache still vouches for, without any query; None otherwise
+        (unknown, expired, malformed or refused: :meth:`authenticate` then decides)."""
+        if not authorization:
+            return None
+        scheme, _, key = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return None
+        with self._lock:
+            hit = self._cache.get(hash_key(key.strip()))
+        if hit is not None and hit[0] > time.monotonic():
+            return hit[1]
+        return None
+
     def authenticate(self, authorization: str | None) -> Tenant:
         if not authorization:
             raise Unauthenticated("missing credentials: send metadata 'authorization: Bearer <api key>'")

@@ -24,7 +24,7 @@ SERVICE_NAME = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_
 MIGRATIONS = MigrationSet("identity", Path(__file__).resolve().parent / "migrations")
 
 
-def register(server: grpc.Server, ctx: ServiceContext, own: IdentitySettings) -> list[Background]:
+def register(server: grpc.aio.Server, ctx: ServiceContext, own: IdentitySettings) -> list[Background]:
     store = IdentityStore(ctx.engine)
     outbox = Outbox(
         ctx.engine,

@@ -29,6 +29,7 @@ MIN_PER_PROFILE: Final = 1
 # A cap, so a typo (50000) cannot silently switch merge protection off for a type.
 MAX_PER_PROFILE: Final = 1000
 MAX_BLOCKED_VALUES: Final = 1000
+MAX_TYPES: Final = 64
 MAX_BLOCKED_VALUE_LENGTH: Final = 256  # ingest's cap on an identifier value; longer can never match
 MEMO_SIZE: Final = 200_000  # normalized identifiers remembered per tenant's rules
 
@@ -290,6 +291,9 @@ def _check(types: object, region: object, blocked: object, *, allow_empty: bool 
         types = {}
     elif not types and not allow_empty:
         out.append(Violation("types", "at least one identifier type is required", "REQUIRED"))
+    elif len(types) > MAX_TYPES:
+        out.append(Violation("types", f"at most {MAX_TYPES} identifier types, got {len(types)}", "TOO_MANY"))
+        return out
     for key, t in types.items():
         path = f"types[{key}]"
         if not isinstance(t, IdentifierType):

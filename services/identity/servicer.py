@@ -48,8 +48,17 @@ def parse_profile_name(name: str, field: str) -> str:
     return pid
 
 
+# One request names at most this many identifiers (a person's identifiers, not a bulk export).
+MAX_REQUEST_IDENTIFIERS = 100
+
+
 def normalize_all(rules: IdentityRules, idents: Sequence[event_pb2.Identifier], field: str) -> list[Key]:
     """Normalized keys in request order, or INVALID_ARGUMENT with one violation per bad identifier."""
+    if len(idents) > MAX_REQUEST_IDENTIFIERS:
+        raise InvalidArgument(
+            f"too many {field}",
+            [Violation(field, f"at most {MAX_REQUEST_IDENTIFIERS} identifiers, got {len(idents)}", "TOO_MANY")],
+        )
     keys: list[Key] = []
     violations: list[Violation] = []
     for i, ident in enumerate(idents):

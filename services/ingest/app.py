@@ -22,7 +22,7 @@ SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
 MIGRATIONS = MigrationSet("ingest", Path(__file__).resolve().parent / "migrations")
 
 
-def register(server: grpc.Server, ctx: ServiceContext, own: IngestSettings) -> list[Background]:
+def register(server: grpc.aio.Server, ctx: ServiceContext, own: IngestSettings) -> list[Background]:
     store = EventStore(ctx.engine, ctx.autocommit_engine)
     outbox = Outbox(
         ctx.engine,
@@ -41,7 +41,8 @@ def register(server: grpc.Server, ctx: ServiceContext, own: IngestSettings) -> l
         default_burst=own.rate_burst,
         dedupe_window_days=own.dedupe_window_days,
     )
-    ingest_pb2_grpc.add_IngestServiceServicer_to_server(IngestServicer(ingestor), server)
+    servicer = IngestServicer(ingestor, ctx.in_pool, ctx.settings.stream_idle_seconds)
+    ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, server)
 
     def upkeep() -> dict[str, int]:
         longest = max(own.dedupe_window_days, tenancy.longest_dedupe_window(ctx.engine) or 0)
@@ -58,4 +59,6 @@ def definition() -> ServiceDefinition[IngestSettings]:
         register=register,
         migrations=MIGRATIONS,
         redis_required=False,
+        # Validation rejects an event with a NUL on its own, and keeps the good ones beside it.
+        own_text_checks=(f"/{SERVICE_NAME}/IngestEvents", f"/{SERVICE_NAME}/StreamEvents"),
     )

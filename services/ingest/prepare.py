@@ -19,7 +19,7 @@ from google.protobuf import timestamp_pb2
 
 from services.core import streams
 from services.core.errors import Violation
-from services.core.status import field_violation
+from services.core.status import capped, field_violation
 from services.ingest import validation
 from tessera.v1 import event_pb2, ingest_pb2
 
@@ -102,7 +102,7 @@ def prepare(events: Sequence[event_pb2.Event], received_at: dt.datetime, limits:
         violations: list[Violation] = validation.validate_event(ev, i, now_s, limits, size=len(raw))
         if violations:
             result.status = REJECTED
-            result.violations.extend(field_violation(v) for v in violations)
+            result.violations.extend(field_violation(v) for v in capped(violations))
             continue
         if ev.message_id in first_seen:
             dups[i] = first_seen[ev.message_id]

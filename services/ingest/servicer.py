@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from services.core import pagination
-from services.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from services.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from services.core.interceptors import time_remaining
 from services.core.status import error_status
 from services.core.tenancy import current_tenant
 from services.ingest.pipeline import Ingestor
 from tessera.v1 import ingest_pb2, ingest_pb2_grpc
+
+#: Runs blocking work off the event loop (ServiceContext.in_pool).
+InPool = Callable[..., Awaitable[Any]]
 
 
 def _event_position(position: Any) -> bool:
@@ -31,8 +35,13 @@ def _event_position(position: Any) -> bool:
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
-    def __init__(self, ingestor: Ingestor) -> None:
+    """Unary methods are plain functions (the server runs them in its pool); ``StreamEvents`` is
+    an async generator, so an open stream waiting for its next batch holds no thread."""
+
+    def __init__(self, ingestor: Ingestor, pool: InPool, idle_seconds: float = 300.0) -> None:
         self.ingestor = ingestor
+        self.pool = pool
+        self.idle_seconds = idle_seconds
 
     def ListEvents(
         self, request: ingest_pb2.ListEventsRequest, context: grpc.ServicerContext
@@ -63,15 +72,26 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             rejected_count=out.rejected,
         )
 
-    def StreamEvents(
-        self, request_iterator: Iterator[ingest_pb2.StreamEventsRequest], context: grpc.ServicerContext
-    ) -> Iterator[ingest_pb2.StreamEventsResponse]:
-        """Answers each batch in order. A refused batch gets an in-band error and the stream
-        stays open, so one oversized or rate-limited batch does not cost the pipeline."""
+    async def StreamEvents(
+        self, request_iterator: AsyncIterator[ingest_pb2.StreamEventsRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ingest_pb2.StreamEventsResponse]:
+        """Answers each batch in order. A refused batch gets an in-band error and the stream stays
+        open, so one oversized or rate-limited batch does not cost the pipeline. The stream waits
+        for its next batch on the event loop (no thread), and is ended, UNAVAILABLE, after
+        ``idle_seconds`` without one."""
         tenant = current_tenant()
-        for request in request_iterator:
+        requests = aiter(request_iterator)
+        while True:
             try:
-                out = self.ingestor.ingest(tenant, request.events, request.ByteSize(), time_remaining(context))
+                request = await asyncio.wait_for(anext(requests), self.idle_seconds)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise Unavailable(f"no batch for {self.idle_seconds:g}s; open a new stream to send more") from None
+            try:
+                out = await self.pool(
+                    self.ingestor.ingest, tenant, request.events, request.ByteSize(), time_remaining(context)
+                )
             except (InvalidArgument, ResourceExhausted, DeadlineExceeded) as err:
                 yield ingest_pb2.StreamEventsResponse(batch_id=request.batch_id, error=error_status(err))
                 continue

@@ -167,19 +167,6 @@ def test_oversized_batch_is_invalid_argument_with_bad_request(stub, tenant: Tena
     assert stored_message_ids(engine, tenant.tenant_id) == []
 
 
-def test_batch_over_4mb_is_refused(stub, tenant: TenantKey) -> None:  # type: ignore[no-untyped-def]
-    events = []
-    for _ in range(150):
-        ev = track()
-        ev.properties.update({"blob": "x" * 30_000})
-        events.append(ev)
-    with pytest.raises(grpc.RpcError) as err:
-        stub.IngestEvents(ingest_pb2.IngestEventsRequest(events=events), metadata=tenant.metadata)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    [(field, description)] = bad_request(err.value)
-    assert field == "events" and "bytes per batch" in description
-
-
 def test_stream_refused_batch_keeps_the_stream_open(stub, tenant: TenantKey) -> None:  # type: ignore[no-untyped-def]
     good = track()
     responses = list(

@@ -14,7 +14,6 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from opentelemetry.instrumentation.grpc import server_interceptor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -23,6 +22,7 @@ from sqlalchemy.engine import Engine
 from services.core import tenancy
 from services.core.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from services.core.interceptors import GuardInterceptor
+from services.core.server import LoopThread
 from services.core.tenancy import Authenticator, current_tenant
 from tests.conftest import TenantKey, make_tenant
 from tests.support.grpc_errors import bad_request
@@ -100,34 +100,40 @@ def probe() -> Probe:
 
 @pytest.fixture(scope="module")
 def probe_server(engine: Engine, probe: Probe, spans: InMemorySpanExporter) -> Iterator[int]:
+    """The probe on the asyncio server, as services.core.server builds one: plain handlers in a pool."""
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=8),
-        # The production order (services.core.server): tracing outside, the guard inside.
-        interceptors=[
-            server_interceptor(tracer_provider=provider),  # type: ignore[no-untyped-call]
-            GuardInterceptor(Authenticator(engine, ttl=0)),
-        ],
-    )
-    handlers: dict[str, Any] = {
-        "Boom": grpc.unary_unary_rpc_method_handler(probe.Boom),
-        "Invalid": grpc.unary_unary_rpc_method_handler(probe.Invalid),
-        "Missing": grpc.unary_unary_rpc_method_handler(probe.Missing),
-        "Abort": grpc.unary_unary_rpc_method_handler(probe.Abort),
-        "Whoami": grpc.unary_unary_rpc_method_handler(probe.Whoami),
-        "Count": grpc.unary_stream_rpc_method_handler(probe.Count),
-        "Upload": grpc.stream_unary_rpc_method_handler(probe.Upload),
-        "Chat": grpc.stream_stream_rpc_method_handler(probe.Chat),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    health_servicer = health.HealthServicer()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    loop = LoopThread("probe-grpc")
+    pool = futures.ThreadPoolExecutor(max_workers=8)
+
+    async def build() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(
+            migration_thread_pool=pool,
+            interceptors=[GuardInterceptor(Authenticator(engine, ttl=0), pool, provider.get_tracer("tests"))],
+        )
+        handlers: dict[str, Any] = {
+            "Boom": grpc.unary_unary_rpc_method_handler(probe.Boom),
+            "Invalid": grpc.unary_unary_rpc_method_handler(probe.Invalid),
+            "Missing": grpc.unary_unary_rpc_method_handler(probe.Missing),
+            "Abort": grpc.unary_unary_rpc_method_handler(probe.Abort),
+            "Whoami": grpc.unary_unary_rpc_method_handler(probe.Whoami),
+            "Count": grpc.unary_stream_rpc_method_handler(probe.Count),
+            "Upload": grpc.stream_unary_rpc_method_handler(probe.Upload),
+            "Chat": grpc.stream_stream_rpc_method_handler(probe.Chat),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        health_servicer = health.aio.HealthServicer()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, port
+
+    server, port = loop.run(build(), 30)
     yield port
-    server.stop(grace=None)
+    loop.run(server.stop(grace=None), 30)
+    loop.close()
+    pool.shutdown()
     provider.shutdown()
 
 

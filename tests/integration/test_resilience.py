@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -21,6 +22,7 @@ import sqlalchemy as sa
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import Engine
 
+from services.cli import registry
 from services.core import streams
 from services.core.bus import Bus
 from services.core.harness import ServiceProcess, free_port, spawn_service, wait_health
@@ -28,7 +30,7 @@ from services.core.server import POSTGRES_HEALTH, REDIS_HEALTH, RunningServer, s
 from services.core.settings import Settings
 from services.ingest.app import definition
 from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
-from tests.conftest import TenantKey
+from tests.conftest import SERVICE_OVERRIDES, TenantKey
 from tests.support.events import track
 from tests.support.proxy import proxy_postgres, proxy_redis
 from tests.support.streams import entries
@@ -126,15 +128,27 @@ def test_redis_down_then_up_loses_nothing_and_publishes_nothing_twice(  # type: 
         proxy.close()
 
 
-def test_health_follows_postgres(settings: Settings) -> None:
+SERVICES = registry.available()
+
+
+def _serve_with(service: str, settings: Settings) -> RunningServer:
+    definition_ = registry.definition(service)
+    own = definition_.settings_type(**SERVICE_OVERRIDES.get(service, {}))
+    return start_server(definition_, settings, port=0, service_settings=own)
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_health_follows_postgres(service: str, settings: Settings) -> None:
+    """Every service runs on the one bootstrap, so every one must follow its database."""
     proxy, db_url = proxy_postgres(settings.require_database_url())
-    running = start_server(definition(), settings.with_overrides(database_url=db_url), port=0)
+    running = _serve_with(service, settings.with_overrides(database_url=db_url))
+    grpc_service = running.definition.grpc_services[0]
     try:
         assert wait_health(f"127.0.0.1:{running.port}")
-        assert health_of(running.port, "tessera.v1.IngestService") == SERVING
+        assert health_of(running.port, grpc_service) == SERVING
         proxy.cut()
         wait_for(lambda: health_of(running.port) == NOT_SERVING, what="NOT_SERVING after PostgreSQL went away")
-        assert health_of(running.port, "tessera.v1.IngestService") == NOT_SERVING
+        assert health_of(running.port, grpc_service) == NOT_SERVING
         assert health_of(running.port, POSTGRES_HEALTH) == NOT_SERVING
         proxy.restore()
         wait_for(lambda: health_of(running.port) == SERVING, what="SERVING after PostgreSQL came back")
@@ -143,10 +157,11 @@ def test_health_follows_postgres(settings: Settings) -> None:
         proxy.close()
 
 
-def test_not_serving_until_postgres_answers(settings: Settings) -> None:
+@pytest.mark.parametrize("service", SERVICES)
+def test_not_serving_until_postgres_answers(service: str, settings: Settings) -> None:
     proxy, db_url = proxy_postgres(settings.require_database_url())
     proxy.cut()
-    running = start_server(definition(), settings.with_overrides(database_url=db_url), port=0)
+    running = _serve_with(service, settings.with_overrides(database_url=db_url))
     try:
         time.sleep(0.5)
         assert health_of(running.port) == NOT_SERVING
@@ -339,3 +354,70 @@ def test_reflection_lets_grpcurl_work_without_protos(  # type: ignore[no-untyped
     )
     assert called.returncode == 0, called.stderr
     assert "EVENT_STATUS_ACCEPTED" in called.stdout
+
+
+def test_sigterm_lets_an_in_flight_identity_rpc_finish(
+    spawned: Any, tmp_path: Path, tenant: TenantKey, engine: Engine, redis_client: Any, settings: Settings
+) -> None:
+    """The drain is the bootstrap's, not ingest's: identity's merge in flight finishes too."""
+    from services.identity.storage import lock_id
+    from tessera.v1 import identity_pb2, identity_pb2_grpc
+    from tests.support.identity import event_profile, person_event, wait_linked
+    from tests.support.streams import publish_events
+
+    procs, _ingest_port, env = spawned
+    port = free_port()
+    procs.append(spawn_service("identity", {**env, "TESSERA_IDENTITY_PORT": str(port)}, tmp_path / "identity.log"))
+    assert wait_health(f"127.0.0.1:{port}", timeout=30)
+    events = [person_event(("email", f"drain-{n}@example.com")) for n in range(2)]
+    for ev in events:
+        ev.event_id = str(uuid.uuid4())
+    publish_events(Bus(redis_client, settings.redis_prefix), tenant.tenant_id, [e.SerializeToString() for e in events])
+    wait_linked(engine, tenant.tenant_id, 2)
+    survivor, absorbed = (event_profile(engine, tenant.tenant_id, e.event_id) for e in events)
+    assert survivor and absorbed and survivor != absorbed
+    # Hold the survivor's working-set lock, so the merge waits on it inside the RPC.
+    holder = engine.connect()
+    tx = holder.begin()
+    holder.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_id(tenant.tenant_id, "p", survivor)})
+    result: dict[str, object] = {}
+
+    def merge() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                result["resp"] = identity_pb2_grpc.IdentityServiceStub(channel).MergeProfiles(
+                    identity_pb2.MergeProfilesRequest(
+                        survivor_profile=f"profiles/{survivor}", absorbed_profile=f"profiles/{absorbed}", reason="drain"
+                    ),
+                    metadata=tenant.metadata,
+                    timeout=20,
+                )
+            except grpc.RpcError as exc:
+                result["error"] = exc
+
+    caller = threading.Thread(target=merge)
+    caller.start()
+    try:
+
+        def merge_is_waiting() -> bool:
+            with engine.connect() as conn:
+                return bool(
+                    conn.execute(
+                        sa.text(
+                            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'tessera-identity' "
+                            "AND wait_event_type = 'Lock'"
+                        )
+                    ).scalar_one()
+                )
+
+        wait_for(merge_is_waiting, what="the merge to be in flight")
+        procs[-1].send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert procs[-1].poll() is None, "identity must wait for the in-flight RPC"
+        assert health_of(port) in (NOT_SERVING, None)
+    finally:
+        tx.rollback()
+        holder.close()
+    caller.join(20)
+    assert "error" not in result, result.get("error")
+    assert procs[-1].wait(20) == 0

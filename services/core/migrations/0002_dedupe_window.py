@@ -17,8 +17,7 @@ depends_on = None
 
 def upgrade() -> None:
     op.execute(
-        "ALTER TABLE tenancy.tenants ADD COLUMN dedupe_window_days integer "
-        "CHECK (dedupe_window_days BETWEEN 1 AND 90)"
+        "ALTER TABLE tenancy.tenants ADD COLUMN dedupe_window_days integer CHECK (dedupe_window_days BETWEEN 1 AND 90)"
     )
 
 
