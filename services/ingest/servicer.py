@@ -11,13 +11,14 @@ from typing import Any
 import grpc
 
 from services.core import pagination
-from services.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from services.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable, Violation
 from services.core.interceptors import time_remaining
 from services.core.status import error_status
 from services.core.tenancy import current_tenant
 from services.ingest.pipeline import Ingestor
 from tessera.v1 import ingest_pb2, ingest_pb2_grpc
 
+MAX_LISTED_MESSAGE_IDS = 1000
 #: Runs blocking work off the event loop (ServiceContext.in_pool).
 InPool = Callable[..., Awaitable[Any]]
 
@@ -48,6 +49,17 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     ) -> ingest_pb2.ListEventsResponse:
         tenant = current_tenant()
         size = pagination.page_size(request.page_size)
+        if len(request.message_ids) > MAX_LISTED_MESSAGE_IDS:
+            raise InvalidArgument(
+                "too many message_ids",
+                [
+                    Violation(
+                        "message_ids",
+                        f"at most {MAX_LISTED_MESSAGE_IDS} per request, got {len(request.message_ids)}",
+                        "TOO_MANY",
+                    )
+                ],
+            )
         query = {"m": sorted(request.message_ids)}
         after = pagination.decode_token(request.page_token, query, valid=_event_position)
         rows = self.ingestor.stored_events(

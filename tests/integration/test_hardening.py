@@ -380,3 +380,64 @@ def test_reflection_streams_are_capped_apart_from_tenants(settings: Settings) ->
     finally:
         idle.close()
         running.shutdown(grace=1)
+
+
+def test_list_events_caps_the_message_ids_it_looks_up(ingest_channel: grpc.Channel, tenant: TenantKey) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        ingest_pb2_grpc.IngestServiceStub(ingest_channel).ListEvents(
+            ingest_pb2.ListEventsRequest(message_ids=[f"m-{i}" for i in range(1001)]), metadata=tenant.metadata
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert bad_request(err.value) == [("message_ids", "at most 1000 per request, got 1001")]
+
+
+def test_rules_reach_the_consumer_within_the_production_cache_lifetime(settings: Settings, engine: Engine) -> None:
+    """Fixtures turn the rules cache off; here it is on (1 s), as in production (5 s by default): a
+    type added by UpdateIdentityRules links events once the cache has expired, not before."""
+    from google.protobuf import field_mask_pb2
+
+    from services.identity.app import definition as identity_definition
+    from services.identity.settings import IdentitySettings
+    from tests.support.identity import person_event, wait_linked
+
+    tenant = make_tenant(engine, "rules")
+    # A key prefix of its own: the session's identity server (cache off) must not apply these events.
+    mine = settings.with_overrides(redis_prefix=f"{settings.redis_prefix}-rules")
+    running = start_server(
+        identity_definition(), mine, port=0, service_settings=IdentitySettings(rules_cache_seconds=1.0)
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = identity_pb2_grpc.IdentityServiceStub(channel)
+            current = stub.GetIdentityRules(identity_pb2.GetIdentityRulesRequest(), metadata=tenant.metadata).rules
+            assert "loyalty_id" not in {t.type for t in current.types}
+            types = [
+                *current.types,
+                identity_pb2.IdentifierTypeRule(type="loyalty_id", normalizer="trim", priority=80, max_per_profile=1),
+            ]
+            stub.UpdateIdentityRules(
+                identity_pb2.UpdateIdentityRulesRequest(
+                    rules=identity_pb2.IdentityRules(types=types), update_mask=field_mask_pb2.FieldMask(paths=["types"])
+                ),
+                metadata=tenant.metadata,
+            )
+            time.sleep(1.5)  # the cache's lifetime
+            from services.core.bus import Bus
+            from tests.support.streams import publish_events
+
+            ev = person_event(("loyalty_id", "LY-1"))
+            ev.event_id = str(uuid.uuid4())
+            publish_events(Bus(running.ctx.redis, mine.redis_prefix), tenant.tenant_id, [ev.SerializeToString()])
+            wait_linked(engine, tenant.tenant_id, 1)
+            from services.core.harness import delete_prefix
+
+            delete_prefix(running.ctx.redis, mine.redis_prefix)
+            resolved = stub.ResolveIdentifiers(
+                identity_pb2.ResolveIdentifiersRequest(
+                    identifiers=[event_pb2.Identifier(type="loyalty_id", value="LY-1")]
+                ),
+                metadata=tenant.metadata,
+            )
+            assert resolved.profile_id
+    finally:
+        running.shutdown(grace=1)

@@ -36,7 +36,9 @@ def at_midnight(days_ahead: int) -> dt.datetime:
 
 def write(store: EventStore, tenant: TenantKey, message_id: str, received_at: dt.datetime, window: int = 7) -> str:
     """Store one event as if received at ``received_at``; returns ACCEPTED:<id> or DUPLICATE:<id>."""
-    prep = prepare.prepare([track(message_id)], received_at, validation.Limits())
+    ev = track(message_id)
+    ev.timestamp.FromDatetime(received_at)
+    prep = prepare.prepare([ev], received_at, validation.Limits())
     (new,) = prep.to_store
     result = store.write_batch(tenant.tenant_id, prep.to_store, received_at, window_days=window)
     if new.event_id in result.accepted:
@@ -219,3 +221,23 @@ def test_a_tenant_window_is_validated(engine: Engine, tenant: TenantKey) -> None
     with pytest.raises(InvalidArgument):
         tenancy.set_dedupe_window(engine, tenant.tenant_id, 91)
     tenancy.set_dedupe_window(engine, tenant.tenant_id, None)
+
+
+def test_a_replay_after_retention_dropped_the_event_is_stored_again(engine: Engine, tenant: TenantKey) -> None:
+    """Retention drops old event partitions; the dedupe window is far shorter, so an event that old
+    was forgotten long before and its replay is a new event (as README documents)."""
+    store = EventStore(engine)
+    long_ago = dt.datetime(2001, 1, 15, 12, tzinfo=dt.UTC)
+    with engine.begin() as conn:
+        conn.execute(sa.text("SELECT ingest.ensure_event_partitions('2001-01-01', 1)"))
+    first = write(store, tenant, "old-1", long_ago)
+    assert first.startswith("ACCEPTED:")
+    assert "events_2001_01" in store.drop_partitions_before(dt.date(2001, 2, 1))
+    again = write(store, tenant, "old-1", dt.datetime.now(dt.UTC))
+    assert again.startswith("ACCEPTED:") and again != first
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT count(*) FROM ingest.events WHERE tenant_id = :t AND message_id = 'old-1'"),
+            {"t": tenant.tenant_id},
+        ).scalar_one()
+    assert rows == 1  # the replay, the original being gone with its partition
