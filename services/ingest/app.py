@@ -40,6 +40,7 @@ def register(server: grpc.aio.Server, ctx: ServiceContext, own: IngestSettings) 
         default_rate=own.rate_limit,
         default_burst=own.rate_burst,
         dedupe_window_days=own.dedupe_window_days,
+        suppression_cache_seconds=own.suppression_cache_seconds,
     )
     servicer = IngestServicer(ingestor, ctx.in_pool, ctx.settings.stream_idle_seconds)
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, server)

@@ -1,13 +1,17 @@
-"""One batch's way through ingest: limits, rate limit, validation, commit, hand-off to the outbox.
+"""One batch's way through ingest: limits, rate limit, validation, suppression, commit, hand-off
+to the outbox.
 
 :class:`Ingestor` is the facade the servicer talks to. The pure steps (validate, stamp,
-serialize) are in :mod:`services.ingest.prepare`; this wires them to storage and Redis.
+serialize) are in :mod:`services.ingest.prepare`, matching against the suppression list in
+:mod:`services.ingest.suppression`; this wires them to storage and Redis. It also serves the
+erasure's two calls, SuppressIdentifiers and PurgeEvents.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,18 +25,25 @@ from services.core.outbox import Outbox, Pending
 from services.core.ratelimit import RateLimiter
 from services.core.telemetry import inject_traceparent, meter
 from services.core.tenancy import Tenant
-from services.ingest import validation
+from services.ingest import suppression, validation
 from services.ingest.prepare import prepare
-from services.ingest.storage import EventStore, StoredEvent
+from services.ingest.storage import EventStore, StoredEvent, SuppressionStore
 from tessera.v1 import event_pb2, ingest_pb2
+
+log = logging.getLogger(__name__)
 
 ACCEPTED = ingest_pb2.EVENT_STATUS_ACCEPTED
 DUPLICATE = ingest_pb2.EVENT_STATUS_DUPLICATE
 REJECTED = ingest_pb2.EVENT_STATUS_REJECTED
+SUPPRESSED = ingest_pb2.EVENT_STATUS_SUPPRESSED
 
 _events = meter.create_counter("tessera.ingest.events", description="events by outcome")
 _batch_latency = meter.create_histogram("tessera.ingest.batch.duration", unit="s", description="batch latency")
 _rate_limited = meter.create_counter("tessera.ingest.rate_limited", description="batches refused by rate limit")
+_suppressions_added = meter.create_counter(
+    "tessera.ingest.suppressions.added", description="identifiers added to suppression lists"
+)
+_purged = meter.create_counter("tessera.ingest.purged", description="events purged from the event log")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -47,6 +58,7 @@ class BatchOutcome:
     accepted: int = 0
     duplicate: int = 0
     rejected: int = 0
+    suppressed: int = 0
 
 
 class Ingestor:
@@ -61,8 +73,12 @@ class Ingestor:
         default_burst: float,
         dedupe_window_days: int = 7,
         limits: validation.Limits = validation.DEFAULT_LIMITS,
+        suppression_cache_seconds: float = 2.0,
     ) -> None:
         self.store = store
+        self.suppression_store = SuppressionStore(store.engine)
+        #: See :mod:`services.ingest.suppression`: a suppression applies here within this time.
+        self.suppressions = suppression.SuppressionCache(self.suppression_store, suppression_cache_seconds)
         self.outbox = outbox
         self.limiter = limiter
         self.prefix = redis_prefix
@@ -84,6 +100,13 @@ class Ingestor:
         received_at = dt.datetime.now(dt.UTC)
         prep = prepare(events, received_at, self.limits)
         outcome = BatchOutcome(results=prep.results)
+        try:
+            listed = self.suppressions.get(tenant.tenant_id)
+        except sqlalchemy.exc.OperationalError as exc:
+            # Never store unchecked: an erased person's events would slip in.
+            raise Unavailable("the suppression list is unavailable; nothing was written, retry the batch") from exc
+        if listed is not None:
+            prep, _ = suppression.drop_suppressed(prep, events, listed)
         if prep.to_store:
             if time_remaining is not None:
                 time_remaining -= time.perf_counter() - started
@@ -124,12 +147,15 @@ class Ingestor:
                 outcome.accepted += 1
             elif r.status == DUPLICATE:
                 outcome.duplicate += 1
+            elif r.status == SUPPRESSED:
+                outcome.suppressed += 1
             else:
                 outcome.rejected += 1
         for status, count in (
             ("accepted", outcome.accepted),
             ("duplicate", outcome.duplicate),
             ("rejected", outcome.rejected),
+            ("suppressed", outcome.suppressed),
         ):
             if count:
                 _events.add(count, _attrs(tenant.tenant_id, status))
@@ -141,6 +167,40 @@ class Ingestor:
     ) -> list[StoredEvent]:
         """The tenant's events, newest first, after a (received_at, event_id) position."""
         return self.store.list_events(tenant_id, limit, after, message_ids)
+
+    def suppress_identifiers(self, tenant: Tenant, request: ingest_pb2.SuppressIdentifiersRequest) -> int:
+        """Put an erased person's identifiers on the tenant's suppression list (validated first);
+        returns how many entries are new. This replica applies it from its next batch, every other
+        one within ``suppression_cache_seconds``."""
+        parsed = suppression.parse_suppression(tenant.tenant_id, request)
+        try:
+            added = self.suppression_store.add(tenant.tenant_id, parsed)
+        except sqlalchemy.exc.OperationalError as exc:
+            raise Unavailable("the suppression list is unavailable; nothing was changed, retry") from exc
+        self.suppressions.invalidate()
+        if added:
+            _suppressions_added.add(added, {"tenant": tenant.tenant_id})
+        log.info(
+            "suppression list grew",
+            extra={"tenant": tenant.tenant_id, "added": added, "erasure_request": parsed.erasure_request},
+        )
+        return added
+
+    def purge_events(self, tenant: Tenant, request: ingest_pb2.PurgeEventsRequest) -> int:
+        """Delete the tenant's events with these ids from the event log and the outbox (validated
+        first); returns how many were deleted now (0 on a retry)."""
+        parsed = suppression.parse_purge(request)
+        try:
+            purged = self.store.purge(tenant.tenant_id, parsed.event_ids, parsed.ranges)
+        except sqlalchemy.exc.OperationalError as exc:
+            raise Unavailable("the event store is unavailable; nothing was purged, retry") from exc
+        if purged:
+            _purged.add(purged, {"tenant": tenant.tenant_id})
+        log.info(
+            "events purged",
+            extra={"tenant": tenant.tenant_id, "purged": purged, "erasure_request": parsed.erasure_request},
+        )
+        return purged
 
     def _rate_limit(self, tenant: Tenant, cost: int) -> None:
         rate = tenant.ingest_rate_limit or self.default_rate

@@ -67,6 +67,23 @@ def new_event_id(now_ms: int | None = None) -> str:
     return new_event_ids(1, now_ms)[0]
 
 
+#: How far an event's ``received_at`` may sit from the millisecond in its id: :func:`prepare` takes
+#: the id's time from ``received_at`` through a float, which may round a microsecond either way.
+RECEIVED_AT_SLACK = dt.timedelta(milliseconds=1)
+
+
+def received_at_range(event_id: str) -> tuple[dt.datetime, dt.datetime] | None:
+    """``[lo, hi)`` holding the ``received_at`` of the event this service gave ``event_id`` (a UUIDv7
+    whose first 48 bits are the receive time in ms, see :func:`new_event_ids`), so a look-up by id
+    finds its partition of the event log; None when the id's time is beyond what a datetime holds."""
+    ms = int(event_id.replace("-", "")[:12], 16)
+    try:
+        at = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(milliseconds=ms)
+        return at - RECEIVED_AT_SLACK, at + dt.timedelta(milliseconds=1) + RECEIVED_AT_SLACK
+    except OverflowError:
+        return None
+
+
 @dataclass(frozen=True)
 class Prepared:
     """The pure part of ingest: which events may be stored, and the bytes to store for them."""

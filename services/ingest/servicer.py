@@ -82,7 +82,20 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             accepted_count=out.accepted,
             duplicate_count=out.duplicate,
             rejected_count=out.rejected,
+            suppressed_count=out.suppressed,
         )
+
+    def SuppressIdentifiers(
+        self, request: ingest_pb2.SuppressIdentifiersRequest, context: grpc.ServicerContext
+    ) -> ingest_pb2.SuppressIdentifiersResponse:
+        added = self.ingestor.suppress_identifiers(current_tenant(), request)
+        return ingest_pb2.SuppressIdentifiersResponse(added_count=added)
+
+    def PurgeEvents(
+        self, request: ingest_pb2.PurgeEventsRequest, context: grpc.ServicerContext
+    ) -> ingest_pb2.PurgeEventsResponse:
+        purged = self.ingestor.purge_events(current_tenant(), request)
+        return ingest_pb2.PurgeEventsResponse(purged_count=purged)
 
     async def StreamEvents(
         self, request_iterator: AsyncIterator[ingest_pb2.StreamEventsRequest], context: grpc.aio.ServicerContext
@@ -113,4 +126,5 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 accepted_count=out.accepted,
                 duplicate_count=out.duplicate,
                 rejected_count=out.rejected,
+                suppressed_count=out.suppressed,
             )

@@ -16,3 +16,7 @@ class IngestSettings(EnvSettings):
     # How many whole days a message id is remembered, so a retry or replay answers DUPLICATE;
     # `tessera tenant set-limits --dedupe-days` overrides it per tenant (1-90).
     dedupe_window_days: int = setting(7, "INGEST_DEDUPE_WINDOW_DAYS", whole(1, 90))
+    # How long a replica trusts its in-memory copy of the suppression list (erased people's
+    # identifiers) before asking PostgreSQL again: a suppression applies on every replica within
+    # this time. 0 = ask on every batch. See services/ingest/suppression.py.
+    suppression_cache_seconds: float = setting(2.0, "INGEST_SUPPRESSION_CACHE_SECONDS", number(0, 300))

@@ -19,6 +19,7 @@ from sqlalchemy.engine import Engine
 from services.core import db, streams
 from services.core.outbox import Pending
 from services.ingest.prepare import NewEvent, dedupe_key
+from services.ingest.suppression import Suppression, SuppressionChanges, TypeNormalizer
 
 # Prepared once per connection: planning this statement costs PostgreSQL about as much as
 # running it. $1 tenant, $2 received_at, $3 traceparent, $4 today (UTC day of received_at),
@@ -148,6 +149,38 @@ RETURNING seq
 """
 
 PARTITION_LOCK_KEY = 0x7E55E7B
+
+# PurgeEvents: each id with its receive-time range (an event id's time is its received_at, to the
+# millisecond), so each look-up is a short range of the primary key in one partition: a nested
+# loop over the ids, each probing only the partition its range falls in (run-time pruning). The
+# planner cannot estimate those ranges and would rather hash the tenant's whole history, so the
+# transaction turns hash and merge joins off (and JIT, which the resulting estimate would start).
+_PURGE_PLAN = "SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off; SET LOCAL jit = off"
+_PURGE_EVENTS = """
+DELETE FROM ingest.events e
+USING unnest(%(ids)s::uuid[], %(lo)s::timestamptz[], %(hi)s::timestamptz[]) AS p(event_id, lo, hi)
+WHERE e.tenant_id = %(tenant)s AND e.received_at >= p.lo AND e.received_at < p.hi AND e.event_id = p.event_id
+  AND e.received_at >= %(min_lo)s AND e.received_at < %(max_hi)s
+"""
+# The purged ids leave the outbox rows still naming them (their bytes were the event's); a row
+# left naming nothing is deleted, so no relay publishes it.
+_PURGE_OUTBOX = """
+WITH named AS (
+    SELECT o.seq, ARRAY(SELECT x FROM unnest(o.event_ids) AS x WHERE x <> ALL(%(ids)s::uuid[]) ORDER BY x) AS kept
+    FROM ingest.outbox o
+    WHERE o.tenant_id = %(tenant)s AND o.event_ids && %(ids)s::uuid[]
+    FOR UPDATE
+), emptied AS (
+    DELETE FROM ingest.outbox o USING named n
+    WHERE o.tenant_id = %(tenant)s AND o.seq = n.seq AND cardinality(n.kept) = 0
+    RETURNING o.seq
+), trimmed AS (
+    UPDATE ingest.outbox o SET event_ids = n.kept FROM named n
+    WHERE o.tenant_id = %(tenant)s AND o.seq = n.seq AND cardinality(n.kept) > 0
+    RETURNING o.seq
+)
+SELECT (SELECT count(*) FROM emptied), (SELECT count(*) FROM trimmed)
+"""
 
 
 @dataclass(frozen=True)
@@ -311,6 +344,31 @@ class EventStore:
         with self.engine.connect() as conn:
             return [StoredEvent(r[0], r[1], bytes(r[2])) for r in conn.exec_driver_sql(sql, params).all()]
 
+    def purge(self, tenant_id: str, event_ids: Sequence[str], ranges: Sequence[tuple[dt.datetime, dt.datetime]]) -> int:
+        """Delete the tenant's events with these ids (each within its receive-time range) from the
+        event log, and from the outbox rows that still name them, in one transaction; returns how
+        many events this call deleted. Another tenant's events are never touched."""
+        if not event_ids:
+            return 0
+        params = {
+            "tenant": tenant_id,
+            "ids": list(event_ids),
+            "lo": [lo for lo, _ in ranges],
+            "hi": [hi for _, hi in ranges],
+            "min_lo": min(lo for lo, _ in ranges),
+            "max_hi": max(hi for _, hi in ranges),
+        }
+
+        def purge() -> int:
+            with db.raw_transaction(self.engine, "DELETE ingest.events", len(event_ids)) as (cursor, _):
+                cursor.execute(_PURGE_PLAN)
+                cursor.execute(_PURGE_EVENTS, params)
+                purged = int(cursor.rowcount)
+                cursor.execute(_PURGE_OUTBOX, params)
+            return purged
+
+        return db.retry_on_disconnect(purge)
+
     def outbox_backlog(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.exec_driver_sql("SELECT count(*) FROM ingest.outbox").scalar_one())
@@ -441,3 +499,95 @@ class EventStore:
             total += n
             if n < chunk:
                 return total
+
+
+_BUMP_VERSION = """
+INSERT INTO ingest.suppression_versions AS v (tenant_id, version) VALUES (%(tenant)s, 1)
+ON CONFLICT (tenant_id) DO UPDATE SET version = v.version + 1, updated_at = now()
+RETURNING version
+"""
+_ADD_SUPPRESSIONS = """
+INSERT INTO ingest.suppressions (tenant_id, id_hash, id_type, erasure_request, version)
+SELECT %(tenant)s, h, t, %(request)s, %(version)s FROM unnest(%(hashes)s::bytea[], %(types)s::text[]) AS s(h, t)
+ON CONFLICT (tenant_id, id_hash) DO NOTHING
+"""
+_UPSERT_NORMALIZERS = """
+INSERT INTO ingest.suppression_normalizers AS n (tenant_id, id_type, normalizer, default_region)
+SELECT %(tenant)s, t, m, %(region)s FROM unnest(%(types)s::text[], %(normalizers)s::text[]) AS s(t, m)
+ON CONFLICT (tenant_id, id_type) DO UPDATE
+SET normalizer = EXCLUDED.normalizer, default_region = EXCLUDED.default_region, updated_at = now()
+WHERE (n.normalizer, n.default_region) IS DISTINCT FROM (EXCLUDED.normalizer, EXCLUDED.default_region)
+"""
+
+
+class SuppressionStore:
+    """The suppression list in PostgreSQL (migration ingest_0003); the source of
+    :class:`services.ingest.suppression.SuppressionCache`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def add(self, tenant_id: str, suppression: Suppression) -> int:
+        """Add the hashes and upsert the normalizers; returns how many hashes are new. A call that
+        changes nothing (a retry) is rolled back, so the list's version, and every replica's copy,
+        stay as they were."""
+
+        def add() -> int:
+            with db.raw_transaction(self.engine, "INSERT ingest.suppressions", len(suppression.entries)) as (cur, _):
+                cur.execute(_BUMP_VERSION, {"tenant": tenant_id})  # also locks the tenant's list
+                version = int(cur.fetchone()[0])
+                added = 0
+                if suppression.entries:
+                    cur.execute(
+                        _ADD_SUPPRESSIONS,
+                        {
+                            "tenant": tenant_id,
+                            "request": suppression.erasure_request,
+                            "version": version,
+                            "hashes": [psycopg2.Binary(h) for _t, h in suppression.entries],
+                            "types": [t for t, _h in suppression.entries],
+                        },
+                    )
+                    added = int(cur.rowcount)
+                changed = 0
+                if suppression.normalizers:
+                    items = sorted(suppression.normalizers.items())
+                    cur.execute(
+                        _UPSERT_NORMALIZERS,
+                        {
+                            "tenant": tenant_id,
+                            # one region per call: every normalizer of a call carries the same
+                            "region": items[0][1].default_region,
+                            "types": [t for t, _n in items],
+                            "normalizers": [n.normalizer for _t, n in items],
+                        },
+                    )
+                    changed = int(cur.rowcount)
+                if not added and not changed:
+                    cur.connection.rollback()
+            return added
+
+        return db.retry_on_disconnect(add)
+
+    def suppression_versions(self) -> dict[str, int]:
+        with db.raw_transaction(self.engine, "SELECT ingest.suppression_versions") as (cur, _):
+            cur.execute("SELECT tenant_id, version FROM ingest.suppression_versions")
+            return {t: int(v) for t, v in cur.fetchall()}
+
+    def suppression_changes(self, tenant_id: str, after_version: int) -> SuppressionChanges:
+        """The version is read first: whatever a later version added is seen next time."""
+        with db.raw_transaction(self.engine, "SELECT ingest.suppressions") as (cur, _):
+            cur.execute("SELECT version FROM ingest.suppression_versions WHERE tenant_id = %s", (tenant_id,))
+            row = cur.fetchone()
+            version = int(row[0]) if row else 0
+            cur.execute(
+                "SELECT id_type, id_hash FROM ingest.suppressions WHERE tenant_id = %s AND version > %s",
+                (tenant_id, after_version),
+            )
+            entries = [(t, bytes(h)) for t, h in cur.fetchall()]
+            cur.execute(
+                "SELECT id_type, normalizer, default_region FROM ingest.suppression_normalizers WHERE tenant_id = %s",
+                (tenant_id,),
+            )
+            normalizers = {t: TypeNormalizer(n, r) for t, n, r in cur.fetchall()}
+        return SuppressionChanges(version, entries, normalizers)
