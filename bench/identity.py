@@ -350,7 +350,7 @@ class Mix:
 
 def validate_phone_space() -> None:
     """Every (area, exchange) the mix may use gives numbers the phone normalizer accepts."""
-    from services.identity.rules import DEFAULT_RULES
+    from services.core.identity_rules import DEFAULT_RULES
 
     for area in AREAS:
         for exchange in EXCHANGES:

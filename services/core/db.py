@@ -168,3 +168,26 @@ def drop_database(admin_url: str, name: str) -> None:
 def with_database(url: str, name: str) -> str:
     """The same server URL pointing at another database."""
     return sa_url(url).set(database=name).render_as_string(hide_password=False)
+
+
+class Statements:
+    """Statements whose results are not needed, sent to PostgreSQL together in one round trip."""
+
+    def __init__(self, cur: Any) -> None:
+        self.cur = cur
+        self.parts: list[bytes] = []
+
+    def add(self, sql: str, params: Any = None) -> None:
+        self.parts.append(self.cur.mogrify(sql, params))
+
+    def __bool__(self) -> bool:
+        return bool(self.parts)
+
+    def run(self, last: str | None = None, params: Any = None) -> list[tuple[Any, ...]]:
+        """Send what was added, then ``last``; returns the rows of ``last`` (psycopg2 keeps the
+        result of the final statement)."""
+        parts = [*self.parts, *([self.cur.mogrify(last, params)] if last else [])]
+        self.parts.clear()
+        if parts:
+            self.cur.execute(b";\n".join(parts))
+        return list(self.cur.fetchall()) if last else []

@@ -213,7 +213,7 @@ def build_context(settings: Settings, service: str) -> ServiceContext:
         autocommit_engine=autocommit_engine,
         redis=client,
         bus=Bus(client, settings.redis_prefix, settings.stream_maxlen),
-        authenticator=Authenticator(engine, ttl=settings.auth_cache_seconds),
+        authenticator=Authenticator(engine, ttl=settings.auth_cache_seconds, service_token=settings.service_token),
         executor=futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="rpc"),
     )
 

@@ -94,9 +94,20 @@ def number(lo: float, hi: float) -> Callable[[str], float]:
     return _float(lo, hi)
 
 
-def setting(default: Any, env: str, parse: Callable[[str], Any]) -> Any:
-    """A settings field read from ``TESSERA_<env>`` with ``parse`` (which raises ValueError)."""
-    return field(default=default, metadata={"env": env, "parse": parse})
+def setting(default: Any, env: str, parse: Callable[[str], Any], *, secret: bool = False) -> Any:
+    """A settings field read from ``TESSERA_<env>`` with ``parse`` (which raises ValueError).
+    A ``secret`` one is left out of the settings' repr, so logging the settings never shows it."""
+    return field(default=default, metadata={"env": env, "parse": parse}, repr=not secret)
+
+
+MIN_SERVICE_TOKEN_LENGTH = 32
+
+
+def _service_token(raw: str) -> str:
+    value = raw.strip()
+    if len(value) < MIN_SERVICE_TOKEN_LENGTH or not value.isascii() or any(c.isspace() for c in value):
+        raise ValueError(f"must be at least {MIN_SERVICE_TOKEN_LENGTH} printable ASCII characters without spaces")
+    return value
 
 
 def _path(raw: str) -> Path:
@@ -199,6 +210,9 @@ class Settings(EnvSettings):
     # How long a checked API key is trusted without a query: a revoked key stops working within
     # this time, for new calls and for open streams alike.
     auth_cache_seconds: float = setting(10.0, "AUTH_CACHE_SECONDS", _float(0, 3600))
+    # Shared by the services of one deployment so one can act for a tenant in work no client
+    # call carries (an erasure resumed after a restart); unset: no service credentials accepted.
+    service_token: str | None = setting(None, "SERVICE_TOKEN", _service_token, secret=True)
     # Streams and the outbox that feeds them.
     stream_maxlen: int = setting(1_000_000, "STREAM_MAXLEN", _int(1000, 10**10))
     outbox_sweep_seconds: float = setting(1.0, "OUTBOX_SWEEP_SECONDS", _float(0.01, 300))

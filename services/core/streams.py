@@ -90,6 +90,7 @@ class _Tags:
         self.received_at = tag(event, "received_at")
         self.timestamp = tag(event, "timestamp")
         self.profile_id = tag(event, "profile_id")
+        self.resolved_identifiers = tag(stream_pb2.ResolvedEventEnvelope.DESCRIPTOR, "identifiers")
 
 
 TAGS = _Tags()
@@ -106,8 +107,9 @@ def check_wire_compatibility() -> None:
     def layout(d: Descriptor) -> list[tuple[str, int, int, str]]:
         return [(f.name, f.number, f.type, f.message_type.full_name if f.message_type else "") for f in d.fields]
 
-    if layout(stream_pb2.EventEnvelope.DESCRIPTOR) != layout(stream_pb2.ResolvedEventEnvelope.DESCRIPTOR):
-        raise AssertionError("EventEnvelope and ResolvedEventEnvelope must share their layout")
+    events = layout(stream_pb2.EventEnvelope.DESCRIPTOR)
+    if layout(stream_pb2.ResolvedEventEnvelope.DESCRIPTOR)[: len(events)] != events:
+        raise AssertionError("ResolvedEventEnvelope must start with EventEnvelope's layout")
 
 
 check_wire_compatibility()
@@ -155,11 +157,18 @@ def event_envelopes(tenant_id: str, traceparent: str, events: Iterable[bytes]) -
     return [b"".join((head, tag, varint(len(e)), e)) for e in events]
 
 
-def resolved_envelope(event_envelope_bytes: bytes, profile_id: str | None) -> bytes:
-    """The ``resolved`` entry for an ``events`` entry: the same bytes with ``event.profile_id`` set."""
+def resolved_envelope(
+    event_envelope_bytes: bytes, profile_id: str | None, identifiers: Iterable[tuple[str, str]] = ()
+) -> bytes:
+    """The ``resolved`` entry for an ``events`` entry: the same bytes with ``event.profile_id`` set
+    and the normalized ``identifiers`` (type, value) identity linked for it appended."""
     if not profile_id:
         return event_envelope_bytes
-    return event_envelope_bytes + field_bytes(TAGS.event, field_bytes(TAGS.profile_id, profile_id.encode()))
+    parts = [event_envelope_bytes, field_bytes(TAGS.event, field_bytes(TAGS.profile_id, profile_id.encode()))]
+    for type_, value in identifiers:
+        ident = event_pb2.Identifier(type=type_, value=value).SerializeToString()
+        parts.append(field_bytes(TAGS.resolved_identifiers, ident))
+    return b"".join(parts)
 
 
 # ---- changes -----------------------------------------------------------------------------------
@@ -175,6 +184,7 @@ def change(
     new_profile_id: str = "",
     moved_event_ids: Sequence[str] = (),
     erased_profile_ids: Sequence[str] = (),
+    moved_identifiers: Iterable[tuple[str, str]] = (),
     at: dt.datetime | None = None,
 ) -> stream_pb2.ProfileChange:
     msg = stream_pb2.ProfileChange(
@@ -186,6 +196,7 @@ def change(
         new_profile_id=new_profile_id,
         moved_event_ids=list(moved_event_ids),
         erased_profile_ids=list(erased_profile_ids),
+        moved_identifiers=[event_pb2.Identifier(type=t, value=v) for t, v in moved_identifiers],
     )
     msg.change_time.FromDatetime(at or dt.datetime.now(dt.UTC))
     return msg

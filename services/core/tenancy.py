@@ -22,6 +22,9 @@ from services.core.errors import AlreadyExists, InvalidArgument, NotFound, Unaut
 
 TENANT_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
 KEY_PREFIX = "tsk"
+#: Service credentials: ``Bearer tss.<tenant_id>.<TESSERA_SERVICE_TOKEN>``, one service acting for a
+#: tenant in work no client call carries. The tenant still comes from the credentials.
+SERVICE_KEY_PREFIX = "tss."
 
 
 @dataclass(frozen=True)
@@ -182,17 +185,27 @@ def list_tenants(engine: Engine) -> list[dict[str, object]]:
         return [dict(r) for r in rows]
 
 
+def service_authorization(tenant_id: str, service_token: str) -> str:
+    """The ``authorization`` metadata with which a service acts for ``tenant_id``."""
+    return f"Bearer {SERVICE_KEY_PREFIX}{tenant_id}.{service_token}"
+
+
 class Authenticator:
     """Resolves ``authorization: Bearer <key>`` to a tenant, caching lookups briefly.
 
     The cache bounds revocation latency to ``ttl`` seconds and spares PostgreSQL a
     query per RPC; unknown keys are cached for a shorter time so a typo is not sticky.
+    Service credentials (:func:`service_authorization`) are accepted only when this deployment
+    has a service token, and only for a tenant that exists and is enabled.
     """
 
-    def __init__(self, engine: Engine, ttl: float = 30.0, negative_ttl: float = 2.0) -> None:
+    def __init__(
+        self, engine: Engine, ttl: float = 30.0, negative_ttl: float = 2.0, service_token: str | None = None
+    ) -> None:
         self.engine = engine
         self.ttl = ttl
         self.negative_ttl = negative_ttl
+        self.service_token = service_token
         self._cache: dict[bytes, tuple[float, Tenant | None]] = {}
         self._lock = threading.Lock()
 
@@ -223,7 +236,8 @@ class Authenticator:
         if hit is not None and hit[0] > now:
             tenant = hit[1]
         else:
-            tenant = self._lookup(digest)
+            key = key.strip()
+            tenant = self._service_lookup(key) if key.startswith(SERVICE_KEY_PREFIX) else self._lookup(digest)
             with self._lock:
                 if len(self._cache) > 10_000:
                     self._cache.clear()
@@ -231,6 +245,24 @@ class Authenticator:
         if tenant is None:
             raise Unauthenticated("invalid or revoked API key")
         return tenant
+
+    def _service_lookup(self, key: str) -> Tenant | None:
+        tenant_id, _, token = key.removeprefix(SERVICE_KEY_PREFIX).partition(".")
+        if not self.service_token or not hmac.compare_digest(token.encode(), self.service_token.encode()):
+            return None
+        if not TENANT_ID_RE.match(tenant_id):
+            return None
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.text(
+                    "SELECT tenant_id, ingest_rate_limit, ingest_rate_burst, dedupe_window_days "
+                    "FROM tenancy.tenants WHERE tenant_id = :t AND NOT disabled"
+                ),
+                {"t": tenant_id},
+            ).first()
+        if row is None:
+            return None
+        return Tenant(row.tenant_id, row.ingest_rate_limit, row.ingest_rate_burst, row.dedupe_window_days)
 
     def _lookup(self, digest: bytes) -> Tenant | None:
         with self.engine.connect() as conn:

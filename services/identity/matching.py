@@ -148,7 +148,7 @@ def normalize_dob(raw: Any) -> str:
         year, month, day = m.groups()
         return f"{year}{int(month):02d}{int(day):02d}"
     digits = text.strip()
-    return digits if len(digits) == 8 and digits.isdigit() else ""
+    return digits if len(digits) == 8 and digits.isascii() and digits.isdigit() else ""
 
 
 def record_from_traits(traits: Mapping[str, Any]) -> MatchRecord | None:

@@ -23,14 +23,14 @@ from google.protobuf import json_format
 
 from services.core import db, streams
 from services.core.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
+from services.core.identity_rules import IdentityRules
 from services.core.outbox import Outbox
 from services.core.telemetry import inject_traceparent, meter
 from services.identity.probabilistic import BatchMatcher, Thresholds
 from services.identity.reads import SuggestionView, suggestion_view
-from services.identity.rules import IdentityRules
 from services.identity.rules_store import RulesCache
 from services.identity.stitching import Graph, Key, LimitBroken, MergeFact, MergeRecord, Outcome
-from services.identity.storage import Changes, EventLink, IdentityStore, KeySeen, RecordedMerge
+from services.identity.storage import Changes, EventLink, IdentityStore, KeySeen, Processed, RecordedMerge
 from tessera.v1 import event_pb2, identity_pb2, stream_pb2
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class Resolver:
                 if e.event_id in done or e.event_id in outcomes:
                     continue
                 if not e.keys:
-                    done[e.event_id] = None
+                    done[e.event_id] = Processed(None)
                     links.append((e.event_id, None, (), e.occurred))
                     continue
                 out = graph.resolve(e.event_id, e.keys, self.new_id, now_s)
@@ -213,10 +213,13 @@ class Resolver:
                 continue
             emitted.add(e.event_id)
             if e.event_id in outcomes:
-                pid: str | None = graph.final(outcomes[e.event_id].profile_id)
+                out = outcomes[e.event_id]
+                pid: str | None = graph.final(out.profile_id)
+                keys: tuple[Key, ...] = out.linked
             else:
-                pid = done.get(e.event_id)
-            resolved.append(ResolvedEvent(e.event_id, pid, streams.resolved_envelope(e.envelope, pid)))
+                prior = done.get(e.event_id, Processed(None))
+                pid, keys = prior.profile_id, prior.identifiers
+            resolved.append(ResolvedEvent(e.event_id, pid, streams.resolved_envelope(e.envelope, pid, keys)))
         self._count(tenant_id, events, outcomes, recorded)
         return BatchResult(resolved, publications, outcomes)
 
@@ -310,6 +313,7 @@ class Resolver:
                         new_profile_id=target.profile_id,
                         merge_id=rec.merge_id,
                         moved_event_ids=moved,
+                        moved_identifiers=sorted(set(keys)),
                         at=now,
                     ),
                 )

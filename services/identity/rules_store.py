@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.core.errors import InvalidArgument, Violation
-from services.identity.rules import DEFAULT_RULES, IdentityRules, validate_rules
+from services.core.identity_rules import DEFAULT_RULES, IdentityRules, validate_rules
 from services.identity.storage import IdentityStore
 from tessera.v1 import identity_pb2
 

@@ -16,11 +16,11 @@ import grpc
 
 from services.core import pagination
 from services.core.errors import InvalidArgument, NotFound, Violation
+from services.core.identity_rules import IdentityRules
 from services.core.tenancy import current_tenant
 from services.identity.ids import canonical_uuid
 from services.identity.reads import IdentityReads, MergeView, SuggestionView
 from services.identity.resolver import Resolver
-from services.identity.rules import IdentityRules
 from services.identity.rules_store import apply_update, to_proto
 from services.identity.stitching import Key
 from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc
@@ -324,7 +324,7 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     ) -> identity_pb2.ReviewMatchSuggestionResponse:
         tenant = current_tenant().tenant_id
         raw = request.name.removeprefix(SUGGESTION_PREFIX)
-        if not raw.isdigit() or not request.name.startswith(SUGGESTION_PREFIX):
+        if not (raw.isascii() and raw.isdigit()) or not request.name.startswith(SUGGESTION_PREFIX):
             raise InvalidArgument(
                 "name is not a suggestion name",
                 [

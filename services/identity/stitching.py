@@ -13,7 +13,7 @@ import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from services.identity.rules import IdentityRules
+from services.core.identity_rules import IdentityRules
 
 #: An identifier as identity keeps it: (type, normalized value).
 Key = tuple[str, str]

@@ -31,6 +31,19 @@ from tessera.v1 import identity_pb2
 KEY_SEP = "\x1f"
 
 
+@dataclass(frozen=True, slots=True)
+class Processed:
+    """An event identity applied before: its profile now, and the identifiers it links by."""
+
+    profile_id: str | None
+    identifiers: tuple[Key, ...] = ()
+
+
+def key_of(text: str) -> Key:
+    type_, _, value = text.partition(KEY_SEP)
+    return (type_, value)
+
+
 def key_text(key: Key) -> str:
     return f"{key[0]}{KEY_SEP}{key[1]}"
 
@@ -80,10 +93,10 @@ LEFT JOIN LATERAL (
 _LOCK = "SELECT count(pg_advisory_xact_lock(k)) FROM unnest(%s::bigint[]) AS k"
 
 _PROCESSED = """
-SELECT l.event_id, coalesce(p.merged_into, p.profile_id)::text
+SELECT l.event_id, coalesce(p.merged_into, p.profile_id)::text, l.identifiers
 FROM unnest(%(ids)s::text[]) AS x(id)
 CROSS JOIN LATERAL (
-    SELECT l.event_id, l.profile_id FROM identity.event_links l
+    SELECT l.event_id, l.profile_id, l.identifiers FROM identity.event_links l
     WHERE l.tenant_id = %(tenant)s AND l.event_id = x.id LIMIT 1
 ) l
 LEFT JOIN identity.profiles p ON p.tenant_id = %(tenant)s AND p.profile_id = l.profile_id
@@ -139,26 +152,6 @@ class RecordedMerge:
     merge_id: int
     fact: MergeFact
     kind: int
-
-
-class _Statements:
-    """Statements whose results are not needed, sent to PostgreSQL together in one round trip."""
-
-    def __init__(self, cur: Any) -> None:
-        self.cur = cur
-        self.parts: list[bytes] = []
-
-    def add(self, sql: str, params: Any) -> None:
-        self.parts.append(self.cur.mogrify(sql, params))
-
-    def run(self, last: str | None = None, params: Any = None) -> list[tuple[Any, ...]]:
-        """Send what was added, then ``last``; returns the rows of ``last`` (psycopg2 keeps the
-        result of the final statement)."""
-        parts = [*self.parts, *([self.cur.mogrify(last, params)] if last else [])]
-        self.parts.clear()
-        if parts:
-            self.cur.execute(b";\n".join(parts))
-        return list(self.cur.fetchall()) if last else []
 
 
 class IdentityStore:
@@ -225,12 +218,12 @@ class IdentityStore:
         return Graph(rules, loaded.values()), candidates
 
     @staticmethod
-    def processed(cur: Any, tenant_id: str, event_ids: Sequence[str]) -> dict[str, str | None]:
-        """Events already applied, with the profile they belong to now."""
+    def processed(cur: Any, tenant_id: str, event_ids: Sequence[str]) -> dict[str, Processed]:
+        """Events already applied, with the profile they belong to now and their linking identifiers."""
         if not event_ids:
             return {}
         cur.execute(_PROCESSED, {"tenant": tenant_id, "ids": list(event_ids)})
-        return {eid: pid for eid, pid in cur.fetchall()}
+        return {eid: Processed(pid, tuple(key_of(k) for k in keys or ())) for eid, pid, keys in cur.fetchall()}
 
     # ------------------------------------------------------------------------------------------
     # Writing back.
@@ -242,7 +235,7 @@ class IdentityStore:
         final survivor), identifier owners, event links, merge facts. A handful of statements,
         whatever the size, sent in one or two round trips (the locks are held meanwhile)."""
         graph = changes.graph
-        out = _Statements(cur)
+        out = db.Statements(cur)
         new = graph.new_profiles()
         if new:
             out.add(
@@ -308,7 +301,7 @@ class IdentityStore:
 
     @staticmethod
     def _record_merges(
-        out: _Statements, tenant_id: str, merges: Sequence[MergeRecord], message_ids: Mapping[str, str]
+        out: db.Statements, tenant_id: str, merges: Sequence[MergeRecord], message_ids: Mapping[str, str]
     ) -> list[RecordedMerge]:
         """All of a write's merge facts in one statement (a consumer batch can merge dozens of pairs),
         ids assigned in the given order; a (survivor, absorbed) pair names its row in the answer.
@@ -366,7 +359,7 @@ class IdentityStore:
         return recorded
 
     @staticmethod
-    def link_events(out: _Statements, tenant_id: str, links: Sequence[EventLink]) -> None:
+    def link_events(out: db.Statements, tenant_id: str, links: Sequence[EventLink]) -> None:
         """Record applied events (the idempotency record) with their profile and linking identifiers."""
         if not links:
             return

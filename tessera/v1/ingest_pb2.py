@@ -27,29 +27,39 @@ from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from tessera.v1 import event_pb2 as tessera_dot_v1_dot_event__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/ingest.proto\x12\ntessera.v1\x1a\x1egoogle/rpc/error_details.proto\x1a\x17google/rpc/status.proto\x1a\x16tessera/v1/event.proto\"\xa6\x01\n\x0b\x45ventResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.tessera.v1.EventStatus\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12\x39\n\nviolations\x18\x05 \x03(\x0b\x32%.google.rpc.BadRequest.FieldViolation\"8\n\x13IngestEventsRequest\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.tessera.v1.Event\"\x89\x01\n\x14IngestEventsResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.tessera.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x16\n\x0erejected_count\x18\x04 \x01(\x05\"J\n\x13StreamEventsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12!\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x11.tessera.v1.Event\"\xbe\x01\n\x14StreamEventsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.tessera.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x03 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x04 \x01(\x05\x12\x16\n\x0erejected_count\x18\x05 \x01(\x05\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.Status\"O\n\x11ListEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bmessage_ids\x18\x03 \x03(\t\"P\n\x12ListEventsResponse\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.tessera.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*}\n\x0b\x45ventStatus\x12\x1c\n\x18\x45VENT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_STATUS_ACCEPTED\x10\x01\x12\x1a\n\x16\x45VENT_STATUS_DUPLICATE\x10\x02\x12\x19\n\x15\x45VENT_STATUS_REJECTED\x10\x03\x32\x86\x02\n\rIngestService\x12Q\n\x0cIngestEvents\x12\x1f.tessera.v1.IngestEventsRequest\x1a .tessera.v1.IngestEventsResponse\x12U\n\x0cStreamEvents\x12\x1f.tessera.v1.StreamEventsRequest\x1a .tessera.v1.StreamEventsResponse(\x01\x30\x01\x12K\n\nListEvents\x12\x1d.tessera.v1.ListEventsRequest\x1a\x1e.tessera.v1.ListEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/ingest.proto\x12\ntessera.v1\x1a\x1egoogle/rpc/error_details.proto\x1a\x17google/rpc/status.proto\x1a\x16tessera/v1/event.proto\"\xa6\x01\n\x0b\x45ventResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\'\n\x06status\x18\x03 \x01(\x0e\x32\x17.tessera.v1.EventStatus\x12\x10\n\x08\x65vent_id\x18\x04 \x01(\t\x12\x39\n\nviolations\x18\x05 \x03(\x0b\x32%.google.rpc.BadRequest.FieldViolation\"8\n\x13IngestEventsRequest\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.tessera.v1.Event\"\xa3\x01\n\x14IngestEventsResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.tessera.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x03 \x01(\x05\x12\x16\n\x0erejected_count\x18\x04 \x01(\x05\x12\x18\n\x10suppressed_count\x18\x05 \x01(\x05\"J\n\x13StreamEventsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12!\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x11.tessera.v1.Event\"\xd8\x01\n\x14StreamEventsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.tessera.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x03 \x01(\x05\x12\x17\n\x0f\x64uplicate_count\x18\x04 \x01(\x05\x12\x16\n\x0erejected_count\x18\x05 \x01(\x05\x12\x18\n\x10suppressed_count\x18\x07 \x01(\x05\x12!\n\x05\x65rror\x18\x06 \x01(\x0b\x32\x12.google.rpc.Status\"O\n\x11ListEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bmessage_ids\x18\x03 \x03(\t\"P\n\x12ListEventsResponse\x12!\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x11.tessera.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"9\n\x15SuppressionNormalizer\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x12\n\nnormalizer\x18\x02 \x01(\t\"\xb2\x01\n\x1aSuppressIdentifiersRequest\x12+\n\x0bidentifiers\x18\x01 \x03(\x0b\x32\x16.tessera.v1.Identifier\x12\x36\n\x0bnormalizers\x18\x02 \x03(\x0b\x32!.tessera.v1.SuppressionNormalizer\x12\x16\n\x0e\x64\x65\x66\x61ult_region\x18\x03 \x01(\t\x12\x17\n\x0f\x65rasure_request\x18\x04 \x01(\t\"2\n\x1bSuppressIdentifiersResponse\x12\x13\n\x0b\x61\x64\x64\x65\x64_count\x18\x01 \x01(\x05\"@\n\x12PurgeEventsRequest\x12\x11\n\tevent_ids\x18\x01 \x03(\t\x12\x17\n\x0f\x65rasure_request\x18\x02 \x01(\t\"+\n\x13PurgeEventsResponse\x12\x14\n\x0cpurged_count\x18\x01 \x01(\x05*\x9a\x01\n\x0b\x45ventStatus\x12\x1c\n\x18\x45VENT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45VENT_STATUS_ACCEPTED\x10\x01\x12\x1a\n\x16\x45VENT_STATUS_DUPLICATE\x10\x02\x12\x19\n\x15\x45VENT_STATUS_REJECTED\x10\x03\x12\x1b\n\x17\x45VENT_STATUS_SUPPRESSED\x10\x04\x32\xbe\x03\n\rIngestService\x12Q\n\x0cIngestEvents\x12\x1f.tessera.v1.IngestEventsRequest\x1a .tessera.v1.IngestEventsResponse\x12U\n\x0cStreamEvents\x12\x1f.tessera.v1.StreamEventsRequest\x1a .tessera.v1.StreamEventsResponse(\x01\x30\x01\x12K\n\nListEvents\x12\x1d.tessera.v1.ListEventsRequest\x1a\x1e.tessera.v1.ListEventsResponse\x12\x66\n\x13SuppressIdentifiers\x12&.tessera.v1.SuppressIdentifiersRequest\x1a\'.tessera.v1.SuppressIdentifiersResponse\x12N\n\x0bPurgeEvents\x12\x1e.tessera.v1.PurgeEventsRequest\x1a\x1f.tessera.v1.PurgeEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.v1.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTSTATUS']._serialized_start=919
-  _globals['_EVENTSTATUS']._serialized_end=1044
+  _globals['_EVENTSTATUS']._serialized_start=1375
+  _globals['_EVENTSTATUS']._serialized_end=1529
   _globals['_EVENTRESULT']._serialized_start=121
   _globals['_EVENTRESULT']._serialized_end=287
   _globals['_INGESTEVENTSREQUEST']._serialized_start=289
   _globals['_INGESTEVENTSREQUEST']._serialized_end=345
   _globals['_INGESTEVENTSRESPONSE']._serialized_start=348
-  _globals['_INGESTEVENTSRESPONSE']._serialized_end=485
-  _globals['_STREAMEVENTSREQUEST']._serialized_start=487
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=561
-  _globals['_STREAMEVENTSRESPONSE']._serialized_start=564
-  _globals['_STREAMEVENTSRESPONSE']._serialized_end=754
-  _globals['_LISTEVENTSREQUEST']._serialized_start=756
-  _globals['_LISTEVENTSREQUEST']._serialized_end=835
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=837
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=917
-  _globals['_INGESTSERVICE']._serialized_start=1047
-  _globals['_INGESTSERVICE']._serialized_end=1309
+  _globals['_INGESTEVENTSRESPONSE']._serialized_end=511
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=513
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=587
+  _globals['_STREAMEVENTSRESPONSE']._serialized_start=590
+  _globals['_STREAMEVENTSRESPONSE']._serialized_end=806
+  _globals['_LISTEVENTSREQUEST']._serialized_start=808
+  _globals['_LISTEVENTSREQUEST']._serialized_end=887
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=889
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=969
+  _globals['_SUPPRESSIONNORMALIZER']._serialized_start=971
+  _globals['_SUPPRESSIONNORMALIZER']._serialized_end=1028
+  _globals['_SUPPRESSIDENTIFIERSREQUEST']._serialized_start=1031
+  _globals['_SUPPRESSIDENTIFIERSREQUEST']._serialized_end=1209
+  _globals['_SUPPRESSIDENTIFIERSRESPONSE']._serialized_start=1211
+  _globals['_SUPPRESSIDENTIFIERSRESPONSE']._serialized_end=1261
+  _globals['_PURGEEVENTSREQUEST']._serialized_start=1263
+  _globals['_PURGEEVENTSREQUEST']._serialized_end=1327
+  _globals['_PURGEEVENTSRESPONSE']._serialized_start=1329
+  _globals['_PURGEEVENTSRESPONSE']._serialized_end=1372
+  _globals['_INGESTSERVICE']._serialized_start=1532
+  _globals['_INGESTSERVICE']._serialized_end=1978
 # @@protoc_insertion_point(module_scope)

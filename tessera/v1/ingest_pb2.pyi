@@ -37,6 +37,10 @@ class _EventStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventStat
     """
     EVENT_STATUS_REJECTED: _EventStatus.ValueType  # 3
     """Invalid; see violations. Nothing was written for it."""
+    EVENT_STATUS_SUPPRESSED: _EventStatus.ValueType  # 4
+    """It carries an identifier of an erased person (the suppression list); it was dropped
+    before storage, and nothing was written for it.
+    """
 
 class EventStatus(_EventStatus, metaclass=_EventStatusEnumTypeWrapper):
     """The outcome for one event of a batch."""
@@ -50,6 +54,10 @@ nothing was written again.
 """
 EVENT_STATUS_REJECTED: EventStatus.ValueType  # 3
 """Invalid; see violations. Nothing was written for it."""
+EVENT_STATUS_SUPPRESSED: EventStatus.ValueType  # 4
+"""It carries an identifier of an erased person (the suppression list); it was dropped
+before storage, and nothing was written for it.
+"""
 Global___EventStatus: _TypeAlias = EventStatus  # noqa: Y015
 
 @_typing.final
@@ -121,9 +129,11 @@ class IngestEventsResponse(_message.Message):
     ACCEPTED_COUNT_FIELD_NUMBER: _builtins.int
     DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
     REJECTED_COUNT_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_COUNT_FIELD_NUMBER: _builtins.int
     accepted_count: _builtins.int
     duplicate_count: _builtins.int
     rejected_count: _builtins.int
+    suppressed_count: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventResult]: ...
     def __init__(
@@ -133,10 +143,11 @@ class IngestEventsResponse(_message.Message):
         accepted_count: _builtins.int = ...,
         duplicate_count: _builtins.int = ...,
         rejected_count: _builtins.int = ...,
+        suppressed_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "duplicate_count", b"duplicate_count", "rejected_count", b"rejected_count", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "duplicate_count", b"duplicate_count", "rejected_count", b"rejected_count", "results", b"results", "suppressed_count", b"suppressed_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -179,11 +190,13 @@ class StreamEventsResponse(_message.Message):
     ACCEPTED_COUNT_FIELD_NUMBER: _builtins.int
     DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
     REJECTED_COUNT_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_COUNT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     accepted_count: _builtins.int
     duplicate_count: _builtins.int
     rejected_count: _builtins.int
+    suppressed_count: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventResult]: ...
     @_builtins.property
@@ -200,11 +213,12 @@ class StreamEventsResponse(_message.Message):
         accepted_count: _builtins.int = ...,
         duplicate_count: _builtins.int = ...,
         rejected_count: _builtins.int = ...,
+        suppressed_count: _builtins.int = ...,
         error: _status_pb2.Status | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "batch_id", b"batch_id", "duplicate_count", b"duplicate_count", "error", b"error", "rejected_count", b"rejected_count", "results", b"results"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "batch_id", b"batch_id", "duplicate_count", b"duplicate_count", "error", b"error", "rejected_count", b"rejected_count", "results", b"results", "suppressed_count", b"suppressed_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -267,3 +281,138 @@ class ListEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListEventsResponse: _TypeAlias = ListEventsResponse  # noqa: Y015
+
+@_typing.final
+class SuppressionNormalizer(_message.Message):
+    """How an identifier type's values are made canonical, so ingest compares an incoming
+    identifier with the suppression list the way identity compares it with profiles.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    NORMALIZER_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    normalizer: _builtins.str
+    """"email", "phone", "trim", "lower" or "digits" (identity's normalizer names)."""
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        normalizer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["normalizer", b"normalizer", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuppressionNormalizer: _TypeAlias = SuppressionNormalizer  # noqa: Y015
+
+@_typing.final
+class SuppressIdentifiersRequest(_message.Message):
+    """Identifiers of an erased person."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTIFIERS_FIELD_NUMBER: _builtins.int
+    NORMALIZERS_FIELD_NUMBER: _builtins.int
+    DEFAULT_REGION_FIELD_NUMBER: _builtins.int
+    ERASURE_REQUEST_FIELD_NUMBER: _builtins.int
+    default_region: _builtins.str
+    erasure_request: _builtins.str
+    """The erasure request, for the audit trail ("erasureRequests/{id}")."""
+    @_builtins.property
+    def identifiers(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Identifier]:
+        """Normalized values (at most 1000)."""
+
+    @_builtins.property
+    def normalizers(self) -> _containers.RepeatedCompositeFieldContainer[Global___SuppressionNormalizer]:
+        """The tenant's identity rules when the person was erased: how to normalize each type, and
+        the region national phone numbers are read in.
+        """
+
+    def __init__(
+        self,
+        *,
+        identifiers: _abc.Iterable[_event_pb2.Identifier] | None = ...,
+        normalizers: _abc.Iterable[Global___SuppressionNormalizer] | None = ...,
+        default_region: _builtins.str = ...,
+        erasure_request: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_region", b"default_region", "erasure_request", b"erasure_request", "identifiers", b"identifiers", "normalizers", b"normalizers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuppressIdentifiersRequest: _TypeAlias = SuppressIdentifiersRequest  # noqa: Y015
+
+@_typing.final
+class SuppressIdentifiersResponse(_message.Message):
+    """The suppression list grew by this many entries (0 when they were all there already)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADDED_COUNT_FIELD_NUMBER: _builtins.int
+    added_count: _builtins.int
+    def __init__(
+        self,
+        *,
+        added_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added_count", b"added_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SuppressIdentifiersResponse: _TypeAlias = SuppressIdentifiersResponse  # noqa: Y015
+
+@_typing.final
+class PurgeEventsRequest(_message.Message):
+    """Events to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_IDS_FIELD_NUMBER: _builtins.int
+    ERASURE_REQUEST_FIELD_NUMBER: _builtins.int
+    erasure_request: _builtins.str
+    @_builtins.property
+    def event_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Server-assigned event ids (at most 1000)."""
+
+    def __init__(
+        self,
+        *,
+        event_ids: _abc.Iterable[_builtins.str] | None = ...,
+        erasure_request: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["erasure_request", b"erasure_request", "event_ids", b"event_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeEventsRequest: _TypeAlias = PurgeEventsRequest  # noqa: Y015
+
+@_typing.final
+class PurgeEventsResponse(_message.Message):
+    """How many events were deleted now (0 on a retry)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PURGED_COUNT_FIELD_NUMBER: _builtins.int
+    purged_count: _builtins.int
+    def __init__(
+        self,
+        *,
+        purged_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["purged_count", b"purged_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PurgeEventsResponse: _TypeAlias = PurgeEventsResponse  # noqa: Y015

@@ -52,6 +52,16 @@ class IngestServiceStub:
                 request_serializer=tessera_dot_v1_dot_ingest__pb2.ListEventsRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_ingest__pb2.ListEventsResponse.FromString,
                 _registered_method=True)
+        self.SuppressIdentifiers = channel.unary_unary(
+                '/tessera.v1.IngestService/SuppressIdentifiers',
+                request_serializer=tessera_dot_v1_dot_ingest__pb2.SuppressIdentifiersRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_ingest__pb2.SuppressIdentifiersResponse.FromString,
+                _registered_method=True)
+        self.PurgeEvents = channel.unary_unary(
+                '/tessera.v1.IngestService/PurgeEvents',
+                request_serializer=tessera_dot_v1_dot_ingest__pb2.PurgeEventsRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_ingest__pb2.PurgeEventsResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -83,6 +93,22 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SuppressIdentifiers(self, request, context):
+        """Right to erasure, ingest's part: puts normalized identifiers on the tenant's suppression
+        list, so later events carrying any of them are dropped before storage (SUPPRESSED) and
+        counted. Idempotent. The profile service's ErasePerson calls it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PurgeEvents(self, request, context):
+        """Right to erasure: deletes these events from the event log. Idempotent (at most 1000 ids).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +126,16 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.ListEvents,
                     request_deserializer=tessera_dot_v1_dot_ingest__pb2.ListEventsRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_ingest__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'SuppressIdentifiers': grpc.unary_unary_rpc_method_handler(
+                    servicer.SuppressIdentifiers,
+                    request_deserializer=tessera_dot_v1_dot_ingest__pb2.SuppressIdentifiersRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_ingest__pb2.SuppressIdentifiersResponse.SerializeToString,
+            ),
+            'PurgeEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.PurgeEvents,
+                    request_deserializer=tessera_dot_v1_dot_ingest__pb2.PurgeEventsRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_ingest__pb2.PurgeEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -186,6 +222,60 @@ class IngestService:
             '/tessera.v1.IngestService/ListEvents',
             tessera_dot_v1_dot_ingest__pb2.ListEventsRequest.SerializeToString,
             tessera_dot_v1_dot_ingest__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SuppressIdentifiers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.IngestService/SuppressIdentifiers',
+            tessera_dot_v1_dot_ingest__pb2.SuppressIdentifiersRequest.SerializeToString,
+            tessera_dot_v1_dot_ingest__pb2.SuppressIdentifiersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PurgeEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.IngestService/PurgeEvents',
+            tessera_dot_v1_dot_ingest__pb2.PurgeEventsRequest.SerializeToString,
+            tessera_dot_v1_dot_ingest__pb2.PurgeEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,13 @@ class IngestServiceStub:
     """Reads back the caller's stored events, newest first (AIP-158 pagination): the
     answer to "did my event arrive, and what did the server make of it?".
     """
+    SuppressIdentifiers: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.SuppressIdentifiersRequest, _ingest_pb2.SuppressIdentifiersResponse]
+    """Right to erasure, ingest's part: puts normalized identifiers on the tenant's suppression
+    list, so later events carrying any of them are dropped before storage (SUPPRESSED) and
+    counted. Idempotent. The profile service's ErasePerson calls it.
+    """
+    PurgeEvents: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.PurgeEventsRequest, _ingest_pb2.PurgeEventsResponse]
+    """Right to erasure: deletes these events from the event log. Idempotent (at most 1000 ids)."""
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -65,6 +72,13 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """Reads back the caller's stored events, newest first (AIP-158 pagination): the
     answer to "did my event arrive, and what did the server make of it?".
     """
+    SuppressIdentifiers: _aio.UnaryUnaryMultiCallable[_ingest_pb2.SuppressIdentifiersRequest, _ingest_pb2.SuppressIdentifiersResponse]  # type: ignore[assignment]
+    """Right to erasure, ingest's part: puts normalized identifiers on the tenant's suppression
+    list, so later events carrying any of them are dropped before storage (SUPPRESSED) and
+    counted. Idempotent. The profile service's ErasePerson calls it.
+    """
+    PurgeEvents: _aio.UnaryUnaryMultiCallable[_ingest_pb2.PurgeEventsRequest, _ingest_pb2.PurgeEventsResponse]  # type: ignore[assignment]
+    """Right to erasure: deletes these events from the event log. Idempotent (at most 1000 ids)."""
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accepts touchpoint events from every channel. An event is acknowledged only after
@@ -99,5 +113,24 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         """Reads back the caller's stored events, newest first (AIP-158 pagination): the
         answer to "did my event arrive, and what did the server make of it?".
         """
+
+    @_abc_1.abstractmethod
+    def SuppressIdentifiers(
+        self,
+        request: _ingest_pb2.SuppressIdentifiersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.SuppressIdentifiersResponse, _abc.Awaitable[_ingest_pb2.SuppressIdentifiersResponse]]:
+        """Right to erasure, ingest's part: puts normalized identifiers on the tenant's suppression
+        list, so later events carrying any of them are dropped before storage (SUPPRESSED) and
+        counted. Idempotent. The profile service's ErasePerson calls it.
+        """
+
+    @_abc_1.abstractmethod
+    def PurgeEvents(
+        self,
+        request: _ingest_pb2.PurgeEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.PurgeEventsResponse, _abc.Awaitable[_ingest_pb2.PurgeEventsResponse]]:
+        """Right to erasure: deletes these events from the event log. Idempotent (at most 1000 ids)."""
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

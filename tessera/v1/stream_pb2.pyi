@@ -104,6 +104,7 @@ class ResolvedEventEnvelope(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
     EVENT_FIELD_NUMBER: _builtins.int
+    IDENTIFIERS_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     traceparent: _builtins.str
     @_builtins.property
@@ -112,16 +113,24 @@ class ResolvedEventEnvelope(_message.Message):
         could link one (all blocked, invalid or of unconfigured types).
         """
 
+    @_builtins.property
+    def identifiers(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Identifier]:
+        """The identifiers identity linked to that profile for this event, normalized (merge
+        protection and blocked values already applied), so downstream services can look a
+        customer up by identifier without asking identity.
+        """
+
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         traceparent: _builtins.str = ...,
         event: _event_pb2.Event | None = ...,
+        identifiers: _abc.Iterable[_event_pb2.Identifier] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "tenant_id", b"tenant_id", "traceparent", b"traceparent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "identifiers", b"identifiers", "tenant_id", b"tenant_id", "traceparent", b"traceparent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -142,6 +151,7 @@ class ProfileChange(_message.Message):
     MOVED_EVENT_IDS_FIELD_NUMBER: _builtins.int
     ERASED_PROFILE_IDS_FIELD_NUMBER: _builtins.int
     CHANGE_TIME_FIELD_NUMBER: _builtins.int
+    MOVED_IDENTIFIERS_FIELD_NUMBER: _builtins.int
     kind: Global___ProfileChangeKind.ValueType
     profile_id: _builtins.str
     """The profile created, the survivor of a merge, the profile split from, or the one erased."""
@@ -161,6 +171,10 @@ class ProfileChange(_message.Message):
 
     @_builtins.property
     def change_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def moved_identifiers(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Identifier]:
+        """SPLIT: the identifiers now on the new profile (normalized)."""
+
     def __init__(
         self,
         *,
@@ -173,10 +187,11 @@ class ProfileChange(_message.Message):
         moved_event_ids: _abc.Iterable[_builtins.str] | None = ...,
         erased_profile_ids: _abc.Iterable[_builtins.str] | None = ...,
         change_time: _timestamp_pb2.Timestamp | None = ...,
+        moved_identifiers: _abc.Iterable[_event_pb2.Identifier] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["change_time", b"change_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["absorbed_profile_id", b"absorbed_profile_id", "change_time", b"change_time", "erased_profile_ids", b"erased_profile_ids", "event_id", b"event_id", "kind", b"kind", "merge_id", b"merge_id", "moved_event_ids", b"moved_event_ids", "new_profile_id", b"new_profile_id", "profile_id", b"profile_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["absorbed_profile_id", b"absorbed_profile_id", "change_time", b"change_time", "erased_profile_ids", b"erased_profile_ids", "event_id", b"event_id", "kind", b"kind", "merge_id", b"merge_id", "moved_event_ids", b"moved_event_ids", "moved_identifiers", b"moved_identifiers", "new_profile_id", b"new_profile_id", "profile_id", b"profile_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,7 +5,8 @@
 - With limits in play, no identifier has two owners, no profile breaks a limit, and every event
   stays attributed to a live profile that holds one of its identifiers.
 - kill -9 of a worker in the middle of a batch: the survivor reclaims its messages with
-  XAUTOCLAIM and finishes, with nothing lost or applied twice.
+  XAUTOCLAIM and finishes, with nothing lost or applied twice: one merge fact per profile merged
+  away, and the distinct merge changes published are exactly the facts recorded.
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from services.core import streams
 from services.core.bus import Bus
 from services.core.harness import ServiceProcess, free_port, spawn_service, wait_health
 from services.core.settings import Settings
+from services.core.streams import CREATED, MERGED
 from services.identity.stitching import Key, components, partition
 from services.identity.storage import IdentityStore
-from tessera.v1 import event_pb2
+from tessera.v1 import event_pb2, identity_pb2
 from tests.conftest import make_tenant
-from tests.support.identity import linked_count, wait_linked
+from tests.support.identity import linked_count, wait_linked, wait_outbox_drained
 from tests.support.streams import entries, publish_events
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -209,11 +211,57 @@ def test_limits_hold_and_attribution_survives_with_several_workers(
     check_invariants(engine, tenant_id, ids, events, {"user_id": 1, "device_id": 2, "anonymous_id": 3})
 
 
+def check_nothing_doubled(engine: Engine, redis_client: Any, bus: Bus, tenant_id: str, event_ids: set[str]) -> None:
+    """What a crash and a redelivery could double: merge facts and the changes announcing them.
+
+    Each fact absorbs a profile that is merged away ever after, so one fact per merged-away profile
+    and none for another; an event of the mix carries at most two identifiers, so it causes at most
+    one merge. A change may go out twice (the outbox publishes, then commits its delete; consumers
+    dedupe), but the distinct ones are exactly the facts recorded and the profiles created."""
+    with engine.connect() as conn:
+        facts = conn.execute(
+            sa.text(
+                "SELECT merge_id, kind, survivor_id::text, absorbed_id::text, event_id FROM identity.merges "
+                "WHERE tenant_id = :t"
+            ),
+            {"t": tenant_id},
+        ).all()
+        profiles: dict[str, str | None] = {
+            p: into
+            for p, into in conn.execute(
+                sa.text("SELECT profile_id::text, merged_into::text FROM identity.profiles WHERE tenant_id = :t"),
+                {"t": tenant_id},
+            )
+        }
+    merged_away = {p for p, into in profiles.items() if into is not None}
+    assert facts, "the mix merged nothing: nothing to double"
+    assert {kind for _, kind, _, _, _ in facts} == {identity_pb2.MERGE_KIND_DETERMINISTIC}
+    absorbed = [a for _, _, _, a, _ in facts]
+    assert len(absorbed) == len(set(absorbed)), "two merge facts absorb the same profile"
+    assert set(absorbed) == merged_away
+    causes = [e for _, _, _, _, e in facts]
+    assert len(causes) == len(set(causes)) and set(causes) <= event_ids, "an event caused two merge facts"
+    assert all(s in profiles for _, _, s, _, _ in facts)
+
+    changes = [env.change for _, env in entries(redis_client, bus, tenant_id, streams.CHANGES)]
+    merged = {(c.kind, c.profile_id, c.absorbed_profile_id, c.merge_id) for c in changes if c.kind == MERGED}
+    assert merged == {(MERGED, s, a, m) for m, _, s, a, _ in facts}
+    assert {c.profile_id for c in changes if c.kind == CREATED} == set(profiles)
+    assert {c.kind for c in changes} == {CREATED, MERGED}
+
+
 def test_kill_9_mid_batch_the_survivor_finishes_with_nothing_lost_or_doubled(
     settings: Settings, engine: Engine, redis_client: Any, tmp_path: Path
 ) -> None:
     procs = start_workers(
-        settings, 2, tmp_path, TESSERA_CONSUMER_BATCH_SIZE="50", TESSERA_CONSUMER_CLAIM_IDLE_MS="1000"
+        settings,
+        2,
+        tmp_path,
+        TESSERA_CONSUMER_BATCH_SIZE="50",
+        TESSERA_CONSUMER_CLAIM_IDLE_MS="1000",
+        # The survivor sweeps what the dead worker committed and never published, soon.
+        TESSERA_OUTBOX_GRACE_SECONDS="0.5",
+        TESSERA_OUTBOX_SWEEP_SECONDS="0.2",
     )
     try:
         tenant = make_tenant(engine, "kill")
@@ -234,13 +282,13 @@ def test_kill_9_mid_batch_the_survivor_finishes_with_nothing_lost_or_doubled(
         procs[0].wait(5)
         assert linked_count(engine, tenant.tenant_id) < len(ids), "the kill came too late to test anything"
         wait_linked(engine, tenant.tenant_id, len(ids), timeout=90)
-        time.sleep(0.5)
-        assert linked_count(engine, tenant.tenant_id) == len(ids)
+        wait_outbox_drained(engine, tenant.tenant_id, timeout=30)
         owners = check_invariants(engine, tenant.tenant_id, ids, events, dict.fromkeys(TYPES, 1000))
         assert partition(owners) == components(events)
         # Downstream got every event at least once (a redelivery may repeat one; consumers dedupe).
         resolved = {env.event.event_id for _, env in entries(redis_client, bus, tenant.tenant_id, streams.RESOLVED)}
         assert resolved == set(ids)
+        check_nothing_doubled(engine, redis_client, bus, tenant.tenant_id, set(ids))
         assert procs[1].poll() is None
     finally:
         stop_workers(procs)

@@ -1,14 +1,17 @@
 """Tenant isolation of IdentityService, on real PostgreSQL and Redis, fuzzed over every RPC.
 
 Tenant A ingests events through the public ingest API until it has profiles, identifiers,
-deterministic, manual and unmerge records and its own rules (a custom type, region GB). Tenant B
-has a little data of its own, including an email that A has too. Then B calls every RPC with
-requests built from A's secrets (A's profile ids, live and merged away, in several spellings, A's
-identifiers, A's page token, A's match suggestion where the schema has them), mixed with B's own
-ids, random ids and garbage. Every answer must:
+deterministic, manual and unmerge records, a match suggestion and its own rules (a custom type,
+region GB). Tenant B has a little data of its own, including an email that A has too. Then B calls
+every RPC with requests built from A's secrets (A's profile ids, live and merged away, in several
+spellings, A's identifiers, A's page token, A's match suggestion), mixed with B's own ids, random
+ids and garbage. Every answer must:
 
-- be what a small model of B's own data predicts (NOT_FOUND for A's ids and identifiers,
-  INVALID_ARGUMENT only for input B's rules reject, never PERMISSION_DENIED);
+- be the one answer the API documents for that request, as a small model of B's own data predicts
+  it: OK, NOT_FOUND (A's ids and identifiers are NOT_FOUND, never PERMISSION_DENIED),
+  INVALID_ARGUMENT with a BadRequest naming only the malformed fields (at least one of them), or
+  FAILED_PRECONDITION where documented (a merge that breaks a limit names the rule). INTERNAL,
+  UNKNOWN, UNIMPLEMENTED and PERMISSION_DENIED are never an answer;
 - carry no id, event, identifier or merge of A that B did not send itself;
 - be the same, code and message, as for a "twin" request in which every secret of A is replaced
   by a look-alike that exists nowhere: so nothing B can observe depends on whether A has the id.
@@ -20,8 +23,10 @@ model is re-read from PostgreSQL before every call, and a failure message names 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -38,11 +43,12 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
+from services.core.identity_rules import DEFAULT_RULES, IdentityRules, validate_rules
 from services.core.server import RunningServer
-from services.identity.rules import DEFAULT_RULES, IdentityRules, validate_rules
 from services.identity.rules_store import TenantRules, to_proto
 from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc, ingest_pb2_grpc
 from tests.conftest import TenantKey, make_tenant
+from tests.support.grpc_errors import bad_request, precondition_failures
 from tests.support.identity import event_profile, person_event, send, wait_linked
 
 T = TypeVar("T")
@@ -176,7 +182,7 @@ class World:
     a_merged: list[str]
     a_secrets: set[str]  # lower-case strings of A that B must never be shown
     a_merge_names: set[str]
-    a_suggestions: list[str]  # "matchSuggestions/{id}" of A, when the schema has suggestions
+    a_suggestions: list[str]  # "matchSuggestions/{id}" of A
     a_page_token: str
     a_token_position: int  # the merge id A's page token continues before
     a_rules: identity_pb2.IdentityRules
@@ -196,6 +202,7 @@ class BState:
     merge_ids: list[int]  # newest first
     events: set[str]
     rules: IdentityRules
+    suggestions: list[tuple[int, int, float]]  # (suggestion id, state, score)
 
     @property
     def ids(self) -> set[str]:
@@ -228,6 +235,17 @@ class BState:
     def keys_of(self, pid: str) -> set[tuple[str, str]]:
         return {k for k, p in self.owner.items() if p == pid}
 
+    def broken_limits(self, survivor: str, absorbed: str) -> frozenset[str]:
+        """The identifier types of which the merged profile would hold more values than the rules
+        allow (max_per_profile; a profile already over a since-lowered limit may keep what it has)."""
+        per = [Counter(t for t, _ in self.keys_of(p)) for p in (survivor, absorbed)]
+        broken = set()
+        for t, n in (per[0] + per[1]).items():
+            rule = self.rules.types.get(t)
+            if n > max(rule.max_per_profile if rule else 0, per[0][t], per[1][t]):
+                broken.add(t)
+        return frozenset(broken)
+
 
 def load_b(w: World) -> BState:
     t = {"t": w.b.tenant_id}
@@ -247,12 +265,16 @@ def load_b(w: World) -> BState:
         ).scalars()
         events = conn.execute(sa.text("SELECT event_id FROM identity.event_links WHERE tenant_id = :t"), t).scalars()
         spec = conn.execute(sa.text("SELECT spec FROM identity.rules WHERE tenant_id = :t"), t).scalar()
+        suggestions = conn.execute(
+            sa.text("SELECT suggestion_id, state, score FROM identity.match_suggestions WHERE tenant_id = :t"), t
+        ).all()
         return BState(
             survivor={p: s for p, s in survivor},
             owner={(ty, v): p for ty, v, p in owner},
             merge_ids=[int(m) for m in merges],
             events={str(e) for e in events},
             rules=DEFAULT_RULES if spec is None else validate_rules(spec),
+            suggestions=[(int(i), int(state), float(score)) for i, state, score in suggestions],
         )
 
 
@@ -307,11 +329,9 @@ def assert_a_unchanged(w: World) -> None:
 
 
 def seed_suggestion(engine: Engine, tenant: TenantKey, profile_a: str, profile_b: str) -> list[str]:
-    """An open match suggestion of the tenant, once the schema has them (written directly: what
-    matters here is that A has one, not how the matcher scores)."""
+    """An open match suggestion of the tenant (written directly: what matters here is that A has
+    one, not how the matcher scores)."""
     with engine.begin() as conn:
-        if conn.execute(sa.text("SELECT to_regclass('identity.match_suggestions')")).scalar() is None:
-            return []
         sid = conn.execute(
             sa.text(
                 "INSERT INTO identity.match_suggestions (tenant_id, profile_a, profile_b, score) "
@@ -431,18 +451,44 @@ def world(
 # Calls: a request built from Toks, and what B's own data says the answer must be.
 
 
-@dataclass
+@dataclass(frozen=True)
 class Expect:
+    """The answer the API documents for a call, given B's data before it."""
+
     codes: frozenset[grpc.StatusCode]
     # Checks of an OK response against B's data before the call.
     check: Callable[[Any], None] | None = None
+    # INVALID_ARGUMENT: the malformed request fields. The BadRequest must name at least one field
+    # violation, and every one it names must be (inside) one of these.
+    fields: frozenset[str] = frozenset()
+    # FAILED_PRECONDITION naming a rule: the PreconditionFailure subjects it may name.
+    subjects: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        assert self.codes and self.codes <= DOCUMENTED, f"an oracle accepting {self.codes}"
+        assert (Code.INVALID_ARGUMENT in self.codes) == bool(self.fields), "INVALID_ARGUMENT names its fields"
+        assert not self.subjects or Code.FAILED_PRECONDITION in self.codes
 
 
-ANY_BUT_DENIED = frozenset(c for c in Code if c is not Code.PERMISSION_DENIED)
+# Every answer an IdentityService RPC documents for a tenant with valid credentials. Nothing else
+# is ever accepted: INTERNAL, UNKNOWN, UNIMPLEMENTED (every RPC has shipped), PERMISSION_DENIED...
+DOCUMENTED = frozenset({Code.OK, Code.NOT_FOUND, Code.INVALID_ARGUMENT, Code.FAILED_PRECONDITION})
+NEVER = frozenset({Code.INTERNAL, Code.UNKNOWN, Code.UNIMPLEMENTED, Code.PERMISSION_DENIED})
 
 
 def only(*codes: grpc.StatusCode, check: Callable[[Any], None] | None = None) -> Expect:
     return Expect(frozenset(codes), check)
+
+
+def invalid(*fields: str) -> Expect:
+    """INVALID_ARGUMENT, with a BadRequest naming (some of) these request fields."""
+    return Expect(frozenset({Code.INVALID_ARGUMENT}), fields=frozenset(fields))
+
+
+def names_field(path: str, fields: frozenset[str]) -> bool:
+    """Whether a field violation's path is one of ``fields`` or inside one ("identifiers[1].value"
+    is inside "identifiers[1]", "rules.types[crm_id].normalizer" inside "rules.types")."""
+    return any(path == f or path.startswith((f"{f}.", f"{f}[")) for f in fields)
 
 
 @dataclass
@@ -460,13 +506,18 @@ def ident_proto(arg: IdentArg, pick: Pick) -> event_pb2.Identifier:
     return Ident(type=arg[0], value=pick(arg[1]))
 
 
+def bad_idents(b: BState, idents: Sequence[IdentArg], field: str = "identifiers") -> list[str]:
+    """The request fields of the identifiers B's rules reject (unknown type, invalid or blocked)."""
+    return [f"{field}[{i}]" for i, (t, v) in enumerate(idents) if b.ident(t, v.real)[0] == "invalid"]
+
+
 def resolve_call(idents: Sequence[IdentArg]) -> Call:
     def expect(b: BState) -> Expect:
         if not idents:
-            return only(Code.INVALID_ARGUMENT)
+            return invalid("identifiers")
+        if bad := bad_idents(b, idents):
+            return invalid(*bad)
         looked = [b.ident(t, v.real) for t, v in idents]
-        if any(s == "invalid" for s, _ in looked):
-            return only(Code.INVALID_ARGUMENT)
         owners = {b.owner[k] for s, k in looked if s == "ok" and k is not None}
         if not owners:
             return only(Code.NOT_FOUND)
@@ -488,7 +539,7 @@ def graph_call(ref: Tok) -> Call:
     def expect(b: BState) -> Expect:
         status, final = b.profile(ref.real)
         if status == "invalid":
-            return only(Code.INVALID_ARGUMENT)
+            return invalid("name")
         if final is None:
             return only(Code.NOT_FOUND)
 
@@ -519,18 +570,27 @@ def explain_call(side_a: Side, side_b: Side) -> Call:
                 getattr(req, f"identifier_{name}").CopyFrom(ident_proto(side, pick))
         return req
 
+    def malformed(b: BState, name: str, side: Side) -> list[str]:
+        """The request fields of one side (the oneof ``name``) that are malformed."""
+        if side is None:  # the oneof is unset: naming either of its fields names it
+            return [f"identifier_{name}", f"profile_{name}"]
+        if isinstance(side, Tok):
+            return [f"profile_{name}"] if b.profile(side.real)[0] == "invalid" else []
+        return [f"identifier_{name}"] if b.ident(side[0], side[1].real)[0] == "invalid" else []
+
     def expect(b: BState) -> Expect:
+        # Side a is located before side b is looked at: a NOT_FOUND side a decides, whatever b is.
+        bad = malformed(b, "a", side_a) + malformed(b, "b", side_b)
         owners: list[str] = []
-        for side in (side_a, side_b):
-            if side is None:
-                return only(Code.INVALID_ARGUMENT)
+        for name, side in (("a", side_a), ("b", side_b)):
+            if malformed(b, name, side):
+                return invalid(*bad)
             if isinstance(side, Tok):
-                status, final = b.profile(side.real)
+                final = b.profile(side.real)[1]
             else:
-                status, key = b.ident(side[0], side[1].real)
+                assert side is not None
+                key = b.ident(side[0], side[1].real)[1]
                 final = b.owner.get(key) if key is not None else None
-            if status == "invalid":
-                return only(Code.INVALID_ARGUMENT)
             if final is None:
                 return only(Code.NOT_FOUND)
             owners.append(final)
@@ -550,17 +610,30 @@ def reason_error(reason: str) -> bool:
 def merge_call(survivor: Tok, absorbed: Tok, reason: str) -> Call:
     def expect(b: BState) -> Expect:
         (s_status, s_final), (a_status, a_final) = b.profile(survivor.real), b.profile(absorbed.real)
-        if "invalid" in (s_status, a_status) or reason_error(reason):
-            return only(Code.INVALID_ARGUMENT)
+        bad = [
+            name
+            for name, wrong in (
+                ("survivor_profile", s_status == "invalid"),
+                ("absorbed_profile", a_status == "invalid"),
+                ("reason", reason_error(reason)),
+            )
+            if wrong
+        ]
+        if bad:
+            return invalid(*bad)
         if s_final is None or a_final is None:
             return only(Code.NOT_FOUND)
         if s_final == a_final:
-            return only(Code.FAILED_PRECONDITION)
+            return only(Code.FAILED_PRECONDITION)  # already one customer
+        if broken := b.broken_limits(s_final, a_final):
+            # Documented: FAILED_PRECONDITION naming the rule (a type's max_per_profile) it would break.
+            subjects = frozenset(f"identityRules/types/{t}" for t in broken)
+            return Expect(frozenset({Code.FAILED_PRECONDITION}), subjects=subjects)
 
         def check(resp: identity_pb2.MergeProfilesResponse) -> None:
             assert (resp.merge.survivor_profile_id, resp.merge.absorbed_profile_id) == (s_final, a_final)
 
-        return only(Code.OK, Code.FAILED_PRECONDITION, check=check)
+        return only(Code.OK, check=check)
 
     return Call(
         "MergeProfiles",
@@ -578,8 +651,9 @@ def erase_call(ref: Tok, reason: str) -> Call:
 
     def expect(b: BState) -> Expect:
         status, final = b.profile(ref.real)
-        if status == "invalid" or reason_error(reason):
-            return only(Code.INVALID_ARGUMENT)
+        bad = [name for name, wrong in (("name", status == "invalid"), ("reason", reason_error(reason))) if wrong]
+        if bad:
+            return invalid(*bad)
         assert final is None, "the fuzz must not erase B's own profiles"
         return only(Code.NOT_FOUND)
 
@@ -594,17 +668,26 @@ def erase_call(ref: Tok, reason: str) -> Call:
 def unmerge_call(ref: Tok, idents: Sequence[IdentArg], reason: str) -> Call:
     def expect(b: BState) -> Expect:
         status, final = b.profile(ref.real)
-        looked = [b.ident(t, v.real) for t, v in idents]
-        if status == "invalid" or not idents or reason_error(reason) or any(s == "invalid" for s, _ in looked):
-            return only(Code.INVALID_ARGUMENT)
+        bad = [
+            name
+            for name, wrong in (
+                ("profile", status == "invalid"),
+                ("identifiers", not idents),
+                ("reason", reason_error(reason)),
+            )
+            if wrong
+        ] + bad_idents(b, idents)
+        if bad:
+            return invalid(*bad)
         if final is None:
             return only(Code.NOT_FOUND)
-        keys = {k for _, k in looked if k is not None}
-        if any(b.owner.get(k) != final for k in keys):
-            # NOT_ON_PROFILE: the same answer for A's identifier as for one nobody has (see the twin).
-            return only(Code.INVALID_ARGUMENT)
+        looked = [b.ident(t, v.real)[1] for t, v in idents]
+        if elsewhere := [f"identifiers[{i}]" for i, k in enumerate(looked) if k is None or b.owner.get(k) != final]:
+            # Not on this profile: the same answer for A's identifier as for one nobody has (see the twin).
+            return invalid(*elsewhere)
+        keys = {k for k in looked if k is not None}
         if keys == b.keys_of(final):
-            return only(Code.FAILED_PRECONDITION)
+            return only(Code.FAILED_PRECONDITION)  # a split must leave an identifier behind
 
         def check(resp: identity_pb2.UnmergeProfileResponse) -> None:
             assert resp.merge.survivor_profile_id == final
@@ -622,22 +705,25 @@ def unmerge_call(ref: Tok, idents: Sequence[IdentArg], reason: str) -> Call:
     )
 
 
+def page_errors(page_size: int, token: str) -> list[str]:
+    """A negative page size; a page token at all: the fuzz only sends forged ones and A's, and a
+    token is bound to the tenant and query it was issued for (AIP-158)."""
+    return (["page_size"] if page_size < 0 else []) + (["page_token"] if token else [])
+
+
 def list_merges_call(w: World, page_size: int, token: str, ref: Tok | None) -> Call:
     profile = ref or Tok("")
 
     def expect(b: BState) -> Expect:
-        if page_size < 0:
-            return only(Code.INVALID_ARGUMENT)
-        if token:
-            # Forged, or A's: a page token is bound to the tenant (and filters) it was issued for.
-            return only(Code.INVALID_ARGUMENT)
         final: str | None = None
+        status = "ok"
         if profile.real:
             status, final = b.profile(profile.real)
-            if status == "invalid":
-                return only(Code.INVALID_ARGUMENT)
-            if final is None:
-                return only(Code.NOT_FOUND)
+        bad = page_errors(page_size, token) + (["profile"] if status == "invalid" else [])
+        if bad:
+            return invalid(*bad)
+        if profile.real and final is None:
+            return only(Code.NOT_FOUND)
         size = min(page_size or 50, 1000)
 
         def check(resp: identity_pb2.ListMergesResponse) -> None:
@@ -692,19 +778,19 @@ def rules_updates(w: World) -> dict[str, tuple[identity_pb2.UpdateIdentityRulesR
             req(rules=rules(blocked_values=["bravo-placeholder"]), update_mask=mask(paths=["blocked_values"])),
             only(Code.OK),
         ),
-        "bad normalizer": (req(rules=bad_types, update_mask=mask(paths=["types"])), only(Code.INVALID_ARGUMENT)),
+        "bad normalizer": (req(rules=bad_types, update_mask=mask(paths=["types"])), invalid("rules.types")),
         "bad mask": (
             req(rules=rules(default_region="GB"), update_mask=mask(paths=["tenant_id"])),
-            only(Code.INVALID_ARGUMENT),
+            invalid("update_mask.paths"),
         ),
-        "no rules": (req(), only(Code.INVALID_ARGUMENT)),
+        "no rules": (req(), invalid("rules")),
+        # Probabilistic matching has shipped: B may switch it on (its thresholds stay valid).
         "probabilistic": (
             req(
                 rules=rules(probabilistic=identity_pb2.ProbabilisticMatching(enabled=True)),
                 update_mask=mask(paths=["probabilistic.enabled"]),
             ),
-            # Not available in this release; allowed once probabilistic matching ships.
-            only(Code.FAILED_PRECONDITION, Code.OK),
+            only(Code.OK),
         ),
     }
 
@@ -717,13 +803,29 @@ def update_rules_call(w: World, which: str) -> Call:
             w.b_rules = resp.rules
             if request.rules.default_region:
                 assert resp.rules.default_region == request.rules.default_region
+            if request.rules.probabilistic.enabled:
+                assert resp.rules.probabilistic.enabled
 
-        return Expect(answer.codes, check)
+        return dataclasses.replace(answer, check=check)
 
     return Call("UpdateIdentityRules", lambda pick: request, [], expect)
 
 
 def suggestions_call(page_size: int, token: str, state: int) -> Call:
+    def expect(b: BState) -> Expect:
+        if bad := page_errors(page_size, token):
+            return invalid(*bad)
+        size = min(page_size or 50, 1000)
+        wanted = state or identity_pb2.MATCH_SUGGESTION_STATE_OPEN  # default open
+
+        def check(resp: identity_pb2.ListMatchSuggestionsResponse) -> None:
+            # Exactly B's suggestions in that state (none, so far), highest score first.
+            mine = sorted((-score, i) for i, st_, score in b.suggestions if st_ == wanted)
+            assert [s.name for s in resp.suggestions] == [f"matchSuggestions/{i}" for _, i in mine][:size]
+            assert all(s.state == wanted for s in resp.suggestions)
+
+        return only(Code.OK, check=check)
+
     return Call(
         "ListMatchSuggestions",
         lambda pick: identity_pb2.ListMatchSuggestionsRequest(
@@ -732,18 +834,27 @@ def suggestions_call(page_size: int, token: str, state: int) -> Call:
             state=state,  # type: ignore[arg-type]
         ),
         [],
-        lambda b: Expect(ANY_BUT_DENIED),
+        expect,
     )
 
 
 def review_call(name: Tok, accept: bool, reason: str) -> Call:
-    # B has no suggestions: whatever the name, nothing to review (UNIMPLEMENTED until it ships).
-    codes = frozenset({Code.NOT_FOUND, Code.INVALID_ARGUMENT, Code.UNIMPLEMENTED})
+    def expect(b: BState) -> Expect:
+        raw = name.real.removeprefix("matchSuggestions/")
+        well_formed = name.real.startswith("matchSuggestions/") and raw.isascii() and raw.isdigit()
+        # An empty reason is allowed here (a rejection needs none); a too long one is not.
+        bad = [n for n, wrong in (("name", not well_formed), ("reason", len(reason.strip()) > 1000)) if wrong]
+        if bad:
+            return invalid(*bad)
+        # B has no suggestions: whatever the id (A's, or nobody's), there is nothing to review.
+        assert int(raw) not in {i for i, _, _ in b.suggestions}, "the fuzz must not review B's own suggestions"
+        return only(Code.NOT_FOUND)
+
     return Call(
         "ReviewMatchSuggestion",
         lambda pick: identity_pb2.ReviewMatchSuggestionRequest(name=pick(name), accept=accept, reason=reason),
         [name],
-        lambda b: Expect(codes),
+        expect,
     )
 
 
@@ -761,6 +872,8 @@ class Outcome:
     code: grpc.StatusCode
     response: Any
     text: str
+    violations: tuple[tuple[str, str], ...] = ()  # BadRequest (field, description)
+    preconditions: tuple[tuple[str, str], ...] = ()  # PreconditionFailure (type, subject)
 
 
 DETAIL_TYPES = (
@@ -788,8 +901,20 @@ def invoke(stub: Stub, rpc: str, request: Message, metadata: Sequence[tuple[str,
                     break
             else:
                 text += f"\n{detail.type_url} {detail.value!r}"
-        return Outcome(err.code(), None, text)
+        # Without rich details there are no violations: run then names the call that lacks them.
+        violations = tuple(bad_request(err)) if status is not None else ()
+        preconditions = tuple(precondition_failures(err)) if status is not None else ()
+        return Outcome(err.code(), None, text, violations, preconditions)
     return Outcome(Code.OK, resp, text_format.MessageToString(resp, as_utf8=True))
+
+
+def identifiers_in(request: Message) -> list[event_pb2.Identifier]:
+    """Every identifier a request carries."""
+    out: list[event_pb2.Identifier] = []
+    for fd, value in request.ListFields():
+        if fd.message_type is event_pb2.Identifier.DESCRIPTOR:
+            out.extend(value if fd.is_repeated else [value])
+    return out
 
 
 def merges_in(resp: Any) -> list[identity_pb2.Merge]:
@@ -829,9 +954,18 @@ def run(w: World, call: Call, *, want: grpc.StatusCode | None = None) -> Outcome
     out = invoke(w.stub, call.rpc, request, w.b.metadata)
     what = f"{call!r} -> {out.text}"
     assert out.code is not Code.PERMISSION_DENIED, f"PERMISSION_DENIED leaks existence: {what}"
+    assert out.code not in NEVER, f"{out.code.name} is never a documented answer: {what}"
     assert out.code in expect.codes, f"expected {sorted(c.name for c in expect.codes)}: {what}"
     if want is not None:
         assert out.code is want, f"expected {want.name}: {what}"
+    if out.code is Code.INVALID_ARGUMENT:
+        named = [f for f, _ in out.violations]
+        assert named, f"INVALID_ARGUMENT without a field violation: {what}"
+        stray = [f for f in named if not names_field(f, expect.fields)]
+        assert not stray, f"field violations {stray}, expected only {sorted(expect.fields)}: {what}"
+    if out.code is Code.FAILED_PRECONDITION and expect.subjects:
+        subjects = {s for _, s in out.preconditions}
+        assert subjects and subjects <= expect.subjects, f"expected a violation of {sorted(expect.subjects)}: {what}"
     after = load_b(w)
 
     # Nothing of A's that B did not send itself.
@@ -839,6 +973,9 @@ def run(w: World, call: Call, *, want: grpc.StatusCode | None = None) -> Outcome
     # The server may echo an id B sent in its canonical spelling (hyphenated, lower case).
     hexes = re.findall(r"[0-9a-f]{32}", re.sub(r"[-{}]", "", sent))
     sent += " " + " ".join(str(uuid.UUID(h)) for h in hexes)
+    # ...and an identifier B sent as B's rules normalize it ("+44 20 7946 0011" -> "+442079460011").
+    normalized = (before.rules.normalize(i.type, i.value).value for i in identifiers_in(request))
+    sent += " " + " ".join(v.lower() for v in normalized if v is not None)
     shown = out.text.lower()
     leaked = {s for s in w.a_secrets if s in shown and s not in sent}
     assert not leaked, f"A's data in B's answer {leaked}: {what}"
@@ -907,9 +1044,8 @@ def draw_profile(data: st.DataObject, w: World, b: BState) -> Tok:
 
 
 def safe_text(max_size: int) -> st.SearchStrategy[str]:
-    # No NUL: PostgreSQL text cannot hold it and the service answers INTERNAL for such a value, for
-    # every tenant alike (a robustness bug, not an isolation one). Profile names are likewise never
-    # drawn as "profiles/urn:uuid:...", which Python's UUID accepts and PostgreSQL's does not.
+    # No NUL: the core guard refuses any request string holding one (INVALID_ARGUMENT naming the
+    # field) before the servicer runs, for every tenant alike; that gate has tests of its own.
     return st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=max_size)
 
 
@@ -1018,8 +1154,10 @@ def test_b_sees_its_own_rules_not_those_of_a(world: World) -> None:
     # B changing its rules, even to exactly A's, leaves A's alone, update time included.
     run(w, update_rules_call(w, "region DE"), want=Code.OK)
     run(w, update_rules_call(w, "copy of A"), want=Code.OK)
+    run(w, update_rules_call(w, "probabilistic"), want=Code.OK)
+    run(w, update_rules_call(w, "bad normalizer"), want=Code.INVALID_ARGUMENT)
     restore_b_rules(w)
-    assert w.b_rules.default_region == "US"
+    assert w.b_rules.default_region == "US" and not w.b_rules.probabilistic.enabled
     assert_a_unchanged(w)
 
 
@@ -1041,7 +1179,8 @@ def test_a_secrets_are_not_found_for_b_on_every_rpc(world: World) -> None:
     email, device, phone, loyalty, _ = (a_ident(i) for i in range(5))
     shared = (SHARED[0], Tok(SHARED[1]))
     nf, bad, ok = Code.NOT_FOUND, Code.INVALID_ARGUMENT, Code.OK
-    table: list[tuple[Call, grpc.StatusCode | None]] = [
+    assert w.a_suggestions, "A has a match suggestion"
+    table: list[tuple[Call, grpc.StatusCode]] = [
         (resolve_call([email]), nf),
         (resolve_call([a_ident(0, "upper")]), nf),
         (resolve_call([device]), nf),
@@ -1076,19 +1215,50 @@ def test_a_secrets_are_not_found_for_b_on_every_rpc(world: World) -> None:
         (list_merges_call(w, 1000, w.a_page_token, None), bad),
         (list_merges_call(w, 0, w.a_page_token, a_refs[0]), bad),
         (get_rules_call(w), ok),
-        # Not implemented yet: any answer but PERMISSION_DENIED or A's data (run checks both).
-        (suggestions_call(0, "", 0), None),
+        # B's suggestions: none of A's (B has none at all).
+        (suggestions_call(0, "", 0), ok),
+        (suggestions_call(10, "", identity_pb2.MATCH_SUGGESTION_STATE_OPEN), ok),
+        (suggestions_call(0, w.a_page_token, 0), bad),
+        # A profile id is not a suggestion name, A's or not.
         (
             review_call(Tok(f"matchSuggestions/{w.a_live[0]}", f"matchSuggestions/{w.twins[w.a_live[0]]}"), True, "x"),
-            None,
+            bad,
         ),
     ]
-    # A's real suggestions: NOT_FOUND for B (UNIMPLEMENTED while suggestions have not shipped).
+    # A's real suggestions: NOT_FOUND for B, accepted or rejected, with or without a reason.
     table += [
-        (review_call(suggestion_tok(w, n), accept, "fuzz"), None) for n in w.a_suggestions for accept in (True, False)
+        (review_call(suggestion_tok(w, n), accept, reason), nf)
+        for n in w.a_suggestions
+        for accept in (True, False)
+        for reason in ("fuzz", "")
     ]
     table += [(graph_call(ref), nf) for ref in a_refs]
     table += [(list_merges_call(w, 0, "", ref), nf) for ref in a_refs]
+    # Malformed: INVALID_ARGUMENT with a BadRequest naming the field, A's id inside it or not.
+    garbled = [
+        Tok(GARBLED_FORMS[f](p), GARBLED_FORMS[f](w.twins[p])) for p in w.a_live + w.a_merged for f in GARBLED_FORMS
+    ]
+    table += [(graph_call(ref), bad) for ref in [*garbled, Tok(""), Tok("profiles/")]]
+    table += [(erase_call(ref, "fuzz"), bad) for ref in [*garbled[:5], Tok("")]]
+    table += [(merge_call(b_ref, ref, "fuzz"), bad) for ref in garbled[:5]]
+    table += [(list_merges_call(w, 0, "", ref), bad) for ref in garbled[-5:]]
+    table += [
+        (resolve_call([]), bad),
+        (explain_call(None, email), bad),
+        (explain_call(shared, None), bad),
+        # Side a is located before side b is read: A's identifier there is NOT_FOUND, whatever b is.
+        (explain_call(email, None), nf),
+        (explain_call(garbled[0], a_refs[0]), bad),
+        (merge_call(a_refs[0], Tok(""), "fuzz"), bad),
+        (merge_call(a_refs[0], a_refs[5], ""), bad),
+        (unmerge_call(a_refs[0], [], "fuzz"), bad),
+        (unmerge_call(garbled[0], [email], "fuzz"), bad),
+        (erase_call(a_refs[0], "x" * 1001), bad),
+        (list_merges_call(w, -1, "", a_refs[0]), bad),
+        (suggestions_call(-1, "", 0), bad),
+        (review_call(Tok(""), True, "fuzz"), bad),
+        (review_call(suggestion_tok(w, w.a_suggestions[0]), False, "x" * 1001), bad),
+    ]
     for call, want in table:
         run(w, call, want=want)
     assert_a_unchanged(w)
@@ -1097,6 +1267,7 @@ def test_a_secrets_are_not_found_for_b_on_every_rpc(world: World) -> None:
 def test_fuzz_b_with_a_secrets_over_every_rpc(world: World) -> None:
     w = world
     seen: set[str] = set()
+    answers: set[grpc.StatusCode] = set()
 
     @hsettings(
         max_examples=60,
@@ -1108,13 +1279,14 @@ def test_fuzz_b_with_a_secrets_over_every_rpc(world: World) -> None:
     def fuzz(data: st.DataObject) -> None:
         call = draw_call(data, w, load_b(w))
         seen.add(call.rpc)
-        run(w, call)
+        answers.add(run(w, call).code)
 
     try:
         fuzz()
     finally:
         restore_b_rules(w)
     assert len(seen) >= 6, f"the strategy hardly varies the RPC: {seen}"
+    assert {Code.OK, Code.NOT_FOUND, Code.INVALID_ARGUMENT} <= answers, f"the fuzz hardly varies the answer: {answers}"
     # Whatever B merged, split or reconfigured, A's graph, rules and listings are as at setup.
     assert_a_unchanged(w)
 

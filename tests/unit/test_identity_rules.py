@@ -8,15 +8,7 @@ import dataclasses
 import pytest
 
 from services.core.errors import InvalidArgument, Violation
-from services.identity.normalize import (
-    NORMALIZERS,
-    normalize_digits,
-    normalize_email,
-    normalize_lower,
-    normalize_phone,
-    normalize_plain,
-)
-from services.identity.rules import (
+from services.core.identity_rules import (
     DEFAULT_BLOCKED,
     DEFAULT_RULES,
     DropReason,
@@ -25,6 +17,14 @@ from services.identity.rules import (
     NormalizedResult,
     normalize_identifier,
     validate_rules,
+)
+from services.core.normalize import (
+    NORMALIZERS,
+    normalize_digits,
+    normalize_email,
+    normalize_lower,
+    normalize_phone,
+    normalize_plain,
 )
 
 # --------------------------------------------------------------------------------------------------

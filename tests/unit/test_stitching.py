@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.identity.rules import DEFAULT_RULES, IdentifierType, IdentityRules
+from services.core.identity_rules import DEFAULT_RULES, IdentifierType, IdentityRules
 from services.identity.stitching import Graph, Key, LimitBroken, Profile, components, partition
 
 

@@ -18,7 +18,7 @@ depends_on = None
 def upgrade() -> None:
     op.execute(
         """
-        -- A tenant's identity rules, in the JSON form services.identity.rules validates.
+        -- A tenant's identity rules, in the JSON form services.core.identity_rules validates.
         CREATE TABLE identity.rules (
             tenant_id     text        PRIMARY KEY,
             spec          jsonb       NOT NULL,

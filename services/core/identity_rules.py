@@ -19,7 +19,7 @@ from typing import Final
 import phonenumbers
 
 from services.core.errors import InvalidArgument, Violation
-from services.identity.normalize import NORMALIZERS, Normalizer, trim
+from services.core.normalize import NORMALIZERS, Normalizer, trim
 
 TYPE_NAME_RE: Final = re.compile(r"[a-z][a-z0-9_]{0,63}")  # used with fullmatch: "email\n" is not a name
 TYPE_NAME_RULE: Final = "lower snake case, 1-64 characters, such as 'email'"
