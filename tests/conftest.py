@@ -20,7 +20,19 @@ from services.core.server import RunningServer, start_server
 from services.core.settings import Settings
 
 #: What a test server of each service runs with beyond the defaults (no caches to wait out).
-SERVICE_OVERRIDES: dict[str, dict[str, object]] = {"identity": {"rules_cache_seconds": 0.0}}
+SERVICE_OVERRIDES: dict[str, dict[str, object]] = {
+    "identity": {"rules_cache_seconds": 0.0},
+    "ingest": {"suppression_cache_seconds": 0.2},
+    "profile": {
+        "metrics_address": "",
+        "rules_cache_seconds": 0.5,
+        "erasure_settle_seconds": 0.5,
+        "erasure_poll_seconds": 0.1,
+        "watch_poll_ms": 50,
+    },
+}
+#: Lets the session's profile server act for tenants in identity and ingest (erasure).
+SERVICE_TOKEN = "tests-service-token-0123456789abcdef"
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +91,7 @@ def settings(database_url: str, redis_server_url: str, redis_prefix: str) -> Set
         consumer_block_ms=100,
         consumer_claim_idle_ms=2000,
         tenant_refresh_seconds=0.1,
+        service_token=SERVICE_TOKEN,
     )
 
 
@@ -102,10 +115,10 @@ def tenant(engine: Engine) -> TenantKey:
     return make_tenant(engine)
 
 
-def _serve(service: str, settings: Settings) -> Iterator[RunningServer]:
+def _serve(service: str, settings: Settings, **extra: object) -> Iterator[RunningServer]:
     """A service in this process on a free port, SERVING before the tests get it."""
     definition = registry.definition(service)
-    own = definition.settings_type(**SERVICE_OVERRIDES.get(service, {}))
+    own = definition.settings_type(**{**SERVICE_OVERRIDES.get(service, {}), **extra})
     running = start_server(definition, settings, port=0, service_settings=own)
     assert harness.wait_health(f"127.0.0.1:{running.port}"), f"{service} never became SERVING"
     yield running
@@ -131,6 +144,24 @@ def identity_server(settings: Settings) -> Iterator[RunningServer]:
 @pytest.fixture(scope="session")
 def identity_channel(identity_server: RunningServer) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(f"127.0.0.1:{identity_server.port}") as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def profile_server(
+    settings: Settings, ingest_server: RunningServer, identity_server: RunningServer
+) -> Iterator[RunningServer]:
+    yield from _serve(
+        "profile",
+        settings,
+        identity_address=f"127.0.0.1:{identity_server.port}",
+        ingest_address=f"127.0.0.1:{ingest_server.port}",
+    )
+
+
+@pytest.fixture(scope="session")
+def profile_channel(profile_server: RunningServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{profile_server.port}") as channel:
         yield channel
 
 

@@ -17,8 +17,8 @@ import grpc
 from services.core import pagination
 from services.core.errors import InvalidArgument, NotFound, Violation
 from services.core.identity_rules import IdentityRules
+from services.core.ids import canonical_uuid
 from services.core.tenancy import current_tenant
-from services.identity.ids import canonical_uuid
 from services.identity.reads import IdentityReads, MergeView, SuggestionView
 from services.identity.resolver import Resolver
 from services.identity.rules_store import apply_update, to_proto

@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from services.core import db
-from services.identity.ids import canonical_uuid
+from services.core.ids import canonical_uuid
 from services.identity.stitching import Graph, Key, MergeFact, MergeRecord, Profile
 from tessera.v1 import identity_pb2
 

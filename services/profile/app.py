@@ -1,0 +1,103 @@
+"""The profile service as the core bootstrap runs it: the API, the ``profile`` consumers on the
+resolved and changes streams, the erasure worker and partition/feed upkeep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import redis.asyncio as aioredis
+
+from services.core import tenancy
+from services.core.bus import ConsumerWorker
+from services.core.channels import service_channel
+from services.core.migrate import MigrationSet
+from services.core.periodic import Periodic
+from services.core.server import Background, ServiceContext, ServiceDefinition
+from services.profile import clients
+from services.profile.cache import ContextCache
+from services.profile.consumer import ConfigCache, build_consumers, consumer_name
+from services.profile.erasure import ErasureWorker
+from services.profile.erasure_store import ErasureStore
+from services.profile.reads import ProfileReads
+from services.profile.servicer import ProfileServicer
+from services.profile.settings import ProfileSettings
+from services.profile.storage import ProfileStore
+from services.profile.writes import ProfileWrites
+from tessera.v1 import profile_pb2, profile_pb2_grpc
+
+SERVICE_NAME = profile_pb2.DESCRIPTOR.services_by_name["ProfileService"].full_name
+MIGRATIONS = MigrationSet("profile", Path(__file__).resolve().parent / "migrations")
+
+
+def register(server: grpc.aio.Server, ctx: ServiceContext, own: ProfileSettings) -> list[Background]:
+    s = ctx.settings
+    store = ProfileStore(ctx.engine)
+    aclient = aioredis.Redis.from_url(s.require_redis_url())
+    cache = ContextCache(
+        ctx.redis,
+        aclient,
+        s.redis_prefix,
+        context_seconds=own.context_cache_seconds,
+        owner_seconds=own.owner_cache_seconds,
+    )
+    channels = clients.channels(lambda target: service_channel(target, s))
+    rules = clients.RulesSource(channels, own.identity_address, own.rules_cache_seconds)
+    scores = clients.MetricsScores(channels, own.metrics_address, own.metrics_deadline_ms / 1000)
+    configs = ConfigCache(store)
+    reads = ProfileReads(
+        store,
+        cache,
+        rules,
+        scores,
+        configs.get,
+        context_seconds=own.context_cache_seconds,
+        degraded_seconds=own.degraded_cache_seconds,
+    )
+    erasures = ErasureStore(ctx.engine, store)
+    writes = ProfileWrites(store, erasures, configs, cache, reads, scores, channels.get(own.identity_address))
+    servicer = ProfileServicer(reads, writes, ctx.in_pool, own.watch_poll_ms / 1000)
+    profile_pb2_grpc.add_ProfileServiceServicer_to_server(servicer, server)
+    workers: list[Background] = []
+    for n in range(own.consumers):
+        resolved, changes = build_consumers(
+            store,
+            configs,
+            cache,
+            ctx.bus,
+            lambda: tenancy.tenant_ids(ctx.engine),
+            name=f"{consumer_name()}-{n}",
+            batch_size=s.consumer_batch_size,
+            block_ms=s.consumer_block_ms,
+            claim_idle_ms=s.consumer_claim_idle_ms,
+            max_attempts=s.consumer_max_attempts,
+            tenant_refresh_seconds=s.tenant_refresh_seconds,
+        )
+        workers += [ConsumerWorker(resolved), ConsumerWorker(changes)]
+    calls = clients.ErasureCalls(
+        channels, s.service_token, own.identity_address, own.ingest_address, own.metrics_address
+    )
+    workers.append(
+        ErasureWorker(
+            erasures,
+            calls,
+            ctx.bus,
+            cache,
+            settle_seconds=own.erasure_settle_seconds,
+            poll_seconds=own.erasure_poll_seconds,
+        )
+    )
+    workers.append(
+        Periodic("profile upkeep", own.upkeep_seconds, lambda: store.upkeep(own.feed_retention_hours * 3600))
+    )
+    return workers
+
+
+def definition() -> ServiceDefinition[ProfileSettings]:
+    return ServiceDefinition(
+        name="profile",
+        grpc_services=[SERVICE_NAME],
+        settings_type=ProfileSettings,
+        register=register,
+        migrations=MIGRATIONS,
+    )

@@ -1,0 +1,192 @@
+"""Redis caches of customer contexts and identifier owners, correct across commits and races.
+
+- **Contexts** are stored tagged with the profile's *cache version* as it was read before the
+  context was built. The consumer bumps the version after every commit that touches the profile
+  (and again on a redelivery), so a context built from data older than a commit never matches
+  again: a read after a commit never sees the old context, even if a slow builder stores its
+  stale context after the bump.
+- **Identifier owners** (normalized identifier -> profile id) are stored only if the tenant's
+  *identifier epoch* is still the one read before the database look-up. Every merge, split and
+  erasure bumps the epoch and deletes the identifiers it moved, so an owner read before a move
+  is never written after it.
+
+A version key that is missing (Redis restarted, or never set) is created with a random value,
+never a small counter, so a context left over from before the restart cannot match by luck.
+All keys of a tenant carry its ``{tenant}`` hash tag; a hit is one round trip (a Lua script).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import redis
+import redis.asyncio as aioredis
+from opentelemetry import metrics
+
+from services.core.bus import tenant_key
+
+SEP: Final = "\x1f"
+_meter = metrics.get_meter("tessera.profile")
+_lookups = _meter.create_counter("tessera.profile.context.cache", description="context look-ups by result (hit, miss)")
+
+_LOOKUP = """
+local base = ARGV[1]
+local pid = ARGV[2]
+if pid == '' then
+  pid = redis.call('GET', base .. 'idx:' .. ARGV[3])
+  if not pid then return {false, false, false, redis.call('GET', base .. 'epoch')} end
+end
+local ver = redis.call('GET', base .. 'ver:' .. pid)
+local ctx = false
+if ver then ctx = redis.call('HGET', base .. 'ctx:' .. pid, ARGV[4]) end
+return {pid, ver, ctx, false}
+"""
+
+_ENSURE_VERSION = """
+local v = redis.call('GET', KEYS[1])
+if v then return v end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
+"""
+
+_BUMP = """
+for i, k in ipairs(KEYS) do
+  if redis.call('EXISTS', k) == 1 then redis.call('INCR', k) else redis.call('SET', k, ARGV[i]) end
+end
+return #KEYS
+"""
+
+_STORE_OWNER = """
+local epoch = redis.call('GET', KEYS[2])
+if (epoch or '') ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+
+def _nonce() -> str:
+    return str(secrets.randbelow(2**62) + 2**40)
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What one round trip found: the profile id (when the identifier's owner was cached), its
+    cache version, the cached context if it is current, and the identifier epoch on a miss."""
+
+    profile_id: str | None
+    version: str | None
+    context: bytes | None
+    epoch: str | None
+
+
+class ContextCache:
+    """The profile service's keys under ``<prefix>:{tenant}:profile:``."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        aclient: aioredis.Redis | None,
+        prefix: str,
+        *,
+        context_seconds: float = 60.0,
+        owner_seconds: float = 600.0,
+    ) -> None:
+        self.client = client
+        self.aclient = aclient
+        self.prefix = prefix
+        self.context_seconds = context_seconds
+        self.owner_seconds = owner_seconds
+        self._lookup = client.register_script(_LOOKUP)
+        self._ensure = client.register_script(_ENSURE_VERSION)
+        self._bump = client.register_script(_BUMP)
+        self._owner = client.register_script(_STORE_OWNER)
+        self._alookup = aclient.register_script(_LOOKUP) if aclient is not None else None
+
+    def base(self, tenant_id: str) -> str:
+        return tenant_key(self.prefix, tenant_id, "profile") + ":"
+
+    @staticmethod
+    def identifier(id_type: str, value: str) -> str:
+        return f"{id_type}{SEP}{value}"
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def _parse(self, raw: Sequence[Any]) -> Lookup:
+        pid, ver, ctx, epoch = (None if x is None else x for x in raw)
+        context = None
+        if ctx is not None and ver is not None:
+            tag, _, payload = bytes(ctx).partition(b"|")
+            if tag == bytes(ver):
+                context = payload
+        return Lookup(
+            pid.decode() if isinstance(pid, bytes) else pid,
+            ver.decode() if isinstance(ver, bytes) else ver,
+            context,
+            epoch.decode() if isinstance(epoch, bytes) else ("" if epoch is None else str(epoch)),
+        )
+
+    def lookup(self, tenant_id: str, variant: str, *, profile_id: str = "", identifier: str = "") -> Lookup:
+        raw = self._lookup(args=[self.base(tenant_id), profile_id, identifier, variant])
+        return self._parse(raw)
+
+    async def alookup(self, tenant_id: str, variant: str, *, profile_id: str = "", identifier: str = "") -> Lookup:
+        assert self._alookup is not None
+        raw = await self._alookup(args=[self.base(tenant_id), profile_id, identifier, variant])
+        return self._parse(raw)
+
+    def record(self, hit: bool) -> None:
+        _lookups.add(1, {"result": "hit" if hit else "miss"})
+
+    # -- writes by readers ---------------------------------------------------------------------
+
+    def version(self, tenant_id: str, profile_id: str) -> str:
+        """The profile's cache version, created at random if it has none."""
+        raw = self._ensure(keys=[self.base(tenant_id) + "ver:" + profile_id], args=[_nonce()])
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+    def epoch(self, tenant_id: str) -> str:
+        raw = self.client.get(self.base(tenant_id) + "epoch")
+        return raw.decode() if isinstance(raw, bytes) else ""
+
+    def store_context(
+        self, tenant_id: str, profile_id: str, variant: str, version: str, payload: bytes, seconds: float
+    ) -> None:
+        key = self.base(tenant_id) + "ctx:" + profile_id
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(key, variant, version.encode() + b"|" + payload)
+        pipe.expire(key, max(int(seconds), 1))
+        pipe.execute()
+
+    def store_owner(self, tenant_id: str, identifier: str, profile_id: str, epoch: str) -> bool:
+        base = self.base(tenant_id)
+        return bool(
+            self._owner(
+                keys=[base + "idx:" + identifier, base + "epoch"], args=[epoch, profile_id, int(self.owner_seconds)]
+            )
+        )
+
+    # -- writes by the consumer (after commit) -------------------------------------------------
+
+    def invalidate(
+        self, tenant_id: str, profile_ids: Iterable[str], moved: Iterable[tuple[str, str]] = (), *, forget: bool = False
+    ) -> None:
+        """After a commit: every touched profile's version moves on; moved identifiers are forgotten
+        and the epoch moves on. ``forget`` (an erasure) also deletes the profiles' keys."""
+        base = self.base(tenant_id)
+        ids = sorted(set(profile_ids))
+        moved = list(moved)
+        if not ids and not moved:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        if ids:
+            keys = [base + "ver:" + p for p in ids]
+            self._bump(keys=keys, args=[_nonce() for _ in keys], client=pipe)
+        if moved:
+            pipe.incr(base + "epoch")
+            pipe.delete(*(base + "idx:" + self.identifier(t, v) for t, v in moved))
+        if forget and ids:
+            pipe.delete(*(base + "ctx:" + p for p in ids))
+        pipe.execute()
