@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -87,7 +88,12 @@ class Stack:
         finally:
             engine.dispose()
 
-        env = {"TESSERA_DATABASE_URL": self.database_url, "TESSERA_REDIS_URL": self.redis_url}
+        env = {
+            "TESSERA_DATABASE_URL": self.database_url,
+            "TESSERA_REDIS_URL": self.redis_url,
+            "TESSERA_SERVICE_TOKEN": self._service_token(data_dir),
+            **self._addresses(),
+        }
         env.setdefault("TESSERA_BIND_HOST", os.environ.get("TESSERA_BIND_HOST", "127.0.0.1"))
         logs = data_dir / "logs"
         for service in services:
@@ -104,6 +110,26 @@ class Stack:
 
     def _target(self, service: str) -> str:
         return f"127.0.0.1:{self.ports[service]}"
+
+    def _addresses(self) -> dict[str, str]:
+        """Where profile finds the others (their ports here; empty for a service not in this build)."""
+        return {
+            f"TESSERA_PROFILE_{s.upper()}_ADDRESS": self._target(s) if s in self.ports else ""
+            for s in ("identity", "ingest", "metrics")
+        }
+
+    @staticmethod
+    def _service_token(data_dir: Path) -> str:
+        """The services' shared secret: the configured one, else one kept in the data dir (0600)."""
+        configured = os.environ.get("TESSERA_SERVICE_TOKEN", "").strip()
+        if configured:
+            return configured
+        path = data_dir / "service-token"
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fp:
+                fp.write(secrets.token_urlsafe(32) + "\n")
+        return path.read_text().strip()
 
     def _demo_tenant(self, engine: Any, data_dir: Path) -> bool:
         """The demo tenant's key is shown once like any key; the data dir keeps a copy (0600)
@@ -179,6 +205,13 @@ class Stack:
                 f'  grpcurl -plaintext -H "authorization: Bearer $TESSERA_API_KEY" -d '
                 '\'{"identifiers":[{"type":"loyalty_id","value":"LY4401287305"}]}\' '
                 f"{self._target('identity')} tessera.v1.IdentityService/ResolveIdentifiers"
+            )
+        if "profile" in self.ports:
+            self.say("  # Who is calling? The demo customer's context, from the number on the caller id:")
+            self.say(
+                f'  grpcurl -plaintext -H "authorization: Bearer $TESSERA_API_KEY" -d '
+                '\'{"identifier":{"type":"phone","value":"(415) 555-0142"}}\' '
+                f"{self._target('profile')} tessera.v1.ProfileService/GetCustomerContext"
             )
         self.say()
         self.say("Ctrl-C stops everything; the data stays for the next `tessera up`.")

@@ -16,12 +16,21 @@ import pytest
 
 from services.cli.demo import PERSONA
 from services.core.harness import TESSERA, free_port, wait_health
-from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc, ingest_pb2, ingest_pb2_grpc
+from tessera.v1 import (
+    event_pb2,
+    identity_pb2,
+    identity_pb2_grpc,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    profile_pb2,
+    profile_pb2_grpc,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 IDENTITY_PORT = free_port()
+PROFILE_PORT = free_port()
 
 
 def _env(data_dir: Path, port: int) -> dict[str, str]:
@@ -31,6 +40,7 @@ def _env(data_dir: Path, port: int) -> dict[str, str]:
             "TESSERA_DATA_DIR": str(data_dir),
             "TESSERA_INGEST_PORT": str(port),
             "TESSERA_IDENTITY_PORT": str(IDENTITY_PORT),
+            "TESSERA_PROFILE_PORT": str(PROFILE_PORT),
             "XDG_STATE_HOME": str(data_dir.parent / f"{data_dir.name}-state"),
         }
     )
@@ -95,6 +105,34 @@ def _wait_one_profile(api_key: str, identifiers: list[tuple[str, str]], timeout:
     raise AssertionError(f"the persona did not resolve to one profile: {found}")
 
 
+def _wait_context(api_key: str, profile_id: str, timeout: float = 90) -> profile_pb2.GetCustomerContextResponse:
+    """The demo customer's context by the caller id an agent desktop sees, once profile caught up."""
+    deadline = time.monotonic() + timeout
+    last = None
+    with grpc.insecure_channel(f"127.0.0.1:{PROFILE_PORT}") as channel:
+        stub = profile_pb2_grpc.ProfileServiceStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                last = stub.GetCustomerContext(
+                    profile_pb2.GetCustomerContextRequest(
+                        identifier=event_pb2.Identifier(type="phone", value=PERSONA.phone_national)
+                    ),
+                    metadata=(("authorization", f"Bearer {api_key}"),),
+                    timeout=10,
+                )
+                traits = {t.key: t.value.string_value for t in last.profile.traits}
+                if (
+                    last.profile.profile_id == profile_id
+                    and traits.get("first_name") == PERSONA.first_name
+                    and len(last.recent_interactions) >= 3
+                ):
+                    return last
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.NOT_FOUND, err
+            time.sleep(0.5)
+    raise AssertionError(f"the demo customer's context never showed her story: {last}")
+
+
 def test_newcomer_session_from_nothing_to_a_query(tmp_path: Path) -> None:
     data_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"tup-{os.getpid()}"
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -110,8 +148,11 @@ def test_newcomer_session_from_nothing_to_a_query(tmp_path: Path) -> None:
         assert oct((data_dir / "demo-api-key").stat().st_mode & 0o777) == "0o600"
         assert f"identity  127.0.0.1:{IDENTITY_PORT}" in banner
 
+        assert f"profile   127.0.0.1:{PROFILE_PORT}" in banner
+        assert "ProfileService/GetCustomerContext" in banner
+
         # The demo persona's four channels resolve to one customer once identity has caught up.
-        _wait_one_profile(
+        profile_id = _wait_one_profile(
             demo_key,
             [
                 ("email", PERSONA.email),
@@ -120,6 +161,19 @@ def test_newcomer_session_from_nothing_to_a_query(tmp_path: Path) -> None:
                 ("loyalty_id", PERSONA.loyalty_id),
             ],
         )
+        # "Who is calling?": her context from the caller id, with her calls and chat, her open
+        # case, and the scores marked missing while no metrics service runs.
+        context = _wait_context(demo_key, profile_id)
+        assert {(i.type, i.value) for i in context.profile.identifiers} >= {
+            ("email", PERSONA.email),
+            ("phone", PERSONA.phone),
+            ("loyalty_id", PERSONA.loyalty_id),
+        }
+        assert "CS-0999001" in {c.case_id for c in context.open_cases} | {
+            i.case_id for i in context.recent_interactions
+        }
+        assert context.contacts.last_30_days >= 3
+        assert context.scores.missing_reason
 
         # Another terminal: a tenant of one's own, and an import, with no configuration at all.
         created = _cli(data_dir, port, "tenant", "create", "acme", "--json")
