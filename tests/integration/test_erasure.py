@@ -45,7 +45,8 @@ def mentions(engine: Engine, tenant_id: str, needles: list[str]) -> dict[str, li
     with engine.connect() as conn:
         for schema, table, per_tenant in tables(conn):
             sql = f'SELECT r::text FROM ONLY {schema}."{table}" r' + (" WHERE r.tenant_id = :t" if per_tenant else "")
-            hits = [t for (t,) in conn.execute(sa.text(sql), {"t": tenant_id}) if any(w in t.casefold() for w in wanted)]
+            rows = conn.execute(sa.text(sql), {"t": tenant_id})
+            hits = [t for (t,) in rows if any(w in t.casefold() for w in wanted)]
             if hits:
                 found[f"{schema}.{table}"] = hits
     return found
