@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from typing import Any
 
 import grpc
 import pytest
@@ -58,14 +59,16 @@ def redis_mentions(client: redis.Redis, prefix: str, tenant_id: str, needles: li
     found: dict[str, int] = {}
     for key in client.scan_iter(match=f"{prefix}:{{{tenant_id}}}:*", count=1000):
         kind = client.type(key)
-        blobs: list[bytes] = []
+        blobs: list[Any] = []
         if kind == b"stream":
-            for _id, fields in client.xrange(key):  # type: ignore[union-attr]
+            entries: Any = client.xrange(key)
+            for _id, fields in entries:
                 blobs.extend(fields.values())
         elif kind == b"string":
-            blobs.append(client.get(key) or b"")  # type: ignore[arg-type]
+            blobs.append(client.get(key) or b"")
         elif kind == b"hash":
-            blobs.extend(client.hgetall(key).values())  # type: ignore[union-attr]
+            values: Any = client.hgetall(key)
+            blobs.extend(values.values())
         n = sum(1 for b in blobs if any(w in b for w in wanted))
         if n:
             found[key.decode()] = n
@@ -85,7 +88,9 @@ def erase_and_wait(
         ).request
         return r if r.state == profile_pb2.ERASURE_STATE_DONE else None
 
-    return wait_until(done, 60, "the erasure to finish")
+    finished = wait_until(done, 60, "the erasure to finish")
+    assert finished is not None
+    return finished
 
 
 def test_erase_then_export_nothing_of_the_person_remains_anywhere(
