@@ -18,21 +18,16 @@ from services.core.server import RunningServer
 from services.core.settings import Settings
 from services.core.streams import CREATED, ERASED, MERGED, SPLIT
 from services.core.tenancy import Tenant, reset_current_tenant, set_current_tenant
-from services.identity.matching import record_from_traits, score
 from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc, ingest_pb2_grpc
 from tests.conftest import TenantKey
 from tests.support.events import uid
 from tests.support.grpc_errors import bad_request, precondition_failures
 from tests.support.identity import (
-    enable_matching,
     event_profile,
-    identify_event,
     linked_count,
     person_event,
-    rows_mentioning,
     send,
     wait_linked,
-    wait_outbox_drained,
 )
 from tests.support.streams import entries, publish_events, wait_entries
 
@@ -235,9 +230,11 @@ def test_unmerge_moves_only_events_linked_by_nothing_that_stays(
     redis_client: Any,
     settings: Settings,
 ) -> None:
-    """An event follows the split only when every identifier that linked it moves (see
-    IdentityStore.reattribute): one also linked by an identifier that stays on the profile stays,
-    whether it is on the profile itself or on one merged into it."""
+    """UnmergeProfile re-attributes "the events that only they link" (README): an event follows the
+    split only when every identifier that linked it moves. One also linked by an identifier that
+    stays keeps its profile, whether the event was applied to the profile itself or to one merged
+    into it. Checked where clients see attribution: the SPLIT change's moved events, and the
+    profile a redelivered event is stamped with on the resolved stream."""
     md, t = tenant.metadata, tenant.tenant_id
     email, anon, old_anon = ("email", "split@example.com"), ("anonymous_id", "anon-new"), ("anonymous_id", "anon-old")
     phone, user = ("phone", "+14155550155"), ("user_id", "u-stays")
@@ -292,6 +289,15 @@ def test_unmerge_moves_only_events_linked_by_nothing_that_stays(
     (change,) = [env.change for _, env in found if env.change.kind == SPLIT]
     assert (change.profile_id, change.new_profile_id, f"merges/{change.merge_id}") == (survivor, new, split.name)
     assert sorted(change.moved_event_ids) == sorted(moved)
+
+    # Each event delivered again (as after a crash) goes out stamped with the profile it has now.
+    sent = [env.event for _, env in entries(redis_client, bus, t, streams.EVENTS)]
+    assert sorted(ev.event_id for ev in sent) == sorted(events)
+    seen = len(entries(redis_client, bus, t, streams.RESOLVED))
+    publish_events(bus, t, [ev.SerializeToString() for ev in sent])
+    resolved = wait_entries(redis_client, bus, t, streams.RESOLVED, lambda es: len(es) >= seen + len(events))
+    again = {env.event.event_id: env.event.profile_id for _, env in resolved[seen:]}
+    assert again == {e: new if e in moved else survivor for e in events}
 
 
 def test_explain_link_names_the_clients_message_ids(
@@ -604,137 +610,3 @@ def test_erase_forgets_the_person_and_every_id_merged_into_them(
     again = send(ingest, md, person_event(("email", "gone@example.com")))[0]
     wait_linked(engine, tenant.tenant_id, 4)
     assert event_profile(engine, tenant.tenant_id, again) not in (survivor, absorbed)
-
-
-# One person typed by two systems (surname typo, street abbreviated, id digit slip), and a namesake:
-# same name and birth date, nothing else. Values long and odd enough to find in a scan of every row.
-OQ_WEB = {
-    "first_name": "Ottoline",
-    "last_name": "Quarendon",
-    "date_of_birth": "1979-04-23",
-    "address_line1": "marrowfen street",
-    "city": "thistlebury",
-    "national_id": "73916482",
-}
-OQ_CRM = {**OQ_WEB, "last_name": "Quarenden", "address_line1": "marrowfen st", "national_id": "73916432"}
-OQ_NAMESAKE = {**OQ_WEB, "address_line1": "brackenholt road", "city": "wexmoor", "national_id": "20558317"}
-
-
-def trait_values(*traits: dict[str, str]) -> set[str]:
-    """The values as sent and as stored (normalized in trait records and blocking keys)."""
-    out = {v for t in traits for v in t.values()}
-    for t in traits:
-        rec = record_from_traits(t)
-        assert rec is not None
-        out |= set(rec.to_json().values())
-    return out
-
-
-def test_erase_leaves_no_identifier_trait_or_profile_id_anywhere_it_should_not(
-    ingest: ingest_pb2_grpc.IngestServiceStub,
-    identity: identity_pb2_grpc.IdentityServiceStub,
-    tenant: TenantKey,
-    engine: Engine,
-    redis_client: Any,
-    settings: Settings,
-) -> None:
-    """After EraseProfile, every row of every identity table is scanned for the person. What stays is
-    what erase documents: the profile rows (erased), the merge facts (profile ids, no identifier
-    values, evidence or message ids) and the event links (event and profile ids, no identifiers)."""
-    md, t = tenant.metadata, tenant.tenant_id
-    ra, rb = record_from_traits(OQ_WEB), record_from_traits(OQ_CRM)
-    rn = record_from_traits(OQ_NAMESAKE)
-    assert ra and rb and rn
-    dup, namesake = score(ra, rb)[0], score(ra, rn)[0]
-    assert dup > namesake
-    enable_matching(identity, md, auto=(dup + namesake) / 2, review=namesake / 2)
-    phone, device, email = ("phone", "+14155550188"), ("device_id", "dev-oq-7731"), ("email", "o.q.private@example.com")
-    web_anon, crm_anon = ("anonymous_id", "anon-oq-web"), ("anonymous_id", "anon-oq-crm")
-
-    def step(ev: event_pb2.Event) -> str:
-        """Send one event and wait until identity has applied it."""
-        before = linked_count(engine, t)
-        (event_id,) = send(ingest, md, ev)
-        wait_linked(engine, t, before + 1)
-        return event_id
-
-    sent = [
-        person_event(phone, device),
-        identify_event(OQ_WEB, web_anon, email),
-        person_event(email, phone),  # deterministic: the web profile merges into the phone one
-        identify_event(OQ_CRM, crm_anon),  # probabilistic: auto-merges into it too
-    ]
-    phone_event, web_event = step(sent[0]), step(sent[1])
-    # The namesake scores between the thresholds: an open suggestion with the web profile.
-    namesake_event = step(identify_event(OQ_NAMESAKE, ("anonymous_id", "anon-namesake")))
-    join_event, crm_event = step(sent[2]), step(sent[3])
-    event_ids = [phone_event, web_event, join_event, crm_event]
-    survivor, web_profile, _, crm_profile = (event_profile(engine, t, e) for e in event_ids)
-    assert survivor and web_profile and crm_profile
-    ids = {survivor, web_profile, crm_profile}
-    other = resolve(identity, tenant, "anonymous_id", "anon-namesake")
-    assert len(ids) == 3 and other not in ids
-    assert {resolve(identity, tenant, ty, v) for ty, v in (phone, device, email, web_anon, crm_anon)} == {survivor}
-    merges = identity.ListMerges(identity_pb2.ListMergesRequest(), metadata=md).merges
-    assert sorted((m.kind, m.absorbed_profile_id) for m in merges) == [
-        (identity_pb2.MERGE_KIND_DETERMINISTIC, web_profile),
-        (identity_pb2.MERGE_KIND_PROBABILISTIC, crm_profile),
-    ]
-    req = identity_pb2.ListMatchSuggestionsRequest(state=identity_pb2.MATCH_SUGGESTION_STATE_OPEN)
-    (suggestion,) = identity.ListMatchSuggestions(req, metadata=md).suggestions
-    assert {suggestion.profile_a, suggestion.profile_b} == {f"profiles/{web_profile}", f"profiles/{other}"}
-
-    shared = trait_values(OQ_WEB) & trait_values(OQ_NAMESAKE)  # the namesake's own data too
-    traits = trait_values(OQ_WEB, OQ_CRM) - shared
-    idents = {v for _, v in (phone, device, email, web_anon, crm_anon)}
-    messages = {ev.message_id for ev in sent}
-    # The scan finds the person where the graph, matching and the merge facts keep them.
-    found = rows_mentioning(engine, t, idents | traits | messages)
-    assert {"identifiers", "event_links", "merges", "match_records", "match_blocks"} <= found.keys()
-    assert "match_suggestions" in rows_mentioning(engine, t, ids)
-
-    erased = identity.EraseProfile(
-        identity_pb2.EraseProfileRequest(name=f"profiles/{web_profile}", reason="GDPR art. 17 request #1207"),
-        metadata=md,
-    )
-    assert erased.profile == f"profiles/{survivor}" and sorted(erased.erased_profile_ids) == sorted(ids)
-    bus = Bus(redis_client, settings.redis_prefix)
-    wait_entries(redis_client, bus, t, streams.CHANGES, lambda es: any(e.change.kind == ERASED for _, e in es))
-    wait_outbox_drained(engine, t)  # the "erased" change names the ids until it is published
-
-    assert rows_mentioning(engine, t, idents | traits | messages) == {}
-    remaining = rows_mentioning(engine, t, ids)
-    assert {table: len(rows) for table, rows in remaining.items()} == {
-        "profiles": 3,
-        "merges": 2,
-        "event_links": len(event_ids),
-    }
-    with engine.connect() as conn:
-        facts = conn.execute(
-            sa.text(
-                "SELECT survivor_id::text, identifiers, evidence, message_id FROM identity.merges WHERE tenant_id = :t"
-            ),
-            {"t": t},
-        ).all()
-        links = conn.execute(
-            sa.text(
-                "SELECT event_id, identifiers FROM identity.event_links WHERE tenant_id = :t AND event_id = ANY(:e)"
-            ),
-            {"t": t, "e": event_ids},
-        ).all()
-        live = conn.execute(
-            sa.text(
-                "SELECT count(*) FROM identity.profiles WHERE tenant_id = :t "
-                "AND profile_id = ANY(CAST(:p AS uuid[])) AND erased_at IS NULL"
-            ),
-            {"t": t, "p": sorted(ids)},
-        ).scalar_one()
-    assert [tuple(f) for f in facts] == [(survivor, [], {}, None)] * 2
-    assert sorted(tuple(link) for link in links) == sorted((e, []) for e in event_ids)
-    assert live == 0
-    # The namesake keeps their own record, which shares the name and birth date: only theirs has them.
-    theirs = rows_mentioning(engine, t, shared)
-    assert theirs.keys() <= {"match_records", "match_blocks"}
-    assert len(theirs["match_records"]) == 1
-    assert all(namesake_event in row for rows in theirs.values() for row in rows)
-    assert resolve(identity, tenant, "anonymous_id", "anon-namesake") == other

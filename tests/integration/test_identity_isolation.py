@@ -156,6 +156,7 @@ GARBLED_FORMS: dict[str, Callable[[str], str]] = {
     "merge": lambda u: f"merges/{u}",
     "short": lambda u: f"profiles/{u[:-1]}",
     "space": lambda u: f"profiles/ {u}",
+    "nul": lambda u: f"profiles/{u}\x00",  # refused by the guard, A's id or not
 }
 # How an identifier value is spelled (applied to A's value and its twin alike).
 VALUE_FORMS: dict[str, Callable[[str], str]] = {
@@ -165,6 +166,8 @@ VALUE_FORMS: dict[str, Callable[[str], str]] = {
     # A's national spelling of a British number: A (region GB) reads it, B (region US) does not.
     "gb_national": lambda v: f"0{v[3:5]} {v[5:9]} {v[9:]}" if v.startswith("+44") else v,
     "spaced": lambda v: f"{v[:3]} {v[3:5]} {v[5:9]} {v[9:]}" if v.startswith("+44") else v,
+    # PostgreSQL text cannot hold NUL: the server guard refuses it as INVALID_ARGUMENT naming the field.
+    "nul": lambda v: f"{v}\x00",
 }
 
 
@@ -908,6 +911,23 @@ def invoke(stub: Stub, rpc: str, request: Message, metadata: Sequence[tuple[str,
     return Outcome(Code.OK, resp, text_format.MessageToString(resp, as_utf8=True))
 
 
+def nul_paths(message: Message, path: str = "") -> list[str]:
+    """The field paths ("reason", "identifiers[1].value", "identifier_a.type") of every string in a
+    request that holds NUL. The requests drawn here have no map fields."""
+    out: list[str] = []
+    for fd, value in message.ListFields():
+        name = f"{path}.{fd.name}" if path else fd.name
+        assert not (fd.message_type and fd.message_type.GetOptions().map_entry), f"a map in {name}"
+        values = list(value) if fd.is_repeated else [value]
+        for i, v in enumerate(values):
+            at = f"{name}[{i}]" if fd.is_repeated else name
+            if fd.type == fd.TYPE_STRING and "\x00" in v:
+                out.append(at)
+            elif fd.type == fd.TYPE_MESSAGE:
+                out.extend(nul_paths(v, at))
+    return out
+
+
 def identifiers_in(request: Message) -> list[event_pb2.Identifier]:
     """Every identifier a request carries."""
     out: list[event_pb2.Identifier] = []
@@ -949,8 +969,9 @@ def swap(text: str, toks: Sequence[Tok], w: World) -> str:
 def run(w: World, call: Call, *, want: grpc.StatusCode | None = None) -> Outcome:
     """Call as B; check the answer against the model, for leaks, and against the twin request."""
     before = load_b(w)
-    expect = call.expect(before)
     request = call.build(real)
+    # A string holding NUL is refused before anything is looked up (and names only its own field).
+    expect = invalid(*nul) if (nul := nul_paths(request)) else call.expect(before)
     out = invoke(w.stub, call.rpc, request, w.b.metadata)
     what = f"{call!r} -> {out.text}"
     assert out.code is not Code.PERMISSION_DENIED, f"PERMISSION_DENIED leaks existence: {what}"
@@ -1018,7 +1039,7 @@ def run(w: World, call: Call, *, want: grpc.StatusCode | None = None) -> Outcome
 # Draw weights: mostly A's secrets, enough of B's own ids that B's merges and splits happen too.
 PROFILE_KINDS = ["a_live", "a_merged", "b"] * 3 + ["random", "garbled", "garbage"]
 IDENT_KINDS = ["a"] * 3 + ["shared", "b", "unknown", "junk", "text"]
-A_SPELLINGS = ["exact", "exact", "upper", "padded", "spaced", "gb_national"]
+A_SPELLINGS = ["exact", "exact", "upper", "padded", "spaced", "gb_national", "nul"]
 
 
 def pick(data: st.DataObject, pool: Sequence[T]) -> T:
@@ -1030,7 +1051,7 @@ def pick(data: st.DataObject, pool: Sequence[T]) -> T:
 def draw_profile(data: st.DataObject, w: World, b: BState) -> Tok:
     kind = data.draw(st.sampled_from(PROFILE_KINDS), label="profile")
     if kind == "garbage":
-        return Tok(data.draw(st.sampled_from(["", "profiles/", "profiles/nope", "merges/1"]) | safe_text(30)))
+        return Tok(data.draw(st.sampled_from(["", "profiles/", "profiles/nope", "merges/1", "\x00"]) | any_text(30)))
     if kind.startswith("a") or kind == "garbled":
         pid = data.draw(st.sampled_from(w.a_live if kind == "a_live" else w.a_merged))
         base = Tok(pid, w.twins[pid])
@@ -1043,10 +1064,12 @@ def draw_profile(data: st.DataObject, w: World, b: BState) -> Tok:
     return Tok(form(base.real), form(base.twin))
 
 
-def safe_text(max_size: int) -> st.SearchStrategy[str]:
-    # No NUL: the core guard refuses any request string holding one (INVALID_ARGUMENT naming the
-    # field) before the servicer runs, for every tenant alike; that gate has tests of its own.
-    return st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=max_size)
+def any_text(max_size: int) -> st.SearchStrategy[str]:
+    """Any text, NUL included (often: the core guard refuses a request string holding one as
+    INVALID_ARGUMENT naming the field, before the servicer runs, for every tenant alike)."""
+    text = st.text(st.characters(codec="utf-8"), max_size=max_size)
+    with_nul = st.tuples(text, text).map(lambda p: f"{p[0]}\x00{p[1]}")
+    return text | with_nul
 
 
 def draw_ident(data: st.DataObject, w: World, b: BState) -> IdentArg:
@@ -1057,7 +1080,7 @@ def draw_ident(data: st.DataObject, w: World, b: BState) -> IdentArg:
         return t, Tok(form(value), form(look_alike))
     if kind == "text":
         t = data.draw(st.sampled_from(["email", "phone", "device_id", "loyalty_id", "crm_id"]))
-        return t, Tok(data.draw(safe_text(30)))
+        return t, Tok(data.draw(any_text(30)))
     pool = {
         "shared": [SHARED],
         "b": sorted(b.owner) or [SHARED],
@@ -1065,7 +1088,7 @@ def draw_ident(data: st.DataObject, w: World, b: BState) -> IdentArg:
         "junk": list(JUNK),
     }[kind]
     t, value = pick(data, pool)
-    form = VALUE_FORMS[data.draw(st.sampled_from(["exact", "upper", "padded"]), label="spelling")]
+    form = VALUE_FORMS[data.draw(st.sampled_from(["exact", "exact", "upper", "padded", "nul"]), label="spelling")]
     return t, Tok(form(value))
 
 
@@ -1076,7 +1099,7 @@ def draw_side(data: st.DataObject, w: World, b: BState) -> Side:
     return draw_ident(data, w, b) if kind == "identifier" else draw_profile(data, w, b)
 
 
-REASONS = st.sampled_from(["fuzz: same person", "fuzz: shared device"] * 4 + ["", "   ", "x" * 1001])
+REASONS = st.sampled_from(["fuzz: same person", "fuzz: shared device"] * 4 + ["", "   ", "x" * 1001, "fuzz\x00"])
 
 
 def draw_call(data: st.DataObject, w: World, b: BState) -> Call:
@@ -1124,7 +1147,10 @@ def draw_call(data: st.DataObject, w: World, b: BState) -> Call:
     elif kind == "small":
         name = Tok(f"matchSuggestions/{data.draw(st.integers(0, 50))}")
     else:
-        name = Tok(data.draw(st.sampled_from(["", "matchSuggestions/", "matchSuggestions/-1", "merges/1"])))
+        # Digits that are not ASCII ("²" is a digit Python's int() refuses) are no suggestion id either.
+        garbage = ["", "matchSuggestions/", "matchSuggestions/-1", "merges/1", "matchSuggestions/1\x00"]
+        garbage += ["matchSuggestions/\u00b2", "matchSuggestions/\u0663"]
+        name = Tok(data.draw(st.sampled_from(garbage)))
     return review_call(name, data.draw(st.booleans()), data.draw(REASONS))
 
 
@@ -1257,7 +1283,30 @@ def test_a_secrets_are_not_found_for_b_on_every_rpc(world: World) -> None:
         (list_merges_call(w, -1, "", a_refs[0]), bad),
         (suggestions_call(-1, "", 0), bad),
         (review_call(Tok(""), True, "fuzz"), bad),
+        # Not ASCII digits: "²" (int() refuses it) and "٣٣٣" (int() reads 333) name no suggestion.
+        (review_call(Tok("matchSuggestions/\u00b2"), True, "fuzz"), bad),
+        (review_call(Tok("matchSuggestions/\u0663\u0663\u0663"), True, "fuzz"), bad),
         (review_call(suggestion_tok(w, w.a_suggestions[0]), False, "x" * 1001), bad),
+    ]
+    # NUL anywhere: INVALID_ARGUMENT naming that field, before anything of A's is looked up.
+    nul_email, nul_shared = a_ident(0, "nul"), (SHARED[0], Tok(f"{SHARED[1]}\x00"))
+    table += [
+        (resolve_call([nul_email]), bad),
+        (resolve_call([email, nul_shared]), bad),
+        (graph_call(Tok(f"{a_refs[0].real}\x00", f"{a_refs[0].twin}\x00")), bad),
+        (explain_call(nul_email, email), bad),
+        (explain_call(a_refs[0], nul_shared), bad),
+        (merge_call(a_refs[0], a_refs[5], "fuzz\x00"), bad),
+        (unmerge_call(a_refs[0], [email, nul_email], "fuzz"), bad),
+        (erase_call(a_refs[0], "fuzz\x00"), bad),
+        (list_merges_call(w, 0, "", Tok(f"{a_refs[-1].real}\x00", f"{a_refs[-1].twin}\x00")), bad),
+        (review_call(suggestion_tok(w, w.a_suggestions[0]), True, "fuzz\x00"), bad),
+        (
+            review_call(
+                Tok(f"{w.a_suggestions[0]}\x00", f"{suggestion_tok(w, w.a_suggestions[0]).twin}\x00"), True, "x"
+            ),
+            bad,
+        ),
     ]
     for call, want in table:
         run(w, call, want=want)

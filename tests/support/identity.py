@@ -79,6 +79,39 @@ def identify_event(traits: Mapping[str, Any], *idents: tuple[str, str]) -> event
     return ev
 
 
+def identity_tables(conn: sa.Connection) -> list[tuple[str, bool]]:
+    """Every table of the ``identity`` schema, from information_schema (none is left out by a list
+    kept here), and whether it has a ``tenant_id`` column."""
+    tables = conn.execute(
+        sa.text(
+            "SELECT t.table_name, EXISTS (SELECT 1 FROM information_schema.columns c WHERE c.table_schema = "
+            "t.table_schema AND c.table_name = t.table_name AND c.column_name = 'tenant_id') "
+            "FROM information_schema.tables t WHERE t.table_schema = 'identity' AND t.table_type = 'BASE TABLE' "
+            "ORDER BY t.table_name"
+        )
+    ).all()
+    assert tables, "no identity tables found"
+    return [(str(name), bool(per_tenant)) for name, per_tenant in tables]
+
+
+def _rows(conn: sa.Connection, table: str, per_tenant: bool, tenant_id: str) -> list[str]:
+    """A table's rows (the tenant's, where it has a ``tenant_id``) in their text form: every column,
+    whatever its type (text, jsonb, arrays, and bytea as hex). ``ONLY``: a partition's rows are
+    read once, as its own table's."""
+    sql = f'SELECT r::text FROM ONLY identity."{table}" r' + (" WHERE r.tenant_id = :t" if per_tenant else "")
+    return sorted(text for (text,) in conn.execute(sa.text(sql), {"t": tenant_id}))
+
+
+def tenant_rows(engine: Engine, tenant_id: str) -> dict[str, list[str]]:
+    """Every row the tenant has in every table of the ``identity`` schema, by table (sorted)."""
+    with engine.connect() as conn:
+        return {
+            table: rows
+            for table, per_tenant in identity_tables(conn)
+            if per_tenant and (rows := _rows(conn, table, per_tenant, tenant_id))
+        }
+
+
 def rows_mentioning(engine: Engine, tenant_id: str, needles: Iterable[str]) -> dict[str, list[str]]:
     """Every row of every table of the ``identity`` schema (the tenant's rows where a table has a
     ``tenant_id``) whose text form contains one of ``needles``, case-insensitively, by table.
@@ -88,19 +121,10 @@ def rows_mentioning(engine: Engine, tenant_id: str, needles: Iterable[str]) -> d
     assert all(wanted), "an empty needle matches everything"
     found: dict[str, list[str]] = {}
     with engine.connect() as conn:
-        tables = conn.execute(
-            sa.text(
-                "SELECT t.table_name, EXISTS (SELECT 1 FROM information_schema.columns c WHERE c.table_schema = "
-                "t.table_schema AND c.table_name = t.table_name AND c.column_name = 'tenant_id') "
-                "FROM information_schema.tables t WHERE t.table_schema = 'identity' AND t.table_type = 'BASE TABLE' "
-                "ORDER BY t.table_name"
-            )
-        ).all()
-        assert tables, "no identity tables found"
-        for table, per_tenant in tables:
-            sql = f'SELECT r::text FROM identity."{table}" r'
-            rows = conn.execute(sa.text(sql + (" WHERE r.tenant_id = :t" if per_tenant else "")), {"t": tenant_id})
-            hits = [text for (text,) in rows if any(n in text.casefold() for n in wanted)]
+        for table, per_tenant in identity_tables(conn):
+            hits = [
+                text for text in _rows(conn, table, per_tenant, tenant_id) if any(n in text.casefold() for n in wanted)
+            ]
             if hits:
                 found[table] = hits
     return found
