@@ -233,7 +233,11 @@ class ProfileReads:
         payloads = self.store.timeline(
             tenant_id, located.profile_id, size, after, list(request.channels), list(request.kinds), start, end
         )
-        return [event_pb2.Event.FromString(p) for p in payloads]
+        events = [event_pb2.Event.FromString(p) for p in payloads]
+        for ev in events:
+            # The payload keeps the profile it was first applied to; merges and splits move the row.
+            ev.profile_id = located.profile_id
+        return events
 
     def search_traits(
         self, tenant_id: str, key: str, text: str, prefix: bool, limit: int, after: str | None

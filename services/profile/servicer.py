@@ -221,7 +221,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         setting = {k: values[k] for k in keys if k in values and values[k] is not None}
         removing = [k for k in keys if values.get(k) is None]
         self.writes.update_traits(tenant, located.profile_id, setting, removing, request.source)
-        return profile_pb2.UpdateTraitsResponse(profile=self.reads.profile(tenant, Located(located.profile_id)))
+        return profile_pb2.UpdateTraitsResponse(profile=self.reads.profile(tenant, located))
 
     def GetProfileSettings(
         self, request: profile_pb2.GetProfileSettingsRequest, context: Any

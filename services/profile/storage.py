@@ -43,7 +43,7 @@ from services.profile.rollup import (
     add_points,
 )
 from services.profile.tenant_settings import DEFAULT, ProfileConfig, from_json, to_json
-from services.profile.traits import Observation, Summary, canonical, choose, search_text, value_hash
+from services.profile.traits import Observation, Summary, canonical, choose, plain, search_text, value_hash
 from tessera.v1 import event_pb2, profile_pb2
 
 log = logging.getLogger(__name__)
@@ -580,7 +580,7 @@ class ProfileStore:
                 "WHERE p.tenant_id = %s AND p.profile_id = x.id",
                 (*map(list, zip(*count_rows, strict=True)), tenant_id),
             )
-        elif count_rows:
+        elif count_rows and counters == "set":
             out.add(
                 "UPDATE profile.profiles p SET event_count = x.n, first_seen = x.f, last_seen = x.l "
                 "FROM unnest(%s::uuid[], %s::int8[], %s::timestamptz[], %s::timestamptz[]) AS x(id, n, f, l) "
@@ -1019,7 +1019,7 @@ class ProfileStore:
                     (tenant_id, profile_id, now, list(removed)),
                 )
                 statements.run()
-            eff = Effects(observations=[Observation(k, v, source, "", now) for k, v in values.items()])
+            eff = Effects(observations=[Observation(k, plain(v), source, "", now) for k, v in values.items()])
             changed = self._write(
                 cur, statements, tenant_id, {profile_id: eff}, config, counters="none", origin=UPDATE_ORIGIN
             )

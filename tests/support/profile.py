@@ -5,13 +5,23 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import grpc
 import sqlalchemy as sa
-from google.protobuf import struct_pb2
+from google.protobuf import field_mask_pb2, json_format, struct_pb2, timestamp_pb2
 from sqlalchemy.engine import Engine
 
-from tessera.v1 import event_pb2
+from tessera.v1 import (
+    event_pb2,
+    identity_pb2,
+    identity_pb2_grpc,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    profile_pb2,
+    profile_pb2_grpc,
+)
 from tests.support.events import uid
 
 T = TypeVar("T")
@@ -116,3 +126,195 @@ def wait_until(check: Callable[[], T], timeout: float = 20.0, what: str = "condi
             return last
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+# ---- the public APIs, as a test drives them ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Apis:
+    """Stubs of the three services a profile test drives, and the tenant it acts as."""
+
+    ingest: ingest_pb2_grpc.IngestServiceStub
+    identity: identity_pb2_grpc.IdentityServiceStub
+    profile: profile_pb2_grpc.ProfileServiceStub
+    engine: Engine
+    tenant_id: str
+    metadata: tuple[tuple[str, str], ...]
+
+    def send(self, *events: event_pb2.Event) -> list[str]:
+        """Ingest one batch; every event must be accepted. Returns their event ids, in order."""
+        resp = self.ingest.IngestEvents(
+            ingest_pb2.IngestEventsRequest(events=list(events)), metadata=self.metadata, timeout=10
+        )
+        assert [r.status for r in resp.results] == [ingest_pb2.EVENT_STATUS_ACCEPTED] * len(events), resp
+        return [r.event_id for r in resp.results]
+
+    def send_statuses(self, *events: event_pb2.Event) -> list[int]:
+        resp = self.ingest.IngestEvents(
+            ingest_pb2.IngestEventsRequest(events=list(events)), metadata=self.metadata, timeout=10
+        )
+        return [r.status for r in resp.results]
+
+    def wait_applied(self, count: int, timeout: float = 20.0) -> None:
+        wait_applied(self.engine, self.tenant_id, count, timeout)
+
+    def get(self, name: str = "", ident: tuple[str, str] | None = None) -> profile_pb2.Profile:
+        req = (
+            profile_pb2.GetProfileRequest(identifier=event_pb2.Identifier(type=ident[0], value=ident[1]))
+            if ident is not None
+            else profile_pb2.GetProfileRequest(name=name)
+        )
+        resp: profile_pb2.GetProfileResponse = self.profile.GetProfile(req, metadata=self.metadata, timeout=10)
+        return resp.profile
+
+    def context(
+        self, name: str = "", ident: tuple[str, str] | None = None, limit: int = 0
+    ) -> profile_pb2.GetCustomerContextResponse:
+        req = (
+            profile_pb2.GetCustomerContextRequest(
+                identifier=event_pb2.Identifier(type=ident[0], value=ident[1]), interaction_limit=limit
+            )
+            if ident is not None
+            else profile_pb2.GetCustomerContextRequest(name=name, interaction_limit=limit)
+        )
+        resp: profile_pb2.GetCustomerContextResponse = self.profile.GetCustomerContext(
+            req, metadata=self.metadata, timeout=10
+        )
+        return resp
+
+    def timeline(self, parent: str, **kw: Any) -> profile_pb2.ListTimelineEventsResponse:
+        resp: profile_pb2.ListTimelineEventsResponse = self.profile.ListTimelineEvents(
+            profile_pb2.ListTimelineEventsRequest(parent=parent, **kw), metadata=self.metadata, timeout=10
+        )
+        return resp
+
+    def all_timeline(self, parent: str, page_size: int = 0, **kw: Any) -> list[profile_pb2.TimelineEvent]:
+        """Every page, following next_page_token."""
+        out: list[profile_pb2.TimelineEvent] = []
+        token = ""
+        for _ in range(1000):
+            page = self.timeline(parent, page_size=page_size, page_token=token, **kw)
+            out.extend(page.events)
+            token = page.next_page_token
+            if not token:
+                return out
+        raise AssertionError("the timeline never ended")
+
+    def update_traits(
+        self, name: str, values: Mapping[str, Any], paths: list[str], source: str = "crm"
+    ) -> profile_pb2.Profile:
+        traits = struct_pb2.Struct()
+        traits.update(dict(values))
+        req = profile_pb2.UpdateTraitsRequest(
+            profile=name, traits=traits, update_mask=field_mask_pb2.FieldMask(paths=paths), source=source
+        )
+        resp: profile_pb2.UpdateTraitsResponse = self.profile.UpdateTraits(req, metadata=self.metadata, timeout=10)
+        return resp.profile
+
+    def settings(
+        self, settings: profile_pb2.ProfileSettings, paths: list[str] | None = None
+    ) -> profile_pb2.ProfileSettings:
+        req = profile_pb2.UpdateProfileSettingsRequest(
+            settings=settings, update_mask=field_mask_pb2.FieldMask(paths=paths or [])
+        )
+        resp: profile_pb2.UpdateProfileSettingsResponse = self.profile.UpdateProfileSettings(
+            req, metadata=self.metadata, timeout=10
+        )
+        return resp.settings
+
+    def merge(self, survivor: str, absorbed: str, reason: str = "same person") -> identity_pb2.Merge:
+        resp: identity_pb2.MergeProfilesResponse = self.identity.MergeProfiles(
+            identity_pb2.MergeProfilesRequest(survivor_profile=survivor, absorbed_profile=absorbed, reason=reason),
+            metadata=self.metadata,
+            timeout=10,
+        )
+        return resp.merge
+
+    def unmerge(self, profile: str, *idents: tuple[str, str], reason: str = "two people") -> identity_pb2.Merge:
+        resp: identity_pb2.UnmergeProfileResponse = self.identity.UnmergeProfile(
+            identity_pb2.UnmergeProfileRequest(
+                profile=profile,
+                identifiers=[event_pb2.Identifier(type=t, value=v) for t, v in idents],
+                reason=reason,
+            ),
+            metadata=self.metadata,
+            timeout=10,
+        )
+        return resp.merge
+
+    def wait_merged(self, absorbed: str, survivor: str, timeout: float = 20.0) -> None:
+        """Until the profile service answers for ``absorbed`` with ``survivor``."""
+
+        def done() -> bool:
+            try:
+                got = self.get(absorbed)
+            except grpc.RpcError:
+                return False
+            return got.name == survivor and got.redirected
+
+        wait_until(done, timeout, f"{absorbed} redirecting to {survivor}")
+
+    def wait_owner(self, ident: tuple[str, str], name: str, timeout: float = 20.0) -> profile_pb2.Profile:
+        """Until ``ident`` belongs to profile ``name`` here."""
+
+        def done() -> profile_pb2.Profile | None:
+            try:
+                got = self.get(ident=ident)
+            except grpc.RpcError:
+                return None
+            return got if got.name == name else None
+
+        found = wait_until(done, timeout, f"{ident} owned by {name}")
+        assert found is not None
+        return found
+
+
+def apis(
+    ingest_channel: grpc.Channel,
+    identity_channel: grpc.Channel,
+    profile_channel: grpc.Channel,
+    engine: Engine,
+    tenant_id: str,
+    metadata: tuple[tuple[str, str], ...],
+) -> Apis:
+    return Apis(
+        ingest_pb2_grpc.IngestServiceStub(ingest_channel),
+        identity_pb2_grpc.IdentityServiceStub(identity_channel),
+        profile_pb2_grpc.ProfileServiceStub(profile_channel),
+        engine,
+        tenant_id,
+        metadata,
+    )
+
+
+def traits_of(profile: profile_pb2.Profile) -> dict[str, Any]:
+    """Trait key -> its value as plain Python (numbers are floats, as a Struct carries them)."""
+    return {t.key: json_format.MessageToDict(t.value) for t in profile.traits}
+
+
+def trait(profile: profile_pb2.Profile, key: str) -> profile_pb2.Trait:
+    found = [t for t in profile.traits if t.key == key]
+    assert len(found) == 1, f"trait {key!r} not on the profile: {traits_of(profile)}"
+    return found[0]
+
+
+def computed_of(profile: profile_pb2.Profile) -> dict[str, tuple[Any, int]]:
+    """Computed trait key -> (value or None when unset, sample size)."""
+    return {
+        c.key: (json_format.MessageToDict(c.value) if c.HasField("value") else None, c.sample_size)
+        for c in profile.computed_traits
+    }
+
+
+def at(ts: timestamp_pb2.Timestamp) -> dt.datetime:
+    return ts.ToDatetime(tzinfo=dt.UTC)
+
+
+def code_of(call: Callable[[], Any]) -> grpc.RpcError:
+    """The error a call fails with (it must fail)."""
+    try:
+        call()
+    except grpc.RpcError as err:
+        return err
+    raise AssertionError("the call succeeded")
