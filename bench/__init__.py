@@ -15,6 +15,8 @@ SCENARIOS: dict[str, str] = {
     "ingest": "bench.ingest",
     "identity": "bench.identity",
     "identity-accuracy": "bench.identity_accuracy",
+    "context": "bench.context",
+    "freshness": "bench.freshness",
 }
 
 

@@ -114,7 +114,7 @@ class Stack:
     def _addresses(self) -> dict[str, str]:
         """Where profile finds the others (their ports here; empty for a service not in this build)."""
         return {
-            f"TESSERA_PROFILE_{s.upper()}_ADDRESS": self._target(s) if s in self.ports else ""
+            f"TESSERA_PROFILE_{s.upper()}_ADDRESS": self._target(s) if s in self.ports else "none"
             for s in ("identity", "ingest", "metrics")
         }
 

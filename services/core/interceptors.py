@@ -16,7 +16,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import grpc
@@ -183,27 +183,34 @@ class _Call:
         return None
 
     @contextmanager
-    def span(self) -> Iterator[trace.Span]:
+    def span(self, current: bool = True) -> Iterator[trace.Span]:
+        """The RPC's server span; ``current=False`` leaves it unattached (an async stream attaches
+        it per step, since its generator may be closed from another task's context)."""
         parent = propagate.extract({k: v for k, v in self.metadata if isinstance(v, str)})
         service, _, name = self.method.lstrip("/").partition("/")
-        with self.tracer.start_as_current_span(
+        span = self.tracer.start_span(
             self.method.lstrip("/"),
             context=parent,
             kind=SpanKind.SERVER,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
             record_exception=False,
             set_status_on_exception=False,
-        ) as span:
-            try:
+        )
+        try:
+            if current:
+                with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                    yield span
+            else:
                 yield span
-            finally:
-                span.set_attribute("rpc.grpc.status_code", self.code.value[0])
-                if self.code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
-                    span.set_status(Status(StatusCode.ERROR, self.code.name))
-                _rpc_duration.record(
-                    time.perf_counter() - self.started,
-                    {"rpc.method": self.method, "rpc.grpc.status_code": self.code.name},
-                )
+        finally:
+            span.set_attribute("rpc.grpc.status_code", self.code.value[0])
+            if self.code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+                span.set_status(Status(StatusCode.ERROR, self.code.name))
+            span.end()
+            _rpc_duration.record(
+                time.perf_counter() - self.started,
+                {"rpc.method": self.method, "rpc.grpc.status_code": self.code.name},
+            )
 
     def status_of(self, exc: BaseException) -> Any:
         """The ``google.rpc.Status`` to answer ``exc`` with (logging what was not a domain error)."""
@@ -374,26 +381,39 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         def async_stream(behavior: Behavior) -> Behavior:
             async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
+                # The span and tenant are attached only while the servicer runs (each step below),
+                # never across a yield: grpc may finalize this generator from another task.
                 call = _Call(method, metadata, guard.tracer)
-                with call.span():
-                    token = None
+                with call.span(current=False) as span:
                     slot: str | None = None
+                    responses: AsyncIterator[Any] | None = None
                     try:
-                        tenant = await guard._tenant_async(call, public)
-                        if guard.slots is not None and not method.startswith(UNCAPPED_PREFIXES):
-                            slot = guard.slots.take(tenant)
-                        token = _enter(tenant, context)
-                        if hasattr(request, "__anext__"):
-                            request = _checked_aiter(request, check_request, lambda: guard._recheck(call, public))
-                        else:
-                            check_request(request)
-                        async for response in behavior(request, context):
+                        with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                            tenant = await guard._tenant_async(call, public)
+                            if guard.slots is not None and not method.startswith(UNCAPPED_PREFIXES):
+                                slot = guard.slots.take(tenant)
+                            _enter(None, context)
+                            if hasattr(request, "__anext__"):
+                                request = _checked_aiter(request, check_request, lambda: guard._recheck(call, public))
+                            else:
+                                check_request(request)
+                            responses = behavior(request, context)
+                        while True:
+                            token = set_current_tenant(tenant) if tenant is not None else None
+                            try:
+                                with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                                    response = await responses.__anext__()
+                            except StopAsyncIteration:
+                                break
+                            finally:
+                                _leave(token)
                             guard._recheck(call, public)
                             yield response
                     except Exception as exc:
                         await _abort_async(context, call, exc)
                     finally:
-                        _leave(token)
+                        if responses is not None and hasattr(responses, "aclose"):
+                            await responses.aclose()
                         if slot is not None and guard.slots is not None:
                             guard.slots.give_back(slot)
 
@@ -425,7 +445,8 @@ def _enter(tenant: Tenant | None, context: Any) -> Any:
 
 def _leave(token: Any) -> None:
     if token is not None:
-        reset_current_tenant(token)
+        with suppress(ValueError):  # a generator closed from another context: that context is gone anyway
+            reset_current_tenant(token)
 
 
 def _checked_iter(requests: Iterator[Any], check: Callable[[Any], None]) -> Iterator[Any]:

@@ -133,14 +133,21 @@ class Scores:
 
 
 class MetricsScores:
-    def __init__(self, channels: _Channels, address: str, deadline_s: float) -> None:
+    """Scores with a short deadline. After metrics was unreachable, calls are skipped for
+    ``pause_s`` (the context says so at once instead of waiting out a connection each time)."""
+
+    def __init__(self, channels: _Channels, address: str, deadline_s: float, pause_s: float = 2.0) -> None:
         self.channels = channels
         self.address = address
         self.deadline_s = deadline_s
+        self.pause_s = pause_s
+        self._down_until = 0.0
 
     def get(self, profile_id: str, metadata: Metadata) -> Scores:
         if not self.address:
             return Scores(None, "no metrics service is configured (TESSERA_PROFILE_METRICS_ADDRESS)")
+        if time.monotonic() < self._down_until:
+            return Scores(None, "metrics service unavailable")
         try:
             stub = metrics_pb2_grpc.MetricsServiceStub(self.channels.get(self.address))
             resp = stub.GetCustomerMetrics(
@@ -149,6 +156,7 @@ class MetricsScores:
                 timeout=self.deadline_s,
                 wait_for_ready=False,
             )
+            self._down_until = 0.0
         except grpc.RpcError as err:
             code = err.code()
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -158,6 +166,7 @@ class MetricsScores:
             if code == grpc.StatusCode.NOT_FOUND:
                 return Scores(None, "metrics service has no facts about this customer yet")
             if code == grpc.StatusCode.UNAVAILABLE:
+                self._down_until = time.monotonic() + self.pause_s
                 return Scores(None, "metrics service unavailable")
             return Scores(None, f"metrics service answered {code.name}")
         return Scores(resp.metrics, "")

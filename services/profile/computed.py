@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 
@@ -260,11 +261,9 @@ def point(defn: Definition, event: event_pb2.Event, kind: str, at: dt.datetime, 
     if not defn.field:
         return Point(at, event.event_id, None, None)
     value = extract(event, kind, defn.field, cache)
-    if value is _MISSING:
-        return None
+    if value is _MISSING or (isinstance(value, float) and not math.isfinite(value)):
+        return None  # NaN and Infinity are no JSON value: no point (they would poison sums and hashes)
     num = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-    if num is not None and not math.isfinite(num):
-        num = None
     if defn.aggregation in NUMERIC and num is None:
         return None
     return Point(at, event.event_id, value, num)
@@ -352,6 +351,8 @@ def problems(defs: Sequence[profile_pb2.ComputedTraitDefinition], path: str) -> 
                         "survey_response, message), properties, context, channel or source",
                     )
                 )
+            elif (why := _path_problem(d.field, d.aggregation)) is not None:
+                out.append((f"{at}.field", why))
         elif d.aggregation != COUNT and d.aggregation in AGGREGATIONS:
             out.append((f"{at}.field", "required for every aggregation but COUNT"))
         if d.HasField("window"):
@@ -371,6 +372,38 @@ def problems(defs: Sequence[profile_pb2.ComputedTraitDefinition], path: str) -> 
         if len(d.filter.track_event) > 256:
             out.append((f"{at}.filter.track_event", "at most 256 characters"))
     return out
+
+
+_TEXT_TYPES: Final = frozenset({FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BOOL, FieldDescriptor.TYPE_ENUM})
+
+
+def _path_problem(path: str, aggregation: int) -> str | None:
+    """Why no event can give ``path`` a (numeric, when the aggregation needs one) value, or None.
+    Paths into properties, context and identify.traits are free-form, so always possible."""
+    head, _, rest = path.partition(".")
+    parts = rest.split(".") if rest else []
+    if head in ("channel", "source"):
+        if parts:
+            return f"{head} has no fields below it"
+        return f"{head} is text, not a number" if aggregation in NUMERIC else None
+    if head not in KINDS:
+        return None
+    msg: Any = event_pb2.Event.DESCRIPTOR.fields_by_name[head].message_type
+    leaf: Any = None
+    for i, name in enumerate(parts):
+        if msg is None:
+            return f"{'.'.join([head, *parts[:i]])} has no fields below it"
+        if msg.full_name == "google.protobuf.Struct":
+            return None
+        leaf = msg.fields_by_name.get(name)
+        if leaf is None:
+            return f"{msg.name} has no field {name!r}"
+        msg = leaf.message_type
+    if msg is not None and msg.full_name != "google.protobuf.Struct":
+        return f"{path} is a message, not a value; name one of its fields"
+    if leaf is not None and leaf.type in _TEXT_TYPES and aggregation in NUMERIC:
+        return f"{path} is not a number"
+    return None
 
 
 def with_key(d: Definition, key: str) -> Definition:

@@ -278,6 +278,8 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         rows, head, pruned = await self.pool(self.reads.feed, tenant, position or 0, 1)
         if position is None:
             position = head
+        elif position > head:  # no change has this cursor yet: forged, or from another feed
+            raise InvalidArgument("invalid cursor", [Violation("cursor", "not a cursor this API issued")])
         elif position < pruned:
             raise FailedPrecondition(
                 "the cursor is older than the change feed keeps",

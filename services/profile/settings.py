@@ -9,8 +9,10 @@ from services.core.settings import EnvSettings, number, port_number, setting, wh
 
 def _address(raw: str) -> str:
     value = raw.strip()
-    if value and (":" not in value or any(c.isspace() for c in value)):
-        raise ValueError("must be host:port (or empty for none)")
+    if value.lower() == "none":
+        return ""
+    if ":" not in value or any(c.isspace() for c in value):
+        raise ValueError("must be host:port, or 'none'")
     return value
 
 
@@ -22,7 +24,7 @@ class ProfileSettings(EnvSettings):
     # Where the other services answer (Kubernetes: their Service names).
     identity_address: str = setting("localhost:50052", "PROFILE_IDENTITY_ADDRESS", _address)
     ingest_address: str = setting("localhost:50051", "PROFILE_INGEST_ADDRESS", _address)
-    # Empty: no metrics service; contexts say the scores are missing, and why.
+    # 'none': no metrics service; contexts say the scores are missing, and why.
     metrics_address: str = setting("localhost:50054", "PROFILE_METRICS_ADDRESS", _address)
     # How long a context waits for the scores before it returns without them.
     metrics_deadline_ms: int = setting(150, "PROFILE_METRICS_DEADLINE_MS", whole(10, 10_000))

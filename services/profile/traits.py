@@ -134,7 +134,9 @@ def choose(summaries: Sequence[Summary], policy: int, source_rank: Mapping[str, 
         best = newest[h]
         chosen = Chosen(best.key, best.value, best.source, best.last_event_id, best.last_at, policy, counts[h])
     elif policy == SOURCE_PRIORITY:
-        best = min(summaries, key=lambda s: (ranks.get(s.source, worst), _desc(latest(s))))
+        # The most trusted source present, then the latest of its summaries (as LATEST orders them).
+        top = min(ranks.get(s.source, worst) for s in summaries)
+        best = max((s for s in summaries if ranks.get(s.source, worst) == top), key=latest)
         chosen = Chosen(best.key, best.value, best.source, best.last_event_id, best.last_at, policy, 0)
     else:
         best = max(summaries, key=latest)
@@ -150,11 +152,6 @@ def choose(summaries: Sequence[Summary], policy: int, source_rank: Mapping[str, 
             sum(s.count for s in summaries),
         )
     return chosen
-
-
-def _desc(key: tuple[dt.datetime, str]) -> tuple[float, tuple[int, ...]]:
-    """Sorts a (time, id) key newest first inside an ascending min()."""
-    return (-key[0].timestamp(), tuple(-ord(c) for c in key[1]))
 
 
 def policy_of(key: str, policies: Mapping[str, int], default: int) -> int:

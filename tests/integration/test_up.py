@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
+import typing
 from pathlib import Path
 
 import grpc
@@ -126,7 +127,7 @@ def _wait_context(api_key: str, profile_id: str, timeout: float = 90) -> profile
                     and traits.get("first_name") == PERSONA.first_name
                     and len(last.recent_interactions) >= 3
                 ):
-                    return last
+                    return typing.cast(profile_pb2.GetCustomerContextResponse, last)
             except grpc.RpcError as err:
                 assert err.code() == grpc.StatusCode.NOT_FOUND, err
             time.sleep(0.5)
