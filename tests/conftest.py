@@ -4,13 +4,16 @@ prefix per test run, dropped at the end; one tenant per test for isolation."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 import redis
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy.engine import Engine
 
 from services.cli import registry
@@ -33,6 +36,13 @@ SERVICE_OVERRIDES: dict[str, dict[str, object]] = {
 }
 #: Lets the session's profile server act for tenants in identity and ingest (erasure).
 SERVICE_TOKEN = "tests-service-token-0123456789abcdef"
+#: Every metric recorded in this process, the in-process servers' included. Installed before any
+#: test runs, so it is the meter provider they all use (a later configure_telemetry keeps it).
+METRICS = InMemoryMetricReader()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    metrics.set_meter_provider(MeterProvider(metric_readers=[METRICS]))
 
 
 @pytest.fixture(scope="session")
@@ -147,16 +157,39 @@ def identity_channel(identity_server: RunningServer) -> Iterator[grpc.Channel]:
         yield channel
 
 
+def _profile(
+    settings: Settings, ingest_server: RunningServer, identity_server: RunningServer, **extra: object
+) -> Iterator[RunningServer]:
+    peers = {
+        "identity_address": f"127.0.0.1:{identity_server.port}",
+        "ingest_address": f"127.0.0.1:{ingest_server.port}",
+    }
+    yield from _serve("profile", settings, **{**peers, **extra})
+
+
 @pytest.fixture(scope="session")
 def profile_server(
     settings: Settings, ingest_server: RunningServer, identity_server: RunningServer
 ) -> Iterator[RunningServer]:
-    yield from _serve(
-        "profile",
-        settings,
-        identity_address=f"127.0.0.1:{identity_server.port}",
-        ingest_address=f"127.0.0.1:{ingest_server.port}",
-    )
+    yield from _profile(settings, ingest_server, identity_server)
+
+
+@pytest.fixture
+def start_profile_server(
+    settings: Settings, ingest_server: RunningServer, identity_server: RunningServer
+) -> Iterator[Callable[..., RunningServer]]:
+    """Starts profile servers with other settings (``metrics_address=...``) for one test; they
+    share the database and Redis with the session's and stop when the test ends."""
+    started: list[Iterator[RunningServer]] = []
+
+    def start(**extra: object) -> RunningServer:
+        served = _profile(settings, ingest_server, identity_server, **extra)
+        started.append(served)
+        return next(served)
+
+    yield start
+    for served in reversed(started):
+        next(served, None)  # past the yield: the shutdown
 
 
 @pytest.fixture(scope="session")

@@ -28,14 +28,18 @@ _RETRY: Final = json.dumps(
 )
 
 
-def channel_options() -> list[tuple[str, Any]]:
-    return [
+def channel_options(*, retries: bool = True) -> list[tuple[str, Any]]:
+    """``retries=False``: no retry policy, for calls whose deadline is too short for its back-offs
+    (an unreachable server then fails them at once); gRPC's transparent retries remain."""
+    options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", 16 * 1024 * 1024),
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-        ("grpc.service_config", _RETRY),
         ("grpc.enable_retries", 1),
         ("grpc.keepalive_time_ms", 60_000),
     ]
+    if retries:
+        options.append(("grpc.service_config", _RETRY))
+    return options
 
 
 def _credentials(settings: Settings) -> grpc.ChannelCredentials | None:
@@ -45,11 +49,11 @@ def _credentials(settings: Settings) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(settings.tls_cert_file.read_bytes())
 
 
-def service_channel(target: str, settings: Settings) -> grpc.Channel:
+def service_channel(target: str, settings: Settings, *, retries: bool = True) -> grpc.Channel:
     creds = _credentials(settings)
     if creds is not None:
-        return grpc.secure_channel(target, creds, options=channel_options())
-    return grpc.insecure_channel(target, options=channel_options())
+        return grpc.secure_channel(target, creds, options=channel_options(retries=retries))
+    return grpc.insecure_channel(target, options=channel_options(retries=retries))
 
 
 def service_aio_channel(target: str, settings: Settings) -> grpc.aio.Channel:

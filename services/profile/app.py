@@ -43,7 +43,10 @@ def register(server: grpc.aio.Server, ctx: ServiceContext, own: ProfileSettings)
     )
     channels = clients.channels(lambda target: service_channel(target, s))
     rules = clients.RulesSource(channels, own.identity_address, own.rules_cache_seconds)
-    scores = clients.MetricsScores(channels, own.metrics_address, own.metrics_deadline_ms / 1000)
+    # No gRPC retries for the scores: their back-offs would spend the short deadline, so an
+    # unreachable metrics service would read as a slow one and never pause the calls.
+    scores_channels = clients.channels(lambda target: service_channel(target, s, retries=False))
+    scores = clients.MetricsScores(scores_channels, own.metrics_address, own.metrics_deadline_ms / 1000)
     configs = ConfigCache(store)
     reads = ProfileReads(
         store,

@@ -113,6 +113,11 @@ class RulesSource:
         except grpc.RpcError as err:
             if hit is not None:
                 log.warning("identity rules unavailable, using the last copy", extra={"code": str(err.code())})
+                # Kept for another period, so look-ups (and the context cache's hit path) do not
+                # ask identity again on every call while it does not answer.
+                with self._lock:
+                    if self._cache.get(tenant_id) is hit:
+                        self._cache[tenant_id] = (time.monotonic() + self.ttl, hit[1])
                 return hit[1]
             raise Unavailable("identity does not answer, so identifiers cannot be normalized; retry soon") from None
         with self._lock:
