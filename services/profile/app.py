@@ -41,6 +41,7 @@ def register(server: grpc.aio.Server, ctx: ServiceContext, own: ProfileSettings)
         context_seconds=own.context_cache_seconds,
         owner_seconds=own.owner_cache_seconds,
     )
+    store.hold = cache.hold  # every writing transaction holds the caches of what it changes
     channels = clients.channels(lambda target: service_channel(target, s))
     rules = clients.RulesSource(channels, own.identity_address, own.rules_cache_seconds)
     # No gRPC retries for the scores: their back-offs would spend the short deadline, so an

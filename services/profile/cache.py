@@ -10,6 +10,13 @@
   erasure bumps the epoch and deletes the identifiers it moved, so an owner read before a move
   is never written after it.
 
+The window between a commit and that bump is closed by a *hold*: inside the transaction, just
+before it commits, the touched profiles' versions (and, when identifiers move, the epoch) are set
+to a pending value (``p…``, expiring after ``hold_seconds``). While a value is pending, look-ups
+answer no context and nothing is stored, so reads go to the database, which is right on either
+side of the commit. After the commit the bump replaces the pending value; if the writer died in
+between, the pending value expires and the keys start afresh.
+
 A version key that is missing (Redis restarted, or never set) is created with a random value,
 never a small counter, so a context left over from before the restart cannot match by luck.
 All keys of a tenant carry its ``{tenant}`` hash tag; a hit is one round trip (a Lua script).
@@ -29,6 +36,7 @@ from opentelemetry import metrics
 from services.core.bus import tenant_key
 
 SEP: Final = "\x1f"
+PENDING: Final = "p"
 _meter = metrics.get_meter("tessera.profile")
 _lookups = _meter.create_counter("tessera.profile.context.cache", description="context look-ups by result (hit, miss)")
 
@@ -41,7 +49,7 @@ if pid == '' then
 end
 local ver = redis.call('GET', base .. 'ver:' .. pid)
 local ctx = false
-if ver then ctx = redis.call('HGET', base .. 'ctx:' .. pid, ARGV[4]) end
+if ver and string.sub(ver, 1, 1) ~= 'p' then ctx = redis.call('HGET', base .. 'ctx:' .. pid, ARGV[4]) end
 return {pid, ver, ctx, false}
 """
 
@@ -52,16 +60,9 @@ redis.call('SET', KEYS[1], ARGV[1])
 return ARGV[1]
 """
 
-_BUMP = """
-for i, k in ipairs(KEYS) do
-  if redis.call('EXISTS', k) == 1 then redis.call('INCR', k) else redis.call('SET', k, ARGV[i]) end
-end
-return #KEYS
-"""
-
 _STORE_OWNER = """
 local epoch = redis.call('GET', KEYS[2])
-if (epoch or '') ~= ARGV[1] then return 0 end
+if (epoch or '') ~= ARGV[1] or string.sub(ARGV[1], 1, 1) == 'p' then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 return 1
 """
@@ -69,6 +70,11 @@ return 1
 
 def _nonce() -> str:
     return str(secrets.randbelow(2**62) + 2**40)
+
+
+def pending(value: str | None) -> bool:
+    """A version or epoch held by a commit in progress."""
+    return value is not None and value.startswith(PENDING)
 
 
 @dataclass(frozen=True)
@@ -93,15 +99,16 @@ class ContextCache:
         *,
         context_seconds: float = 60.0,
         owner_seconds: float = 600.0,
+        hold_seconds: float = 30.0,
     ) -> None:
         self.client = client
         self.aclient = aclient
         self.prefix = prefix
         self.context_seconds = context_seconds
         self.owner_seconds = owner_seconds
+        self.hold_seconds = hold_seconds
         self._lookup = client.register_script(_LOOKUP)
         self._ensure = client.register_script(_ENSURE_VERSION)
-        self._bump = client.register_script(_BUMP)
         self._owner = client.register_script(_STORE_OWNER)
         self._alookup = aclient.register_script(_LOOKUP) if aclient is not None else None
 
@@ -154,6 +161,8 @@ class ContextCache:
     def store_context(
         self, tenant_id: str, profile_id: str, variant: str, version: str, payload: bytes, seconds: float
     ) -> None:
+        if pending(version):
+            return  # built while a commit was in progress: it may predate it
         key = self.base(tenant_id) + "ctx:" + profile_id
         pipe = self.client.pipeline(transaction=False)
         pipe.hset(key, variant, version.encode() + b"|" + payload)
@@ -168,13 +177,27 @@ class ContextCache:
             )
         )
 
-    # -- writes by the consumer (after commit) -------------------------------------------------
+    # -- writes by the consumer (around its commit) ----------------------------------------
+
+    def hold(self, tenant_id: str, profile_ids: Sequence[str], moved: Sequence[tuple[str, str]] = ()) -> None:
+        """Before a commit: the profiles' versions (and the epoch, if identifiers move) are pending,
+        so until ``invalidate`` runs nothing cached is answered for them and nothing is stored."""
+        base = self.base(tenant_id)
+        ttl = max(int(self.hold_seconds), 1)
+        pipe = self.client.pipeline(transaction=False)
+        for p in sorted(set(profile_ids)):
+            pipe.set(base + "ver:" + p, PENDING + _nonce(), ex=ttl)
+        if moved:
+            pipe.set(base + "epoch", PENDING + _nonce(), ex=ttl)
+            pipe.delete(*(base + "idx:" + self.identifier(t, v) for t, v in moved))
+        pipe.execute()
 
     def invalidate(
         self, tenant_id: str, profile_ids: Iterable[str], moved: Iterable[tuple[str, str]] = (), *, forget: bool = False
     ) -> None:
-        """After a commit: every touched profile's version moves on; moved identifiers are forgotten
-        and the epoch moves on. ``forget`` (an erasure) also deletes the profiles' keys."""
+        """After a commit: every touched profile's version moves on (to a fresh random value, ending
+        any hold); moved identifiers are forgotten and the epoch moves on. ``forget`` (an erasure)
+        also deletes the profiles' keys."""
         base = self.base(tenant_id)
         ids = sorted(set(profile_ids))
         moved = list(moved)
@@ -182,10 +205,9 @@ class ContextCache:
             return
         pipe = self.client.pipeline(transaction=False)
         if ids:
-            keys = [base + "ver:" + p for p in ids]
-            self._bump(keys=keys, args=[_nonce() for _ in keys], client=pipe)
+            pipe.mset({base + "ver:" + p: _nonce() for p in ids})
         if moved:
-            pipe.incr(base + "epoch")
+            pipe.set(base + "epoch", _nonce())
             pipe.delete(*(base + "idx:" + self.identifier(t, v) for t, v in moved))
         if forget and ids:
             pipe.delete(*(base + "ctx:" + p for p in ids))

@@ -170,6 +170,7 @@ class ErasureStore:
             )
             self.profiles._feed(out, tenant_id, [(FEED_ERASED, profile_id, None, ())])
             out.run()
+            self.profiles.holding(tenant_id, members, identifiers)
             cur.execute(
                 f"SELECT {_COLUMNS} FROM profile.erasure_requests WHERE tenant_id = %s AND request_id = %s",  # noqa: S608
                 (tenant_id, request_id),

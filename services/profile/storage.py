@@ -111,10 +111,17 @@ def _json_text(value: Any) -> str:
     return canonical(value)
 
 
+Hold = Callable[[str, Sequence[str], Sequence[tuple[str, str]]], None]
+
+
 class ProfileStore:
-    def __init__(self, engine: Engine, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, engine: Engine, clock: Callable[[], float] = time.time, hold: Hold | None = None) -> None:
         self.engine = engine
         self.clock = clock
+        # Called inside every writing transaction, just before it commits, with the profiles and
+        # identifiers it changes: the caches stop answering for them until the commit is published
+        # (ContextCache.hold), so no read after the commit can see what was cached before it.
+        self.hold = hold
 
     def now(self) -> dt.datetime:
         return dt.datetime.fromtimestamp(self.clock(), dt.UTC)
@@ -147,14 +154,23 @@ class ProfileStore:
     def apply_events(self, tenant_id: str, events: Sequence[ProfileEvent], config: ProfileConfig) -> Applied:
         """Apply one tenant's resolved events in one transaction; idempotent per event id."""
         return self._retrying(
-            "profile apply events", len(events), lambda cur: self._apply_events(cur, tenant_id, events, config)
+            tenant_id,
+            "profile apply events",
+            len(events),
+            lambda cur: self._apply_events(cur, tenant_id, events, config),
         )
 
-    def _retrying(self, span: str, rows: int, fn: Callable[[Any], Applied]) -> Applied:
+    def holding(self, tenant_id: str, profile_ids: Sequence[str], moved: Sequence[tuple[str, str]] = ()) -> None:
+        if self.hold is not None and (profile_ids or moved):
+            self.hold(tenant_id, profile_ids, moved)
+
+    def _retrying(self, tenant_id: str, span: str, rows: int, fn: Callable[[Any], Applied]) -> Applied:
         for attempt in range(RETRIES):
             try:
                 with db.raw_transaction(self.engine, span, rows) as (cur, _info):
-                    return fn(cur)
+                    out = fn(cur)
+                    self.holding(tenant_id, sorted(out.touched), out.moved_identifiers)
+                    return out
             except _Retry:
                 continue
             except sa.exc.DBAPIError as exc:
@@ -747,7 +763,7 @@ class ProfileStore:
                 statements.run()
             return out
 
-        return self._retrying("profile created", 1, run)
+        return self._retrying(tenant_id, "profile created", 1, run)
 
     def apply_merge(self, tenant_id: str, survivor: str, absorbed: str, key: str, config: ProfileConfig) -> Applied:
         """``absorbed`` joins ``survivor``: ids, timeline and UpdateTraits values move, the survivor
@@ -827,7 +843,7 @@ class ProfileStore:
             statements.run()
             return out
 
-        return self._retrying("profile merge", 1, run)
+        return self._retrying(tenant_id, "profile merge", 1, run)
 
     def apply_split(
         self,
@@ -896,7 +912,7 @@ class ProfileStore:
             statements.run()
             return out
 
-        return self._retrying("profile split", 1, run)
+        return self._retrying(tenant_id, "profile split", 1, run)
 
     def apply_erased(self, tenant_id: str, profile_ids: Sequence[str]) -> Applied:
         """Forget everything about these profiles; they answer NOT_FOUND and drop later events."""
@@ -923,7 +939,7 @@ class ProfileStore:
             statements.run()
             return out
 
-        return self._retrying("profile erased", len(profile_ids), run)
+        return self._retrying(tenant_id, "profile erased", len(profile_ids), run)
 
     def _first_time(self, cur: Any, tenant_id: str, key: str) -> bool:
         cur.execute(
@@ -1029,7 +1045,7 @@ class ProfileStore:
             statements.run()
             return Applied(touched={profile_id})
 
-        return self._retrying("profile update traits", 1, run)
+        return self._retrying(tenant_id, "profile update traits", 1, run)
 
     # ------------------------------------------------------------------------------------------
     # Reads.

@@ -5,10 +5,9 @@ stores its context late; cache hits and misses are counted; and identifier look-
 to identity once warm, while following identity's merges and splits.
 
 The metrics service is a stand-in gRPC server in this process (our own peer, not a backend).
-A change sent through ingest counts as committed once the profile consumers have acknowledged it
-(see ``consumed``): they do that after the commit and the invalidation that follows it. In the
-instant between those two a read can still be served the old context; that window is not closed
-by the cache's design, and these tests do not claim otherwise."""
+A change counts as committed the moment its row is visible in PostgreSQL: the consumer holds the
+cached contexts it touches before it commits (``ContextCache.hold``), so even a read in the
+instant between the commit and the invalidation that follows it gets the new state."""
 
 from __future__ import annotations
 
@@ -30,10 +29,11 @@ from services.core.harness import free_port
 from services.core.server import RunningServer
 from services.core.settings import Settings
 from services.core.streams import Stream
+from services.profile.cache import ContextCache
 from services.profile.consumer import CHANGES_GROUP, RESOLVED_GROUP
 from tessera.v1 import metrics_pb2, metrics_pb2_grpc, profile_pb2
 from tests.conftest import METRICS, TenantKey
-from tests.support.profile import Apis, apis, code_of, identify, interaction, traits_of, wait_until
+from tests.support.profile import Apis, apis, applied_count, code_of, identify, interaction, traits_of, wait_until
 from tests.support.proxy import CuttableProxy
 
 pytestmark = [pytest.mark.integration]
@@ -56,9 +56,7 @@ def api(
 @pytest.fixture
 def consumed(api: Apis, redis_client: redis.Redis, settings: Settings) -> Callable[[Stream[Any]], None]:
     """Waits until the profile consumers have read and acknowledged every entry of the tenant's
-    stream. A consumer acknowledges after its commit and the cache invalidation that follows it,
-    so this is when a change is committed as far as contexts are concerned (a read in the instant
-    between the commit and the invalidation may still get the old context)."""
+    stream (after their commit and the invalidation that follows it: the caches have settled)."""
     bus = Bus(redis_client, settings.redis_prefix)
     groups_of = {streams.RESOLVED.name: RESOLVED_GROUP, streams.CHANGES.name: CHANGES_GROUP}
 
@@ -326,6 +324,41 @@ def test_a_context_built_from_rows_read_before_a_commit_is_never_served_after_it
     # What is cached now is that fresh build.
     assert ctxs.context(name) == first
     assert counted(before) == {"hit": 1, "miss": 1}
+
+
+def test_a_read_the_instant_a_commit_is_visible_in_the_database_already_sees_it(
+    api: Apis, engine: Engine, consumed: Callable[[Stream[Any]], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The window between the consumer's commit and its cache invalidation (widened here to 150 ms,
+    as a pause of the consumer's process would): the test watches PostgreSQL in a tight loop and
+    asks for the cached context the moment the new event's row is there. Round after round, that
+    read must already show the event."""
+    invalidate = ContextCache.invalidate
+
+    def late(self: ContextCache, *args: Any, **kw: Any) -> None:
+        time.sleep(0.15)
+        invalidate(self, *args, **kw)
+
+    monkeypatch.setattr(ContextCache, "invalidate", late)
+    phone = ("phone", "+14155550231")
+    api.send(identify(phone, traits={"round": 0}))
+    api.wait_applied(1)
+    name = api.get(ident=phone).name
+    stale: list[tuple[int, object]] = []
+    rounds = 8
+    for r in range(1, rounds + 1):
+        assert traits_of(api.context(ident=phone).profile)["round"] == r - 1  # warm: the next read is a hit
+        assert traits_of(api.context(ident=phone).profile)["round"] == r - 1
+        api.send(identify(phone, traits={"round": r}))
+        deadline = time.monotonic() + 20
+        while applied_count(engine, api.tenant_id) < r + 1:
+            assert time.monotonic() < deadline, f"round {r} was never applied"
+        seen = traits_of(api.context(ident=phone).profile)["round"]
+        if seen != r:
+            stale.append((r, seen))
+        consumed(streams.RESOLVED)
+    assert not stale, f"{len(stale)} of {rounds} reads right after a commit got the context from before it: {stale}"
+    assert traits_of(api.get(name))["round"] == rounds
 
 
 def test_every_read_that_starts_after_a_commit_sees_it_while_threads_hammer_the_context(
