@@ -426,7 +426,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 return async_unary(behavior)
             return sync_stream(behavior) if streaming else sync_unary(behavior)
 
-        serializer = handler.response_serializer
+        serializer = _passthrough(handler.response_serializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False), deserializer, serializer)
         if handler.stream_unary:
@@ -434,6 +434,17 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, True), deserializer, serializer)
         return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, True), deserializer, serializer)
+
+
+def _passthrough(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """A servicer may answer with its response already serialized (bytes from a cache): sent as is."""
+    if serializer is None:
+        return None
+
+    def serialize(response: Any) -> bytes:
+        return response if type(response) is bytes else serializer(response)
+
+    return serialize
 
 
 def _enter(tenant: Tenant | None, context: Any) -> Any:

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
-import redis.asyncio as aioredis
 
 from services.core import tenancy
 from services.core.bus import ConsumerWorker
 from services.core.channels import service_channel
+from services.core.hotredis import HotRedis
 from services.core.migrate import MigrationSet
 from services.core.periodic import Periodic
 from services.core.server import Background, ServiceContext, ServiceDefinition
@@ -33,10 +33,10 @@ MIGRATIONS = MigrationSet("profile", Path(__file__).resolve().parent / "migratio
 def register(server: grpc.aio.Server, ctx: ServiceContext, own: ProfileSettings) -> list[Background]:
     s = ctx.settings
     store = ProfileStore(ctx.engine)
-    aclient = aioredis.Redis.from_url(s.require_redis_url())
+    hot = HotRedis(s.require_redis_url())
     cache = ContextCache(
         ctx.redis,
-        aclient,
+        hot,
         s.redis_prefix,
         context_seconds=own.context_cache_seconds,
         owner_seconds=own.owner_cache_seconds,

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import redis
-import redis.asyncio as aioredis
 from opentelemetry import metrics
 
 from services.core.bus import tenant_key
+from services.core.hotredis import HotRedis, RedisUnavailable
 
 SEP: Final = "\x1f"
 PENDING: Final = "p"
@@ -94,7 +94,7 @@ class ContextCache:
     def __init__(
         self,
         client: redis.Redis,
-        aclient: aioredis.Redis | None,
+        hot: HotRedis | None,
         prefix: str,
         *,
         context_seconds: float = 60.0,
@@ -102,7 +102,7 @@ class ContextCache:
         hold_seconds: float = 30.0,
     ) -> None:
         self.client = client
-        self.aclient = aclient
+        self.hot = hot
         self.prefix = prefix
         self.context_seconds = context_seconds
         self.owner_seconds = owner_seconds
@@ -110,7 +110,6 @@ class ContextCache:
         self._lookup = client.register_script(_LOOKUP)
         self._ensure = client.register_script(_ENSURE_VERSION)
         self._owner = client.register_script(_STORE_OWNER)
-        self._alookup = aclient.register_script(_LOOKUP) if aclient is not None else None
 
     def base(self, tenant_id: str) -> str:
         return tenant_key(self.prefix, tenant_id, "profile") + ":"
@@ -139,9 +138,17 @@ class ContextCache:
         raw = self._lookup(args=[self.base(tenant_id), profile_id, identifier, variant])
         return self._parse(raw)
 
-    async def alookup(self, tenant_id: str, variant: str, *, profile_id: str = "", identifier: str = "") -> Lookup:
-        assert self._alookup is not None
-        raw = await self._alookup(args=[self.base(tenant_id), profile_id, identifier, variant])
+    async def alookup(
+        self, tenant_id: str, variant: str, *, profile_id: str = "", identifier: str = ""
+    ) -> Lookup | None:
+        """``lookup`` on the event loop's hot connection; None when it cannot answer (the caller
+        takes the database path, which does not need the cache)."""
+        if self.hot is None:
+            return None
+        try:
+            raw = await self.hot.evalsha(_LOOKUP, args=(self.base(tenant_id), profile_id, identifier, variant))
+        except RedisUnavailable:
+            return None
         return self._parse(raw)
 
     def record(self, hit: bool) -> None:

@@ -129,6 +129,9 @@ class RulesSource:
 class Scores:
     metrics: metrics_pb2.CustomerMetrics | None
     missing_reason: str
+    # Missing for a reason that may pass soon (down, slow, no facts yet): a context holding them
+    # is cached briefly, so the scores come back. "Not configured" does not pass.
+    transient: bool = True
 
     def to_proto(self) -> profile_pb2.CustomerScores:
         out = profile_pb2.CustomerScores(missing_reason=self.missing_reason)
@@ -150,7 +153,7 @@ class MetricsScores:
 
     def get(self, profile_id: str, metadata: Metadata) -> Scores:
         if not self.address:
-            return Scores(None, "no metrics service is configured (TESSERA_PROFILE_METRICS_ADDRESS)")
+            return Scores(None, "no metrics service is configured (TESSERA_PROFILE_METRICS_ADDRESS)", transient=False)
         if time.monotonic() < self._down_until:
             return Scores(None, "metrics service unavailable")
         try:

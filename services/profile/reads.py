@@ -177,7 +177,7 @@ class ProfileReads:
             raise NotFound(f"profiles/{located.profile_id} not found")
         scores = self.scores.get(located.profile_id, metadata)
         resp = build_context(rows, config, Located(located.profile_id), scores.to_proto())
-        seconds = self.degraded_seconds if scores.missing_reason else self.context_seconds
+        seconds = self.degraded_seconds if scores.missing_reason and scores.transient else self.context_seconds
         self.cache.store_context(tenant_id, located.profile_id, str(limit), current, resp.SerializeToString(), seconds)
         if located.redirected:
             resp.profile.redirected = True
@@ -192,8 +192,9 @@ class ProfileReads:
         limit: int,
         metadata: Metadata,
         in_pool: InPool,
-    ) -> profile_pb2.GetCustomerContextResponse:
-        """The hit path runs on the event loop: one Redis round trip, no thread, no SQL."""
+    ) -> profile_pb2.GetCustomerContextResponse | bytes:
+        """The hit path runs on the event loop: one Redis round trip, no thread, no SQL, and the
+        cached bytes go out as they are (the interceptor sends bytes unserialized)."""
         look: Lookup | None = None
         if which == "identifier" and ident is not None:
             rules = self.rules.cached(tenant_id)
@@ -211,7 +212,7 @@ class ProfileReads:
                 look = await self.cache.alookup(tenant_id, str(limit), profile_id=asked)
         if look is not None and look.context is not None:
             self.cache.record(True)
-            return profile_pb2.GetCustomerContextResponse.FromString(look.context)
+            return look.context
         self.cache.record(False)
         located = await in_pool(self._locate_any, tenant_id, name, ident, metadata, which)
         version = look.version if look is not None and look.profile_id == located.profile_id else None

@@ -72,9 +72,9 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         located = self._locate(request, context)
         return profile_pb2.GetProfileResponse(profile=self.reads.profile(current_tenant().tenant_id, located))
 
-    async def GetCustomerContext(
+    async def GetCustomerContext(  # type: ignore[override]  # a cache hit answers serialized bytes
         self, request: profile_pb2.GetCustomerContextRequest, context: Any
-    ) -> profile_pb2.GetCustomerContextResponse:
+    ) -> profile_pb2.GetCustomerContextResponse | bytes:
         limit = request.interaction_limit or DEFAULT_INTERACTIONS
         if not 0 < limit <= MAX_INTERACTIONS:
             raise InvalidArgument(
