@@ -32,7 +32,7 @@ MIGRATIONS = MigrationSet("profile", Path(__file__).resolve().parent / "migratio
 
 def register(server: grpc.aio.Server, ctx: ServiceContext, own: ProfileSettings) -> list[Background]:
     s = ctx.settings
-    store = ProfileStore(ctx.engine)
+    store = ProfileStore(ctx.engine, reader=ctx.autocommit_engine)
     hot = HotRedis(s.require_redis_url())
     cache = ContextCache(
         ctx.redis,

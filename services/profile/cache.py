@@ -68,6 +68,18 @@ return 1
 """
 
 
+_OWN_AND_VERSION = """
+local epoch = redis.call('GET', KEYS[2])
+if (epoch or '') == ARGV[1] and string.sub(ARGV[1], 1, 1) ~= 'p' then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+end
+local v = redis.call('GET', KEYS[3])
+if v then return v end
+redis.call('SET', KEYS[3], ARGV[4])
+return ARGV[4]
+"""
+
+
 def _nonce() -> str:
     return str(secrets.randbelow(2**62) + 2**40)
 
@@ -110,6 +122,7 @@ class ContextCache:
         self._lookup = client.register_script(_LOOKUP)
         self._ensure = client.register_script(_ENSURE_VERSION)
         self._owner = client.register_script(_STORE_OWNER)
+        self._own_and_version = client.register_script(_OWN_AND_VERSION)
 
     def base(self, tenant_id: str) -> str:
         return tenant_key(self.prefix, tenant_id, "profile") + ":"
@@ -183,6 +196,15 @@ class ContextCache:
                 keys=[base + "idx:" + identifier, base + "epoch"], args=[epoch, profile_id, int(self.owner_seconds)]
             )
         )
+
+    def own_and_version(self, tenant_id: str, identifier: str, profile_id: str, epoch: str) -> str:
+        """``store_owner`` and ``version`` in one round trip (a context miss by identifier)."""
+        base = self.base(tenant_id)
+        raw = self._own_and_version(
+            keys=[base + "idx:" + identifier, base + "epoch", base + "ver:" + profile_id],
+            args=[epoch, profile_id, int(self.owner_seconds), _nonce()],
+        )
+        return raw.decode() if isinstance(raw, bytes) else str(raw)
 
     # -- writes by the consumer (around its commit) ----------------------------------------
 

@@ -151,11 +151,6 @@ class ProfileReads:
             return self.by_name(tenant_id, name)
         raise InvalidArgument("name the profile", [Violation("profile", "set name or identifier")])
 
-    def _locate_any(
-        self, tenant_id: str, name: str, ident: event_pb2.Identifier | None, metadata: Metadata, which: str | None
-    ) -> Located:
-        return self.locate(tenant_id, name, ident, metadata, which=which)
-
     # ------------------------------------------------------------------------------------------
     # Profiles.
 
@@ -175,10 +170,7 @@ class ProfileReads:
         rows = self.store.profile_rows(tenant_id, located.profile_id, config, interactions=limit)
         if rows is None or rows["profile"]["state"] != ACTIVE:
             raise NotFound(f"profiles/{located.profile_id} not found")
-        scores = self.scores.get(located.profile_id, metadata)
-        resp = build_context(rows, config, Located(located.profile_id), scores.to_proto())
-        seconds = self.degraded_seconds if scores.missing_reason and scores.transient else self.context_seconds
-        self.cache.store_context(tenant_id, located.profile_id, str(limit), current, resp.SerializeToString(), seconds)
+        resp = self._built(tenant_id, located.profile_id, limit, metadata, current, rows, config)
         if located.redirected:
             resp.profile.redirected = True
         return resp
@@ -214,11 +206,69 @@ class ProfileReads:
             self.cache.record(True)
             return look.context
         self.cache.record(False)
-        located = await in_pool(self._locate_any, tenant_id, name, ident, metadata, which)
-        version = look.version if look is not None and look.profile_id == located.profile_id else None
         resp: profile_pb2.GetCustomerContextResponse = await in_pool(
-            self.context_now, tenant_id, located, limit, metadata, version
+            self.context_miss, tenant_id, name, ident, which, limit, metadata, look
         )
+        return resp
+
+    def context_miss(
+        self,
+        tenant_id: str,
+        name: str,
+        ident: event_pb2.Identifier | None,
+        which: str | None,
+        limit: int,
+        metadata: Metadata,
+        look: Lookup | None,
+    ) -> profile_pb2.GetCustomerContextResponse:
+        """A context the cache did not hold, in as few round trips as the look-up allows:
+        - owner (or name) and version known to the cache: the profile's rows (one statement);
+        - an identifier the cache does not know: its owner and state (one statement), the owner
+          cached together with the version read (one Redis call), then the rows.
+        Merged-away and erased profiles take the general path (``locate``)."""
+        config = self.configs(tenant_id)
+        if look is not None and look.profile_id is not None and look.version is not None:
+            built = self._context_if_active(tenant_id, look.profile_id, limit, metadata, look.version, config)
+            if built is not None:
+                return built
+        elif look is not None and which == "identifier" and ident is not None:
+            id_type, value = self.normalize(tenant_id, ident, metadata, "identifier")
+            found = self.store.locate_identifier(tenant_id, id_type, value)
+            if found is None:
+                raise NotFound(f"no profile has {id_type} {ident.value!r}")
+            _owner, _state, final, final_state = found
+            if final_state == ACTIVE:
+                key = ContextCache.identifier(id_type, value)
+                version = self.cache.own_and_version(tenant_id, key, final, look.epoch or "")
+                built = self._context_if_active(tenant_id, final, limit, metadata, version, config)
+                if built is not None:
+                    return built
+        located = self.locate(tenant_id, name, ident, metadata, which=which)
+        return self.context_now(tenant_id, located, limit, metadata, None)
+
+    def _context_if_active(
+        self, tenant_id: str, profile_id: str, limit: int, metadata: Metadata, version: str, config: ProfileConfig
+    ) -> profile_pb2.GetCustomerContextResponse | None:
+        rows = self.store.profile_rows(tenant_id, profile_id, config, interactions=limit)
+        if rows is None or rows["profile"]["state"] != ACTIVE:
+            return None
+        return self._built(tenant_id, profile_id, limit, metadata, version, rows, config)
+
+    def _built(
+        self,
+        tenant_id: str,
+        profile_id: str,
+        limit: int,
+        metadata: Metadata,
+        version: str,
+        rows: dict[str, Any],
+        config: ProfileConfig,
+    ) -> profile_pb2.GetCustomerContextResponse:
+        """The context from its rows, cached under the version read before them."""
+        scores = self.scores.get(profile_id, metadata)
+        resp = build_context(rows, config, Located(profile_id), scores.to_proto())
+        seconds = self.degraded_seconds if scores.missing_reason and scores.transient else self.context_seconds
+        self.cache.store_context(tenant_id, profile_id, str(limit), version, resp.SerializeToString(), seconds)
         return resp
 
     def timeline(

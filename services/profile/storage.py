@@ -115,8 +115,17 @@ Hold = Callable[[str, Sequence[str], Sequence[tuple[str, str]]], None]
 
 
 class ProfileStore:
-    def __init__(self, engine: Engine, clock: Callable[[], float] = time.time, hold: Hold | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        clock: Callable[[], float] = time.time,
+        hold: Hold | None = None,
+        reader: Engine | None = None,
+    ) -> None:
         self.engine = engine
+        # Reads are single statements (each its own snapshot under READ COMMITTED anyway): on an
+        # autocommit engine's connections they cost one round trip, not BEGIN, SELECT and COMMIT.
+        self.reader = reader or engine
         self.clock = clock
         # Called inside every writing transaction, just before it commits, with the profiles and
         # identifiers it changes: the caches stop answering for them until the commit is published
@@ -1052,7 +1061,7 @@ class ProfileStore:
 
     def resolve(self, tenant_id: str, profile_id: str) -> tuple[int, str] | None:
         """(state, final id) of a profile id, or None if never seen."""
-        with db.raw_transaction(self.engine, "profile resolve") as (cur, _):
+        with db.raw_transaction(self.reader, "profile resolve") as (cur, _):
             cur.execute(
                 "SELECT state, coalesce(merged_into, profile_id)::text FROM profile.profiles "
                 "WHERE tenant_id = %s AND profile_id = %s",
@@ -1061,8 +1070,23 @@ class ProfileStore:
             row = cur.fetchone()
         return (int(row[0]), row[1]) if row else None
 
+    def locate_identifier(self, tenant_id: str, id_type: str, value: str) -> tuple[str, int, str, int] | None:
+        """In one statement: the identifier's owner, its state, the id it resolves to (its survivor
+        when merged) and that one's state; None when no profile has the identifier."""
+        with db.raw_transaction(self.reader, "profile locate identifier") as (cur, _):
+            cur.execute(
+                "SELECT i.profile_id::text, p.state, coalesce(p.merged_into, p.profile_id)::text, "
+                "coalesce(s.state, p.state) FROM profile.identifiers i "
+                "JOIN profile.profiles p ON p.tenant_id = i.tenant_id AND p.profile_id = i.profile_id "
+                "LEFT JOIN profile.profiles s ON s.tenant_id = p.tenant_id AND s.profile_id = p.merged_into "
+                "WHERE i.tenant_id = %s AND i.id_type = %s AND i.id_value = %s",
+                (tenant_id, id_type, value),
+            )
+            row = cur.fetchone()
+        return (row[0], int(row[1]), row[2], int(row[3])) if row else None
+
     def owner(self, tenant_id: str, id_type: str, value: str) -> str | None:
-        with db.raw_transaction(self.engine, "profile identifier") as (cur, _):
+        with db.raw_transaction(self.reader, "profile identifier") as (cur, _):
             cur.execute(
                 "SELECT profile_id::text FROM profile.identifiers WHERE tenant_id = %s AND id_type = "
                 "%s AND id_value = %s",
@@ -1072,7 +1096,7 @@ class ProfileStore:
         return row[0] if row else None
 
     def version(self, tenant_id: str, profile_id: str) -> int | None:
-        with db.raw_transaction(self.engine, "profile version") as (cur, _):
+        with db.raw_transaction(self.reader, "profile version") as (cur, _):
             cur.execute(
                 "SELECT version FROM profile.profiles WHERE tenant_id = %s AND profile_id = %s", (tenant_id, profile_id)
             )
@@ -1086,7 +1110,7 @@ class ProfileStore:
         trip: the row, identifiers, traits, computed traits, recent contacts, open cases, counts."""
         now = self.now()
         windowed = config.windowed
-        with db.raw_transaction(self.engine, "profile read") as (cur, _):
+        with db.raw_transaction(self.reader, "profile read") as (cur, _):
             cur.execute(
                 """
                 SELECT
@@ -1166,7 +1190,7 @@ class ProfileStore:
         if end is not None:
             clauses.append("event_time < %(e)s")
             params["e"] = end
-        with db.raw_transaction(self.engine, "profile timeline") as (cur, _):
+        with db.raw_transaction(self.reader, "profile timeline") as (cur, _):
             cur.execute(
                 f"SELECT payload FROM profile.timeline WHERE {' AND '.join(clauses)} "  # noqa: S608
                 "ORDER BY event_time DESC, event_id DESC LIMIT %(n)s",
@@ -1178,7 +1202,7 @@ class ProfileStore:
         self, tenant_id: str, key: str, text: str, prefix: bool, limit: int, after: str | None
     ) -> list[str]:
         op = "search_text >= %(v)s AND search_text < %(hi)s" if prefix else "search_text = %(v)s"
-        with db.raw_transaction(self.engine, "profile search traits") as (cur, _):
+        with db.raw_transaction(self.reader, "profile search traits") as (cur, _):
             cur.execute(
                 f"SELECT profile_id::text FROM profile.traits WHERE tenant_id = %(t)s AND trait_key = %(k)s AND {op} "  # noqa: S608
                 "AND (%(a)s::uuid IS NULL OR profile_id > %(a)s::uuid) ORDER BY profile_id LIMIT %(n)s",
@@ -1191,7 +1215,7 @@ class ProfileStore:
     ) -> list[tuple[str, str]]:
         """(profile id, identifier value) pairs, ordered by value."""
         op = "id_value >= %(v)s AND id_value < %(hi)s" if prefix else "id_value = %(v)s"
-        with db.raw_transaction(self.engine, "profile search identifiers") as (cur, _):
+        with db.raw_transaction(self.reader, "profile search identifiers") as (cur, _):
             cur.execute(
                 f"SELECT profile_id::text, id_value FROM profile.identifiers WHERE tenant_id = %(t)s "  # noqa: S608
                 f"AND id_type = %(k)s "
@@ -1209,7 +1233,7 @@ class ProfileStore:
 
     def feed_after(self, tenant_id: str, seq: int, limit: int) -> tuple[list[tuple[Any, ...]], int, int]:
         """Feed rows after ``seq``, the head and the last pruned seq."""
-        with db.raw_transaction(self.engine, "profile feed") as (cur, _):
+        with db.raw_transaction(self.reader, "profile feed") as (cur, _):
             cur.execute(
                 "SELECT coalesce((SELECT seq FROM profile.feed_heads WHERE tenant_id = %(t)s), 0), "
                 "coalesce((SELECT pruned_through FROM profile.feed_heads WHERE tenant_id = %(t)s), 0)",
