@@ -27,10 +27,13 @@ from typing import Any
 import grpc
 
 from bench.common import (
+    CpuGroup,
     backends,
     fmt,
     idle_machine_facts,
+    machine_busy,
     percentile,
+    proc_cpu,
     python_argv,
     rounded,
     run_configured,
@@ -137,18 +140,27 @@ def client_process(
 
 
 def run_phase(
-    cfg: Config, name: str, target: str, method: str, api_key: str, slices: list[list[str]]
+    cfg: Config, name: str, target: str, method: str, api_key: str, slices: list[list[str]], server_pid: int = 0
 ) -> dict[str, Any]:
-    """``slices``: one list of phones per client."""
+    """``slices``: one list of phones per client. With ``server_pid``, where the CPU went (per call)."""
     per_proc: list[list[list[str]]] = [[] for _ in range(cfg.client_procs)]
     for n, s in enumerate(slices):
         per_proc[n % cfg.client_procs].append(s)
     ctx = multiprocessing.get_context("spawn")
+    pg, rd = CpuGroup(["postgres"]), CpuGroup(["redis-server"])
     with ctx.Pool(cfg.client_procs) as pool:
+        pool.starmap(time.sleep, [(0,)] * cfg.client_procs)  # the pool is up before the window opens
+        pg.start()
+        rd.start()
+        server0 = proc_cpu(server_pid) if server_pid else 0.0
+        busy0 = machine_busy()[0]
         results = pool.starmap(
             client_process,
             [(target, method, api_key, group, name, cfg.seconds, i) for i, group in enumerate(per_proc)],
         )
+        server_s = proc_cpu(server_pid) - server0 if server_pid else 0.0
+        busy_s = machine_busy()[0] - busy0
+        pg_s, rd_s = pg.stop(), rd.stop()
     lat = sorted(x for r in results for x in r["latencies"])
     errors = sum(r["errors"] for r in results)
     figures = {
@@ -162,6 +174,14 @@ def run_phase(
         "error_samples": [s for r in results for s in r["error_samples"]][:5],
         "clients_out_of_new_customers": sum(r["exhausted"] for r in results),
     }
+    if lat:
+        per_call = 1000 / len(lat)  # CPU ms per call
+        figures["cpu_ms_per_call"] = {
+            "server": rounded(server_s * per_call) if server_pid else None,
+            "postgres": rounded(pg_s * per_call),
+            "redis": rounded(rd_s * per_call),
+            "machine": rounded(busy_s * per_call),
+        }
     return figures
 
 
@@ -195,7 +215,7 @@ def produce(cfg: Config) -> dict[str, Any]:
                     target = stack.targets["profile"]
                     per = len(cold) // cfg.clients
                     echo_figures = run_phase(
-                        cfg, "echo", f"127.0.0.1:{echo_port}", ECHO_METHOD, api_key, [hot] * cfg.clients
+                        cfg, "echo", f"127.0.0.1:{echo_port}", ECHO_METHOD, api_key, [hot] * cfg.clients, echo.pid
                     )
                     # Warm: every hot context fetched once, so the hit phase only hits (contexts
                     # stay cached for TESSERA_PROFILE_CONTEXT_CACHE_SECONDS, 60 s by default).
@@ -207,7 +227,8 @@ def produce(cfg: Config) -> dict[str, Any]:
                         api_key,
                         [hot],
                     )
-                    hit = run_phase(cfg, "hit", target, CONTEXT_METHOD, api_key, [hot] * cfg.clients)
+                    pid = stack.processes["profile"].pid
+                    hit = run_phase(cfg, "hit", target, CONTEXT_METHOD, api_key, [hot] * cfg.clients, pid)
                     miss = run_phase(
                         cfg,
                         "miss",
@@ -215,9 +236,10 @@ def produce(cfg: Config) -> dict[str, Any]:
                         CONTEXT_METHOD,
                         api_key,
                         [cold[i * per : (i + 1) * per] for i in range(cfg.clients)],
+                        pid,
                     )
                     echo_again = run_phase(
-                        cfg, "echo", f"127.0.0.1:{echo_port}", ECHO_METHOD, api_key, [hot] * cfg.clients
+                        cfg, "echo", f"127.0.0.1:{echo_port}", ECHO_METHOD, api_key, [hot] * cfg.clients, echo.pid
                     )
                 finally:
                     echo.stop(5)
@@ -263,12 +285,16 @@ def table(rep: dict[str, Any]) -> str:
         f"{cfg['profiles']:,} profiles (built in {rep['preload']['seconds']} s), {cfg['clients']} clients in "
         f"{cfg['client_processes']} processes, {cfg['seconds_per_phase']:g} s per phase; {cfg['lookup']}",
         "",
-        f"{'phase':<12}{'calls/s':>10}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'errors':>8}",
+        f"{'phase':<12}{'calls/s':>10}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}{'errors':>8}"
+        f"   CPU ms/call: server  postgres  redis  machine",
     ]
     for name, r in rep["results"].items():
+        cpu = r.get("cpu_ms_per_call") or {}
         lines.append(
             f"{name:<12}{fmt(r['calls_per_s'], ',.0f'):>10}{fmt(r['p50_ms'], '.3f'):>10}"
             f"{fmt(r['p90_ms'], '.3f'):>10}{fmt(r['p99_ms'], '.3f'):>10}{r['errors']:>8}"
+            f"{fmt(cpu.get('server'), '.3f'):>22}{fmt(cpu.get('postgres'), '.3f'):>10}"
+            f"{fmt(cpu.get('redis'), '.3f'):>7}{fmt(cpu.get('machine'), '.3f'):>9}"
         )
     lines += [
         "",

@@ -5,6 +5,7 @@ Each service owns one PostgreSQL schema; nothing here knows their tables.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any, TypeVar
@@ -191,3 +192,33 @@ class Statements:
         if parts:
             self.cur.execute(b";\n".join(parts))
         return list(self.cur.fetchall()) if last else []
+
+
+_NAMED = re.compile(r"%\((\w+)\)s")
+
+
+class Prepared:
+    """A hot read planned once per connection: PostgreSQL spends more CPU planning a many-part
+    statement than running it (a customer context: 0.7 ms planned each time, 0.23 ms prepared).
+
+    ``sql`` uses ``%(name)s`` parameters; they become ``$n`` in a server-side ``PREPARE`` made on
+    first use on each pooled connection (remembered in the connection's ``info``, which SQLAlchemy
+    clears when it replaces a connection), and every later call is one ``EXECUTE``."""
+
+    def __init__(self, name: str, sql: str) -> None:
+        self.name = name
+        order: list[str] = []
+        for param in _NAMED.findall(sql):
+            if param not in order:
+                order.append(param)
+        self.params = tuple(order)
+        self._prepare = f"PREPARE {name} AS " + _NAMED.sub(lambda m: f"${order.index(m.group(1)) + 1}", sql)
+        args = ", ".join(f"%({p})s" for p in order)
+        self._execute = f"EXECUTE {name}({args})" if order else f"EXECUTE {name}"
+
+    def execute(self, cur: Any, info: dict[Any, Any], params: dict[str, Any]) -> None:
+        prepared: set[str] = info.setdefault("tessera_prepared", set())
+        if self.name not in prepared:
+            cur.execute(self._prepare)
+            prepared.add(self.name)
+        cur.execute(self._execute, params)

@@ -111,6 +111,58 @@ def _json_text(value: Any) -> str:
     return canonical(value)
 
 
+_PROFILE_ROWS = db.Prepared(
+    "profile_rows",
+    """
+                SELECT
+                  (SELECT row_to_json(p) FROM (SELECT profile_id, state, merged_into, version, event_count, first_seen,
+                          last_seen, updated_at FROM profile.profiles
+                          WHERE tenant_id = %(t)s AND profile_id = %(p)s) p),
+                  (SELECT coalesce(json_agg(i ORDER BY i.id_type, i.id_value), '[]') FROM (SELECT id_type, id_value,
+                          first_seen, last_seen, source, first_event_id FROM profile.identifiers
+                          WHERE tenant_id = %(t)s AND profile_id = %(p)s) i),
+                  (SELECT coalesce(json_agg(t ORDER BY t.trait_key), '[]') FROM (SELECT trait_key, value, source,
+                          event_id, observed_at, policy, observations FROM profile.traits
+                          WHERE tenant_id = %(t)s AND profile_id = %(p)s) t),
+                  (SELECT coalesce(json_agg(s), '[]') FROM (SELECT * FROM profile.computed_state
+                          WHERE tenant_id = %(t)s AND profile_id = %(p)s) s),
+                  (SELECT coalesce(json_agg(w), '[]') FROM (
+                          SELECT trait_key, count(*) AS n, count(num) AS num_n, coalesce(sum(num), 0) AS total,
+                                 min(num) AS low, max(num) AS high,
+                                 (array_agg(value ORDER BY at, event_id))[1] AS first_value,
+                                 (array_agg(value ORDER BY at DESC, event_id DESC))[1] AS last_value,
+                                 count(DISTINCT value_hash) AS distinct_n
+                          FROM profile.computed_points c
+                          JOIN unnest(%(wk)s::text[], %(ws)s::timestamptz[]) AS w(k, s)
+                            ON c.trait_key = w.k AND c.at > w.s
+                          WHERE c.tenant_id = %(t)s AND c.profile_id = %(p)s GROUP BY trait_key) w),
+                  (SELECT coalesce(json_agg(i ORDER BY i.start_time DESC, i.interaction_id), '[]') FROM (
+                          SELECT * FROM profile.interactions WHERE tenant_id = %(t)s AND profile_id = %(p)s
+                          ORDER BY start_time DESC, interaction_id LIMIT %(n)s) i),
+                  (SELECT coalesce(json_agg(c ORDER BY c.update_time DESC), '[]') FROM (
+                          SELECT * FROM profile.cases WHERE tenant_id = %(t)s AND profile_id = %(p)s
+                          AND status IN (1, 2) ORDER BY update_time DESC LIMIT 50) c),
+                  (SELECT json_build_array(count(*) FILTER (WHERE start_time > %(d7)s), count(*))
+                          FROM profile.interactions WHERE tenant_id = %(t)s AND profile_id = %(p)s
+                          AND start_time > %(d30)s)
+""",
+)
+
+_RESOLVE = db.Prepared(
+    "profile_resolve",
+    "SELECT state, coalesce(merged_into, profile_id)::text FROM profile.profiles "
+    "WHERE tenant_id = %(t)s AND profile_id = %(p)s",
+)
+_LOCATE_IDENTIFIER = db.Prepared(
+    "profile_locate_identifier",
+    "SELECT i.profile_id::text, p.state, coalesce(p.merged_into, p.profile_id)::text, "
+    "coalesce(s.state, p.state) FROM profile.identifiers i "
+    "JOIN profile.profiles p ON p.tenant_id = i.tenant_id AND p.profile_id = i.profile_id "
+    "LEFT JOIN profile.profiles s ON s.tenant_id = p.tenant_id AND s.profile_id = p.merged_into "
+    "WHERE i.tenant_id = %(t)s AND i.id_type = %(k)s AND i.id_value = %(v)s",
+)
+
+
 Hold = Callable[[str, Sequence[str], Sequence[tuple[str, str]]], None]
 
 
@@ -1061,27 +1113,16 @@ class ProfileStore:
 
     def resolve(self, tenant_id: str, profile_id: str) -> tuple[int, str] | None:
         """(state, final id) of a profile id, or None if never seen."""
-        with db.raw_transaction(self.reader, "profile resolve") as (cur, _):
-            cur.execute(
-                "SELECT state, coalesce(merged_into, profile_id)::text FROM profile.profiles "
-                "WHERE tenant_id = %s AND profile_id = %s",
-                (tenant_id, profile_id),
-            )
+        with db.raw_transaction(self.reader, "profile resolve") as (cur, info):
+            _RESOLVE.execute(cur, info, {"t": tenant_id, "p": profile_id})
             row = cur.fetchone()
         return (int(row[0]), row[1]) if row else None
 
     def locate_identifier(self, tenant_id: str, id_type: str, value: str) -> tuple[str, int, str, int] | None:
         """In one statement: the identifier's owner, its state, the id it resolves to (its survivor
         when merged) and that one's state; None when no profile has the identifier."""
-        with db.raw_transaction(self.reader, "profile locate identifier") as (cur, _):
-            cur.execute(
-                "SELECT i.profile_id::text, p.state, coalesce(p.merged_into, p.profile_id)::text, "
-                "coalesce(s.state, p.state) FROM profile.identifiers i "
-                "JOIN profile.profiles p ON p.tenant_id = i.tenant_id AND p.profile_id = i.profile_id "
-                "LEFT JOIN profile.profiles s ON s.tenant_id = p.tenant_id AND s.profile_id = p.merged_into "
-                "WHERE i.tenant_id = %s AND i.id_type = %s AND i.id_value = %s",
-                (tenant_id, id_type, value),
-            )
+        with db.raw_transaction(self.reader, "profile locate identifier") as (cur, info):
+            _LOCATE_IDENTIFIER.execute(cur, info, {"t": tenant_id, "k": id_type, "v": value})
             row = cur.fetchone()
         return (row[0], int(row[1]), row[2], int(row[3])) if row else None
 
@@ -1110,41 +1151,10 @@ class ProfileStore:
         trip: the row, identifiers, traits, computed traits, recent contacts, open cases, counts."""
         now = self.now()
         windowed = config.windowed
-        with db.raw_transaction(self.reader, "profile read") as (cur, _):
-            cur.execute(
-                """
-                SELECT
-                  (SELECT row_to_json(p) FROM (SELECT profile_id, state, merged_into, version, event_count, first_seen,
-                          last_seen, updated_at FROM profile.profiles
-                          WHERE tenant_id = %(t)s AND profile_id = %(p)s) p),
-                  (SELECT coalesce(json_agg(i ORDER BY i.id_type, i.id_value), '[]') FROM (SELECT id_type, id_value,
-                          first_seen, last_seen, source, first_event_id FROM profile.identifiers
-                          WHERE tenant_id = %(t)s AND profile_id = %(p)s) i),
-                  (SELECT coalesce(json_agg(t ORDER BY t.trait_key), '[]') FROM (SELECT trait_key, value, source,
-                          event_id, observed_at, policy, observations FROM profile.traits
-                          WHERE tenant_id = %(t)s AND profile_id = %(p)s) t),
-                  (SELECT coalesce(json_agg(s), '[]') FROM (SELECT * FROM profile.computed_state
-                          WHERE tenant_id = %(t)s AND profile_id = %(p)s) s),
-                  (SELECT coalesce(json_agg(w), '[]') FROM (
-                          SELECT trait_key, count(*) AS n, count(num) AS num_n, coalesce(sum(num), 0) AS total,
-                                 min(num) AS low, max(num) AS high,
-                                 (array_agg(value ORDER BY at, event_id))[1] AS first_value,
-                                 (array_agg(value ORDER BY at DESC, event_id DESC))[1] AS last_value,
-                                 count(DISTINCT value_hash) AS distinct_n
-                          FROM profile.computed_points c
-                          JOIN unnest(%(wk)s::text[], %(ws)s::timestamptz[]) AS w(k, s)
-                            ON c.trait_key = w.k AND c.at > w.s
-                          WHERE c.tenant_id = %(t)s AND c.profile_id = %(p)s GROUP BY trait_key) w),
-                  (SELECT coalesce(json_agg(i ORDER BY i.start_time DESC, i.interaction_id), '[]') FROM (
-                          SELECT * FROM profile.interactions WHERE tenant_id = %(t)s AND profile_id = %(p)s
-                          ORDER BY start_time DESC, interaction_id LIMIT %(n)s) i),
-                  (SELECT coalesce(json_agg(c ORDER BY c.update_time DESC), '[]') FROM (
-                          SELECT * FROM profile.cases WHERE tenant_id = %(t)s AND profile_id = %(p)s
-                          AND status IN (1, 2) ORDER BY update_time DESC LIMIT 50) c),
-                  (SELECT json_build_array(count(*) FILTER (WHERE start_time > %(d7)s), count(*))
-                          FROM profile.interactions WHERE tenant_id = %(t)s AND profile_id = %(p)s
-                          AND start_time > %(d30)s)
-                """,
+        with db.raw_transaction(self.reader, "profile read") as (cur, info):
+            _PROFILE_ROWS.execute(
+                cur,
+                info,
                 {
                     "t": tenant_id,
                     "p": profile_id,
