@@ -40,7 +40,7 @@ from bench.common import (
     spawn,
     utc_now,
 )
-from bench.profile_stack import customer, new_tenant, preload, services, wait_built
+from bench.profile_stack import customer, new_tenant, preload, services, steady, wait_built
 from services.core import db
 from services.core.bus import Bus, connect
 from services.core.harness import free_port, wait_health
@@ -201,7 +201,8 @@ def produce(cfg: Config) -> dict[str, Any]:
             with services(be, ["identity", "profile"]) as stack:
                 t = time.monotonic()
                 people = preload(bus, tenant_id, cfg.profiles)
-                built = wait_built(engine, tenant_id, 2 * cfg.profiles, 3600, list(stack.processes.values()))
+                built = wait_built(engine, tenant_id, 2 * cfg.profiles, 3600, list(stack.processes.values()), bus)
+                steady(engine)
                 build_s = time.monotonic() - t
                 phones = [p.phone for p in people]
                 rng = random.Random(5)

@@ -27,7 +27,7 @@ import grpc
 
 from bench.common import backends, fmt, idle_machine_facts, percentile, rounded, run_configured, utc_now
 from bench.context import _env_int
-from bench.profile_stack import Customer, new_tenant, preload, services, wait_built
+from bench.profile_stack import Customer, new_tenant, preload, services, steady, wait_built
 from services.core import db
 from services.core.bus import Bus, connect
 from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc, profile_pb2, profile_pb2_grpc
@@ -187,7 +187,8 @@ def produce(cfg: Config) -> dict[str, Any]:
             with services(be, ["ingest", "identity", "profile"]) as stack:
                 t = time.monotonic()
                 people = preload(bus, tenant_id, cfg.profiles)
-                wait_built(engine, tenant_id, 2 * cfg.profiles, 3600, list(stack.processes.values()))
+                wait_built(engine, tenant_id, 2 * cfg.profiles, 3600, list(stack.processes.values()), bus)
+                steady(engine)
                 build_s = time.monotonic() - t
                 load = Load(stack.targets["ingest"], metadata, people, cfg.rate)
                 probes = Probes(stack.targets["ingest"], stack.targets["profile"], metadata, people)

@@ -150,6 +150,20 @@ def preload(bus: Bus, tenant_id: str, count: int, seed: int = 7, chunk: int = 20
     return people
 
 
+def steady(engine: Engine) -> None:
+    """After a bulk preload: VACUUM ANALYZE the schemas the reads use, as autovacuum would soon,
+    so it does not start in the middle of a measured phase and plans rest on real statistics."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        tables = conn.execute(
+            sa.text(
+                "SELECT format('%I.%I', schemaname, relname) FROM pg_stat_user_tables "
+                "WHERE schemaname IN ('profile', 'identity')"
+            )
+        ).scalars()
+        for table in list(tables):
+            conn.execute(sa.text(f"VACUUM (ANALYZE) {table}"))
+
+
 def timeline_count(engine: Engine, tenant_id: str) -> int:
     with engine.connect() as conn:
         return int(
@@ -159,13 +173,34 @@ def timeline_count(engine: Engine, tenant_id: str) -> int:
         )
 
 
-def wait_built(engine: Engine, tenant_id: str, events: int, timeout: float, procs: Sequence[ServiceProcess]) -> float:
-    """Seconds until profile has recorded ``events`` events of the tenant."""
+def settled(bus: Bus, tenant_id: str) -> bool:
+    """Whether identity and profile have read and acknowledged everything on the tenant's streams
+    (the changes stream too: a profile's cache moves on when its CREATED change is applied)."""
+    return all(
+        bus.caught_up(tenant_id, stream, group, bus.last_id(tenant_id, stream))
+        for stream, group in (
+            (streams.EVENTS.name, "identity"),
+            (streams.RESOLVED.name, "profile"),
+            (streams.CHANGES.name, "profile"),
+        )
+    )
+
+
+def wait_built(
+    engine: Engine,
+    tenant_id: str,
+    events: int,
+    timeout: float,
+    procs: Sequence[ServiceProcess],
+    bus: Bus | None = None,
+) -> float:
+    """Seconds until profile has recorded ``events`` events of the tenant (and, given ``bus``,
+    every stream of the tenant is consumed: the pipeline is idle)."""
     t0 = time.monotonic()
     last_log = t0
     while True:
         seen = timeline_count(engine, tenant_id)
-        if seen >= events:
+        if seen >= events and (bus is None or settled(bus, tenant_id)):
             return time.monotonic() - t0
         for p in procs:
             if not p.alive():

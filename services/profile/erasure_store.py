@@ -186,6 +186,20 @@ class ErasureStore:
             ).first()
         return _row(r) if r else None
 
+    def running(self, tenant_id: str, *, profile_id: str = "", id_hash: bytes = b"") -> Request | None:
+        """The running request that erases ``profile_id`` (the survivor or a member), or one of
+        the identifiers whose suppression hash is ``id_hash``."""
+        with self.engine.connect() as conn:
+            r = conn.execute(
+                sa.text(
+                    f"SELECT {_COLUMNS} FROM profile.erasure_requests WHERE tenant_id = :t AND state = 1 AND "  # noqa: S608
+                    "(CAST(:p AS uuid) = ANY(member_ids) OR request_id IN "
+                    "(SELECT request_id FROM profile.suppressions WHERE tenant_id = :t AND id_hash = :h)) LIMIT 1"
+                ),
+                {"t": tenant_id, "p": profile_id or None, "h": id_hash},
+            ).first()
+        return _row(r) if r else None
+
     def claim(self, lease_seconds: float) -> Request | None:
         """The next due running request, leased to this worker for ``lease_seconds`` (another
         replica's worker skips it meanwhile; after a crash the lease runs out and it is taken again)."""

@@ -16,7 +16,7 @@ import grpc
 from google.protobuf import json_format
 
 from services.core import pagination
-from services.core.errors import FailedPrecondition, InvalidArgument, Violation
+from services.core.errors import FailedPrecondition, InvalidArgument, NotFound, Violation
 from services.core.tenancy import current_tenant
 from services.profile.reads import DEFAULT_INTERACTIONS, MAX_INTERACTIONS, PROFILE_PREFIX, Located, ProfileReads
 from services.profile.tenant_settings import to_proto
@@ -242,7 +242,15 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         tenant = current_tenant().tenant_id
         if not request.reason or len(request.reason) > MAX_REASON:
             raise InvalidArgument("a reason is required", [Violation("reason", "required, at most 1000 characters")])
-        located = self._locate(request, context)
+        try:
+            located = self._locate(request, context)
+        except NotFound:
+            # The person is gone from the first request's commit on: a repeated request (a retry)
+            # answers with the erasure still running for them, and starts none.
+            running = self.writes.running_erasure(tenant, request, _metadata(context))
+            if running is None:
+                raise
+            return profile_pb2.ErasePersonResponse(request=running)
         return profile_pb2.ErasePersonResponse(request=self.writes.erase(tenant, located.profile_id, request.reason))
 
     def GetErasureRequest(

@@ -817,7 +817,8 @@ class ProfileStore:
         def run(cur: Any) -> Applied:
             locked = self._lock(cur, tenant_id, [profile_id])
             _state, new = locked[profile_id]
-            out = Applied(touched={profile_id})
+            # A profile its events created already changes nothing: its cache stays valid.
+            out = Applied(touched={profile_id} if new else set())
             if new:
                 statements = db.Statements(cur)
                 self._feed(statements, tenant_id, [(CREATED, profile_id, None, ())])

@@ -18,8 +18,8 @@ from services.profile.clients import Metadata, MetricsScores, forwarded
 from services.profile.consumer import ConfigCache
 from services.profile.erasure import request_name
 from services.profile.erasure_store import DONE, SERVICE_OF, ErasureStore, Request
-from services.profile.reads import PROFILE_PREFIX, Located, ProfileReads, build_context
-from services.profile.storage import ProfileStore
+from services.profile.reads import PROFILE_PREFIX, Located, ProfileReads, build_context, parse_name
+from services.profile.storage import ProfileStore, suppression_hash
 from services.profile.tenant_settings import ProfileConfig, apply_update
 from tessera.v1 import identity_pb2, identity_pb2_grpc, profile_pb2
 
@@ -89,6 +89,18 @@ class ProfileWrites:
         self.cache.invalidate(tenant_id, members, identifiers, forget=True)
         log.info("erasure requested", extra={"tenant": tenant_id, "request": req.request_id, "profiles": len(members)})
         return erasure_proto(req)
+
+    def running_erasure(
+        self, tenant_id: str, request: profile_pb2.ErasePersonRequest, metadata: Metadata
+    ) -> profile_pb2.ErasureRequest | None:
+        """The erasure running for the person an ErasePerson request names (by a profile id the
+        erasure covers, or by one of their identifiers, now suppressed), if there is one."""
+        if request.WhichOneof("profile") == "identifier":
+            id_type, value = self.reads.normalize(tenant_id, request.identifier, metadata, "identifier")
+            req = self.erasures.running(tenant_id, id_hash=suppression_hash(tenant_id, id_type, value))
+        else:
+            req = self.erasures.running(tenant_id, profile_id=parse_name(request.name))
+        return erasure_proto(req) if req is not None else None
 
     def erasure(self, tenant_id: str, name: str) -> profile_pb2.ErasureRequest:
         rid = canonical_uuid(name.removeprefix(ERASURE_PREFIX)) if name.startswith(ERASURE_PREFIX) else None
