@@ -89,6 +89,7 @@ def register(server: grpc.aio.Server, ctx: ServiceContext, own: ProfileSettings)
             cache,
             settle_seconds=own.erasure_settle_seconds,
             poll_seconds=own.erasure_poll_seconds,
+            lease_seconds=own.erasure_lease_seconds,
         )
     )
     workers.append(

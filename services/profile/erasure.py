@@ -56,6 +56,7 @@ class ErasureWorker:
         *,
         settle_seconds: float,
         poll_seconds: float,
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         self.store = store
         self.calls = calls
@@ -63,6 +64,7 @@ class ErasureWorker:
         self.cache = cache
         self.settle_seconds = settle_seconds
         self.poll_seconds = poll_seconds
+        self.lease_seconds = lease_seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="profile-erasure", daemon=True)
 
@@ -85,7 +87,7 @@ class ErasureWorker:
 
     def run_once(self) -> bool:
         """Advance one due request by one step; False when none was due."""
-        req = self.store.claim(LEASE_SECONDS)
+        req = self.store.claim(self.lease_seconds)
         if req is None:
             return False
         self.advance(req)

@@ -44,4 +44,8 @@ class ProfileSettings(EnvSettings):
     erasure_settle_seconds: float = setting(5.0, "PROFILE_ERASURE_SETTLE_SECONDS", number(0, 3600))
     # How often the erasure worker looks for work, and partition/feed upkeep runs.
     erasure_poll_seconds: float = setting(1.0, "PROFILE_ERASURE_POLL_SECONDS", number(0.05, 600))
+    # How long a worker holds an erasure request while it runs one step. A worker that dies inside
+    # a step (kill -9, OOM) holds it that long after its death: then the restarted or another
+    # replica takes it up. Keep it above the longest step (its calls time out after 30 s).
+    erasure_lease_seconds: float = setting(120.0, "PROFILE_ERASURE_LEASE_SECONDS", number(1, 3600))
     upkeep_seconds: float = setting(300.0, "PROFILE_UPKEEP_SECONDS", number(1, 86_400))

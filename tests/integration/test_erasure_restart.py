@@ -8,7 +8,6 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -126,7 +125,9 @@ def stack(backends: harness.Scratch, tmp_path_factory: pytest.TempPathFactory) -
             TESSERA_PROFILE_ERASURE_POLL_SECONDS="0.1",
             TESSERA_PROFILE_ERASURE_LEASE_SECONDS=str(LEASE_SECONDS),
         )
-        engine = db.make_engine(own.database_url, application_name="tests-erasure-restart", pool_size=2, instrument=False)
+        engine = db.make_engine(
+            own.database_url, application_name="tests-erasure-restart", pool_size=2, instrument=False
+        )
         client = connect(own.redis_url)
         procs = {name: ServiceProcess.service(name, env, logs / f"{name}.log") for name in SERVICES}
         running = Stack(engine, client, own.redis_prefix, procs, ports)
@@ -318,6 +319,8 @@ def test_profile_killed_right_after_erase_person_finishes_the_same_request(servi
     services.kill("profile")
     assert started.state == RUNNING and not all(s.done for s in started.steps), started
     assert started.steps[STEP["profile"]].done
+    (at_kill,) = rows(services, person)
+    assert at_kill.state == 1 and not all(s["done"] for s in at_kill.steps), "it was midway when profile died"
 
     services.start("profile")
     done = wait_done(services, person, started.name)
