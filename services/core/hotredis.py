@@ -32,25 +32,39 @@ class RedisReplyError(RedisUnavailable):
         self.code = code
 
 
-def _expire(fut: asyncio.Future[Any], proto: _Protocol, owner: HotRedis) -> None:
-    if not fut.done():
-        # The replies are now out of step with the futures: this connection is done.
-        fut.set_exception(RedisUnavailable(f"Redis did not answer within {owner.timeout * 1000:.0f} ms"))
-        if proto.transport is not None:
-            proto.transport.close()
-        owner._lost(proto)
-
-
 class _Protocol(asyncio.Protocol):
+    """Replies come in request order: each one answers the oldest waiting future. One timer per
+    connection (not per command) watches the oldest: past the timeout, the connection is done."""
+
     def __init__(self, owner: HotRedis) -> None:
         self.owner = owner
         self.reader = hiredis.Reader()
-        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+
+    def expect(self, fut: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.waiting.append((fut, loop.time()))
+        if self.timer is None:
+            self.timer = loop.call_later(self.owner.timeout, self._check, loop)
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.timer = None
+        if not self.waiting:
+            return
+        age = loop.time() - self.waiting[0][1]
+        if age < self.owner.timeout:
+            self.timer = loop.call_later(self.owner.timeout - age, self._check, loop)
+            return
+        # The replies are now out of step with the futures: this connection is done.
+        self._fail(RedisUnavailable(f"Redis did not answer within {self.owner.timeout * 1000:.0f} ms"))
+        if self.transport is not None:
+            self.transport.close()
+        self.owner._lost(self)
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
@@ -58,16 +72,22 @@ class _Protocol(asyncio.Protocol):
             reply = self.reader.gets()
             if reply is False:
                 return
-            fut = self.waiting.popleft()
+            fut, _ = self.waiting.popleft()
             if not fut.done():
                 fut.set_result(reply)
 
+    def _fail(self, exc: Exception) -> None:
+        while self.waiting:
+            fut, _ = self.waiting.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner._lost(self)
-        while self.waiting:
-            fut = self.waiting.popleft()
-            if not fut.done():
-                fut.set_exception(RedisUnavailable("connection to Redis lost"))
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self._fail(RedisUnavailable("connection to Redis lost"))
 
 
 class HotRedis:
@@ -139,13 +159,9 @@ class HotRedis:
             raise RedisUnavailable("connection to Redis closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        proto.waiting.append(fut)
+        proto.expect(fut, loop)
         proto.transport.write(hiredis.pack_command(args))
-        timer = loop.call_later(self.timeout, _expire, fut, proto, self)  # cheaper than wait_for
-        try:
-            reply = await fut
-        finally:
-            timer.cancel()
+        reply = await fut
         if isinstance(reply, hiredis.ReplyError):
             raise RedisReplyError(str(reply).split(" ", 1)[0])
         return reply

@@ -38,7 +38,16 @@ from services.core.hotredis import HotRedis, RedisUnavailable
 SEP: Final = "\x1f"
 PENDING: Final = "p"
 _meter = metrics.get_meter("tessera.profile")
-_lookups = _meter.create_counter("tessera.profile.context.cache", description="context look-ups by result (hit, miss)")
+_lookups = {"hit": 0, "miss": 0}  # counted in-process, read by the metric's callback (no cost per read)
+
+
+def _observe_lookups(_options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+    return [metrics.Observation(n, {"result": result}) for result, n in _lookups.items()]
+
+
+_meter.create_observable_counter(
+    "tessera.profile.context.cache", [_observe_lookups], description="context look-ups by result (hit, miss)"
+)
 
 _LOOKUP = """
 local base = ARGV[1]
@@ -165,7 +174,7 @@ class ContextCache:
         return self._parse(raw)
 
     def record(self, hit: bool) -> None:
-        _lookups.add(1, {"result": "hit" if hit else "miss"})
+        _lookups["hit" if hit else "miss"] += 1
 
     # -- writes by readers ---------------------------------------------------------------------
 
