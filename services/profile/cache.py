@@ -77,6 +77,12 @@ return 1
 """
 
 
+_STORE_CONTEXT = """
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
 _OWN_AND_VERSION = """
 local epoch = redis.call('GET', KEYS[2])
 if (epoch or '') == ARGV[1] and string.sub(ARGV[1], 1, 1) ~= 'p' then
@@ -197,6 +203,22 @@ class ContextCache:
         pipe.hset(key, variant, version.encode() + b"|" + payload)
         pipe.expire(key, max(int(seconds), 1))
         pipe.execute()
+
+    async def astore_context(
+        self, tenant_id: str, profile_id: str, variant: str, version: str, payload: bytes, seconds: float
+    ) -> None:
+        """``store_context`` on the event loop's hot connection; skipped when it cannot answer
+        (the next read is a miss, nothing worse)."""
+        if pending(version) or self.hot is None:
+            return
+        try:
+            await self.hot.evalsha(
+                _STORE_CONTEXT,
+                keys=(self.base(tenant_id) + "ctx:" + profile_id,),
+                args=(variant, version.encode() + b"|" + payload, max(int(seconds), 1)),
+            )
+        except RedisUnavailable:
+            return
 
     def store_owner(self, tenant_id: str, identifier: str, profile_id: str, epoch: str) -> bool:
         base = self.base(tenant_id)

@@ -28,6 +28,8 @@ from tessera.v1 import event_pb2, identity_pb2, profile_pb2
 
 T = TypeVar("T")
 InPool = Callable[..., Awaitable[Any]]
+# What a context build leaves to cache: tenant, profile, variant, version, payload, seconds.
+Store = tuple[str, str, str, str, bytes, float]
 PROFILE_PREFIX = "profiles/"
 DEFAULT_INTERACTIONS = 10
 MAX_INTERACTIONS = 50
@@ -162,15 +164,22 @@ class ProfileReads:
         return build_profile(rows, config, located)
 
     def context_now(
-        self, tenant_id: str, located: Located, limit: int, metadata: Metadata, version: str | None
+        self,
+        tenant_id: str,
+        located: Located,
+        limit: int,
+        metadata: Metadata,
+        version: str | None,
+        later: list[Store] | None = None,
     ) -> profile_pb2.GetCustomerContextResponse:
-        """Build a context from storage (a cache miss) and cache it."""
+        """Build a context from storage (a cache miss) and cache it (or leave the storing to the
+        caller in ``later``)."""
         config = self.configs(tenant_id)
         current = version or self.cache.version(tenant_id, located.profile_id)
         rows = self.store.profile_rows(tenant_id, located.profile_id, config, interactions=limit)
         if rows is None or rows["profile"]["state"] != ACTIVE:
             raise NotFound(f"profiles/{located.profile_id} not found")
-        resp = self._built(tenant_id, located.profile_id, limit, metadata, current, rows, config)
+        resp = self._built(tenant_id, located.profile_id, limit, metadata, current, rows, config, later)
         if located.redirected:
             resp.profile.redirected = True
         return resp
@@ -206,9 +215,12 @@ class ProfileReads:
             self.cache.record(True)
             return look.context
         self.cache.record(False)
+        later: list[Store] = []
         resp: profile_pb2.GetCustomerContextResponse = await in_pool(
-            self.context_miss, tenant_id, name, ident, which, limit, metadata, look
+            self.context_miss, tenant_id, name, ident, which, limit, metadata, look, later
         )
+        for store in later:  # on the loop's hot connection, not a blocking call in the pool thread
+            await self.cache.astore_context(*store)
         return resp
 
     def context_miss(
@@ -220,6 +232,7 @@ class ProfileReads:
         limit: int,
         metadata: Metadata,
         look: Lookup | None,
+        later: list[Store] | None = None,
     ) -> profile_pb2.GetCustomerContextResponse:
         """A context the cache did not hold, in as few round trips as the look-up allows:
         - owner (or name) and version known to the cache: the profile's rows (one statement);
@@ -228,7 +241,7 @@ class ProfileReads:
         Merged-away and erased profiles take the general path (``locate``)."""
         config = self.configs(tenant_id)
         if look is not None and look.profile_id is not None and look.version is not None:
-            built = self._context_if_active(tenant_id, look.profile_id, limit, metadata, look.version, config)
+            built = self._context_if_active(tenant_id, look.profile_id, limit, metadata, look.version, config, later)
             if built is not None:
                 return built
         elif look is not None and which == "identifier" and ident is not None:
@@ -240,19 +253,26 @@ class ProfileReads:
             if final_state == ACTIVE:
                 key = ContextCache.identifier(id_type, value)
                 version = self.cache.own_and_version(tenant_id, key, final, look.epoch or "")
-                built = self._context_if_active(tenant_id, final, limit, metadata, version, config)
+                built = self._context_if_active(tenant_id, final, limit, metadata, version, config, later)
                 if built is not None:
                     return built
         located = self.locate(tenant_id, name, ident, metadata, which=which)
-        return self.context_now(tenant_id, located, limit, metadata, None)
+        return self.context_now(tenant_id, located, limit, metadata, None, later)
 
     def _context_if_active(
-        self, tenant_id: str, profile_id: str, limit: int, metadata: Metadata, version: str, config: ProfileConfig
+        self,
+        tenant_id: str,
+        profile_id: str,
+        limit: int,
+        metadata: Metadata,
+        version: str,
+        config: ProfileConfig,
+        later: list[Store] | None,
     ) -> profile_pb2.GetCustomerContextResponse | None:
         rows = self.store.profile_rows(tenant_id, profile_id, config, interactions=limit)
         if rows is None or rows["profile"]["state"] != ACTIVE:
             return None
-        return self._built(tenant_id, profile_id, limit, metadata, version, rows, config)
+        return self._built(tenant_id, profile_id, limit, metadata, version, rows, config, later)
 
     def _built(
         self,
@@ -263,12 +283,17 @@ class ProfileReads:
         version: str,
         rows: dict[str, Any],
         config: ProfileConfig,
+        later: list[Store] | None = None,
     ) -> profile_pb2.GetCustomerContextResponse:
         """The context from its rows, cached under the version read before them."""
         scores = self.scores.get(profile_id, metadata)
         resp = build_context(rows, config, Located(profile_id), scores.to_proto())
         seconds = self.degraded_seconds if scores.missing_reason and scores.transient else self.context_seconds
-        self.cache.store_context(tenant_id, profile_id, str(limit), version, resp.SerializeToString(), seconds)
+        store: Store = (tenant_id, profile_id, str(limit), version, resp.SerializeToString(), seconds)
+        if later is None:
+            self.cache.store_context(*store)
+        else:
+            later.append(store)
         return resp
 
     def timeline(
