@@ -269,6 +269,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         # Methods that check their requests' text themselves, item by item (ingest's batches,
         # whose events are rejected one by one rather than the whole request refused).
         self.own_text_checks = own_text_checks
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     # -- credentials ----------------------------------------------------------------------------
 
@@ -303,8 +304,17 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method: str = handler_call_details.method
+        # The wrapped handler depends only on the method (each call reads its own metadata), so it
+        # is built once per method, not on every call.
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped_handler = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped_handler)
+        return wrapped_handler
+
+    def _wrap(self, method: str, handler: Any) -> Any:
         public = self.authenticator is None or method.startswith(PUBLIC_PREFIXES)
-        metadata = tuple(handler_call_details.invocation_metadata or ())
         deserializer = _safe(handler.request_deserializer, _request_type(method))
         guard = self
 
@@ -320,7 +330,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         def sync_unary(behavior: Behavior) -> Behavior:
             def wrapped(request: Any, context: Any) -> Any:
-                call = _Call(method, metadata, guard.tracer)
+                call = _Call(method, _metadata_of(context), guard.tracer)
                 with call.span():
                     token = None
                     try:
@@ -340,7 +350,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         def sync_stream(behavior: Behavior) -> Behavior:
             def wrapped(request: Any, context: Any) -> Iterator[Any]:
-                call = _Call(method, metadata, guard.tracer)
+                call = _Call(method, _metadata_of(context), guard.tracer)
                 with call.span():
                     token = None
                     try:
@@ -361,7 +371,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         def async_unary(behavior: Behavior) -> Behavior:
             async def wrapped(request: Any, context: Any) -> Any:
-                call = _Call(method, metadata, guard.tracer)
+                call = _Call(method, _metadata_of(context), guard.tracer)
                 with call.span():
                     token = None
                     try:
@@ -383,7 +393,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
                 # The span and tenant are attached only while the servicer runs (each step below),
                 # never across a yield: grpc may finalize this generator from another task.
-                call = _Call(method, metadata, guard.tracer)
+                call = _Call(method, _metadata_of(context), guard.tracer)
                 with call.span(current=False) as span:
                     slot: str | None = None
                     responses: AsyncIterator[Any] | None = None
@@ -434,6 +444,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, True), deserializer, serializer)
         return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, True), deserializer, serializer)
+
+
+def _metadata_of(context: Any) -> tuple[tuple[str, Any], ...]:
+    return tuple(context.invocation_metadata() or ())
 
 
 def _passthrough(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:

@@ -191,11 +191,12 @@ class ProfileReads:
         ident: event_pb2.Identifier | None,
         which: str | None,
         limit: int,
-        metadata: Metadata,
+        metadata: Callable[[], Metadata],
         in_pool: InPool,
     ) -> profile_pb2.GetCustomerContextResponse | bytes:
         """The hit path runs on the event loop: one Redis round trip, no thread, no SQL, and the
-        cached bytes go out as they are (the interceptor sends bytes unserialized)."""
+        cached bytes go out as they are (the interceptor sends bytes unserialized). ``metadata``
+        (forwarded to identity and metrics) is only read on a miss."""
         look: Lookup | None = None
         if which == "identifier" and ident is not None:
             rules = self.rules.cached(tenant_id)
@@ -217,7 +218,7 @@ class ProfileReads:
         self.cache.record(False)
         later: list[Store] = []
         resp: profile_pb2.GetCustomerContextResponse = await in_pool(
-            self.context_miss, tenant_id, name, ident, which, limit, metadata, look, later
+            self.context_miss, tenant_id, name, ident, which, limit, metadata(), look, later
         )
         for store in later:  # on the loop's hot connection, not a blocking call in the pool thread
             await self.cache.astore_context(*store)

@@ -87,7 +87,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
             request.identifier if which == "identifier" else None,
             which,
             limit,
-            _metadata(context),
+            lambda: _metadata(context),
             self.pool,
         )
 
