@@ -110,6 +110,7 @@ class HotRedis:
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
         self._loaded: set[str] = set()
+        self._digests: dict[str, str] = {}
 
     def __repr__(self) -> str:  # never the password
         return f"HotRedis({self.socket_path or f'{self.host}:{self.port}'}/{self.db})"
@@ -171,7 +172,9 @@ class HotRedis:
 
     async def evalsha(self, script: str, keys: tuple[Any, ...] = (), args: tuple[Any, ...] = ()) -> Any:
         """Run a Lua script by its digest, loading it once per connection if Redis lacks it."""
-        sha = hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+        sha = self._digests.get(script)
+        if sha is None:
+            sha = self._digests[script] = hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 - Redis's name
         proto = await self._connection()
         for _ in range(2):
             if sha not in self._loaded:

@@ -166,6 +166,17 @@ class StreamSlots:
         return self._open.get(tenant_id, 0)
 
 
+_fields: frozenset[str] | None = None
+
+
+def _trace_fields() -> frozenset[str]:
+    """The metadata keys the configured propagators read (traceparent, baggage, b3...)."""
+    global _fields
+    if _fields is None:
+        _fields = frozenset(propagate.get_global_textmap().fields)
+    return _fields
+
+
 class _Call:
     """One RPC's bookkeeping: its span, its tenant, and how it ended."""
 
@@ -186,7 +197,9 @@ class _Call:
     def span(self, current: bool = True) -> Iterator[trace.Span]:
         """The RPC's server span; ``current=False`` leaves it unattached (an async stream attaches
         it per step, since its generator may be closed from another task's context)."""
-        parent = propagate.extract({k: v for k, v in self.metadata if isinstance(v, str)})
+        # Most calls carry no trace context: skip the propagators' work for them.
+        carrier = {k: v for k, v in self.metadata if isinstance(v, str)}
+        parent = propagate.extract(carrier) if not _trace_fields().isdisjoint(carrier) else None
         service, _, name = self.method.lstrip("/").partition("/")
         span = self.tracer.start_span(
             self.method.lstrip("/"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import hashlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -340,8 +341,6 @@ def decode_cursor(tenant_id: str, cursor: str) -> int | None:
 
 
 def _tenant_tag(tenant_id: str) -> str:
-    import hashlib
-
     return hashlib.sha256(("feed\x1f" + tenant_id).encode()).hexdigest()[:12]
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from services.core.errors import NotFound
+from services.core.errors import InvalidArgument, NotFound, Violation
 from services.core.ids import canonical_uuid
 from services.profile.cache import ContextCache
 from services.profile.clients import Metadata, MetricsScores, forwarded
@@ -104,7 +104,6 @@ class ProfileWrites:
 
     def erasure(self, tenant_id: str, name: str) -> profile_pb2.ErasureRequest:
         rid = canonical_uuid(name.removeprefix(ERASURE_PREFIX)) if name.startswith(ERASURE_PREFIX) else None
-        from services.core.errors import InvalidArgument, Violation
 
         if rid is None:
             raise InvalidArgument(
