@@ -21,6 +21,7 @@ from services.core import db, harness, tenancy
 from services.core.bus import connect
 from services.core.server import RunningServer, start_server
 from services.core.settings import Settings
+from tests.support.profile import Apis, apis
 
 #: What a test server of each service runs with beyond the defaults (no caches to wait out).
 SERVICE_OVERRIDES: dict[str, dict[str, object]] = {
@@ -201,3 +202,15 @@ def profile_channel(profile_server: RunningServer) -> Iterator[grpc.Channel]:
 @pytest.fixture
 def tmp_data_dir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture
+def api(
+    ingest_channel: grpc.Channel,
+    identity_channel: grpc.Channel,
+    profile_channel: grpc.Channel,
+    engine: Engine,
+    tenant: TenantKey,
+) -> Apis:
+    """The public APIs as one test tenant drives them (ingest in, identity and profile out)."""
+    return apis(ingest_channel, identity_channel, profile_channel, engine, tenant.tenant_id, tenant.metadata)

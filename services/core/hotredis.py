@@ -42,15 +42,25 @@ class _Protocol(asyncio.Protocol):
         self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
+        # Commands of one loop iteration (concurrent requests) go out in one write.
+        self.outgoing: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
 
-    def expect(self, fut: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
+    def send(self, packed: bytes, fut: asyncio.Future[Any], loop: asyncio.AbstractEventLoop) -> None:
         self.waiting.append((fut, loop.time()))
         if self.timer is None:
             self.timer = loop.call_later(self.owner.timeout, self._check, loop)
+        if not self.outgoing:
+            loop.call_soon(self._flush)
+        self.outgoing.append(packed)
+
+    def _flush(self) -> None:
+        out, self.outgoing = self.outgoing, []
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def _check(self, loop: asyncio.AbstractEventLoop) -> None:
         self.timer = None
@@ -160,8 +170,7 @@ class HotRedis:
             raise RedisUnavailable("connection to Redis closed")
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        proto.expect(fut, loop)
-        proto.transport.write(hiredis.pack_command(args))
+        proto.send(hiredis.pack_command(args), fut, loop)
         reply = await fut
         if isinstance(reply, hiredis.ReplyError):
             raise RedisReplyError(str(reply).split(" ", 1)[0])

@@ -104,7 +104,10 @@ def configure_telemetry(service: str) -> None:
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
     elif choice == "console":
         readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
-    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+    if readers:
+        metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+    # With no reader nothing would ever be exported: the API's no-op instruments are left in
+    # place, sparing every RPC, statement and cache look-up the SDK's bookkeeping.
 
     from opentelemetry.instrumentation.redis import RedisInstrumentor
 

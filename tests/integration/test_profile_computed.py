@@ -8,30 +8,16 @@ import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
-import grpc
 import pytest
 from google.protobuf import duration_pb2
-from sqlalchemy.engine import Engine
 
 from tessera.v1 import event_pb2, ingest_pb2, profile_pb2
-from tests.conftest import TenantKey
-from tests.support.profile import NOW, Apis, apis, computed_of, interaction, survey, track
+from tests.support.profile import NOW, Apis, computed_of, interaction, survey, track
 
 pytestmark = [pytest.mark.integration]
 
 DAY = dt.timedelta(days=1)
 A = profile_pb2
-
-
-@pytest.fixture
-def api(
-    ingest_channel: grpc.Channel,
-    identity_channel: grpc.Channel,
-    profile_channel: grpc.Channel,
-    engine: Engine,
-    tenant: TenantKey,
-) -> Apis:
-    return apis(ingest_channel, identity_channel, profile_channel, engine, tenant.tenant_id, tenant.metadata)
 
 
 def definition(

@@ -43,17 +43,6 @@ Context = profile_pb2.GetCustomerContextResponse
 
 
 @pytest.fixture
-def api(
-    ingest_channel: grpc.Channel,
-    identity_channel: grpc.Channel,
-    profile_channel: grpc.Channel,
-    engine: Engine,
-    tenant: TenantKey,
-) -> Apis:
-    return apis(ingest_channel, identity_channel, profile_channel, engine, tenant.tenant_id, tenant.metadata)
-
-
-@pytest.fixture
 def consumed(api: Apis, redis_client: redis.Redis, settings: Settings) -> Callable[[Stream[Any]], None]:
     """Waits until the profile consumers have read and acknowledged every entry of the tenant's
     stream (after their commit and the invalidation that follows it: the caches have settled)."""

@@ -12,15 +12,12 @@ import json
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
-from sqlalchemy.engine import Engine
 
 from tessera.v1 import event_pb2, profile_pb2
-from tests.conftest import TenantKey
 from tests.support.grpc_errors import bad_request
 from tests.support.profile import (
     NOW,
     Apis,
-    apis,
     code_of,
     computed_of,
     identify,
@@ -34,17 +31,6 @@ pytestmark = [pytest.mark.integration]
 
 DAY = dt.timedelta(days=1)
 HOUR = dt.timedelta(hours=1)
-
-
-@pytest.fixture
-def api(
-    ingest_channel: grpc.Channel,
-    identity_channel: grpc.Channel,
-    profile_channel: grpc.Channel,
-    engine: Engine,
-    tenant: TenantKey,
-) -> Apis:
-    return apis(ingest_channel, identity_channel, profile_channel, engine, tenant.tenant_id, tenant.metadata)
 
 
 def ts(when: dt.datetime) -> timestamp_pb2.Timestamp:

@@ -8,12 +8,10 @@ import datetime as dt
 
 import grpc
 import pytest
-from sqlalchemy.engine import Engine
 
 from tessera.v1 import ingest_pb2, profile_pb2
-from tests.conftest import TenantKey
 from tests.support.grpc_errors import bad_request
-from tests.support.profile import NOW, Apis, apis, at, code_of, identify, trait, traits_of, wait_until
+from tests.support.profile import NOW, Apis, at, code_of, identify, trait, traits_of, wait_until
 
 pytestmark = [pytest.mark.integration]
 
@@ -22,17 +20,6 @@ LATEST = profile_pb2.TRAIT_POLICY_LATEST
 FIRST = profile_pb2.TRAIT_POLICY_FIRST
 MOST_FREQUENT = profile_pb2.TRAIT_POLICY_MOST_FREQUENT
 SOURCE_PRIORITY = profile_pb2.TRAIT_POLICY_SOURCE_PRIORITY
-
-
-@pytest.fixture
-def api(
-    ingest_channel: grpc.Channel,
-    identity_channel: grpc.Channel,
-    profile_channel: grpc.Channel,
-    engine: Engine,
-    tenant: TenantKey,
-) -> Apis:
-    return apis(ingest_channel, identity_channel, profile_channel, engine, tenant.tenant_id, tenant.metadata)
 
 
 def policies(api: Apis) -> None:

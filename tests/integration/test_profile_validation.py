@@ -10,28 +10,15 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2
 from google.protobuf.message import Message
-from sqlalchemy.engine import Engine
 
 from tessera.v1 import event_pb2, profile_pb2
-from tests.conftest import TenantKey
 from tests.support.grpc_errors import bad_request
-from tests.support.profile import NOW, Apis, apis, identify
+from tests.support.profile import NOW, Apis, identify
 
 pytestmark = [pytest.mark.integration]
 
 P = profile_pb2
 Ident = event_pb2.Identifier
-
-
-@pytest.fixture
-def api(
-    ingest_channel: grpc.Channel,
-    identity_channel: grpc.Channel,
-    profile_channel: grpc.Channel,
-    engine: Engine,
-    tenant: TenantKey,
-) -> Apis:
-    return apis(ingest_channel, identity_channel, profile_channel, engine, tenant.tenant_id, tenant.metadata)
 
 
 def settings_request(paths: list[str] | None = None, **fields: Any) -> P.UpdateProfileSettingsRequest:

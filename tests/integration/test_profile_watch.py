@@ -15,25 +15,14 @@ from sqlalchemy.engine import Engine
 
 from services.profile.servicer import decode_cursor, encode_cursor
 from tessera.v1 import profile_pb2
-from tests.conftest import TenantKey, make_tenant
+from tests.conftest import make_tenant
 from tests.support.grpc_errors import bad_request
-from tests.support.profile import NOW, Apis, apis, identify, wait_until
+from tests.support.profile import NOW, Apis, identify, wait_until
 
 pytestmark = [pytest.mark.integration]
 
 P = profile_pb2
 Change = tuple[str, int, str, str, tuple[str, ...]]
-
-
-@pytest.fixture
-def api(
-    ingest_channel: grpc.Channel,
-    identity_channel: grpc.Channel,
-    profile_channel: grpc.Channel,
-    engine: Engine,
-    tenant: TenantKey,
-) -> Apis:
-    return apis(ingest_channel, identity_channel, profile_channel, engine, tenant.tenant_id, tenant.metadata)
 
 
 def head(engine: Engine, tenant_id: str) -> int:
