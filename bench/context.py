@@ -28,7 +28,6 @@ import grpc
 
 from bench.common import (
     CpuGroup,
-    backends,
     fmt,
     idle_machine_facts,
     machine_busy,
@@ -40,9 +39,7 @@ from bench.common import (
     spawn,
     utc_now,
 )
-from bench.profile_stack import customer, new_tenant, preload, services, steady, wait_built
-from services.core import db
-from services.core.bus import Bus, connect
+from bench.profile_stack import customer, preloaded
 from services.core.harness import free_port, wait_health
 from tessera.v1 import event_pb2, profile_pb2
 
@@ -192,61 +189,39 @@ def produce(cfg: Config) -> dict[str, Any]:
     started = time.monotonic()
     facts = idle_machine_facts()
     date = utc_now()
-    with backends("context") as be:
-        engine = db.make_engine(be.database_url, application_name="bench", pool_size=2, instrument=False)
-        client = connect(be.redis_url)
+    with preloaded("context", ["identity", "profile"], cfg.profiles) as run:
+        be, stack, api_key = run.be, run.stack, run.api_key
+        build_s = run.build_seconds
+        phones = [p.phone for p in run.people]
+        rng = random.Random(5)
+        rng.shuffle(phones)
+        hot, cold = phones[: cfg.hot], phones[cfg.hot :]
+        echo_port = free_port()
+        echo = spawn("echo", python_argv("bench.echo_server", str(echo_port)), be.env(), be.workdir)
         try:
-            tenant_id, api_key = new_tenant(engine, "ctx")
-            bus = Bus(client, be.redis_prefix, maxlen=10**10)
-            with services(be, ["identity", "profile"]) as stack:
-                t = time.monotonic()
-                people = preload(bus, tenant_id, cfg.profiles)
-                built = wait_built(engine, tenant_id, 2 * cfg.profiles, 3600, list(stack.processes.values()), bus)
-                steady(engine)
-                build_s = time.monotonic() - t
-                phones = [p.phone for p in people]
-                rng = random.Random(5)
-                rng.shuffle(phones)
-                hot, cold = phones[: cfg.hot], phones[cfg.hot :]
-                echo_port = free_port()
-                echo = spawn("echo", python_argv("bench.echo_server", str(echo_port)), be.env(), be.workdir)
-                try:
-                    if not wait_health(f"127.0.0.1:{echo_port}", timeout=30, process=echo):
-                        raise RuntimeError("the echo server did not start")
-                    target = stack.targets["profile"]
-                    per = len(cold) // cfg.clients
-                    echo_figures = run_phase(
-                        cfg, "echo", f"127.0.0.1:{echo_port}", ECHO_METHOD, api_key, [hot] * cfg.clients, echo.pid
-                    )
-                    # Warm: every hot context fetched once, so the hit phase only hits (contexts
-                    # stay cached for TESSERA_PROFILE_CONTEXT_CACHE_SECONDS, 60 s by default).
-                    run_phase(
-                        Config(min(cfg.seconds, 30), cfg.profiles, 1, 1, cfg.hot),
-                        "miss",
-                        target,
-                        CONTEXT_METHOD,
-                        api_key,
-                        [hot],
-                    )
-                    pid = stack.processes["profile"].pid
-                    hit = run_phase(cfg, "hit", target, CONTEXT_METHOD, api_key, [hot] * cfg.clients, pid)
-                    miss = run_phase(
-                        cfg,
-                        "miss",
-                        target,
-                        CONTEXT_METHOD,
-                        api_key,
-                        [cold[i * per : (i + 1) * per] for i in range(cfg.clients)],
-                        pid,
-                    )
-                    echo_again = run_phase(
-                        cfg, "echo", f"127.0.0.1:{echo_port}", ECHO_METHOD, api_key, [hot] * cfg.clients, echo.pid
-                    )
-                finally:
-                    echo.stop(5)
+            if not wait_health(f"127.0.0.1:{echo_port}", timeout=30, process=echo):
+                raise RuntimeError("the echo server did not start")
+            target = stack.targets["profile"]
+            per = len(cold) // cfg.clients
+            echo_target = f"127.0.0.1:{echo_port}"
+            echo_figures = run_phase(cfg, "echo", echo_target, ECHO_METHOD, api_key, [hot] * cfg.clients, echo.pid)
+            # Warm: every hot context fetched once, so the hit phase only hits (contexts
+            # stay cached for TESSERA_PROFILE_CONTEXT_CACHE_SECONDS, 60 s by default).
+            run_phase(
+                Config(min(cfg.seconds, 30), cfg.profiles, 1, 1, cfg.hot),
+                "miss",
+                target,
+                CONTEXT_METHOD,
+                api_key,
+                [hot],
+            )
+            pid = stack.processes["profile"].pid
+            hit = run_phase(cfg, "hit", target, CONTEXT_METHOD, api_key, [hot] * cfg.clients, pid)
+            cold_slices = [cold[i * per : (i + 1) * per] for i in range(cfg.clients)]
+            miss = run_phase(cfg, "miss", target, CONTEXT_METHOD, api_key, cold_slices, pid)
+            echo_again = run_phase(cfg, "echo", echo_target, ECHO_METHOD, api_key, [hot] * cfg.clients, echo.pid)
         finally:
-            client.close()
-            engine.dispose()
+            echo.stop(5)
     echo_p50 = (echo_figures["p50_ms"] + echo_again["p50_ms"]) / 2
     hit_ratio = hit["p50_ms"] / echo_p50 if hit["p50_ms"] and echo_p50 else None
     targets = {
@@ -267,7 +242,7 @@ def produce(cfg: Config) -> dict[str, Any]:
             "lookup": "GetCustomerContext by phone (E.164), 10 recent interactions",
             "servers": be.mode,
         },
-        "preload": {"events": 2 * cfg.profiles, "seconds": rounded(build_s, 1), "wait_seconds": rounded(built, 1)},
+        "preload": {"events": 2 * cfg.profiles, "seconds": rounded(build_s, 1)},
         "results": {"echo_before": echo_figures, "hit": hit, "miss": miss, "echo_after": echo_again},
         "echo_p50_ms": rounded(echo_p50),
         "hit_p50_over_echo_p50": rounded(hit_ratio, 2) if hit_ratio else None,

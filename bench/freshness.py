@@ -25,11 +25,9 @@ from typing import Any
 
 import grpc
 
-from bench.common import backends, fmt, idle_machine_facts, percentile, rounded, run_configured, utc_now
+from bench.common import fmt, idle_machine_facts, percentile, rounded, run_configured, utc_now
 from bench.context import _env_int
-from bench.profile_stack import Customer, new_tenant, preload, services, steady, wait_built
-from services.core import db
-from services.core.bus import Bus, connect
+from bench.profile_stack import Customer, preloaded
 from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc, profile_pb2, profile_pb2_grpc
 
 BATCH = 20
@@ -177,35 +175,22 @@ def produce(cfg: Config) -> dict[str, Any]:
     started = time.monotonic()
     facts = idle_machine_facts()
     date = utc_now()
-    with backends("freshness") as be:
-        engine = db.make_engine(be.database_url, application_name="bench", pool_size=2, instrument=False)
-        client = connect(be.redis_url)
-        try:
-            tenant_id, api_key = new_tenant(engine, "fresh")
-            metadata = (("authorization", f"Bearer {api_key}"),)
-            bus = Bus(client, be.redis_prefix, maxlen=10**10)
-            with services(be, ["ingest", "identity", "profile"]) as stack:
-                t = time.monotonic()
-                people = preload(bus, tenant_id, cfg.profiles)
-                wait_built(engine, tenant_id, 2 * cfg.profiles, 3600, list(stack.processes.values()), bus)
-                steady(engine)
-                build_s = time.monotonic() - t
-                load = Load(stack.targets["ingest"], metadata, people, cfg.rate)
-                probes = Probes(stack.targets["ingest"], stack.targets["profile"], metadata, people)
-                threads = [threading.Thread(target=load.run)]
-                threads += [threading.Thread(target=probes.run, args=(n,)) for n in range(PROBE_THREADS)]
-                t0 = time.monotonic()
-                for th in threads:
-                    th.start()
-                time.sleep(cfg.seconds)
-                load.stop.set()
-                probes.stop.set()
-                for th in threads:
-                    th.join(timeout=PROBE_TIMEOUT_S + 15)
-                window = time.monotonic() - t0
-        finally:
-            client.close()
-            engine.dispose()
+    with preloaded("freshness", ["ingest", "identity", "profile"], cfg.profiles) as run:
+        be, stack, metadata, people = run.be, run.stack, run.metadata, run.people
+        build_s = run.build_seconds
+        load = Load(stack.targets["ingest"], metadata, people, cfg.rate)
+        probes = Probes(stack.targets["ingest"], stack.targets["profile"], metadata, people)
+        threads = [threading.Thread(target=load.run)]
+        threads += [threading.Thread(target=probes.run, args=(n,)) for n in range(PROBE_THREADS)]
+        t0 = time.monotonic()
+        for th in threads:
+            th.start()
+        time.sleep(cfg.seconds)
+        load.stop.set()
+        probes.stop.set()
+        for th in threads:
+            th.join(timeout=PROBE_TIMEOUT_S + 15)
+        window = time.monotonic() - t0
     lat = sorted(probes.latencies)
     offered_rate = load.offered / window
     targets = {

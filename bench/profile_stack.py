@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from bench.common import Backends, spawn
-from services.core import streams, tenancy
-from services.core.bus import Bus
+from bench.common import Backends, backends, spawn
+from services.core import db, streams, tenancy
+from services.core.bus import Bus, connect
 from services.core.harness import ServiceProcess, free_port, serve_argv, wait_serving
 from tessera.v1 import event_pb2
 
@@ -211,3 +211,40 @@ def wait_built(
             log.info("profiles: %d of %d events applied", seen, events)
             last_log = time.monotonic()
         time.sleep(0.5)
+
+
+@dataclass
+class Preloaded:
+    """A running stack on scratch servers with one tenant whose customers are built and settled."""
+
+    be: Backends
+    stack: Stack
+    tenant_id: str
+    api_key: str
+    people: list[Customer]
+    build_seconds: float
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.api_key}"),)
+
+
+@contextlib.contextmanager
+def preloaded(label: str, names: Sequence[str], profiles: int) -> Iterator[Preloaded]:
+    """Scratch servers, the named services, a tenant and ``profiles`` customers through the
+    pipeline, every stream consumed and the tables analyzed: what a profile bench measures on."""
+    with backends(label) as be:
+        engine = db.make_engine(be.database_url, application_name="bench", pool_size=2, instrument=False)
+        client = connect(be.redis_url)
+        try:
+            tenant_id, api_key = new_tenant(engine, label[:5])
+            bus = Bus(client, be.redis_prefix, maxlen=10**10)
+            with services(be, names) as stack:
+                t = time.monotonic()
+                people = preload(bus, tenant_id, profiles)
+                wait_built(engine, tenant_id, 2 * profiles, 3600, list(stack.processes.values()), bus)
+                steady(engine)
+                yield Preloaded(be, stack, tenant_id, api_key, people, time.monotonic() - t)
+        finally:
+            client.close()
+            engine.dispose()
