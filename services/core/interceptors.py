@@ -20,11 +20,21 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 import grpc
+import redis
+import sqlalchemy as sa
 from grpc.aio import AbortError
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from services.core.errors import Code, DeadlineExceeded, InvalidArgument, ResourceExhausted, TesseraError, Violation
+from services.core.errors import (
+    Code,
+    DeadlineExceeded,
+    InvalidArgument,
+    ResourceExhausted,
+    TesseraError,
+    Unavailable,
+    Violation,
+)
 from services.core.status import error_status, internal_status
 from services.core.telemetry import current_trace_id, meter, tracer
 from services.core.tenancy import Authenticator, Tenant, reset_current_tenant, set_current_tenant
@@ -229,11 +239,31 @@ class _Call:
         """The ``google.rpc.Status`` to answer ``exc`` with (logging what was not a domain error)."""
         if isinstance(exc, TesseraError):
             status = error_status(exc)
+        elif (down := dependency_down(exc)) is not None:
+            # Not a bug: a backend is out. UNAVAILABLE tells the caller (and the channels' retry
+            # policies) to try again; the message names the backend, never its address.
+            log.warning(
+                "%s unavailable in %s", down, self.method, extra={"method": self.method, "error": type(exc).__name__}
+            )
+            status = error_status(Unavailable(f"{down} is unavailable; retry shortly"))
         else:
             log.error("unhandled error in %s", self.method, exc_info=exc, extra={"method": self.method})
             status = internal_status(current_trace_id())
         self.code = _GRPC_CODES.get(status.code, grpc.StatusCode.UNKNOWN)
         return status
+
+
+def dependency_down(exc: BaseException) -> str | None:
+    """ "PostgreSQL" or "Redis" when ``exc`` is a lost or refused connection to it, else None."""
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return "Redis"
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return "PostgreSQL"
+    if isinstance(exc, sa.exc.TimeoutError):  # no pooled connection within the pool timeout
+        return "PostgreSQL"
+    if isinstance(exc, sa.exc.OperationalError) and "connect" in str(exc.orig).lower():
+        return "PostgreSQL"
+    return None
 
 
 def _trailers(status: Any) -> tuple[tuple[str, bytes], ...]:
