@@ -48,8 +48,10 @@ from services.core.server import RunningServer
 from services.identity.rules_store import TenantRules, to_proto
 from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc, ingest_pb2_grpc
 from tests.conftest import TenantKey, make_tenant
+from tests.support import twins
 from tests.support.grpc_errors import bad_request, precondition_failures
 from tests.support.identity import event_profile, person_event, send, wait_linked
+from tests.support.twins import UUID_RE, IdentArg, Pick, Side, Tok, names_field, real, side_toks, twin
 
 T = TypeVar("T")
 
@@ -104,71 +106,15 @@ JUNK: tuple[tuple[str, str], ...] = (
     ("crm_id", "c-1"),
 )
 A_BLOCKED = "alpha-placeholder"
-UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 # ----------------------------------------------------------------------------------------------
 # What the fuzzer puts into requests.
 
 
-@dataclass(frozen=True)
-class Tok:
-    """A string in a request. ``twin`` is the same string with A's secret swapped for a look-alike
-    that exists in no tenant; for anything that is not A's secret, twin == real."""
-
-    real: str
-    twin: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.twin:
-            object.__setattr__(self, "twin", self.real)
-
-    @property
-    def secret(self) -> bool:
-        return self.real != self.twin
-
-
-Pick = Callable[[Tok], str]
-IdentArg = tuple[str, Tok]
-Side = IdentArg | Tok | None  # ExplainLink: an identifier, a profile name, or unset
-
-
-def real(t: Tok) -> str:
-    return t.real
-
-
-def twin(t: Tok) -> str:
-    return t.twin
-
-
-# How a profile id is spelled: all of these name the same profile.
-PROFILE_FORMS: dict[str, Callable[[str], str]] = {
-    "name": lambda u: f"profiles/{u}",
-    "bare": lambda u: u,
-    "upper": lambda u: f"profiles/{u.upper()}",
-    "hex": lambda u: f"profiles/{u.replace('-', '')}",
-    "braces": lambda u: f"profiles/{{{u}}}",
-}
-# Malformed names that still carry the id.
-GARBLED_FORMS: dict[str, Callable[[str], str]] = {
-    "suffix": lambda u: f"profiles/{u}/identifiers",
-    "singular": lambda u: f"profile/{u}",
-    "merge": lambda u: f"merges/{u}",
-    "short": lambda u: f"profiles/{u[:-1]}",
-    "space": lambda u: f"profiles/ {u}",
-    "nul": lambda u: f"profiles/{u}\x00",  # refused by the guard, A's id or not
-}
-# How an identifier value is spelled (applied to A's value and its twin alike).
-VALUE_FORMS: dict[str, Callable[[str], str]] = {
-    "exact": lambda v: v,
-    "upper": lambda v: v.upper(),
-    "padded": lambda v: f"  {v} ",
-    # A's national spelling of a British number: A (region GB) reads it, B (region US) does not.
-    "gb_national": lambda v: f"0{v[3:5]} {v[5:9]} {v[9:]}" if v.startswith("+44") else v,
-    "spaced": lambda v: f"{v[:3]} {v[3:5]} {v[5:9]} {v[9:]}" if v.startswith("+44") else v,
-    # PostgreSQL text cannot hold NUL: the server guard refuses it as INVALID_ARGUMENT naming the field.
-    "nul": lambda v: f"{v}\x00",
-}
+PROFILE_FORMS = twins.PROFILE_FORMS
+GARBLED_FORMS = twins.garbled_forms("identifiers", ("merge", "merges"))
+VALUE_FORMS = twins.VALUE_FORMS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -488,12 +434,6 @@ def invalid(*fields: str) -> Expect:
     return Expect(frozenset({Code.INVALID_ARGUMENT}), fields=frozenset(fields))
 
 
-def names_field(path: str, fields: frozenset[str]) -> bool:
-    """Whether a field violation's path is one of ``fields`` or inside one ("identifiers[1].value"
-    is inside "identifiers[1]", "rules.types[crm_id].normalizer" inside "rules.types")."""
-    return any(path == f or path.startswith((f"{f}.", f"{f}[")) for f in fields)
-
-
 @dataclass
 class Call:
     rpc: str
@@ -555,12 +495,6 @@ def graph_call(ref: Tok) -> Call:
         return only(Code.OK, check=check)
 
     return Call("GetIdentityGraph", lambda pick: identity_pb2.GetIdentityGraphRequest(name=pick(ref)), [ref], expect)
-
-
-def side_toks(side: Side) -> list[Tok]:
-    if side is None:
-        return []
-    return [side] if isinstance(side, Tok) else [side[1]]
 
 
 def explain_call(side_a: Side, side_b: Side) -> Call:

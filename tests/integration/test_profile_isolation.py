@@ -54,9 +54,11 @@ from services.profile.servicer import encode_cursor
 from services.profile.storage import ACTIVE, ERASED, MERGED
 from tessera.v1 import event_pb2, identity_pb2, profile_pb2, profile_pb2_grpc
 from tests.conftest import make_tenant
+from tests.support import twins
 from tests.support.grpc_errors import bad_request
 from tests.support.identity import wait_outbox_drained
 from tests.support.profile import Apis, apis, applied_count, identify, interaction, wait_until
+from tests.support.twins import UUID_RE, IdentArg, Pick, Side, Tok, names_field, real, side_toks, twin
 
 T = TypeVar("T")
 
@@ -122,7 +124,6 @@ JUNK: tuple[tuple[str, str], ...] = (
     ("Email", "alpha.one@tenant-a.example"),  # type names are case-sensitive
     ("crm_id", "c-1"),
 )
-UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 SCHEMAS = ("profile", "identity", "ingest")
 
 
@@ -130,64 +131,12 @@ SCHEMAS = ("profile", "identity", "ingest")
 # What the fuzzer puts into requests.
 
 
-@dataclass(frozen=True)
-class Tok:
-    """A string in a request. ``twin`` is the same string with A's secret swapped for a look-alike
-    that exists in no tenant; for anything that is not A's secret, twin == real."""
-
-    real: str
-    twin: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.twin:
-            object.__setattr__(self, "twin", self.real)
-
-    @property
-    def secret(self) -> bool:
-        return self.real != self.twin
-
-
-Pick = Callable[[Tok], str]
-IdentArg = tuple[str, Tok]
-Side = IdentArg | Tok | None  # the `profile` oneof: an identifier, a name, or unset
-
-
-def real(t: Tok) -> str:
-    return t.real
-
-
-def twin(t: Tok) -> str:
-    return t.twin
-
-
-# How a profile id is spelled: all of these name the same profile.
 PROFILE_FORMS: dict[str, Callable[[str], str]] = {
-    "name": lambda u: f"profiles/{u}",
-    "bare": lambda u: u,
-    "upper": lambda u: f"profiles/{u.upper()}",
-    "hex": lambda u: f"profiles/{u.replace('-', '')}",
-    "braces": lambda u: f"profiles/{{{u}}}",
+    **twins.PROFILE_FORMS,
     "urn": lambda u: f"profiles/urn:uuid:{u}",
 }
-# Malformed names that still carry the id.
-GARBLED_FORMS: dict[str, Callable[[str], str]] = {
-    "suffix": lambda u: f"profiles/{u}/timeline",
-    "singular": lambda u: f"profile/{u}",
-    "erasure": lambda u: f"erasureRequests/{u}",
-    "short": lambda u: f"profiles/{u[:-1]}",
-    "space": lambda u: f"profiles/ {u}",
-    "nul": lambda u: f"profiles/{u}\x00",  # refused by the guard, A's id or not
-}
-# How an identifier value is spelled (applied to A's value and its twin alike).
-VALUE_FORMS: dict[str, Callable[[str], str]] = {
-    "exact": lambda v: v,
-    "upper": lambda v: v.upper(),
-    "padded": lambda v: f"  {v} ",
-    # A's national spelling of a British number: A (region GB) reads it, B (region US) does not.
-    "gb_national": lambda v: f"0{v[3:5]} {v[5:9]} {v[9:]}" if v.startswith("+44") else v,
-    "spaced": lambda v: f"{v[:3]} {v[3:5]} {v[5:9]} {v[9:]}" if v.startswith("+44") else v,
-    "nul": lambda v: f"{v}\x00",
-}
+GARBLED_FORMS = twins.garbled_forms("timeline", ("erasure", "erasureRequests"))
+VALUE_FORMS = twins.VALUE_FORMS
 # How an erasure request id is spelled.
 ERASURE_FORMS: dict[str, Callable[[str], str]] = {
     "name": lambda u: f"erasureRequests/{u}",
@@ -706,10 +655,6 @@ def invalid(*fields: str) -> Expect:
     return Expect(frozenset({Code.INVALID_ARGUMENT}), fields=frozenset(fields))
 
 
-def names_field(path: str, fields: frozenset[str]) -> bool:
-    return any(path == f or path.startswith((f"{f}.", f"{f}[")) for f in fields)
-
-
 @dataclass
 class Call:
     rpc: str
@@ -719,12 +664,6 @@ class Call:
 
     def __repr__(self) -> str:
         return f"{self.rpc}({text_format.MessageToString(self.build(real), as_one_line=True, as_utf8=True)})"
-
-
-def side_toks(side: Side) -> list[Tok]:
-    if side is None:
-        return []
-    return [side] if isinstance(side, Tok) else [side[1]]
 
 
 def put_side(req: Any, side: Side, pick: Pick) -> Any:
