@@ -32,16 +32,15 @@ MIGRATIONS = MigrationSet("profile", Path(__file__).resolve().parent / "migratio
 
 def register(server: grpc.aio.Server, ctx: ServiceContext, own: ProfileSettings) -> list[Background]:
     s = ctx.settings
-    store = ProfileStore(ctx.engine, reader=ctx.autocommit_engine)
-    hot = HotRedis(s.require_redis_url())
     cache = ContextCache(
         ctx.redis,
-        hot,
+        HotRedis(s.require_redis_url()),
         s.redis_prefix,
         context_seconds=own.context_cache_seconds,
         owner_seconds=own.owner_cache_seconds,
     )
-    store.hold = cache.hold  # every writing transaction holds the caches of what it changes
+    # Every writing transaction holds the caches of what it changes, just before it commits.
+    store = ProfileStore(ctx.engine, hold=cache.hold, reader=ctx.autocommit_engine)
     channels = clients.channels(lambda target: service_channel(target, s))
     rules = clients.RulesSource(channels, own.identity_address, own.rules_cache_seconds)
     # No gRPC retries for the scores: their back-offs would spend the short deadline, so an

@@ -69,14 +69,6 @@ redis.call('SET', KEYS[1], ARGV[1])
 return ARGV[1]
 """
 
-_STORE_OWNER = """
-local epoch = redis.call('GET', KEYS[2])
-if (epoch or '') ~= ARGV[1] or string.sub(ARGV[1], 1, 1) == 'p' then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-return 1
-"""
-
-
 _STORE_CONTEXT = """
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -136,7 +128,7 @@ class ContextCache:
         self.hold_seconds = hold_seconds
         self._lookup = client.register_script(_LOOKUP)
         self._ensure = client.register_script(_ENSURE_VERSION)
-        self._owner = client.register_script(_STORE_OWNER)
+        self._store = client.register_script(_STORE_CONTEXT)
         self._own_and_version = client.register_script(_OWN_AND_VERSION)
 
     def base(self, tenant_id: str) -> str:
@@ -198,11 +190,14 @@ class ContextCache:
     ) -> None:
         if pending(version):
             return  # built while a commit was in progress: it may predate it
-        key = self.base(tenant_id) + "ctx:" + profile_id
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hset(key, variant, version.encode() + b"|" + payload)
-        pipe.expire(key, max(int(seconds), 1))
-        pipe.execute()
+        self._store(
+            keys=[self.base(tenant_id) + "ctx:" + profile_id], args=self._stored(variant, version, payload, seconds)
+        )
+
+    @staticmethod
+    def _stored(variant: str, version: str, payload: bytes, seconds: float) -> list[Any]:
+        """``_STORE_CONTEXT``'s arguments: the variant, the version-tagged context, its lifetime."""
+        return [variant, version.encode() + b"|" + payload, max(int(seconds), 1)]
 
     async def astore_context(
         self, tenant_id: str, profile_id: str, variant: str, version: str, payload: bytes, seconds: float
@@ -215,21 +210,14 @@ class ContextCache:
             await self.hot.evalsha(
                 _STORE_CONTEXT,
                 keys=(self.base(tenant_id) + "ctx:" + profile_id,),
-                args=(variant, version.encode() + b"|" + payload, max(int(seconds), 1)),
+                args=tuple(self._stored(variant, version, payload, seconds)),
             )
         except RedisUnavailable:
             return
 
-    def store_owner(self, tenant_id: str, identifier: str, profile_id: str, epoch: str) -> bool:
-        base = self.base(tenant_id)
-        return bool(
-            self._owner(
-                keys=[base + "idx:" + identifier, base + "epoch"], args=[epoch, profile_id, int(self.owner_seconds)]
-            )
-        )
-
     def own_and_version(self, tenant_id: str, identifier: str, profile_id: str, epoch: str) -> str:
-        """``store_owner`` and ``version`` in one round trip (a context miss by identifier)."""
+        """Caches ``identifier``'s owner if the epoch is still ``epoch`` (read before the database
+        look-up, and no move pending), and returns the owner's cache version (made if missing)."""
         base = self.base(tenant_id)
         raw = self._own_and_version(
             keys=[base + "idx:" + identifier, base + "epoch", base + "ver:" + profile_id],

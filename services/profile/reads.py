@@ -141,7 +141,7 @@ class ProfileReads:
         if owner is None:
             raise NotFound(f"no profile has {id_type} {ident.value!r}")
         located = self.by_name(tenant_id, PROFILE_PREFIX + owner, field)
-        self.cache.store_owner(tenant_id, key, located.profile_id, epoch)
+        self.cache.own_and_version(tenant_id, key, located.profile_id, epoch)
         return Located(located.profile_id)
 
     def locate(
