@@ -134,15 +134,24 @@ class ProfileReads:
     def by_identifier(
         self, tenant_id: str, ident: event_pb2.Identifier, metadata: Metadata, field: str = "identifier"
     ) -> Located:
+        profile_id, _version = self.owned(tenant_id, ident, metadata, field)
+        return Located(profile_id)
+
+    def owned(
+        self, tenant_id: str, ident: event_pb2.Identifier, metadata: Metadata, field: str, epoch: str | None = None
+    ) -> tuple[str, str]:
+        """The active profile an identifier belongs to (its survivor, when its owner was merged
+        away) and that profile's cache version, in one statement and one Redis call; the owner is
+        cached unless the identifier epoch moved since ``epoch`` (read before the statement)."""
         id_type, value = self.normalize(tenant_id, ident, metadata, field)
-        key = ContextCache.identifier(id_type, value)
-        epoch = self.cache.epoch(tenant_id)
-        owner = self.store.owner(tenant_id, id_type, value)
-        if owner is None:
+        if epoch is None:
+            epoch = self.cache.epoch(tenant_id)
+        found = self.store.locate_identifier(tenant_id, id_type, value)
+        if found is None or found[3] != ACTIVE:
             raise NotFound(f"no profile has {id_type} {ident.value!r}")
-        located = self.by_name(tenant_id, PROFILE_PREFIX + owner, field)
-        self.cache.own_and_version(tenant_id, key, located.profile_id, epoch)
-        return Located(located.profile_id)
+        profile_id = found[2]
+        version = self.cache.own_and_version(tenant_id, ContextCache.identifier(id_type, value), profile_id, epoch)
+        return profile_id, version
 
     def locate(
         self, tenant_id: str, name: str, ident: event_pb2.Identifier | None, metadata: Metadata, *, which: str | None
@@ -237,26 +246,19 @@ class ProfileReads:
     ) -> profile_pb2.GetCustomerContextResponse:
         """A context the cache did not hold, in as few round trips as the look-up allows:
         - owner (or name) and version known to the cache: the profile's rows (one statement);
-        - an identifier the cache does not know: its owner and state (one statement), the owner
-          cached together with the version read (one Redis call), then the rows.
-        Merged-away and erased profiles take the general path (``locate``)."""
+        - an identifier the cache does not know: ``owned`` (one statement, one Redis call), then
+          the rows.
+        A name of a merged-away or erased profile takes the general path (``locate``)."""
         config = self.configs(tenant_id)
         if look is not None and look.profile_id is not None and look.version is not None:
             built = self._context_if_active(tenant_id, look.profile_id, limit, metadata, look.version, config, later)
             if built is not None:
                 return built
         elif look is not None and which == "identifier" and ident is not None:
-            id_type, value = self.normalize(tenant_id, ident, metadata, "identifier")
-            found = self.store.locate_identifier(tenant_id, id_type, value)
-            if found is None:
-                raise NotFound(f"no profile has {id_type} {ident.value!r}")
-            _owner, _state, final, final_state = found
-            if final_state == ACTIVE:
-                key = ContextCache.identifier(id_type, value)
-                version = self.cache.own_and_version(tenant_id, key, final, look.epoch or "")
-                built = self._context_if_active(tenant_id, final, limit, metadata, version, config, later)
-                if built is not None:
-                    return built
+            profile_id, version = self.owned(tenant_id, ident, metadata, "identifier", look.epoch or "")
+            built = self._context_if_active(tenant_id, profile_id, limit, metadata, version, config, later)
+            if built is not None:
+                return built
         located = self.locate(tenant_id, name, ident, metadata, which=which)
         return self.context_now(tenant_id, located, limit, metadata, None, later)
 

@@ -1127,24 +1127,6 @@ class ProfileStore:
             row = cur.fetchone()
         return (row[0], int(row[1]), row[2], int(row[3])) if row else None
 
-    def owner(self, tenant_id: str, id_type: str, value: str) -> str | None:
-        with db.raw_transaction(self.reader, "profile identifier") as (cur, _):
-            cur.execute(
-                "SELECT profile_id::text FROM profile.identifiers WHERE tenant_id = %s AND id_type = "
-                "%s AND id_value = %s",
-                (tenant_id, id_type, value),
-            )
-            row = cur.fetchone()
-        return row[0] if row else None
-
-    def version(self, tenant_id: str, profile_id: str) -> int | None:
-        with db.raw_transaction(self.reader, "profile version") as (cur, _):
-            cur.execute(
-                "SELECT version FROM profile.profiles WHERE tenant_id = %s AND profile_id = %s", (tenant_id, profile_id)
-            )
-            row = cur.fetchone()
-        return int(row[0]) if row else None
-
     def profile_rows(
         self, tenant_id: str, profile_id: str, config: ProfileConfig, *, interactions: int = 0
     ) -> dict[str, Any] | None:
