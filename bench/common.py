@@ -284,5 +284,16 @@ def run_configured(
     return print_report(lambda: produce(cfg), table, as_json)
 
 
+def env_int(name: str, default: int) -> int:
+    """A positive whole number from the environment (a bench knob), or ``default`` when unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    value = int(raw)
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive integer")
+    return value
+
+
 def fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import os
 import random
 import threading
 import time
@@ -28,6 +27,7 @@ import grpc
 
 from bench.common import (
     CpuGroup,
+    env_int,
     fmt,
     idle_machine_facts,
     machine_busy,
@@ -56,24 +56,14 @@ class Config:
     hot: int
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    value = int(raw)
-    if value <= 0:
-        raise ValueError(f"{name} must be a positive integer")
-    return value
-
-
 def make_config(seconds: float, _extra: argparse.Namespace) -> Config:
-    clients = _env_int("TESSERA_BENCH_CLIENTS", 4)
+    clients = env_int("TESSERA_BENCH_CLIENTS", 4)
     return Config(
         seconds=seconds,
-        profiles=_env_int("TESSERA_BENCH_PROFILES", 100_000),
+        profiles=env_int("TESSERA_BENCH_PROFILES", 100_000),
         clients=clients,
-        client_procs=min(clients, _env_int("TESSERA_BENCH_CLIENT_PROCS", 2)),
-        hot=_env_int("TESSERA_BENCH_HOT_PROFILES", 1000),
+        client_procs=min(clients, env_int("TESSERA_BENCH_CLIENT_PROCS", 2)),
+        hot=env_int("TESSERA_BENCH_HOT_PROFILES", 1000),
     )
 
 

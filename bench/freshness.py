@@ -25,8 +25,7 @@ from typing import Any
 
 import grpc
 
-from bench.common import fmt, idle_machine_facts, percentile, rounded, run_configured, utc_now
-from bench.context import _env_int
+from bench.common import env_int, fmt, idle_machine_facts, percentile, rounded, run_configured, utc_now
 from bench.profile_stack import Customer, preloaded
 from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc, profile_pb2, profile_pb2_grpc
 
@@ -46,8 +45,8 @@ class Config:
 def make_config(seconds: float, _extra: argparse.Namespace) -> Config:
     return Config(
         seconds=seconds,
-        profiles=_env_int("TESSERA_BENCH_PROFILES", 10_000),
-        rate=_env_int("TESSERA_BENCH_RATE", 1000),
+        profiles=env_int("TESSERA_BENCH_PROFILES", 10_000),
+        rate=env_int("TESSERA_BENCH_RATE", 1000),
     )
 
 

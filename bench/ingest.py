@@ -38,6 +38,7 @@ from sqlalchemy.engine import Engine
 from bench.common import (
     Backends,
     backends,
+    env_int,
     fmt,
     idle_machine_facts,
     python_argv,
@@ -89,11 +90,6 @@ class Config:
         }
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    return int(raw) if raw else default
-
-
 def make_config(seconds: float, extra: argparse.Namespace) -> Config:
     """``--seconds`` and ``--clients`` come from the CLI; a few knobs for experiments from
     ``TESSERA_BENCH_*`` (client processes, batch size, stream window, modes)."""
@@ -102,7 +98,7 @@ def make_config(seconds: float, extra: argparse.Namespace) -> Config:
     # Clients spread over up to one process per core. Measured on 2 cores with 4 clients: 1, 2 and
     # 4 processes give the same figures within run-to-run noise; in every case the server process
     # (~0.9 core, its GIL) is the bottleneck, not the clients. Two keep one client GIL out of the way.
-    procs = _env_int("TESSERA_BENCH_CLIENT_PROCS", min(clients, max(2, cpus)))
+    procs = env_int("TESSERA_BENCH_CLIENT_PROCS", min(clients, max(2, cpus)))
     modes = tuple(m.strip() for m in os.environ.get("TESSERA_BENCH_MODES", "unary,stream").split(",") if m.strip())
     bad = [m for m in modes if m not in ("unary", "stream")]
     if bad or not modes:
@@ -112,10 +108,10 @@ def make_config(seconds: float, extra: argparse.Namespace) -> Config:
         warmup=min(2.0, max(0.5, seconds / 4)),
         clients=clients,
         client_procs=max(1, min(procs, clients)),
-        batch_size=_env_int("TESSERA_BENCH_BATCH_SIZE", BATCH_SIZE),
-        stream_window=_env_int("TESSERA_BENCH_STREAM_WINDOW", 4),
+        batch_size=env_int("TESSERA_BENCH_BATCH_SIZE", BATCH_SIZE),
+        stream_window=env_int("TESSERA_BENCH_STREAM_WINDOW", 4),
         modes=modes,
-        grpc_workers=_env_int("TESSERA_GRPC_WORKERS", 16),
+        grpc_workers=env_int("TESSERA_GRPC_WORKERS", 16),
         existing_keys=_existing_keys(extra),
     )
 
