@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 IDENTITY_PORT = free_port()
 PROFILE_PORT = free_port()
+PERSONA_IDENTIFIERS = {("email", PERSONA.email), ("phone", PERSONA.phone), ("loyalty_id", PERSONA.loyalty_id)}
 
 
 def _env(data_dir: Path, port: int) -> dict[str, str]:
@@ -122,10 +123,13 @@ def _wait_context(api_key: str, profile_id: str, timeout: float = 90) -> profile
                     timeout=10,
                 )
                 traits = {t.key: t.value.string_value for t in last.profile.traits}
+                # Profile applies her events after identity resolved them: wait for all of them
+                # (every channel's identifier, her calls and chat), not only the first few.
                 if (
                     last.profile.profile_id == profile_id
                     and traits.get("first_name") == PERSONA.first_name
                     and len(last.recent_interactions) >= 3
+                    and {(i.type, i.value) for i in last.profile.identifiers} >= PERSONA_IDENTIFIERS
                 ):
                     return typing.cast(profile_pb2.GetCustomerContextResponse, last)
             except grpc.RpcError as err:
@@ -165,11 +169,7 @@ def test_newcomer_session_from_nothing_to_a_query(tmp_path: Path) -> None:
         # "Who is calling?": her context from the caller id, with her calls and chat, her open
         # case, and the scores marked missing while no metrics service runs.
         context = _wait_context(demo_key, profile_id)
-        assert {(i.type, i.value) for i in context.profile.identifiers} >= {
-            ("email", PERSONA.email),
-            ("phone", PERSONA.phone),
-            ("loyalty_id", PERSONA.loyalty_id),
-        }
+        assert {(i.type, i.value) for i in context.profile.identifiers} >= PERSONA_IDENTIFIERS
         assert "CS-0999001" in {c.case_id for c in context.open_cases} | {
             i.case_id for i in context.recent_interactions
         }
