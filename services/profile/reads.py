@@ -22,7 +22,7 @@ from services.core.ids import canonical_uuid
 from services.profile import computed
 from services.profile.cache import ContextCache, Lookup
 from services.profile.clients import Metadata, MetricsScores, RulesSource
-from services.profile.storage import ACTIVE, ERASED, MERGED, ProfileStore, _state
+from services.profile.storage import ACTIVE, ERASED, MERGED, ProfileStore, state_of_row
 from services.profile.tenant_settings import ProfileConfig
 from tessera.v1 import event_pb2, identity_pb2, profile_pb2
 
@@ -378,7 +378,7 @@ def build_profile(rows: Mapping[str, Any], config: ProfileConfig, located: Locat
 
 
 def computed_traits(rows: Mapping[str, Any], config: ProfileConfig) -> list[profile_pb2.ComputedTrait]:
-    states = {s["trait_key"]: _state(s) for s in rows["computed"]}
+    states = {s["trait_key"]: state_of_row(s) for s in rows["computed"]}
     windows = {w["trait_key"]: w for w in rows["windowed"]}
     now: dt.datetime = rows["now"]
     out = []

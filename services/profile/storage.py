@@ -462,7 +462,7 @@ class ProfileStore:
                 pid, key, value, source = row
                 ex.chosen[pid][key] = (value_hash(value), source)
             elif tag == "s":
-                ex.states[(row["profile_id"], row["trait_key"])] = _state(row)
+                ex.states[(row["profile_id"], row["trait_key"])] = state_of_row(row)
             elif tag == "d":
                 ex.distinct[(row[0], row[1])].add(row[2])
             elif tag == "i":
@@ -1289,7 +1289,7 @@ def _stamped(e: ProfileEvent, profile_id: str) -> bytes:
     return ev.SerializeToString()
 
 
-def _state(row: Mapping[str, Any]) -> computed.State:
+def state_of_row(row: Mapping[str, Any]) -> computed.State:
     def point(prefix: str) -> computed.Point | None:
         at = _ts(row[f"{prefix}_at"])
         if at is None:
