@@ -10,6 +10,8 @@ runs from ingest to the last consumer.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -24,6 +26,12 @@ from services.core import streams
 from services.core.streams import ENTRY_FIELD, Stream, UndecodableEntry
 from services.core.telemetry import extract_context, meter, tracer
 from tessera.v1 import stream_pb2
+
+
+def consumer_name() -> str:
+    """This process's name in a consumer group: unique per host and process."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import grpc
 
 from services.core import tenancy
-from services.core.bus import ConsumerWorker
+from services.core.bus import ConsumerWorker, consumer_name
 from services.core.migrate import MigrationSet
 from services.core.outbox import EnvelopeTable, Outbox
 from services.core.server import Background, ServiceContext, ServiceDefinition
-from services.identity.consumer import build_consumer, consumer_name
+from services.identity.consumer import build_consumer
 from services.identity.reads import IdentityReads
 from services.identity.resolver import Resolver
 from services.identity.rules_store import RulesCache

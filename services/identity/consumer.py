@@ -8,20 +8,14 @@ redelivery, and a redelivered event republishes its stored result instead of res
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable, Iterable
 
 from services.core import streams
-from services.core.bus import Bus, Consumer, Delivery
+from services.core.bus import Bus, Consumer, Delivery, consumer_name
 from services.identity.resolver import IncomingEvent, Resolver, parse_event
 from tessera.v1 import stream_pb2
 
 GROUP = "identity"
-
-
-def consumer_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class ResolveHandler:
@@ -69,4 +63,4 @@ def build_consumer(
     )
 
 
-__all__ = ["GROUP", "ResolveHandler", "build_consumer", "consumer_name"]
+__all__ = ["GROUP", "ResolveHandler", "build_consumer"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 
 from services.core import tenancy
-from services.core.bus import ConsumerWorker
+from services.core.bus import ConsumerWorker, consumer_name
 from services.core.channels import service_channel
 from services.core.hotredis import HotRedis
 from services.core.migrate import MigrationSet
@@ -16,7 +16,7 @@ from services.core.periodic import Periodic
 from services.core.server import Background, ServiceContext, ServiceDefinition
 from services.profile import clients
 from services.profile.cache import ContextCache
-from services.profile.consumer import ConfigCache, build_consumers, consumer_name
+from services.profile.consumer import ConfigCache, build_consumers
 from services.profile.erasure import ErasureWorker
 from services.profile.erasure_store import ErasureStore
 from services.profile.reads import ProfileReads

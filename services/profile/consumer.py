@@ -9,8 +9,6 @@ invalidation is repaired by the redelivery), then the batch is acknowledged.
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -31,10 +29,6 @@ CHANGES_GROUP = "profile"
 _meter = metrics.get_meter("tessera.profile")
 _applied = _meter.create_counter("tessera.profile.events", description="resolved events by outcome")
 _changes = _meter.create_counter("tessera.profile.changes", description="identity changes applied, by kind")
-
-
-def consumer_name() -> str:
-    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 class ConfigCache:
@@ -171,5 +165,4 @@ __all__ = [
     "ConfigCache",
     "ResolvedHandler",
     "build_consumers",
-    "consumer_name",
 ]

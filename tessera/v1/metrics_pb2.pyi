@@ -5,9 +5,11 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -18,6 +20,34 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _Granularity:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GranularityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Granularity.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GRANULARITY_UNSPECIFIED: _Granularity.ValueType  # 0
+    GRANULARITY_HOUR: _Granularity.ValueType  # 1
+    GRANULARITY_DAY: _Granularity.ValueType  # 2
+    GRANULARITY_WEEK: _Granularity.ValueType  # 3
+    GRANULARITY_MONTH: _Granularity.ValueType  # 4
+    GRANULARITY_ALL: _Granularity.ValueType  # 5
+    """One point for the whole range."""
+
+class Granularity(_Granularity, metaclass=_GranularityEnumTypeWrapper):
+    """The width of one point of a series. Buckets are in the tenant's time zone, so a day is a
+    local day (23 or 25 hours across a DST change) and a week starts on Monday.
+    """
+
+GRANULARITY_UNSPECIFIED: Granularity.ValueType  # 0
+GRANULARITY_HOUR: Granularity.ValueType  # 1
+GRANULARITY_DAY: Granularity.ValueType  # 2
+GRANULARITY_WEEK: Granularity.ValueType  # 3
+GRANULARITY_MONTH: Granularity.ValueType  # 4
+GRANULARITY_ALL: Granularity.ValueType  # 5
+"""One point for the whole range."""
+Global___Granularity: _TypeAlias = Granularity  # noqa: Y015
 
 @_typing.final
 class GetCustomerMetricsRequest(_message.Message):
@@ -127,6 +157,7 @@ class CustomerMetrics(_message.Message):
     FCR_PENDING_FIELD_NUMBER: _builtins.int
     SENTIMENT_TREND_FIELD_NUMBER: _builtins.int
     COMPUTE_TIME_FIELD_NUMBER: _builtins.int
+    WINDOWS_FIELD_NUMBER: _builtins.int
     profile: _builtins.str
     """"profiles/{profile_id}"."""
     fcr_pending: _builtins.int
@@ -165,6 +196,12 @@ class CustomerMetrics(_message.Message):
 
     @_builtins.property
     def compute_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def windows(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricWindow]:
+        """Every metric of ListMetricDefinitions for this customer, over the lifetime and the last 30
+        and 90 days (windows by event time, ending at compute_time).
+        """
+
     def __init__(
         self,
         *,
@@ -179,14 +216,68 @@ class CustomerMetrics(_message.Message):
         fcr_pending: _builtins.int = ...,
         sentiment_trend: _abc.Iterable[Global___SentimentPoint] | None = ...,
         compute_time: _timestamp_pb2.Timestamp | None = ...,
+        windows: _abc.Iterable[Global___MetricWindow] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["aht_seconds", b"aht_seconds", "ces_agree", b"ces_agree", "ces_mean", b"ces_mean", "compute_time", b"compute_time", "csat", b"csat", "fcr", b"fcr", "nps", b"nps", "sentiment", b"sentiment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aht_seconds", b"aht_seconds", "ces_agree", b"ces_agree", "ces_mean", b"ces_mean", "compute_time", b"compute_time", "csat", b"csat", "fcr", b"fcr", "fcr_pending", b"fcr_pending", "nps", b"nps", "profile", b"profile", "sentiment", b"sentiment", "sentiment_trend", b"sentiment_trend"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aht_seconds", b"aht_seconds", "ces_agree", b"ces_agree", "ces_mean", b"ces_mean", "compute_time", b"compute_time", "csat", b"csat", "fcr", b"fcr", "fcr_pending", b"fcr_pending", "nps", b"nps", "profile", b"profile", "sentiment", b"sentiment", "sentiment_trend", b"sentiment_trend", "windows", b"windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CustomerMetrics: _TypeAlias = CustomerMetrics  # noqa: Y015
+
+@_typing.final
+class MetricWindow(_message.Message):
+    """A customer's metrics over one window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ScoresEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___Score: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___Score | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    SCORES_FIELD_NUMBER: _builtins.int
+    FCR_PENDING_FIELD_NUMBER: _builtins.int
+    window: _builtins.str
+    """"lifetime", "30d" or "90d"."""
+    fcr_pending: _builtins.int
+    """Contacts whose FCR window is still open."""
+    @_builtins.property
+    def scores(self) -> _containers.MessageMap[_builtins.str, Global___Score]:
+        """Metric name (as in ListMetricDefinitions) to its score."""
+
+    def __init__(
+        self,
+        *,
+        window: _builtins.str = ...,
+        scores: _abc.Mapping[_builtins.str, Global___Score] | None = ...,
+        fcr_pending: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fcr_pending", b"fcr_pending", "scores", b"scores", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricWindow: _TypeAlias = MetricWindow  # noqa: Y015
 
 @_typing.final
 class SentimentPoint(_message.Message):
@@ -263,3 +354,415 @@ class EraseCustomerMetricsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EraseCustomerMetricsResponse: _TypeAlias = EraseCustomerMetricsResponse  # noqa: Y015
+
+@_typing.final
+class MetricFilter(_message.Message):
+    """Only facts whose dimension has one of these values."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIMENSION_FIELD_NUMBER: _builtins.int
+    VALUES_FIELD_NUMBER: _builtins.int
+    dimension: _builtins.str
+    """channel, queue, agent, reason or source."""
+    @_builtins.property
+    def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """At least one. Channels by name: "voice", "chat", ... (as in tessera.v1.Channel)."""
+
+    def __init__(
+        self,
+        *,
+        dimension: _builtins.str = ...,
+        values: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dimension", b"dimension", "values", b"values"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricFilter: _TypeAlias = MetricFilter  # noqa: Y015
+
+@_typing.final
+class QueryMetricsRequest(_message.Message):
+    """Which series."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METRICS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    GRANULARITY_FIELD_NUMBER: _builtins.int
+    GROUP_BY_FIELD_NUMBER: _builtins.int
+    FILTERS_FIELD_NUMBER: _builtins.int
+    granularity: Global___Granularity.ValueType
+    """Required."""
+    @_builtins.property
+    def metrics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names from ListMetricDefinitions; at least one."""
+
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The range [start_time, end_time), widened to whole buckets of the granularity. Required."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def group_by(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Dimensions to split by (channel, queue, agent, reason, source); empty: one series per metric."""
+
+    @_builtins.property
+    def filters(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricFilter]: ...
+    def __init__(
+        self,
+        *,
+        metrics: _abc.Iterable[_builtins.str] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        granularity: Global___Granularity.ValueType = ...,
+        group_by: _abc.Iterable[_builtins.str] | None = ...,
+        filters: _abc.Iterable[Global___MetricFilter] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "filters", b"filters", "granularity", b"granularity", "group_by", b"group_by", "metrics", b"metrics", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryMetricsRequest: _TypeAlias = QueryMetricsRequest  # noqa: Y015
+
+@_typing.final
+class MetricPoint(_message.Message):
+    """One bucket of a series."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    RELATIVE_ERROR_FIELD_NUMBER: _builtins.int
+    pending: _builtins.int
+    """FCR only: handled contacts whose window is still open, not counted in the value."""
+    relative_error: _builtins.float
+    """Percentiles only: the value is within this relative error of the exact one (0.09 = 9%)."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The bucket's start (the local midnight of a day, as an instant)."""
+
+    @_builtins.property
+    def score(self) -> Global___Score: ...
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        score: Global___Score | None = ...,
+        pending: _builtins.int = ...,
+        relative_error: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["score", b"score", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pending", b"pending", "relative_error", b"relative_error", "score", b"score", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricPoint: _TypeAlias = MetricPoint  # noqa: Y015
+
+@_typing.final
+class MetricSeries(_message.Message):
+    """One metric for one combination of the group_by dimensions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class GroupEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    METRIC_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    POINTS_FIELD_NUMBER: _builtins.int
+    metric: _builtins.str
+    @_builtins.property
+    def group(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Dimension to value, for each group_by dimension."""
+
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricPoint]:
+        """Buckets with at least one observation, in time order."""
+
+    def __init__(
+        self,
+        *,
+        metric: _builtins.str = ...,
+        group: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        points: _abc.Iterable[Global___MetricPoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["group", b"group", "metric", b"metric", "points", b"points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricSeries: _TypeAlias = MetricSeries  # noqa: Y015
+
+@_typing.final
+class QueryMetricsResponse(_message.Message):
+    """The series."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    time_zone: _builtins.str
+    """The tenant's time zone the buckets are in."""
+    @_builtins.property
+    def series(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricSeries]: ...
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The range answered (the request's, widened to whole buckets)."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        series: _abc.Iterable[Global___MetricSeries] | None = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        time_zone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "series", b"series", "start_time", b"start_time", "time_zone", b"time_zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QueryMetricsResponse: _TypeAlias = QueryMetricsResponse  # noqa: Y015
+
+@_typing.final
+class ListMetricDefinitionsRequest(_message.Message):
+    """No fields: every metric."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMetricDefinitionsRequest: _TypeAlias = ListMetricDefinitionsRequest  # noqa: Y015
+
+@_typing.final
+class MetricDefinition(_message.Message):
+    """How one metric is computed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    DEFINITION_FIELD_NUMBER: _builtins.int
+    FORMULA_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The name to query it by, such as "nps"."""
+    display_name: _builtins.str
+    definition: _builtins.str
+    """The definition in words: what counts, what is excluded, from which events."""
+    formula: _builtins.str
+    """The formula over the sufficient statistics, such as "(promoters - detractors) / responses * 100"."""
+    unit: _builtins.str
+    """"score" (-100..100), "percent", "seconds", "count", "mean" or "sentiment" (-1..1)."""
+    interval: _builtins.str
+    """How its 95% interval is computed, or empty when it has none."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        definition: _builtins.str = ...,
+        formula: _builtins.str = ...,
+        unit: _builtins.str = ...,
+        interval: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definition", b"definition", "display_name", b"display_name", "formula", b"formula", "interval", b"interval", "name", b"name", "unit", b"unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricDefinition: _TypeAlias = MetricDefinition  # noqa: Y015
+
+@_typing.final
+class ListMetricDefinitionsResponse(_message.Message):
+    """Every metric, and the dimensions a query can split or filter by."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITIONS_FIELD_NUMBER: _builtins.int
+    DIMENSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def definitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricDefinition]: ...
+    @_builtins.property
+    def dimensions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        definitions: _abc.Iterable[Global___MetricDefinition] | None = ...,
+        dimensions: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definitions", b"definitions", "dimensions", b"dimensions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListMetricDefinitionsResponse: _TypeAlias = ListMetricDefinitionsResponse  # noqa: Y015
+
+@_typing.final
+class GetMetricsSettingsRequest(_message.Message):
+    """No fields: the tenant comes from the credentials."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMetricsSettingsRequest: _TypeAlias = GetMetricsSettingsRequest  # noqa: Y015
+
+@_typing.final
+class GetMetricsSettingsResponse(_message.Message):
+    """The settings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settings(self) -> Global___MetricsSettings: ...
+    def __init__(
+        self,
+        *,
+        settings: Global___MetricsSettings | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetMetricsSettingsResponse: _TypeAlias = GetMetricsSettingsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateMetricsSettingsResponse(_message.Message):
+    """The settings after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settings(self) -> Global___MetricsSettings: ...
+    def __init__(
+        self,
+        *,
+        settings: Global___MetricsSettings | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateMetricsSettingsResponse: _TypeAlias = UpdateMetricsSettingsResponse  # noqa: Y015
+
+@_typing.final
+class MetricsSettings(_message.Message):
+    """A tenant's metric settings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    FCR_WINDOW_DAYS_FIELD_NUMBER: _builtins.int
+    SERVICE_LEVEL_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_RANGE_DAYS_FIELD_NUMBER: _builtins.int
+    MAX_POINTS_FIELD_NUMBER: _builtins.int
+    time_zone: _builtins.str
+    """IANA time zone of the buckets, such as "Europe/Berlin". Default "UTC"."""
+    fcr_window_days: _builtins.int
+    """Contact-based FCR: a contact repeated within this many days is not resolved. 1-90, default 7."""
+    service_level_seconds: _builtins.int
+    """Service level: answered within this many seconds of wait. 1-3600, default 20."""
+    max_range_days: _builtins.int
+    """The longest range a query may ask for, in days. 1-3660, default 400."""
+    max_points: _builtins.int
+    """The most points a query may return (series x buckets). 1-100000, default 10000."""
+    def __init__(
+        self,
+        *,
+        time_zone: _builtins.str = ...,
+        fcr_window_days: _builtins.int = ...,
+        service_level_seconds: _builtins.int = ...,
+        max_range_days: _builtins.int = ...,
+        max_points: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fcr_window_days", b"fcr_window_days", "max_points", b"max_points", "max_range_days", b"max_range_days", "service_level_seconds", b"service_level_seconds", "time_zone", b"time_zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricsSettings: _TypeAlias = MetricsSettings  # noqa: Y015
+
+@_typing.final
+class UpdateMetricsSettingsRequest(_message.Message):
+    """What to change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settings(self) -> Global___MetricsSettings: ...
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Paths of MetricsSettings fields; required."""
+
+    def __init__(
+        self,
+        *,
+        settings: Global___MetricsSettings | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateMetricsSettingsRequest: _TypeAlias = UpdateMetricsSettingsRequest  # noqa: Y015

@@ -46,6 +46,26 @@ class MetricsServiceStub:
                 request_serializer=tessera_dot_v1_dot_metrics__pb2.EraseCustomerMetricsRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_metrics__pb2.EraseCustomerMetricsResponse.FromString,
                 _registered_method=True)
+        self.QueryMetrics = channel.unary_unary(
+                '/tessera.v1.MetricsService/QueryMetrics',
+                request_serializer=tessera_dot_v1_dot_metrics__pb2.QueryMetricsRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_metrics__pb2.QueryMetricsResponse.FromString,
+                _registered_method=True)
+        self.ListMetricDefinitions = channel.unary_unary(
+                '/tessera.v1.MetricsService/ListMetricDefinitions',
+                request_serializer=tessera_dot_v1_dot_metrics__pb2.ListMetricDefinitionsRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_metrics__pb2.ListMetricDefinitionsResponse.FromString,
+                _registered_method=True)
+        self.GetMetricsSettings = channel.unary_unary(
+                '/tessera.v1.MetricsService/GetMetricsSettings',
+                request_serializer=tessera_dot_v1_dot_metrics__pb2.GetMetricsSettingsRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_metrics__pb2.GetMetricsSettingsResponse.FromString,
+                _registered_method=True)
+        self.UpdateMetricsSettings = channel.unary_unary(
+                '/tessera.v1.MetricsService/UpdateMetricsSettings',
+                request_serializer=tessera_dot_v1_dot_metrics__pb2.UpdateMetricsSettingsRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_metrics__pb2.UpdateMetricsSettingsResponse.FromString,
+                _registered_method=True)
 
 
 class MetricsServiceServicer:
@@ -68,6 +88,36 @@ class MetricsServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def QueryMetrics(self, request, context):
+        """Aggregate series: metrics by time bucket (in the tenant's time zone) and dimension, from
+        the rollups. Every point carries its sample size and, for rates and NPS, a 95% interval.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMetricDefinitions(self, request, context):
+        """The exact definition of every metric, the text the code implements.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMetricsSettings(self, request, context):
+        """The tenant's metric settings: time zone, FCR window, service-level threshold, query limits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateMetricsSettings(self, request, context):
+        """Changes them (only the fields in update_mask). A change to the time zone, the FCR window or
+        the service-level threshold recomputes the tenant's rollups from its facts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MetricsServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +130,26 @@ def add_MetricsServiceServicer_to_server(servicer, server):
                     servicer.EraseCustomerMetrics,
                     request_deserializer=tessera_dot_v1_dot_metrics__pb2.EraseCustomerMetricsRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_metrics__pb2.EraseCustomerMetricsResponse.SerializeToString,
+            ),
+            'QueryMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.QueryMetrics,
+                    request_deserializer=tessera_dot_v1_dot_metrics__pb2.QueryMetricsRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_metrics__pb2.QueryMetricsResponse.SerializeToString,
+            ),
+            'ListMetricDefinitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMetricDefinitions,
+                    request_deserializer=tessera_dot_v1_dot_metrics__pb2.ListMetricDefinitionsRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_metrics__pb2.ListMetricDefinitionsResponse.SerializeToString,
+            ),
+            'GetMetricsSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMetricsSettings,
+                    request_deserializer=tessera_dot_v1_dot_metrics__pb2.GetMetricsSettingsRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_metrics__pb2.GetMetricsSettingsResponse.SerializeToString,
+            ),
+            'UpdateMetricsSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateMetricsSettings,
+                    request_deserializer=tessera_dot_v1_dot_metrics__pb2.UpdateMetricsSettingsRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_metrics__pb2.UpdateMetricsSettingsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -138,6 +208,114 @@ class MetricsService:
             '/tessera.v1.MetricsService/EraseCustomerMetrics',
             tessera_dot_v1_dot_metrics__pb2.EraseCustomerMetricsRequest.SerializeToString,
             tessera_dot_v1_dot_metrics__pb2.EraseCustomerMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def QueryMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.MetricsService/QueryMetrics',
+            tessera_dot_v1_dot_metrics__pb2.QueryMetricsRequest.SerializeToString,
+            tessera_dot_v1_dot_metrics__pb2.QueryMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMetricDefinitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.MetricsService/ListMetricDefinitions',
+            tessera_dot_v1_dot_metrics__pb2.ListMetricDefinitionsRequest.SerializeToString,
+            tessera_dot_v1_dot_metrics__pb2.ListMetricDefinitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMetricsSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.MetricsService/GetMetricsSettings',
+            tessera_dot_v1_dot_metrics__pb2.GetMetricsSettingsRequest.SerializeToString,
+            tessera_dot_v1_dot_metrics__pb2.GetMetricsSettingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateMetricsSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.MetricsService/UpdateMetricsSettings',
+            tessera_dot_v1_dot_metrics__pb2.UpdateMetricsSettingsRequest.SerializeToString,
+            tessera_dot_v1_dot_metrics__pb2.UpdateMetricsSettingsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,18 @@ class MetricsServiceStub:
     """Right to erasure, metrics' part: forgets the per-customer facts of these profiles (rollups
     keep only counts that no longer name anyone). The profile service's ErasePerson calls it.
     """
+    QueryMetrics: _grpc.UnaryUnaryMultiCallable[_metrics_pb2.QueryMetricsRequest, _metrics_pb2.QueryMetricsResponse]
+    """Aggregate series: metrics by time bucket (in the tenant's time zone) and dimension, from
+    the rollups. Every point carries its sample size and, for rates and NPS, a 95% interval.
+    """
+    ListMetricDefinitions: _grpc.UnaryUnaryMultiCallable[_metrics_pb2.ListMetricDefinitionsRequest, _metrics_pb2.ListMetricDefinitionsResponse]
+    """The exact definition of every metric, the text the code implements."""
+    GetMetricsSettings: _grpc.UnaryUnaryMultiCallable[_metrics_pb2.GetMetricsSettingsRequest, _metrics_pb2.GetMetricsSettingsResponse]
+    """The tenant's metric settings: time zone, FCR window, service-level threshold, query limits."""
+    UpdateMetricsSettings: _grpc.UnaryUnaryMultiCallable[_metrics_pb2.UpdateMetricsSettingsRequest, _metrics_pb2.UpdateMetricsSettingsResponse]
+    """Changes them (only the fields in update_mask). A change to the time zone, the FCR window or
+    the service-level threshold recomputes the tenant's rollups from its facts.
+    """
 
 @_typing.type_check_only
 class MetricsServiceAsyncStub(MetricsServiceStub):
@@ -54,6 +66,18 @@ class MetricsServiceAsyncStub(MetricsServiceStub):
     EraseCustomerMetrics: _aio.UnaryUnaryMultiCallable[_metrics_pb2.EraseCustomerMetricsRequest, _metrics_pb2.EraseCustomerMetricsResponse]  # type: ignore[assignment]
     """Right to erasure, metrics' part: forgets the per-customer facts of these profiles (rollups
     keep only counts that no longer name anyone). The profile service's ErasePerson calls it.
+    """
+    QueryMetrics: _aio.UnaryUnaryMultiCallable[_metrics_pb2.QueryMetricsRequest, _metrics_pb2.QueryMetricsResponse]  # type: ignore[assignment]
+    """Aggregate series: metrics by time bucket (in the tenant's time zone) and dimension, from
+    the rollups. Every point carries its sample size and, for rates and NPS, a 95% interval.
+    """
+    ListMetricDefinitions: _aio.UnaryUnaryMultiCallable[_metrics_pb2.ListMetricDefinitionsRequest, _metrics_pb2.ListMetricDefinitionsResponse]  # type: ignore[assignment]
+    """The exact definition of every metric, the text the code implements."""
+    GetMetricsSettings: _aio.UnaryUnaryMultiCallable[_metrics_pb2.GetMetricsSettingsRequest, _metrics_pb2.GetMetricsSettingsResponse]  # type: ignore[assignment]
+    """The tenant's metric settings: time zone, FCR window, service-level threshold, query limits."""
+    UpdateMetricsSettings: _aio.UnaryUnaryMultiCallable[_metrics_pb2.UpdateMetricsSettingsRequest, _metrics_pb2.UpdateMetricsSettingsResponse]  # type: ignore[assignment]
+    """Changes them (only the fields in update_mask). A change to the time zone, the FCR window or
+    the service-level threshold recomputes the tenant's rollups from its facts.
     """
 
 class MetricsServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -77,6 +101,42 @@ class MetricsServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_metrics_pb2.EraseCustomerMetricsResponse, _abc.Awaitable[_metrics_pb2.EraseCustomerMetricsResponse]]:
         """Right to erasure, metrics' part: forgets the per-customer facts of these profiles (rollups
         keep only counts that no longer name anyone). The profile service's ErasePerson calls it.
+        """
+
+    @_abc_1.abstractmethod
+    def QueryMetrics(
+        self,
+        request: _metrics_pb2.QueryMetricsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metrics_pb2.QueryMetricsResponse, _abc.Awaitable[_metrics_pb2.QueryMetricsResponse]]:
+        """Aggregate series: metrics by time bucket (in the tenant's time zone) and dimension, from
+        the rollups. Every point carries its sample size and, for rates and NPS, a 95% interval.
+        """
+
+    @_abc_1.abstractmethod
+    def ListMetricDefinitions(
+        self,
+        request: _metrics_pb2.ListMetricDefinitionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metrics_pb2.ListMetricDefinitionsResponse, _abc.Awaitable[_metrics_pb2.ListMetricDefinitionsResponse]]:
+        """The exact definition of every metric, the text the code implements."""
+
+    @_abc_1.abstractmethod
+    def GetMetricsSettings(
+        self,
+        request: _metrics_pb2.GetMetricsSettingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metrics_pb2.GetMetricsSettingsResponse, _abc.Awaitable[_metrics_pb2.GetMetricsSettingsResponse]]:
+        """The tenant's metric settings: time zone, FCR window, service-level threshold, query limits."""
+
+    @_abc_1.abstractmethod
+    def UpdateMetricsSettings(
+        self,
+        request: _metrics_pb2.UpdateMetricsSettingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_metrics_pb2.UpdateMetricsSettingsResponse, _abc.Awaitable[_metrics_pb2.UpdateMetricsSettingsResponse]]:
+        """Changes them (only the fields in update_mask). A change to the time zone, the FCR window or
+        the service-level threshold recomputes the tenant's rollups from its facts.
         """
 
 def add_MetricsServiceServicer_to_server(servicer: MetricsServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -145,7 +145,7 @@ class StandInMetrics(metrics_pb2_grpc.MetricsServiceServicer):
 
 @pytest.fixture
 def stand_in() -> Iterator[StandInMetrics]:
-    servicer = StandInMetrics()
+    servicer = StandInMetrics()  # type: ignore[abstract]  # only what profile calls
     server = grpc.server(ThreadPoolExecutor(max_workers=16))
     metrics_pb2_grpc.add_MetricsServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     servicer.address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"

@@ -1,0 +1,128 @@
+"""The ``metrics`` consumer groups: resolved events become facts; identity's changes move them
+between customers (merge, split) or forget them (erasure).
+
+A batch is grouped by tenant; each tenant's part is one transaction that writes the facts,
+derives the touched customers again and adds the difference to the rollups, so a redelivered
+event has no second effect and the batch is acknowledged only after that commit.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from opentelemetry import metrics
+
+from services.core import streams
+from services.core.bus import Bus, Consumer, Delivery
+from services.metrics.facts import Fact, parse
+from services.metrics.storage import MetricsStore
+from services.metrics.tenant_settings import MetricsConfig
+from tessera.v1 import stream_pb2
+
+RESOLVED_GROUP = "metrics"
+CHANGES_GROUP = "metrics"
+
+_meter = metrics.get_meter("tessera.metrics")
+_facts = _meter.create_counter("tessera.metrics.facts", description="CX facts from resolved events, by outcome")
+_changes = _meter.create_counter("tessera.metrics.changes", description="identity changes applied, by kind")
+
+
+class ConfigCache:
+    """Each tenant's metric settings, re-read after ``ttl`` seconds."""
+
+    def __init__(self, store: MetricsStore, ttl: float = 5.0) -> None:
+        self.store = store
+        self.ttl = ttl
+        self._cache: dict[str, tuple[float, MetricsConfig]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, tenant_id: str) -> MetricsConfig:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(tenant_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        config = self.store.config(tenant_id)
+        with self._lock:
+            self._cache[tenant_id] = (now + self.ttl, config)
+        return config
+
+
+class ResolvedHandler:
+    def __init__(self, store: MetricsStore, configs: Callable[[str], MetricsConfig]) -> None:
+        self.store = store
+        self.configs = configs
+
+    def __call__(self, batch: list[Delivery[stream_pb2.ResolvedEventEnvelope]]) -> None:
+        by_tenant: dict[str, list[Fact]] = {}
+        for msg in batch:
+            fact = parse(msg.envelope)
+            if fact is not None:
+                by_tenant.setdefault(msg.tenant_id, []).append(fact)
+        for tenant_id, facts in by_tenant.items():
+            out = self.store.apply_facts(tenant_id, facts, self.configs(tenant_id))
+            for outcome, n in (("applied", out.written), ("unchanged", out.unchanged), ("erased", out.dropped)):
+                if n:
+                    _facts.add(n, {"outcome": outcome})
+
+
+class ChangesHandler:
+    def __init__(self, store: MetricsStore, configs: Callable[[str], MetricsConfig]) -> None:
+        self.store = store
+        self.configs = configs
+
+    def __call__(self, batch: list[Delivery[stream_pb2.ProfileChangeEnvelope]]) -> None:
+        for msg in batch:
+            c = msg.envelope.change
+            tenant = msg.tenant_id
+            if c.kind == streams.MERGED:
+                self.store.apply_merge(tenant, c.profile_id, c.absorbed_profile_id, self.configs(tenant))
+            elif c.kind == streams.SPLIT:
+                self.store.apply_split(
+                    tenant, c.profile_id, c.new_profile_id, list(c.moved_event_ids), self.configs(tenant)
+                )
+            elif c.kind == streams.ERASED:
+                self.store.erase(tenant, sorted({c.profile_id, *c.erased_profile_ids}))
+            else:
+                continue
+            _changes.add(1, {"kind": streams.kind_name(c.kind)})
+
+
+def build_consumers(
+    store: MetricsStore,
+    configs: Callable[[str], MetricsConfig],
+    bus: Bus,
+    tenants: Callable[[], Iterable[str]],
+    *,
+    name: str,
+    batch_size: int,
+    block_ms: int,
+    claim_idle_ms: int,
+    max_attempts: int,
+    tenant_refresh_seconds: float,
+) -> tuple[Consumer[stream_pb2.ResolvedEventEnvelope], Consumer[stream_pb2.ProfileChangeEnvelope]]:
+    common = {
+        "bus": bus,
+        "name": name,
+        "tenants": tenants,
+        "batch_size": batch_size,
+        "block_ms": block_ms,
+        "claim_idle_ms": claim_idle_ms,
+        "max_attempts": max_attempts,
+        "tenant_refresh_seconds": tenant_refresh_seconds,
+    }
+    resolved: Consumer[stream_pb2.ResolvedEventEnvelope] = Consumer(
+        stream=streams.RESOLVED,
+        group=RESOLVED_GROUP,
+        handler=ResolvedHandler(store, configs),
+        **common,  # type: ignore[arg-type]
+    )
+    changes: Consumer[stream_pb2.ProfileChangeEnvelope] = Consumer(
+        stream=streams.CHANGES,
+        group=CHANGES_GROUP,
+        handler=ChangesHandler(store, configs),
+        **common,  # type: ignore[arg-type]
+    )
+    return resolved, changes

@@ -1,0 +1,436 @@
+"""The metrics schema: facts, per-customer contributions, open FCR contacts and the rollups.
+
+Every change to a customer (new facts, a merge, a split) runs the same three steps in one
+transaction, holding that customer's advisory lock: write the facts, derive the customer again
+(:func:`services.metrics.derive.derive`), and add the difference from the contribution last
+applied to the rollups. So redelivered events change nothing, late ones correct past buckets,
+and the rollups always equal the sum of every customer's derivation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg2.extras import execute_values
+from sqlalchemy.engine import Engine
+
+from services.core import db
+from services.metrics import codec
+from services.metrics.definitions import DIMENSIONS
+from services.metrics.derive import Attribution, Derived, Key, attributions, day_of, derive, hour_of
+from services.metrics.facts import LEG, Fact
+from services.metrics.stats import COUNTERS, SQUARES, Stats
+from services.metrics.tenant_settings import MetricsConfig
+
+#: Dimension subsets kept in the rollups (bit i: DIMENSIONS[i]); any other is read from ALL_DIMS.
+ALL_DIMS = 31
+GROUPINGS: tuple[int, ...] = (0, 1, 2, 4, 8, 16, ALL_DIMS)
+_KEY_COLUMNS = ("tenant_id", "grouping", "bucket", *DIMENSIONS)
+_STAT_COLUMNS = (*COUNTERS, *SQUARES)
+
+
+def _upsert_sql(table: str) -> str:
+    sets = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c in _STAT_COLUMNS)
+    return (
+        f"INSERT INTO metrics.{table} AS r ({', '.join((*_KEY_COLUMNS, *_STAT_COLUMNS, 'hist'))}) VALUES %s "  # noqa: S608
+        f"ON CONFLICT ({', '.join(_KEY_COLUMNS)}) DO UPDATE SET {sets}, "
+        "hist = CASE WHEN EXCLUDED.hist = '{}' THEN r.hist ELSE metrics.add_hist(r.hist, EXCLUDED.hist) END"
+    )
+
+
+_UPSERT = {"rollup_hour": _upsert_sql("rollup_hour"), "rollup_day": _upsert_sql("rollup_day")}
+
+
+def mask(dims: tuple[int, str, str, str, str], grouping: int) -> tuple[int, str, str, str, str]:
+    return (
+        dims[0] if grouping & 1 else 0,
+        dims[1] if grouping & 2 else "",
+        dims[2] if grouping & 4 else "",
+        dims[3] if grouping & 8 else "",
+        dims[4] if grouping & 16 else "",
+    )
+
+
+@dataclass
+class Applied:
+    written: int = 0
+    unchanged: int = 0
+    dropped: int = 0
+    profiles: int = 0
+
+
+def _lock(cur: Any, tenant_id: str, profiles: Iterable[str]) -> None:
+    """Serialize work on these customers across consumers and replicas (in one order: no deadlock)."""
+    keys = sorted({f"{tenant_id}:{p}" for p in profiles})
+    if keys:
+        cur.execute(
+            "SELECT pg_advisory_xact_lock(k) FROM (SELECT hashtextextended(x, 7) AS k FROM unnest(%s::text[]) x "
+            "ORDER BY 1) s",
+            (keys,),
+        )
+
+
+class MetricsStore:
+    def __init__(self, engine: Engine, reader: Engine | None = None) -> None:
+        self.engine = engine
+        self.reader = reader or engine
+
+    # -- settings ------------------------------------------------------------------------------
+
+    def config(self, tenant_id: str) -> MetricsConfig:
+        with db.raw_transaction(self.reader, "metrics.config") as (cur, _):
+            cur.execute("SELECT spec FROM metrics.settings WHERE tenant_id = %s", (tenant_id,))
+            row = cur.fetchone()
+        return MetricsConfig.from_json(row[0]) if row else MetricsConfig()
+
+    def save_config(self, tenant_id: str, config: MetricsConfig) -> None:
+        """Store the settings; when the derivation changes, rebuild the tenant's rollups."""
+        with db.raw_transaction(self.engine, "metrics.save_config") as (cur, _):
+            cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 8))", (tenant_id,))
+            cur.execute("SELECT spec FROM metrics.settings WHERE tenant_id = %s FOR UPDATE", (tenant_id,))
+            row = cur.fetchone()
+            old = MetricsConfig.from_json(row[0]) if row else MetricsConfig()
+            cur.execute(
+                "INSERT INTO metrics.settings (tenant_id, spec) VALUES (%s, %s) ON CONFLICT (tenant_id) "
+                "DO UPDATE SET spec = EXCLUDED.spec, updated_at = now()",
+                (tenant_id, json.dumps(config.to_json())),
+            )
+            if old.derivation_changed(config):
+                self._rebuild(cur, tenant_id, config)
+
+    def _rebuild(self, cur: Any, tenant_id: str, config: MetricsConfig) -> None:
+        """Derive every customer again and rebuild the rollups from the sums. Erased customers'
+        anonymous contributions are kept as they were derived."""
+        cur.execute("SELECT DISTINCT profile_id FROM metrics.facts WHERE tenant_id = %s", (tenant_id,))
+        profiles = [r[0] for r in cur.fetchall()]
+        _lock(cur, tenant_id, profiles)
+        cur.execute("SELECT body FROM metrics.contributions WHERE tenant_id = %s AND anonymous", (tenant_id,))
+        anonymous = [codec.contribution(r[0]) for r in cur.fetchall()]
+        for table in ("rollup_hour", "rollup_day"):
+            cur.execute(f"DELETE FROM metrics.{table} WHERE tenant_id = %s", (tenant_id,))  # noqa: S608
+        cur.execute("DELETE FROM metrics.contributions WHERE tenant_id = %s AND NOT anonymous", (tenant_id,))
+        cur.execute(
+            "DELETE FROM metrics.open_contacts WHERE tenant_id = %s AND profile_id = ANY(%s)", (tenant_id, profiles)
+        )
+        delta: dict[Key, Stats] = {}
+        for contrib in anonymous:
+            _accumulate(delta, contrib, 1)
+        self._apply_rollups(cur, tenant_id, delta, config)
+        for i in range(0, len(profiles), 500):
+            self._recompute(cur, tenant_id, profiles[i : i + 500], config)
+
+    # -- the consumer's writes -----------------------------------------------------------------
+
+    def apply_facts(self, tenant_id: str, facts: Sequence[Fact], config: MetricsConfig) -> Applied:
+        out = Applied()
+        newest: dict[str, Fact] = {}
+        for f in facts:
+            seen = newest.get(f.key)
+            if seen is None or f.newer_than(seen):
+                newest[f.key] = f
+        out.unchanged += len(facts) - len(newest)
+        with db.raw_transaction(self.engine, "metrics.apply_facts", len(newest)) as (cur, _):
+            profiles = sorted({f.profile_id for f in newest.values()})
+            cur.execute(
+                "SELECT profile_id, survivor FROM metrics.aliases WHERE tenant_id = %s AND profile_id = ANY(%s)",
+                (tenant_id, profiles),
+            )
+            alias = dict(cur.fetchall())
+            cur.execute(
+                "SELECT profile_id FROM metrics.erased WHERE tenant_id = %s AND profile_id = ANY(%s)",
+                (tenant_id, sorted({alias.get(p, p) for p in profiles})),
+            )
+            erased = {r[0] for r in cur.fetchall()}
+            cur.execute(
+                "SELECT fact_key, profile_id, at, event_id FROM metrics.facts "
+                "WHERE tenant_id = %s AND fact_key = ANY(%s)",
+                (tenant_id, list(newest)),
+            )
+            existing = {r[0]: (r[1], r[2], r[3]) for r in cur.fetchall()}
+            write: list[Fact] = []
+            affected: set[str] = set()
+            for f in newest.values():
+                owner = alias.get(f.profile_id, f.profile_id)
+                if owner in erased:
+                    out.dropped += 1
+                    continue
+                old = existing.get(f.key)
+                if old is not None and (f.at, f.event_id) <= (old[1], old[2]):
+                    out.unchanged += 1
+                    continue
+                write.append(f.with_profile(owner))
+                affected.add(owner)
+                if old is not None:
+                    affected.add(old[0])
+            if not write:
+                return out
+            leg_iids = sorted({f.interaction_id for f in write if f.kind == LEG})
+            if leg_iids:  # surveys and messages elsewhere that these legs attribute
+                cur.execute(
+                    "SELECT DISTINCT profile_id FROM metrics.facts WHERE tenant_id = %s AND interaction_id = ANY(%s) "
+                    "AND interaction_id <> '' AND kind <> 1",
+                    (tenant_id, leg_iids),
+                )
+                affected.update(r[0] for r in cur.fetchall())
+            _lock(cur, tenant_id, affected)
+            execute_values(
+                cur,
+                "INSERT INTO metrics.facts AS f (tenant_id, fact_key, kind, event_id, profile_id, interaction_id, at, "
+                "body) VALUES %s ON CONFLICT (tenant_id, fact_key) DO UPDATE SET event_id = EXCLUDED.event_id, "
+                "profile_id = EXCLUDED.profile_id, interaction_id = EXCLUDED.interaction_id, at = EXCLUDED.at, "
+                "body = EXCLUDED.body WHERE (EXCLUDED.at, EXCLUDED.event_id) > (f.at, f.event_id)",
+                [
+                    (
+                        tenant_id,
+                        f.key,
+                        f.kind,
+                        f.event_id,
+                        f.profile_id,
+                        f.interaction_id,
+                        f.at,
+                        json.dumps(codec.fact_body(f)),
+                    )
+                    for f in sorted(write, key=lambda f: f.key)
+                ],
+                page_size=1000,
+            )
+            out.written = len(write)
+            out.profiles = len(affected)
+            self._recompute(cur, tenant_id, sorted(affected), config)
+        return out
+
+    def apply_merge(self, tenant_id: str, survivor: str, absorbed: str, config: MetricsConfig) -> None:
+        with db.raw_transaction(self.engine, "metrics.apply_merge") as (cur, _):
+            _lock(cur, tenant_id, (survivor, absorbed))
+            cur.execute(
+                "INSERT INTO metrics.aliases (tenant_id, profile_id, survivor) VALUES (%s, %s, %s) "
+                "ON CONFLICT (tenant_id, profile_id) DO UPDATE SET survivor = EXCLUDED.survivor",
+                (tenant_id, absorbed, survivor),
+            )
+            cur.execute(
+                "UPDATE metrics.aliases SET survivor = %s WHERE tenant_id = %s AND survivor = %s",
+                (survivor, tenant_id, absorbed),
+            )
+            cur.execute(
+                "UPDATE metrics.facts SET profile_id = %s WHERE tenant_id = %s AND profile_id = %s",
+                (survivor, tenant_id, absorbed),
+            )
+            self._recompute(cur, tenant_id, [absorbed, survivor], config)
+
+    def apply_split(
+        self,
+        tenant_id: str,
+        profile_id: str,
+        new_profile_id: str,
+        moved_event_ids: Sequence[str],
+        config: MetricsConfig,
+    ) -> None:
+        with db.raw_transaction(self.engine, "metrics.apply_split") as (cur, _):
+            _lock(cur, tenant_id, (profile_id, new_profile_id))
+            cur.execute(
+                "UPDATE metrics.facts SET profile_id = %s WHERE tenant_id = %s AND profile_id = %s "
+                "AND event_id = ANY(%s)",
+                (new_profile_id, tenant_id, profile_id, list(moved_event_ids)),
+            )
+            self._recompute(cur, tenant_id, [profile_id, new_profile_id], config)
+
+    def erase(self, tenant_id: str, profile_ids: Sequence[str]) -> int:
+        """Forget the customers' facts; their contributions stay in the rollups as anonymous counts
+        (and their open FCR contacts under a random id), so aggregates do not jump."""
+        ids = sorted(set(profile_ids))
+        with db.raw_transaction(self.engine, "metrics.erase") as (cur, _):
+            _lock(cur, tenant_id, ids)
+            cur.execute("DELETE FROM metrics.facts WHERE tenant_id = %s AND profile_id = ANY(%s)", (tenant_id, ids))
+            erased = int(cur.rowcount)
+            cur.execute(
+                "UPDATE metrics.contributions SET profile_id = gen_random_uuid()::text, anonymous = true "
+                "WHERE tenant_id = %s AND profile_id = ANY(%s)",
+                (tenant_id, ids),
+            )
+            cur.execute(
+                "UPDATE metrics.open_contacts SET profile_id = gen_random_uuid()::text, interaction_id = '' "
+                "WHERE tenant_id = %s AND profile_id = ANY(%s)",
+                (tenant_id, ids),
+            )
+            cur.execute(
+                "DELETE FROM metrics.aliases WHERE tenant_id = %s AND (profile_id = ANY(%s) OR survivor = ANY(%s))",
+                (tenant_id, ids, ids),
+            )
+            execute_values(
+                cur,
+                "INSERT INTO metrics.erased (tenant_id, profile_id) VALUES %s ON CONFLICT DO NOTHING",
+                [(tenant_id, p) for p in ids],
+            )
+        return erased
+
+    def _recompute(self, cur: Any, tenant_id: str, profiles: Sequence[str], config: MetricsConfig) -> None:
+        facts = self._facts(cur, tenant_id, profiles)
+        others = self._others(cur, tenant_id, facts)
+        cur.execute(
+            "SELECT profile_id, body FROM metrics.contributions WHERE tenant_id = %s AND profile_id = ANY(%s) "
+            "AND NOT anonymous",
+            (tenant_id, list(profiles)),
+        )
+        stored = {r[0]: codec.contribution(r[1]) for r in cur.fetchall()}
+        delta: dict[Key, Stats] = {}
+        keep: list[tuple[str, str]] = []
+        gone: list[str] = []
+        open_rows: list[tuple[Any, ...]] = []
+        now = dt.datetime.now(dt.UTC)
+        window = dt.timedelta(days=config.fcr_window_days)
+        tz = config.tz
+        for p in profiles:
+            derived = derive(facts.get(p, []), others, config)
+            _accumulate(delta, stored.get(p, {}), -1)
+            _accumulate(delta, derived.contrib, 1)
+            if derived.contrib:
+                keep.append((p, json.dumps(codec.contribution_body(derived.contrib))))
+            else:
+                gone.append(p)
+            for c in derived.unrepeated:
+                if c.start + window > now:
+                    hour = hour_of(c.start, tz)
+                    open_rows.append((tenant_id, p, c.interaction_id, c.start, hour, day_of(hour, tz), *c.dims[:4]))
+        if keep:
+            execute_values(
+                cur,
+                "INSERT INTO metrics.contributions (tenant_id, profile_id, body) VALUES %s "
+                "ON CONFLICT (tenant_id, profile_id) DO UPDATE SET body = EXCLUDED.body",
+                [(tenant_id, p, body) for p, body in keep],
+                page_size=1000,
+            )
+        if gone:
+            cur.execute(
+                "DELETE FROM metrics.contributions WHERE tenant_id = %s AND profile_id = ANY(%s) AND NOT anonymous",
+                (tenant_id, gone),
+            )
+        cur.execute(
+            "DELETE FROM metrics.open_contacts WHERE tenant_id = %s AND profile_id = ANY(%s)",
+            (tenant_id, list(profiles)),
+        )
+        if open_rows:
+            execute_values(
+                cur,
+                "INSERT INTO metrics.open_contacts (tenant_id, profile_id, interaction_id, started_at, hour, day, "
+                "channel, queue, agent, reason) VALUES %s",
+                open_rows,
+                page_size=1000,
+            )
+        self._apply_rollups(cur, tenant_id, delta, config)
+
+    def _apply_rollups(self, cur: Any, tenant_id: str, delta: dict[Key, Stats], config: MetricsConfig) -> None:
+        tz = config.tz
+        hours: dict[tuple[Any, ...], Stats] = {}
+        days: dict[tuple[Any, ...], Stats] = {}
+        for (hour, *dims), s in delta.items():
+            if s.is_zero():
+                continue
+            day = day_of(hour, tz)
+            for g in GROUPINGS:
+                masked = mask(tuple(dims), g)  # type: ignore[arg-type]
+                for table, bucket in ((hours, hour), (days, day)):
+                    key = (g, bucket, *masked)
+                    found = table.get(key)
+                    if found is None:
+                        found = table[key] = Stats.zero()
+                    found.merge(s)
+        for name, table in (("rollup_hour", hours), ("rollup_day", days)):
+            rows = [
+                (tenant_id, *key, *s.counts, *s.squares, s.hist if any(s.hist) else [])
+                for key, s in sorted(table.items(), key=lambda kv: kv[0])
+                if not s.is_zero()
+            ]
+            if rows:
+                execute_values(cur, _UPSERT[name], rows, template=None, page_size=1000)
+
+    @staticmethod
+    def _facts(cur: Any, tenant_id: str, profiles: Sequence[str]) -> dict[str, list[Fact]]:
+        cur.execute(
+            "SELECT fact_key, kind, event_id, profile_id, interaction_id, body FROM metrics.facts "
+            "WHERE tenant_id = %s AND profile_id = ANY(%s)",
+            (tenant_id, list(profiles)),
+        )
+        out: dict[str, list[Fact]] = {}
+        for key, kind, event_id, profile_id, iid, body in cur.fetchall():
+            out.setdefault(profile_id, []).append(codec.fact(key, kind, event_id, profile_id, iid, body))
+        return out
+
+    @staticmethod
+    def _others(cur: Any, tenant_id: str, facts: dict[str, list[Fact]]) -> dict[str, Attribution]:
+        """The interactions the surveys and messages name whose legs are not among ``facts``."""
+        own = {f.interaction_id for fs in facts.values() for f in fs if f.kind == LEG}
+        named = sorted(
+            {f.interaction_id for fs in facts.values() for f in fs if f.kind != LEG and f.interaction_id} - own
+        )
+        if not named:
+            return {}
+        cur.execute(
+            "SELECT fact_key, kind, event_id, profile_id, interaction_id, body FROM metrics.facts "
+            "WHERE tenant_id = %s AND interaction_id = ANY(%s) AND kind = 1",
+            (tenant_id, named),
+        )
+        return attributions(codec.fact(*r) for r in cur.fetchall())
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    def survivor(self, tenant_id: str, profile_id: str) -> str | None:
+        """The profile's survivor (itself when not merged away), or None when it was erased."""
+        with db.raw_transaction(self.reader, "metrics.survivor") as (cur, _):
+            cur.execute(
+                "SELECT (SELECT survivor FROM metrics.aliases WHERE tenant_id = %(t)s AND profile_id = %(p)s), "
+                "EXISTS (SELECT 1 FROM metrics.erased WHERE tenant_id = %(t)s AND profile_id = %(p)s)",
+                {"t": tenant_id, "p": profile_id},
+            )
+            survivor, erased = cur.fetchone()
+        if erased:
+            return None
+        return survivor or profile_id
+
+    def customer(self, tenant_id: str, profile_id: str) -> tuple[list[Fact], dict[str, Attribution]]:
+        with db.raw_transaction(self.reader, "metrics.customer") as (cur, _):
+            facts = self._facts(cur, tenant_id, [profile_id])
+            return facts.get(profile_id, []), self._others(cur, tenant_id, facts)
+
+    def rollups(self, sql: str, params: dict[str, Any]) -> list[tuple[Any, ...]]:
+        """A query the read side built over the rollup tables (its parameters bound)."""
+        with db.raw_transaction(self.reader, "metrics.query") as (cur, _):
+            cur.execute(sql, params)
+            return list(cur.fetchall())
+
+    def derived_total(self, tenant_id: str) -> dict[Key, Stats]:
+        """Every customer's stored contribution summed (what the rollups must equal)."""
+        with db.raw_transaction(self.reader, "metrics.contributions") as (cur, _):
+            cur.execute("SELECT body FROM metrics.contributions WHERE tenant_id = %s", (tenant_id,))
+            out: dict[Key, Stats] = {}
+            for (body,) in cur.fetchall():
+                _accumulate(out, codec.contribution(body), 1)
+        return out
+
+    def all_facts(self, tenant_id: str) -> dict[str, list[Fact]]:
+        with db.raw_transaction(self.reader, "metrics.all_facts") as (cur, _):
+            cur.execute("SELECT DISTINCT profile_id FROM metrics.facts WHERE tenant_id = %s", (tenant_id,))
+            return self._facts(cur, tenant_id, [r[0] for r in cur.fetchall()])
+
+    def upkeep(self, longest_window_days: int = 90) -> int:
+        """Drop open contacts whose window closed under any setting."""
+        with db.raw_transaction(self.engine, "metrics.upkeep") as (cur, _):
+            cur.execute(
+                "DELETE FROM metrics.open_contacts WHERE started_at < now() - make_interval(days => %s)",
+                (longest_window_days,),
+            )
+            return int(cur.rowcount)
+
+
+def _accumulate(into: dict[Key, Stats], contrib: dict[Key, Stats], sign: int) -> None:
+    for key, s in contrib.items():
+        found = into.get(key)
+        if found is None:
+            found = into[key] = Stats.zero()
+        found.merge(s, sign)
+
+
+__all__ = ["ALL_DIMS", "GROUPINGS", "Applied", "Derived", "MetricsStore", "mask"]
