@@ -361,11 +361,14 @@ class MetricsStore:
 
     @staticmethod
     def _others(cur: Any, tenant_id: str, facts: dict[str, list[Fact]]) -> dict[str, Attribution]:
-        """The interactions the surveys and messages name whose legs are not among ``facts``."""
-        own = {f.interaction_id for fs in facts.values() for f in fs if f.kind == LEG}
-        named = sorted(
-            {f.interaction_id for fs in facts.values() for f in fs if f.kind != LEG and f.interaction_id} - own
-        )
+        """The interactions the surveys and messages name whose legs are not their customer's own
+        (all of the interaction's legs, whoever's they are)."""
+        missing: set[str] = set()
+        for fs in facts.values():
+            own = {f.interaction_id for f in fs if f.kind == LEG}
+            missing.update(f.interaction_id for f in fs if f.kind != LEG and f.interaction_id not in own)
+        missing.discard("")
+        named = sorted(missing)
         if not named:
             return {}
         cur.execute(

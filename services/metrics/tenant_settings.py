@@ -28,7 +28,7 @@ class MetricsConfig:
     fcr_window_days: int = 7
     service_level_seconds: int = 20
     max_range_days: int = 400
-    max_points: int = 10_000
+    max_points: int = 5_000
 
     @property
     def tz(self) -> zoneinfo.ZoneInfo:

@@ -721,7 +721,7 @@ class MetricsSettings(_message.Message):
     max_range_days: _builtins.int
     """The longest range a query may ask for, in days. 1-3660, default 400."""
     max_points: _builtins.int
-    """The most points a query may return (series x buckets). 1-100000, default 10000."""
+    """The most points a query may return (series x buckets). 1-100000, default 5000."""
     def __init__(
         self,
         *,
