@@ -18,7 +18,7 @@ from sqlalchemy.engine import Engine
 
 from services.metrics import query as q
 from services.metrics.definitions import BY_NAME
-from services.metrics.derive import Key, day_of, derive
+from services.metrics.derive import Key, attributions, day_of, derive, hour_of
 from services.metrics.facts import LEG, MESSAGE, SURVEY, Fact
 from services.metrics.reads import MetricsReads
 from services.metrics.stats import Stats
@@ -156,8 +156,6 @@ def expected(
     final: dict[str, list[Fact]], metric: str, group_by: tuple[str, ...], granularity: int
 ) -> dict[tuple[Any, ...], tuple[float | None, int]]:
     """The answer recomputed from scratch: every customer derived from their final facts alone."""
-    from services.metrics.derive import attributions
-
     every_leg = [f for fs in final.values() for f in fs if f.kind == LEG]
     others = attributions(every_leg)
     contrib: dict[Key, Stats] = {}
@@ -175,10 +173,8 @@ def expected(
             contrib.setdefault(key, Stats.zero()).merge(s)
         for c in d.unrepeated:
             if c.start + dt.timedelta(days=CONFIG.fcr_window_days) > NOW:
-                from services.metrics.derive import hour_of
-
-                dims = dict(zip(names, (*c.dims[:4], ""), strict=True))
-                k = (bucket(hour_of(c.start, tz)), *(dims[g] for g in group_by))
+                open_dims = dict(zip(names, (*c.dims[:4], ""), strict=True))
+                k = (bucket(hour_of(c.start, tz)), *(open_dims[g] for g in group_by))
                 pending[k] = pending.get(k, 0) + 1
     grouped: dict[tuple[Any, ...], Stats] = {}
     for (hour, *dims), s in contrib.items():
@@ -251,8 +247,6 @@ def test_every_query_equals_a_recomputation_from_the_final_facts(
 
 
 def _scratch(final: dict[str, list[Fact]]) -> dict[Key, Stats]:
-    from services.metrics.derive import attributions
-
     others = attributions(f for fs in final.values() for f in fs if f.kind == LEG)
     out: dict[Key, Stats] = {}
     for fs in final.values():

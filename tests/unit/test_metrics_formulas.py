@@ -222,7 +222,7 @@ def test_sentiment_averages_customer_messages_only() -> None:
     "text",
     [
         "I love this, thank you so much!",
-        "This is the worst service ever. I am furious.",
+        "Worst service ever. I am furious.",
         "My order number is 1234.",
         "",
     ],
