@@ -27,6 +27,7 @@ from tests.support.profile import Apis, apis
 SERVICE_OVERRIDES: dict[str, dict[str, object]] = {
     "identity": {"rules_cache_seconds": 0.0},
     "ingest": {"suppression_cache_seconds": 0.2},
+    "metrics": {"settings_cache_seconds": 0.0},
     "profile": {
         "metrics_address": "",
         "rules_cache_seconds": 0.5,
@@ -191,6 +192,17 @@ def start_profile_server(
     yield start
     for served in reversed(started):
         next(served, None)  # past the yield: the shutdown
+
+
+@pytest.fixture(scope="session")
+def metrics_server(settings: Settings) -> Iterator[RunningServer]:
+    yield from _serve("metrics", settings)
+
+
+@pytest.fixture(scope="session")
+def metrics_channel(metrics_server: RunningServer) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(f"127.0.0.1:{metrics_server.port}") as channel:
+        yield channel
 
 
 @pytest.fixture(scope="session")
