@@ -117,7 +117,7 @@ def wait_applied(engine: Engine, tenant_id: str, count: int, timeout: float = 20
     wait_until(lambda: applied_count(engine, tenant_id) >= count, timeout, f"profile applied {count} events")
 
 
-def wait_until(check: Callable[[], T], timeout: float = 20.0, what: str = "condition") -> T:
+def wait_until(check: Callable[[], T | None], timeout: float = 20.0, what: str = "condition") -> T:
     deadline = time.monotonic() + timeout
     last: T | None = None
     while time.monotonic() < deadline:
