@@ -287,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_dead_letters)
 
+    from services.cli.metrics_cmd import add_parser as add_metrics
+
+    add_metrics(sub)
+
     p = sub.add_parser("bench", help="run a benchmark scenario")
     p.add_argument("scenario")
     p.add_argument("--seconds", type=float, default=10.0)

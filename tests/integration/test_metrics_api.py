@@ -309,3 +309,28 @@ def test_the_customer_context_carries_the_scores_from_metrics(
         assert ctx.scores.missing_reason == ""
         assert ctx.scores.metrics.nps.value == 100
         assert ctx.scores.metrics.profile == profile
+
+
+def test_the_cli_prints_a_series_as_a_table(
+    api: Apis, metrics_server: RunningServer, tenant: TenantKey, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.cli.main import main
+
+    at = dt.datetime.now(dt.UTC).replace(hour=10, minute=0, second=0, microsecond=0) - 2 * DAY
+    api.send(survey(("email", "cli@example.com"), kind=event_pb2.SURVEY_TYPE_CES, score=6, at=at, channel=3))
+    common = ["--target", f"127.0.0.1:{metrics_server.port}", "--api-key", tenant.api_key]
+
+    def printed() -> str | None:
+        code = main(
+            ["metrics", "query", "--metric", "ces_agree,ces_mean", "--from", "7d", "--group-by", "channel", *common]
+        )
+        out = capsys.readouterr().out
+        return out if code == 0 and "ces_mean" in out else None
+
+    out = wait_until(printed, 30, "the CES answer in the table")
+    lines = out.splitlines()
+    assert lines[0].split() == ["metric", "group", "bucket", "(UTC)", "value", "n", "95%", "CI", "pending"]
+    agree = next(line for line in lines if line.startswith("ces_agree"))
+    assert "channel=email" in agree and at.strftime("%Y-%m-%d 00:00") in agree and " 100.0 " in agree
+    assert main(["metrics", "query", "--metric", "nope", *common]) == 1
+    assert "metrics[0]: unknown metric 'nope'" in capsys.readouterr().err
