@@ -213,6 +213,12 @@ class Stack:
                 '\'{"identifier":{"type":"phone","value":"(415) 555-0142"}}\' '
                 f"{self._target('profile')} tessera.v1.ProfileService/GetCustomerContext"
             )
+        if "metrics" in self.ports:
+            self.say("  # The last 30 days of CX figures by channel:")
+            self.say(
+                "  tessera metrics query --metric nps,csat,fcr,aht_seconds --granularity all --group-by channel "
+                f"--target {self._target('metrics')}"
+            )
         self.say()
         self.say("Ctrl-C stops everything; the data stays for the next `tessera up`.")
 

@@ -32,6 +32,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 IDENTITY_PORT = free_port()
 PROFILE_PORT = free_port()
+METRICS_PORT = free_port()
 PERSONA_IDENTIFIERS = {("email", PERSONA.email), ("phone", PERSONA.phone), ("loyalty_id", PERSONA.loyalty_id)}
 
 
@@ -43,6 +44,7 @@ def _env(data_dir: Path, port: int) -> dict[str, str]:
             "TESSERA_INGEST_PORT": str(port),
             "TESSERA_IDENTITY_PORT": str(IDENTITY_PORT),
             "TESSERA_PROFILE_PORT": str(PROFILE_PORT),
+            "TESSERA_METRICS_PORT": str(METRICS_PORT),
             "XDG_STATE_HOME": str(data_dir.parent / f"{data_dir.name}-state"),
         }
     )
@@ -155,6 +157,7 @@ def test_newcomer_session_from_nothing_to_a_query(tmp_path: Path) -> None:
 
         assert f"profile   127.0.0.1:{PROFILE_PORT}" in banner
         assert "ProfileService/GetCustomerContext" in banner
+        assert f"metrics   127.0.0.1:{METRICS_PORT}" in banner and "tessera metrics query" in banner
 
         # The demo persona's four channels resolve to one customer once identity has caught up.
         profile_id = _wait_one_profile(
@@ -167,14 +170,38 @@ def test_newcomer_session_from_nothing_to_a_query(tmp_path: Path) -> None:
             ],
         )
         # "Who is calling?": her context from the caller id, with her calls and chat, her open
-        # case, and the scores marked missing while no metrics service runs.
+        # case, and her CX scores from the metrics service.
         context = _wait_context(demo_key, profile_id)
         assert {(i.type, i.value) for i in context.profile.identifiers} >= PERSONA_IDENTIFIERS
         assert "CS-0999001" in {c.case_id for c in context.open_cases} | {
             i.case_id for i in context.recent_interactions
         }
         assert context.contacts.last_30_days >= 3
-        assert context.scores.missing_reason
+        assert context.scores.missing_reason == ""
+        assert context.scores.metrics.profile == f"profiles/{profile_id}"
+        assert context.scores.metrics.aht_seconds.sample_size > 0
+
+        # The CX analyst's view: a month of the demo tenant's figures by channel, as a table.
+        month = _cli(
+            data_dir,
+            port,
+            "metrics",
+            "query",
+            "--metric",
+            "contact_volume,csat,aht_seconds",
+            "--from",
+            "30d",
+            "--granularity",
+            "all",
+            "--group-by",
+            "channel",
+            "--target",
+            f"127.0.0.1:{METRICS_PORT}",
+            api_key=demo_key,
+        )
+        assert month.returncode == 0, month.stderr
+        volume = [line for line in month.stdout.splitlines() if line.startswith("contact_volume")]
+        assert len(volume) >= 3, month.stdout  # calls, chats, emails...
 
         # Another terminal: a tenant of one's own, and an import, with no configuration at all.
         created = _cli(data_dir, port, "tenant", "create", "acme", "--json")
