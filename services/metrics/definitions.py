@@ -208,8 +208,8 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "containment_rate",
         "Containment rate",
-        "Conversations with a bot message and no agent (no handled leg, no agent message), over "
-        "conversations with a bot message.",
+        "Conversations with a bot message that no agent took (no handled leg, no agent message) and the "
+        "customer did not abandon, over conversations with a bot message.",
         "contained / bot_contacts * 100",
         "percent",
         WILSON,

@@ -48,6 +48,8 @@ class Attribution:
 
     dims: Dims
     handled: bool
+    #: No agent handled it and a leg says the customer left.
+    abandoned: bool = False
 
 
 def attributions(legs: Iterable[Fact]) -> dict[str, Attribution]:
@@ -58,8 +60,11 @@ def attributions(legs: Iterable[Fact]) -> dict[str, Attribution]:
     out = {}
     for iid, group in by_iid.items():
         first = min(group, key=lambda f: (f.start, f.leg_id))
+        handled = any(f.handled for f in group)
         out[iid] = Attribution(
-            (first.channel, first.queue, first.agent, _reason(group), ""), any(f.handled for f in group)
+            (first.channel, first.queue, first.agent, _reason(group), ""),
+            handled,
+            not handled and any(f.abandoned for f in group),
         )
     return out
 
@@ -223,7 +228,10 @@ def derive(facts: Sequence[Fact], others: Mapping[str, Attribution], config: Met
         first_msg = min(msgs, key=lambda m: (m.at, m.event_id))
         s = out.at(first_msg.at, a_.dims if a_ else (first_msg.channel, "", "", "", ""), tz)
         s.add("bot_contacts")
-        s.add("handoffs" if agent else "contained")
+        if agent:
+            s.add("handoffs")
+        elif a_ is None or not a_.abandoned:
+            s.add("contained")
     out.contrib = {k: v for k, v in out.contrib.items() if not v.is_zero()}
     return out
 

@@ -196,16 +196,19 @@ def test_case_based_fcr_counts_resolved_cases_with_a_single_contact() -> None:
     assert value("fcr_case", facts) == 50
 
 
-def test_containment_and_handoff_from_message_authors_and_legs() -> None:
+def test_containment_and_handoff_from_message_authors_and_legs_abandoned_is_neither() -> None:
     facts = [
         message("bot-only", event_pb2.AUTHOR_CUSTOMER, 0.2, 0),
         message("bot-only", event_pb2.AUTHOR_BOT, 0.0, 1),
         message("handed", event_pb2.AUTHOR_BOT, 0.0, 2),
         message("handed", event_pb2.AUTHOR_AGENT, 0.0, 3),
         message("no-bot", event_pb2.AUTHOR_AGENT, 0.0, 4),
+        # the customer gave up on the bot: neither contained nor handed off
+        message("gave-up", event_pb2.AUTHOR_BOT, 0.0, 5),
+        leg("gave-up", agent="", abandoned=True, channel=event_pb2.CHANNEL_CHAT),
     ]
-    assert value("containment_rate", facts) == 50
-    assert value("handoff_rate", facts) == 50
+    assert value("containment_rate", facts) == pytest.approx(100 / 3)
+    assert value("handoff_rate", facts) == pytest.approx(100 / 3)
 
 
 def test_sentiment_averages_customer_messages_only() -> None:
