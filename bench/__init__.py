@@ -17,6 +17,7 @@ SCENARIOS: dict[str, str] = {
     "identity-accuracy": "bench.identity_accuracy",
     "context": "bench.context",
     "freshness": "bench.freshness",
+    "metrics": "bench.metrics",
 }
 
 

@@ -14,8 +14,11 @@ from tessera.v1 import event_pb2
 
 HOUR, DAY, WEEK, MONTH, ALL = "hour", "day", "week", "month", "all"
 GRANULARITIES = {1: HOUR, 2: DAY, 3: WEEK, 4: MONTH, 5: ALL}
-#: Rollup groupings kept (as in storage.GROUPINGS): none, each dimension alone, all five.
-KEPT = {0, 1, 2, 4, 8, 16, 31}
+#: Dimension subsets kept in the rollups (bit i: DIMENSIONS[i]): per day none, each dimension alone
+#: and all five; per hour none and all five (hourly queries span days, not months). Any other
+#: subset is read from all five.
+DAY_GROUPINGS: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 31)
+HOUR_GROUPINGS: tuple[int, ...] = (0, 31)
 MAX_FILTER_VALUES = 100
 CHANNELS = {
     name.removeprefix("CHANNEL_").lower(): number
@@ -163,7 +166,8 @@ def plan(
     needed = 0
     for d in {*group_by, *(f[0] for f in parsed)}:
         needed |= 1 << DIMENSIONS.index(d)
-    built = Plan(tuple(metrics), gran, tuple(group_by), tuple(parsed), lo, hi, needed if needed in KEPT else 31, tz)
+    kept = HOUR_GROUPINGS if gran == HOUR else DAY_GROUPINGS
+    built = Plan(tuple(metrics), gran, tuple(group_by), tuple(parsed), lo, hi, needed if needed in kept else 31, tz)
     points = built.buckets() * len(metrics)
     if points > config.max_points:
         raise InvalidArgument(

@@ -104,12 +104,16 @@ class Stats:
         return self.squares[SQUARE_INDEX[name]]
 
     def merge(self, other: Stats, sign: int = 1) -> None:
-        for i, v in enumerate(other.counts):
-            self.counts[i] += sign * v
-        for i, f in enumerate(other.squares):
-            self.squares[i] += sign * f
-        for i, h in enumerate(other.hist):
-            self.hist[i] += sign * h
+        if sign == 1:
+            self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+            self.squares = [a + b for a, b in zip(self.squares, other.squares, strict=True)]
+            if any(other.hist):
+                self.hist = [a + b for a, b in zip(self.hist, other.hist, strict=True)]
+        else:
+            self.counts = [a - b for a, b in zip(self.counts, other.counts, strict=True)]
+            self.squares = [a - b for a, b in zip(self.squares, other.squares, strict=True)]
+            if any(other.hist):
+                self.hist = [a - b for a, b in zip(self.hist, other.hist, strict=True)]
 
     def is_zero(self) -> bool:
         return not any(self.counts) and not any(self.hist) and all(abs(f) < 1e-9 for f in self.squares)

@@ -10,6 +10,7 @@ and the rollups always equal the sum of every customer's derivation.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -23,26 +24,40 @@ from services.metrics import codec
 from services.metrics.definitions import DIMENSIONS
 from services.metrics.derive import Attribution, Derived, Key, attributions, day_of, derive, hour_of
 from services.metrics.facts import LEG, Fact
+from services.metrics.query import DAY_GROUPINGS, HOUR_GROUPINGS
 from services.metrics.stats import COUNTERS, SQUARES, Stats
 from services.metrics.tenant_settings import MetricsConfig
 
-#: Dimension subsets kept in the rollups (bit i: DIMENSIONS[i]); any other is read from ALL_DIMS.
 ALL_DIMS = 31
-GROUPINGS: tuple[int, ...] = (0, 1, 2, 4, 8, 16, ALL_DIMS)
 _KEY_COLUMNS = ("tenant_id", "grouping", "bucket", *DIMENSIONS)
 _STAT_COLUMNS = (*COUNTERS, *SQUARES)
 
 
-def _upsert_sql(table: str) -> str:
+def _merge_sql(table: str) -> str:
+    """Add the staged deltas (``pg_temp.<table>_delta``) to the rollup, in key order."""
     sets = ", ".join(f"{c} = r.{c} + EXCLUDED.{c}" for c in _STAT_COLUMNS)
+    keys = ", ".join(_KEY_COLUMNS)
     return (
-        f"INSERT INTO metrics.{table} AS r ({', '.join((*_KEY_COLUMNS, *_STAT_COLUMNS, 'hist'))}) VALUES %s "  # noqa: S608
-        f"ON CONFLICT ({', '.join(_KEY_COLUMNS)}) DO UPDATE SET {sets}, "
-        "hist = CASE WHEN EXCLUDED.hist = '{}' THEN r.hist ELSE metrics.add_hist(r.hist, EXCLUDED.hist) END"
+        f"INSERT INTO metrics.{table} AS r SELECT * FROM pg_temp.{table}_delta ORDER BY {keys} "  # noqa: S608
+        f"ON CONFLICT ({keys}) DO UPDATE SET {sets}, "
+        "hist = CASE WHEN EXCLUDED.hist = '{}' THEN r.hist ELSE metrics.add_hist(r.hist, EXCLUDED.hist) END; "
+        f"TRUNCATE pg_temp.{table}_delta"
     )
 
 
-_UPSERT = {"rollup_hour": _upsert_sql("rollup_hour"), "rollup_day": _upsert_sql("rollup_day")}
+_MERGE = {t: _merge_sql(t) for t in ("rollup_hour", "rollup_day")}
+_STAGE = {t: f"CREATE TEMP TABLE IF NOT EXISTS {t}_delta (LIKE metrics.{t}) ON COMMIT DELETE ROWS" for t in _MERGE}
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_text(value: object) -> str:
+    if isinstance(value, str):
+        return value.translate(_COPY_ESCAPES)
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "{" + ",".join(map(str, value)) + "}"
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def mask(dims: tuple[int, str, str, str, str], grouping: int) -> tuple[int, str, str, str, str]:
@@ -285,12 +300,12 @@ class MetricsStore:
         tz = config.tz
         for p in profiles:
             derived = derive(facts.get(p, []), others, config)
-            _accumulate(delta, stored.get(p, {}), -1)
-            _accumulate(delta, derived.contrib, 1)
-            if derived.contrib:
-                keep.append((p, json.dumps(codec.contribution_body(derived.contrib))))
-            else:
-                gone.append(p)
+            old = stored.get(p, {})
+            if _difference(delta, old, derived.contrib) or p not in stored:
+                if derived.contrib:
+                    keep.append((p, json.dumps(codec.contribution_body(derived.contrib))))
+                else:
+                    gone.append(p)
             for c in derived.unrepeated:
                 if c.start + window > now:
                     hour = hour_of(c.start, tz)
@@ -324,28 +339,38 @@ class MetricsStore:
 
     def _apply_rollups(self, cur: Any, tenant_id: str, delta: dict[Key, Stats], config: MetricsConfig) -> None:
         tz = config.tz
+        tenant = _copy_text(tenant_id)
         hours: dict[tuple[Any, ...], Stats] = {}
         days: dict[tuple[Any, ...], Stats] = {}
         for (hour, *dims), s in delta.items():
             if s.is_zero():
                 continue
             day = day_of(hour, tz)
-            for g in GROUPINGS:
-                masked = mask(tuple(dims), g)  # type: ignore[arg-type]
-                for table, bucket in ((hours, hour), (days, day)):
-                    key = (g, bucket, *masked)
+            for table, bucket, groupings in ((hours, hour, HOUR_GROUPINGS), (days, day, DAY_GROUPINGS)):
+                for g in groupings:
+                    key = (g, bucket, *mask(tuple(dims), g))  # type: ignore[arg-type]
                     found = table.get(key)
                     if found is None:
                         found = table[key] = Stats.zero()
                     found.merge(s)
         for name, table in (("rollup_hour", hours), ("rollup_day", days)):
-            rows = [
-                (tenant_id, *key, *s.counts, *s.squares, s.hist if any(s.hist) else [])
-                for key, s in sorted(table.items(), key=lambda kv: kv[0])
+            lines = [
+                "\t".join(
+                    (
+                        tenant,
+                        "\t".join(map(_copy_text, key)),
+                        "\t".join(map(str, s.counts)),
+                        "\t".join(map(repr, s.squares)),
+                        "{" + ",".join(map(str, s.hist)) + "}" if any(s.hist) else "{}",
+                    )
+                )
+                for key, s in table.items()
                 if not s.is_zero()
             ]
-            if rows:
-                execute_values(cur, _UPSERT[name], rows, template=None, page_size=1000)
+            if lines:
+                cur.execute(_STAGE[name])
+                cur.copy_expert(f"COPY pg_temp.{name}_delta FROM STDIN", io.StringIO("\n".join(lines) + "\n"))
+                cur.execute(_MERGE[name])
 
     @staticmethod
     def _facts(cur: Any, tenant_id: str, profiles: Sequence[str]) -> dict[str, list[Fact]]:
@@ -428,6 +453,25 @@ class MetricsStore:
             return int(cur.rowcount)
 
 
+def _difference(into: dict[Key, Stats], old: dict[Key, Stats], new: dict[Key, Stats]) -> bool:
+    """Add ``new - old`` to ``into``, key by key, skipping the keys that did not change (most of a
+    customer's, when one event arrives); whether anything changed."""
+    changed = False
+    for key in old.keys() | new.keys():
+        before, after = old.get(key), new.get(key)
+        if before == after:
+            continue
+        changed = True
+        found = into.get(key)
+        if found is None:
+            found = into[key] = Stats.zero()
+        if after is not None:
+            found.merge(after)
+        if before is not None:
+            found.merge(before, -1)
+    return changed
+
+
 def _accumulate(into: dict[Key, Stats], contrib: dict[Key, Stats], sign: int) -> None:
     for key, s in contrib.items():
         found = into.get(key)
@@ -436,4 +480,4 @@ def _accumulate(into: dict[Key, Stats], contrib: dict[Key, Stats], sign: int) ->
         found.merge(s, sign)
 
 
-__all__ = ["ALL_DIMS", "GROUPINGS", "Applied", "Derived", "MetricsStore", "mask"]
+__all__ = ["ALL_DIMS", "Applied", "Derived", "MetricsStore", "mask"]

@@ -91,7 +91,7 @@ def upgrade() -> None:
 
         -- Per local hour (its start as an instant) of the tenant's time zone.
         -- grouping: which dimensions the row keeps (bits: 1 channel, 2 queue, 4 agent, 8 reason,
-        -- 16 source; the others are 0/''). Kept: 0, each dimension alone, and all five (31).
+        -- 16 source; the others are 0/''). Kept: see services/metrics/query.py (DAY_/HOUR_GROUPINGS).
         CREATE TABLE metrics.rollup_hour (
             tenant_id   text     NOT NULL,
             grouping    smallint NOT NULL,
@@ -136,11 +136,11 @@ def upgrade() -> None:
             sentiment_sq         double precision NOT NULL DEFAULT 0,
             hist                 bigint[]         NOT NULL DEFAULT '{}',
             PRIMARY KEY (tenant_id, grouping, bucket, channel, queue, agent, reason, source)
-        );
+        ) WITH (fillfactor = 80);  -- room for HOT updates: every delta rewrites a row
 
         -- Per local day of the tenant's time zone (weeks, months and ranges sum days).
         -- grouping: which dimensions the row keeps (bits: 1 channel, 2 queue, 4 agent, 8 reason,
-        -- 16 source; the others are 0/''). Kept: 0, each dimension alone, and all five (31).
+        -- 16 source; the others are 0/''). Kept: see services/metrics/query.py (DAY_/HOUR_GROUPINGS).
         CREATE TABLE metrics.rollup_day (
             tenant_id   text     NOT NULL,
             grouping    smallint NOT NULL,
@@ -185,7 +185,7 @@ def upgrade() -> None:
             sentiment_sq         double precision NOT NULL DEFAULT 0,
             hist                 bigint[]         NOT NULL DEFAULT '{}',
             PRIMARY KEY (tenant_id, grouping, bucket, channel, queue, agent, reason, source)
-        );
+        ) WITH (fillfactor = 80);  -- room for HOT updates: every delta rewrites a row
 
         CREATE FUNCTION metrics.add_hist(a bigint[], b bigint[]) RETURNS bigint[]
         LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
