@@ -32,11 +32,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import Engine
 
-from services.core import db
-from services.core.bus import Bus, connect
+from services.core import db, tenancy
+from services.core.bus import Bus, Consumer, ConsumerWorker, Delivery, connect, consumer_name
 from services.core.interceptors import GuardInterceptor, StreamSlots
 from services.core.migrate import MigrationSet
 from services.core.settings import EnvSettings, Settings
+from services.core.streams import Stream
 from services.core.telemetry import configure_logging, configure_telemetry, shutdown_telemetry
 from services.core.tenancy import Authenticator
 
@@ -77,6 +78,10 @@ class Background(Protocol):
     def stop(self, timeout: float) -> None: ...
 
 
+#: A consumer group's part of a service: which stream, which group, what handles a batch.
+ConsumerGroup = tuple[Stream[Any], str, Callable[[list[Delivery[Any]]], None]]
+
+
 @dataclass
 class ServiceContext:
     """What a service's ``register`` gets: shared pools, built once per process."""
@@ -90,6 +95,30 @@ class ServiceContext:
     authenticator: Authenticator
     # Where plain handlers run, and where async handlers send blocking work (see in_pool).
     executor: futures.ThreadPoolExecutor
+
+    def consumer_workers(self, count: int, *groups: ConsumerGroup) -> list[ConsumerWorker]:
+        """``count`` consumers per process in each (stream, group, handler), on the shared consumer
+        settings, each on its own thread, reading every tenant's stream."""
+        s = self.settings
+        return [
+            ConsumerWorker(
+                Consumer(
+                    bus=self.bus,
+                    stream=stream,
+                    group=group,
+                    name=f"{consumer_name()}-{n}",
+                    handler=handler,
+                    tenants=lambda: tenancy.tenant_ids(self.engine),
+                    batch_size=s.consumer_batch_size,
+                    block_ms=s.consumer_block_ms,
+                    claim_idle_ms=s.consumer_claim_idle_ms,
+                    max_attempts=s.consumer_max_attempts,
+                    tenant_refresh_seconds=s.tenant_refresh_seconds,
+                )
+            )
+            for n in range(count)
+            for stream, group, handler in groups
+        ]
 
     async def in_pool(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking work (SQL, a batch's Python) in the pool, in the caller's context (its span

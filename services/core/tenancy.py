@@ -13,7 +13,9 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -277,3 +279,32 @@ class Authenticator:
         if row is None or not hmac.compare_digest(bytes(row.key_hash), digest):
             return None
         return Tenant(row.tenant_id, row.ingest_rate_limit, row.ingest_rate_burst, row.dedupe_window_days)
+
+
+V = TypeVar("V")
+
+
+class PerTenantCache(Generic[V]):
+    """One value per tenant (its settings), loaded by ``load`` and kept ``ttl`` seconds: how soon
+    every replica follows a change another one made."""
+
+    def __init__(self, load: Callable[[str], V], ttl: float = 5.0) -> None:
+        self.load = load
+        self.ttl = ttl
+        self._cache: dict[str, tuple[float, V]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, tenant_id: str) -> V:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(tenant_id)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        value = self.load(tenant_id)
+        with self._lock:
+            self._cache[tenant_id] = (now + self.ttl, value)
+        return value
+
+    def forget(self, tenant_id: str) -> None:
+        with self._lock:
+            self._cache.pop(tenant_id, None)

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import grpc
 
-from services.core import tenancy
-from services.core.bus import ConsumerWorker, consumer_name
+from services.core import streams
 from services.core.migrate import MigrationSet
 from services.core.periodic import Periodic
 from services.core.server import Background, ServiceContext, ServiceDefinition
-from services.metrics.consumer import ConfigCache, build_consumers
+from services.metrics.consumer import CHANGES_GROUP, RESOLVED_GROUP, ChangesHandler, ConfigCache, ResolvedHandler
 from services.metrics.reads import MetricsReads
 from services.metrics.servicer import MetricsServicer
 from services.metrics.settings import MetricsSettings
@@ -24,25 +23,16 @@ MIGRATIONS = MigrationSet("metrics", Path(__file__).resolve().parent / "migratio
 
 
 def register(server: grpc.aio.Server, ctx: ServiceContext, own: MetricsSettings) -> list[Background]:
-    s = ctx.settings
     store = MetricsStore(ctx.engine, reader=ctx.autocommit_engine)
     configs = ConfigCache(store, own.settings_cache_seconds)
     metrics_pb2_grpc.add_MetricsServiceServicer_to_server(MetricsServicer(MetricsReads(store, configs.get)), server)
-    workers: list[Background] = []
-    for n in range(own.consumers):
-        resolved, changes = build_consumers(
-            store,
-            configs.get,
-            ctx.bus,
-            lambda: tenancy.tenant_ids(ctx.engine),
-            name=f"{consumer_name()}-{n}",
-            batch_size=s.consumer_batch_size,
-            block_ms=s.consumer_block_ms,
-            claim_idle_ms=s.consumer_claim_idle_ms,
-            max_attempts=s.consumer_max_attempts,
-            tenant_refresh_seconds=s.tenant_refresh_seconds,
+    workers: list[Background] = list(
+        ctx.consumer_workers(
+            own.consumers,
+            (streams.RESOLVED, RESOLVED_GROUP, ResolvedHandler(store, configs.get)),
+            (streams.CHANGES, CHANGES_GROUP, ChangesHandler(store, configs.get)),
         )
-        workers += [ConsumerWorker(resolved), ConsumerWorker(changes)]
+    )
     workers.append(Periodic("metrics upkeep", own.upkeep_seconds, store.upkeep))
     return workers
 

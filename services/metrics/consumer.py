@@ -8,14 +8,13 @@ event has no second effect and the batch is acknowledged only after that commit.
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 from opentelemetry import metrics
 
 from services.core import streams
-from services.core.bus import Bus, Consumer, Delivery
+from services.core.bus import Delivery
+from services.core.tenancy import PerTenantCache
 from services.metrics.facts import Fact, parse
 from services.metrics.storage import MetricsStore
 from services.metrics.tenant_settings import MetricsConfig
@@ -29,25 +28,12 @@ _facts = _meter.create_counter("tessera.metrics.facts", description="CX facts fr
 _changes = _meter.create_counter("tessera.metrics.changes", description="identity changes applied, by kind")
 
 
-class ConfigCache:
+class ConfigCache(PerTenantCache[MetricsConfig]):
     """Each tenant's metric settings, re-read after ``ttl`` seconds."""
 
     def __init__(self, store: MetricsStore, ttl: float = 5.0) -> None:
+        super().__init__(store.config, ttl)
         self.store = store
-        self.ttl = ttl
-        self._cache: dict[str, tuple[float, MetricsConfig]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, tenant_id: str) -> MetricsConfig:
-        now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(tenant_id)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        config = self.store.config(tenant_id)
-        with self._lock:
-            self._cache[tenant_id] = (now + self.ttl, config)
-        return config
 
 
 class ResolvedHandler:
@@ -88,41 +74,3 @@ class ChangesHandler:
             else:
                 continue
             _changes.add(1, {"kind": streams.kind_name(c.kind)})
-
-
-def build_consumers(
-    store: MetricsStore,
-    configs: Callable[[str], MetricsConfig],
-    bus: Bus,
-    tenants: Callable[[], Iterable[str]],
-    *,
-    name: str,
-    batch_size: int,
-    block_ms: int,
-    claim_idle_ms: int,
-    max_attempts: int,
-    tenant_refresh_seconds: float,
-) -> tuple[Consumer[stream_pb2.ResolvedEventEnvelope], Consumer[stream_pb2.ProfileChangeEnvelope]]:
-    common = {
-        "bus": bus,
-        "name": name,
-        "tenants": tenants,
-        "batch_size": batch_size,
-        "block_ms": block_ms,
-        "claim_idle_ms": claim_idle_ms,
-        "max_attempts": max_attempts,
-        "tenant_refresh_seconds": tenant_refresh_seconds,
-    }
-    resolved: Consumer[stream_pb2.ResolvedEventEnvelope] = Consumer(
-        stream=streams.RESOLVED,
-        group=RESOLVED_GROUP,
-        handler=ResolvedHandler(store, configs),
-        **common,  # type: ignore[arg-type]
-    )
-    changes: Consumer[stream_pb2.ProfileChangeEnvelope] = Consumer(
-        stream=streams.CHANGES,
-        group=CHANGES_GROUP,
-        handler=ChangesHandler(store, configs),
-        **common,  # type: ignore[arg-type]
-    )
-    return resolved, changes

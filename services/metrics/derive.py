@@ -236,15 +236,32 @@ def derive(facts: Sequence[Fact], others: Mapping[str, Attribution], config: Met
     return out
 
 
-def sentiment_trend(facts: Iterable[Fact], limit: int = 20) -> list[tuple[str, dt.datetime, float]]:
-    """Per interaction with customer messages: its first message's time and mean compound score,
-    oldest first (the last ``limit``)."""
+@dataclass(frozen=True)
+class InteractionSentiment:
+    interaction_id: str
+    first_at: dt.datetime
+    mean: float
+    #: The last customer message's score minus the first's.
+    trend: float
+    messages: int
+
+
+def sentiment_trend(facts: Iterable[Fact], limit: int = 20) -> list[InteractionSentiment]:
+    """Per interaction with customer messages (customer messages only): when it began, its mean
+    compound score and how it moved from the first message to the last; oldest first, the last
+    ``limit``."""
     by_iid: dict[str, list[Fact]] = {}
     for f in facts:
         if f.kind == MESSAGE and f.author == event_pb2.AUTHOR_CUSTOMER:
             by_iid.setdefault(f.interaction_id, []).append(f)
-    points = [(iid, min(m.at for m in msgs), sum(m.compound for m in msgs) / len(msgs)) for iid, msgs in by_iid.items()]
-    points.sort(key=lambda p: (p[1], p[0]))
+    points = []
+    for iid, msgs in by_iid.items():
+        msgs.sort(key=lambda m: (m.at, m.event_id))
+        scores = [m.compound for m in msgs]
+        points.append(
+            InteractionSentiment(iid, msgs[0].at, sum(scores) / len(scores), scores[-1] - scores[0], len(scores))
+        )
+    points.sort(key=lambda p: (p.first_at, p.interaction_id))
     return points[-limit:]
 
 

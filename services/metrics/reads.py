@@ -84,8 +84,10 @@ class MetricsReads:
                 ):
                     getattr(out, proto_field).CopyFrom(w.scores[metric])
                 out.fcr_pending = pending
-        for iid, at, value in dv.sentiment_trend(facts):
-            out.sentiment_trend.add(interaction_id=iid, time=_ts(at), score=value)
+        for p in dv.sentiment_trend(facts):
+            out.sentiment_trend.add(
+                interaction_id=p.interaction_id, time=_ts(p.first_at), score=p.mean, trend=p.trend, messages=p.messages
+            )
         return out
 
     def erase(self, tenant_id: str, profile_names: list[str]) -> int:

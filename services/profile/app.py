@@ -7,8 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from services.core import tenancy
-from services.core.bus import ConsumerWorker, consumer_name
+from services.core import streams
 from services.core.channels import service_channel
 from services.core.hotredis import HotRedis
 from services.core.migrate import MigrationSet
@@ -16,7 +15,7 @@ from services.core.periodic import Periodic
 from services.core.server import Background, ServiceContext, ServiceDefinition
 from services.profile import clients
 from services.profile.cache import ContextCache
-from services.profile.consumer import ConfigCache, build_consumers
+from services.profile.consumer import CHANGES_GROUP, RESOLVED_GROUP, ChangesHandler, ConfigCache, ResolvedHandler
 from services.profile.erasure import ErasureWorker
 from services.profile.erasure_store import ErasureStore
 from services.profile.reads import ProfileReads
@@ -61,22 +60,13 @@ def register(server: grpc.aio.Server, ctx: ServiceContext, own: ProfileSettings)
     writes = ProfileWrites(store, erasures, configs, cache, reads, scores, channels.get(own.identity_address))
     servicer = ProfileServicer(reads, writes, ctx.in_pool, own.watch_poll_ms / 1000)
     profile_pb2_grpc.add_ProfileServiceServicer_to_server(servicer, server)
-    workers: list[Background] = []
-    for n in range(own.consumers):
-        resolved, changes = build_consumers(
-            store,
-            configs,
-            cache,
-            ctx.bus,
-            lambda: tenancy.tenant_ids(ctx.engine),
-            name=f"{consumer_name()}-{n}",
-            batch_size=s.consumer_batch_size,
-            block_ms=s.consumer_block_ms,
-            claim_idle_ms=s.consumer_claim_idle_ms,
-            max_attempts=s.consumer_max_attempts,
-            tenant_refresh_seconds=s.tenant_refresh_seconds,
+    workers: list[Background] = list(
+        ctx.consumer_workers(
+            own.consumers,
+            (streams.RESOLVED, RESOLVED_GROUP, ResolvedHandler(store, configs, cache)),
+            (streams.CHANGES, CHANGES_GROUP, ChangesHandler(store, configs, cache)),
         )
-        workers += [ConsumerWorker(resolved), ConsumerWorker(changes)]
+    )
     calls = clients.ErasureCalls(
         channels, s.service_token, own.identity_address, own.ingest_address, own.metrics_address
     )

@@ -9,14 +9,11 @@ invalidation is repaired by the redelivery), then the batch is acknowledged.
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Iterable
-
 from opentelemetry import metrics
 
 from services.core import streams
-from services.core.bus import Bus, Consumer, Delivery
+from services.core.bus import Delivery
+from services.core.tenancy import PerTenantCache
 from services.profile.cache import ContextCache
 from services.profile.events import ProfileEvent, parse
 from services.profile.storage import ProfileStore
@@ -31,30 +28,13 @@ _applied = _meter.create_counter("tessera.profile.events", description="resolved
 _changes = _meter.create_counter("tessera.profile.changes", description="identity changes applied, by kind")
 
 
-class ConfigCache:
+class ConfigCache(PerTenantCache[ProfileConfig]):
     """Each tenant's profile settings, re-read after ``ttl`` seconds (how soon replicas see an
     UpdateProfileSettings)."""
 
     def __init__(self, store: ProfileStore, ttl: float = 5.0) -> None:
+        super().__init__(store.config, ttl)
         self.store = store
-        self.ttl = ttl
-        self._cache: dict[str, tuple[float, ProfileConfig]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, tenant_id: str) -> ProfileConfig:
-        now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(tenant_id)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        config = self.store.config(tenant_id)
-        with self._lock:
-            self._cache[tenant_id] = (now + self.ttl, config)
-        return config
-
-    def forget(self, tenant_id: str) -> None:
-        with self._lock:
-            self._cache.pop(tenant_id, None)
 
 
 class ResolvedHandler:
@@ -119,50 +99,10 @@ class ChangesHandler:
             )
 
 
-def build_consumers(
-    store: ProfileStore,
-    configs: ConfigCache,
-    cache: ContextCache,
-    bus: Bus,
-    tenants: Callable[[], Iterable[str]],
-    *,
-    name: str,
-    batch_size: int,
-    block_ms: int,
-    claim_idle_ms: int,
-    max_attempts: int,
-    tenant_refresh_seconds: float,
-) -> tuple[Consumer[stream_pb2.ResolvedEventEnvelope], Consumer[stream_pb2.ProfileChangeEnvelope]]:
-    common = {
-        "bus": bus,
-        "name": name,
-        "tenants": tenants,
-        "batch_size": batch_size,
-        "block_ms": block_ms,
-        "claim_idle_ms": claim_idle_ms,
-        "max_attempts": max_attempts,
-        "tenant_refresh_seconds": tenant_refresh_seconds,
-    }
-    resolved: Consumer[stream_pb2.ResolvedEventEnvelope] = Consumer(
-        stream=streams.RESOLVED,
-        group=RESOLVED_GROUP,
-        handler=ResolvedHandler(store, configs, cache),
-        **common,  # type: ignore[arg-type]
-    )
-    changes: Consumer[stream_pb2.ProfileChangeEnvelope] = Consumer(
-        stream=streams.CHANGES,
-        group=CHANGES_GROUP,
-        handler=ChangesHandler(store, configs, cache),
-        **common,  # type: ignore[arg-type]
-    )
-    return resolved, changes
-
-
 __all__ = [
     "CHANGES_GROUP",
     "RESOLVED_GROUP",
     "ChangesHandler",
     "ConfigCache",
     "ResolvedHandler",
-    "build_consumers",
 ]

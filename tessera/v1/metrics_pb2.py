@@ -26,7 +26,7 @@ from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mas
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tessera/v1/metrics.proto\x12\ntessera.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x19GetCustomerMetricsRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\"J\n\x1aGetCustomerMetricsResponse\x12,\n\x07metrics\x18\x01 \x01(\x0b\x32\x1b.tessera.v1.CustomerMetrics\"|\n\x05Score\x12\x12\n\x05value\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0bsample_size\x18\x02 \x01(\x03\x12\x13\n\x06\x63i_low\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07\x63i_high\x18\x04 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_valueB\t\n\x07_ci_lowB\n\n\x08_ci_high\"\xc3\x03\n\x0f\x43ustomerMetrics\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x1e\n\x03nps\x18\x02 \x01(\x0b\x32\x11.tessera.v1.Score\x12\x1f\n\x04\x63sat\x18\x03 \x01(\x0b\x32\x11.tessera.v1.Score\x12#\n\x08\x63\x65s_mean\x18\x04 \x01(\x0b\x32\x11.tessera.v1.Score\x12$\n\tces_agree\x18\x05 \x01(\x0b\x32\x11.tessera.v1.Score\x12\x1e\n\x03\x66\x63r\x18\x06 \x01(\x0b\x32\x11.tessera.v1.Score\x12&\n\x0b\x61ht_seconds\x18\x07 \x01(\x0b\x32\x11.tessera.v1.Score\x12$\n\tsentiment\x18\x08 \x01(\x0b\x32\x11.tessera.v1.Score\x12\x13\n\x0b\x66\x63r_pending\x18\t \x01(\x03\x12\x33\n\x0fsentiment_trend\x18\n \x03(\x0b\x32\x1a.tessera.v1.SentimentPoint\x12\x30\n\x0c\x63ompute_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x07windows\x18\x0c \x03(\x0b\x32\x18.tessera.v1.MetricWindow\"\xab\x01\n\x0cMetricWindow\x12\x0e\n\x06window\x18\x01 \x01(\t\x12\x34\n\x06scores\x18\x02 \x03(\x0b\x32$.tessera.v1.MetricWindow.ScoresEntry\x12\x13\n\x0b\x66\x63r_pending\x18\x03 \x01(\x03\x1a@\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.tessera.v1.Score:\x02\x38\x01\"a\n\x0eSentimentPoint\x12\x16\n\x0einteraction_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05score\x18\x03 \x01(\x01\"K\n\x1b\x45raseCustomerMetricsRequest\x12\x13\n\x0bprofile_ids\x18\x01 \x03(\t\x12\x17\n\x0f\x65rasure_request\x18\x02 \x01(\t\"4\n\x1c\x45raseCustomerMetricsResponse\x12\x14\n\x0c\x65rased_count\x18\x01 \x01(\x03\"1\n\x0cMetricFilter\x12\x11\n\tdimension\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\xef\x01\n\x13QueryMetricsRequest\x12\x0f\n\x07metrics\x18\x01 \x03(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x0bgranularity\x18\x04 \x01(\x0e\x32\x17.tessera.v1.Granularity\x12\x10\n\x08group_by\x18\x05 \x03(\t\x12)\n\x07\x66ilters\x18\x06 \x03(\x0b\x32\x18.tessera.v1.MetricFilter\"\x88\x01\n\x0bMetricPoint\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x05score\x18\x02 \x01(\x0b\x32\x11.tessera.v1.Score\x12\x0f\n\x07pending\x18\x03 \x01(\x03\x12\x16\n\x0erelative_error\x18\x04 \x01(\x01\"\xa9\x01\n\x0cMetricSeries\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x32\n\x05group\x18\x02 \x03(\x0b\x32#.tessera.v1.MetricSeries.GroupEntry\x12\'\n\x06points\x18\x03 \x03(\x0b\x32\x17.tessera.v1.MetricPoint\x1a,\n\nGroupEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x01\n\x14QueryMetricsResponse\x12(\n\x06series\x18\x01 \x03(\x0b\x32\x18.tessera.v1.MetricSeries\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttime_zone\x18\x04 \x01(\t\"\x1e\n\x1cListMetricDefinitionsRequest\"{\n\x10MetricDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x12\n\ndefinition\x18\x03 \x01(\t\x12\x0f\n\x07\x66ormula\x18\x04 \x01(\t\x12\x0c\n\x04unit\x18\x05 \x01(\t\x12\x10\n\x08interval\x18\x06 \x01(\t\"f\n\x1dListMetricDefinitionsResponse\x12\x31\n\x0b\x64\x65\x66initions\x18\x01 \x03(\x0b\x32\x1c.tessera.v1.MetricDefinition\x12\x12\n\ndimensions\x18\x02 \x03(\t\"\x1b\n\x19GetMetricsSettingsRequest\"K\n\x1aGetMetricsSettingsResponse\x12-\n\x08settings\x18\x01 \x01(\x0b\x32\x1b.tessera.v1.MetricsSettings\"N\n\x1dUpdateMetricsSettingsResponse\x12-\n\x08settings\x18\x01 \x01(\x0b\x32\x1b.tessera.v1.MetricsSettings\"\x88\x01\n\x0fMetricsSettings\x12\x11\n\ttime_zone\x18\x01 \x01(\t\x12\x17\n\x0f\x66\x63r_window_days\x18\x02 \x01(\x05\x12\x1d\n\x15service_level_seconds\x18\x03 \x01(\x05\x12\x16\n\x0emax_range_days\x18\x04 \x01(\x05\x12\x12\n\nmax_points\x18\x05 \x01(\x05\"~\n\x1cUpdateMetricsSettingsRequest\x12-\n\x08settings\x18\x01 \x01(\x0b\x32\x1b.tessera.v1.MetricsSettings\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask*\x97\x01\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x14\n\x10GRANULARITY_HOUR\x10\x01\x12\x13\n\x0fGRANULARITY_DAY\x10\x02\x12\x14\n\x10GRANULARITY_WEEK\x10\x03\x12\x15\n\x11GRANULARITY_MONTH\x10\x04\x12\x13\n\x0fGRANULARITY_ALL\x10\x05\x32\xf4\x04\n\x0eMetricsService\x12\x63\n\x12GetCustomerMetrics\x12%.tessera.v1.GetCustomerMetricsRequest\x1a&.tessera.v1.GetCustomerMetricsResponse\x12i\n\x14\x45raseCustomerMetrics\x12\'.tessera.v1.EraseCustomerMetricsRequest\x1a(.tessera.v1.EraseCustomerMetricsResponse\x12Q\n\x0cQueryMetrics\x12\x1f.tessera.v1.QueryMetricsRequest\x1a .tessera.v1.QueryMetricsResponse\x12l\n\x15ListMetricDefinitions\x12(.tessera.v1.ListMetricDefinitionsRequest\x1a).tessera.v1.ListMetricDefinitionsResponse\x12\x63\n\x12GetMetricsSettings\x12%.tessera.v1.GetMetricsSettingsRequest\x1a&.tessera.v1.GetMetricsSettingsResponse\x12l\n\x15UpdateMetricsSettings\x12(.tessera.v1.UpdateMetricsSettingsRequest\x1a).tessera.v1.UpdateMetricsSettingsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tessera/v1/metrics.proto\x12\ntessera.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x19GetCustomerMetricsRequest\x12\x0f\n\x07profile\x18\x01 \x01(\t\"J\n\x1aGetCustomerMetricsResponse\x12,\n\x07metrics\x18\x01 \x01(\x0b\x32\x1b.tessera.v1.CustomerMetrics\"|\n\x05Score\x12\x12\n\x05value\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x0bsample_size\x18\x02 \x01(\x03\x12\x13\n\x06\x63i_low\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07\x63i_high\x18\x04 \x01(\x01H\x02\x88\x01\x01\x42\x08\n\x06_valueB\t\n\x07_ci_lowB\n\n\x08_ci_high\"\xc3\x03\n\x0f\x43ustomerMetrics\x12\x0f\n\x07profile\x18\x01 \x01(\t\x12\x1e\n\x03nps\x18\x02 \x01(\x0b\x32\x11.tessera.v1.Score\x12\x1f\n\x04\x63sat\x18\x03 \x01(\x0b\x32\x11.tessera.v1.Score\x12#\n\x08\x63\x65s_mean\x18\x04 \x01(\x0b\x32\x11.tessera.v1.Score\x12$\n\tces_agree\x18\x05 \x01(\x0b\x32\x11.tessera.v1.Score\x12\x1e\n\x03\x66\x63r\x18\x06 \x01(\x0b\x32\x11.tessera.v1.Score\x12&\n\x0b\x61ht_seconds\x18\x07 \x01(\x0b\x32\x11.tessera.v1.Score\x12$\n\tsentiment\x18\x08 \x01(\x0b\x32\x11.tessera.v1.Score\x12\x13\n\x0b\x66\x63r_pending\x18\t \x01(\x03\x12\x33\n\x0fsentiment_trend\x18\n \x03(\x0b\x32\x1a.tessera.v1.SentimentPoint\x12\x30\n\x0c\x63ompute_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12)\n\x07windows\x18\x0c \x03(\x0b\x32\x18.tessera.v1.MetricWindow\"\xab\x01\n\x0cMetricWindow\x12\x0e\n\x06window\x18\x01 \x01(\t\x12\x34\n\x06scores\x18\x02 \x03(\x0b\x32$.tessera.v1.MetricWindow.ScoresEntry\x12\x13\n\x0b\x66\x63r_pending\x18\x03 \x01(\x03\x1a@\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12 \n\x05value\x18\x02 \x01(\x0b\x32\x11.tessera.v1.Score:\x02\x38\x01\"\x82\x01\n\x0eSentimentPoint\x12\x16\n\x0einteraction_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05score\x18\x03 \x01(\x01\x12\r\n\x05trend\x18\x04 \x01(\x01\x12\x10\n\x08messages\x18\x05 \x01(\x03\"K\n\x1b\x45raseCustomerMetricsRequest\x12\x13\n\x0bprofile_ids\x18\x01 \x03(\t\x12\x17\n\x0f\x65rasure_request\x18\x02 \x01(\t\"4\n\x1c\x45raseCustomerMetricsResponse\x12\x14\n\x0c\x65rased_count\x18\x01 \x01(\x03\"1\n\x0cMetricFilter\x12\x11\n\tdimension\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\"\xef\x01\n\x13QueryMetricsRequest\x12\x0f\n\x07metrics\x18\x01 \x03(\t\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x0bgranularity\x18\x04 \x01(\x0e\x32\x17.tessera.v1.Granularity\x12\x10\n\x08group_by\x18\x05 \x03(\t\x12)\n\x07\x66ilters\x18\x06 \x03(\x0b\x32\x18.tessera.v1.MetricFilter\"\x88\x01\n\x0bMetricPoint\x12.\n\nstart_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x05score\x18\x02 \x01(\x0b\x32\x11.tessera.v1.Score\x12\x0f\n\x07pending\x18\x03 \x01(\x03\x12\x16\n\x0erelative_error\x18\x04 \x01(\x01\"\xa9\x01\n\x0cMetricSeries\x12\x0e\n\x06metric\x18\x01 \x01(\t\x12\x32\n\x05group\x18\x02 \x03(\x0b\x32#.tessera.v1.MetricSeries.GroupEntry\x12\'\n\x06points\x18\x03 \x03(\x0b\x32\x17.tessera.v1.MetricPoint\x1a,\n\nGroupEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb1\x01\n\x14QueryMetricsResponse\x12(\n\x06series\x18\x01 \x03(\x0b\x32\x18.tessera.v1.MetricSeries\x12.\n\nstart_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttime_zone\x18\x04 \x01(\t\"\x1e\n\x1cListMetricDefinitionsRequest\"{\n\x10MetricDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x12\n\ndefinition\x18\x03 \x01(\t\x12\x0f\n\x07\x66ormula\x18\x04 \x01(\t\x12\x0c\n\x04unit\x18\x05 \x01(\t\x12\x10\n\x08interval\x18\x06 \x01(\t\"f\n\x1dListMetricDefinitionsResponse\x12\x31\n\x0b\x64\x65\x66initions\x18\x01 \x03(\x0b\x32\x1c.tessera.v1.MetricDefinition\x12\x12\n\ndimensions\x18\x02 \x03(\t\"\x1b\n\x19GetMetricsSettingsRequest\"K\n\x1aGetMetricsSettingsResponse\x12-\n\x08settings\x18\x01 \x01(\x0b\x32\x1b.tessera.v1.MetricsSettings\"N\n\x1dUpdateMetricsSettingsResponse\x12-\n\x08settings\x18\x01 \x01(\x0b\x32\x1b.tessera.v1.MetricsSettings\"\x88\x01\n\x0fMetricsSettings\x12\x11\n\ttime_zone\x18\x01 \x01(\t\x12\x17\n\x0f\x66\x63r_window_days\x18\x02 \x01(\x05\x12\x1d\n\x15service_level_seconds\x18\x03 \x01(\x05\x12\x16\n\x0emax_range_days\x18\x04 \x01(\x05\x12\x12\n\nmax_points\x18\x05 \x01(\x05\"~\n\x1cUpdateMetricsSettingsRequest\x12-\n\x08settings\x18\x01 \x01(\x0b\x32\x1b.tessera.v1.MetricsSettings\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask*\x97\x01\n\x0bGranularity\x12\x1b\n\x17GRANULARITY_UNSPECIFIED\x10\x00\x12\x14\n\x10GRANULARITY_HOUR\x10\x01\x12\x13\n\x0fGRANULARITY_DAY\x10\x02\x12\x14\n\x10GRANULARITY_WEEK\x10\x03\x12\x15\n\x11GRANULARITY_MONTH\x10\x04\x12\x13\n\x0fGRANULARITY_ALL\x10\x05\x32\xf4\x04\n\x0eMetricsService\x12\x63\n\x12GetCustomerMetrics\x12%.tessera.v1.GetCustomerMetricsRequest\x1a&.tessera.v1.GetCustomerMetricsResponse\x12i\n\x14\x45raseCustomerMetrics\x12\'.tessera.v1.EraseCustomerMetricsRequest\x1a(.tessera.v1.EraseCustomerMetricsResponse\x12Q\n\x0cQueryMetrics\x12\x1f.tessera.v1.QueryMetricsRequest\x1a .tessera.v1.QueryMetricsResponse\x12l\n\x15ListMetricDefinitions\x12(.tessera.v1.ListMetricDefinitionsRequest\x1a).tessera.v1.ListMetricDefinitionsResponse\x12\x63\n\x12GetMetricsSettings\x12%.tessera.v1.GetMetricsSettingsRequest\x1a&.tessera.v1.GetMetricsSettingsResponse\x12l\n\x15UpdateMetricsSettings\x12(.tessera.v1.UpdateMetricsSettingsRequest\x1a).tessera.v1.UpdateMetricsSettingsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METRICWINDOW_SCORESENTRY']._serialized_options = b'8\001'
   _globals['_METRICSERIES_GROUPENTRY']._loaded_options = None
   _globals['_METRICSERIES_GROUPENTRY']._serialized_options = b'8\001'
-  _globals['_GRANULARITY']._serialized_start=2712
-  _globals['_GRANULARITY']._serialized_end=2863
+  _globals['_GRANULARITY']._serialized_start=2746
+  _globals['_GRANULARITY']._serialized_end=2897
   _globals['_GETCUSTOMERMETRICSREQUEST']._serialized_start=107
   _globals['_GETCUSTOMERMETRICSREQUEST']._serialized_end=151
   _globals['_GETCUSTOMERMETRICSRESPONSE']._serialized_start=153
@@ -51,40 +51,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METRICWINDOW']._serialized_end=981
   _globals['_METRICWINDOW_SCORESENTRY']._serialized_start=917
   _globals['_METRICWINDOW_SCORESENTRY']._serialized_end=981
-  _globals['_SENTIMENTPOINT']._serialized_start=983
-  _globals['_SENTIMENTPOINT']._serialized_end=1080
-  _globals['_ERASECUSTOMERMETRICSREQUEST']._serialized_start=1082
-  _globals['_ERASECUSTOMERMETRICSREQUEST']._serialized_end=1157
-  _globals['_ERASECUSTOMERMETRICSRESPONSE']._serialized_start=1159
-  _globals['_ERASECUSTOMERMETRICSRESPONSE']._serialized_end=1211
-  _globals['_METRICFILTER']._serialized_start=1213
-  _globals['_METRICFILTER']._serialized_end=1262
-  _globals['_QUERYMETRICSREQUEST']._serialized_start=1265
-  _globals['_QUERYMETRICSREQUEST']._serialized_end=1504
-  _globals['_METRICPOINT']._serialized_start=1507
-  _globals['_METRICPOINT']._serialized_end=1643
-  _globals['_METRICSERIES']._serialized_start=1646
-  _globals['_METRICSERIES']._serialized_end=1815
-  _globals['_METRICSERIES_GROUPENTRY']._serialized_start=1771
-  _globals['_METRICSERIES_GROUPENTRY']._serialized_end=1815
-  _globals['_QUERYMETRICSRESPONSE']._serialized_start=1818
-  _globals['_QUERYMETRICSRESPONSE']._serialized_end=1995
-  _globals['_LISTMETRICDEFINITIONSREQUEST']._serialized_start=1997
-  _globals['_LISTMETRICDEFINITIONSREQUEST']._serialized_end=2027
-  _globals['_METRICDEFINITION']._serialized_start=2029
-  _globals['_METRICDEFINITION']._serialized_end=2152
-  _globals['_LISTMETRICDEFINITIONSRESPONSE']._serialized_start=2154
-  _globals['_LISTMETRICDEFINITIONSRESPONSE']._serialized_end=2256
-  _globals['_GETMETRICSSETTINGSREQUEST']._serialized_start=2258
-  _globals['_GETMETRICSSETTINGSREQUEST']._serialized_end=2285
-  _globals['_GETMETRICSSETTINGSRESPONSE']._serialized_start=2287
-  _globals['_GETMETRICSSETTINGSRESPONSE']._serialized_end=2362
-  _globals['_UPDATEMETRICSSETTINGSRESPONSE']._serialized_start=2364
-  _globals['_UPDATEMETRICSSETTINGSRESPONSE']._serialized_end=2442
-  _globals['_METRICSSETTINGS']._serialized_start=2445
-  _globals['_METRICSSETTINGS']._serialized_end=2581
-  _globals['_UPDATEMETRICSSETTINGSREQUEST']._serialized_start=2583
-  _globals['_UPDATEMETRICSSETTINGSREQUEST']._serialized_end=2709
-  _globals['_METRICSSERVICE']._serialized_start=2866
-  _globals['_METRICSSERVICE']._serialized_end=3494
+  _globals['_SENTIMENTPOINT']._serialized_start=984
+  _globals['_SENTIMENTPOINT']._serialized_end=1114
+  _globals['_ERASECUSTOMERMETRICSREQUEST']._serialized_start=1116
+  _globals['_ERASECUSTOMERMETRICSREQUEST']._serialized_end=1191
+  _globals['_ERASECUSTOMERMETRICSRESPONSE']._serialized_start=1193
+  _globals['_ERASECUSTOMERMETRICSRESPONSE']._serialized_end=1245
+  _globals['_METRICFILTER']._serialized_start=1247
+  _globals['_METRICFILTER']._serialized_end=1296
+  _globals['_QUERYMETRICSREQUEST']._serialized_start=1299
+  _globals['_QUERYMETRICSREQUEST']._serialized_end=1538
+  _globals['_METRICPOINT']._serialized_start=1541
+  _globals['_METRICPOINT']._serialized_end=1677
+  _globals['_METRICSERIES']._serialized_start=1680
+  _globals['_METRICSERIES']._serialized_end=1849
+  _globals['_METRICSERIES_GROUPENTRY']._serialized_start=1805
+  _globals['_METRICSERIES_GROUPENTRY']._serialized_end=1849
+  _globals['_QUERYMETRICSRESPONSE']._serialized_start=1852
+  _globals['_QUERYMETRICSRESPONSE']._serialized_end=2029
+  _globals['_LISTMETRICDEFINITIONSREQUEST']._serialized_start=2031
+  _globals['_LISTMETRICDEFINITIONSREQUEST']._serialized_end=2061
+  _globals['_METRICDEFINITION']._serialized_start=2063
+  _globals['_METRICDEFINITION']._serialized_end=2186
+  _globals['_LISTMETRICDEFINITIONSRESPONSE']._serialized_start=2188
+  _globals['_LISTMETRICDEFINITIONSRESPONSE']._serialized_end=2290
+  _globals['_GETMETRICSSETTINGSREQUEST']._serialized_start=2292
+  _globals['_GETMETRICSSETTINGSREQUEST']._serialized_end=2319
+  _globals['_GETMETRICSSETTINGSRESPONSE']._serialized_start=2321
+  _globals['_GETMETRICSSETTINGSRESPONSE']._serialized_end=2396
+  _globals['_UPDATEMETRICSSETTINGSRESPONSE']._serialized_start=2398
+  _globals['_UPDATEMETRICSSETTINGSRESPONSE']._serialized_end=2476
+  _globals['_METRICSSETTINGS']._serialized_start=2479
+  _globals['_METRICSSETTINGS']._serialized_end=2615
+  _globals['_UPDATEMETRICSSETTINGSREQUEST']._serialized_start=2617
+  _globals['_UPDATEMETRICSSETTINGSREQUEST']._serialized_end=2743
+  _globals['_METRICSSERVICE']._serialized_start=2900
+  _globals['_METRICSSERVICE']._serialized_end=3528
 # @@protoc_insertion_point(module_scope)

@@ -288,20 +288,31 @@ class SentimentPoint(_message.Message):
     INTERACTION_ID_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
+    TREND_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
     interaction_id: _builtins.str
     score: _builtins.float
+    """The mean VADER compound score of its customer messages, -1..1."""
+    trend: _builtins.float
+    """How it went: the last customer message's score minus the first's (0 with one message)."""
+    messages: _builtins.int
+    """How many customer messages."""
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """Its first customer message's time."""
+
     def __init__(
         self,
         *,
         interaction_id: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         score: _builtins.float = ...,
+        trend: _builtins.float = ...,
+        messages: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["interaction_id", b"interaction_id", "score", b"score", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["interaction_id", b"interaction_id", "messages", b"messages", "score", b"score", "time", b"time", "trend", b"trend"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -261,6 +261,17 @@ def test_another_tenant_sees_none_of_it(api: Apis, m: Metrics, metrics_channel: 
         == 0
     )
     assert m.customer(profile).aht_seconds.sample_size == 1
+    # Their settings are theirs: a time zone set by the other tenant changes nothing here.
+    other.stub.UpdateMetricsSettings(
+        metrics_pb2.UpdateMetricsSettingsRequest(
+            settings=metrics_pb2.MetricsSettings(time_zone="Asia/Tokyo", max_points=10),
+            update_mask=field_mask_pb2.FieldMask(paths=["time_zone", "max_points"]),
+        ),
+        metadata=other.metadata,
+        timeout=10,
+    )
+    mine = m.stub.GetMetricsSettings(metrics_pb2.GetMetricsSettingsRequest(), metadata=m.metadata, timeout=10)
+    assert (mine.settings.time_zone, mine.settings.max_points, mine.settings.fcr_window_days) == ("UTC", 5000, 7)
 
 
 def test_erased_customers_are_not_found_and_rollups_keep_anonymous_counts(api: Apis, m: Metrics) -> None:

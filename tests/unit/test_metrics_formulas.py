@@ -14,7 +14,7 @@ from services.core.errors import InvalidArgument
 from services.metrics import query as q
 from services.metrics import stats
 from services.metrics.definitions import BY_NAME, METRICS
-from services.metrics.derive import day_of, derive, hour_of
+from services.metrics.derive import day_of, derive, hour_of, sentiment_trend
 from services.metrics.facts import LEG, MESSAGE, SURVEY, Fact, sentiment
 from services.metrics.stats import Stats, total
 from services.metrics.tenant_settings import MetricsConfig, updated
@@ -221,6 +221,19 @@ def test_sentiment_averages_customer_messages_only() -> None:
     assert value("sentiment_negative_rate", facts) == 50
 
 
+def test_an_interactions_sentiment_is_its_customer_messages_mean_and_their_trend() -> None:
+    facts = [
+        message("c1", event_pb2.AUTHOR_CUSTOMER, -0.6, 0),
+        message("c1", event_pb2.AUTHOR_AGENT, 0.9, 1),
+        message("c1", event_pb2.AUTHOR_CUSTOMER, 0.4, 2),
+        message("c2", event_pb2.AUTHOR_CUSTOMER, 0.2, 3),
+    ]
+    [first, second] = sentiment_trend(facts)
+    assert (first.interaction_id, first.messages) == ("c1", 2)
+    assert first.mean == pytest.approx(-0.1) and first.trend == pytest.approx(1.0)
+    assert (second.interaction_id, second.trend) == ("c2", 0.0)
+
+
 @pytest.mark.parametrize(
     "text",
     [
@@ -324,3 +337,17 @@ def test_every_metric_has_a_definition_formula_and_unit() -> None:
     assert len({m.name for m in METRICS}) == len(METRICS)
     for m in METRICS:
         assert m.definition.endswith(".") and m.formula and m.unit
+
+
+def test_the_rollup_tables_hold_every_statistic_in_the_codes_order() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    import services.metrics
+
+    path = Path(services.metrics.__file__).parent / "migrations" / "0001_metrics.py"
+    spec = importlib.util.spec_from_file_location("metrics_0001", path)
+    assert spec is not None and spec.loader is not None
+    migration = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(migration)
+    assert (migration.COUNTERS, migration.SQUARES) == (stats.COUNTERS, stats.SQUARES)

@@ -21,6 +21,67 @@ branch_labels = None
 depends_on = None
 
 
+#: The sufficient statistics of a rollup row, in services/metrics/stats.py's order (a test checks).
+COUNTERS = (
+    "offered",
+    "handled",
+    "abandoned",
+    "transferred",
+    "answered_sl",
+    "wait_ms",
+    "repeats",
+    "fcr_handled",
+    "fcr_repeated",
+    "legs_handled",
+    "handle_ms",
+    "cases_resolved",
+    "cases_single",
+    "bot_contacts",
+    "contained",
+    "handoffs",
+    "nps_n",
+    "nps_promoters",
+    "nps_detractors",
+    "csat_n",
+    "csat_top2",
+    "csat_sum",
+    "ces_n",
+    "ces_agree",
+    "ces_sum",
+    "sentiment_n",
+    "sentiment_sum",
+    "sentiment_positive",
+    "sentiment_negative",
+)
+SQUARES = ("handle_sq", "csat_sq", "ces_sq", "sentiment_sq")
+
+
+def rollup_table(name: str, bucket: str, what: str) -> str:
+    """A rollup: sufficient statistics per bucket, dimension subset and dimension values.
+    grouping: which dimensions the row keeps (bits: 1 channel, 2 queue, 4 agent, 8 reason,
+    16 source; the others are 0 or ''), see services/metrics/query.py."""
+    stats = ",\n".join(
+        [f"    {c} bigint NOT NULL DEFAULT 0" for c in COUNTERS]
+        + [f"    {c} double precision NOT NULL DEFAULT 0" for c in SQUARES]
+    )
+    return f"""
+        -- {what}
+        CREATE TABLE metrics.{name} (
+            tenant_id   text     NOT NULL,
+            grouping    smallint NOT NULL,
+            bucket      {bucket} NOT NULL,
+            channel     smallint NOT NULL,
+            queue       text     NOT NULL,
+            agent       text     NOT NULL,
+            reason      text     NOT NULL,
+            source      text     NOT NULL,
+{stats},
+            hist        bigint[] NOT NULL DEFAULT '{{}}',
+            PRIMARY KEY (tenant_id, grouping, bucket, channel, queue, agent, reason, source)
+        ) WITH (fillfactor = 80);  -- room for HOT updates: every delta rewrites a row
+    """
+
+
 def upgrade() -> None:
     op.execute(
         """
@@ -89,104 +150,20 @@ def upgrade() -> None:
         );
         CREATE INDEX open_contacts_started ON metrics.open_contacts (tenant_id, started_at);
 
-        -- Per local hour (its start as an instant) of the tenant's time zone.
-        -- grouping: which dimensions the row keeps (bits: 1 channel, 2 queue, 4 agent, 8 reason,
-        -- 16 source; the others are 0/''). Kept: see services/metrics/query.py (DAY_/HOUR_GROUPINGS).
-        CREATE TABLE metrics.rollup_hour (
-            tenant_id   text     NOT NULL,
-            grouping    smallint NOT NULL,
-            bucket      timestamptz NOT NULL,
-            channel     smallint NOT NULL,
-            queue       text     NOT NULL,
-            agent       text     NOT NULL,
-            reason      text     NOT NULL,
-            source      text     NOT NULL,
-            offered              bigint           NOT NULL DEFAULT 0,
-            handled              bigint           NOT NULL DEFAULT 0,
-            abandoned            bigint           NOT NULL DEFAULT 0,
-            transferred          bigint           NOT NULL DEFAULT 0,
-            answered_sl          bigint           NOT NULL DEFAULT 0,
-            wait_ms              bigint           NOT NULL DEFAULT 0,
-            repeats              bigint           NOT NULL DEFAULT 0,
-            fcr_handled          bigint           NOT NULL DEFAULT 0,
-            fcr_repeated         bigint           NOT NULL DEFAULT 0,
-            legs_handled         bigint           NOT NULL DEFAULT 0,
-            handle_ms            bigint           NOT NULL DEFAULT 0,
-            cases_resolved       bigint           NOT NULL DEFAULT 0,
-            cases_single         bigint           NOT NULL DEFAULT 0,
-            bot_contacts         bigint           NOT NULL DEFAULT 0,
-            contained            bigint           NOT NULL DEFAULT 0,
-            handoffs             bigint           NOT NULL DEFAULT 0,
-            nps_n                bigint           NOT NULL DEFAULT 0,
-            nps_promoters        bigint           NOT NULL DEFAULT 0,
-            nps_detractors       bigint           NOT NULL DEFAULT 0,
-            csat_n               bigint           NOT NULL DEFAULT 0,
-            csat_top2            bigint           NOT NULL DEFAULT 0,
-            csat_sum             bigint           NOT NULL DEFAULT 0,
-            ces_n                bigint           NOT NULL DEFAULT 0,
-            ces_agree            bigint           NOT NULL DEFAULT 0,
-            ces_sum              bigint           NOT NULL DEFAULT 0,
-            sentiment_n          bigint           NOT NULL DEFAULT 0,
-            sentiment_sum        bigint           NOT NULL DEFAULT 0,
-            sentiment_positive   bigint           NOT NULL DEFAULT 0,
-            sentiment_negative   bigint           NOT NULL DEFAULT 0,
-            handle_sq            double precision NOT NULL DEFAULT 0,
-            csat_sq              double precision NOT NULL DEFAULT 0,
-            ces_sq               double precision NOT NULL DEFAULT 0,
-            sentiment_sq         double precision NOT NULL DEFAULT 0,
-            hist                 bigint[]         NOT NULL DEFAULT '{}',
-            PRIMARY KEY (tenant_id, grouping, bucket, channel, queue, agent, reason, source)
-        ) WITH (fillfactor = 80);  -- room for HOT updates: every delta rewrites a row
-
-        -- Per local day of the tenant's time zone (weeks, months and ranges sum days).
-        -- grouping: which dimensions the row keeps (bits: 1 channel, 2 queue, 4 agent, 8 reason,
-        -- 16 source; the others are 0/''). Kept: see services/metrics/query.py (DAY_/HOUR_GROUPINGS).
-        CREATE TABLE metrics.rollup_day (
-            tenant_id   text     NOT NULL,
-            grouping    smallint NOT NULL,
-            bucket      date        NOT NULL,
-            channel     smallint NOT NULL,
-            queue       text     NOT NULL,
-            agent       text     NOT NULL,
-            reason      text     NOT NULL,
-            source      text     NOT NULL,
-            offered              bigint           NOT NULL DEFAULT 0,
-            handled              bigint           NOT NULL DEFAULT 0,
-            abandoned            bigint           NOT NULL DEFAULT 0,
-            transferred          bigint           NOT NULL DEFAULT 0,
-            answered_sl          bigint           NOT NULL DEFAULT 0,
-            wait_ms              bigint           NOT NULL DEFAULT 0,
-            repeats              bigint           NOT NULL DEFAULT 0,
-            fcr_handled          bigint           NOT NULL DEFAULT 0,
-            fcr_repeated         bigint           NOT NULL DEFAULT 0,
-            legs_handled         bigint           NOT NULL DEFAULT 0,
-            handle_ms            bigint           NOT NULL DEFAULT 0,
-            cases_resolved       bigint           NOT NULL DEFAULT 0,
-            cases_single         bigint           NOT NULL DEFAULT 0,
-            bot_contacts         bigint           NOT NULL DEFAULT 0,
-            contained            bigint           NOT NULL DEFAULT 0,
-            handoffs             bigint           NOT NULL DEFAULT 0,
-            nps_n                bigint           NOT NULL DEFAULT 0,
-            nps_promoters        bigint           NOT NULL DEFAULT 0,
-            nps_detractors       bigint           NOT NULL DEFAULT 0,
-            csat_n               bigint           NOT NULL DEFAULT 0,
-            csat_top2            bigint           NOT NULL DEFAULT 0,
-            csat_sum             bigint           NOT NULL DEFAULT 0,
-            ces_n                bigint           NOT NULL DEFAULT 0,
-            ces_agree            bigint           NOT NULL DEFAULT 0,
-            ces_sum              bigint           NOT NULL DEFAULT 0,
-            sentiment_n          bigint           NOT NULL DEFAULT 0,
-            sentiment_sum        bigint           NOT NULL DEFAULT 0,
-            sentiment_positive   bigint           NOT NULL DEFAULT 0,
-            sentiment_negative   bigint           NOT NULL DEFAULT 0,
-            handle_sq            double precision NOT NULL DEFAULT 0,
-            csat_sq              double precision NOT NULL DEFAULT 0,
-            ces_sq               double precision NOT NULL DEFAULT 0,
-            sentiment_sq         double precision NOT NULL DEFAULT 0,
-            hist                 bigint[]         NOT NULL DEFAULT '{}',
-            PRIMARY KEY (tenant_id, grouping, bucket, channel, queue, agent, reason, source)
-        ) WITH (fillfactor = 80);  -- room for HOT updates: every delta rewrites a row
-
+        """
+    )
+    op.execute(
+        rollup_table(
+            "rollup_hour", "timestamptz", "Per local hour of the tenant's time zone (its start as an instant)."
+        )
+    )
+    op.execute(
+        rollup_table(
+            "rollup_day", "date", "Per local day of the tenant's time zone (weeks, months and ranges sum days)."
+        )
+    )
+    op.execute(
+        """
         CREATE FUNCTION metrics.add_hist(a bigint[], b bigint[]) RETURNS bigint[]
         LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
             SELECT coalesce(array_agg(coalesce(a[i], 0) + coalesce(b[i], 0) ORDER BY i), '{}')
