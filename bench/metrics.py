@@ -163,19 +163,14 @@ def _ts(t: dt.datetime) -> timestamp_pb2.Timestamp:
 
 RAW_SQL = """
 WITH legs AS (
-    SELECT interaction_id, (body->>'started_at')::bigint AS started,
-           (body->>'channel')::int AS channel,
-           coalesce((body->>'talk')::float8, 0) + coalesce((body->>'hold')::float8, 0)
-             + coalesce((body->>'acw')::float8, 0) AS handle,
-           body ? 'agent' AND NOT coalesce((body->>'abandoned')::boolean, false) AS handled
+    SELECT interaction_id, coalesce(started_at, at) AS started, channel, talk + hold + acw AS handle,
+           agent <> '' AND NOT abandoned AS handled
     FROM metrics.facts WHERE tenant_id = %(t)s AND kind = 1 AND at >= %(lo)s AND at < %(hi)s
 ), firsts AS (
-    SELECT DISTINCT ON (interaction_id) interaction_id, channel,
-           date_trunc('day', started * interval '1 microsecond' + 'epoch'::timestamptz) AS day
+    SELECT DISTINCT ON (interaction_id) interaction_id, channel, date_trunc('day', started) AS day
     FROM legs ORDER BY interaction_id, started
 ), surveys AS (
-    SELECT date_trunc('day', s.at) AS day, coalesce(f.channel, (s.body->>'channel')::int) AS channel,
-           (s.body->>'survey_type')::int AS type, (s.body->>'score')::int AS score
+    SELECT date_trunc('day', s.at) AS day, coalesce(f.channel, s.channel) AS channel, s.survey_type, s.score
     FROM metrics.facts s LEFT JOIN firsts f USING (interaction_id)
     WHERE s.tenant_id = %(t)s AND s.kind = 2 AND s.at >= %(lo)s AND s.at < %(hi)s
 )
@@ -183,9 +178,11 @@ SELECT f.day, f.channel, count(DISTINCT l.interaction_id), avg(l.handle) FILTER 
 FROM legs l JOIN firsts f USING (interaction_id) GROUP BY 1, 2
 UNION ALL
 SELECT day, channel, NULL, NULL,
-       100.0 * (count(*) FILTER (WHERE type = 1 AND score >= 9) - count(*) FILTER (WHERE type = 1 AND score <= 6))
-         / nullif(count(*) FILTER (WHERE type = 1), 0),
-       100.0 * count(*) FILTER (WHERE type = 2 AND score >= 4) / nullif(count(*) FILTER (WHERE type = 2), 0)
+       100.0 * (count(*) FILTER (WHERE survey_type = 1 AND score >= 9)
+                - count(*) FILTER (WHERE survey_type = 1 AND score <= 6))
+         / nullif(count(*) FILTER (WHERE survey_type = 1), 0),
+       100.0 * count(*) FILTER (WHERE survey_type = 2 AND score >= 4)
+         / nullif(count(*) FILTER (WHERE survey_type = 2), 0)
 FROM surveys GROUP BY 1, 2
 """
 

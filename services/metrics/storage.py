@@ -12,8 +12,9 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import operator
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from psycopg2.extras import execute_values
@@ -47,10 +48,26 @@ def _merge_sql(table: str) -> str:
 
 _MERGE = {t: _merge_sql(t) for t in ("rollup_hour", "rollup_day")}
 _STAGE = {t: f"CREATE TEMP TABLE IF NOT EXISTS {t}_delta (LIKE metrics.{t}) ON COMMIT DELETE ROWS" for t in _MERGE}
+_FACT_COLUMNS = ", ".join(("tenant_id", "fact_key", *[f.name for f in fields(Fact)][1:]))
+_STAGE_FACTS = "CREATE TEMP TABLE IF NOT EXISTS facts_delta (LIKE metrics.facts) ON COMMIT DELETE ROWS"
+_MERGE_FACTS = (
+    "INSERT INTO metrics.facts AS f SELECT * FROM pg_temp.facts_delta ORDER BY fact_key "  # noqa: S608
+    "ON CONFLICT (tenant_id, fact_key) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _FACT_COLUMNS.split(", ")[2:])
+    + " WHERE (EXCLUDED.at, EXCLUDED.event_id) > (f.at, f.event_id); TRUNCATE pg_temp.facts_delta"
+)
+_fact_values = operator.attrgetter(*(f.name for f in fields(Fact)))
+#: The facts' columns, as a Fact takes them.
+_FACT_SELECT = "SELECT " + _FACT_COLUMNS.removeprefix("tenant_id, ") + " FROM metrics.facts "  # noqa: S608
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 def _copy_text(value: object) -> str:
+    """One value in COPY's text format."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, bool):
+        return "t" if value else "f"
     if isinstance(value, str):
         return value.translate(_COPY_ESCAPES)
     if isinstance(value, (dt.datetime, dt.date)):
@@ -124,7 +141,7 @@ class MetricsStore:
         profiles = [r[0] for r in cur.fetchall()]
         _lock(cur, tenant_id, profiles)
         cur.execute("SELECT body FROM metrics.contributions WHERE tenant_id = %s AND anonymous", (tenant_id,))
-        anonymous = [codec.contribution(r[0]) for r in cur.fetchall()]
+        anonymous = [codec.contribution(json.loads(r[0])) for r in cur.fetchall()]
         for table in ("rollup_hour", "rollup_day"):
             cur.execute(f"DELETE FROM metrics.{table} WHERE tenant_id = %s", (tenant_id,))  # noqa: S608
         cur.execute("DELETE FROM metrics.contributions WHERE tenant_id = %s AND NOT anonymous", (tenant_id,))
@@ -192,27 +209,14 @@ class MetricsStore:
                 )
                 affected.update(r[0] for r in cur.fetchall())
             _lock(cur, tenant_id, affected)
-            execute_values(
-                cur,
-                "INSERT INTO metrics.facts AS f (tenant_id, fact_key, kind, event_id, profile_id, interaction_id, at, "
-                "body) VALUES %s ON CONFLICT (tenant_id, fact_key) DO UPDATE SET event_id = EXCLUDED.event_id, "
-                "profile_id = EXCLUDED.profile_id, interaction_id = EXCLUDED.interaction_id, at = EXCLUDED.at, "
-                "body = EXCLUDED.body WHERE (EXCLUDED.at, EXCLUDED.event_id) > (f.at, f.event_id)",
-                [
-                    (
-                        tenant_id,
-                        f.key,
-                        f.kind,
-                        f.event_id,
-                        f.profile_id,
-                        f.interaction_id,
-                        f.at,
-                        json.dumps(codec.fact_body(f)),
-                    )
-                    for f in sorted(write, key=lambda f: f.key)
-                ],
-                page_size=1000,
+            tenant = _copy_text(tenant_id)
+            rows = "".join(
+                tenant + "\t" + "\t".join(map(_copy_text, _fact_values(f))) + "\n"
+                for f in sorted(write, key=lambda f: f.key)
             )
+            cur.execute(_STAGE_FACTS)
+            cur.copy_expert("COPY pg_temp.facts_delta FROM STDIN", io.StringIO(rows))
+            cur.execute(_MERGE_FACTS)
             out.written = len(write)
             out.profiles = len(affected)
             self._recompute(cur, tenant_id, sorted(affected), config)
@@ -290,7 +294,7 @@ class MetricsStore:
             "AND NOT anonymous",
             (tenant_id, list(profiles)),
         )
-        stored = {r[0]: codec.contribution(r[1]) for r in cur.fetchall()}
+        stored = {r[0]: codec.contribution(json.loads(r[1])) for r in cur.fetchall()}
         delta: dict[Key, Stats] = {}
         keep: list[tuple[str, str]] = []
         gone: list[str] = []
@@ -374,14 +378,10 @@ class MetricsStore:
 
     @staticmethod
     def _facts(cur: Any, tenant_id: str, profiles: Sequence[str]) -> dict[str, list[Fact]]:
-        cur.execute(
-            "SELECT fact_key, kind, event_id, profile_id, interaction_id, body FROM metrics.facts "
-            "WHERE tenant_id = %s AND profile_id = ANY(%s)",
-            (tenant_id, list(profiles)),
-        )
+        cur.execute(_FACT_SELECT + "WHERE tenant_id = %s AND profile_id = ANY(%s)", (tenant_id, list(profiles)))
         out: dict[str, list[Fact]] = {}
-        for key, kind, event_id, profile_id, iid, body in cur.fetchall():
-            out.setdefault(profile_id, []).append(codec.fact(key, kind, event_id, profile_id, iid, body))
+        for row in cur.fetchall():
+            out.setdefault(row[3], []).append(Fact(*row))
         return out
 
     @staticmethod
@@ -396,12 +396,8 @@ class MetricsStore:
         named = sorted(missing)
         if not named:
             return {}
-        cur.execute(
-            "SELECT fact_key, kind, event_id, profile_id, interaction_id, body FROM metrics.facts "
-            "WHERE tenant_id = %s AND interaction_id = ANY(%s) AND kind = 1",
-            (tenant_id, named),
-        )
-        return attributions(codec.fact(*r) for r in cur.fetchall())
+        cur.execute(_FACT_SELECT + "WHERE tenant_id = %s AND interaction_id = ANY(%s) AND kind = 1", (tenant_id, named))
+        return attributions(Fact(*r) for r in cur.fetchall())
 
     # -- reads -----------------------------------------------------------------------------------
 
@@ -435,7 +431,7 @@ class MetricsStore:
             cur.execute("SELECT body FROM metrics.contributions WHERE tenant_id = %s", (tenant_id,))
             out: dict[Key, Stats] = {}
             for (body,) in cur.fetchall():
-                _accumulate(out, codec.contribution(body), 1)
+                _accumulate(out, codec.contribution(json.loads(body)), 1)
         return out
 
     def all_facts(self, tenant_id: str) -> dict[str, list[Fact]]:

@@ -92,16 +92,35 @@ def upgrade() -> None:
             updated_at  timestamptz NOT NULL DEFAULT now()
         );
 
-        -- kind: 1 leg, 2 survey, 3 message; body: the fact's fields (services/metrics/facts.py).
+        -- One row per services.metrics.facts.Fact, its fields in its order. kind: 1 leg, 2 survey,
+        -- 3 message; at: event time; started_at: a leg's start, when it said.
         CREATE TABLE metrics.facts (
-            tenant_id       text        NOT NULL,
-            fact_key        text        NOT NULL,
-            kind            smallint    NOT NULL,
-            event_id        text        NOT NULL,
-            profile_id      text        NOT NULL,
-            interaction_id  text        NOT NULL,
-            at              timestamptz NOT NULL,
-            body            jsonb       NOT NULL,
+            tenant_id       text             NOT NULL,
+            fact_key        text             NOT NULL,
+            kind            smallint         NOT NULL,
+            event_id        text             NOT NULL,
+            profile_id      text             NOT NULL,
+            at              timestamptz      NOT NULL,
+            channel         smallint         NOT NULL,
+            source          text             NOT NULL,
+            interaction_id  text             NOT NULL,
+            queue           text             NOT NULL,
+            agent           text             NOT NULL,
+            reason          text             NOT NULL,
+            case_id         text             NOT NULL,
+            case_status     smallint         NOT NULL,
+            started_at      timestamptz,
+            talk            double precision NOT NULL,
+            hold            double precision NOT NULL,
+            acw             double precision NOT NULL,
+            wait            double precision NOT NULL,
+            transferred     boolean          NOT NULL,
+            abandoned       boolean          NOT NULL,
+            leg_id          text             NOT NULL,
+            survey_type     smallint         NOT NULL,
+            score           smallint,
+            author          smallint         NOT NULL,
+            compound        double precision NOT NULL,
             PRIMARY KEY (tenant_id, fact_key)
         );
         CREATE INDEX facts_profile ON metrics.facts (tenant_id, profile_id);
@@ -130,7 +149,7 @@ def upgrade() -> None:
             tenant_id   text    NOT NULL,
             profile_id  text    NOT NULL,
             anonymous   boolean NOT NULL DEFAULT false,
-            body        jsonb   NOT NULL,
+            body        text    NOT NULL,  -- JSON (services/metrics/codec.py), read only by the code
             PRIMARY KEY (tenant_id, profile_id)
         );
 
