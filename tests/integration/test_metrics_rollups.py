@@ -153,7 +153,11 @@ def reference(ops: list[tuple[str, Any]]) -> dict[str, list[Fact]]:
 
 
 def expected(
-    final: dict[str, list[Fact]], metric: str, group_by: tuple[str, ...], granularity: int
+    final: dict[str, list[Fact]],
+    metric: str,
+    group_by: tuple[str, ...],
+    granularity: int,
+    filters: tuple[tuple[str, tuple[Any, ...]], ...] = (),
 ) -> dict[tuple[Any, ...], tuple[float | None, int]]:
     """The answer recomputed from scratch: every customer derived from their final facts alone."""
     every_leg = [f for fs in final.values() for f in fs if f.kind == LEG]
@@ -165,7 +169,10 @@ def expected(
 
     def bucket(hour: dt.datetime) -> Any:
         d = day_of(hour, tz)
-        return {1: hour, 2: d, 3: d - dt.timedelta(days=d.weekday()), 5: None}[granularity]
+        return {1: hour, 2: d, 3: d - dt.timedelta(days=d.weekday()), 4: d.replace(day=1), 5: None}[granularity]
+
+    def kept(named: dict[str, Any]) -> bool:
+        return all(named[dim] in values for dim, values in filters)
 
     for fs in final.values():
         d = derive(fs, others, CONFIG)
@@ -174,11 +181,15 @@ def expected(
         for c in d.unrepeated:
             if c.start + dt.timedelta(days=CONFIG.fcr_window_days) > NOW:
                 open_dims = dict(zip(names, (*c.dims[:4], ""), strict=True))
+                if not kept(open_dims):
+                    continue
                 k = (bucket(hour_of(c.start, tz)), *(open_dims[g] for g in group_by))
                 pending[k] = pending.get(k, 0) + 1
     grouped: dict[tuple[Any, ...], Stats] = {}
     for (hour, *dims), s in contrib.items():
         named = dict(zip(names, dims, strict=True))
+        if not kept(named):
+            continue
         k = (bucket(hour), *(named[g] for g in group_by))
         grouped.setdefault(k, Stats.zero()).merge(s)
     out = {}
@@ -195,18 +206,22 @@ def store(engine: Engine) -> Iterator[MetricsStore]:
     yield MetricsStore(engine)
 
 
-QUERIES = (
-    ("contact_volume", ("channel",), 2),
-    ("nps", ("source",), 2),
-    ("aht_seconds", ("agent",), 1),
-    ("abandonment_rate", (), 3),
-    ("fcr", ("channel", "reason"), 2),
-    ("repeat_contact_rate", ("queue",), 5),
-    ("csat", ("channel", "queue", "agent"), 2),
-    ("sentiment", (), 2),
-    ("handoff_rate", ("channel",), 5),
-    ("fcr_case", ("reason",), 5),
-    ("service_level", ("channel",), 2),
+NO_FILTER: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+QUERIES: tuple[tuple[str, tuple[str, ...], int, tuple[tuple[str, tuple[Any, ...]], ...]], ...] = (
+    ("contact_volume", ("queue",), 4, (("channel", ("voice",)),)),
+    ("aht_seconds", ("channel", "agent"), 2, (("queue", ("q1",)), ("reason", ("billing", "delivery")))),
+    ("fcr", (), 1, (("agent", ("a1",)),)),
+    ("contact_volume", ("channel",), 2, NO_FILTER),
+    ("nps", ("source",), 2, NO_FILTER),
+    ("aht_seconds", ("agent",), 1, NO_FILTER),
+    ("abandonment_rate", (), 3, NO_FILTER),
+    ("fcr", ("channel", "reason"), 2, NO_FILTER),
+    ("repeat_contact_rate", ("queue",), 5, NO_FILTER),
+    ("csat", ("channel", "queue", "agent"), 2, NO_FILTER),
+    ("sentiment", (), 2, NO_FILTER),
+    ("handoff_rate", ("channel",), 5, NO_FILTER),
+    ("fcr_case", ("reason",), 5, NO_FILTER),
+    ("service_level", ("channel",), 2, NO_FILTER),
 )
 
 
@@ -226,16 +241,19 @@ def test_every_query_equals_a_recomputation_from_the_final_facts(
     final = reference(ops)
     reads = MetricsReads(store, lambda _t: CONFIG)
     start, end = BASES[0] - dt.timedelta(days=2), NOW + dt.timedelta(days=10)
-    for metric, group_by, granularity in QUERIES:
-        resp = reads.query(tenant, [metric], start, end, granularity, list(group_by), [], now=NOW)
+    for metric, group_by, granularity, filters in QUERIES:
+        asked = [(dim, list(values)) for dim, values in filters]
+        resp = reads.query(tenant, [metric], start, end, granularity, list(group_by), asked, now=NOW)
         got = {}
         for series in resp.series:
             for p in series.points:
                 t = p.start_time.ToDatetime(tzinfo=dt.UTC)
-                b = {1: t, 2: t.astimezone(CONFIG.tz).date(), 3: t.astimezone(CONFIG.tz).date(), 5: None}[granularity]
+                local = t.astimezone(CONFIG.tz).date()
+                b = {1: t, 2: local, 3: local, 4: local, 5: None}[granularity]
                 dims = tuple(q.CHANNELS[series.group[g]] if g == "channel" else series.group[g] for g in group_by)
                 got[(b, *dims)] = (p.score.value if p.score.HasField("value") else None, p.score.sample_size)
-        want = expected(final, metric, group_by, granularity)
+        named_filters = tuple((d, tuple(q.CHANNELS[v] if d == "channel" else v for v in vs)) for d, vs in filters)
+        want = expected(final, metric, group_by, granularity, named_filters)
         assert got.keys() == want.keys(), (metric, group_by)
         for k, (value, n) in want.items():
             assert got[k][1] == n, (metric, k)
