@@ -106,6 +106,10 @@ def test_redis_down_then_up_loses_nothing_and_publishes_nothing_twice(  # type: 
         before = [track() for _ in range(20)]
         assert ingest(running.port, tenant, before).accepted_count == 20
         wait_for(lambda: len(stream_message_ids(redis_client, settings, tenant.tenant_id)) == 20, what="publish")
+        # Published means appended and its outbox row deleted in the same commit. Cutting Redis
+        # between the two (the append landed, its reply did not) makes the relay publish again
+        # later, which idempotent consumers absorb; this test is about an outage between batches.
+        wait_for(lambda: outbox_events(engine, tenant.tenant_id) == 0, what="first batch's outbox row deleted")
 
         proxy.cut()
         wait_for(lambda: health_of(running.port, REDIS_HEALTH) == NOT_SERVING, what="redis reported down")
