@@ -7,30 +7,32 @@ import datetime as dt
 from typing import Any
 
 from services.metrics.derive import Key
-from services.metrics.stats import Stats
-
-
-def _sparse(values: list[int] | list[float]) -> list[list[float]]:
-    return [[i, v] for i, v in enumerate(values) if v]
+from services.metrics.stats import HIST_SLOT, SQUARE_SLOT, Stats
 
 
 def contribution_body(contrib: dict[Key, Stats]) -> list[list[Any]]:
+    """Per key: the hour (epoch seconds), the dimensions, and the nonzero counters, squares and
+    histogram buckets as [index, value] pairs."""
     rows = []
     for key, s in sorted(contrib.items()):
         hour, *dims = key
-        rows.append([int(hour.timestamp()), *dims, _sparse(s.counts), _sparse(s.squares), _sparse(s.hist)])
+        counts, squares, hist = [], [], []
+        for slot, v in sorted(s.values.items()):
+            if slot < SQUARE_SLOT:
+                counts.append([slot, v])
+            elif slot < HIST_SLOT:
+                squares.append([slot - SQUARE_SLOT, v])
+            else:
+                hist.append([slot - HIST_SLOT, v])
+        rows.append([int(hour.timestamp()), *dims, counts, squares, hist])
     return rows
 
 
 def contribution(body: list[list[Any]]) -> dict[Key, Stats]:
     out: dict[Key, Stats] = {}
     for hour, channel, queue, agent, reason, source, counts, squares, hist in body:
-        s = Stats.zero()
-        for i, v in counts:
-            s.counts[i] = int(v)
-        for i, v in squares:
-            s.squares[i] = float(v)
-        for i, v in hist:
-            s.hist[i] = int(v)
-        out[(dt.datetime.fromtimestamp(hour, dt.UTC), channel, queue, agent, reason, source)] = s
+        values: dict[int, float] = {i: int(v) for i, v in counts}
+        values.update((SQUARE_SLOT + i, float(v)) for i, v in squares)
+        values.update((HIST_SLOT + i, int(v)) for i, v in hist)
+        out[(dt.datetime.fromtimestamp(hour, dt.UTC), channel, queue, agent, reason, source)] = Stats(values)
     return out

@@ -31,11 +31,45 @@ Key = tuple[dt.datetime, int, str, str, str, str]
 RESOLVED_CASE = (event_pb2.CASE_STATUS_RESOLVED, event_pb2.CASE_STATUS_CLOSED)
 
 
-def hour_of(t: dt.datetime, tz: zoneinfo.ZoneInfo) -> dt.datetime:
-    """The start of the local hour holding ``t``, as a UTC instant (DST-correct: the repeated
-    hour of a fall-back change is two buckets, the skipped one none)."""
+def hour_of_exact(t: dt.datetime, tz: zoneinfo.ZoneInfo) -> dt.datetime:
+    """:func:`hour_of` by converting the instant (the reference the fast path is tested against)."""
     local = t.astimezone(tz)
     return local.replace(minute=0, second=0, microsecond=0).astimezone(dt.UTC)
+
+
+_MISSING = object()
+#: (zone, quarter hour since the epoch) -> the local hour start of every instant in it, or None
+#: when the quarter holds an offset change, an hour boundary or a fold change. Bounded.
+_QUARTERS: dict[tuple[zoneinfo.ZoneInfo, int], dt.datetime | None] = {}
+_CACHE_LIMIT = 200_000
+
+
+def _quarter(q: int, tz: zoneinfo.ZoneInfo) -> dt.datetime | None:
+    lo = dt.datetime.fromtimestamp(q * 900, tz)
+    hi = dt.datetime.fromtimestamp(q * 900 + 899.999999, tz)
+    if (lo.utcoffset(), lo.date(), lo.hour, lo.fold) != (hi.utcoffset(), hi.date(), hi.hour, hi.fold):
+        return None
+    return hour_of_exact(lo, tz)
+
+
+def hour_of(t: dt.datetime, tz: zoneinfo.ZoneInfo) -> dt.datetime:
+    """The start of the local hour holding ``t``, as a UTC instant (DST-correct: the repeated
+    hour of a fall-back change is two buckets, the skipped one none).
+
+    The consumer asks this for every fact it derives, so it is answered per UTC quarter hour:
+    every instant of a quarter with one offset, one local hour and one fold has the same answer;
+    any other quarter (an offset change inside it, an odd historical offset) takes the slow path.
+    A test checks it against the slow path across transitions."""
+    q = int(t.timestamp() // 900)
+    found = _QUARTERS.get((tz, q), _MISSING)
+    if found is _MISSING:
+        if len(_QUARTERS) > _CACHE_LIMIT:
+            _QUARTERS.clear()
+        found = _QUARTERS[(tz, q)] = _quarter(q, tz)
+    if found is None:
+        return hour_of_exact(t, tz)
+    assert isinstance(found, dt.datetime)
+    return found
 
 
 def day_of(hour: dt.datetime, tz: zoneinfo.ZoneInfo) -> dt.date:
@@ -124,7 +158,7 @@ def derive(facts: Sequence[Fact], others: Mapping[str, Attribution], config: Met
             s.add("legs_handled")
             s.add("handle_ms", round(f.handle_seconds * 1000))
             s.add_square("handle_sq", f.handle_seconds**2)
-            s.hist[hist_index(f.handle_seconds)] += 1
+            s.add_hist(hist_index(f.handle_seconds))
 
     contacts: list[Contact] = []
     for iid, group in by_iid.items():

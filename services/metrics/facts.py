@@ -36,8 +36,12 @@ def sentiment(text: str) -> float:
     return float(scores["compound"])
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Fact:
+    """One leg, survey answer or message, as the derivation needs it. Treated as immutable (not
+    frozen only because a frozen dataclass takes 8x as long to build, and the consumer builds
+    every fact of each customer it touches)."""
+
     key: str
     kind: int
     event_id: str

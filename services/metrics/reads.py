@@ -206,7 +206,7 @@ class MetricsReads:
             for row in hist_rows:
                 key = tuple(row[:n])
                 stats = out.setdefault(key, Stats.zero())
-                stats.hist[int(row[n]) - 1] += int(row[n + 1])
+                stats.add_hist(int(row[n]) - 1, int(row[n + 1]))
         return out
 
     def _pending(self, tenant_id: str, plan: q.Plan, now: dt.datetime, days: int) -> dict[tuple[Any, ...], int]:

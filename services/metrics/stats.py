@@ -79,53 +79,100 @@ def hist_value(index: int) -> float:
     return float(2 ** ((index - 1 + 0.5) / 4))
 
 
-@dataclass
-class Stats:
-    """One bucket's sufficient statistics; ``+``/``-`` combine them (rollup deltas)."""
+#: Slots of a :class:`Stats`: the counters, then the squares, then the histogram's buckets.
+SQUARE_SLOT = len(COUNTERS)
+HIST_SLOT = SQUARE_SLOT + len(SQUARES)
+WIDTH = HIST_SLOT + HIST_BUCKETS
 
-    counts: list[int]
-    squares: list[float]
-    hist: list[int]
+
+class Stats:
+    """One bucket's sufficient statistics; ``merge`` combines them (rollup deltas).
+
+    Kept sparse, slot -> value with zeros left out: a customer's bucket or a batch's delta
+    touches a handful of the 98 slots, and the consumer merges hundreds of thousands of them."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: dict[int, float] | None = None) -> None:
+        self.values: dict[int, float] = {} if values is None else values
 
     @classmethod
     def zero(cls) -> Stats:
-        return cls([0] * len(COUNTERS), [0.0] * len(SQUARES), [0] * HIST_BUCKETS)
+        return cls()
+
+    def _bump(self, slot: int, value: float) -> None:
+        v = self.values
+        total_ = v.get(slot, 0) + value
+        if total_:
+            v[slot] = total_
+        else:
+            v.pop(slot, None)
 
     def add(self, name: str, value: int = 1) -> None:
-        self.counts[INDEX[name]] += value
+        self._bump(INDEX[name], value)
 
     def add_square(self, name: str, value: float) -> None:
-        self.squares[SQUARE_INDEX[name]] += value
+        self._bump(SQUARE_SLOT + SQUARE_INDEX[name], value)
+
+    def add_hist(self, index: int, value: int = 1) -> None:
+        self._bump(HIST_SLOT + index, value)
 
     def __getitem__(self, name: str) -> int:
-        return self.counts[INDEX[name]]
+        return int(self.values.get(INDEX[name], 0))
 
     def square(self, name: str) -> float:
-        return self.squares[SQUARE_INDEX[name]]
+        return float(self.values.get(SQUARE_SLOT + SQUARE_INDEX[name], 0.0))
+
+    @property
+    def counts(self) -> list[int]:
+        get = self.values.get
+        return [int(get(i, 0)) for i in range(SQUARE_SLOT)]
+
+    @property
+    def squares(self) -> list[float]:
+        get = self.values.get
+        return [float(get(i, 0.0)) for i in range(SQUARE_SLOT, HIST_SLOT)]
+
+    @property
+    def hist(self) -> list[int]:
+        get = self.values.get
+        return [int(get(i, 0)) for i in range(HIST_SLOT, WIDTH)]
 
     def merge(self, other: Stats, sign: int = 1) -> None:
-        if sign == 1:
-            self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
-            self.squares = [a + b for a, b in zip(self.squares, other.squares, strict=True)]
-            if any(other.hist):
-                self.hist = [a + b for a, b in zip(self.hist, other.hist, strict=True)]
-        else:
-            self.counts = [a - b for a, b in zip(self.counts, other.counts, strict=True)]
-            self.squares = [a - b for a, b in zip(self.squares, other.squares, strict=True)]
-            if any(other.hist):
-                self.hist = [a - b for a, b in zip(self.hist, other.hist, strict=True)]
+        v = self.values
+        get = v.get
+        for slot, x in other.values.items():
+            total_ = get(slot, 0) + (x if sign == 1 else -x)
+            if total_:
+                v[slot] = total_
+            else:
+                del v[slot]
+
+    def copy(self) -> Stats:
+        return Stats(dict(self.values))
 
     def is_zero(self) -> bool:
-        return not any(self.counts) and not any(self.hist) and all(abs(f) < 1e-9 for f in self.squares)
+        return all(slot >= SQUARE_SLOT and slot < HIST_SLOT and abs(x) < 1e-9 for slot, x in self.values.items())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Stats) and self.values == other.values
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Stats({self.values!r})"
 
     def to_list(self) -> list[float]:
         return [*self.counts, *self.squares, *self.hist]
 
     @classmethod
     def from_list(cls, values: Sequence[float]) -> Stats:
-        n, s = len(COUNTERS), len(SQUARES)
         return cls(
-            [int(v) for v in values[:n]], [float(v) for v in values[n : n + s]], [int(v) for v in values[n + s :]]
+            {
+                i: (float(x) if SQUARE_SLOT <= i < HIST_SLOT else int(x))
+                for i, x in enumerate(values)
+                if x  # None (a SQL sum over no rows) and 0 both mean nothing there
+            }
         )
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -26,7 +25,7 @@ from services.metrics.definitions import DIMENSIONS
 from services.metrics.derive import Attribution, Derived, Key, attributions, day_of, derive, hour_of
 from services.metrics.facts import LEG, Fact
 from services.metrics.query import DAY_GROUPINGS, HOUR_GROUPINGS
-from services.metrics.stats import COUNTERS, SQUARES, Stats
+from services.metrics.stats import COUNTERS, HIST_BUCKETS, HIST_SLOT, SQUARE_SLOT, SQUARES, Stats
 from services.metrics.tenant_settings import MetricsConfig
 
 ALL_DIMS = 31
@@ -56,7 +55,6 @@ _MERGE_FACTS = (
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in _FACT_COLUMNS.split(", ")[2:])
     + " WHERE (EXCLUDED.at, EXCLUDED.event_id) > (f.at, f.event_id); TRUNCATE pg_temp.facts_delta"
 )
-_fact_values = operator.attrgetter(*(f.name for f in fields(Fact)))
 #: The facts' columns, as a Fact takes them.
 _FACT_SELECT = "SELECT " + _FACT_COLUMNS.removeprefix("tenant_id, ") + " FROM metrics.facts "  # noqa: S608
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -75,6 +73,85 @@ def _copy_text(value: object) -> str:
     if isinstance(value, list):
         return "{" + ",".join(map(str, value)) + "}"
     return repr(value) if isinstance(value, float) else str(value)
+
+
+_ZERO_STATS = ["0"] * HIST_SLOT
+
+
+def _rollup_line(tenant: str, key: tuple[Any, ...], s: Stats) -> str:
+    """One rollup delta row in COPY's text format: the key, the counters, the squares, the histogram."""
+    grouping, bucket, channel, queue, agent, reason, source = key
+    values = _ZERO_STATS.copy()
+    hist: list[int] | None = None
+    for slot, x in s.values.items():
+        if slot < SQUARE_SLOT:
+            values[slot] = str(x)
+        elif slot < HIST_SLOT:
+            values[slot] = repr(float(x))
+        else:
+            if hist is None:
+                hist = [0] * HIST_BUCKETS
+            hist[slot - HIST_SLOT] = int(x)
+    return "\t".join(
+        (
+            tenant,
+            str(grouping),
+            bucket.isoformat(),
+            str(channel),
+            queue.translate(_COPY_ESCAPES),
+            agent.translate(_COPY_ESCAPES),
+            reason.translate(_COPY_ESCAPES),
+            source.translate(_COPY_ESCAPES),
+            *values,
+            "{" + ",".join(map(str, hist)) + "}" if hist else "{}",
+        )
+    )
+
+
+_FACT_LINE_ORDER = [
+    "key",
+    "kind",
+    "event_id",
+    "profile_id",
+    "at",
+    "channel",
+    "source",
+    "interaction_id",
+    "queue",
+    "agent",
+    "reason",
+    "case_id",
+    "case_status",
+    "started_at",
+    "talk",
+    "hold",
+    "acw",
+    "wait",
+    "transferred",
+    "abandoned",
+    "leg_id",
+    "survey_type",
+    "score",
+    "author",
+    "compound",
+]
+if [f.name for f in fields(Fact)] != _FACT_LINE_ORDER:  # pragma: no cover - caught at import by every test
+    raise RuntimeError("_fact_line writes the columns in another order than Fact declares them")
+
+
+def _fact_line(tenant: str, f: Fact) -> str:
+    """One fact in COPY's text format, in :class:`Fact`'s field order (a test reads them back)."""
+    e = _COPY_ESCAPES
+    started = f.started_at.isoformat() if f.started_at is not None else "\\N"
+    score = "\\N" if f.score is None else str(f.score)
+    return (
+        f"{tenant}\t{f.key.translate(e)}\t{f.kind}\t{f.event_id.translate(e)}\t{f.profile_id.translate(e)}\t"
+        f"{f.at.isoformat()}\t{f.channel}\t{f.source.translate(e)}\t{f.interaction_id.translate(e)}\t"
+        f"{f.queue.translate(e)}\t{f.agent.translate(e)}\t{f.reason.translate(e)}\t{f.case_id.translate(e)}\t"
+        f"{f.case_status}\t{started}\t{f.talk!r}\t{f.hold!r}\t{f.acw!r}\t{f.wait!r}\t"
+        f"{'t' if f.transferred else 'f'}\t{'t' if f.abandoned else 'f'}\t{f.leg_id.translate(e)}\t"
+        f"{f.survey_type}\t{score}\t{f.author}\t{f.compound!r}\n"
+    )
 
 
 def mask(dims: tuple[int, str, str, str, str], grouping: int) -> tuple[int, str, str, str, str]:
@@ -194,7 +271,7 @@ class MetricsStore:
                 if old is not None and (f.at, f.event_id) <= (old[1], old[2]):
                     out.unchanged += 1
                     continue
-                write.append(f.with_profile(owner))
+                write.append(f if owner == f.profile_id else f.with_profile(owner))
                 affected.add(owner)
                 if old is not None:
                     affected.add(old[0])
@@ -210,10 +287,7 @@ class MetricsStore:
                 affected.update(r[0] for r in cur.fetchall())
             _lock(cur, tenant_id, affected)
             tenant = _copy_text(tenant_id)
-            rows = "".join(
-                tenant + "\t" + "\t".join(map(_copy_text, _fact_values(f))) + "\n"
-                for f in sorted(write, key=lambda f: f.key)
-            )
+            rows = "".join(_fact_line(tenant, f) for f in sorted(write, key=lambda f: f.key))
             cur.execute(_STAGE_FACTS)
             cur.copy_expert("COPY pg_temp.facts_delta FROM STDIN", io.StringIO(rows))
             cur.execute(_MERGE_FACTS)
@@ -346,31 +420,23 @@ class MetricsStore:
         tenant = _copy_text(tenant_id)
         hours: dict[tuple[Any, ...], Stats] = {}
         days: dict[tuple[Any, ...], Stats] = {}
+        day_cache: dict[dt.datetime, dt.date] = {}
         for (hour, *dims), s in delta.items():
             if s.is_zero():
                 continue
-            day = day_of(hour, tz)
+            day = day_cache.get(hour)
+            if day is None:
+                day = day_cache[hour] = day_of(hour, tz)
             for table, bucket, groupings in ((hours, hour, HOUR_GROUPINGS), (days, day, DAY_GROUPINGS)):
                 for g in groupings:
                     key = (g, bucket, *mask(tuple(dims), g))  # type: ignore[arg-type]
                     found = table.get(key)
                     if found is None:
-                        found = table[key] = Stats.zero()
-                    found.merge(s)
+                        table[key] = s.copy()
+                    else:
+                        found.merge(s)
         for name, table in (("rollup_hour", hours), ("rollup_day", days)):
-            lines = [
-                "\t".join(
-                    (
-                        tenant,
-                        "\t".join(map(_copy_text, key)),
-                        "\t".join(map(str, s.counts)),
-                        "\t".join(map(repr, s.squares)),
-                        "{" + ",".join(map(str, s.hist)) + "}" if any(s.hist) else "{}",
-                    )
-                )
-                for key, s in table.items()
-                if not s.is_zero()
-            ]
+            lines = [_rollup_line(tenant, key, s) for key, s in table.items() if not s.is_zero()]
             if lines:
                 cur.execute(_STAGE[name])
                 cur.copy_expert(f"COPY pg_temp.{name}_delta FROM STDIN", io.StringIO("\n".join(lines) + "\n"))

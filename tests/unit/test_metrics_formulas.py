@@ -14,7 +14,7 @@ from services.core.errors import InvalidArgument
 from services.metrics import query as q
 from services.metrics import stats
 from services.metrics.definitions import BY_NAME, METRICS
-from services.metrics.derive import day_of, derive, hour_of, sentiment_trend
+from services.metrics.derive import day_of, derive, hour_of, hour_of_exact, sentiment_trend
 from services.metrics.facts import LEG, MESSAGE, SURVEY, Fact, sentiment
 from services.metrics.stats import Stats, total
 from services.metrics.tenant_settings import MetricsConfig, updated
@@ -256,6 +256,30 @@ def test_a_dst_fall_back_day_has_25_local_hours_and_they_are_all_distinct_bucket
     hours = {hour_of(start + dt.timedelta(hours=h), tz) for h in range(25)}
     assert len(hours) == 25
     assert {day_of(h, tz) for h in hours} == {dt.date(2026, 11, 1)}
+
+
+@pytest.mark.parametrize(
+    "zone",
+    ["America/New_York", "Europe/Berlin", "Australia/Lord_Howe", "Asia/Kathmandu", "Asia/Kolkata", "Pacific/Chatham"],
+)
+def test_the_fast_local_hour_agrees_with_the_exact_one_through_every_transition(zone: str) -> None:
+    """``hour_of`` answers per quarter hour from a cache; around each DST change of 2026 (half-hour
+    shifts, quarter-hour offsets included) it must give what converting each instant gives."""
+    tz = MetricsConfig(time_zone=zone).tz
+    t = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    step = dt.timedelta(minutes=7, seconds=13, microseconds=500)
+    checked = 0
+    while t < dt.datetime(2027, 1, 1, tzinfo=dt.UTC):
+        near_change = (t + dt.timedelta(hours=3)).astimezone(tz).utcoffset() != (t - dt.timedelta(hours=3)).astimezone(
+            tz
+        ).utcoffset()
+        if near_change or t.day == 15:
+            assert hour_of(t, tz) == hour_of_exact(t, tz), t
+            checked += 1
+            t += step
+        else:
+            t += dt.timedelta(hours=1)
+    assert checked > 200
 
 
 def test_a_day_query_over_a_dst_change_widens_to_local_midnights() -> None:
