@@ -249,6 +249,8 @@ def validate_event(
         _too_long(p, "message.text", m.text, MAX_TEXT, out)
         _too_long(p, "message.agent_id", m.agent_id, MAX_SHORT_FIELD, out)
         _strings(f"{p}.message", m, ("interaction_id", "text", "agent_id"), out)
+        if m.HasField("offset_seconds"):
+            _nonneg(f"{p}.message", "offset_seconds", m.offset_seconds, out)
     return out
 
 

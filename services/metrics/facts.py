@@ -70,6 +70,8 @@ class Fact:
     # messages
     author: int = 0
     compound: float = 0.0
+    # legs, again: when it ended (an interaction is evaluated once a leg says so)
+    ended_at: dt.datetime | None = None
 
     @property
     def start(self) -> dt.datetime:
@@ -137,6 +139,7 @@ def from_event(ev: event_pb2.Event) -> Fact | None:
             transferred=i.transferred,
             abandoned=i.abandoned,
             leg_id=leg,
+            ended_at=_time(i.ended_at),
             **common,  # type: ignore[arg-type]
         )
     if which == "survey_response":

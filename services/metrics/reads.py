@@ -14,6 +14,7 @@ from services.core.errors import InvalidArgument, NotFound, Violation
 from services.metrics import derive as dv
 from services.metrics import query as q
 from services.metrics.definitions import BY_NAME, DIMENSIONS, METRICS
+from services.metrics.quality_storage import QualityStore
 from services.metrics.stats import COUNTERS, HIST_BUCKETS, SQUARES, Score, Stats, total
 from services.metrics.storage import MetricsStore
 from services.metrics.tenant_settings import MetricsConfig, updated
@@ -47,7 +48,10 @@ def profile_id_of(name: str, field: str = "profile") -> str:
 
 
 class MetricsReads:
-    def __init__(self, store: MetricsStore, configs: Callable[[str], MetricsConfig]) -> None:
+    def __init__(
+        self, store: MetricsStore, configs: Callable[[str], MetricsConfig], quality: QualityStore | None = None
+    ) -> None:
+        self.quality = quality
         self.store = store
         self.configs = configs
 
@@ -102,7 +106,10 @@ class MetricsReads:
             violations.append(Violation("profile_ids", "at least one"))
         if violations:
             raise InvalidArgument("invalid erasure", violations)
-        return self.store.erase(tenant_id, ids)
+        erased = self.store.erase(tenant_id, ids)
+        if self.quality is not None:  # transcripts and evaluations go with the facts
+            self.quality.erase(tenant_id, ids)
+        return erased
 
     # -- series ------------------------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ _MERGE_FACTS = (
     + " WHERE (EXCLUDED.at, EXCLUDED.event_id) > (f.at, f.event_id); TRUNCATE pg_temp.facts_delta"
 )
 #: The facts' columns, as a Fact takes them.
-_FACT_SELECT = "SELECT " + _FACT_COLUMNS.removeprefix("tenant_id, ") + " FROM metrics.facts "  # noqa: S608
+FACT_SELECT = "SELECT " + _FACT_COLUMNS.removeprefix("tenant_id, ") + " FROM metrics.facts "  # noqa: S608
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -134,6 +134,7 @@ _FACT_LINE_ORDER = [
     "score",
     "author",
     "compound",
+    "ended_at",
 ]
 if [f.name for f in fields(Fact)] != _FACT_LINE_ORDER:  # pragma: no cover - caught at import by every test
     raise RuntimeError("_fact_line writes the columns in another order than Fact declares them")
@@ -144,13 +145,14 @@ def _fact_line(tenant: str, f: Fact) -> str:
     e = _COPY_ESCAPES
     started = f.started_at.isoformat() if f.started_at is not None else "\\N"
     score = "\\N" if f.score is None else str(f.score)
+    ended = f.ended_at.isoformat() if f.ended_at is not None else "\\N"
     return (
         f"{tenant}\t{f.key.translate(e)}\t{f.kind}\t{f.event_id.translate(e)}\t{f.profile_id.translate(e)}\t"
         f"{f.at.isoformat()}\t{f.channel}\t{f.source.translate(e)}\t{f.interaction_id.translate(e)}\t"
         f"{f.queue.translate(e)}\t{f.agent.translate(e)}\t{f.reason.translate(e)}\t{f.case_id.translate(e)}\t"
         f"{f.case_status}\t{started}\t{f.talk!r}\t{f.hold!r}\t{f.acw!r}\t{f.wait!r}\t"
         f"{'t' if f.transferred else 'f'}\t{'t' if f.abandoned else 'f'}\t{f.leg_id.translate(e)}\t"
-        f"{f.survey_type}\t{score}\t{f.author}\t{f.compound!r}\n"
+        f"{f.survey_type}\t{score}\t{f.author}\t{f.compound!r}\t{ended}\n"
     )
 
 
@@ -444,7 +446,7 @@ class MetricsStore:
 
     @staticmethod
     def _facts(cur: Any, tenant_id: str, profiles: Sequence[str]) -> dict[str, list[Fact]]:
-        cur.execute(_FACT_SELECT + "WHERE tenant_id = %s AND profile_id = ANY(%s)", (tenant_id, list(profiles)))
+        cur.execute(FACT_SELECT + "WHERE tenant_id = %s AND profile_id = ANY(%s)", (tenant_id, list(profiles)))
         out: dict[str, list[Fact]] = {}
         for row in cur.fetchall():
             out.setdefault(row[3], []).append(Fact(*row))
@@ -462,7 +464,7 @@ class MetricsStore:
         named = sorted(missing)
         if not named:
             return {}
-        cur.execute(_FACT_SELECT + "WHERE tenant_id = %s AND interaction_id = ANY(%s) AND kind = 1", (tenant_id, named))
+        cur.execute(FACT_SELECT + "WHERE tenant_id = %s AND interaction_id = ANY(%s) AND kind = 1", (tenant_id, named))
         return attributions(Fact(*r) for r in cur.fetchall())
 
     # -- reads -----------------------------------------------------------------------------------

@@ -436,6 +436,7 @@ class Message(_message.Message):
     AUTHOR_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_SECONDS_FIELD_NUMBER: _builtins.int
     interaction_id: _builtins.str
     """Required: the conversation this utterance belongs to."""
     author: Global___Author.ValueType
@@ -444,6 +445,11 @@ class Message(_message.Message):
     """Required, at most 16,384 characters."""
     agent_id: _builtins.str
     """The agent who wrote it, when author is AUTHOR_AGENT."""
+    offset_seconds: _builtins.float
+    """Seconds from the start of the interaction, when the source knows it (a transcribed call's
+    timing). Optional: without it, quality rules that look at the first or last N seconds use
+    the event time against the interaction's start.
+    """
     def __init__(
         self,
         *,
@@ -451,11 +457,14 @@ class Message(_message.Message):
         author: Global___Author.ValueType = ...,
         text: _builtins.str = ...,
         agent_id: _builtins.str = ...,
+        offset_seconds: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_offset_seconds", b"_offset_seconds", "offset_seconds", b"offset_seconds"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "author", b"author", "interaction_id", b"interaction_id", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_offset_seconds", b"_offset_seconds", "agent_id", b"agent_id", "author", b"author", "interaction_id", b"interaction_id", "offset_seconds", b"offset_seconds", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__offset_seconds: _TypeAlias = _typing.Literal["offset_seconds"]  # noqa: Y015
+    _WhichOneofArgType__offset_seconds: _TypeAlias = _typing.Literal["_offset_seconds", b"_offset_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__offset_seconds) -> _WhichOneofReturnType__offset_seconds | None: ...
 
 Global___Message: _TypeAlias = Message  # noqa: Y015

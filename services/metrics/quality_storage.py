@@ -1,0 +1,534 @@
+"""Quality's tables: categories, form versions, transcripts, evaluations and people's answers.
+
+The consumer calls :meth:`QualityStore.apply` after the facts of a batch are written: it keeps
+the batch's messages and evaluates again every ended interaction the batch touched (and the
+customer's earlier contacts whose repeat outcome it may change), writing an evaluation only when
+it differs from the stored one, so a redelivered batch changes nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg2.extras import execute_values
+from sqlalchemy.engine import Engine
+
+from services.core import db
+from services.core.errors import AlreadyExists, NotFound
+from services.metrics import categories as cat
+from services.metrics import evaluate as ev
+from services.metrics import forms
+from services.metrics.facts import LEG, SURVEY, Fact
+from services.metrics.storage import FACT_SELECT
+from tessera.v1 import quality_pb2
+
+
+@dataclass(frozen=True)
+class MessageRow:
+    """A message as the consumer received it (its text is what categories read)."""
+
+    event_id: str
+    interaction_id: str
+    profile_id: str
+    at: dt.datetime
+    offset_seconds: float | None
+    author: int
+    compound: float
+    text: str
+
+
+def _category(spec: bytes) -> quality_pb2.Category:
+    out = quality_pb2.Category()
+    out.ParseFromString(spec)
+    return out
+
+
+def _form(spec: bytes) -> quality_pb2.EvaluationForm:
+    out = quality_pb2.EvaluationForm()
+    out.ParseFromString(spec)
+    return out
+
+
+def _evaluation(body: bytes) -> quality_pb2.Evaluation:
+    out = quality_pb2.Evaluation()
+    out.ParseFromString(body)
+    return out
+
+
+class QualityStore:
+    def __init__(self, engine: Engine, reader: Engine | None = None) -> None:
+        self.engine = engine
+        self.reader = reader or engine
+
+    # -- categories ------------------------------------------------------------------------------
+
+    def create_category(self, tenant_id: str, category_id: str, category: quality_pb2.Category) -> None:
+        with db.raw_transaction(self.engine, "quality.create_category") as (cur, _):
+            cur.execute(
+                "INSERT INTO metrics.categories (tenant_id, category_id, spec) VALUES (%s, %s, %s) "
+                "ON CONFLICT DO NOTHING",
+                (tenant_id, category_id, category.SerializeToString(deterministic=True)),
+            )
+            if cur.rowcount == 0:
+                raise AlreadyExists(f"category {category_id!r} already exists")
+
+    def update_category(self, tenant_id: str, category_id: str, category: quality_pb2.Category) -> None:
+        with db.raw_transaction(self.engine, "quality.update_category") as (cur, _):
+            cur.execute(
+                "UPDATE metrics.categories SET spec = %s, updated_at = now() WHERE tenant_id = %s AND category_id = %s",
+                (category.SerializeToString(deterministic=True), tenant_id, category_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no category {category_id!r}")
+
+    def categories(self, tenant_id: str, cur: Any = None) -> dict[str, quality_pb2.Category]:
+        """The tenant's categories by name, each with its update time."""
+        if cur is None:
+            with db.raw_transaction(self.reader, "quality.categories") as (c, _):
+                return self.categories(tenant_id, c)
+        cur.execute(
+            "SELECT category_id, spec, updated_at FROM metrics.categories WHERE tenant_id = %s ORDER BY 1",
+            (tenant_id,),
+        )
+        out = {}
+        for category_id, spec, updated in cur.fetchall():
+            c = _category(bytes(spec))
+            c.name = f"categories/{category_id}"
+            c.update_time.FromDatetime(updated)
+            out[c.name] = c
+        return out
+
+    # -- forms -----------------------------------------------------------------------------------
+
+    def save_form(self, tenant_id: str, form_id: str, form: quality_pb2.EvaluationForm, create: bool) -> int:
+        """Store a new version (1 when creating); returns it."""
+        with db.raw_transaction(self.engine, "quality.save_form") as (cur, _):
+            cur.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 9))", (f"{tenant_id}:{form_id}",))
+            cur.execute(
+                "SELECT coalesce(max(version), 0) FROM metrics.forms WHERE tenant_id = %s AND form_id = %s",
+                (tenant_id, form_id),
+            )
+            latest = int(cur.fetchone()[0])
+            if create and latest:
+                raise AlreadyExists(f"form {form_id!r} already exists")
+            if not create and not latest:
+                raise NotFound(f"no form {form_id!r}")
+            version = latest + 1
+            spec = quality_pb2.EvaluationForm()
+            spec.CopyFrom(form)
+            spec.name, spec.version = f"evaluationForms/{form_id}", version
+            spec.ClearField("create_time")
+            cur.execute(
+                "INSERT INTO metrics.forms (tenant_id, form_id, version, spec) VALUES (%s, %s, %s, %s)",
+                (tenant_id, form_id, version, spec.SerializeToString(deterministic=True)),
+            )
+        return version
+
+    def form(self, tenant_id: str, form_id: str, version: int = 0) -> quality_pb2.EvaluationForm:
+        with db.raw_transaction(self.reader, "quality.form") as (cur, _):
+            cur.execute(
+                "SELECT spec, created_at FROM metrics.forms WHERE tenant_id = %s AND form_id = %s "
+                "AND (%s = 0 OR version = %s) ORDER BY version DESC LIMIT 1",
+                (tenant_id, form_id, version, version),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise NotFound(f"no form {form_id!r}" + (f" version {version}" if version else ""))
+        out = _form(bytes(row[0]))
+        out.create_time.FromDatetime(row[1])
+        return out
+
+    def latest_forms(self, tenant_id: str, cur: Any = None) -> list[quality_pb2.EvaluationForm]:
+        if cur is None:
+            with db.raw_transaction(self.reader, "quality.forms") as (c, _):
+                return self.latest_forms(tenant_id, c)
+        cur.execute(
+            "SELECT DISTINCT ON (form_id) spec, created_at FROM metrics.forms WHERE tenant_id = %s "
+            "ORDER BY form_id, version DESC",
+            (tenant_id,),
+        )
+        out = []
+        for spec, created in cur.fetchall():
+            f = _form(bytes(spec))
+            f.create_time.FromDatetime(created)
+            out.append(f)
+        return out
+
+    # -- the consumer's writes -------------------------------------------------------------------
+
+    def apply(
+        self,
+        tenant_id: str,
+        messages: Sequence[MessageRow],
+        facts: Sequence[Fact],
+        fcr_window_days: int,
+        now: dt.datetime | None = None,
+    ) -> int:
+        """Keep the messages and evaluate what they and the facts touched; returns how many
+        evaluations changed. A tenant without forms only keeps the transcripts."""
+        now = now or dt.datetime.now(dt.UTC)
+        with db.raw_transaction(self.engine, "quality.apply", len(messages)) as (cur, _):
+            if messages:
+                execute_values(
+                    cur,
+                    "INSERT INTO metrics.messages (tenant_id, event_id, interaction_id, profile_id, at, "
+                    "offset_seconds, author, compound, text) "
+                    "SELECT v.t, v.e, v.i, coalesce(a.survivor, v.p), v.at::timestamptz, "
+                    "v.o::double precision, v.au::smallint, v.c::double precision, v.x "
+                    "FROM (VALUES %s) v (t, e, i, p, at, o, au, c, x) "
+                    "LEFT JOIN metrics.aliases a ON a.tenant_id = v.t AND a.profile_id = v.p "
+                    "WHERE NOT EXISTS (SELECT 1 FROM metrics.erased r WHERE r.tenant_id = v.t "
+                    "AND r.profile_id = coalesce(a.survivor, v.p)) "
+                    "ON CONFLICT (tenant_id, event_id) DO NOTHING",
+                    [
+                        (
+                            tenant_id,
+                            m.event_id,
+                            m.interaction_id,
+                            m.profile_id,
+                            m.at,
+                            m.offset_seconds,
+                            m.author,
+                            m.compound,
+                            m.text,
+                        )
+                        for m in messages
+                    ],
+                    page_size=1000,
+                )
+            iids = {m.interaction_id for m in messages} | {f.interaction_id for f in facts if f.interaction_id}
+            iids.discard("")
+            if not iids:
+                return 0
+            form_list = self.latest_forms(tenant_id, cur)
+            if not form_list:
+                return 0
+            window = dt.timedelta(days=fcr_window_days)
+            legs = [f for f in facts if f.kind == LEG]
+            if legs:  # earlier contacts whose repeat outcome a new contact may change
+                cur.execute(
+                    "SELECT DISTINCT interaction_id FROM metrics.facts WHERE tenant_id = %s AND kind = 1 "
+                    "AND profile_id = ANY(%s) AND coalesce(started_at, at) >= %s AND coalesce(started_at, at) <= %s",
+                    (
+                        tenant_id,
+                        sorted({f.profile_id for f in legs}),
+                        min(f.start for f in legs) - window,
+                        max(f.start for f in legs),
+                    ),
+                )
+                iids.update(r[0] for r in cur.fetchall())
+            return self._evaluate(cur, tenant_id, sorted(iids), form_list, window, now)
+
+    def reevaluate(self, tenant_id: str, form_id: str, fcr_window_days: int, batch: int = 500) -> int:
+        """Evaluate every ended interaction of the tenant that ``form_id`` applies to again (after a
+        new version or a category change); returns how many evaluations changed."""
+        with db.raw_transaction(self.reader, "quality.ended") as (cur, _):
+            cur.execute(
+                "SELECT DISTINCT interaction_id FROM metrics.facts WHERE tenant_id = %s AND kind = 1 "
+                "AND ended_at IS NOT NULL ORDER BY 1",
+                (tenant_id,),
+            )
+            iids = [r[0] for r in cur.fetchall()]
+        changed = 0
+        now = dt.datetime.now(dt.UTC)
+        for i in range(0, len(iids), batch):
+            with db.raw_transaction(self.engine, "quality.reevaluate") as (cur, _):
+                form_list = [f for f in self.latest_forms(tenant_id, cur) if f.name == f"evaluationForms/{form_id}"]
+                changed += self._evaluate(
+                    cur, tenant_id, iids[i : i + batch], form_list, dt.timedelta(days=fcr_window_days), now
+                )
+        return changed
+
+    def _evaluate(
+        self,
+        cur: Any,
+        tenant_id: str,
+        iids: Sequence[str],
+        form_list: Sequence[quality_pb2.EvaluationForm],
+        window: dt.timedelta,
+        now: dt.datetime,
+    ) -> int:
+        cur.execute(
+            "SELECT pg_advisory_xact_lock(k) FROM (SELECT hashtextextended(x, 10) AS k FROM unnest(%s::text[]) x "
+            "ORDER BY 1) s",
+            ([f"{tenant_id}:{i}" for i in iids],),
+        )
+        cur.execute(
+            FACT_SELECT + "WHERE tenant_id = %s AND interaction_id = ANY(%s) AND kind IN (1, 2)",
+            (tenant_id, list(iids)),
+        )
+        legs: dict[str, list[Fact]] = {}
+        surveys: dict[str, list[ev.Survey]] = {}
+        for row in cur.fetchall():
+            f = Fact(*row)
+            if f.kind == LEG:
+                legs.setdefault(f.interaction_id, []).append(f)
+            elif f.kind == SURVEY and f.score is not None:
+                surveys.setdefault(f.interaction_id, []).append(ev.Survey(f.event_id, f.survey_type, f.score))
+        ended = [i for i in iids if any(f.ended_at is not None for f in legs.get(i, ()))]
+        if not ended:
+            return 0
+        cur.execute(
+            "SELECT interaction_id, event_id, author, text, at, offset_seconds, compound FROM metrics.messages "
+            "WHERE tenant_id = %s AND interaction_id = ANY(%s) ORDER BY at, event_id",
+            (tenant_id, ended),
+        )
+        transcripts: dict[str, list[tuple[Any, ...]]] = {}
+        for row in cur.fetchall():
+            transcripts.setdefault(row[0], []).append(row[1:])
+        repeats = self._repeats(cur, tenant_id, {i: legs[i] for i in ended}, window, now)
+        cur.execute(
+            "SELECT interaction_id, form_id, question_id, value, not_applicable, reviewer, reason, at "
+            "FROM metrics.overrides WHERE tenant_id = %s AND interaction_id = ANY(%s)",
+            (tenant_id, ended),
+        )
+        human: dict[tuple[str, str], dict[str, ev.HumanAnswer]] = {}
+        for iid, form_id, qid, value, na, reviewer, reason, at in cur.fetchall():
+            human.setdefault((iid, form_id), {})[qid] = ev.HumanAnswer(value, na, reviewer, reason, at)
+        cur.execute(
+            "SELECT interaction_id, form_id, body FROM metrics.evaluations WHERE tenant_id = %s "
+            "AND interaction_id = ANY(%s)",
+            (tenant_id, ended),
+        )
+        stored = {(r[0], r[1]): bytes(r[2]) for r in cur.fetchall()}
+        known = self.categories(tenant_id, cur)
+        rows = []
+        for iid in ended:
+            interaction = _interaction(iid, legs[iid], transcripts.get(iid, []), surveys.get(iid, []), repeats[iid])
+            first = interaction.first
+            for form in form_list:
+                if not forms.applies(form, first.channel, first.queue, interaction.reason):
+                    continue
+                form_id = form.name.removeprefix("evaluationForms/")
+                result = ev.evaluate(form, interaction, known, human.get((iid, form_id)))
+                body = result.SerializeToString(deterministic=True)
+                if stored.get((iid, form_id)) == body:
+                    continue
+                rows.append(
+                    (
+                        tenant_id,
+                        iid,
+                        form_id,
+                        form.version,
+                        interaction.profile_id,
+                        result.score if result.HasField("score") else None,
+                        result.auto_failed,
+                        first.start,
+                        body,
+                    )
+                )
+        if rows:
+            execute_values(
+                cur,
+                "INSERT INTO metrics.evaluations (tenant_id, interaction_id, form_id, form_version, profile_id, score, "
+                "auto_failed, started_at, body) VALUES %s ON CONFLICT (tenant_id, interaction_id, form_id) DO UPDATE "
+                "SET form_version = EXCLUDED.form_version, profile_id = EXCLUDED.profile_id, score = EXCLUDED.score, "
+                "auto_failed = EXCLUDED.auto_failed, started_at = EXCLUDED.started_at, body = EXCLUDED.body, "
+                "evaluated_at = now()",
+                rows,
+                page_size=500,
+            )
+        return len(rows)
+
+    @staticmethod
+    def _repeats(
+        cur: Any, tenant_id: str, legs: dict[str, list[Fact]], window: dt.timedelta, now: dt.datetime
+    ) -> dict[str, tuple[bool | None, str]]:
+        """Per interaction: whether the same customer came back on the same reason within the
+        window (None while it is open and nobody has), and why."""
+        profiles = sorted({min(fs, key=lambda f: (f.start, f.leg_id)).profile_id for fs in legs.values()})
+        cur.execute(
+            "SELECT profile_id, interaction_id, reason, coalesce(started_at, at) FROM metrics.facts "
+            "WHERE tenant_id = %s AND kind = 1 AND profile_id = ANY(%s) AND reason <> ''",
+            (tenant_id, profiles),
+        )
+        contacts: dict[tuple[str, str], list[tuple[dt.datetime, str]]] = {}
+        for profile_id, iid, reason, start in cur.fetchall():
+            contacts.setdefault((profile_id, reason), []).append((start, iid))
+        out: dict[str, tuple[bool | None, str]] = {}
+        for iid, fs in legs.items():
+            ix = ev.Interaction(iid, fs[0].profile_id, fs)
+            first = ix.first
+            reason = ix.reason
+            if not reason:
+                out[iid] = (False, "the contact names no reason, so no repeat can be matched")
+                continue
+            later = sorted(
+                (s, other)
+                for s, other in contacts.get((first.profile_id, reason), [])
+                if other != iid and first.start < s <= first.start + window
+            )
+            if later:
+                out[iid] = (True, f"contact {later[0][1]} on {reason!r} followed on {later[0][0]:%Y-%m-%d %H:%M} UTC")
+            elif first.start + window <= now:
+                out[iid] = (False, f"no contact on {reason!r} within {window.days} days")
+            else:
+                closes = first.start + window
+                out[iid] = (None, f"no contact on {reason!r} so far; the window closes {closes:%Y-%m-%d %H:%M} UTC")
+        return out
+
+    # -- identity changes ------------------------------------------------------------------------
+
+    def apply_merge(self, tenant_id: str, survivor: str, absorbed: str) -> None:
+        with db.raw_transaction(self.engine, "quality.merge") as (cur, _):
+            for table in ("messages", "evaluations"):
+                cur.execute(
+                    f"UPDATE metrics.{table} SET profile_id = %s WHERE tenant_id = %s AND profile_id = %s",  # noqa: S608
+                    (survivor, tenant_id, absorbed),
+                )
+
+    def apply_split(self, tenant_id: str, new_profile_id: str, moved_event_ids: Sequence[str]) -> None:
+        with db.raw_transaction(self.engine, "quality.split") as (cur, _):
+            cur.execute(
+                "UPDATE metrics.messages SET profile_id = %s WHERE tenant_id = %s AND event_id = ANY(%s)",
+                (new_profile_id, tenant_id, list(moved_event_ids)),
+            )
+            cur.execute(
+                "UPDATE metrics.evaluations e SET profile_id = %s FROM metrics.facts f WHERE e.tenant_id = %s "
+                "AND f.tenant_id = e.tenant_id AND f.interaction_id = e.interaction_id AND f.kind = 1 "
+                "AND f.event_id = ANY(%s)",
+                (new_profile_id, tenant_id, list(moved_event_ids)),
+            )
+
+    def erase(self, tenant_id: str, profile_ids: Sequence[str]) -> None:
+        """Forget the customers' transcripts, evaluations and the answers people gave on them."""
+        ids = sorted(set(profile_ids))
+        with db.raw_transaction(self.engine, "quality.erase") as (cur, _):
+            cur.execute(
+                "DELETE FROM metrics.overrides o USING metrics.evaluations e WHERE o.tenant_id = %s "
+                "AND e.tenant_id = o.tenant_id AND e.interaction_id = o.interaction_id AND e.form_id = o.form_id "
+                "AND e.profile_id = ANY(%s)",
+                (tenant_id, ids),
+            )
+            cur.execute(
+                "DELETE FROM metrics.evaluations WHERE tenant_id = %s AND profile_id = ANY(%s)", (tenant_id, ids)
+            )
+            cur.execute("DELETE FROM metrics.messages WHERE tenant_id = %s AND profile_id = ANY(%s)", (tenant_id, ids))
+
+    # -- reads and reviews -----------------------------------------------------------------------
+
+    def evaluation(self, tenant_id: str, interaction_id: str, form_id: str) -> quality_pb2.Evaluation:
+        with db.raw_transaction(self.reader, "quality.evaluation") as (cur, _):
+            cur.execute(
+                "SELECT body, evaluated_at FROM metrics.evaluations WHERE tenant_id = %s AND interaction_id = %s "
+                "AND form_id = %s",
+                (tenant_id, interaction_id, form_id),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise NotFound(f"no evaluation of interaction {interaction_id!r} under form {form_id!r}")
+        out = _evaluation(bytes(row[0]))
+        out.evaluate_time.FromDatetime(row[1])
+        return out
+
+    def evaluations(
+        self,
+        tenant_id: str,
+        *,
+        interaction_id: str = "",
+        profile_id: str = "",
+        after: tuple[str, str, str] | None = None,
+        limit: int = 20,
+    ) -> list[quality_pb2.Evaluation]:
+        """Newest interaction first; ``after`` is the (start, interaction, form) of the last row seen."""
+        column, value = ("interaction_id", interaction_id) if interaction_id else ("profile_id", profile_id)
+        params: list[Any] = [tenant_id, value]
+        page = ""
+        if after:
+            page = "AND (started_at, interaction_id, form_id) < (%s::timestamptz, %s, %s) "
+            params.extend(after)
+        params.append(limit)
+        with db.raw_transaction(self.reader, "quality.evaluations") as (cur, _):
+            cur.execute(
+                f"SELECT body, evaluated_at FROM metrics.evaluations WHERE tenant_id = %s AND {column} = %s "  # noqa: S608
+                f"{page}ORDER BY started_at DESC, interaction_id DESC, form_id DESC LIMIT %s",
+                params,
+            )
+            rows = cur.fetchall()
+        out = []
+        for body, at in rows:
+            e = _evaluation(bytes(body))
+            e.evaluate_time.FromDatetime(at)
+            out.append(e)
+        return out
+
+    def override(
+        self,
+        tenant_id: str,
+        interaction_id: str,
+        form_id: str,
+        question_id: str,
+        answer: tuple[str, bool],
+        automatic: tuple[str, bool],
+        reviewer: str,
+        reason: str,
+        fcr_window_days: int,
+    ) -> None:
+        """Record a person's answer and evaluate the interaction again with it."""
+        with db.raw_transaction(self.engine, "quality.override") as (cur, _):
+            cur.execute(
+                "INSERT INTO metrics.overrides (tenant_id, interaction_id, form_id, question_id, value, "
+                "not_applicable, automatic_value, automatic, reviewer, reason) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                "ON CONFLICT (tenant_id, interaction_id, form_id, question_id) DO UPDATE SET value = EXCLUDED.value, "
+                "not_applicable = EXCLUDED.not_applicable, reviewer = EXCLUDED.reviewer, reason = EXCLUDED.reason, "
+                "at = now()",
+                (
+                    tenant_id,
+                    interaction_id,
+                    form_id,
+                    question_id,
+                    answer[0],
+                    answer[1],
+                    automatic[0],
+                    automatic[1],
+                    reviewer,
+                    reason,
+                ),
+            )
+            form_list = [f for f in self.latest_forms(tenant_id, cur) if f.name == f"evaluationForms/{form_id}"]
+            self._evaluate(
+                cur, tenant_id, [interaction_id], form_list, dt.timedelta(days=fcr_window_days), dt.datetime.now(dt.UTC)
+            )
+
+    def agreement(self, tenant_id: str, form_id: str) -> dict[str, tuple[int, int]]:
+        """Per question: automatic answers a person reviewed, and how many they left as they were."""
+        with db.raw_transaction(self.reader, "quality.agreement") as (cur, _):
+            cur.execute(
+                "SELECT question_id, count(*), count(*) FILTER (WHERE value = automatic_value "
+                "AND not_applicable = (automatic_value = '')) FROM metrics.overrides "
+                "WHERE tenant_id = %s AND form_id = %s AND automatic GROUP BY 1",
+                (tenant_id, form_id),
+            )
+            return {q: (int(n), int(a)) for q, n, a in cur.fetchall()}
+
+
+def _interaction(
+    iid: str,
+    legs: list[Fact],
+    transcript: Iterable[tuple[Any, ...]],
+    surveys: list[ev.Survey],
+    repeat: tuple[bool | None, str],
+) -> ev.Interaction:
+    first = min(legs, key=lambda f: (f.start, f.leg_id))
+    lines: list[cat.Line] = []
+    scores: list[float] = []
+    for event_id, author, text, at, offset, compound in transcript:
+        lines.append(
+            cat.Line(event_id, author, text, offset if offset is not None else (at - first.start).total_seconds())
+        )
+        if author == 1:  # AUTHOR_CUSTOMER
+            scores.append(compound)
+    return ev.Interaction(
+        iid,
+        first.profile_id,
+        legs,
+        transcript=lines,
+        customer_scores=scores,
+        surveys=sorted(surveys, key=lambda s: s.event_id),
+        repeat=repeat[0],
+        repeat_evidence=repeat[1],
+    )

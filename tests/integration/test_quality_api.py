@@ -1,0 +1,331 @@
+"""QualityService through the real pipeline: categories and forms over gRPC, events in at ingest,
+identity resolves them, the metrics consumer keeps the transcript and evaluates each ended
+interaction; evidence, late messages, versions, people's answers, agreement, erasure,
+validation and tenant isolation are read back over gRPC."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy.engine import Engine
+
+from services.core.server import RunningServer
+from services.metrics.facts import LEG, Fact
+from services.metrics.quality_storage import MessageRow, QualityStore
+from tessera.v1 import event_pb2, metrics_pb2, metrics_pb2_grpc, quality_pb2, quality_pb2_grpc
+from tests.conftest import TenantKey, make_tenant
+from tests.support.events import uid
+from tests.support.grpc_errors import bad_request
+from tests.support.profile import Apis, base, interaction, wait_until
+
+pytestmark = pytest.mark.integration
+
+AGENT = quality_pb2.PARTICIPANT_AGENT
+
+
+def chat(phone: str, iid: str, author: int, text: str, at: dt.datetime, offset: float | None = None) -> event_pb2.Event:
+    ev = base(("phone", phone), channel=event_pb2.CHANNEL_CHAT, at=at)
+    ev.message.interaction_id = iid
+    ev.message.author = author  # type: ignore[assignment]
+    ev.message.text = text
+    if offset is not None:
+        ev.message.offset_seconds = offset
+    return ev
+
+
+def ended_chat(phone: str, iid: str, at: dt.datetime, hold: float = 10.0, **kw: Any) -> event_pb2.Event:
+    ev = interaction(("phone", phone), interaction_id=iid, at=at, channel=event_pb2.CHANNEL_CHAT, **kw)
+    ev.interaction.hold_seconds = hold
+    ev.interaction.ended_at.FromDatetime(at + dt.timedelta(minutes=6))
+    return ev
+
+
+class Quality:
+    def __init__(self, channel: grpc.Channel, metadata: tuple[tuple[str, str], ...]) -> None:
+        self.stub = quality_pb2_grpc.QualityServiceStub(channel)
+        self.metrics = metrics_pb2_grpc.MetricsServiceStub(channel)
+        self.md = metadata
+
+    def call(self, method: str, request: Any) -> Any:
+        return getattr(self.stub, method)(request, metadata=self.md, timeout=20)
+
+    def setup(self) -> quality_pb2.EvaluationForm:
+        for cid, phrase in (("greeting", "{hello|hi|good morning}"), ("closing", "thank you for {calling|contacting}")):
+            self.call(
+                "CreateCategory",
+                quality_pb2.CreateCategoryRequest(
+                    category_id=cid,
+                    category=quality_pb2.Category(
+                        display_name=cid, rules=[quality_pb2.CategoryRule(phrases=[phrase], participant=AGENT)]
+                    ),
+                ),
+            )
+        resp = self.call("CreateEvaluationForm", quality_pb2.CreateEvaluationFormRequest(form_id="chat", form=FORM))
+        return resp.form  # type: ignore[no-any-return]
+
+    def evaluation(self, iid: str, form: str = "chat") -> quality_pb2.Evaluation | None:
+        try:
+            resp = self.call("GetEvaluation", quality_pb2.GetEvaluationRequest(name=f"evaluations/{iid}/forms/{form}"))
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        return resp.evaluation  # type: ignore[no-any-return]
+
+    def wait(self, iid: str, check: Any = lambda e: True, what: str = "an evaluation") -> quality_pb2.Evaluation:
+        def ready() -> quality_pb2.Evaluation | None:
+            e = self.evaluation(iid)
+            return e if e is not None and check(e) else None
+
+        return wait_until(ready, 30, what)
+
+
+def _yes_no(qid: str, weight: float, **kw: Any) -> quality_pb2.FormQuestion:
+    return quality_pb2.FormQuestion(
+        question_id=qid, text=qid, weight=weight, type=quality_pb2.QUESTION_TYPE_YES_NO, **kw
+    )
+
+
+FORM = quality_pb2.EvaluationForm(
+    display_name="Chat quality",
+    scope=quality_pb2.FormScope(channels=[event_pb2.CHANNEL_CHAT]),
+    sections=[
+        quality_pb2.FormSection(
+            section_id="etiquette",
+            title="Etiquette",
+            weight=60,
+            questions=[
+                _yes_no("greeted", 50, automatic=quality_pb2.AutomaticAnswer(category="categories/greeting")),
+                _yes_no("closed", 50, automatic=quality_pb2.AutomaticAnswer(category="categories/closing")),
+            ],
+        ),
+        quality_pb2.FormSection(
+            section_id="handling",
+            title="Handling",
+            weight=40,
+            questions=[
+                quality_pb2.FormQuestion(
+                    question_id="hold",
+                    text="Hold under a minute",
+                    weight=100,
+                    type=quality_pb2.QUESTION_TYPE_NUMERIC,
+                    ranges=[quality_pb2.NumericRange(max=60, points=100), quality_pb2.NumericRange(min=60, points=0)],
+                    automatic=quality_pb2.AutomaticAnswer(fact=quality_pb2.CONTACT_FACT_HOLD_SECONDS),
+                )
+            ],
+        ),
+    ],
+)
+
+
+@pytest.fixture
+def qa(metrics_channel: grpc.Channel, tenant: TenantKey, metrics_server: RunningServer) -> Quality:
+    return Quality(metrics_channel, tenant.metadata)
+
+
+def answer(e: quality_pb2.Evaluation, qid: str) -> quality_pb2.Answer:
+    return next(a for a in e.answers if a.question_id == qid)
+
+
+def test_an_ended_chat_is_evaluated_with_evidence_and_a_late_message_re_evaluates_it(api: Apis, qa: Quality) -> None:
+    qa.setup()
+    phone, iid = "+14155550111", uid("chat")
+    t0 = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=1)
+    # A message before its interaction, the interaction (ended), then the closing line late.
+    api.send(chat(phone, iid, event_pb2.AUTHOR_AGENT, "Hello, this is Sam. How can I help?", t0))
+    api.send(ended_chat(phone, iid, t0, hold=90.0))
+    first = qa.wait(iid, what="the first evaluation")
+    assert answer(first, "greeted").value == "yes"
+    greeting_hit = [x for x in answer(first, "greeted").evidence if x.phrase]
+    assert greeting_hit and "[hello]" in greeting_hit[0].excerpt
+    assert answer(first, "closed").value == "no"
+    assert answer(first, "hold").number == 90 and answer(first, "hold").points == 0
+    assert first.score == pytest.approx(30)  # greeted: 30 of 100; closed and hold: 0
+    assert first.form_version == 1 and first.profile.startswith("profiles/")
+
+    api.send(chat(phone, iid, event_pb2.AUTHOR_AGENT, "Thank you for contacting Acme!", t0 + dt.timedelta(minutes=5)))
+    later = qa.wait(iid, lambda e: answer(e, "closed").value == "yes", "the late closing line to count")
+    assert later.score == pytest.approx(60)
+    listed = qa.call("ListEvaluations", quality_pb2.ListEvaluationsRequest(profile=later.profile)).evaluations
+    assert [e.name for e in listed] == [f"evaluations/{iid}/forms/chat"]
+
+
+def test_a_new_form_version_re_evaluates_and_each_evaluation_records_its_version(api: Apis, qa: Quality) -> None:
+    created = qa.setup()
+    phone, iid = "+14155550112", uid("chat")
+    t0 = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=2)
+    api.send(ended_chat(phone, iid, t0, hold=90.0))
+    assert qa.wait(iid).score == 0
+    lenient = quality_pb2.EvaluationForm()
+    lenient.CopyFrom(created)
+    del lenient.sections[1].questions[0].ranges[:]
+    lenient.sections[1].questions[0].ranges.add(max=120, points=100)
+    lenient.sections[1].questions[0].ranges.add(min=120, points=0)
+    updated = qa.call("UpdateEvaluationForm", quality_pb2.UpdateEvaluationFormRequest(form=lenient)).form
+    assert updated.version == 2
+    again = qa.wait(iid, lambda e: e.form_version == 2, "the evaluation under version 2")
+    assert again.score == pytest.approx(40)
+    old = qa.call("GetEvaluationForm", quality_pb2.GetEvaluationFormRequest(name="evaluationForms/chat", version=1))
+    assert old.form.sections[1].questions[0].ranges[0].max == 60
+
+
+def test_a_persons_answer_replaces_the_automatic_one_and_agreement_is_reported(api: Apis, qa: Quality) -> None:
+    qa.setup()
+    phone = "+14155550113"
+    t0 = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=3)
+    iids = [uid("chat") for _ in range(3)]
+    for iid in iids:
+        api.send(chat(phone, iid, event_pb2.AUTHOR_AGENT, "hi there", t0), ended_chat(phone, iid, t0))
+    for iid in iids:
+        qa.wait(iid)
+    name = f"evaluations/{iids[0]}/forms/chat"
+    with pytest.raises(grpc.RpcError) as err:
+        qa.call("OverrideAnswer", quality_pb2.OverrideAnswerRequest(name=name, question_id="greeted", value="maybe"))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert {f for f, _ in bad_request(err.value)} == {"value", "reviewer", "reason"}
+    overridden = qa.call(
+        "OverrideAnswer",
+        quality_pb2.OverrideAnswerRequest(
+            name=name, question_id="greeted", value="no", reviewer="sup@acme", reason="'hi there' was to a colleague"
+        ),
+    ).evaluation
+    greeted = answer(overridden, "greeted")
+    assert greeted.source == quality_pb2.ANSWER_SOURCE_HUMAN and greeted.automatic_value == "yes"
+    assert greeted.value == "no" and greeted.override.reviewer == "sup@acme"
+    assert overridden.score == pytest.approx(40)  # only the hold now earns points
+    for iid in iids[1:]:
+        qa.call(
+            "OverrideAnswer",
+            quality_pb2.OverrideAnswerRequest(
+                name=f"evaluations/{iid}/forms/chat", question_id="greeted", value="yes", reviewer="sup", reason="ok"
+            ),
+        )
+    rows = {
+        r.question_id: r
+        for r in qa.call(
+            "GetAnswerAgreement", quality_pb2.GetAnswerAgreementRequest(form="evaluationForms/chat")
+        ).questions
+    }
+    assert (rows["greeted"].reviewed, rows["greeted"].agreed) == (3, 2)
+    assert rows["greeted"].agreement == pytest.approx(200 / 3)
+    assert rows["greeted"].ci_low < rows["greeted"].agreement < rows["greeted"].ci_high
+    assert rows["closed"].reviewed == 0 and not rows["closed"].HasField("agreement")
+
+
+def test_redelivered_inputs_change_no_evaluation(engine: Engine, tenant: TenantKey, qa: Quality) -> None:
+    """The consumer's quality step applied twice to the same batch writes nothing the second time."""
+    qa.setup()
+    store = QualityStore(engine)
+    t0 = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(days=30)
+    leg = Fact(
+        key="leg:i-r:i-r",
+        kind=LEG,
+        event_id="e1",
+        profile_id="p-r",
+        at=t0,
+        channel=event_pb2.CHANNEL_CHAT,
+        source="t",
+        interaction_id="i-r",
+        agent="a",
+        reason="billing",
+        started_at=t0,
+        leg_id="i-r",
+        ended_at=t0 + dt.timedelta(minutes=3),
+    )
+    from services.metrics.storage import MetricsStore
+    from services.metrics.tenant_settings import MetricsConfig
+
+    MetricsStore(engine).apply_facts(tenant.tenant_id, [leg], MetricsConfig())
+    msgs = [MessageRow("m1", "i-r", "p-r", t0, 2.0, event_pb2.AUTHOR_AGENT, 0.0, "good morning")]
+    assert store.apply(tenant.tenant_id, msgs, [leg], 7) == 1
+    assert store.apply(tenant.tenant_id, msgs, [leg], 7) == 0
+    assert answer(store.evaluation(tenant.tenant_id, "i-r", "chat"), "greeted").value == "yes"
+
+
+def test_bad_categories_and_forms_get_field_violations(qa: Quality) -> None:
+    cases = [
+        (
+            "CreateCategory",
+            quality_pb2.CreateCategoryRequest(
+                category_id="Bad!", category=quality_pb2.Category(rules=[quality_pb2.CategoryRule(phrases=["{x"])])
+            ),
+            {"category_id", "category.rules[0].phrases[0]"},
+        ),
+        (
+            "CreateEvaluationForm",
+            quality_pb2.CreateEvaluationFormRequest(form_id="f", form=_broken_form()),
+            # No categories exist yet in this tenant: both automatic answers name unknown ones.
+            {
+                "form.sections",
+                "form.sections[0].questions[0].automatic.category",
+                "form.sections[0].questions[1].automatic.category",
+            },
+        ),
+        ("GetEvaluation", quality_pb2.GetEvaluationRequest(name="evaluations/x"), {"name"}),
+        ("GetEvaluationForm", quality_pb2.GetEvaluationFormRequest(name="forms/x"), {"name"}),
+        ("ListEvaluations", quality_pb2.ListEvaluationsRequest(), {"interaction_id"}),
+    ]
+    for method, request, fields in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            qa.call(method, request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+        assert {f for f, _ in bad_request(err.value)} == fields, method
+
+
+def _broken_form() -> quality_pb2.EvaluationForm:
+    f = quality_pb2.EvaluationForm()
+    f.CopyFrom(FORM)
+    f.sections[0].weight = 50
+    f.sections[0].questions[0].automatic.category = "categories/missing"
+    return f
+
+
+def test_another_tenant_sees_none_of_it(api: Apis, qa: Quality, engine: Engine, metrics_channel: grpc.Channel) -> None:
+    qa.setup()
+    phone, iid = "+14155550114", uid("chat")
+    t0 = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=1)
+    api.send(chat(phone, iid, event_pb2.AUTHOR_AGENT, "hello", t0), ended_chat(phone, iid, t0))
+    qa.wait(iid)
+    other = Quality(metrics_channel, make_tenant(engine).metadata)
+    assert other.evaluation(iid) is None
+    assert list(other.call("ListEvaluationForms", quality_pb2.ListEvaluationFormsRequest()).forms) == []
+    assert list(other.call("ListCategories", quality_pb2.ListCategoriesRequest()).categories) == []
+    with pytest.raises(grpc.RpcError) as err:
+        other.call("GetEvaluationForm", quality_pb2.GetEvaluationFormRequest(name="evaluationForms/chat"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # The other tenant's own category of the same id is its own.
+    other.call(
+        "CreateCategory",
+        quality_pb2.CreateCategoryRequest(
+            category_id="greeting", category=quality_pb2.Category(rules=[quality_pb2.CategoryRule(phrases=["yo"])])
+        ),
+    )
+    assert {c.name for c in qa.call("ListCategories", quality_pb2.ListCategoriesRequest()).categories} == {
+        "categories/greeting",
+        "categories/closing",
+    }
+    mine = qa.call("ListCategories", quality_pb2.ListCategoriesRequest()).categories
+    assert [r.phrases[0] for c in mine if c.name == "categories/greeting" for r in c.rules] == [
+        "{hello|hi|good morning}"
+    ]
+
+
+def test_erasure_forgets_transcripts_and_evaluations(api: Apis, qa: Quality) -> None:
+    qa.setup()
+    phone, iid = "+14155550115", uid("chat")
+    t0 = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=1)
+    api.send(chat(phone, iid, event_pb2.AUTHOR_AGENT, "hello", t0), ended_chat(phone, iid, t0))
+    e = qa.wait(iid)
+    qa.metrics.EraseCustomerMetrics(
+        metrics_pb2.EraseCustomerMetricsRequest(profile_ids=[e.profile]), metadata=qa.md, timeout=20
+    )
+    assert qa.evaluation(iid) is None
+    with api.engine.connect() as conn:
+        left = conn.exec_driver_sql(
+            "SELECT count(*) FROM metrics.messages WHERE tenant_id = %(t)s AND interaction_id = %(i)s",
+            {"t": api.tenant_id, "i": iid},
+        ).scalar_one()
+    assert left == 0
