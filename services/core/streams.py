@@ -40,7 +40,8 @@ class Stream(Generic[M]):
 EVENTS: Stream[stream_pb2.EventEnvelope] = Stream("events", stream_pb2.EventEnvelope)
 RESOLVED: Stream[stream_pb2.ResolvedEventEnvelope] = Stream("resolved", stream_pb2.ResolvedEventEnvelope)
 CHANGES: Stream[stream_pb2.ProfileChangeEnvelope] = Stream("changes", stream_pb2.ProfileChangeEnvelope)
-STREAMS: dict[str, Stream[Message]] = {s.name: s for s in (EVENTS, RESOLVED, CHANGES)}  # type: ignore[misc]
+ALERTS: Stream[stream_pb2.AlertEnvelope] = Stream("alerts", stream_pb2.AlertEnvelope)
+STREAMS: dict[str, Stream[Message]] = {s.name: s for s in (EVENTS, RESOLVED, CHANGES, ALERTS)}  # type: ignore[misc]
 
 CREATED = stream_pb2.PROFILE_CHANGE_KIND_CREATED
 MERGED = stream_pb2.PROFILE_CHANGE_KIND_MERGED

@@ -10,12 +10,13 @@ import grpc
 
 from services.core import streams
 from services.core.migrate import MigrationSet
+from services.core.outbox import Outbox
 from services.core.periodic import Periodic
 from services.core.server import Background, ServiceContext, ServiceDefinition
 from services.metrics.consumer import CHANGES_GROUP, RESOLVED_GROUP, ChangesHandler, ConfigCache, ResolvedHandler
 from services.metrics.quality import Quality
 from services.metrics.quality_servicer import QualityServicer
-from services.metrics.quality_storage import QualityStore
+from services.metrics.quality_storage import OUTBOX, QualityStore
 from services.metrics.reads import MetricsReads
 from services.metrics.servicer import MetricsServicer
 from services.metrics.settings import MetricsSettings
@@ -29,12 +30,20 @@ MIGRATIONS = MigrationSet("metrics", Path(__file__).resolve().parent / "migratio
 
 def register(server: grpc.aio.Server, ctx: ServiceContext, own: MetricsSettings) -> list[Background]:
     store = MetricsStore(ctx.engine, reader=ctx.autocommit_engine)
-    quality = QualityStore(ctx.engine, reader=ctx.autocommit_engine)
+    outbox = Outbox(
+        ctx.engine,
+        ctx.bus,
+        OUTBOX,
+        grace_seconds=ctx.settings.outbox_grace_seconds,
+        sweep_seconds=ctx.settings.outbox_sweep_seconds,
+    )
+    quality = QualityStore(ctx.engine, reader=ctx.autocommit_engine, outbox=outbox)
     configs = ConfigCache(store, own.settings_cache_seconds)
     metrics_pb2_grpc.add_MetricsServiceServicer_to_server(
         MetricsServicer(MetricsReads(store, configs.get, quality)), server
     )
-    quality_pb2_grpc.add_QualityServiceServicer_to_server(QualityServicer(Quality(quality, configs.get)), server)
+    quality_api = QualityServicer(Quality(quality, configs.get), ctx.in_pool, own.watch_poll_ms / 1000)
+    quality_pb2_grpc.add_QualityServiceServicer_to_server(quality_api, server)
     workers: list[Background] = list(
         ctx.consumer_workers(
             own.consumers,
@@ -43,6 +52,7 @@ def register(server: grpc.aio.Server, ctx: ServiceContext, own: MetricsSettings)
         )
     )
     workers.append(Periodic("metrics upkeep", own.upkeep_seconds, store.upkeep))
+    workers.append(outbox)
     return workers
 
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from services.core import pagination
 from services.core.errors import InvalidArgument, Violation
+from services.metrics import alerts as al
 from services.metrics import categories as cat
 from services.metrics import evaluate as ev
 from services.metrics import forms
@@ -18,6 +19,8 @@ from services.metrics.tenant_settings import MetricsConfig
 from tessera.v1 import quality_pb2
 
 CATEGORY_PREFIX = "categories/"
+RULE_PREFIX = "alertRules/"
+ALERT_PREFIX = "alerts/"
 FORM_PREFIX = "evaluationForms/"
 MAX_PAGE = 100
 _POSITION = {"start", "interaction", "form"}
@@ -191,6 +194,50 @@ class Quality:
                     row.ci_low, row.ci_high = wilson(agreed, reviewed)
                 out.append(row)
         return out
+
+    # -- alerts ----------------------------------------------------------------------------------
+
+    def create_alert_rule(self, tenant_id: str, rule_id: str, rule: quality_pb2.AlertRule) -> quality_pb2.AlertRule:
+        al.validate(rule_id, rule, list(self.store.categories(tenant_id)))
+        return self.store.create_alert_rule(tenant_id, rule_id, rule)
+
+    def alert_rules(self, tenant_id: str) -> list[quality_pb2.AlertRule]:
+        return self.store.alert_rules(tenant_id)
+
+    def delete_alert_rule(self, tenant_id: str, name: str) -> None:
+        self.store.delete_alert_rule(tenant_id, _id(name, RULE_PREFIX, "name"))
+
+    def alert_feed(
+        self, tenant_id: str, after: int, limit: int, queues: list[str], agents: list[str]
+    ) -> tuple[list[tuple[int, quality_pb2.Alert]], int]:
+        return self.store.alert_feed(tenant_id, after, limit, queues, agents)
+
+    def alerts(
+        self, tenant_id: str, profile: str, interaction_id: str, acknowledged: bool, page_size: int
+    ) -> list[quality_pb2.Alert]:
+        profile_id = profile.removeprefix("profiles/")
+        violations = []
+        if bool(profile) == bool(interaction_id):
+            violations.append(Violation("profile", "name a profile or an interaction, not both"))
+        elif profile and (not profile.startswith("profiles/") or not profile_id or "/" in profile_id):
+            violations.append(Violation("profile", '"profiles/{profile_id}"'))
+        if violations:
+            raise InvalidArgument("invalid alerts request", violations)
+        limit = pagination.page_size(page_size, default=20, maximum=MAX_PAGE)
+        return self.store.alerts(
+            tenant_id, profile_id=profile_id, interaction_id=interaction_id, acknowledged=acknowledged, limit=limit
+        )
+
+    def acknowledge(self, tenant_id: str, name: str, who: str) -> quality_pb2.Alert:
+        alert_id = name.removeprefix(ALERT_PREFIX)
+        violations = []
+        if not name.startswith(ALERT_PREFIX) or not alert_id or "/" in alert_id or len(alert_id) > 64:
+            violations.append(Violation("name", '"alerts/{alert_id}"'))
+        if not who.strip() or len(who) > 200:
+            violations.append(Violation("acknowledged_by", "required: who handled it, at most 200 characters"))
+        if violations:
+            raise InvalidArgument("invalid acknowledgement", violations)
+        return self.store.acknowledge(tenant_id, alert_id, who)
 
 
 def _automatic_na(answer: quality_pb2.Answer) -> bool:

@@ -1,10 +1,15 @@
 """QualityService over gRPC: thin; everything goes through :class:`~services.metrics.quality.Quality`.
-The tenant is the credentials'."""
+The tenant is the credentials'. Plain methods run in the server's pool; the ``WatchAlerts``
+stream runs on the event loop and reads the alerts table in the pool."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from services.core import pagination
+from services.core.errors import InvalidArgument, Violation
 from services.core.tenancy import current_tenant
 from services.metrics.quality import Quality
 from tessera.v1 import quality_pb2, quality_pb2_grpc
@@ -14,9 +19,16 @@ def _tenant() -> str:
     return current_tenant().tenant_id
 
 
+InPool = Callable[..., Awaitable[Any]]
+FEED_BATCH = 500
+FEED = "alerts"
+
+
 class QualityServicer(quality_pb2_grpc.QualityServiceServicer):
-    def __init__(self, quality: Quality) -> None:
+    def __init__(self, quality: Quality, pool: InPool, poll_seconds: float = 0.1) -> None:
         self.quality = quality
+        self.pool = pool
+        self.poll_seconds = poll_seconds
 
     def CreateCategory(
         self, request: quality_pb2.CreateCategoryRequest, context: Any
@@ -79,3 +91,58 @@ class QualityServicer(quality_pb2_grpc.QualityServiceServicer):
         self, request: quality_pb2.GetAnswerAgreementRequest, context: Any
     ) -> quality_pb2.GetAnswerAgreementResponse:
         return quality_pb2.GetAnswerAgreementResponse(questions=self.quality.agreement(_tenant(), request.form))
+
+    def CreateAlertRule(
+        self, request: quality_pb2.CreateAlertRuleRequest, context: Any
+    ) -> quality_pb2.CreateAlertRuleResponse:
+        return quality_pb2.CreateAlertRuleResponse(
+            rule=self.quality.create_alert_rule(_tenant(), request.rule_id, request.rule)
+        )
+
+    def ListAlertRules(
+        self, request: quality_pb2.ListAlertRulesRequest, context: Any
+    ) -> quality_pb2.ListAlertRulesResponse:
+        return quality_pb2.ListAlertRulesResponse(rules=self.quality.alert_rules(_tenant()))
+
+    def DeleteAlertRule(
+        self, request: quality_pb2.DeleteAlertRuleRequest, context: Any
+    ) -> quality_pb2.DeleteAlertRuleResponse:
+        self.quality.delete_alert_rule(_tenant(), request.name)
+        return quality_pb2.DeleteAlertRuleResponse()
+
+    async def WatchAlerts(
+        self, request: quality_pb2.WatchAlertsRequest, context: Any
+    ) -> AsyncIterator[quality_pb2.WatchAlertsResponse]:
+        """Alerts after the cursor in firing order, then new ones as they fire (polled every
+        ``poll_seconds``). A cursor beyond the newest alert was not issued here and is refused."""
+        tenant = _tenant()
+        position = pagination.decode_feed_cursor(tenant, request.cursor, FEED)
+        queues, agents = list(request.queues), list(request.agent_ids)
+        _rows, head = await self.pool(self.quality.alert_feed, tenant, 0, 0, queues, agents)
+        if position is None:
+            position = head
+        elif position > head:
+            raise InvalidArgument("invalid cursor", [Violation("cursor", "not a cursor this API issued")])
+        while True:
+            rows, _newest = await self.pool(self.quality.alert_feed, tenant, position, FEED_BATCH, queues, agents)
+            for seq, alert in rows:
+                position = seq
+                yield quality_pb2.WatchAlertsResponse(
+                    alert=alert, cursor=pagination.encode_feed_cursor(tenant, seq, FEED)
+                )
+            if len(rows) < FEED_BATCH:
+                await asyncio.sleep(self.poll_seconds)
+
+    def ListAlerts(self, request: quality_pb2.ListAlertsRequest, context: Any) -> quality_pb2.ListAlertsResponse:
+        return quality_pb2.ListAlertsResponse(
+            alerts=self.quality.alerts(
+                _tenant(), request.profile, request.interaction_id, request.include_acknowledged, request.page_size
+            )
+        )
+
+    def AcknowledgeAlert(
+        self, request: quality_pb2.AcknowledgeAlertRequest, context: Any
+    ) -> quality_pb2.AcknowledgeAlertResponse:
+        return quality_pb2.AcknowledgeAlertResponse(
+            alert=self.quality.acknowledge(_tenant(), request.name, request.acknowledged_by)
+        )

@@ -9,21 +9,29 @@ it differs from the stored one, so a redelivered batch changes nothing.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import metrics
 from psycopg2.extras import execute_values
 from sqlalchemy.engine import Engine
 
-from services.core import db
+from services.core import db, streams
 from services.core.errors import AlreadyExists, NotFound
+from services.core.outbox import EnvelopeTable, Outbox, Pending
+from services.metrics import alerts as al
 from services.metrics import categories as cat
 from services.metrics import evaluate as ev
 from services.metrics import forms
 from services.metrics.facts import LEG, SURVEY, Fact
 from services.metrics.storage import FACT_SELECT
-from tessera.v1 import quality_pb2
+from tessera.v1 import event_pb2, quality_pb2, stream_pb2
+
+#: The metrics service's outbox (alerts to the tenant's ``alerts`` stream).
+OUTBOX = EnvelopeTable("metrics")
+_fired = metrics.get_meter("tessera.quality").create_counter("tessera.quality.alerts", description="alerts fired")
 
 
 @dataclass(frozen=True)
@@ -59,9 +67,11 @@ def _evaluation(body: bytes) -> quality_pb2.Evaluation:
 
 
 class QualityStore:
-    def __init__(self, engine: Engine, reader: Engine | None = None) -> None:
+    def __init__(self, engine: Engine, reader: Engine | None = None, outbox: Outbox | None = None) -> None:
         self.engine = engine
         self.reader = reader or engine
+        #: The relay that publishes the alerts this store commits (the sweep does it otherwise).
+        self.outbox = outbox
 
     # -- categories ------------------------------------------------------------------------------
 
@@ -170,6 +180,7 @@ class QualityStore:
         """Keep the messages and evaluate what they and the facts touched; returns how many
         evaluations changed. A tenant without forms only keeps the transcripts."""
         now = now or dt.datetime.now(dt.UTC)
+        pending: Pending | None = None
         with db.raw_transaction(self.engine, "quality.apply", len(messages)) as (cur, _):
             if messages:
                 execute_values(
@@ -199,16 +210,18 @@ class QualityStore:
                     ],
                     page_size=1000,
                 )
-            iids = {m.interaction_id for m in messages} | {f.interaction_id for f in facts if f.interaction_id}
-            iids.discard("")
-            if not iids:
+            touched = {m.interaction_id for m in messages} | {f.interaction_id for f in facts if f.interaction_id}
+            touched.discard("")
+            if not touched:
                 return 0
+            rules = self.alert_rules(tenant_id, cur)
+            if rules:
+                pending = self._alerts(cur, tenant_id, sorted(touched), rules, now)
             form_list = self.latest_forms(tenant_id, cur)
-            if not form_list:
-                return 0
+            iids = set(touched)
             window = dt.timedelta(days=fcr_window_days)
             legs = [f for f in facts if f.kind == LEG]
-            if legs:  # earlier contacts whose repeat outcome a new contact may change
+            if legs and form_list:  # earlier contacts whose repeat outcome a new contact may change
                 cur.execute(
                     "SELECT DISTINCT interaction_id FROM metrics.facts WHERE tenant_id = %s AND kind = 1 "
                     "AND profile_id = ANY(%s) AND coalesce(started_at, at) >= %s AND coalesce(started_at, at) <= %s",
@@ -220,7 +233,174 @@ class QualityStore:
                     ),
                 )
                 iids.update(r[0] for r in cur.fetchall())
-            return self._evaluate(cur, tenant_id, sorted(iids), form_list, window, now)
+            changed = self._evaluate(cur, tenant_id, sorted(iids), form_list, window, now) if form_list else 0
+        if pending is not None and self.outbox is not None:
+            self.outbox.submit(pending)
+        return changed
+
+    # -- alerts ----------------------------------------------------------------------------------
+
+    def create_alert_rule(self, tenant_id: str, rule_id: str, rule: quality_pb2.AlertRule) -> quality_pb2.AlertRule:
+        spec = quality_pb2.AlertRule()
+        spec.CopyFrom(rule)
+        spec.name = f"alertRules/{rule_id}"
+        spec.ClearField("create_time")
+        with db.raw_transaction(self.engine, "quality.create_alert_rule") as (cur, _):
+            cur.execute(
+                "INSERT INTO metrics.alert_rules (tenant_id, rule_id, spec) VALUES (%s, %s, %s) ON CONFLICT DO NOTHING "
+                "RETURNING created_at",
+                (tenant_id, rule_id, spec.SerializeToString(deterministic=True)),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise AlreadyExists(f"alert rule {rule_id!r} already exists")
+        spec.create_time.FromDatetime(row[0])
+        return spec
+
+    def delete_alert_rule(self, tenant_id: str, rule_id: str) -> None:
+        with db.raw_transaction(self.engine, "quality.delete_alert_rule") as (cur, _):
+            cur.execute("DELETE FROM metrics.alert_rules WHERE tenant_id = %s AND rule_id = %s", (tenant_id, rule_id))
+            if cur.rowcount == 0:
+                raise NotFound(f"no alert rule {rule_id!r}")
+
+    def alert_rules(self, tenant_id: str, cur: Any = None) -> list[quality_pb2.AlertRule]:
+        if cur is None:
+            with db.raw_transaction(self.reader, "quality.alert_rules") as (c, _):
+                return self.alert_rules(tenant_id, c)
+        cur.execute(
+            "SELECT spec, created_at FROM metrics.alert_rules WHERE tenant_id = %s ORDER BY rule_id", (tenant_id,)
+        )
+        out = []
+        for spec, created in cur.fetchall():
+            r = quality_pb2.AlertRule()
+            r.ParseFromString(bytes(spec))
+            r.create_time.FromDatetime(created)
+            out.append(r)
+        return out
+
+    def _alerts(
+        self,
+        cur: Any,
+        tenant_id: str,
+        iids: Sequence[str],
+        rules: Sequence[quality_pb2.AlertRule],
+        now: dt.datetime,
+    ) -> Pending | None:
+        """Fire the rules on the touched interactions; each fires once per interaction (the
+        unique key), and what fired now goes to the outbox in this transaction."""
+        legs, _surveys = self._legs_and_surveys(cur, tenant_id, iids)
+        cur.execute(
+            "SELECT interaction_id, event_id, author, text, at, offset_seconds, compound, profile_id "
+            "FROM metrics.messages WHERE tenant_id = %s AND interaction_id = ANY(%s) ORDER BY at, event_id",
+            (tenant_id, list(iids)),
+        )
+        transcripts: dict[str, list[tuple[Any, ...]]] = {}
+        owners: dict[str, str] = {}
+        for row in cur.fetchall():
+            transcripts.setdefault(row[0], []).append(row[1:7])
+            owners.setdefault(row[0], row[7])
+        for iid, fs in legs.items():
+            owners[iid] = min(fs, key=lambda f: (f.start, f.leg_id)).profile_id
+        history_needed = any(r.WhichOneof("condition") in ("contact_after_low_nps", "repeated_reason") for r in rules)
+        contacts: dict[str, list[tuple[dt.datetime, str, str]]] = {}
+        nps: dict[str, list[tuple[dt.datetime, int, str]]] = {}
+        if history_needed and legs:
+            cur.execute(
+                "SELECT profile_id, kind, coalesce(started_at, at), interaction_id, reason, survey_type, score, "
+                "event_id FROM metrics.facts WHERE tenant_id = %s AND profile_id = ANY(%s) AND kind IN (1, 2)",
+                (tenant_id, sorted({owners[i] for i in legs})),
+            )
+            for pid, kind, at, iid, reason, survey_type, score, event_id in cur.fetchall():
+                if kind == LEG:
+                    contacts.setdefault(pid, []).append((at, iid, reason))
+                elif survey_type == 1 and score is not None:  # SURVEY_TYPE_NPS
+                    nps.setdefault(pid, []).append((at, int(score), event_id))
+        known = self.categories(tenant_id, cur)
+        rows = []
+        for iid in iids:
+            if iid not in owners:
+                continue
+            pid = owners[iid]
+            first = min(legs[iid], key=lambda f: (f.start, f.leg_id)) if iid in legs else None
+            lines, scores = _transcript(transcripts.get(iid, []), first.start if first else None)
+            w = al.Watched(iid, pid, legs.get(iid, ()), lines, scores, contacts.get(pid, ()), nps.get(pid, ()))
+            for rule in rules:
+                fired = al.fire(rule, w, known)
+                if fired is None:
+                    continue
+                rule_id = rule.name.removeprefix("alertRules/")
+                alert_id = hashlib.sha256(f"{rule_id}\x1f{iid}".encode()).hexdigest()[:20]
+                alert = quality_pb2.Alert(
+                    name=f"alerts/{alert_id}",
+                    rule=rule.name,
+                    rule_display_name=rule.display_name,
+                    interaction_id=iid,
+                    profile=f"profiles/{pid}",
+                    queue=w.queue,
+                    agent_id=w.agent,
+                    description=fired.description,
+                    evidence=list(fired.evidence),
+                    state=quality_pb2.ALERT_STATE_OPEN,
+                )
+                alert.fire_time.FromDatetime(now)
+                rows.append((tenant_id, alert_id, rule_id, iid, pid, w.queue, w.agent, alert.SerializeToString()))
+        if not rows:
+            return None
+        inserted = execute_values(
+            cur,
+            "INSERT INTO metrics.alerts (tenant_id, alert_id, rule_id, interaction_id, profile_id, queue, agent, body) "
+            "VALUES %s ON CONFLICT DO NOTHING RETURNING body",
+            rows,
+            fetch=True,
+        )
+        if not inserted:
+            return None
+        envelopes = [
+            stream_pb2.AlertEnvelope(tenant_id=tenant_id, alert=_alert(bytes(r[0]))).SerializeToString()
+            for r in inserted
+        ]
+        _fired.add(len(envelopes))
+        return OUTBOX.insert(cur, tenant_id, streams.ALERTS.name, envelopes)
+
+    def alert_feed(
+        self, tenant_id: str, after: int, limit: int, queues: Sequence[str], agents: Sequence[str]
+    ) -> tuple[list[tuple[int, quality_pb2.Alert]], int]:
+        """Alerts after ``after`` in firing order (filtered), and the newest seq of the tenant."""
+        with db.raw_transaction(self.reader, "quality.alert_feed") as (cur, _):
+            cur.execute(
+                "SELECT seq, body, acknowledged_by FROM metrics.alerts WHERE tenant_id = %s AND seq > %s "
+                "AND (cardinality(%s::text[]) = 0 OR queue = ANY(%s)) "
+                "AND (cardinality(%s::text[]) = 0 OR agent = ANY(%s)) ORDER BY seq LIMIT %s",
+                (tenant_id, after, list(queues), list(queues), list(agents), list(agents), limit),
+            )
+            rows = cur.fetchall()
+            cur.execute("SELECT coalesce(max(seq), 0) FROM metrics.alerts WHERE tenant_id = %s", (tenant_id,))
+            head = int(cur.fetchone()[0])
+        return [(int(seq), _alert(bytes(body), ack)) for seq, body, ack in rows], head
+
+    def alerts(
+        self, tenant_id: str, *, profile_id: str = "", interaction_id: str = "", acknowledged: bool, limit: int
+    ) -> list[quality_pb2.Alert]:
+        column, value = ("interaction_id", interaction_id) if interaction_id else ("profile_id", profile_id)
+        with db.raw_transaction(self.reader, "quality.alerts") as (cur, _):
+            cur.execute(
+                f"SELECT body, acknowledged_by FROM metrics.alerts WHERE tenant_id = %s AND {column} = %s "  # noqa: S608
+                "AND (%s OR acknowledged_by IS NULL) ORDER BY seq DESC LIMIT %s",
+                (tenant_id, value, acknowledged, limit),
+            )
+            return [_alert(bytes(body), ack) for body, ack in cur.fetchall()]
+
+    def acknowledge(self, tenant_id: str, alert_id: str, who: str) -> quality_pb2.Alert:
+        with db.raw_transaction(self.engine, "quality.acknowledge") as (cur, _):
+            cur.execute(
+                "UPDATE metrics.alerts SET acknowledged_by = coalesce(acknowledged_by, %s) WHERE tenant_id = %s "
+                "AND alert_id = %s RETURNING body, acknowledged_by",
+                (who, tenant_id, alert_id),
+            )
+            row = cur.fetchone()
+        if row is None:
+            raise NotFound(f"no alert {alert_id!r}")
+        return _alert(bytes(row[0]), row[1])
 
     def reevaluate(self, tenant_id: str, form_id: str, fcr_window_days: int, batch: int = 500) -> int:
         """Evaluate every ended interaction of the tenant that ``form_id`` applies to again (after a
@@ -256,18 +436,7 @@ class QualityStore:
             "ORDER BY 1) s",
             ([f"{tenant_id}:{i}" for i in iids],),
         )
-        cur.execute(
-            FACT_SELECT + "WHERE tenant_id = %s AND interaction_id = ANY(%s) AND kind IN (1, 2)",
-            (tenant_id, list(iids)),
-        )
-        legs: dict[str, list[Fact]] = {}
-        surveys: dict[str, list[ev.Survey]] = {}
-        for row in cur.fetchall():
-            f = Fact(*row)
-            if f.kind == LEG:
-                legs.setdefault(f.interaction_id, []).append(f)
-            elif f.kind == SURVEY and f.score is not None:
-                surveys.setdefault(f.interaction_id, []).append(ev.Survey(f.event_id, f.survey_type, f.score))
+        legs, surveys = self._legs_and_surveys(cur, tenant_id, iids)
         ended = [i for i in iids if any(f.ended_at is not None for f in legs.get(i, ()))]
         if not ended:
             return 0
@@ -332,6 +501,24 @@ class QualityStore:
                 page_size=500,
             )
         return len(rows)
+
+    @staticmethod
+    def _legs_and_surveys(
+        cur: Any, tenant_id: str, iids: Sequence[str]
+    ) -> tuple[dict[str, list[Fact]], dict[str, list[ev.Survey]]]:
+        cur.execute(
+            FACT_SELECT + "WHERE tenant_id = %s AND interaction_id = ANY(%s) AND kind IN (1, 2)",
+            (tenant_id, list(iids)),
+        )
+        legs: dict[str, list[Fact]] = {}
+        surveys: dict[str, list[ev.Survey]] = {}
+        for row in cur.fetchall():
+            f = Fact(*row)
+            if f.kind == LEG:
+                legs.setdefault(f.interaction_id, []).append(f)
+            elif f.kind == SURVEY and f.score is not None:
+                surveys.setdefault(f.interaction_id, []).append(ev.Survey(f.event_id, f.survey_type, f.score))
+        return legs, surveys
 
     @staticmethod
     def _repeats(
@@ -506,6 +693,21 @@ class QualityStore:
             return {q: (int(n), int(a)) for q, n, a in cur.fetchall()}
 
 
+def _transcript(rows: Iterable[tuple[Any, ...]], start: dt.datetime | None) -> tuple[list[cat.Line], list[float]]:
+    """Transcript lines (offsets from the message or from the interaction's start) and the
+    customer's scores, in time order."""
+    lines: list[cat.Line] = []
+    scores: list[float] = []
+    rows = list(rows)
+    origin = start or (min(r[3] for r in rows) if rows else None)
+    for event_id, author, text, at, offset, compound in rows:
+        at_offset = offset if offset is not None else (at - origin).total_seconds() if origin else 0.0
+        lines.append(cat.Line(event_id, author, text, at_offset))
+        if author == event_pb2.AUTHOR_CUSTOMER:
+            scores.append(compound)
+    return lines, scores
+
+
 def _interaction(
     iid: str,
     legs: list[Fact],
@@ -514,14 +716,7 @@ def _interaction(
     repeat: tuple[bool | None, str],
 ) -> ev.Interaction:
     first = min(legs, key=lambda f: (f.start, f.leg_id))
-    lines: list[cat.Line] = []
-    scores: list[float] = []
-    for event_id, author, text, at, offset, compound in transcript:
-        lines.append(
-            cat.Line(event_id, author, text, offset if offset is not None else (at - first.start).total_seconds())
-        )
-        if author == 1:  # AUTHOR_CUSTOMER
-            scores.append(compound)
+    lines, scores = _transcript(transcript, first.start)
     return ev.Interaction(
         iid,
         first.profile_id,
@@ -532,3 +727,12 @@ def _interaction(
         repeat=repeat[0],
         repeat_evidence=repeat[1],
     )
+
+
+def _alert(body: bytes, acknowledged_by: str | None = None) -> quality_pb2.Alert:
+    out = quality_pb2.Alert()
+    out.ParseFromString(body)
+    if acknowledged_by:
+        out.state = quality_pb2.ALERT_STATE_ACKNOWLEDGED
+        out.acknowledged_by = acknowledged_by
+    return out

@@ -6,9 +6,7 @@ and the ``WatchProfiles`` stream run on the event loop."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime as dt
-import hashlib
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -283,7 +281,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
         bad = [Violation(f"kinds[{i}]", "a known kind") for i, k in enumerate(request.kinds) if not 0 < k <= 5]
         if bad:
             raise InvalidArgument("invalid kinds", bad)
-        position = decode_cursor(tenant, request.cursor)
+        position = pagination.decode_feed_cursor(tenant, request.cursor)
         rows, head, pruned = await self.pool(self.reads.feed, tenant, position or 0, 1)
         if position is None:
             position = head
@@ -310,7 +308,7 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
                 if kinds and kind not in kinds:
                     continue
                 msg = profile_pb2.WatchProfilesResponse(
-                    cursor=encode_cursor(tenant, position),
+                    cursor=pagination.encode_feed_cursor(tenant, position),
                     kind=kind,
                     profile=PROFILE_PREFIX + pid,
                     other_profile=PROFILE_PREFIX + other if other else "",
@@ -322,26 +320,4 @@ class ProfileServicer(profile_pb2_grpc.ProfileServiceServicer):
                 await asyncio.sleep(self.poll_seconds)
 
 
-def encode_cursor(tenant_id: str, seq: int) -> str:
-    raw = json.dumps({"s": seq, "t": _tenant_tag(tenant_id)}).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(tenant_id: str, cursor: str) -> int | None:
-    if not cursor:
-        return None
-    try:
-        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        seq, tag = int(data["s"]), data["t"]
-    except (ValueError, KeyError, TypeError):
-        raise InvalidArgument("invalid cursor", [Violation("cursor", "not a cursor this API issued")]) from None
-    if tag != _tenant_tag(tenant_id) or seq < 0:
-        raise InvalidArgument("invalid cursor", [Violation("cursor", "not a cursor this API issued")])
-    return seq
-
-
-def _tenant_tag(tenant_id: str) -> str:
-    return hashlib.sha256(("feed\x1f" + tenant_id).encode()).hexdigest()[:12]
-
-
-__all__ = ["ProfileServicer", "decode_cursor", "encode_cursor"]
+__all__ = ["ProfileServicer"]

@@ -91,6 +91,36 @@ class QualityServiceStub:
                 request_serializer=tessera_dot_v1_dot_quality__pb2.GetAnswerAgreementRequest.SerializeToString,
                 response_deserializer=tessera_dot_v1_dot_quality__pb2.GetAnswerAgreementResponse.FromString,
                 _registered_method=True)
+        self.CreateAlertRule = channel.unary_unary(
+                '/tessera.v1.QualityService/CreateAlertRule',
+                request_serializer=tessera_dot_v1_dot_quality__pb2.CreateAlertRuleRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_quality__pb2.CreateAlertRuleResponse.FromString,
+                _registered_method=True)
+        self.ListAlertRules = channel.unary_unary(
+                '/tessera.v1.QualityService/ListAlertRules',
+                request_serializer=tessera_dot_v1_dot_quality__pb2.ListAlertRulesRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_quality__pb2.ListAlertRulesResponse.FromString,
+                _registered_method=True)
+        self.DeleteAlertRule = channel.unary_unary(
+                '/tessera.v1.QualityService/DeleteAlertRule',
+                request_serializer=tessera_dot_v1_dot_quality__pb2.DeleteAlertRuleRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_quality__pb2.DeleteAlertRuleResponse.FromString,
+                _registered_method=True)
+        self.WatchAlerts = channel.unary_stream(
+                '/tessera.v1.QualityService/WatchAlerts',
+                request_serializer=tessera_dot_v1_dot_quality__pb2.WatchAlertsRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_quality__pb2.WatchAlertsResponse.FromString,
+                _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/tessera.v1.QualityService/ListAlerts',
+                request_serializer=tessera_dot_v1_dot_quality__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_quality__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.AcknowledgeAlert = channel.unary_unary(
+                '/tessera.v1.QualityService/AcknowledgeAlert',
+                request_serializer=tessera_dot_v1_dot_quality__pb2.AcknowledgeAlertRequest.SerializeToString,
+                response_deserializer=tessera_dot_v1_dot_quality__pb2.AcknowledgeAlertResponse.FromString,
+                _registered_method=True)
 
 
 class QualityServiceServicer:
@@ -173,6 +203,49 @@ class QualityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAlertRule(self, request, context):
+        """A rule the consumer checks on every batch of the live streams.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlertRules(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAlertRule(self, request, context):
+        """Stops the rule firing; its alerts stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchAlerts(self, request, context):
+        """Alerts as they fire, after the cursor (empty: from now on), filtered by queue or agent. Each
+        carries the cursor that resumes right after it. Alerts are also published to the tenant's
+        `alerts` stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAlerts(self, request, context):
+        """A customer's or interaction's alerts, newest first (open ones only unless asked).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcknowledgeAlert(self, request, context):
+        """Marks an alert handled, with who did it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QualityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +303,36 @@ def add_QualityServiceServicer_to_server(servicer, server):
                     servicer.GetAnswerAgreement,
                     request_deserializer=tessera_dot_v1_dot_quality__pb2.GetAnswerAgreementRequest.FromString,
                     response_serializer=tessera_dot_v1_dot_quality__pb2.GetAnswerAgreementResponse.SerializeToString,
+            ),
+            'CreateAlertRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAlertRule,
+                    request_deserializer=tessera_dot_v1_dot_quality__pb2.CreateAlertRuleRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_quality__pb2.CreateAlertRuleResponse.SerializeToString,
+            ),
+            'ListAlertRules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlertRules,
+                    request_deserializer=tessera_dot_v1_dot_quality__pb2.ListAlertRulesRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_quality__pb2.ListAlertRulesResponse.SerializeToString,
+            ),
+            'DeleteAlertRule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAlertRule,
+                    request_deserializer=tessera_dot_v1_dot_quality__pb2.DeleteAlertRuleRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_quality__pb2.DeleteAlertRuleResponse.SerializeToString,
+            ),
+            'WatchAlerts': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAlerts,
+                    request_deserializer=tessera_dot_v1_dot_quality__pb2.WatchAlertsRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_quality__pb2.WatchAlertsResponse.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=tessera_dot_v1_dot_quality__pb2.ListAlertsRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_quality__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'AcknowledgeAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcknowledgeAlert,
+                    request_deserializer=tessera_dot_v1_dot_quality__pb2.AcknowledgeAlertRequest.FromString,
+                    response_serializer=tessera_dot_v1_dot_quality__pb2.AcknowledgeAlertResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -531,6 +634,168 @@ class QualityService:
             '/tessera.v1.QualityService/GetAnswerAgreement',
             tessera_dot_v1_dot_quality__pb2.GetAnswerAgreementRequest.SerializeToString,
             tessera_dot_v1_dot_quality__pb2.GetAnswerAgreementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAlertRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.QualityService/CreateAlertRule',
+            tessera_dot_v1_dot_quality__pb2.CreateAlertRuleRequest.SerializeToString,
+            tessera_dot_v1_dot_quality__pb2.CreateAlertRuleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlertRules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.QualityService/ListAlertRules',
+            tessera_dot_v1_dot_quality__pb2.ListAlertRulesRequest.SerializeToString,
+            tessera_dot_v1_dot_quality__pb2.ListAlertRulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAlertRule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.QualityService/DeleteAlertRule',
+            tessera_dot_v1_dot_quality__pb2.DeleteAlertRuleRequest.SerializeToString,
+            tessera_dot_v1_dot_quality__pb2.DeleteAlertRuleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tessera.v1.QualityService/WatchAlerts',
+            tessera_dot_v1_dot_quality__pb2.WatchAlertsRequest.SerializeToString,
+            tessera_dot_v1_dot_quality__pb2.WatchAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.QualityService/ListAlerts',
+            tessera_dot_v1_dot_quality__pb2.ListAlertsRequest.SerializeToString,
+            tessera_dot_v1_dot_quality__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcknowledgeAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tessera.v1.QualityService/AcknowledgeAlert',
+            tessera_dot_v1_dot_quality__pb2.AcknowledgeAlertRequest.SerializeToString,
+            tessera_dot_v1_dot_quality__pb2.AcknowledgeAlertResponse.FromString,
             options,
             channel_credentials,
             insecure,

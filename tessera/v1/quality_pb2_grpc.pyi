@@ -55,6 +55,20 @@ class QualityServiceStub:
     """A person's answer in place of the automatic one (kept beside it, with who and why)."""
     GetAnswerAgreement: _grpc.UnaryUnaryMultiCallable[_quality_pb2.GetAnswerAgreementRequest, _quality_pb2.GetAnswerAgreementResponse]
     """Per question of a form: how often people who reviewed an automatic answer agreed with it."""
+    CreateAlertRule: _grpc.UnaryUnaryMultiCallable[_quality_pb2.CreateAlertRuleRequest, _quality_pb2.CreateAlertRuleResponse]
+    """A rule the consumer checks on every batch of the live streams."""
+    ListAlertRules: _grpc.UnaryUnaryMultiCallable[_quality_pb2.ListAlertRulesRequest, _quality_pb2.ListAlertRulesResponse]
+    DeleteAlertRule: _grpc.UnaryUnaryMultiCallable[_quality_pb2.DeleteAlertRuleRequest, _quality_pb2.DeleteAlertRuleResponse]
+    """Stops the rule firing; its alerts stay."""
+    WatchAlerts: _grpc.UnaryStreamMultiCallable[_quality_pb2.WatchAlertsRequest, _quality_pb2.WatchAlertsResponse]
+    """Alerts as they fire, after the cursor (empty: from now on), filtered by queue or agent. Each
+    carries the cursor that resumes right after it. Alerts are also published to the tenant's
+    `alerts` stream.
+    """
+    ListAlerts: _grpc.UnaryUnaryMultiCallable[_quality_pb2.ListAlertsRequest, _quality_pb2.ListAlertsResponse]
+    """A customer's or interaction's alerts, newest first (open ones only unless asked)."""
+    AcknowledgeAlert: _grpc.UnaryUnaryMultiCallable[_quality_pb2.AcknowledgeAlertRequest, _quality_pb2.AcknowledgeAlertResponse]
+    """Marks an alert handled, with who did it."""
 
 @_typing.type_check_only
 class QualityServiceAsyncStub(QualityServiceStub):
@@ -83,6 +97,20 @@ class QualityServiceAsyncStub(QualityServiceStub):
     """A person's answer in place of the automatic one (kept beside it, with who and why)."""
     GetAnswerAgreement: _aio.UnaryUnaryMultiCallable[_quality_pb2.GetAnswerAgreementRequest, _quality_pb2.GetAnswerAgreementResponse]  # type: ignore[assignment]
     """Per question of a form: how often people who reviewed an automatic answer agreed with it."""
+    CreateAlertRule: _aio.UnaryUnaryMultiCallable[_quality_pb2.CreateAlertRuleRequest, _quality_pb2.CreateAlertRuleResponse]  # type: ignore[assignment]
+    """A rule the consumer checks on every batch of the live streams."""
+    ListAlertRules: _aio.UnaryUnaryMultiCallable[_quality_pb2.ListAlertRulesRequest, _quality_pb2.ListAlertRulesResponse]  # type: ignore[assignment]
+    DeleteAlertRule: _aio.UnaryUnaryMultiCallable[_quality_pb2.DeleteAlertRuleRequest, _quality_pb2.DeleteAlertRuleResponse]  # type: ignore[assignment]
+    """Stops the rule firing; its alerts stay."""
+    WatchAlerts: _aio.UnaryStreamMultiCallable[_quality_pb2.WatchAlertsRequest, _quality_pb2.WatchAlertsResponse]  # type: ignore[assignment]
+    """Alerts as they fire, after the cursor (empty: from now on), filtered by queue or agent. Each
+    carries the cursor that resumes right after it. Alerts are also published to the tenant's
+    `alerts` stream.
+    """
+    ListAlerts: _aio.UnaryUnaryMultiCallable[_quality_pb2.ListAlertsRequest, _quality_pb2.ListAlertsResponse]  # type: ignore[assignment]
+    """A customer's or interaction's alerts, newest first (open ones only unless asked)."""
+    AcknowledgeAlert: _aio.UnaryUnaryMultiCallable[_quality_pb2.AcknowledgeAlertRequest, _quality_pb2.AcknowledgeAlertResponse]  # type: ignore[assignment]
+    """Marks an alert handled, with who did it."""
 
 class QualityServiceServicer(metaclass=_abc_1.ABCMeta):
     """Quality: every interaction evaluated automatically against the tenant's forms, each answer
@@ -174,5 +202,55 @@ class QualityServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_quality_pb2.GetAnswerAgreementResponse, _abc.Awaitable[_quality_pb2.GetAnswerAgreementResponse]]:
         """Per question of a form: how often people who reviewed an automatic answer agreed with it."""
+
+    @_abc_1.abstractmethod
+    def CreateAlertRule(
+        self,
+        request: _quality_pb2.CreateAlertRuleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_quality_pb2.CreateAlertRuleResponse, _abc.Awaitable[_quality_pb2.CreateAlertRuleResponse]]:
+        """A rule the consumer checks on every batch of the live streams."""
+
+    @_abc_1.abstractmethod
+    def ListAlertRules(
+        self,
+        request: _quality_pb2.ListAlertRulesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_quality_pb2.ListAlertRulesResponse, _abc.Awaitable[_quality_pb2.ListAlertRulesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteAlertRule(
+        self,
+        request: _quality_pb2.DeleteAlertRuleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_quality_pb2.DeleteAlertRuleResponse, _abc.Awaitable[_quality_pb2.DeleteAlertRuleResponse]]:
+        """Stops the rule firing; its alerts stay."""
+
+    @_abc_1.abstractmethod
+    def WatchAlerts(
+        self,
+        request: _quality_pb2.WatchAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_quality_pb2.WatchAlertsResponse], _abc.AsyncIterator[_quality_pb2.WatchAlertsResponse]]:
+        """Alerts as they fire, after the cursor (empty: from now on), filtered by queue or agent. Each
+        carries the cursor that resumes right after it. Alerts are also published to the tenant's
+        `alerts` stream.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAlerts(
+        self,
+        request: _quality_pb2.ListAlertsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_quality_pb2.ListAlertsResponse, _abc.Awaitable[_quality_pb2.ListAlertsResponse]]:
+        """A customer's or interaction's alerts, newest first (open ones only unless asked)."""
+
+    @_abc_1.abstractmethod
+    def AcknowledgeAlert(
+        self,
+        request: _quality_pb2.AcknowledgeAlertRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_quality_pb2.AcknowledgeAlertResponse, _abc.Awaitable[_quality_pb2.AcknowledgeAlertResponse]]:
+        """Marks an alert handled, with who did it."""
 
 def add_QualityServiceServicer_to_server(servicer: QualityServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

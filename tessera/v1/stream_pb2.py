@@ -24,25 +24,28 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from tessera.v1 import event_pb2 as tessera_dot_v1_dot_event__pb2
+from tessera.v1 import quality_pb2 as tessera_dot_v1_dot_quality__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/stream.proto\x12\ntessera.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16tessera/v1/event.proto\"Y\n\rEventEnvelope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\x12 \n\x05\x65vent\x18\x03 \x01(\x0b\x32\x11.tessera.v1.Event\"\x8e\x01\n\x15ResolvedEventEnvelope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\x12 \n\x05\x65vent\x18\x03 \x01(\x0b\x32\x11.tessera.v1.Event\x12+\n\x0bidentifiers\x18\x04 \x03(\x0b\x32\x16.tessera.v1.Identifier\"\xc2\x02\n\rProfileChange\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.tessera.v1.ProfileChangeKind\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x1b\n\x13\x61\x62sorbed_profile_id\x18\x03 \x01(\t\x12\x10\n\x08merge_id\x18\x04 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x05 \x01(\t\x12\x16\n\x0enew_profile_id\x18\x06 \x01(\t\x12\x17\n\x0fmoved_event_ids\x18\x07 \x03(\t\x12\x1a\n\x12\x65rased_profile_ids\x18\x08 \x03(\t\x12/\n\x0b\x63hange_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x11moved_identifiers\x18\n \x03(\x0b\x32\x16.tessera.v1.Identifier\"j\n\x15ProfileChangeEnvelope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\x12)\n\x06\x63hange\x18\x03 \x01(\x0b\x32\x19.tessera.v1.ProfileChange\"\xa3\x01\n\nDeadLetter\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x13\n\x0boriginal_id\x18\x03 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x10\n\x08\x65nvelope\x18\x06 \x01(\x0c\x12-\n\tdead_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xb8\x01\n\x11ProfileChangeKind\x12#\n\x1fPROFILE_CHANGE_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bPROFILE_CHANGE_KIND_CREATED\x10\x01\x12\x1e\n\x1aPROFILE_CHANGE_KIND_MERGED\x10\x02\x12\x1d\n\x19PROFILE_CHANGE_KIND_SPLIT\x10\x03\x12\x1e\n\x1aPROFILE_CHANGE_KIND_ERASED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tessera/v1/stream.proto\x12\ntessera.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16tessera/v1/event.proto\x1a\x18tessera/v1/quality.proto\"Y\n\rEventEnvelope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\x12 \n\x05\x65vent\x18\x03 \x01(\x0b\x32\x11.tessera.v1.Event\"\x8e\x01\n\x15ResolvedEventEnvelope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\x12 \n\x05\x65vent\x18\x03 \x01(\x0b\x32\x11.tessera.v1.Event\x12+\n\x0bidentifiers\x18\x04 \x03(\x0b\x32\x16.tessera.v1.Identifier\"\xc2\x02\n\rProfileChange\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.tessera.v1.ProfileChangeKind\x12\x12\n\nprofile_id\x18\x02 \x01(\t\x12\x1b\n\x13\x61\x62sorbed_profile_id\x18\x03 \x01(\t\x12\x10\n\x08merge_id\x18\x04 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x05 \x01(\t\x12\x16\n\x0enew_profile_id\x18\x06 \x01(\t\x12\x17\n\x0fmoved_event_ids\x18\x07 \x03(\t\x12\x1a\n\x12\x65rased_profile_ids\x18\x08 \x03(\t\x12/\n\x0b\x63hange_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\x11moved_identifiers\x18\n \x03(\x0b\x32\x16.tessera.v1.Identifier\"j\n\x15ProfileChangeEnvelope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\x12)\n\x06\x63hange\x18\x03 \x01(\x0b\x32\x19.tessera.v1.ProfileChange\"Y\n\rAlertEnvelope\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x13\n\x0btraceparent\x18\x02 \x01(\t\x12 \n\x05\x61lert\x18\x03 \x01(\x0b\x32\x11.tessera.v1.Alert\"\xa3\x01\n\nDeadLetter\x12\x0e\n\x06stream\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x13\n\x0boriginal_id\x18\x03 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x04 \x01(\x05\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x10\n\x08\x65nvelope\x18\x06 \x01(\x0c\x12-\n\tdead_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xb8\x01\n\x11ProfileChangeKind\x12#\n\x1fPROFILE_CHANGE_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bPROFILE_CHANGE_KIND_CREATED\x10\x01\x12\x1e\n\x1aPROFILE_CHANGE_KIND_MERGED\x10\x02\x12\x1d\n\x19PROFILE_CHANGE_KIND_SPLIT\x10\x03\x12\x1e\n\x1aPROFILE_CHANGE_KIND_ERASED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tessera.v1.stream_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROFILECHANGEKIND']._serialized_start=932
-  _globals['_PROFILECHANGEKIND']._serialized_end=1116
-  _globals['_EVENTENVELOPE']._serialized_start=96
-  _globals['_EVENTENVELOPE']._serialized_end=185
-  _globals['_RESOLVEDEVENTENVELOPE']._serialized_start=188
-  _globals['_RESOLVEDEVENTENVELOPE']._serialized_end=330
-  _globals['_PROFILECHANGE']._serialized_start=333
-  _globals['_PROFILECHANGE']._serialized_end=655
-  _globals['_PROFILECHANGEENVELOPE']._serialized_start=657
-  _globals['_PROFILECHANGEENVELOPE']._serialized_end=763
-  _globals['_DEADLETTER']._serialized_start=766
-  _globals['_DEADLETTER']._serialized_end=929
+  _globals['_PROFILECHANGEKIND']._serialized_start=1049
+  _globals['_PROFILECHANGEKIND']._serialized_end=1233
+  _globals['_EVENTENVELOPE']._serialized_start=122
+  _globals['_EVENTENVELOPE']._serialized_end=211
+  _globals['_RESOLVEDEVENTENVELOPE']._serialized_start=214
+  _globals['_RESOLVEDEVENTENVELOPE']._serialized_end=356
+  _globals['_PROFILECHANGE']._serialized_start=359
+  _globals['_PROFILECHANGE']._serialized_end=681
+  _globals['_PROFILECHANGEENVELOPE']._serialized_start=683
+  _globals['_PROFILECHANGEENVELOPE']._serialized_end=789
+  _globals['_ALERTENVELOPE']._serialized_start=791
+  _globals['_ALERTENVELOPE']._serialized_end=880
+  _globals['_DEADLETTER']._serialized_start=883
+  _globals['_DEADLETTER']._serialized_end=1046
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tessera.v1 import event_pb2 as _event_pb2
+from tessera.v1 import quality_pb2 as _quality_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -226,9 +227,37 @@ class ProfileChangeEnvelope(_message.Message):
 Global___ProfileChangeEnvelope: _TypeAlias = ProfileChangeEnvelope  # noqa: Y015
 
 @_typing.final
-class DeadLetter(_message.Message):
-    """An entry on `<stream>:dead`: an entry a consumer group gave up on, and why."""
+class AlertEnvelope(_message.Message):
+    """An entry on `<stream>:dead`: an entry a consumer group gave up on, and why.
+    On `alerts`: a quality alert rule fired (published through the metrics outbox, once per alert).
+    """
 
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    ALERT_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    traceparent: _builtins.str
+    @_builtins.property
+    def alert(self) -> _quality_pb2.Alert: ...
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        traceparent: _builtins.str = ...,
+        alert: _quality_pb2.Alert | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert", b"alert", "tenant_id", b"tenant_id", "traceparent", b"traceparent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AlertEnvelope: _TypeAlias = AlertEnvelope  # noqa: Y015
+
+@_typing.final
+class DeadLetter(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     STREAM_FIELD_NUMBER: _builtins.int

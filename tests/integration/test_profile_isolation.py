@@ -50,7 +50,7 @@ from sqlalchemy.engine import Engine
 
 from services.core.identity_rules import DEFAULT_RULES, DropReason
 from services.core.ids import canonical_uuid
-from services.profile.servicer import encode_cursor
+from services.core.pagination import encode_feed_cursor as encode_cursor
 from services.profile.storage import ACTIVE, ERASED, MERGED
 from tessera.v1 import event_pb2, identity_pb2, profile_pb2, profile_pb2_grpc
 from tests.conftest import make_tenant

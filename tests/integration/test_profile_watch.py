@@ -13,7 +13,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from services.profile.servicer import decode_cursor, encode_cursor
+from services.core.pagination import decode_feed_cursor as decode_cursor
+from services.core.pagination import encode_feed_cursor as encode_cursor
 from tessera.v1 import profile_pb2
 from tests.conftest import make_tenant
 from tests.support.grpc_errors import bad_request
