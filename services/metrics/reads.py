@@ -21,6 +21,8 @@ from services.metrics.tenant_settings import MetricsConfig, updated
 from tessera.v1 import metrics_pb2
 
 PROFILE_PREFIX = "profiles/"
+CONTEXT_EVALUATIONS = 5
+CONTEXT_ALERTS = 10
 WINDOWS: tuple[tuple[str, int | None], ...] = (("lifetime", None), ("30d", 30), ("90d", 90))
 _HIST_METRICS = {"aht_p50_seconds", "aht_p90_seconds"}
 
@@ -91,6 +93,13 @@ class MetricsReads:
         for p in dv.sentiment_trend(facts):
             out.sentiment_trend.add(
                 interaction_id=p.interaction_id, time=_ts(p.first_at), score=p.mean, trend=p.trend, messages=p.messages
+            )
+        if self.quality is not None:
+            for e in self.quality.evaluations(tenant_id, profile_id=survivor, limit=CONTEXT_EVALUATIONS):
+                e.ClearField("answers")
+                out.latest_evaluations.append(e)
+            out.open_alerts.extend(
+                self.quality.alerts(tenant_id, profile_id=survivor, acknowledged=False, limit=CONTEXT_ALERTS)
             )
         return out
 

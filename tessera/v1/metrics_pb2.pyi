@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from tessera.v1 import quality_pb2 as _quality_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -158,6 +159,8 @@ class CustomerMetrics(_message.Message):
     SENTIMENT_TREND_FIELD_NUMBER: _builtins.int
     COMPUTE_TIME_FIELD_NUMBER: _builtins.int
     WINDOWS_FIELD_NUMBER: _builtins.int
+    LATEST_EVALUATIONS_FIELD_NUMBER: _builtins.int
+    OPEN_ALERTS_FIELD_NUMBER: _builtins.int
     profile: _builtins.str
     """"profiles/{profile_id}"."""
     fcr_pending: _builtins.int
@@ -202,6 +205,16 @@ class CustomerMetrics(_message.Message):
         and 90 days (windows by event time, ending at compute_time).
         """
 
+    @_builtins.property
+    def latest_evaluations(self) -> _containers.RepeatedCompositeFieldContainer[_quality_pb2.Evaluation]:
+        """The customer's latest quality evaluations, newest first (scores and sections; the answers and
+        their evidence are in QualityService.GetEvaluation).
+        """
+
+    @_builtins.property
+    def open_alerts(self) -> _containers.RepeatedCompositeFieldContainer[_quality_pb2.Alert]:
+        """The customer's alerts nobody has acknowledged yet, newest first."""
+
     def __init__(
         self,
         *,
@@ -217,10 +230,12 @@ class CustomerMetrics(_message.Message):
         sentiment_trend: _abc.Iterable[Global___SentimentPoint] | None = ...,
         compute_time: _timestamp_pb2.Timestamp | None = ...,
         windows: _abc.Iterable[Global___MetricWindow] | None = ...,
+        latest_evaluations: _abc.Iterable[_quality_pb2.Evaluation] | None = ...,
+        open_alerts: _abc.Iterable[_quality_pb2.Alert] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["aht_seconds", b"aht_seconds", "ces_agree", b"ces_agree", "ces_mean", b"ces_mean", "compute_time", b"compute_time", "csat", b"csat", "fcr", b"fcr", "nps", b"nps", "sentiment", b"sentiment"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aht_seconds", b"aht_seconds", "ces_agree", b"ces_agree", "ces_mean", b"ces_mean", "compute_time", b"compute_time", "csat", b"csat", "fcr", b"fcr", "fcr_pending", b"fcr_pending", "nps", b"nps", "profile", b"profile", "sentiment", b"sentiment", "sentiment_trend", b"sentiment_trend", "windows", b"windows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aht_seconds", b"aht_seconds", "ces_agree", b"ces_agree", "ces_mean", b"ces_mean", "compute_time", b"compute_time", "csat", b"csat", "fcr", b"fcr", "fcr_pending", b"fcr_pending", "latest_evaluations", b"latest_evaluations", "nps", b"nps", "open_alerts", b"open_alerts", "profile", b"profile", "sentiment", b"sentiment", "sentiment_trend", b"sentiment_trend", "windows", b"windows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

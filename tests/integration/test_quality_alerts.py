@@ -203,3 +203,42 @@ def test_bad_rules_and_cursors_get_field_violations(alerts: Alerts, metrics_chan
         list(alerts.stub.WatchAlerts(quality_pb2.WatchAlertsRequest(cursor="nope"), metadata=alerts.md, timeout=5))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert {f for f, _ in bad_request(err.value)} == {"cursor"}
+
+
+def test_the_customer_context_shows_the_latest_evaluations_and_open_alerts(
+    engine: Any,
+    ingest_channel: grpc.Channel,
+    identity_channel: grpc.Channel,
+    metrics_server: RunningServer,
+    metrics_channel: grpc.Channel,
+    start_profile_server: Any,
+    tenant: TenantKey,
+) -> None:
+    from tests.integration.test_quality_api import Quality
+    from tests.support.profile import apis
+
+    qa = Quality(metrics_channel, tenant.metadata)
+    qa.setup()
+    alerts = Alerts(metrics_channel, tenant.metadata)
+    alerts.rule("angry", sentiment_below=quality_pb2.SentimentBelow(threshold=-0.3))
+    profile_server = start_profile_server(metrics_address=f"127.0.0.1:{metrics_server.port}")
+    phone = "+14155550126"
+    with grpc.insecure_channel(f"127.0.0.1:{profile_server.port}") as channel:
+        drive = apis(ingest_channel, identity_channel, channel, engine, tenant.tenant_id, tenant.metadata)
+        t0 = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=1)
+        done, live = uid("chat"), uid("chat")
+        drive.send(chat(phone, done, event_pb2.AUTHOR_AGENT, "hello!", t0), ended_chat(phone, done, t0))
+        drive.send(*[chat(phone, live, event_pb2.AUTHOR_CUSTOMER, ANGRY, t0) for _ in range(2)])
+        qa.wait(done)
+        wait_until(lambda: alerts.listed(interaction_id=live), 30, "the alert")
+
+        def shown() -> Any:
+            ctx = drive.context(ident=("phone", phone))
+            m = ctx.scores.metrics
+            return ctx if m.latest_evaluations and m.open_alerts else None
+
+        ctx = wait_until(shown, 70, "the context's evaluations and alerts")  # contexts are cached up to a minute
+    m = ctx.scores.metrics
+    assert [e.interaction_id for e in m.latest_evaluations] == [done]
+    assert m.latest_evaluations[0].HasField("score") and not m.latest_evaluations[0].answers
+    assert [a.interaction_id for a in m.open_alerts] == [live]
