@@ -80,7 +80,7 @@ class ResolvedHandler:
                 if n:
                     _facts.add(n, {"outcome": outcome})
             if self.quality is not None:
-                changed = self.quality.apply(tenant_id, messages.get(tenant_id, []), facts, config.fcr_window_days)
+                changed = self.quality.apply(tenant_id, messages.get(tenant_id, []), facts, config)
                 if changed:
                     _evaluations.add(changed)
 

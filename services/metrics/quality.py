@@ -61,10 +61,10 @@ class Quality:
         category_id = _id(category.name, CATEGORY_PREFIX, "category.name")
         cat.validate(None, category)
         self.store.update_category(tenant_id, category_id, _category_spec(category))
-        window = self.configs(tenant_id).fcr_window_days
+        config = self.configs(tenant_id)
         for form in self.store.latest_forms(tenant_id):
             if any(q.automatic.category == category.name for s in form.sections for q in s.questions):
-                self.store.reevaluate(tenant_id, form.name.removeprefix(FORM_PREFIX), window)
+                self.store.reevaluate(tenant_id, form.name.removeprefix(FORM_PREFIX), config)
         return self.store.categories(tenant_id)[category.name]
 
     def categories(self, tenant_id: str) -> list[quality_pb2.Category]:
@@ -81,7 +81,7 @@ class Quality:
         fid = form_id if form_id is not None else _id(form.name, FORM_PREFIX, "form.name")
         forms.validate(form_id, form, set(self.store.categories(tenant_id)))
         version = self.store.save_form(tenant_id, fid, form, create)
-        self.store.reevaluate(tenant_id, fid, self.configs(tenant_id).fcr_window_days)
+        self.store.reevaluate(tenant_id, fid, self.configs(tenant_id))
         return self.store.form(tenant_id, fid, version)
 
     def form(self, tenant_id: str, name: str, version: int) -> quality_pb2.EvaluationForm:
@@ -177,7 +177,7 @@ class Quality:
             (answer.automatic_value, was_automatic),
             request.reviewer,
             request.reason,
-            self.configs(tenant_id).fcr_window_days,
+            self.configs(tenant_id),
         )
         return self.store.evaluation(tenant_id, iid, form_id)
 

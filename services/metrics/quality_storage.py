@@ -25,8 +25,11 @@ from services.metrics import alerts as al
 from services.metrics import categories as cat
 from services.metrics import evaluate as ev
 from services.metrics import forms
+from services.metrics import quality_rollup as qr
+from services.metrics.derive import day_of, hour_of
 from services.metrics.facts import LEG, SURVEY, Fact
 from services.metrics.storage import FACT_SELECT
+from services.metrics.tenant_settings import MetricsConfig
 from tessera.v1 import event_pb2, quality_pb2, stream_pb2
 
 #: The metrics service's outbox (alerts to the tenant's ``alerts`` stream).
@@ -174,7 +177,7 @@ class QualityStore:
         tenant_id: str,
         messages: Sequence[MessageRow],
         facts: Sequence[Fact],
-        fcr_window_days: int,
+        config: MetricsConfig,
         now: dt.datetime | None = None,
     ) -> int:
         """Keep the messages and evaluate what they and the facts touched; returns how many
@@ -219,7 +222,7 @@ class QualityStore:
                 pending = self._alerts(cur, tenant_id, sorted(touched), rules, now)
             form_list = self.latest_forms(tenant_id, cur)
             iids = set(touched)
-            window = dt.timedelta(days=fcr_window_days)
+            window = dt.timedelta(days=config.fcr_window_days)
             legs = [f for f in facts if f.kind == LEG]
             if legs and form_list:  # earlier contacts whose repeat outcome a new contact may change
                 cur.execute(
@@ -233,7 +236,7 @@ class QualityStore:
                     ),
                 )
                 iids.update(r[0] for r in cur.fetchall())
-            changed = self._evaluate(cur, tenant_id, sorted(iids), form_list, window, now) if form_list else 0
+            changed = self._evaluate(cur, tenant_id, sorted(iids), form_list, config, now) if form_list else 0
         if pending is not None and self.outbox is not None:
             self.outbox.submit(pending)
         return changed
@@ -402,7 +405,7 @@ class QualityStore:
             raise NotFound(f"no alert {alert_id!r}")
         return _alert(bytes(row[0]), row[1])
 
-    def reevaluate(self, tenant_id: str, form_id: str, fcr_window_days: int, batch: int = 500) -> int:
+    def reevaluate(self, tenant_id: str, form_id: str, config: MetricsConfig, batch: int = 500) -> int:
         """Evaluate every ended interaction of the tenant that ``form_id`` applies to again (after a
         new version or a category change); returns how many evaluations changed."""
         with db.raw_transaction(self.reader, "quality.ended") as (cur, _):
@@ -417,9 +420,7 @@ class QualityStore:
         for i in range(0, len(iids), batch):
             with db.raw_transaction(self.engine, "quality.reevaluate") as (cur, _):
                 form_list = [f for f in self.latest_forms(tenant_id, cur) if f.name == f"evaluationForms/{form_id}"]
-                changed += self._evaluate(
-                    cur, tenant_id, iids[i : i + batch], form_list, dt.timedelta(days=fcr_window_days), now
-                )
+                changed += self._evaluate(cur, tenant_id, iids[i : i + batch], form_list, config, now)
         return changed
 
     def _evaluate(
@@ -428,9 +429,11 @@ class QualityStore:
         tenant_id: str,
         iids: Sequence[str],
         form_list: Sequence[quality_pb2.EvaluationForm],
-        window: dt.timedelta,
+        config: MetricsConfig,
         now: dt.datetime,
     ) -> int:
+        window = dt.timedelta(days=config.fcr_window_days)
+        tz = config.tz
         cur.execute(
             "SELECT pg_advisory_xact_lock(k) FROM (SELECT hashtextextended(x, 10) AS k FROM unnest(%s::text[]) x "
             "ORDER BY 1) s",
@@ -465,6 +468,7 @@ class QualityStore:
         stored = {(r[0], r[1]): bytes(r[2]) for r in cur.fetchall()}
         known = self.categories(tenant_id, cur)
         rows = []
+        delta: dict[tuple[Any, ...], list[float]] = {}
         for iid in ended:
             interaction = _interaction(iid, legs[iid], transcripts.get(iid, []), surveys.get(iid, []), repeats[iid])
             first = interaction.first
@@ -474,8 +478,14 @@ class QualityStore:
                 form_id = form.name.removeprefix("evaluationForms/")
                 result = ev.evaluate(form, interaction, known, human.get((iid, form_id)))
                 body = result.SerializeToString(deterministic=True)
-                if stored.get((iid, form_id)) == body:
+                old = stored.get((iid, form_id))
+                if old == body:
                     continue
+                day = day_of(hour_of(first.start, tz), tz)
+                for key, d in qr.difference(_evaluation(old) if old is not None else None, result).items():
+                    found = delta.setdefault((day, *key), [0, 0, 0, 0, 0.0])
+                    for k, v in enumerate(d):
+                        found[k] += v
                 rows.append(
                     (
                         tenant_id,
@@ -487,15 +497,28 @@ class QualityStore:
                         result.auto_failed,
                         first.start,
                         body,
+                        day,
                     )
                 )
+        if delta:
+            execute_values(
+                cur,
+                "INSERT INTO metrics.quality_rollup_day AS r (tenant_id, day, form_id, question_id, agent, queue, "
+                "channel, n, auto_failed, passed, score_sum, score_sq) VALUES %s ON CONFLICT (tenant_id, day, "
+                "form_id, question_id, agent, queue, channel) DO UPDATE SET n = r.n + EXCLUDED.n, "
+                "auto_failed = r.auto_failed + EXCLUDED.auto_failed, passed = r.passed + EXCLUDED.passed, "
+                "score_sum = r.score_sum + EXCLUDED.score_sum, score_sq = r.score_sq + EXCLUDED.score_sq",
+                sorted((tenant_id, *key, *(int(v) for v in d[:4]), d[4]) for key, d in delta.items()),
+                page_size=1000,
+            )
         if rows:
             execute_values(
                 cur,
                 "INSERT INTO metrics.evaluations (tenant_id, interaction_id, form_id, form_version, profile_id, score, "
-                "auto_failed, started_at, body) VALUES %s ON CONFLICT (tenant_id, interaction_id, form_id) DO UPDATE "
-                "SET form_version = EXCLUDED.form_version, profile_id = EXCLUDED.profile_id, score = EXCLUDED.score, "
-                "auto_failed = EXCLUDED.auto_failed, started_at = EXCLUDED.started_at, body = EXCLUDED.body, "
+                "auto_failed, started_at, body, day) VALUES %s ON CONFLICT (tenant_id, interaction_id, form_id) "
+                "DO UPDATE SET form_version = EXCLUDED.form_version, profile_id = EXCLUDED.profile_id, "
+                "score = EXCLUDED.score, auto_failed = EXCLUDED.auto_failed, started_at = EXCLUDED.started_at, "
+                "body = EXCLUDED.body, day = EXCLUDED.day, "
                 "evaluated_at = now()",
                 rows,
                 page_size=500,
@@ -652,7 +675,7 @@ class QualityStore:
         automatic: tuple[str, bool],
         reviewer: str,
         reason: str,
-        fcr_window_days: int,
+        config: MetricsConfig,
     ) -> None:
         """Record a person's answer and evaluate the interaction again with it."""
         with db.raw_transaction(self.engine, "quality.override") as (cur, _):
@@ -677,9 +700,7 @@ class QualityStore:
                 ),
             )
             form_list = [f for f in self.latest_forms(tenant_id, cur) if f.name == f"evaluationForms/{form_id}"]
-            self._evaluate(
-                cur, tenant_id, [interaction_id], form_list, dt.timedelta(days=fcr_window_days), dt.datetime.now(dt.UTC)
-            )
+            self._evaluate(cur, tenant_id, [interaction_id], form_list, config, dt.datetime.now(dt.UTC))
 
     def agreement(self, tenant_id: str, form_id: str) -> dict[str, tuple[int, int]]:
         """Per question: automatic answers a person reviewed, and how many they left as they were."""

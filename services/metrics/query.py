@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import zoneinfo
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from services.core.errors import InvalidArgument, Violation
@@ -110,12 +111,18 @@ def plan(
     granularity: int,
     group_by: list[str],
     filters: list[tuple[str, list[str]]],
+    *,
+    catalogue: Collection[str] = BY_NAME,
+    dimensions: Sequence[str] = DIMENSIONS,
+    hourly: bool = True,
 ) -> Plan:
+    """The plan of a query over the CX rollups (the defaults) or another family of rollups: its
+    metric names, dimensions, and whether it has hourly buckets."""
     violations: list[Violation] = []
     if not metrics:
         violations.append(Violation("metrics", "name at least one metric (ListMetricDefinitions lists them)"))
     for i, m in enumerate(metrics):
-        if m not in BY_NAME:
+        if m not in catalogue:
             violations.append(
                 Violation(f"metrics[{i}]", f"unknown metric {m[:100]!r}; ListMetricDefinitions lists them")
             )
@@ -124,16 +131,18 @@ def plan(
     gran = GRANULARITIES.get(granularity)
     if gran is None:
         violations.append(Violation("granularity", "one of HOUR, DAY, WEEK, MONTH, ALL"))
+    elif gran == HOUR and not hourly:
+        violations.append(Violation("granularity", "these metrics are kept per day: DAY, WEEK, MONTH or ALL"))
     for i, d in enumerate(group_by):
-        if d not in DIMENSIONS:
-            violations.append(Violation(f"group_by[{i}]", f"unknown dimension {d[:100]!r}; one of {list(DIMENSIONS)}"))
+        if d not in dimensions:
+            violations.append(Violation(f"group_by[{i}]", f"unknown dimension {d[:100]!r}; one of {list(dimensions)}"))
     if len(set(group_by)) != len(group_by):
         violations.append(Violation("group_by", "each dimension at most once"))
     parsed: list[tuple[str, tuple[object, ...]]] = []
     for i, (dim, values) in enumerate(filters):
-        if dim not in DIMENSIONS:
+        if dim not in dimensions:
             violations.append(
-                Violation(f"filters[{i}].dimension", f"unknown dimension {dim[:100]!r}; one of {list(DIMENSIONS)}")
+                Violation(f"filters[{i}].dimension", f"unknown dimension {dim[:100]!r}; one of {list(dimensions)}")
             )
             continue
         if not values or len(values) > MAX_FILTER_VALUES:
@@ -165,7 +174,7 @@ def plan(
     lo, hi = _floor(start, floor_gran, tz), _ceil(end, floor_gran, tz)
     needed = 0
     for d in {*group_by, *(f[0] for f in parsed)}:
-        needed |= 1 << DIMENSIONS.index(d)
+        needed |= 1 << DIMENSIONS.index(d) if d in DIMENSIONS else 0
     kept = HOUR_GROUPINGS if gran == HOUR else DAY_GROUPINGS
     built = Plan(tuple(metrics), gran, tuple(group_by), tuple(parsed), lo, hi, needed if needed in kept else 31, tz)
     points = built.buckets() * len(metrics)

@@ -12,6 +12,7 @@ from google.protobuf import timestamp_pb2
 
 from services.core.errors import InvalidArgument, NotFound, Violation
 from services.metrics import derive as dv
+from services.metrics import quality_rollup as qr
 from services.metrics import query as q
 from services.metrics.definitions import BY_NAME, DIMENSIONS, METRICS
 from services.metrics.quality_storage import QualityStore
@@ -134,6 +135,14 @@ class MetricsReads:
         now: dt.datetime | None = None,
     ) -> metrics_pb2.QueryMetricsResponse:
         config = self.configs(tenant_id)
+        quality = [m for m in metrics if m in qr.QUALITY_BY_NAME]
+        if quality:
+            if len(quality) != len(metrics):
+                raise InvalidArgument(
+                    "invalid metrics query",
+                    [Violation("metrics", "quality metrics are queried on their own, not beside CX metrics")],
+                )
+            return self._quality_query(tenant_id, config, metrics, start, end, granularity, group_by, filters)
         plan = q.plan(config, metrics, start, end, granularity, group_by, filters)
         now = now or dt.datetime.now(dt.UTC)
         groups = self._sums(tenant_id, plan)
@@ -161,6 +170,75 @@ class MetricsReads:
                     point = series.points.add(score=score_proto(found), pending=found.pending)
                     point.start_time.FromDatetime(self._instant(b, plan))
                     point.relative_error = found.relative_error
+                if not series.points:
+                    del out.series[-1]
+        return out
+
+    def _quality_query(
+        self,
+        tenant_id: str,
+        config: MetricsConfig,
+        metrics: list[str],
+        start: dt.datetime | None,
+        end: dt.datetime | None,
+        granularity: int,
+        group_by: list[str],
+        filters: list[tuple[str, list[str]]],
+    ) -> metrics_pb2.QueryMetricsResponse:
+        """Quality metrics from the quality rollups: evaluation scores and auto-fail rates from the
+        evaluation rows, pass and points rates from the answer rows (by question when asked)."""
+        plan = q.plan(
+            config,
+            metrics,
+            start,
+            end,
+            granularity,
+            group_by,
+            filters,
+            catalogue=qr.QUALITY_BY_NAME,
+            dimensions=qr.QUALITY_DIMENSIONS,
+            hourly=False,
+        )
+        by_question = "question" in plan.group_by or any(d == "question" for d, _ in plan.filters)
+        whole = [m for m in plan.metrics if not qr.QUALITY_BY_NAME[m].per_question]
+        if by_question and whole:
+            raise InvalidArgument(
+                "invalid metrics query",
+                [Violation("group_by", f"{whole[0]} is per evaluation; by question, ask for quality_pass_rate")],
+            )
+        lo, hi = self._range(plan)
+        params: dict[str, Any] = {"t": tenant_id, "lo": lo, "hi": hi}
+        columns = {"form": "form_id", "question": "question_id", "agent": "agent", "queue": "queue"}
+        dims = "".join(f", {columns.get(d, d)}" for d in plan.group_by)
+        where = "tenant_id = %(t)s AND day >= %(lo)s AND day < %(hi)s"
+        for i, (dim, values) in enumerate(plan.filters):
+            params[f"f{i}"] = list(values)
+            where += f" AND {columns.get(dim, dim)} = ANY(%(f{i})s)"
+        bucket = self._bucket_sql(plan, "day")
+        sums: dict[bool, dict[tuple[Any, ...], tuple[Any, ...]]] = {}
+        for per_question in sorted({qr.QUALITY_BY_NAME[m].per_question for m in plan.metrics}):
+            rows = self.store.rollups(
+                f"SELECT {bucket} AS b{dims}, sum(n), sum(auto_failed), sum(passed), sum(score_sum), sum(score_sq) "  # noqa: S608
+                f"FROM metrics.quality_rollup_day WHERE {where} AND question_id {'<>' if per_question else '='} '' "
+                f"GROUP BY 1{dims}",
+                params,
+            )
+            sums[per_question] = {tuple(r[:-5]): tuple(float(x) for x in r[-5:]) for r in rows}
+        out = metrics_pb2.QueryMetricsResponse(
+            start_time=_ts(plan.start), end_time=_ts(plan.end), time_zone=config.time_zone
+        )
+        for metric in plan.metrics:
+            found = sums[qr.QUALITY_BY_NAME[metric].per_question]
+            for key_dims in sorted({k[1:] for k in found}, key=repr):
+                series = out.series.add(metric=metric)
+                for d, v in zip(plan.group_by, key_dims, strict=True):
+                    series.group[d] = q.CHANNEL_NAMES.get(v, "") if isinstance(v, int) else str(v)
+                for b in sorted(k[0] for k in found if k[1:] == key_dims):
+                    value = qr.score(metric, *found[(b, *key_dims)])
+                    if value.sample_size == 0:
+                        continue
+                    point = series.points.add(score=score_proto(value))
+                    point.start_time.FromDatetime(self._instant(b, plan))
                 if not series.points:
                     del out.series[-1]
         return out
@@ -260,6 +338,17 @@ class MetricsReads:
                     interval=m.interval,
                 )
                 for m in METRICS
+            ]
+            + [
+                metrics_pb2.MetricDefinition(
+                    name=m.name,
+                    display_name=m.name.replace("_", " "),
+                    definition=m.text + " Dimensions: " + ", ".join(qr.QUALITY_DIMENSIONS) + "; per day at the finest.",
+                    formula=m.formula,
+                    unit=m.unit,
+                    interval="normal 95%" if m.name == "quality_score" else "Wilson score interval, 95%",
+                )
+                for m in qr.QUALITY_METRICS
             ],
             dimensions=list(DIMENSIONS),
         )

@@ -14,6 +14,7 @@ from sqlalchemy.engine import Engine
 
 from services.core.server import RunningServer
 from services.metrics.definitions import METRICS
+from services.metrics.quality_rollup import QUALITY_METRICS
 from tessera.v1 import event_pb2, metrics_pb2, metrics_pb2_grpc
 from tests.conftest import TenantKey, make_tenant
 from tests.support.events import uid
@@ -234,9 +235,11 @@ def test_bad_queries_and_settings_name_the_field(m: Metrics) -> None:
 
 def test_definitions_are_the_ones_the_code_computes(m: Metrics) -> None:
     resp = m.stub.ListMetricDefinitions(metrics_pb2.ListMetricDefinitionsRequest(), metadata=m.metadata, timeout=10)
-    assert [(d.name, d.definition, d.formula) for d in resp.definitions] == [
+    assert [(d.name, d.definition, d.formula) for d in resp.definitions][: len(METRICS)] == [
         (x.name, x.definition, x.formula) for x in METRICS
     ]
+    quality = [(d.name, d.formula) for d in resp.definitions][len(METRICS) :]
+    assert quality == [(x.name, x.formula) for x in QUALITY_METRICS]
     assert list(resp.dimensions) == ["channel", "queue", "agent", "reason", "source"]
 
 

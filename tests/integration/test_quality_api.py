@@ -240,8 +240,8 @@ def test_redelivered_inputs_change_no_evaluation(engine: Engine, tenant: TenantK
 
     MetricsStore(engine).apply_facts(tenant.tenant_id, [leg], MetricsConfig())
     msgs = [MessageRow("m1", "i-r", "p-r", t0, 2.0, event_pb2.AUTHOR_AGENT, 0.0, "good morning")]
-    assert store.apply(tenant.tenant_id, msgs, [leg], 7) == 1
-    assert store.apply(tenant.tenant_id, msgs, [leg], 7) == 0
+    assert store.apply(tenant.tenant_id, msgs, [leg], MetricsConfig()) == 1
+    assert store.apply(tenant.tenant_id, msgs, [leg], MetricsConfig()) == 0
     assert answer(store.evaluation(tenant.tenant_id, "i-r", "chat"), "greeted").value == "yes"
 
 
@@ -329,3 +329,72 @@ def test_erasure_forgets_transcripts_and_evaluations(api: Apis, qa: Quality) -> 
             {"t": api.tenant_id, "i": iid},
         ).scalar_one()
     assert left == 0
+
+
+def _query(qa: Quality, metrics: list[str], **kw: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], Any]:
+    from google.protobuf import timestamp_pb2
+
+    from tessera.v1 import metrics_pb2
+
+    lo, hi = timestamp_pb2.Timestamp(), timestamp_pb2.Timestamp()
+    lo.FromDatetime(dt.datetime.now(dt.UTC) - dt.timedelta(days=10))
+    hi.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(days=1))
+    resp = qa.metrics.QueryMetrics(
+        metrics_pb2.QueryMetricsRequest(
+            metrics=metrics, start_time=lo, end_time=hi, granularity=metrics_pb2.GRANULARITY_ALL, **kw
+        ),
+        metadata=qa.md,
+        timeout=20,
+    )
+    return {(s.metric, tuple(sorted(s.group.items()))): s.points[0].score for s in resp.series}
+
+
+def test_quality_rollups_equal_the_current_evaluations_through_late_messages_overrides_and_versions(
+    api: Apis, qa: Quality
+) -> None:
+    created = qa.setup()
+    t0 = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(days=2)
+    iids = []
+    for n in range(6):
+        phone, iid = f"+1415555013{n}", uid("chat")
+        iids.append(iid)
+        events = [ended_chat(phone, iid, t0 + dt.timedelta(hours=n), hold=30.0 if n % 2 else 90.0, agent=f"a{n % 2}")]
+        if n % 3:
+            events.append(chat(phone, iid, event_pb2.AUTHOR_AGENT, "hello there", t0 + dt.timedelta(hours=n)))
+        api.send(*events)
+    for iid in iids:
+        qa.wait(iid)
+    # Change things after the first evaluations: a late closing line, a person's answer, a new version.
+    api.send(chat("+14155550131", iids[1], event_pb2.AUTHOR_AGENT, "thank you for calling", t0))
+    qa.wait(iids[1], lambda e: answer(e, "closed").value == "yes")
+    qa.call(
+        "OverrideAnswer",
+        quality_pb2.OverrideAnswerRequest(
+            name=f"evaluations/{iids[0]}/forms/chat", question_id="greeted", value="yes", reviewer="r", reason="said hi"
+        ),
+    )
+    newer = quality_pb2.EvaluationForm()
+    newer.CopyFrom(created)
+    newer.sections[0].weight, newer.sections[1].weight = 50, 50
+    qa.call("UpdateEvaluationForm", quality_pb2.UpdateEvaluationFormRequest(form=newer))
+    current = [qa.wait(i, lambda e: e.form_version == 2, "version 2") for i in iids]
+
+    by_agent = _query(qa, ["quality_score", "quality_auto_fail_rate"], group_by=["agent"])
+    for agent in ("a0", "a1"):
+        mine = [e.score for e in current if e.agent_id == agent]
+        score = by_agent[("quality_score", (("agent", agent),))]
+        assert score.sample_size == len(mine)
+        assert score.value == pytest.approx(sum(mine) / len(mine), abs=1e-6)
+        assert by_agent[("quality_auto_fail_rate", (("agent", agent),))].value == 0
+    by_question = _query(qa, ["quality_pass_rate"], group_by=["question"])
+    for qid in ("greeted", "closed", "hold"):
+        answers = [answer(e, qid) for e in current]
+        passed = sum(1 for a in answers if a.points >= a.max_points)
+        got = by_question[("quality_pass_rate", (("question", qid),))]
+        assert (got.sample_size, got.value) == (len(answers), pytest.approx(100 * passed / len(answers)))
+    with pytest.raises(grpc.RpcError) as err:
+        _query(qa, ["quality_score"], group_by=["question"])
+    assert {f for f, _ in bad_request(err.value)} == {"group_by"}
+    with pytest.raises(grpc.RpcError) as err:
+        _query(qa, ["quality_score", "nps"])
+    assert {f for f, _ in bad_request(err.value)} == {"metrics"}
