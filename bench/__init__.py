@@ -18,6 +18,7 @@ SCENARIOS: dict[str, str] = {
     "context": "bench.context",
     "freshness": "bench.freshness",
     "metrics": "bench.metrics",
+    "quality": "bench.quality",
 }
 
 

@@ -14,7 +14,7 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from services.core.errors import InvalidArgument, Violation
 from tessera.v1 import event_pb2, quality_pb2
@@ -31,11 +31,16 @@ _PARTICIPANT_AUTHOR = {
 _PARTICIPANT_NAME = {0: "anyone", 1: "customer", 2: "agent", 3: "bot"}
 
 
+_WORDS = re.compile(r"\w+")
+
+
 def normalize(text: str) -> str:
     """Case-folded, accents stripped, every run of non-word characters one space."""
+    if text.isascii():  # most transcripts: no accents to strip
+        return " ".join(_WORDS.findall(text.lower()))
     decomposed = unicodedata.normalize("NFKD", text.casefold())
     bare = "".join(c for c in decomposed if not unicodedata.combining(c))
-    return " ".join(re.findall(r"\w+", bare))
+    return " ".join(_WORDS.findall(bare))
 
 
 def _token(word: str) -> str:
@@ -74,6 +79,11 @@ class Line:
     text: str
     #: Seconds from the interaction's start.
     offset: float
+
+    @cached_property
+    def normalized(self) -> str:
+        """Normalized once, however many rules read the line."""
+        return normalize(self.text)
 
 
 @dataclass(frozen=True)
@@ -123,40 +133,73 @@ def _excerpt(text: str, start: int, end: int, words: int = 4) -> str:
     return " ".join([*before, f"[{text[start:end]}]", *after])
 
 
+@dataclass(frozen=True)
+class _Rule:
+    """A rule ready to run: its phrases as one expression (group i is phrase i), its texts."""
+
+    author: int | None
+    rule: quality_pb2.CategoryRule
+    pattern: re.Pattern[str]
+    phrases: tuple[str, ...]
+    who: str
+    where: str
+
+
+@lru_cache(maxsize=1024)
+def _compile(spec: bytes) -> tuple[_Rule, ...]:
+    category = quality_pb2.Category()
+    category.ParseFromString(spec)
+    out = []
+    for rule in category.rules:
+        phrases = tuple(rule.phrases)
+        body = "|".join(f"(?P<p{i}>{compile_phrase(p).pattern})" for i, p in enumerate(phrases))
+        out.append(
+            _Rule(
+                _PARTICIPANT_AUTHOR.get(rule.participant),
+                rule,
+                re.compile(body),
+                phrases,
+                _PARTICIPANT_NAME.get(rule.participant, "anyone"),
+                _window_words(rule),
+            )
+        )
+    return tuple(out)
+
+
 def detect(category: quality_pb2.Category, transcript: Sequence[Line]) -> Detection:
-    """Whether the category is detected in the transcript (in time order), and its evidence."""
-    ordered = sorted(transcript, key=lambda x: (x.offset, x.event_id))
+    """Whether the category is detected in the transcript, and its evidence. The transcript comes
+    in time order (offset, then event id), as the store reads it: first and last N messages
+    count in that order. Each matching message is one hit, at its first match."""
     hits: list[Hit] = []
     reasons: list[str] = []
     detected = True
-    for rule in category.rules:
-        author = _PARTICIPANT_AUTHOR.get(rule.participant)
-        lines = [x for x in ordered if author is None or x.author == author]
+    rules = _compile(category.SerializeToString(deterministic=True))
+    for r in rules:
+        lines = [x for x in transcript if r.author is None or x.author == r.author]
         found: list[Hit] = []
-        for line in _window(lines, rule):
-            normalized = normalize(line.text)
-            for phrase in rule.phrases:
-                m = compile_phrase(phrase).search(normalized)
-                if m:
-                    found.append(Hit(line.event_id, phrase, _excerpt(normalized, *m.span()), line.offset, line.author))
-                    break
-        who = _PARTICIPANT_NAME.get(rule.participant, "anyone")
-        where = _window_words(rule)
-        if rule.negate:
+        for line in _window(lines, r.rule):
+            normalized = line.normalized
+            m = r.pattern.search(normalized)
+            if m:
+                phrase = r.phrases[int((m.lastgroup or "p0")[1:])]
+                found.append(Hit(line.event_id, phrase, _excerpt(normalized, *m.span()), line.offset, line.author))
+        if r.rule.negate:
             holds = not found
             reasons.append(
-                f"{who} never said any of {list(rule.phrases)}{where}"
+                f"{r.who} never said any of {list(r.phrases)}{r.where}"
                 if holds
-                else f"{who} said {found[0].phrase!r}{where}, which the rule forbids"
+                else f"{r.who} said {found[0].phrase!r}{r.where}, which the rule forbids"
             )
         else:
             holds = bool(found)
             reasons.append(
-                f"{who} said {found[0].phrase!r}{where}" if holds else f"{who} said none of {list(rule.phrases)}{where}"
+                f"{r.who} said {found[0].phrase!r}{r.where}"
+                if holds
+                else f"{r.who} said none of {list(r.phrases)}{r.where}"
             )
         hits.extend(found)
         detected = detected and holds
-    return Detection(detected and bool(category.rules), tuple(hits), tuple(reasons))
+    return Detection(detected and bool(rules), tuple(hits), tuple(reasons))
 
 
 def validate(category_id: str | None, category: quality_pb2.Category, field: str = "category") -> None:
