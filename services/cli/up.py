@@ -150,14 +150,17 @@ class Stack:
         return created
 
     def _configure_demo_tenant(self) -> None:
-        """The demo systems' identifier types, through the public API like any tenant's admin."""
+        """The demo systems' identifier types, and its quality form, categories and alert rules,
+        through the public APIs like any tenant's admin."""
         from services.cli.client import open_channel
-        from services.cli.demo import configure_tenant
+        from services.cli.demo import configure_quality, configure_tenant
 
-        if "identity" not in self.ports:
-            return
-        with open_channel(self._target("identity")) as channel:
-            configure_tenant(channel, self.api_key)
+        if "identity" in self.ports:
+            with open_channel(self._target("identity")) as channel:
+                configure_tenant(channel, self.api_key)
+        if "metrics" in self.ports:  # before the data, so the consumer evaluates it as it lands
+            with open_channel(self._target("metrics")) as channel:
+                configure_quality(channel, self.api_key)
 
     def _load_demo(self) -> None:
         from services.cli.client import StreamIngester, batches_of, open_channel

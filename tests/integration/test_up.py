@@ -203,6 +203,28 @@ def test_newcomer_session_from_nothing_to_a_query(tmp_path: Path) -> None:
         volume = [line for line in month.stdout.splitlines() if line.startswith("contact_volume")]
         assert len(volume) >= 3, month.stdout  # calls, chats, emails...
 
+        # The quality lead's view: every demo chat evaluated under the demo form, scored by agent.
+        quality = _cli(
+            data_dir,
+            port,
+            "metrics",
+            "query",
+            "--metric",
+            "quality_score",
+            "--from",
+            "30d",
+            "--granularity",
+            "all",
+            "--group-by",
+            "agent",
+            "--target",
+            f"127.0.0.1:{METRICS_PORT}",
+            api_key=demo_key,
+        )
+        assert quality.returncode == 0, quality.stderr
+        by_agent = [line for line in quality.stdout.splitlines() if line.startswith("quality_score")]
+        assert len(by_agent) >= 3, quality.stdout
+
         # Another terminal: a tenant of one's own, and an import, with no configuration at all.
         created = _cli(data_dir, port, "tenant", "create", "acme", "--json")
         assert created.returncode == 0, created.stderr
