@@ -53,6 +53,7 @@ def register(server: grpc.aio.Server, ctx: ServiceContext, own: MetricsSettings)
     )
     workers.append(Periodic("metrics upkeep", own.upkeep_seconds, store.upkeep))
     workers.append(outbox)
+    workers.append(Periodic("quality re-evaluation", 0.25, lambda: quality.drain_reevaluations(configs.get)))
     return workers
 
 

@@ -61,10 +61,12 @@ class Quality:
         category_id = _id(category.name, CATEGORY_PREFIX, "category.name")
         cat.validate(None, category)
         self.store.update_category(tenant_id, category_id, _category_spec(category))
-        config = self.configs(tenant_id)
-        for form in self.store.latest_forms(tenant_id):
-            if any(q.automatic.category == category.name for s in form.sections for q in s.questions):
-                self.store.reevaluate(tenant_id, form.name.removeprefix(FORM_PREFIX), config)
+        using = [
+            form.name.removeprefix(FORM_PREFIX)
+            for form in self.store.latest_forms(tenant_id)
+            if any(q.automatic.category == category.name for s in form.sections for q in s.questions)
+        ]
+        self.store.request_reevaluation(tenant_id, using)
         return self.store.categories(tenant_id)[category.name]
 
     def categories(self, tenant_id: str) -> list[quality_pb2.Category]:
@@ -75,13 +77,13 @@ class Quality:
     def save_form(
         self, tenant_id: str, form_id: str | None, form: quality_pb2.EvaluationForm
     ) -> quality_pb2.EvaluationForm:
-        """Create (``form_id`` given) or make a new version of a form, then evaluate the ended
-        interactions it applies to with it."""
+        """Create (``form_id`` given) or make a new version of a form; the ended interactions it
+        applies to are evaluated with it in the background (``reevaluation_step``)."""
         create = form_id is not None
         fid = form_id if form_id is not None else _id(form.name, FORM_PREFIX, "form.name")
         forms.validate(form_id, form, set(self.store.categories(tenant_id)))
         version = self.store.save_form(tenant_id, fid, form, create)
-        self.store.reevaluate(tenant_id, fid, self.configs(tenant_id))
+        self.store.request_reevaluation(tenant_id, [fid])
         return self.store.form(tenant_id, fid, version)
 
     def form(self, tenant_id: str, name: str, version: int) -> quality_pb2.EvaluationForm:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -438,22 +439,78 @@ class QualityStore:
         return _alert(bytes(row[0]), row[1])
 
     def reevaluate(self, tenant_id: str, form_id: str, config: MetricsConfig, batch: int = 500) -> int:
-        """Evaluate every ended interaction of the tenant that ``form_id`` applies to again (after a
-        new version or a category change); returns how many evaluations changed."""
-        with db.raw_transaction(self.reader, "quality.ended") as (cur, _):
-            cur.execute(
-                "SELECT DISTINCT interaction_id FROM metrics.facts WHERE tenant_id = %s AND kind = 1 "
-                "AND ended_at IS NOT NULL ORDER BY 1",
-                (tenant_id,),
-            )
-            iids = [r[0] for r in cur.fetchall()]
-        changed = 0
-        now = dt.datetime.now(dt.UTC)
-        for i in range(0, len(iids), batch):
+        """Evaluate every ended interaction of the tenant that ``form_id`` applies to again, now,
+        in batches; returns how many evaluations changed. (The service queues the same work with
+        :meth:`request_reevaluation`; this is for tools and benchmarks.)"""
+        changed, after = 0, ""
+        while True:
             with db.raw_transaction(self.engine, "quality.reevaluate") as (cur, _):
-                form_list = [f for f in self.latest_forms(tenant_id, cur) if f.name == f"evaluationForms/{form_id}"]
-                changed += self._evaluate(cur, tenant_id, iids[i : i + batch], form_list, config, now)
-        return changed
+                done, after = self._reevaluate_batch(cur, tenant_id, form_id, after, config, batch)
+            changed += done
+            if not after:
+                return changed
+
+    def request_reevaluation(self, tenant_id: str, form_ids: Sequence[str]) -> None:
+        """Queue the forms' interactions for evaluation again (from the start, if already queued)."""
+        if not form_ids:
+            return
+        with db.raw_transaction(self.engine, "quality.request_reevaluation") as (cur, _):
+            execute_values(
+                cur,
+                "INSERT INTO metrics.reevaluations (tenant_id, form_id) VALUES %s ON CONFLICT (tenant_id, form_id) "
+                "DO UPDATE SET after = '', requested_at = clock_timestamp()",
+                [(tenant_id, f) for f in sorted(set(form_ids))],
+            )
+
+    def reevaluation_step(self, configs: Callable[[str], MetricsConfig], batch: int = 500) -> int:
+        """One batch of the oldest queued re-evaluation (any replica may run it: the row is taken
+        with SKIP LOCKED and its progress saved in the same transaction); 1 when a batch was done,
+        0 when nothing is queued."""
+        with db.raw_transaction(self.engine, "quality.reevaluation_step") as (cur, _):
+            cur.execute(
+                "SELECT tenant_id, form_id, after FROM metrics.reevaluations ORDER BY requested_at "
+                "LIMIT 1 FOR UPDATE SKIP LOCKED"
+            )
+            row = cur.fetchone()
+            if row is None:
+                return 0
+            tenant_id, form_id, after = row
+            _changed, next_after = self._reevaluate_batch(cur, tenant_id, form_id, after, configs(tenant_id), batch)
+            if next_after:
+                cur.execute(
+                    "UPDATE metrics.reevaluations SET after = %s WHERE tenant_id = %s AND form_id = %s",
+                    (next_after, tenant_id, form_id),
+                )
+            else:
+                cur.execute(
+                    "DELETE FROM metrics.reevaluations WHERE tenant_id = %s AND form_id = %s", (tenant_id, form_id)
+                )
+            return 1
+
+    def drain_reevaluations(self, configs: Callable[[str], MetricsConfig], budget_seconds: float = 2.0) -> int:
+        """Queued re-evaluation batches for up to ``budget_seconds`` (the periodic job)."""
+        deadline = time.monotonic() + budget_seconds
+        steps = 0
+        while time.monotonic() < deadline and self.reevaluation_step(configs):
+            steps += 1
+        return steps
+
+    def _reevaluate_batch(
+        self, cur: Any, tenant_id: str, form_id: str, after: str, config: MetricsConfig, batch: int
+    ) -> tuple[int, str]:
+        """Evaluate the next ``batch`` ended interactions after ``after``; (changed, the last one
+        done, or "" when there are no more)."""
+        cur.execute(
+            "SELECT DISTINCT interaction_id FROM metrics.facts WHERE tenant_id = %s AND kind = 1 "
+            "AND ended_at IS NOT NULL AND interaction_id > %s ORDER BY 1 LIMIT %s",
+            (tenant_id, after, batch),
+        )
+        iids = [r[0] for r in cur.fetchall()]
+        if not iids:
+            return 0, ""
+        form_list = [f for f in self.latest_forms(tenant_id, cur) if f.name == f"evaluationForms/{form_id}"]
+        changed = self._evaluate(cur, tenant_id, iids, form_list, config, dt.datetime.now(dt.UTC)) if form_list else 0
+        return changed, iids[-1] if len(iids) == batch else ""
 
     def _evaluate(
         self,

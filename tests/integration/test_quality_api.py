@@ -398,3 +398,53 @@ def test_quality_rollups_equal_the_current_evaluations_through_late_messages_ove
     with pytest.raises(grpc.RpcError) as err:
         _query(qa, ["quality_score", "nps"])
     assert {f for f, _ in bad_request(err.value)} == {"metrics"}
+
+
+def test_a_queued_re_evaluation_resumes_batch_by_batch_and_leaves_the_queue(
+    engine: Engine, tenant: TenantKey, qa: Quality
+) -> None:
+    """What a new form version queues is done a batch at a time, its progress committed with each
+    batch, so a replica that dies mid-way leaves the rest to the next."""
+    from services.metrics.storage import MetricsStore
+    from services.metrics.tenant_settings import MetricsConfig
+
+    created = qa.setup()
+    t0 = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(days=3)
+    legs = [
+        Fact(
+            key=f"leg:q{n}:q{n}",
+            kind=LEG,
+            event_id=f"eq{n}",
+            profile_id=f"pq{n}",
+            at=t0,
+            channel=event_pb2.CHANNEL_CHAT,
+            source="t",
+            interaction_id=f"q{n}",
+            agent="a",
+            reason="r",
+            started_at=t0,
+            leg_id=f"q{n}",
+            ended_at=t0 + dt.timedelta(minutes=2),
+            hold=90.0,
+        )
+        for n in range(5)
+    ]
+    MetricsStore(engine).apply_facts(tenant.tenant_id, legs, MetricsConfig())
+    store = QualityStore(engine)
+    store.apply(tenant.tenant_id, [], legs, MetricsConfig())
+    assert {store.evaluation(tenant.tenant_id, f"q{n}", "chat").form_version for n in range(5)} == {1}
+    # A batch at a time, resuming where the last one stopped (the service's own job may take part).
+    store.save_form(tenant.tenant_id, "chat", created, create=False)
+    store.request_reevaluation(tenant.tenant_id, ["chat"])
+    while store.reevaluation_step(lambda _t: MetricsConfig(), batch=2):
+        pass
+
+    def settled() -> bool:
+        with engine.connect() as conn:
+            left = conn.exec_driver_sql(
+                "SELECT count(*) FROM metrics.reevaluations WHERE tenant_id = %(t)s", {"t": tenant.tenant_id}
+            ).scalar_one()
+        versions = {store.evaluation(tenant.tenant_id, f"q{n}", "chat").form_version for n in range(5)}
+        return left == 0 and versions == {2}
+
+    wait_until(settled, 20, "every interaction under version 2 and the queue empty")

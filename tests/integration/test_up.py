@@ -23,6 +23,8 @@ from tessera.v1 import (
     identity_pb2_grpc,
     ingest_pb2,
     ingest_pb2_grpc,
+    metrics_pb2,
+    metrics_pb2_grpc,
     profile_pb2,
     profile_pb2_grpc,
 )
@@ -109,6 +111,26 @@ def _wait_one_profile(api_key: str, identifiers: list[tuple[str, str]], timeout:
     raise AssertionError(f"the persona did not resolve to one profile: {found}")
 
 
+def _wait_metrics(api_key: str, profile_id: str, timeout: float = 120) -> None:
+    """Until the metrics consumer, busy evaluating the demo chats too, has her calls."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{METRICS_PORT}") as channel:
+        stub = metrics_pb2_grpc.MetricsServiceStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                got = stub.GetCustomerMetrics(
+                    metrics_pb2.GetCustomerMetricsRequest(profile=f"profiles/{profile_id}"),
+                    metadata=(("authorization", f"Bearer {api_key}"),),
+                    timeout=10,
+                )
+                if got.metrics.aht_seconds.sample_size > 0:
+                    return
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.NOT_FOUND, err
+            time.sleep(0.5)
+    raise AssertionError("the metrics service never had the demo customer's calls")
+
+
 def _wait_context(api_key: str, profile_id: str, timeout: float = 90) -> profile_pb2.GetCustomerContextResponse:
     """The demo customer's context by the caller id an agent desktop sees, once profile caught up."""
     deadline = time.monotonic() + timeout
@@ -171,6 +193,7 @@ def test_newcomer_session_from_nothing_to_a_query(tmp_path: Path) -> None:
         )
         # "Who is calling?": her context from the caller id, with her calls and chat, her open
         # case, and her CX scores from the metrics service.
+        _wait_metrics(demo_key, profile_id)  # first, so her context is first built with her scores
         context = _wait_context(demo_key, profile_id)
         assert {(i.type, i.value) for i in context.profile.identifiers} >= PERSONA_IDENTIFIERS
         assert "CS-0999001" in {c.case_id for c in context.open_cases} | {
