@@ -221,7 +221,7 @@ def _load(engine: Any, tenant_id: str, cfg: Config, end: dt.datetime, rng: rando
                 f"{tenant_id}\tleg:{iid}:{iid}\t1\tev-{n}\t{pid}\t{ended.isoformat()}\t2\tzendesk\t{iid}\tbilling\t"
                 f"agent-{n % 50}\t{rng.choice(('billing', 'delivery', 'login'))}\t\t0\t{at.isoformat()}\t300.0\t"
                 f"{hold!r}\t30.0\t10.0\t{'t' if rng.random() < 0.1 else 'f'}\tf\t{iid}\t0\t\\N\t0\t0.0\t"
-                f"{ended.isoformat()}\n"
+                f"{ended.isoformat()}\tteam-{n % 5}\n"
             )
             for k in range(cfg.messages):
                 customer = k % 2 == 1

@@ -254,7 +254,7 @@ def validate_event(
     return out
 
 
-_INTERACTION_TEXT = ("interaction_id", "queue", "agent_id", "reason", "disposition", "case_id", "leg_id")
+_INTERACTION_TEXT = ("interaction_id", "queue", "agent_id", "reason", "disposition", "case_id", "leg_id", "team")
 
 
 def _validate_interaction(it: event_pb2.Interaction, p: str, out: list[Violation]) -> None:

@@ -87,6 +87,12 @@ class Interaction:
         handled = sorted((f for f in self.legs if f.handled), key=lambda f: (f.start, f.leg_id))
         return handled[-1].agent if handled else ""
 
+    @property
+    def team(self) -> str:
+        """That agent's team, as its leg says."""
+        handled = sorted((f for f in self.legs if f.handled), key=lambda f: (f.start, f.leg_id))
+        return handled[-1].team if handled else ""
+
 
 @dataclass
 class _Auto:
@@ -251,6 +257,7 @@ def evaluate(
         channel=first.channel,  # type: ignore[arg-type]
         queue=first.queue,
         agent_id=ix.agent,
+        team=ix.team,
         reason=ix.reason,
         interaction_start_time=_ts(first.start),
     )

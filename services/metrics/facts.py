@@ -70,8 +70,10 @@ class Fact:
     # messages
     author: int = 0
     compound: float = 0.0
-    # legs, again: when it ended (an interaction is evaluated once a leg says so)
+    # legs, again: when it ended (an interaction is evaluated once a leg says so), and the
+    # handling agent's team
     ended_at: dt.datetime | None = None
+    team: str = ""
 
     @property
     def start(self) -> dt.datetime:
@@ -140,6 +142,7 @@ def from_event(ev: event_pb2.Event) -> Fact | None:
             abandoned=i.abandoned,
             leg_id=leg,
             ended_at=_time(i.ended_at),
+            team=i.team,
             **common,  # type: ignore[arg-type]
         )
     if which == "survey_response":

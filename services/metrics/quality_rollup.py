@@ -1,7 +1,7 @@
 """What an evaluation adds to the quality rollups, and the quality metrics computed from them.
 Pure, no I/O.
 
-Each evaluation adds, on its interaction's local day, for its form, agent, queue and channel: one
+Each evaluation adds, on its interaction's local day, for its form, agent, team, queue and channel: one
 row for the evaluation (``question`` empty: scored, auto-failed, the score's sum and square) and
 one per scored answer (answered, passed: full points, the share of points earned). When an
 evaluation changes (a late message, a new form version, a person's answer) the store adds the
@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from services.metrics.stats import Score, mean, rate
 from tessera.v1 import quality_pb2
 
-#: (form_id, question_id or "", agent, queue, channel)
-QualityKey = tuple[str, str, str, str, int]
+#: (form_id, question_id or "", agent, team, queue, channel)
+QualityKey = tuple[str, str, str, str, str, int]
 #: The counters of a quality rollup row, in the table's column order.
 COLUMNS = ("n", "auto_failed", "passed", "score_sum", "score_sq")
 #: Scores are kept in 1/100 of a point (0..10,000), so sums are exact integers.
 SCALE = 100
-QUALITY_DIMENSIONS = ("form", "question", "agent", "queue", "channel")
+QUALITY_DIMENSIONS = ("form", "question", "agent", "team", "queue", "channel")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ QUALITY_BY_NAME = {m.name: m for m in QUALITY_METRICS}
 def contribution(e: quality_pb2.Evaluation) -> dict[QualityKey, list[float]]:
     """The evaluation's rows: key -> [n, auto_failed, passed, score_sum, score_sq]."""
     form_id = e.form.removeprefix("evaluationForms/")
-    dims = (e.agent_id, e.queue, int(e.channel))
+    dims = (e.agent_id, e.team, e.queue, int(e.channel))
     out: dict[QualityKey, list[float]] = {}
     if e.HasField("score"):
         s = round(e.score * SCALE)

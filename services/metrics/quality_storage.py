@@ -50,7 +50,8 @@ _STAGE_ROLLUP = (
 )
 _MERGE_ROLLUP = (
     "INSERT INTO metrics.quality_rollup_day AS r SELECT * FROM pg_temp.quality_rollup_delta "
-    "ON CONFLICT (tenant_id, day, form_id, question_id, agent, queue, channel) DO UPDATE SET n = r.n + EXCLUDED.n, "
+    "ON CONFLICT (tenant_id, day, form_id, question_id, agent, team, queue, channel) DO UPDATE SET "
+    "n = r.n + EXCLUDED.n, "
     "auto_failed = r.auto_failed + EXCLUDED.auto_failed, passed = r.passed + EXCLUDED.passed, "
     "score_sum = r.score_sum + EXCLUDED.score_sum, score_sq = r.score_sq + EXCLUDED.score_sq; "
     "TRUNCATE pg_temp.quality_rollup_delta"
@@ -593,7 +594,7 @@ class QualityStore:
             cur.execute(_STAGE_ROLLUP)
             text = "".join(
                 f"{_esc(tenant_id)}\t{key[0].isoformat()}\t{_esc(key[1])}\t{_esc(key[2])}\t{_esc(key[3])}\t"
-                f"{_esc(key[4])}\t{key[5]}\t{int(d[0])}\t{int(d[1])}\t{int(d[2])}\t{int(d[3])}\t{d[4]!r}\n"
+                f"{_esc(key[4])}\t{_esc(key[5])}\t{key[6]}\t{int(d[0])}\t{int(d[1])}\t{int(d[2])}\t{int(d[3])}\t{d[4]!r}\n"
                 for key, d in sorted(delta.items())
             )
             cur.copy_expert("COPY pg_temp.quality_rollup_delta FROM STDIN", io.StringIO(text))

@@ -135,6 +135,7 @@ _FACT_LINE_ORDER = [
     "author",
     "compound",
     "ended_at",
+    "team",
 ]
 if [f.name for f in fields(Fact)] != _FACT_LINE_ORDER:  # pragma: no cover - caught at import by every test
     raise RuntimeError("_fact_line writes the columns in another order than Fact declares them")
@@ -152,7 +153,7 @@ def _fact_line(tenant: str, f: Fact) -> str:
         f"{f.queue.translate(e)}\t{f.agent.translate(e)}\t{f.reason.translate(e)}\t{f.case_id.translate(e)}\t"
         f"{f.case_status}\t{started}\t{f.talk!r}\t{f.hold!r}\t{f.acw!r}\t{f.wait!r}\t"
         f"{'t' if f.transferred else 'f'}\t{'t' if f.abandoned else 'f'}\t{f.leg_id.translate(e)}\t"
-        f"{f.survey_type}\t{score}\t{f.author}\t{f.compound!r}\t{ended}\n"
+        f"{f.survey_type}\t{score}\t{f.author}\t{f.compound!r}\t{ended}\t{f.team.translate(e)}\n"
     )
 
 

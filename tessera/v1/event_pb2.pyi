@@ -332,6 +332,7 @@ class Interaction(_message.Message):
     ABANDONED_FIELD_NUMBER: _builtins.int
     LEG_ID_FIELD_NUMBER: _builtins.int
     WAIT_SECONDS_FIELD_NUMBER: _builtins.int
+    TEAM_FIELD_NUMBER: _builtins.int
     interaction_id: _builtins.str
     """Required. Shared by all legs of one contact, and by its messages and surveys."""
     direction: Global___Direction.ValueType
@@ -355,6 +356,8 @@ class Interaction(_message.Message):
     """Identifies this agent leg within the interaction; defaults to the interaction."""
     wait_seconds: _builtins.float
     """Time in queue before an agent answered, in seconds."""
+    team: _builtins.str
+    """The team of the agent who handled this leg, when the contact-center system knows it."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -379,10 +382,11 @@ class Interaction(_message.Message):
         abandoned: _builtins.bool = ...,
         leg_id: _builtins.str = ...,
         wait_seconds: _builtins.float = ...,
+        team: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["abandoned", b"abandoned", "after_contact_work_seconds", b"after_contact_work_seconds", "agent_id", b"agent_id", "case_id", b"case_id", "case_status", b"case_status", "direction", b"direction", "disposition", b"disposition", "ended_at", b"ended_at", "hold_seconds", b"hold_seconds", "interaction_id", b"interaction_id", "leg_id", b"leg_id", "queue", b"queue", "reason", b"reason", "started_at", b"started_at", "talk_seconds", b"talk_seconds", "transferred", b"transferred", "wait_seconds", b"wait_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abandoned", b"abandoned", "after_contact_work_seconds", b"after_contact_work_seconds", "agent_id", b"agent_id", "case_id", b"case_id", "case_status", b"case_status", "direction", b"direction", "disposition", b"disposition", "ended_at", b"ended_at", "hold_seconds", b"hold_seconds", "interaction_id", b"interaction_id", "leg_id", b"leg_id", "queue", b"queue", "reason", b"reason", "started_at", b"started_at", "talk_seconds", b"talk_seconds", "team", b"team", "transferred", b"transferred", "wait_seconds", b"wait_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -996,6 +996,7 @@ class Evaluation(_message.Message):
     QUEUE_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    TEAM_FIELD_NUMBER: _builtins.int
     INTERACTION_START_TIME_FIELD_NUMBER: _builtins.int
     EVALUATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
@@ -1017,6 +1018,8 @@ class Evaluation(_message.Message):
     queue: _builtins.str
     agent_id: _builtins.str
     reason: _builtins.str
+    team: _builtins.str
+    """The team of the agent who closed the contact (from its Interaction legs)."""
     @_builtins.property
     def sections(self) -> _containers.RepeatedCompositeFieldContainer[Global___SectionScore]: ...
     @_builtins.property
@@ -1043,12 +1046,13 @@ class Evaluation(_message.Message):
         queue: _builtins.str = ...,
         agent_id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        team: _builtins.str = ...,
         interaction_start_time: _timestamp_pb2.Timestamp | None = ...,
         evaluate_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "evaluate_time", b"evaluate_time", "interaction_start_time", b"interaction_start_time", "score", b"score"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "agent_id", b"agent_id", "answers", b"answers", "auto_fail_question", b"auto_fail_question", "auto_failed", b"auto_failed", "awaiting_review", b"awaiting_review", "channel", b"channel", "evaluate_time", b"evaluate_time", "form", b"form", "form_version", b"form_version", "interaction_id", b"interaction_id", "interaction_start_time", b"interaction_start_time", "name", b"name", "profile", b"profile", "queue", b"queue", "reason", b"reason", "score", b"score", "sections", b"sections"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_score", b"_score", "agent_id", b"agent_id", "answers", b"answers", "auto_fail_question", b"auto_fail_question", "auto_failed", b"auto_failed", "awaiting_review", b"awaiting_review", "channel", b"channel", "evaluate_time", b"evaluate_time", "form", b"form", "form_version", b"form_version", "interaction_id", b"interaction_id", "interaction_start_time", b"interaction_start_time", "name", b"name", "profile", b"profile", "queue", b"queue", "reason", b"reason", "score", b"score", "sections", b"sections", "team", b"team"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__score: _TypeAlias = _typing.Literal["score"]  # noqa: Y015
     _WhichOneofArgType__score: _TypeAlias = _typing.Literal["_score", b"_score"]  # noqa: Y015

@@ -36,9 +36,10 @@ def chat(phone: str, iid: str, author: int, text: str, at: dt.datetime, offset: 
     return ev
 
 
-def ended_chat(phone: str, iid: str, at: dt.datetime, hold: float = 10.0, **kw: Any) -> event_pb2.Event:
+def ended_chat(phone: str, iid: str, at: dt.datetime, hold: float = 10.0, team: str = "", **kw: Any) -> event_pb2.Event:
     ev = interaction(("phone", phone), interaction_id=iid, at=at, channel=event_pb2.CHANNEL_CHAT, **kw)
     ev.interaction.hold_seconds = hold
+    ev.interaction.team = team
     ev.interaction.ended_at.FromDatetime(at + dt.timedelta(minutes=6))
     return ev
 
@@ -358,7 +359,16 @@ def test_quality_rollups_equal_the_current_evaluations_through_late_messages_ove
     for n in range(6):
         phone, iid = f"+1415555013{n}", uid("chat")
         iids.append(iid)
-        events = [ended_chat(phone, iid, t0 + dt.timedelta(hours=n), hold=30.0 if n % 2 else 90.0, agent=f"a{n % 2}")]
+        events = [
+            ended_chat(
+                phone,
+                iid,
+                t0 + dt.timedelta(hours=n),
+                hold=30.0 if n % 2 else 90.0,
+                agent=f"a{n % 2}",
+                team="north" if n < 4 else "south",
+            )
+        ]
         if n % 3:
             events.append(chat(phone, iid, event_pb2.AUTHOR_AGENT, "hello there", t0 + dt.timedelta(hours=n)))
         api.send(*events)
@@ -386,6 +396,12 @@ def test_quality_rollups_equal_the_current_evaluations_through_late_messages_ove
         assert score.sample_size == len(mine)
         assert score.value == pytest.approx(sum(mine) / len(mine), abs=1e-6)
         assert by_agent[("quality_auto_fail_rate", (("agent", agent),))].value == 0
+    by_team = _query(qa, ["quality_score"], group_by=["team"])
+    for team in ("north", "south"):
+        mine = [e.score for e in current if e.team == team]
+        assert len(mine) == (4 if team == "north" else 2)
+        got = by_team[("quality_score", (("team", team),))]
+        assert (got.sample_size, got.value) == (len(mine), pytest.approx(sum(mine) / len(mine), abs=1e-6))
     by_question = _query(qa, ["quality_pass_rate"], group_by=["question"])
     for qid in ("greeted", "closed", "hold"):
         answers = [answer(e, qid) for e in current]

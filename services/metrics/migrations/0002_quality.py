@@ -3,7 +3,8 @@
 ``messages`` keeps each conversation's text (the categories read it; erasure deletes it with the
 customer); ``evaluations`` one row per interaction and form, its body the serialized
 ``tessera.v1.Evaluation``; ``overrides`` the answers people gave in place of automatic ones.
-``facts`` gains a leg's ``ended_at``: an interaction is evaluated once a leg says it ended.
+``facts`` gains a leg's ``ended_at`` (an interaction is evaluated once a leg says it ended) and
+its agent's ``team``.
 
 Revision ID: metrics_0002
 Revises: metrics_0001
@@ -23,7 +24,7 @@ depends_on = None
 def upgrade() -> None:
     op.execute(
         """
-        ALTER TABLE metrics.facts ADD COLUMN ended_at timestamptz;
+        ALTER TABLE metrics.facts ADD COLUMN ended_at timestamptz, ADD COLUMN team text NOT NULL DEFAULT '';
         CREATE TABLE metrics.categories (
             tenant_id   text        NOT NULL,
             category_id text        NOT NULL,
@@ -90,6 +91,6 @@ def downgrade() -> None:
     op.execute(
         """
         DROP TABLE metrics.overrides, metrics.evaluations, metrics.messages, metrics.forms, metrics.categories;
-        ALTER TABLE metrics.facts DROP COLUMN ended_at;
+        ALTER TABLE metrics.facts DROP COLUMN ended_at, DROP COLUMN team;
         """
     )

@@ -1,5 +1,5 @@
-"""Quality rollups: per local day, form, question ("" for whole evaluations), agent, queue and
-channel, the sums of services/metrics/quality_rollup.py (QueryMetrics reads them).
+"""Quality rollups: per local day, form, question ("" for whole evaluations), agent, team, queue
+and channel, the sums of services/metrics/quality_rollup.py (QueryMetrics reads them).
 
 Revision ID: metrics_0004
 Revises: metrics_0003
@@ -26,6 +26,7 @@ def upgrade() -> None:
             form_id     text             NOT NULL,
             question_id text             NOT NULL,
             agent       text             NOT NULL,
+            team        text             NOT NULL,
             queue       text             NOT NULL,
             channel     smallint         NOT NULL,
             n           bigint           NOT NULL,
@@ -33,7 +34,7 @@ def upgrade() -> None:
             passed      bigint           NOT NULL,
             score_sum   bigint           NOT NULL,
             score_sq    double precision NOT NULL,
-            PRIMARY KEY (tenant_id, day, form_id, question_id, agent, queue, channel)
+            PRIMARY KEY (tenant_id, day, form_id, question_id, agent, team, queue, channel)
         );
         """
     )
