@@ -222,6 +222,15 @@ class Stack:
                 "  tessera metrics query --metric nps,csat,fcr,aht_seconds --granularity all --group-by channel "
                 f"--target {self._target('metrics')}"
             )
+            self.say("  # Every demo chat evaluated, by agent, and the alerts the demo's rules fired:")
+            self.say(
+                "  tessera metrics query --metric quality_score,quality_auto_fail_rate --granularity all "
+                f"--group-by agent --target {self._target('metrics')}"
+            )
+            self.say(
+                f'  grpcurl -plaintext -H "authorization: Bearer $TESSERA_API_KEY" -d \'{{"page_size": 5}}\' '
+                f"{self._target('metrics')} tessera.v1.QualityService/ListAlerts"
+            )
         self.say()
         self.say("Ctrl-C stops everything; the data stays for the next `tessera up`.")
 

@@ -219,8 +219,8 @@ class Quality:
     ) -> list[quality_pb2.Alert]:
         profile_id = profile.removeprefix("profiles/")
         violations = []
-        if bool(profile) == bool(interaction_id):
-            violations.append(Violation("profile", "name a profile or an interaction, not both"))
+        if profile and interaction_id:
+            violations.append(Violation("profile", "name a profile or an interaction (or neither: all), not both"))
         elif profile and (not profile.startswith("profiles/") or not profile_id or "/" in profile_id):
             violations.append(Violation("profile", '"profiles/{profile_id}"'))
         if violations:

@@ -418,12 +418,16 @@ class QualityStore:
     def alerts(
         self, tenant_id: str, *, profile_id: str = "", interaction_id: str = "", acknowledged: bool, limit: int
     ) -> list[quality_pb2.Alert]:
+        """The alerts of an interaction, of a customer, or (neither named) of the whole tenant, newest
+        first."""
         column, value = ("interaction_id", interaction_id) if interaction_id else ("profile_id", profile_id)
+        which = f"AND {column} = %s " if value else ""
+        params = (tenant_id, value, acknowledged, limit) if value else (tenant_id, acknowledged, limit)
         with db.raw_transaction(self.reader, "quality.alerts") as (cur, _):
             cur.execute(
-                f"SELECT body, acknowledged_by FROM metrics.alerts WHERE tenant_id = %s AND {column} = %s "  # noqa: S608
+                f"SELECT body, acknowledged_by FROM metrics.alerts WHERE tenant_id = %s {which}"  # noqa: S608
                 "AND (%s OR acknowledged_by IS NULL) ORDER BY seq DESC LIMIT %s",
-                (tenant_id, value, acknowledged, limit),
+                params,
             )
             return [_alert(bytes(body), ack) for body, ack in cur.fetchall()]
 

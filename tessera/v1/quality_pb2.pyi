@@ -1686,7 +1686,7 @@ class ListAlertsRequest(_message.Message):
     INCLUDE_ACKNOWLEDGED_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     profile: _builtins.str
-    """One of them."""
+    """At most one of them; neither: all of the tenant's."""
     interaction_id: _builtins.str
     include_acknowledged: _builtins.bool
     """Acknowledged ones too."""

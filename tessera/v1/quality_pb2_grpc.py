@@ -233,7 +233,8 @@ class QualityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAlerts(self, request, context):
-        """A customer's or interaction's alerts, newest first (open ones only unless asked).
+        """A customer's, an interaction's or (neither named) the tenant's alerts, newest first (open ones
+        only unless asked).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -66,7 +66,9 @@ class QualityServiceStub:
     `alerts` stream.
     """
     ListAlerts: _grpc.UnaryUnaryMultiCallable[_quality_pb2.ListAlertsRequest, _quality_pb2.ListAlertsResponse]
-    """A customer's or interaction's alerts, newest first (open ones only unless asked)."""
+    """A customer's, an interaction's or (neither named) the tenant's alerts, newest first (open ones
+    only unless asked).
+    """
     AcknowledgeAlert: _grpc.UnaryUnaryMultiCallable[_quality_pb2.AcknowledgeAlertRequest, _quality_pb2.AcknowledgeAlertResponse]
     """Marks an alert handled, with who did it."""
 
@@ -108,7 +110,9 @@ class QualityServiceAsyncStub(QualityServiceStub):
     `alerts` stream.
     """
     ListAlerts: _aio.UnaryUnaryMultiCallable[_quality_pb2.ListAlertsRequest, _quality_pb2.ListAlertsResponse]  # type: ignore[assignment]
-    """A customer's or interaction's alerts, newest first (open ones only unless asked)."""
+    """A customer's, an interaction's or (neither named) the tenant's alerts, newest first (open ones
+    only unless asked).
+    """
     AcknowledgeAlert: _aio.UnaryUnaryMultiCallable[_quality_pb2.AcknowledgeAlertRequest, _quality_pb2.AcknowledgeAlertResponse]  # type: ignore[assignment]
     """Marks an alert handled, with who did it."""
 
@@ -243,7 +247,9 @@ class QualityServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _quality_pb2.ListAlertsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_quality_pb2.ListAlertsResponse, _abc.Awaitable[_quality_pb2.ListAlertsResponse]]:
-        """A customer's or interaction's alerts, newest first (open ones only unless asked)."""
+        """A customer's, an interaction's or (neither named) the tenant's alerts, newest first (open ones
+        only unless asked).
+        """
 
     @_abc_1.abstractmethod
     def AcknowledgeAlert(

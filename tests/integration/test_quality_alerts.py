@@ -100,6 +100,7 @@ def test_falling_sentiment_in_an_open_chat_fires_once_and_is_watched_listed_and_
     assert acked.state == quality_pb2.ALERT_STATE_ACKNOWLEDGED and acked.acknowledged_by == "sup@acme"
     assert alerts.listed(profile=alert.profile) == []
     assert [a.name for a in alerts.listed(profile=alert.profile, include_acknowledged=True)] == [alert.name]
+    assert [a.name for a in alerts.listed(include_acknowledged=True)] == [alert.name]  # the whole tenant's
 
 
 def test_a_watch_resumes_after_its_cursor_and_filters_by_queue(api: Apis, alerts: Alerts) -> None:

@@ -87,6 +87,7 @@ def test_every_quality_rpc_keeps_tenant_a_from_tenant_b(
         ),
         ("ListAlerts", quality_pb2.ListAlertsRequest(profile=alert.profile), lambda r: list(r.alerts) == []),
         ("ListAlerts", quality_pb2.ListAlertsRequest(interaction_id=live), lambda r: list(r.alerts) == []),
+        ("ListAlerts", quality_pb2.ListAlertsRequest(include_acknowledged=True), lambda r: list(r.alerts) == []),
         ("ListCategories", quality_pb2.ListCategoriesRequest(), lambda r: list(r.categories) == []),
         ("ListEvaluationForms", quality_pb2.ListEvaluationFormsRequest(), lambda r: list(r.forms) == []),
         ("ListAlertRules", quality_pb2.ListAlertRulesRequest(), lambda r: list(r.rules) == []),

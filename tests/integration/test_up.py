@@ -27,6 +27,8 @@ from tessera.v1 import (
     metrics_pb2_grpc,
     profile_pb2,
     profile_pb2_grpc,
+    quality_pb2,
+    quality_pb2_grpc,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -247,6 +249,14 @@ def test_newcomer_session_from_nothing_to_a_query(tmp_path: Path) -> None:
         assert quality.returncode == 0, quality.stderr
         by_agent = [line for line in quality.stdout.splitlines() if line.startswith("quality_score")]
         assert len(by_agent) >= 3, quality.stdout
+        # ... and the alerts the demo's rules fired on its conversations.
+        with grpc.insecure_channel(f"127.0.0.1:{METRICS_PORT}") as channel:
+            fired = quality_pb2_grpc.QualityServiceStub(channel).ListAlerts(
+                quality_pb2.ListAlertsRequest(page_size=100),
+                metadata=(("authorization", f"Bearer {demo_key}"),),
+                timeout=10,
+            )
+        assert fired.alerts and all(a.description for a in fired.alerts), fired
 
         # Another terminal: a tenant of one's own, and an import, with no configuration at all.
         created = _cli(data_dir, port, "tenant", "create", "acme", "--json")
