@@ -91,16 +91,7 @@ def fire(rule: quality_pb2.AlertRule, w: Watched, known: Mapping[str, quality_pb
             return None
         return Fired(
             f"{rule.category_detected.category} detected: " + "; ".join(found.reasons),
-            tuple(
-                quality_pb2.Evidence(
-                    description=f"{cat.participant_name(h.author)} said {h.phrase!r}: {h.excerpt}",
-                    event_id=h.event_id,
-                    phrase=h.phrase,
-                    excerpt=h.excerpt,
-                    offset_seconds=h.offset,
-                )
-                for h in found.hits
-            ),
+            tuple(h.evidence() for h in found.hits),
         )
     first = w.first
     if first is None:

@@ -94,6 +94,16 @@ class Hit:
     offset: float
     author: int
 
+    def evidence(self) -> quality_pb2.Evidence:
+        """The hit as evaluations and alerts show it."""
+        return quality_pb2.Evidence(
+            description=f"{participant_name(self.author)} said {self.phrase!r}: {self.excerpt}",
+            event_id=self.event_id,
+            phrase=self.phrase,
+            excerpt=self.excerpt,
+            offset_seconds=self.offset,
+        )
+
 
 @dataclass(frozen=True)
 class Detection:

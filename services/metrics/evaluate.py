@@ -128,16 +128,7 @@ def _automatic(q: quality_pb2.FormQuestion, ix: Interaction, known: Mapping[str,
         if category is None:  # deleted since the form was saved: a person decides
             return _Auto(awaiting=True)
         found = cat.detect(category, ix.transcript)
-        evidence = [
-            quality_pb2.Evidence(
-                description=f"{cat.participant_name(h.author)} said {h.phrase!r}: {h.excerpt}",
-                event_id=h.event_id,
-                phrase=h.phrase,
-                excerpt=h.excerpt,
-                offset_seconds=h.offset,
-            )
-            for h in found.hits
-        ]
+        evidence = [h.evidence() for h in found.hits]
         summary = f"{a.category} {'detected' if found.detected else 'not detected'}: " + "; ".join(found.reasons)
         return _Auto(
             forms.YES if found.detected else forms.NO, evidence=[quality_pb2.Evidence(description=summary), *evidence]

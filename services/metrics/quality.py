@@ -211,8 +211,11 @@ class Quality:
 
     def alert_feed(
         self, tenant_id: str, after: int, limit: int, queues: list[str], agents: list[str]
-    ) -> tuple[list[tuple[int, quality_pb2.Alert]], int]:
+    ) -> list[tuple[int, quality_pb2.Alert]]:
         return self.store.alert_feed(tenant_id, after, limit, queues, agents)
+
+    def alert_head(self, tenant_id: str) -> int:
+        return self.store.alert_head(tenant_id)
 
     def alerts(
         self, tenant_id: str, profile: str, interaction_id: str, acknowledged: bool, page_size: int

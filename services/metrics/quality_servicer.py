@@ -118,13 +118,13 @@ class QualityServicer(quality_pb2_grpc.QualityServiceServicer):
         tenant = _tenant()
         position = pagination.decode_feed_cursor(tenant, request.cursor, FEED)
         queues, agents = list(request.queues), list(request.agent_ids)
-        _rows, head = await self.pool(self.quality.alert_feed, tenant, 0, 0, queues, agents)
+        head = await self.pool(self.quality.alert_head, tenant)
         if position is None:
             position = head
         elif position > head:
             raise InvalidArgument("invalid cursor", [Violation("cursor", "not a cursor this API issued")])
         while True:
-            rows, _newest = await self.pool(self.quality.alert_feed, tenant, position, FEED_BATCH, queues, agents)
+            rows = await self.pool(self.quality.alert_feed, tenant, position, FEED_BATCH, queues, agents)
             for seq, alert in rows:
                 position = seq
                 yield quality_pb2.WatchAlertsResponse(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import io
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -34,36 +33,21 @@ from services.metrics.storage import FACT_SELECT
 from services.metrics.tenant_settings import MetricsConfig
 from tessera.v1 import event_pb2, quality_pb2, stream_pb2
 
-_STAGE_EVALUATIONS = (
-    "CREATE TEMP TABLE IF NOT EXISTS evaluations_delta (LIKE metrics.evaluations INCLUDING DEFAULTS) "
-    "ON COMMIT DELETE ROWS"
-)
 _MERGE_EVALUATIONS = (
     "INSERT INTO metrics.evaluations AS e SELECT * FROM pg_temp.evaluations_delta "
     "ON CONFLICT (tenant_id, interaction_id, form_id) DO UPDATE SET form_version = EXCLUDED.form_version, "
     "profile_id = EXCLUDED.profile_id, score = EXCLUDED.score, auto_failed = EXCLUDED.auto_failed, "
-    "started_at = EXCLUDED.started_at, body = EXCLUDED.body, day = EXCLUDED.day, evaluated_at = now(); "
-    "TRUNCATE pg_temp.evaluations_delta"
-)
-_STAGE_ROLLUP = (
-    "CREATE TEMP TABLE IF NOT EXISTS quality_rollup_delta (LIKE metrics.quality_rollup_day) ON COMMIT DELETE ROWS"
+    "started_at = EXCLUDED.started_at, body = EXCLUDED.body, day = EXCLUDED.day, evaluated_at = now()"
 )
 _MERGE_ROLLUP = (
-    "INSERT INTO metrics.quality_rollup_day AS r SELECT * FROM pg_temp.quality_rollup_delta "
+    "INSERT INTO metrics.quality_rollup_day AS r SELECT * FROM pg_temp.quality_rollup_day_delta "
     "ON CONFLICT (tenant_id, day, form_id, question_id, agent, team, queue, channel) DO UPDATE SET "
-    "n = r.n + EXCLUDED.n, "
-    "auto_failed = r.auto_failed + EXCLUDED.auto_failed, passed = r.passed + EXCLUDED.passed, "
-    "score_sum = r.score_sum + EXCLUDED.score_sum, score_sq = r.score_sq + EXCLUDED.score_sq; "
-    "TRUNCATE pg_temp.quality_rollup_delta"
+    "n = r.n + EXCLUDED.n, auto_failed = r.auto_failed + EXCLUDED.auto_failed, passed = r.passed + EXCLUDED.passed, "
+    "score_sum = r.score_sum + EXCLUDED.score_sum, score_sq = r.score_sq + EXCLUDED.score_sq"
 )
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-_NULL = "\\N"
-
-
-def _esc(value: str) -> str:
-    return value.translate(_COPY_ESCAPES)
+_EVALUATION_COLUMNS = (
+    "tenant_id, interaction_id, form_id, form_version, profile_id, score, auto_failed, started_at, body, day"
+)
 
 
 #: The metrics service's outbox (alerts to the tenant's ``alerts`` stream).
@@ -252,8 +236,10 @@ class QualityStore:
             if not touched:
                 return 0
             rules = self.alert_rules(tenant_id, cur)
+            known: dict[str, quality_pb2.Category] | None = None  # read once for both steps
             if rules:
-                pending = self._alerts(cur, tenant_id, sorted(touched), rules, now)
+                known = self.categories(tenant_id, cur)
+                pending = self._alerts(cur, tenant_id, sorted(touched), rules, now, known)
             form_list = self.latest_forms(tenant_id, cur)
             iids = set(touched)
             window = dt.timedelta(days=config.fcr_window_days)
@@ -270,7 +256,7 @@ class QualityStore:
                     ),
                 )
                 iids.update(r[0] for r in cur.fetchall())
-            changed = self._evaluate(cur, tenant_id, sorted(iids), form_list, config, now) if form_list else 0
+            changed = self._evaluate(cur, tenant_id, sorted(iids), form_list, config, now, known) if form_list else 0
         if pending is not None and self.outbox is not None:
             self.outbox.submit(pending)
         return changed
@@ -322,6 +308,7 @@ class QualityStore:
         iids: Sequence[str],
         rules: Sequence[quality_pb2.AlertRule],
         now: dt.datetime,
+        known: dict[str, quality_pb2.Category],
     ) -> Pending | None:
         """Fire the rules on the touched interactions; each fires once per interaction (the
         unique key), and what fired now goes to the outbox in this transaction."""
@@ -352,7 +339,6 @@ class QualityStore:
                     contacts.setdefault(pid, []).append((at, iid, reason))
                 elif survey_type == 1 and score is not None:  # SURVEY_TYPE_NPS
                     nps.setdefault(pid, []).append((at, int(score), event_id))
-        known = self.categories(tenant_id, cur)
         rows = []
         for iid in iids:
             if iid not in owners:
@@ -401,8 +387,8 @@ class QualityStore:
 
     def alert_feed(
         self, tenant_id: str, after: int, limit: int, queues: Sequence[str], agents: Sequence[str]
-    ) -> tuple[list[tuple[int, quality_pb2.Alert]], int]:
-        """Alerts after ``after`` in firing order (filtered), and the newest seq of the tenant."""
+    ) -> list[tuple[int, quality_pb2.Alert]]:
+        """Alerts after ``after`` in firing order (filtered)."""
         with db.raw_transaction(self.reader, "quality.alert_feed") as (cur, _):
             cur.execute(
                 "SELECT seq, body, acknowledged_by FROM metrics.alerts WHERE tenant_id = %s AND seq > %s "
@@ -411,9 +397,13 @@ class QualityStore:
                 (tenant_id, after, list(queues), list(queues), list(agents), list(agents), limit),
             )
             rows = cur.fetchall()
+        return [(int(seq), _alert(bytes(body), ack)) for seq, body, ack in rows]
+
+    def alert_head(self, tenant_id: str) -> int:
+        """The newest alert's position (where a watch with no cursor starts)."""
+        with db.raw_transaction(self.reader, "quality.alert_head") as (cur, _):
             cur.execute("SELECT coalesce(max(seq), 0) FROM metrics.alerts WHERE tenant_id = %s", (tenant_id,))
-            head = int(cur.fetchone()[0])
-        return [(int(seq), _alert(bytes(body), ack)) for seq, body, ack in rows], head
+            return int(cur.fetchone()[0])
 
     def alerts(
         self, tenant_id: str, *, profile_id: str = "", interaction_id: str = "", acknowledged: bool, limit: int
@@ -525,6 +515,7 @@ class QualityStore:
         form_list: Sequence[quality_pb2.EvaluationForm],
         config: MetricsConfig,
         now: dt.datetime,
+        known: dict[str, quality_pb2.Category] | None = None,
     ) -> int:
         window = dt.timedelta(days=config.fcr_window_days)
         tz = config.tz
@@ -560,7 +551,8 @@ class QualityStore:
             (tenant_id, ended),
         )
         stored = {(r[0], r[1]): bytes(r[2]) for r in cur.fetchall()}
-        known = self.categories(tenant_id, cur)
+        if known is None:
+            known = self.categories(tenant_id, cur)
         rows = []
         delta: dict[tuple[Any, ...], list[float]] = {}
         for iid in ended:
@@ -595,29 +587,19 @@ class QualityStore:
                     )
                 )
         if delta:
-            cur.execute(_STAGE_ROLLUP)
-            text = "".join(
-                f"{_esc(tenant_id)}\t{key[0].isoformat()}\t{_esc(key[1])}\t{_esc(key[2])}\t{_esc(key[3])}\t"
-                f"{_esc(key[4])}\t{_esc(key[5])}\t{key[6]}\t{int(d[0])}\t{int(d[1])}\t{int(d[2])}\t{int(d[3])}\t{d[4]!r}\n"
-                for key, d in sorted(delta.items())
+            e, t = db.COPY_ESCAPES, tenant_id.translate(db.COPY_ESCAPES)
+            text = "".join(  # formatted by hand: about 18 rows per evaluation
+                f"{t}\t{day.isoformat()}\t{form.translate(e)}\t{question.translate(e)}\t{agent.translate(e)}\t"
+                f"{team.translate(e)}\t{queue.translate(e)}\t{channel}\t{int(d[0])}\t{int(d[1])}\t{int(d[2])}\t"
+                f"{int(d[3])}\t{d[4]!r}\n"
+                for (day, form, question, agent, team, queue, channel), d in sorted(delta.items())
             )
-            cur.copy_expert("COPY pg_temp.quality_rollup_delta FROM STDIN", io.StringIO(text))
-            cur.execute(_MERGE_ROLLUP)
+            db.copy_merge(cur, "metrics.quality_rollup_day", text, _MERGE_ROLLUP)
         if rows:
-            # COPY, not VALUES: the bodies are kilobytes, and hex by bytes.hex() is far cheaper
-            # than the driver quoting each one.
-            cur.execute(_STAGE_EVALUATIONS)
-            text = "".join(
-                f"{_esc(t)}\t{_esc(i)}\t{_esc(f)}\t{v}\t{_esc(p)}\t{_NULL if sc is None else repr(sc)}\t"
-                f"{'t' if af else 'f'}\t{st.isoformat()}\t\\\\x{body.hex()}\t{day.isoformat()}\n"
-                for t, i, f, v, p, sc, af, st, body, day in sorted(rows, key=lambda r: (r[1], r[2]))
-            )
-            cur.copy_expert(
-                "COPY pg_temp.evaluations_delta (tenant_id, interaction_id, form_id, form_version, profile_id, score, "
-                "auto_failed, started_at, body, day) FROM STDIN",
-                io.StringIO(text),
-            )
-            cur.execute(_MERGE_EVALUATIONS)
+            # COPY, not VALUES: the bodies are kilobytes, and bytes.hex() is far cheaper than the
+            # driver quoting each one.
+            text = "".join("\t".join(map(db.copy_value, r)) + "\n" for r in sorted(rows, key=lambda r: (r[1], r[2])))
+            db.copy_merge(cur, "metrics.evaluations", text, _MERGE_EVALUATIONS, _EVALUATION_COLUMNS)
         return len(rows)
 
     @staticmethod

@@ -10,7 +10,6 @@ and the rollups always equal the sum of every customer's derivation.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
@@ -40,41 +39,20 @@ def _merge_sql(table: str) -> str:
     return (
         f"INSERT INTO metrics.{table} AS r SELECT * FROM pg_temp.{table}_delta ORDER BY {keys} "  # noqa: S608
         f"ON CONFLICT ({keys}) DO UPDATE SET {sets}, "
-        "hist = CASE WHEN EXCLUDED.hist = '{}' THEN r.hist ELSE metrics.add_hist(r.hist, EXCLUDED.hist) END; "
-        f"TRUNCATE pg_temp.{table}_delta"
+        "hist = CASE WHEN EXCLUDED.hist = '{}' THEN r.hist ELSE metrics.add_hist(r.hist, EXCLUDED.hist) END"
     )
 
 
 _MERGE = {t: _merge_sql(t) for t in ("rollup_hour", "rollup_day")}
-_STAGE = {t: f"CREATE TEMP TABLE IF NOT EXISTS {t}_delta (LIKE metrics.{t}) ON COMMIT DELETE ROWS" for t in _MERGE}
 _FACT_COLUMNS = ", ".join(("tenant_id", "fact_key", *[f.name for f in fields(Fact)][1:]))
-_STAGE_FACTS = "CREATE TEMP TABLE IF NOT EXISTS facts_delta (LIKE metrics.facts) ON COMMIT DELETE ROWS"
 _MERGE_FACTS = (
     "INSERT INTO metrics.facts AS f SELECT * FROM pg_temp.facts_delta ORDER BY fact_key "  # noqa: S608
     "ON CONFLICT (tenant_id, fact_key) DO UPDATE SET "
     + ", ".join(f"{c} = EXCLUDED.{c}" for c in _FACT_COLUMNS.split(", ")[2:])
-    + " WHERE (EXCLUDED.at, EXCLUDED.event_id) > (f.at, f.event_id); TRUNCATE pg_temp.facts_delta"
+    + " WHERE (EXCLUDED.at, EXCLUDED.event_id) > (f.at, f.event_id)"
 )
 #: The facts' columns, as a Fact takes them.
 FACT_SELECT = "SELECT " + _FACT_COLUMNS.removeprefix("tenant_id, ") + " FROM metrics.facts "  # noqa: S608
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
-
-
-def _copy_text(value: object) -> str:
-    """One value in COPY's text format."""
-    if value is None:
-        return "\\N"
-    if isinstance(value, bool):
-        return "t" if value else "f"
-    if isinstance(value, str):
-        return value.translate(_COPY_ESCAPES)
-    if isinstance(value, (dt.datetime, dt.date)):
-        return value.isoformat()
-    if isinstance(value, list):
-        return "{" + ",".join(map(str, value)) + "}"
-    return repr(value) if isinstance(value, float) else str(value)
-
-
 _ZERO_STATS = ["0"] * HIST_SLOT
 
 
@@ -98,10 +76,10 @@ def _rollup_line(tenant: str, key: tuple[Any, ...], s: Stats) -> str:
             str(grouping),
             bucket.isoformat(),
             str(channel),
-            queue.translate(_COPY_ESCAPES),
-            agent.translate(_COPY_ESCAPES),
-            reason.translate(_COPY_ESCAPES),
-            source.translate(_COPY_ESCAPES),
+            queue.translate(db.COPY_ESCAPES),
+            agent.translate(db.COPY_ESCAPES),
+            reason.translate(db.COPY_ESCAPES),
+            source.translate(db.COPY_ESCAPES),
             *values,
             "{" + ",".join(map(str, hist)) + "}" if hist else "{}",
         )
@@ -143,10 +121,10 @@ if [f.name for f in fields(Fact)] != _FACT_LINE_ORDER:  # pragma: no cover - cau
 
 def _fact_line(tenant: str, f: Fact) -> str:
     """One fact in COPY's text format, in :class:`Fact`'s field order (a test reads them back)."""
-    e = _COPY_ESCAPES
-    started = f.started_at.isoformat() if f.started_at is not None else "\\N"
-    score = "\\N" if f.score is None else str(f.score)
-    ended = f.ended_at.isoformat() if f.ended_at is not None else "\\N"
+    e = db.COPY_ESCAPES
+    started = f.started_at.isoformat() if f.started_at is not None else db.COPY_NULL
+    score = db.COPY_NULL if f.score is None else str(f.score)
+    ended = f.ended_at.isoformat() if f.ended_at is not None else db.COPY_NULL
     return (
         f"{tenant}\t{f.key.translate(e)}\t{f.kind}\t{f.event_id.translate(e)}\t{f.profile_id.translate(e)}\t"
         f"{f.at.isoformat()}\t{f.channel}\t{f.source.translate(e)}\t{f.interaction_id.translate(e)}\t"
@@ -289,11 +267,9 @@ class MetricsStore:
                 )
                 affected.update(r[0] for r in cur.fetchall())
             _lock(cur, tenant_id, affected)
-            tenant = _copy_text(tenant_id)
+            tenant = db.copy_value(tenant_id)
             rows = "".join(_fact_line(tenant, f) for f in sorted(write, key=lambda f: f.key))
-            cur.execute(_STAGE_FACTS)
-            cur.copy_expert("COPY pg_temp.facts_delta FROM STDIN", io.StringIO(rows))
-            cur.execute(_MERGE_FACTS)
+            db.copy_merge(cur, "metrics.facts", rows, _MERGE_FACTS)
             out.written = len(write)
             out.profiles = len(affected)
             self._recompute(cur, tenant_id, sorted(affected), config)
@@ -420,7 +396,7 @@ class MetricsStore:
 
     def _apply_rollups(self, cur: Any, tenant_id: str, delta: dict[Key, Stats], config: MetricsConfig) -> None:
         tz = config.tz
-        tenant = _copy_text(tenant_id)
+        tenant = db.copy_value(tenant_id)
         hours: dict[tuple[Any, ...], Stats] = {}
         days: dict[tuple[Any, ...], Stats] = {}
         day_cache: dict[dt.datetime, dt.date] = {}
@@ -441,9 +417,7 @@ class MetricsStore:
         for name, table in (("rollup_hour", hours), ("rollup_day", days)):
             lines = [_rollup_line(tenant, key, s) for key, s in table.items() if not s.is_zero()]
             if lines:
-                cur.execute(_STAGE[name])
-                cur.copy_expert(f"COPY pg_temp.{name}_delta FROM STDIN", io.StringIO("\n".join(lines) + "\n"))
-                cur.execute(_MERGE[name])
+                db.copy_merge(cur, f"metrics.{name}", "\n".join(lines) + "\n", _MERGE[name])
 
     @staticmethod
     def _facts(cur: Any, tenant_id: str, profiles: Sequence[str]) -> dict[str, list[Fact]]:
