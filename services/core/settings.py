@@ -66,6 +66,20 @@ def _redis_url(raw: str) -> str:
     return raw.strip()
 
 
+def _flag(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"must be true or false, got {raw!r}")
+
+
+def flag(raw: str) -> bool:
+    """A parser for a true/false switch (``true``/``false``, ``1``/``0``, ``yes``/``no``, ``on``/``off``)."""
+    return _flag(raw)
+
+
 def _log_level(raw: str) -> str:
     value = raw.strip().upper()
     if value not in LOG_LEVELS:
@@ -189,6 +203,9 @@ class Settings(EnvSettings):
     database_url: str | None = setting(None, "DATABASE_URL", _postgres_url)
     redis_url: str | None = setting(None, "REDIS_URL", _redis_url)
     redis_prefix: str = setting("tessera", "REDIS_PREFIX", _prefix)
+    # The Redis URL names one node of a Redis Cluster (the client discovers the rest); every key
+    # carries a {tenant} hash tag, so one tenant's keys share a slot.
+    redis_cluster: bool = setting(False, "REDIS_CLUSTER", _flag)
     data_dir: Path = setting(Path(".tessera"), "DATA_DIR", _path)
     log_level: str = setting("INFO", "LOG_LEVEL", _log_level)
     bind_host: str = setting("0.0.0.0", "BIND_HOST", str.strip)  # noqa: S104
@@ -223,12 +240,22 @@ class Settings(EnvSettings):
     consumer_claim_idle_ms: int = setting(30_000, "CONSUMER_CLAIM_IDLE_MS", _int(100, 3_600_000))
     consumer_max_attempts: int = setting(5, "CONSUMER_MAX_ATTEMPTS", _int(1, 100))
     tenant_refresh_seconds: float = setting(5.0, "TENANT_REFRESH_SECONDS", _float(0.01, 3600))
+    # Telemetry beyond the OTEL_* variables: a Prometheus scrape endpoint on this port (0: none).
+    prometheus_port: int = setting(0, "PROMETHEUS_PORT", _int(0, 65535))
+    # Singleton work (partitions, retention, FCR windows, pending erasures) runs on one leader:
+    # a Kubernetes Lease when KUBERNETES_SERVICE_HOST is set, else a PostgreSQL advisory lock.
+    # A leader that cannot renew within the lease stops its singleton work; another takes over.
+    leader_lease_seconds: float = setting(15.0, "LEADER_LEASE_SECONDS", _float(1, 600))
+    leader_renew_seconds: float = setting(5.0, "LEADER_RENEW_SECONDS", _float(0.1, 300))
 
     @classmethod
     def cross_check(cls, values: Mapping[str, Any]) -> list[str]:
+        problems = []
         if (values.get("tls_cert_file") is None) != (values.get("tls_key_file") is None):
-            return ["TESSERA_TLS_CERT_FILE and TESSERA_TLS_KEY_FILE must be set together"]
-        return []
+            problems.append("TESSERA_TLS_CERT_FILE and TESSERA_TLS_KEY_FILE must be set together")
+        if values.get("leader_renew_seconds", 5.0) >= values.get("leader_lease_seconds", 15.0):
+            problems.append("TESSERA_LEADER_RENEW_SECONDS must be shorter than TESSERA_LEADER_LEASE_SECONDS")
+        return problems
 
     def require_database_url(self) -> str:
         if not self.database_url:
