@@ -49,6 +49,9 @@ MAX_RECEIVE_BYTES = 4 * 1024 * 1024 + 64 * 1024
 MAX_SEND_BYTES = 16 * 1024 * 1024
 POSTGRES_HEALTH = "tessera.dependency.postgres"
 REDIS_HEALTH = "tessera.dependency.redis"
+# SERVING from start-up to shutdown whatever the dependencies do: a liveness probe asks this one,
+# so an outage of PostgreSQL or Redis takes pods out of rotation (readiness) without restarting them.
+LIVENESS_HEALTH = "tessera.liveness"
 T = TypeVar("T")
 
 
@@ -287,6 +290,7 @@ async def _build(
     health_servicer = health.aio.HealthServicer()
     for name in ("", *definition.grpc_services, POSTGRES_HEALTH, REDIS_HEALTH):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await health_servicer.set(LIVENESS_HEALTH, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     workers = definition.register(server, ctx, own)
     reflection.enable_server_reflection(

@@ -26,7 +26,7 @@ from services.cli import registry
 from services.core import streams
 from services.core.bus import Bus
 from services.core.harness import ServiceProcess, free_port, spawn_service, wait_health
-from services.core.server import POSTGRES_HEALTH, REDIS_HEALTH, RunningServer, start_server
+from services.core.server import LIVENESS_HEALTH, POSTGRES_HEALTH, REDIS_HEALTH, RunningServer, start_server
 from services.core.settings import Settings
 from services.ingest.app import definition
 from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
@@ -154,6 +154,8 @@ def test_health_follows_postgres(service: str, settings: Settings) -> None:
         wait_for(lambda: health_of(running.port) == NOT_SERVING, what="NOT_SERVING after PostgreSQL went away")
         assert health_of(running.port, grpc_service) == NOT_SERVING
         assert health_of(running.port, POSTGRES_HEALTH) == NOT_SERVING
+        # The liveness probe's name stays SERVING: an outage must not make Kubernetes restart pods.
+        assert health_of(running.port, LIVENESS_HEALTH) == SERVING
         proxy.restore()
         wait_for(lambda: health_of(running.port) == SERVING, what="SERVING after PostgreSQL came back")
     finally:
