@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_metrics(sub)
 
+    from services.cli.health_cmd import add_parser as add_health
+
+    add_health(sub)
+
     p = sub.add_parser("bench", help="run a benchmark scenario")
     p.add_argument("scenario")
     p.add_argument("--seconds", type=float, default=10.0)
