@@ -20,11 +20,10 @@ from typing import Any, Generic, TypeVar
 
 import redis
 from google.protobuf.message import Message
-from opentelemetry import trace
 
-from services.core import streams
+from services.core import backlog, streams
 from services.core.streams import ENTRY_FIELD, Stream, UndecodableEntry
-from services.core.telemetry import extract_context, meter, tracer
+from services.core.telemetry import consume_span, extract_context, meter
 from tessera.v1 import stream_pb2
 
 
@@ -90,6 +89,10 @@ class Delivery(Generic[M]):
     raw: bytes
     envelope: M
     deliveries: int = 1
+    #: The traceparent that what this message causes downstream carries instead of its own: the
+    #: span handling it, set by :func:`~services.core.telemetry.consume_span` only while tracing
+    #: records ("" otherwise: keep :attr:`traceparent`, of the same trace).
+    relay: str = ""
 
     @property
     def traceparent(self) -> str:
@@ -274,6 +277,9 @@ class Consumer(Generic[M]):
     _refreshed: float = 0.0
     _errors: dict[str, str] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        backlog.watch(self)  # its group's backlog in tessera.bus.consumer_pending
+
     def _streams(self) -> dict[str, str]:
         now = time.monotonic()
         if now - self._refreshed > self.tenant_refresh_seconds:
@@ -354,9 +360,7 @@ class Consumer(Generic[M]):
     def _handle(self, batch: list[Delivery[M]]) -> None:
         oldest_ms = min(int(m.id.split("-", 1)[0]) for m in batch)
         _lag.record(max(0.0, time.time() - oldest_ms / 1000), {"stream": self.stream.name, "group": self.group})
-        links = [trace.Link(trace.get_current_span(m.context()).get_span_context()) for m in batch[:64]]
-        with tracer.start_as_current_span(f"consume {self.stream.name}", links=links) as span:
-            span.set_attribute("messaging.batch.message_count", len(batch))
+        with consume_span(self.stream.name, self.group, batch):
             try:
                 self.handler(batch)
             except Exception as exc:

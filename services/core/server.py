@@ -342,7 +342,7 @@ def serve(definition: ServiceDefinition[S], settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then stop gracefully. Every setting is checked before anything starts."""
     own = definition.settings_from_env()
     configure_logging(definition.name, settings.log_level)
-    configure_telemetry(definition.name)
+    configure_telemetry(definition.name, settings.prometheus_port, settings.bind_host)
     running = start_server(definition, settings, service_settings=own)
     stop = threading.Event()
 

@@ -159,13 +159,19 @@ def event_envelopes(tenant_id: str, traceparent: str, events: Iterable[bytes]) -
 
 
 def resolved_envelope(
-    event_envelope_bytes: bytes, profile_id: str | None, identifiers: Iterable[tuple[str, str]] = ()
+    event_envelope_bytes: bytes,
+    profile_id: str | None,
+    identifiers: Iterable[tuple[str, str]] = (),
+    traceparent: str = "",
 ) -> bytes:
     """The ``resolved`` entry for an ``events`` entry: the same bytes with ``event.profile_id`` set
-    and the normalized ``identifiers`` (type, value) identity linked for it appended."""
+    and the normalized ``identifiers`` (type, value) identity linked for it appended; with a
+    ``traceparent`` (the span that resolved it, in the source event's trace), that one replaces
+    the source's (a later scalar wins), so downstream spans descend from identity's."""
+    relay = field_bytes(TAGS.traceparent, traceparent.encode()) if traceparent else b""
     if not profile_id:
-        return event_envelope_bytes
-    parts = [event_envelope_bytes, field_bytes(TAGS.event, field_bytes(TAGS.profile_id, profile_id.encode()))]
+        return event_envelope_bytes + relay
+    parts = [event_envelope_bytes, relay, field_bytes(TAGS.event, field_bytes(TAGS.profile_id, profile_id.encode()))]
     for type_, value in identifiers:
         ident = event_pb2.Identifier(type=type_, value=value).SerializeToString()
         parts.append(field_bytes(TAGS.resolved_identifiers, ident))

@@ -2,7 +2,11 @@
 
 Exporters follow ``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER`` (``otlp``, ``console``
 or ``none``). With neither those nor ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, spans are still
-created, so every log line carries a trace id, but nothing is exported.
+created, so every log line carries a trace id, but nothing is exported. ``TESSERA_PROMETHEUS_PORT``
+adds a Prometheus scrape endpoint, with or without OTLP.
+
+One trace runs from the ingest RPC to the last consumer: every stream entry carries the
+``traceparent`` of the span that produced it, and :func:`consume_span` continues it (see there).
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
 
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -25,8 +31,12 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.trace import SpanKind
 
 _configured = False
+_prometheus_server: Any = None
+#: Links a batch span keeps to the traces of its messages (the SDK's default span link limit).
+MAX_LINKS = 128
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -74,9 +84,13 @@ def _exporter_choice(kind: str) -> str:
     return "otlp" if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") else "none"
 
 
-def configure_telemetry(service: str) -> None:
-    """Install tracer and meter providers once per process; idempotent for tests."""
-    global _configured
+def configure_telemetry(service: str, prometheus_port: int = 0, prometheus_host: str = "0.0.0.0") -> None:  # noqa: S104
+    """Install tracer and meter providers once per process; idempotent for tests.
+
+    ``prometheus_port`` (``TESSERA_PROMETHEUS_PORT``, 0 = off) serves the metrics at
+    ``http://<prometheus_host>:<port>/metrics``, each series labelled with ``service_name``.
+    """
+    global _configured, _prometheus_server
     if _configured:
         return
     _configured = True
@@ -104,6 +118,14 @@ def configure_telemetry(service: str) -> None:
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
     elif choice == "console":
         readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+    if prometheus_port:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from prometheus_client import start_http_server
+
+        # service.name becomes the label service_name, so one dashboard tells the services apart
+        # whatever the scrape configuration calls its jobs.
+        readers.append(PrometheusMetricReader(resource_attribute_filter=lambda key: key == "service.name"))
+        _prometheus_server, _thread = start_http_server(prometheus_port, addr=prometheus_host)
     if readers:
         metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
     # With no reader nothing would ever be exported: the API's no-op instruments are left in
@@ -127,6 +149,8 @@ def shutdown_telemetry() -> None:
     meter_provider = metrics.get_meter_provider()
     if isinstance(meter_provider, MeterProvider):
         meter_provider.shutdown()
+    if _prometheus_server is not None:
+        _prometheus_server.shutdown()
 
 
 def current_trace_id() -> str:
@@ -143,6 +167,93 @@ def inject_traceparent() -> str:
 
 def extract_context(traceparent: str) -> Any:
     return propagate.extract({"traceparent": traceparent} if traceparent else {})
+
+
+def traceparent_of(span: trace.Span) -> str:
+    """The W3C traceparent naming ``span`` (current or not)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier.get("traceparent", "")
+
+
+class Relayed(Protocol):
+    """A stream message as :func:`consume_span` sees it: the traceparent it arrived with, and
+    the one that what it causes downstream carries (set only while tracing records)."""
+
+    @property
+    def traceparent(self) -> str: ...
+
+    relay: str
+
+
+@contextmanager
+def consume_span(
+    stream: str, group: str, messages: Sequence[Relayed], tracer_: trace.Tracer | None = None
+) -> Iterator[trace.Span]:
+    """The current span while a consumer handles one batch, continuing its messages' traces.
+
+    - A batch whose messages all carry one trace (the usual case: one ingest RPC's events) gets
+      its span ``consume <stream>`` as a child of that trace, and so does everything the handler
+      does: SQL, Redis, the entries it publishes.
+    - A batch of several traces gets a span of its own, linked to each of them, plus, per trace, a
+      short ``process <stream>`` span parented on that trace (and linked back to the batch), whose
+      traceparent the messages of that trace relay downstream (``relay``). Entries published
+      from the batch span itself (profile changes of a multi-trace batch) stay in its trace.
+
+    Unsampled (tracing off: no exporter), the cost is one set of the batch's traceparents and at
+    most one extraction: no per-message span, attribute or allocation; ``relay`` stays "" and
+    downstream entries keep their source's traceparent, so the logs still share trace ids.
+    """
+    t = tracer_ or tracer
+    traces = {m.traceparent for m in messages}
+    single = next(iter(traces)) if len(traces) == 1 else ""
+    parent = extract_context(single) if single else None
+    with t.start_as_current_span(f"consume {stream}", context=parent, kind=SpanKind.CONSUMER) as span:
+        if not span.is_recording():
+            yield span
+            return
+        span.set_attributes(
+            {
+                "messaging.system": "redis",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": stream,
+                "messaging.consumer.group.name": group,
+                "messaging.batch.message_count": len(messages),
+            }
+        )
+        own = traceparent_of(span)
+        if len(traces) == 1:
+            for m in messages:
+                m.relay = own
+            yield span
+            return
+        by_trace: dict[str, list[Relayed]] = {}
+        for m in messages:
+            by_trace.setdefault(m.traceparent, []).append(m)
+        back = [trace.Link(span.get_span_context())]
+        children: list[trace.Span] = []
+        try:
+            for traceparent, members in by_trace.items():
+                relay = own
+                if traceparent:
+                    context = extract_context(traceparent)
+                    if len(children) < MAX_LINKS:
+                        span.add_link(trace.get_current_span(context).get_span_context())
+                    child = t.start_span(
+                        f"process {stream}",
+                        context=context,
+                        kind=SpanKind.CONSUMER,
+                        links=back,
+                        attributes={"messaging.batch.message_count": len(members)},
+                    )
+                    children.append(child)
+                    relay = traceparent_of(child)
+                for m in members:
+                    m.relay = relay
+            yield span
+        finally:
+            for child in children:
+                child.end()
 
 
 tracer = trace.get_tracer("tessera")

@@ -29,7 +29,7 @@ class ResolveHandler:
             tenant_rules = self.resolver.rules.get_full(msg.tenant_id)
             with_traits = bool(tenant_rules.probabilistic.get("enabled"))
             by_tenant.setdefault(msg.tenant_id, []).append(
-                parse_event(tenant_rules.rules, msg.envelope.event, msg.raw, msg.traceparent, with_traits=with_traits)
+                parse_event(tenant_rules.rules, msg.envelope.event, msg.raw, msg.relay, with_traits=with_traits)
             )
         for tenant_id, events in by_tenant.items():
             result = self.resolver.resolve_batch(tenant_id, events)

@@ -35,7 +35,10 @@ from tessera.v1 import event_pb2, identity_pb2, stream_pb2
 
 log = logging.getLogger(__name__)
 
-_merges = meter.create_counter("tessera.identity.merges", description="profiles merged")
+_merges = meter.create_counter(
+    "tessera.identity.merges", description="profiles merged, by kind (deterministic, probabilistic, manual, suggestion)"
+)
+_unmerges = meter.create_counter("tessera.identity.unmerges", description="profiles split by UnmergeProfile")
 _resolved = meter.create_counter("tessera.identity.events_resolved", description="events resolved")
 _dropped = meter.create_counter("tessera.identity.identifiers_dropped", description="identifiers not used to link")
 
@@ -50,6 +53,8 @@ class IncomingEvent:
     event_id: str
     # The ``events`` entry as it arrived: the resolved entry is these bytes plus the profile id.
     envelope: bytes
+    # The traceparent its resolved entry carries in place of the source's: the consumer span
+    # that handles it ("" while tracing is off: the source's stays, of the same trace).
     traceparent: str
     keys: list[Key]
     occurred: dt.datetime
@@ -219,7 +224,8 @@ class Resolver:
             else:
                 prior = done.get(e.event_id, Processed(None))
                 pid, keys = prior.profile_id, prior.identifiers
-            resolved.append(ResolvedEvent(e.event_id, pid, streams.resolved_envelope(e.envelope, pid, keys)))
+            envelope = streams.resolved_envelope(e.envelope, pid, keys, e.traceparent)
+            resolved.append(ResolvedEvent(e.event_id, pid, envelope))
         self._count(tenant_id, events, outcomes, recorded)
         return BatchResult(resolved, publications, outcomes)
 
@@ -318,7 +324,7 @@ class Resolver:
                     ),
                 )
             )
-        _merges.add(1, {"kind": "unmerge"})
+        _unmerges.add(1)
         return rec, moved, pubs
 
     def review(
