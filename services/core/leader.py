@@ -249,6 +249,12 @@ meter.create_observable_gauge(
 
 # ---- PostgreSQL advisory lock ------------------------------------------------------------------
 
+
+def libpq_url(database_url: str) -> str:
+    """The URL as libpq (psycopg2.connect) reads it: without SQLAlchemy's ``+psycopg2``."""
+    return sa_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 _HOLDS_LOCK = (
     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid() AND granted "
     "AND classid = ((%(k)s >> 32) & 4294967295)::bigint::oid AND objid = (%(k)s & 4294967295)::bigint::oid "
@@ -271,7 +277,7 @@ class AdvisoryLockCampaign:
         self.lease_seconds = lease_seconds
         self.renew_seconds = renew_seconds
         self.application_name = application_name
-        self._dsn = sa_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        self._dsn = libpq_url(database_url)
         self._conn: Any = None
         self._holding = False
 

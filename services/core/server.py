@@ -35,6 +35,7 @@ from sqlalchemy.engine import Engine
 from services.core import db, tenancy
 from services.core.bus import Bus, Consumer, ConsumerWorker, Delivery, connect, consumer_name
 from services.core.interceptors import GuardInterceptor, StreamSlots
+from services.core.leader import Leadership, build_leadership
 from services.core.migrate import MigrationSet
 from services.core.settings import EnvSettings, Settings
 from services.core.streams import Stream
@@ -98,6 +99,9 @@ class ServiceContext:
     authenticator: Authenticator
     # Where plain handlers run, and where async handlers send blocking work (see in_pool).
     executor: futures.ThreadPoolExecutor
+    # This process's campaign for the service's singleton work (started before the workers, stopped
+    # after them): give it to a Periodic (``leader=``) that must run once per cluster.
+    leader: Leadership
 
     def consumer_workers(self, count: int, *groups: ConsumerGroup) -> list[ConsumerWorker]:
         """``count`` consumers per process in each (stream, group, handler), on the shared consumer
@@ -214,6 +218,7 @@ class RunningServer:
         self.loop.run(self.server.stop(grace), timeout=grace + 10)
         for worker in self.workers:
             worker.stop(timeout=max(grace, 1.0))
+        self.ctx.leader.stop(timeout=5.0)  # releases the lock: a successor takes over at once
         self.ctx.executor.shutdown(wait=False, cancel_futures=True)
         self.loop.close()
         self.ctx.engine.dispose()
@@ -247,6 +252,7 @@ def build_context(settings: Settings, service: str) -> ServiceContext:
         bus=Bus(client, settings.redis_prefix, settings.stream_maxlen),
         authenticator=Authenticator(engine, ttl=settings.auth_cache_seconds, service_token=settings.service_token),
         executor=futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="rpc"),
+        leader=build_leadership(settings, service),
     )
 
 
@@ -324,6 +330,7 @@ def start_server(
         loop.close()
         raise
     running = RunningServer(definition, ctx, server, health_servicer, bound, workers, loop)
+    ctx.leader.start()
     for worker in workers:
         worker.start()
     running.start_watching()

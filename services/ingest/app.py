@@ -49,7 +49,7 @@ def register(server: grpc.aio.Server, ctx: ServiceContext, own: IngestSettings) 
         longest = max(own.dedupe_window_days, tenancy.longest_dedupe_window(ctx.engine) or 0)
         return store.upkeep(keep_dedupe_days=longest)
 
-    return [outbox, Periodic("partition upkeep", 3600.0, upkeep)]
+    return [outbox, Periodic("partition upkeep", 3600.0, upkeep, leader=ctx.leader)]
 
 
 def definition() -> ServiceDefinition[IngestSettings]:

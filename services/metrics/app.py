@@ -51,7 +51,7 @@ def register(server: grpc.aio.Server, ctx: ServiceContext, own: MetricsSettings)
             (streams.CHANGES, CHANGES_GROUP, ChangesHandler(store, configs.get, quality)),
         )
     )
-    workers.append(Periodic("metrics upkeep", own.upkeep_seconds, store.upkeep))
+    workers.append(Periodic("metrics upkeep", own.upkeep_seconds, store.upkeep, leader=ctx.leader))
     workers.append(outbox)
     workers.append(Periodic("quality re-evaluation", 0.25, lambda: quality.drain_reevaluations(configs.get)))
     return workers

@@ -79,10 +79,16 @@ def register(server: grpc.aio.Server, ctx: ServiceContext, own: ProfileSettings)
             settle_seconds=own.erasure_settle_seconds,
             poll_seconds=own.erasure_poll_seconds,
             lease_seconds=own.erasure_lease_seconds,
+            leader=ctx.leader,
         )
     )
     workers.append(
-        Periodic("profile upkeep", own.upkeep_seconds, lambda: store.upkeep(own.feed_retention_hours * 3600))
+        Periodic(
+            "profile upkeep",
+            own.upkeep_seconds,
+            lambda: store.upkeep(own.feed_retention_hours * 3600),
+            leader=ctx.leader,
+        )
     )
     return workers
 

@@ -29,6 +29,7 @@ import grpc
 from services.core import streams
 from services.core.bus import Bus
 from services.core.errors import TesseraError
+from services.core.leader import Leader
 from services.profile.cache import ContextCache
 from services.profile.clients import ErasureCalls
 from services.profile.consumer import CHANGES_GROUP, RESOLVED_GROUP
@@ -45,7 +46,9 @@ def request_name(request_id: str) -> str:
 
 
 class ErasureWorker:
-    """A background thread; several replicas share the work through leases."""
+    """A background thread. Given a ``leader``, it works only while this process leads (pending
+    erasures are singleton work); two leaders overlapping briefly still never run one step twice at
+    once, since each request is claimed with a lease."""
 
     def __init__(
         self,
@@ -57,6 +60,7 @@ class ErasureWorker:
         settle_seconds: float,
         poll_seconds: float,
         lease_seconds: float = LEASE_SECONDS,
+        leader: Leader | None = None,
     ) -> None:
         self.store = store
         self.calls = calls
@@ -65,6 +69,7 @@ class ErasureWorker:
         self.settle_seconds = settle_seconds
         self.poll_seconds = poll_seconds
         self.lease_seconds = lease_seconds
+        self.leader = leader
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="profile-erasure", daemon=True)
 
@@ -77,6 +82,8 @@ class ErasureWorker:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            if self.leader is not None and not self.leader.wait_leading(self.poll_seconds):
+                continue
             try:
                 worked = self.run_once()
             except Exception:

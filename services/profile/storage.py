@@ -1244,9 +1244,12 @@ class ProfileStore:
     # Upkeep.
 
     def upkeep(self, feed_retention_seconds: float, months_ahead: int = 3) -> dict[str, int]:
-        """Timeline partitions ahead; expired windowed points, feed rows, idempotency records."""
+        """Timeline partitions ahead; expired windowed points, feed rows, idempotency records. It
+        runs on the leader, under a transaction lock of its own, so two leaders overlapping for a
+        moment take turns (two CREATE TABLEs of one partition would otherwise collide)."""
         now = self.now()
         with db.transaction(self.engine) as conn:
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtextextended('tessera.profile.upkeep', 0))"))
             made = conn.execute(
                 sa.text("SELECT profile.ensure_timeline_partitions(:d, :n)"), {"d": now.date(), "n": months_ahead}
             ).scalar_one()
