@@ -111,13 +111,6 @@ def configure_telemetry(service: str, prometheus_port: int = 0, prometheus_host:
     trace.set_tracer_provider(tracer_provider)
 
     readers: list[MetricReader] = []
-    choice = _exporter_choice("METRICS")
-    if choice == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-
-        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
-    elif choice == "console":
-        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
     if prometheus_port:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
@@ -126,6 +119,14 @@ def configure_telemetry(service: str, prometheus_port: int = 0, prometheus_host:
         # whatever the scrape configuration calls its jobs.
         readers.append(PrometheusMetricReader(resource_attribute_filter=lambda key: key == "service.name"))
         _prometheus_server, _thread = start_http_server(prometheus_port, addr=prometheus_host)
+    # Periodic readers last: their timers start at once, and would fire before the provider exists.
+    choice = _exporter_choice("METRICS")
+    if choice == "otlp":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    elif choice == "console":
+        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
     if readers:
         metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
     # With no reader nothing would ever be exported: the API's no-op instruments are left in
