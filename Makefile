@@ -41,6 +41,16 @@ lint: install ## ruff, mypy, the layer contracts (.importlinter) and buf lint
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/buf lint
 
+.PHONY: chart
+chart: install ## Helm chart: lint, render (default and examples/production.yaml) and validate against Kubernetes schemas offline
+	bash scripts/fetch-helm.sh >/dev/null
+	$(BIN)/pytest -q -p no:cacheprovider tests/deploy/test_chart.py
+
+.PHONY: image-lint
+image-lint: install ## Lint the Dockerfile with hadolint, and check the image's user, entrypoint and stages by reading
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/pytest -q -p no:cacheprovider tests/deploy/test_image.py
+
 .PHONY: proto
 proto: install ## Regenerate Python code from protos/
 	rm -f tessera/v1/*_pb2*.py tessera/v1/*_pb2*.pyi
@@ -60,4 +70,4 @@ bench: install ## Run a benchmark: SCENARIO=ingest (default), identity or identi
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .cache
