@@ -481,6 +481,12 @@ def _lease_lock(name: str, namespace: str, identity: str, api: Any) -> Any:
                 spec.lease_transitions = transitions + 1  # taken (from a holder, or after a release)
             else:
                 spec.lease_transitions = transitions  # renewed, or released
+            # MicroTime needs its six digits, and the client writes datetimes with isoformat(),
+            # which leaves them out when they are all zero.
+            for attr in ("acquire_time", "renew_time"):
+                value = getattr(spec, attr, None)
+                if isinstance(value, dt.datetime) and value.microsecond == 0:
+                    setattr(spec, attr, value.replace(microsecond=1))
             return spec
 
     lock = CountingLeaseLock(name, namespace, identity)  # type: ignore[no-untyped-call]
