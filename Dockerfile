@@ -12,7 +12,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 # Every dependency ships a manylinux wheel, so this stage needs no compiler either; it exists to
-# keep pip, the sources and the wheel build out of the final image.
+# keep the sources, the wheel build and pip itself (removed from the venv) out of the final image.
 RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY tessera/ tessera/
@@ -21,6 +21,7 @@ COPY bench/ bench/
 # The generated protos are committed in tessera/v1/, so no protoc runs here. Byte-code is
 # compiled now: the running container cannot write it.
 RUN /opt/venv/bin/pip install --no-cache-dir . \
+ && /opt/venv/bin/pip uninstall --yes pip \
  && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 FROM ${PYTHON_IMAGE}
