@@ -161,6 +161,7 @@ class Leadership:
         self.deadline = lease_seconds - renew_seconds
         self._clock = clock
         self._term = Term()
+        self._failing = False
         self._changed = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"leader {service}", daemon=True)
@@ -210,8 +211,13 @@ class Leadership:
         started = self._clock()
         try:
             outcome = self.campaign.attempt()
+            self._failing = False
         except Exception:
-            log.warning("leader election attempt failed", exc_info=True, extra=self._log_fields())
+            # The first failure of a streak is a warning with its traceback; the rest, while the
+            # API stays unreachable, are not repeated every renew interval.
+            level = logging.DEBUG if self._failing else logging.WARNING
+            log.log(level, "leader election attempt failed", exc_info=True, extra=self._log_fields())
+            self._failing = True
             outcome = Outcome.UNKNOWN
         before = self._term
         after = before.after(outcome, started, self.deadline)

@@ -263,3 +263,32 @@ def test_the_gauge_reports_each_services_leader_status() -> None:
     follower.tick()
     got = status()
     assert (got["gauge-unit"], got["gauge-unit-follower"]) == (1, 0)
+
+
+def test_the_erasure_worker_claims_pending_erasures_only_while_leading(switch: Switch) -> None:
+    from services.profile.erasure import ErasureWorker
+
+    class Claims:
+        calls = 0
+
+        def claim(self, lease_seconds: float) -> None:
+            self.calls += 1
+
+    claims = Claims()
+    worker = ErasureWorker(
+        claims,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        settle_seconds=0,
+        poll_seconds=0.01,
+        leader=switch,
+    )
+    worker.start()
+    try:
+        assert wait_for(lambda: switch.waits >= 5)
+        assert claims.calls == 0, "a follower leaves pending erasures to the leader"
+        switch.leading = True
+        assert wait_for(lambda: claims.calls >= 3)
+    finally:
+        worker.stop(5)
