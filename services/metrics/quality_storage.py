@@ -22,6 +22,7 @@ from sqlalchemy.engine import Engine
 from services.core import db, streams
 from services.core.errors import AlreadyExists, NotFound
 from services.core.outbox import EnvelopeTable, Outbox, Pending
+from services.core.telemetry import inject_traceparent
 from services.metrics import alerts as al
 from services.metrics import categories as cat
 from services.metrics import evaluate as ev
@@ -378,8 +379,11 @@ class QualityStore:
         )
         if not inserted:
             return None
+        traceparent = inject_traceparent()  # the consumer span that fired it: the event's trace
         envelopes = [
-            stream_pb2.AlertEnvelope(tenant_id=tenant_id, alert=_alert(bytes(r[0]))).SerializeToString()
+            stream_pb2.AlertEnvelope(
+                tenant_id=tenant_id, traceparent=traceparent, alert=_alert(bytes(r[0]))
+            ).SerializeToString()
             for r in inserted
         ]
         _fired.add(len(envelopes))

@@ -29,7 +29,8 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from sqlalchemy.engine import Engine
 
 from services.cli import registry
-from services.core import db, harness, tenancy
+from services.core import db, harness, streams, tenancy
+from services.core.bus import Bus, connect
 from services.core.harness import ServiceProcess, free_port, wait_serving
 from tessera.v1 import (
     event_pb2,
@@ -183,6 +184,9 @@ class Stack:
     ports: dict[str, int]
     scrape_ports: dict[str, int]
     procs: dict[str, ServiceProcess]
+    bus: Bus
+    tenants: list[str] = field(default_factory=list)
+    alert: str = ""  # the alert drive_everything made fire
     channels: dict[str, grpc.Channel] = field(default_factory=dict)
 
     def channel(self, name: str) -> grpc.Channel:
@@ -196,6 +200,7 @@ class Stack:
 
     def new_tenant(self) -> TenantKey:
         tenant_id = f"otel-{harness.run_token()}"
+        self.tenants.append(tenant_id)
         return TenantKey(tenant_id, tenancy.create_tenant(self.engine, tenant_id))
 
 
@@ -240,7 +245,8 @@ def stack(backends: harness.Scratch, receiver: Receiver, tmp_path_factory: pytes
             )
             for name in SERVICES
         }
-        running = Stack(engine, ports, scrape_ports, procs)
+        client = connect(own.redis_url)
+        running = Stack(engine, ports, scrape_ports, procs, Bus(client, own.redis_prefix))
         try:
             for proc in procs.values():
                 proc.start()
@@ -252,6 +258,7 @@ def stack(backends: harness.Scratch, receiver: Receiver, tmp_path_factory: pytes
                 channel.close()
             for proc in procs.values():
                 proc.stop(5)
+            client.close()
             engine.dispose()
 
 
@@ -370,9 +377,12 @@ def drive_everything(stack: Stack) -> None:
     t0 = dt.datetime.now(dt.UTC).replace(microsecond=0)
     send(ingest, md, chat(chat_phone, iid, event_pb2.AUTHOR_CUSTOMER, ANGRY, t0))
     send(ingest, md, chat(chat_phone, iid, event_pb2.AUTHOR_CUSTOMER, "Terrible. Awful. I hate this.", t0))
-    wait_until(alerts.listed, 30, "the alert")  # while the chat is open: an ended one fires no sentiment rule
+    alert = wait_until(alerts.listed, 30, "the alert")[
+        0
+    ]  # while the chat is open: an ended one fires no sentiment rule
     send(ingest, md, ended_chat(chat_phone, iid, t0))
     quality.wait(iid, what="the chat's evaluation")
+    stack.alert = alert.name
     # A customer context, twice: the second is a cache hit.
     profile = profile_pb2_grpc.ProfileServiceStub(stack.channel("profile"))
     request = profile_pb2.GetCustomerContextRequest(identifier=event_pb2.Identifier(type="email", value=email))
@@ -431,6 +441,29 @@ def test_each_service_serves_its_metrics_to_prometheus_under_the_dashboards_name
     if service == "ingest":
         assert 'rpc_method="/tessera.v1.IngestService/IngestEvents"' in text
         assert 'status="accepted"' in text
+
+
+def test_the_alerts_stream_continues_the_trace_of_the_batch_that_fired_it(driven: Stack, receiver: Receiver) -> None:
+    """A system acting on the alerts stream can continue the trace: the entry carries the
+    traceparent of a span inside the metrics consumer's batch that fired it."""
+    tenant_id = driven.tenants[-1]
+    key = driven.bus.key(tenant_id, streams.ALERTS.name)
+    rows: list[Any] = wait_until(lambda: driven.bus.redis.xrange(key), 10, "the alerts stream")  # type: ignore[arg-type]
+    (envelope,) = [streams.decode(streams.ALERTS, fields[streams.ENTRY_FIELD], tenant_id) for _id, fields in rows]
+    assert envelope.alert.name == driven.alert
+    _version, trace_id, span_id, _flags = envelope.traceparent.split("-")
+    consumers = {
+        s.span_id
+        for name in ("consume resolved", "process resolved")
+        for s in receiver.find("tessera-metrics", name)
+        if s.trace_id == trace_id
+    }
+
+    def chain() -> list[str] | None:
+        by_id = {s.span_id: s for s in receiver.trace(trace_id)}
+        return [span_id, *ancestors(by_id[span_id], by_id)] if span_id in by_id else None
+
+    assert consumers & set(wait_until(chain, 10, "the span that published the alert")), "a metrics consumer span"
 
 
 def test_the_prometheus_names_cover_the_documented_table() -> None:
