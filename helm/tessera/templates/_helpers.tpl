@@ -152,7 +152,7 @@ seccompProfile:
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ $otel.endpoint | quote }}
 - name: OTEL_EXPORTER_OTLP_PROTOCOL
-  value: {{ $otel.protocol | quote }}
+  value: grpc
 {{- end }}
 {{- if $otel.tracesSampler }}
 - name: OTEL_TRACES_SAMPLER
