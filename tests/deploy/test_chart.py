@@ -126,6 +126,13 @@ def test_bad_values_are_refused_with_a_message_naming_them(helm: Path, args: lis
     assert message in done.stderr, done.stderr
 
 
+def test_clusters_older_than_1_30_are_refused(helm: Path) -> None:
+    """The chart uses 1.30 APIs (preStop sleep, unhealthyPodEvictionPolicy, matchLabelKeys)."""
+    old = run_helm(helm, "template", RELEASE, str(CHART), "--kube-version", "1.29.0")
+    assert old.returncode != 0 and "kubeVersion" in old.stderr
+    assert run_helm(helm, "template", RELEASE, str(CHART), "--kube-version", "1.30.0").returncode == 0
+
+
 def _object_schemas(node: Any, path: str) -> list[tuple[str, dict[str, Any]]]:
     found = []
     if isinstance(node, dict):
