@@ -1,10 +1,12 @@
 """Singleton work under the PostgreSQL advisory-lock leader, with real processes on a real server:
 one of three candidates leads; kill -9 it and another takes over within the lease; a graceful
-stop hands over at once; the job keeps running and never runs in two places at once. And a real
-``tessera serve ingest`` runs its partition upkeep only while it leads."""
+stop hands over at once; the job keeps running and never runs in two places at once. A leader cut
+off by a partition steps down before PostgreSQL frees its lock. And a real ``tessera serve
+ingest`` runs its partition upkeep only while it leads."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import json
@@ -12,6 +14,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +28,7 @@ from sqlalchemy.engine import Engine
 
 from services.core import harness
 from services.core.harness import ServiceProcess, free_port, wait_serving
-from services.core.leader import AdvisoryLockCampaign, Leadership, Outcome, libpq_url
+from services.core.leader import AdvisoryLockCampaign, Leadership, Outcome, Term, libpq_url
 from services.core.migrate import TENANCY
 from services.ingest.app import MIGRATIONS as INGEST_MIGRATIONS
 
@@ -99,6 +102,109 @@ def test_a_leadership_that_stops_hands_over_on_the_followers_next_attempt(databa
     finally:
         first.stop(5)
         second.stop(5)
+
+
+class Blackhole:
+    """A TCP proxy to PostgreSQL that can fall silent as a network partition does: nothing gets
+    through either way, and neither end is told (no FIN, no RST). :meth:`heal` ends the partition
+    and, as the first packets after one would, resets the connections whose far end is gone."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.silent = False
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._clients: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target, timeout=5)
+            upstream.settimeout(None)
+            self._clients.append(client)
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, from_server: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if not self.silent:
+                    dst.sendall(data)
+        except OSError:
+            pass
+        if self.silent and from_server:
+            return  # the server ended the session; behind the partition, the client cannot know
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def heal(self) -> None:
+        self.silent = False
+        for sock in self._clients:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._listener.close()
+        self.heal()
+
+
+def test_a_leader_cut_off_by_the_network_steps_down_before_the_server_frees_its_lock(database_url: str) -> None:
+    """Nothing tells either side of a partition: the leader stops leading lease - renew after its
+    last confirmed renew, and PostgreSQL ends the silent session (idle_session_timeout, the lease)
+    and frees the lock; only then can the follower take it. Never two leaders."""
+    lease, renew = 2.0, 0.5
+    name = f"tessera-test-{harness.run_token()}"
+    url = sa.engine.make_url(database_url)
+    proxy = Blackhole((url.host or "127.0.0.1", url.port or 5432))
+    through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+
+    def leadership(via: str, who: str) -> Leadership:
+        return Leadership(
+            "t",
+            AdvisoryLockCampaign(via, name, lease_seconds=lease, renew_seconds=renew, application_name=who),
+            lease_seconds=lease,
+            renew_seconds=renew,
+            identity=who,
+        )
+
+    cut_off, other = leadership(through, "cut-off"), leadership(database_url, "other")
+    both = 0
+    watching = threading.Event()
+
+    def watch() -> None:
+        nonlocal both
+        while not watching.wait(0.005):
+            both += cut_off.is_leader() and other.is_leader()
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    try:
+        cut_off.start()
+        assert cut_off.wait_leading(5)
+        other.start()
+        watcher.start()
+        assert not other.wait_leading(2 * renew), "a follower while the leader renews"
+        proxy.silent = True
+        partitioned = time.monotonic()
+        wait_until(lambda: not cut_off.is_leader(), lease, "the cut-off leader to step down")
+        stepped_down = time.monotonic() - partitioned
+        assert other.wait_leading(lease + renew + SLACK), "the follower takes over once the server frees the lock"
+        took_over = time.monotonic() - partitioned
+        print(f"partition: leader stepped down after {stepped_down:.2f}s, follower took over after {took_over:.2f}s")
+        assert stepped_down <= lease - renew + 0.1
+        assert took_over > stepped_down
+        proxy.heal()
+        wait_until(lambda: cut_off._term == Term() and other.is_leader(), 5, "the old leader back as a follower")
+    finally:
+        watching.set()
+        proxy.close()
+        cut_off.stop(5)
+        other.stop(5)
+    assert both == 0, "never two leaders at once"
 
 
 # ---- real processes --------------------------------------------------------------------------------
