@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "tessera"
 PRODUCTION = CHART / "examples" / "production.yaml"
 RELEASE, NAMESPACE = "rel", "tessera"
+#: The base name of the release's objects; each service's are "<FULLNAME_PREFIX>-<service>".
+FULLNAME_PREFIX = f"{RELEASE}-tessera"
 #: libyaml's loader where PyYAML has it: parsing the renders is most of these tests' time.
 SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 

@@ -21,11 +21,22 @@ from services.cli import registry
 from services.cli.main import build_parser
 from services.core.server import LIVENESS_HEALTH
 from services.core.settings import Settings
-from tests.deploy.conftest import CHART, NAMESPACE, PRODUCTION, RELEASE, Manifest, Render, by_name, of_kind, run_helm
+from tests.deploy.conftest import (
+    CHART,
+    FULLNAME_PREFIX,
+    NAMESPACE,
+    PRODUCTION,
+    RELEASE,
+    Manifest,
+    Render,
+    by_name,
+    of_kind,
+    run_helm,
+)
 
 pytestmark = pytest.mark.deploy
 
-FULLNAME = f"{RELEASE}-tessera"
+FULLNAME = FULLNAME_PREFIX
 #: Kinds whose schemas are not Kubernetes' own (CRDs); kubernetes-validate has none for them, so
 #: they are checked by hand below (test_service_monitor_scrapes_the_metrics_port).
 CRD_KINDS = {"ServiceMonitor"}

@@ -1,0 +1,100 @@
+"""What the chart renders, run: the migration Job's command and a service Deployment's command,
+with exactly the environment the chart gives the pod (the Secrets' URLs pointing at this run's
+PostgreSQL and Redis), starts, passes the chart's own probes and ``helm test`` command, and stops
+within the pod's termination grace period on SIGTERM. No cluster runs here, so the pod is a
+process; the image's HOME/TMPDIR are a temporary directory, as /tmp is in the pod."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.core import harness
+from services.core.server import LIVENESS_HEALTH
+from tests.deploy.conftest import FULLNAME_PREFIX, NAMESPACE, Manifest, by_name, of_kind
+
+pytestmark = [pytest.mark.deploy, pytest.mark.integration, pytest.mark.slow]
+
+TESSERA = str(Path(sys.executable).with_name("tessera"))
+
+
+def pod_env(c: dict[str, Any], secrets: dict[str, str], home: Path, **overrides: str) -> dict[str, str]:
+    """The container's environment as kubelet would build it (downward API and $(VAR) expanded)."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(home), "PYTHONDONTWRITEBYTECODE": "1"}
+    downward = {"metadata.name": "tessera-ingest-7d9f-abcde", "metadata.namespace": NAMESPACE}
+    for e in c.get("env", []):
+        if "value" in e:
+            value = e["value"]
+            for name, known in env.items():
+                value = value.replace(f"$({name})", known)
+            env[e["name"]] = value
+        elif "fieldRef" in e["valueFrom"]:
+            env[e["name"]] = downward[e["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            env[e["name"]] = secrets[e["name"]]
+    env["TESSERA_DATA_DIR"] = str(home / "tessera")
+    env.update(overrides)
+    return env
+
+
+@pytest.fixture
+def secrets(database_url: str, redis_server_url: str) -> dict[str, str]:
+    return {"TESSERA_DATABASE_URL": database_url, "TESSERA_REDIS_URL": redis_server_url}
+
+
+def test_the_migration_job_command_runs_again_without_harm(
+    default_objects: list[Manifest], secrets: dict[str, str], tmp_path: Path
+) -> None:
+    """The session's database is already migrated: the hook's `tessera migrate` is a no-op that succeeds."""
+    (job,) = of_kind(default_objects, "Job")
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    done = subprocess.run(
+        [TESSERA, *c["args"]], env=pod_env(c, secrets, tmp_path), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert "migrated:" in done.stdout
+
+
+def test_a_deployment_as_rendered_starts_passes_its_probes_and_stops_in_time(
+    default_objects: list[Manifest], secrets: dict[str, str], redis_prefix: str, tmp_path: Path
+) -> None:
+    deployment = by_name(default_objects, "Deployment")[f"{FULLNAME_PREFIX}-ingest"]
+    spec = deployment["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    port, metrics_port = harness.free_port(), harness.free_port()
+    env = pod_env(
+        c,
+        secrets,
+        tmp_path,
+        # Only what a shared test machine needs changed: free ports, this run's Redis prefix.
+        TESSERA_INGEST_PORT=str(port),
+        TESSERA_PROMETHEUS_PORT=str(metrics_port),
+        TESSERA_REDIS_PREFIX=redis_prefix,
+    )
+    process = harness.ServiceProcess("ingest", [TESSERA, *c["args"]], env, tmp_path / "ingest.log").start()
+    try:
+        harness.wait_serving(f"127.0.0.1:{port}", process, timeout=60)
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            grpc_probe = c[probe]["grpc"]
+            check = [TESSERA, "health", f"localhost:{port}", "--service", grpc_probe["service"]]
+            done = subprocess.run(check, env=env, capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, f"{probe}: {done.stderr}"
+        assert c["livenessProbe"]["grpc"]["service"] == LIVENESS_HEALTH
+        (test_pod,) = (p for p in of_kind(default_objects, "Pod") if p["metadata"]["name"].endswith("-ingest-test"))
+        args = list(test_pod["spec"]["containers"][0]["args"])
+        args[1] = f"localhost:{port}"  # the Service's name, which only cluster DNS knows
+        done = subprocess.run([TESSERA, *args], env=env, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        grace = spec["terminationGracePeriodSeconds"]
+        assert process.wait(timeout=grace) == 0, process.log_tail()
+        assert time.monotonic() - started < grace
+    finally:
+        process.stop(grace=5)
