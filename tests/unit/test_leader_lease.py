@@ -139,6 +139,7 @@ def test_one_leads_a_follower_takes_over_only_when_the_lease_expires_and_a_relea
     a.server.stop()
     wait_until(b.leadership.is_leader, LEASE + 3, "pod-b to take over")
     took = time.monotonic() - cut_at
+    print(f"Lease taken over {took:.2f}s after the leader was cut off (lease {LEASE}s, renew {RENEW}s)")
     assert took >= LEASE - RENEW, f"pod-b took over {took:.2f}s after the last renew: before the lease expired"
     assert not a.leadership.is_leader()
     (takeover,) = [r for r in store.writes() if r.via == "pod-b"]
@@ -160,6 +161,7 @@ def test_one_leads_a_follower_takes_over_only_when_the_lease_expires_and_a_relea
     assert spec(released)["holderIdentity"] == "" and spec(released)["leaseDurationSeconds"] == 1
     assert spec(released)["leaseTransitions"] == 1, "a release keeps the count"
     wait_until(a.leadership.is_leader, LEASE, "pod-a to take the released Lease")
+    print(f"released Lease taken {time.monotonic() - stopped_at:.2f}s after the leader stopped")
     assert time.monotonic() - stopped_at < LEASE - RENEW, "a released Lease is taken at once, not after expiry"
     again = [r for r in store.writes(200) if r.via == "pod-a"][-1]
     assert spec(again)["holderIdentity"] == "pod-a" and spec(again)["leaseTransitions"] == 2
