@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
+import secrets
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -282,14 +283,21 @@ def ancestors(span: Span, by_id: dict[str, Span]) -> list[str]:
 def test_one_event_makes_one_trace_through_all_four_services(stack: Stack, receiver: Receiver) -> None:
     tenant = stack.new_tenant()
     ingest = ingest_pb2_grpc.IngestServiceStub(stack.channel("ingest"))
-    (event_id,) = send(ingest, tenant.metadata, track(uid("trace"), email=f"{uid('ada')}@example.com"))
+    # A traced client: its trace goes on in the server (a client sending none starts one there).
+    client_trace, client_span = secrets.token_hex(16), secrets.token_hex(8)
+    md = (*tenant.metadata, ("traceparent", f"00-{client_trace}-{client_span}-01"))
+    (event_id,) = send(ingest, md, track(uid("trace"), email=f"{uid('ada')}@example.com"))
     assert event_id
 
-    rpcs = wait_until(
-        lambda: receiver.find("tessera-ingest", "tessera.v1.IngestService/IngestEvents"), 20, "the ingest RPC's span"
-    )
-    assert len(rpcs) == 1
-    rpc = rpcs[0]
+    def ingest_rpc() -> list[Span]:
+        return [
+            s
+            for s in receiver.find("tessera-ingest", "tessera.v1.IngestService/IngestEvents")
+            if s.trace_id == client_trace
+        ]
+
+    (rpc,) = wait_until(ingest_rpc, 20, "the ingest RPC's span")
+    assert rpc.parent_id == client_span
     wanted = {
         ("tessera-identity", "consume events"),
         ("tessera-profile", "consume resolved"),
