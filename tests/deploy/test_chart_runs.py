@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from services.core import harness
 from services.core.server import LIVENESS_HEALTH
-from tests.deploy.conftest import FULLNAME_PREFIX, NAMESPACE, Manifest, by_name, of_kind
+from tests.deploy.conftest import FULLNAME_PREFIX, NAMESPACE, Manifest, Render, by_name, of_kind
 
 pytestmark = [pytest.mark.deploy, pytest.mark.integration, pytest.mark.slow]
 
@@ -96,5 +97,60 @@ def test_a_deployment_as_rendered_starts_passes_its_probes_and_stops_in_time(
         grace = spec["terminationGracePeriodSeconds"]
         assert process.wait(timeout=grace) == 0, process.log_tail()
         assert time.monotonic() - started < grace
+    finally:
+        process.stop(grace=5)
+
+
+def test_with_tls_the_exec_probes_pass_against_the_service(
+    render: Render, secrets: dict[str, str], redis_prefix: str, tmp_path: Path
+) -> None:
+    """kubelet's gRPC probes speak no TLS, so under TLS the chart's probes are `tessera health`
+    commands: run them as rendered (paths moved to where this test keeps the Secret's files)."""
+    objects = render("--set", "tls.enabled=true", "--set", "tls.existingSecret=tessera-tls")
+    deployment = by_name(objects, "Deployment")[f"{FULLNAME_PREFIX}-ingest"]
+    c = deployment["spec"]["template"]["spec"]["containers"][0]
+    tls_dir = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "tls")
+    ca = trustme.CA()
+    cert = ca.issue_cert(f"{FULLNAME_PREFIX}-ingest.{NAMESPACE}.svc")
+    secret = tmp_path / "tls"
+    secret.mkdir()
+    (secret / "tls.crt").write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    (secret / "tls.key").write_bytes(cert.private_key_pem.bytes())
+    (secret / "ca.crt").write_bytes(ca.cert_pem.bytes())
+
+    def moved(value: str) -> str:
+        return value.replace(tls_dir, str(secret))
+
+    port = harness.free_port()
+    env = {
+        k: moved(v)
+        for k, v in pod_env(
+            c,
+            secrets,
+            tmp_path,
+            TESSERA_INGEST_PORT=str(port),
+            TESSERA_PROMETHEUS_PORT="0",
+            TESSERA_REDIS_PREFIX=redis_prefix,
+        ).items()
+    }
+    process = harness.ServiceProcess("ingest-tls", [TESSERA, *c["args"]], env, tmp_path / "ingest.log").start()
+    try:
+        rendered_port = c["ports"][0]["containerPort"]
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            command = [
+                moved(a).replace(f"localhost:{rendered_port}", f"localhost:{port}") for a in c[probe]["exec"]["command"]
+            ]
+            deadline = time.monotonic() + 60
+            while True:
+                done = subprocess.run([TESSERA, *command[1:]], env=env, capture_output=True, text=True, timeout=30)
+                if done.returncode == 0 or time.monotonic() > deadline or not process.alive():
+                    break
+                time.sleep(0.2)
+            assert done.returncode == 0, f"{probe}: {done.stderr}\n{process.log_tail()}"
+        # And a plaintext check, what a native grpc probe would do, gets no answer.
+        plain = subprocess.run(
+            [TESSERA, "health", f"localhost:{port}", "--timeout", "2"], env=env, capture_output=True, timeout=30
+        )
+        assert plain.returncode == 2
     finally:
         process.stop(grace=5)
