@@ -4,7 +4,8 @@ lock, and singleton workers ask :meth:`Leadership.is_leader` before each run.
 
 Two backends, one state machine (:class:`Term`):
 
-- **Kubernetes Lease** (``KUBERNETES_SERVICE_HOST`` set): a ``coordination.k8s.io/v1`` Lease named
+- **Kubernetes Lease** (``KUBERNETES_SERVICE_HOST`` set, unless ``TESSERA_LEADER_BACKEND`` says
+  otherwise): a ``coordination.k8s.io/v1`` Lease named
   ``tessera-<service>`` in the pod's namespace, written by the ``kubernetes`` client's own
   election step (``LeaderElection.try_acquire_or_renew`` over its ``LeaseLock``). Tessera drives
   that step from its own loop instead of calling ``LeaderElection.run()``, because ``run()``
@@ -504,11 +505,15 @@ def _lease_lock(name: str, namespace: str, identity: str, api: Any) -> Any:
 
 
 def build_leadership(settings: Settings, service: str, environ: Mapping[str, str] | None = None) -> Leadership:
-    """The service's Leadership: a Lease inside Kubernetes, an advisory lock elsewhere (not started)."""
+    """The service's Leadership (not started): ``TESSERA_LEADER_BACKEND``, where ``auto`` is a Lease
+    inside Kubernetes (``KUBERNETES_SERVICE_HOST`` set) and an advisory lock elsewhere."""
     env = os.environ if environ is None else environ
     me = identity(env)
+    backend = settings.leader_backend
+    if backend == "auto":
+        backend = "kubernetes" if env.get("KUBERNETES_SERVICE_HOST") else "postgres"
     campaign: Campaign
-    if env.get("KUBERNETES_SERVICE_HOST"):
+    if backend == "kubernetes":
         campaign = LeaseCampaign.in_cluster(service, settings, me)
     else:
         campaign = AdvisoryLockCampaign(

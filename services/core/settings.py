@@ -87,6 +87,16 @@ def _log_level(raw: str) -> str:
     return value
 
 
+LEADER_BACKENDS = ("auto", "kubernetes", "postgres")
+
+
+def _leader_backend(raw: str) -> str:
+    value = raw.strip().lower()
+    if value not in LEADER_BACKENDS:
+        raise ValueError(f"must be one of {', '.join(LEADER_BACKENDS)}, got {raw!r}")
+    return value
+
+
 def _prefix(raw: str) -> str:
     value = raw.strip()
     if not value or any(c in value for c in "{}: \t"):
@@ -247,6 +257,9 @@ class Settings(EnvSettings):
     # A leader that cannot renew within the lease stops its singleton work; another takes over.
     leader_lease_seconds: float = setting(15.0, "LEADER_LEASE_SECONDS", _float(1, 600))
     leader_renew_seconds: float = setting(5.0, "LEADER_RENEW_SECONDS", _float(0.1, 300))
+    # ``auto``: the Lease inside Kubernetes, the advisory lock elsewhere. ``postgres`` inside a
+    # cluster too (no RBAC for Leases, or a CI runner that is itself a pod); ``kubernetes`` forces it.
+    leader_backend: str = setting("auto", "LEADER_BACKEND", _leader_backend)
 
     @classmethod
     def cross_check(cls, values: Mapping[str, Any]) -> list[str]:

@@ -182,12 +182,19 @@ def test_lock_keys_are_stable_signed_64_bit_values_per_service() -> None:
     assert keys["ingest"] == lock_key("tessera-ingest-leader") == -2093749164405712962
 
 
-def test_outside_kubernetes_the_backend_is_the_advisory_lock() -> None:
+def test_outside_kubernetes_the_backend_is_the_advisory_lock_and_inside_it_can_be_chosen() -> None:
     s = Settings(database_url="postgresql://u@db:5432/tessera")
     built = build_leadership(s, "ingest", environ={})
     assert isinstance(built.campaign, AdvisoryLockCampaign)
     assert built.campaign.name == "tessera-ingest-leader"
     assert (built.lease_seconds, built.renew_seconds, built.deadline) == (15.0, 5.0, 10.0)
+    # A pod without RBAC for Leases (or a CI runner that is a pod) keeps the advisory lock.
+    pinned = Settings.from_env({"TESSERA_DATABASE_URL": "postgresql://u@db/t", "TESSERA_LEADER_BACKEND": "Postgres"})
+    in_cluster = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "POD_NAME": "tessera-ingest-0"}
+    built = build_leadership(pinned, "ingest", environ=in_cluster)
+    assert isinstance(built.campaign, AdvisoryLockCampaign) and built.identity == "tessera-ingest-0"
+    with pytest.raises(SettingsError, match="TESSERA_LEADER_BACKEND must be one of auto, kubernetes, postgres"):
+        Settings.from_env({"TESSERA_LEADER_BACKEND": "zookeeper"})
 
 
 class Switch:
