@@ -474,6 +474,25 @@ def test_the_alerts_stream_continues_the_trace_of_the_batch_that_fired_it(driven
     assert consumers & set(wait_until(chain, 10, "the span that published the alert")), "a metrics consumer span"
 
 
+def test_a_read_that_calls_another_service_is_one_trace(driven: Stack, receiver: Receiver) -> None:
+    """GetCustomerContext asks metrics for the customer's scores: metrics' span is a child of
+    profile's, in the same trace."""
+
+    def calls() -> list[tuple[Span, Span]] | None:
+        contexts = {
+            s.span_id: s for s in receiver.find("tessera-profile", "tessera.v1.ProfileService/GetCustomerContext")
+        }
+        found = [
+            (contexts[s.parent_id], s)
+            for s in receiver.find("tessera-metrics", "tessera.v1.MetricsService/GetCustomerMetrics")
+            if s.parent_id in contexts
+        ]
+        return found or None
+
+    pairs = wait_until(calls, 10, "a metrics span under a GetCustomerContext span")
+    assert all(parent.trace_id == child.trace_id for parent, child in pairs)
+
+
 def test_the_prometheus_names_cover_the_documented_table() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     derived = prometheus_names(declared_instruments())
