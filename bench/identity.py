@@ -59,7 +59,7 @@ from bench.common import (
 from bench.ingest import postgres_facts
 from services.cli.demo import EMAIL_DOMAINS, FIRST_NAMES, LAST_NAMES, generate
 from services.core import db, streams, tenancy
-from services.core.bus import Bus, connect, dead_letter_name
+from services.core.bus import Bus, RedisClient, connect, dead_letter_name
 from services.core.harness import ServiceProcess, free_port, run_token, serve_argv, wait_serving
 from services.core.settings import Settings
 from services.core.streams import tag, varint
@@ -635,7 +635,7 @@ def sustained_phase(cfg: Config, watcher: Watcher, producer: Producer, server: S
     return phase
 
 
-def _redis_ms(client: redis.Redis) -> int:
+def _redis_ms(client: RedisClient) -> int:
     sec, usec = client.time()
     return int(sec) * 1000 + int(usec) // 1000
 

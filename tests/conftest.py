@@ -10,7 +10,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import redis
 from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
@@ -18,7 +17,7 @@ from sqlalchemy.engine import Engine
 
 from services.cli import registry
 from services.core import db, harness, tenancy
-from services.core.bus import connect
+from services.core.bus import RedisClient, connect
 from services.core.server import RunningServer, start_server
 from services.core.settings import Settings
 from tests.support.profile import Apis, apis
@@ -55,6 +54,8 @@ def backends() -> Iterator[harness.Scratch]:
         registry.migration_sets(),
         database_url=harness.configured("TESSERA_TEST_DATABASE_URL"),
         redis_url=harness.configured("TESSERA_TEST_REDIS_URL"),
+        # Set, the whole suite runs on a Redis Cluster (an embedded one unless the URL names a node).
+        redis_cluster=harness.configured("TESSERA_TEST_REDIS_CLUSTER") is not None,
     ) as found:
         yield found
 
@@ -82,18 +83,19 @@ def redis_prefix(backends: harness.Scratch) -> str:
 
 
 @pytest.fixture(scope="session")
-def redis_client(redis_server_url: str) -> Iterator[redis.Redis]:
-    client = connect(redis_server_url)
+def redis_client(backends: harness.Scratch) -> Iterator[RedisClient]:
+    client = connect(backends.redis_url, cluster=backends.redis_cluster)
     yield client
     client.close()
 
 
 @pytest.fixture(scope="session")
-def settings(database_url: str, redis_server_url: str, redis_prefix: str) -> Settings:
+def settings(database_url: str, backends: harness.Scratch) -> Settings:
     return Settings(
         database_url=database_url,
-        redis_url=redis_server_url,
-        redis_prefix=redis_prefix,
+        redis_url=backends.redis_url,
+        redis_prefix=backends.redis_prefix,
+        redis_cluster=backends.redis_cluster,
         bind_host="127.0.0.1",
         health_interval_seconds=0.1,
         outbox_sweep_seconds=0.2,

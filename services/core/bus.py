@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 
 import redis
 from google.protobuf.message import Message
+from redis.cluster import RedisCluster
 
 from services.core import backlog, streams
 from services.core.streams import ENTRY_FIELD, Stream, UndecodableEntry
@@ -58,8 +59,30 @@ return ids
 assert ENTRY_FIELD == b"m"  # the field name the script writes
 
 
-def connect(url: str) -> redis.Redis:
-    """A client that returns bytes (payloads are protobuf) and fails fast when Redis is gone."""
+#: A single node or a cluster: both take the same commands for keys of one slot, which is all
+#: Tessera sends (every key of a command shares its tenant's hash tag).
+RedisClient = redis.Redis | RedisCluster
+
+
+def is_cluster(client: RedisClient) -> bool:
+    """Whether commands go to a Redis Cluster: there a command (and a pipeline's command) may
+    name keys of one slot only, and the client does not split multi-key commands in a pipeline."""
+    return isinstance(client, RedisCluster)
+
+
+def connect(url: str, *, cluster: bool = False) -> RedisClient:
+    """A client that returns bytes (payloads are protobuf) and fails fast when Redis is gone.
+    With ``cluster``, ``url`` names any one node; the client finds the others and follows
+    failovers (a command that meets a dead master fails, and the next one finds the new one)."""
+    if cluster:
+        return RedisCluster.from_url(
+            url,
+            decode_responses=False,
+            socket_timeout=5,
+            socket_connect_timeout=2,
+            health_check_interval=15,
+            retry_on_timeout=False,
+        )
     return redis.Redis.from_url(
         url,
         decode_responses=False,
@@ -73,6 +96,10 @@ def connect(url: str) -> redis.Redis:
 def tenant_key(prefix: str, tenant_id: str, *parts: str) -> str:
     """``prefix:{tenant}:part...``; the braces make the tenant the Redis Cluster hash tag."""
     return ":".join((prefix, "{" + tenant_id + "}", *parts))
+
+
+#: How long a publish waits for its replicas (TESSERA_REDIS_WAIT_REPLICAS) before it gives up.
+WAIT_REPLICAS_MS = 2000
 
 
 def dead_letter_name(stream: str) -> str:
@@ -114,8 +141,10 @@ class Publication:
 class Bus:
     """Publishing and the stream naming every service shares."""
 
-    def __init__(self, client: redis.Redis, prefix: str, maxlen: int = 1_000_000) -> None:
+    def __init__(self, client: RedisClient, prefix: str, maxlen: int = 1_000_000, *, wait_replicas: int = 0) -> None:
         self.redis = client
+        self.clustered = is_cluster(client)
+        self.wait_replicas = wait_replicas
         self.prefix = prefix
         self.maxlen = maxlen
         self._xadd_blob = client.register_script(_XADD_BLOB)
@@ -145,8 +174,24 @@ class Bus:
         if not envelopes:
             return []
         args: list[bytes | str | int] = [self.maxlen, ",".join(str(len(e)) for e in envelopes), b"".join(envelopes)]
-        result = self._xadd_blob(keys=[self.key(tenant_id, stream)], args=args)
+        key = self.key(tenant_id, stream)
+        result = self._xadd_blob(keys=[key], args=args)
+        if self.wait_replicas:
+            self._wait_replicated(key)
         return [i.decode() if isinstance(i, bytes) else str(i) for i in result]  # type: ignore[union-attr]
+
+    def _wait_replicated(self, key: str) -> None:
+        """Redis replicates asynchronously: an entry its master acknowledged and then lost in a
+        failover would be gone, though the outbox had let go of it. WAIT holds the publish until
+        the replicas have it; short of that it raises, so the outbox keeps the rows and retries."""
+        command: tuple[object, ...] = ("WAIT", self.wait_replicas, WAIT_REPLICAS_MS)
+        if isinstance(self.redis, RedisCluster):
+            node = self.redis.get_node_from_key(key)  # type: ignore[no-untyped-call]
+            acked = self.redis.execute_command(*command, target_nodes=node)  # type: ignore[no-untyped-call]
+        else:
+            acked = self.redis.execute_command(*command)  # type: ignore[no-untyped-call]
+        if int(acked) < self.wait_replicas:
+            raise redis.ConnectionError(f"stream entries reached {acked} of {self.wait_replicas} Redis replicas")
 
     def ensure_group(self, tenant_id: str, stream: str, group: str) -> None:
         try:
@@ -298,14 +343,7 @@ class Consumer(Generic[M]):
             return 0
         batch = self._reclaim(keys)
         if len(batch) < self.batch_size:
-            resp: Any = self.bus.redis.xreadgroup(
-                self.group,
-                self.name,
-                dict.fromkeys(keys, ">"),  # type: ignore[arg-type]
-                count=self.batch_size,
-                block=None if batch else self.block_ms,
-            )
-            for key, rows in resp or []:
+            for key, rows in self._read(keys, block=not batch):
                 skey = _id(key)
                 for mid, fields in rows:
                     found = self._delivery(keys[skey], skey, _id(mid), fields, 1)
@@ -314,6 +352,29 @@ class Consumer(Generic[M]):
         if batch:
             self._handle(batch)
         return len(batch)
+
+    def _read(self, keys: dict[str, str], *, block: bool) -> list[Any]:
+        """New entries of every stream: one XREADGROUP over all of them on one Redis. On a
+        cluster the streams live in different slots, which one command cannot span: each is read
+        without blocking in one pipeline (the client sends each node its part), and when none
+        had anything the consumer waits a tenth of ``block_ms`` before the next poll."""
+        if not self.bus.clustered:
+            resp: Any = self.bus.redis.xreadgroup(
+                self.group,
+                self.name,
+                dict.fromkeys(keys, ">"),  # type: ignore[arg-type]
+                count=self.batch_size,
+                block=self.block_ms if block else None,
+            )
+            return list(resp or [])
+        pipe = self.bus.redis.pipeline(transaction=False)
+        share = max(10, self.batch_size // len(keys))
+        for key in keys:
+            pipe.xreadgroup(self.group, self.name, {key: ">"}, count=share)
+        found = [entry for resp in pipe.execute() for entry in resp or [] if entry[1]]
+        if not found and block:
+            time.sleep(self.block_ms / 10_000)
+        return found
 
     def _delivery(self, tenant: str, key: str, mid: str, fields: dict[bytes, bytes], n: int) -> Delivery[M] | None:
         """The decoded entry, or None after dead-lettering one that can never be applied."""

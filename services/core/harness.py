@@ -16,7 +16,6 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,14 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.core import db
-from services.core.bus import connect
-from services.core.embedded import EmbeddedPostgres, EmbeddedRedis
+from services.core import db, embedded
+from services.core.bus import RedisClient, connect, is_cluster
+from services.core.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedRedisCluster
 from services.core.migrate import MigrationSet, migrate
 
+#: A free loopback port (one definition, in :mod:`services.core.embedded`, which the servers there need).
+free_port = embedded.free_port
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -44,12 +44,6 @@ TESSERA = (sys.executable, "-m", "services.cli")
 
 def serve_argv(service: str) -> list[str]:
     return [*TESSERA, "serve", service]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run_token() -> str:
@@ -100,18 +94,40 @@ def redis_server(url: str | None, workdir: Path | None = None) -> Iterator[str]:
         yield started
 
 
-def delete_prefix(client: redis.Redis, prefix: str) -> int:
-    """Delete every key under ``prefix:``; returns how many."""
+@contextlib.contextmanager
+def redis_cluster_server(url: str | None, workdir: Path | None = None) -> Iterator[str]:
+    """``url`` itself (a node of a running cluster), else an embedded cluster that stops on exit."""
+    if url:
+        yield url
+        return
+    with contextlib.ExitStack() as stack:
+        base = workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="trc-", dir="/tmp")))
+        cluster = EmbeddedRedisCluster(base)
+        stack.callback(cluster.stop)
+        yield cluster.start()
+
+
+def delete_prefix(client: RedisClient, prefix: str) -> int:
+    """Delete every key under ``prefix:`` (on every node of a cluster); returns how many."""
     deleted = 0
     batch: list[bytes] = []
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         batch.append(key)
         if len(batch) >= 500:
-            deleted += int(client.delete(*batch))
+            deleted += _delete(client, batch)
             batch = []
     if batch:
-        deleted += int(client.delete(*batch))
+        deleted += _delete(client, batch)
     return deleted
+
+
+def _delete(client: RedisClient, keys: list[bytes]) -> int:
+    if not is_cluster(client):
+        return int(client.delete(*keys))
+    pipe = client.pipeline(transaction=False)  # keys of many slots: one DEL each, sent per node
+    for key in keys:
+        pipe.delete(key)
+    return sum(int(n) for n in pipe.execute())
 
 
 @dataclass(frozen=True)
@@ -124,6 +140,7 @@ class Scratch:
     redis_url: str
     redis_prefix: str
     embedded: tuple[str, ...]
+    redis_cluster: bool = False
 
     @property
     def mode(self) -> str:
@@ -137,6 +154,7 @@ class Scratch:
             "TESSERA_DATABASE_URL": self.database_url,
             "TESSERA_REDIS_URL": self.redis_url,
             "TESSERA_REDIS_PREFIX": self.redis_prefix,
+            "TESSERA_REDIS_CLUSTER": "true" if self.redis_cluster else "false",
             "TESSERA_BIND_HOST": "127.0.0.1",
             **extra,
         }
@@ -149,15 +167,21 @@ def scratch(
     *,
     database_url: str | None = None,
     redis_url: str | None = None,
+    redis_cluster: bool = False,
     workdir: Path | None = None,
 ) -> Iterator[Scratch]:
     """Servers at the given URLs (else embedded), a database ``tessera_<label>_<token>`` migrated
-    with ``migrations`` and a key prefix ``t<label>-<token>``; all removed on the way out."""
+    with ``migrations`` and a key prefix ``t<label>-<token>``; all removed on the way out.
+    With ``redis_cluster``, ``redis_url`` names a node of a Redis Cluster, and with no URL an
+    embedded cluster (three masters, a replica each) is started."""
     token = run_token()
     with contextlib.ExitStack() as stack:
         embedded = tuple(k for k, url in (("postgres", database_url), ("redis", redis_url)) if not url)
         admin = stack.enter_context(postgres(database_url, workdir and workdir / "pg"))
-        rurl = stack.enter_context(redis_server(redis_url, workdir and workdir / "rd"))
+        if redis_cluster:
+            rurl = stack.enter_context(redis_cluster_server(redis_url, workdir and workdir / "rc"))
+        else:
+            rurl = stack.enter_context(redis_server(redis_url, workdir and workdir / "rd"))
         name = f"tessera_{label}_{token}".replace("-", "_")
         db.ensure_database(admin, name)
         stack.callback(_quietly, "drop database " + name, db.drop_database, admin, name)
@@ -168,12 +192,12 @@ def scratch(
         finally:
             engine.dispose()
         prefix = f"t{label}-{token}"
-        stack.callback(_quietly, "delete redis prefix " + prefix, _delete_prefix_at, rurl, prefix)
-        yield Scratch(admin, name, url, rurl, prefix, embedded)
+        stack.callback(_quietly, "delete redis prefix " + prefix, _delete_prefix_at, rurl, prefix, redis_cluster)
+        yield Scratch(admin, name, url, rurl, prefix, embedded, redis_cluster)
 
 
-def _delete_prefix_at(url: str, prefix: str) -> None:
-    client = connect(url)
+def _delete_prefix_at(url: str, prefix: str, cluster: bool = False) -> None:
+    client = connect(url, cluster=cluster)
     try:
         delete_prefix(client, prefix)
     finally:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import redis
 
+from services.core.bus import RedisClient
+
 log = logging.getLogger(__name__)
 
 # KEYS[1] bucket; ARGV rate/s, burst, need (at least), want (at most), charge (what the request
@@ -59,7 +61,7 @@ class Decision:
 class RateLimiter:
     """Fails open when Redis is unreachable: ingest must keep accepting during an outage."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         self._script = client.register_script(_BUCKET_SCRIPT)
         self._local: dict[str, tuple[float, float]] = {}  # key -> (tokens, expires at)
         self._lock = threading.Lock()

@@ -27,13 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
-import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy.engine import Engine
 
 from services.core import db, tenancy
-from services.core.bus import Bus, Consumer, ConsumerWorker, Delivery, connect, consumer_name
+from services.core.bus import Bus, Consumer, ConsumerWorker, Delivery, RedisClient, connect, consumer_name
 from services.core.interceptors import GuardInterceptor, StreamSlots
 from services.core.leader import Leadership, build_leadership
 from services.core.migrate import MigrationSet
@@ -94,7 +93,7 @@ class ServiceContext:
     engine: Engine
     # Same database, autocommit connections: for writes that are one statement.
     autocommit_engine: Engine
-    redis: redis.Redis
+    redis: RedisClient
     bus: Bus
     authenticator: Authenticator
     # Where plain handlers run, and where async handlers send blocking work (see in_pool).
@@ -243,13 +242,13 @@ def build_context(settings: Settings, service: str) -> ServiceContext:
         pool_size=settings.db_pool_size,
         autocommit=True,
     )
-    client = connect(settings.require_redis_url())
+    client = connect(settings.require_redis_url(), cluster=settings.redis_cluster)
     return ServiceContext(
         settings=settings,
         engine=engine,
         autocommit_engine=autocommit_engine,
         redis=client,
-        bus=Bus(client, settings.redis_prefix, settings.stream_maxlen),
+        bus=Bus(client, settings.redis_prefix, settings.stream_maxlen, wait_replicas=settings.redis_wait_replicas),
         authenticator=Authenticator(engine, ttl=settings.auth_cache_seconds, service_token=settings.service_token),
         executor=futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="rpc"),
         leader=build_leadership(settings, service),

@@ -216,6 +216,9 @@ class Settings(EnvSettings):
     # The Redis URL names one node of a Redis Cluster (the client discovers the rest); every key
     # carries a {tenant} hash tag, so one tenant's keys share a slot.
     redis_cluster: bool = setting(False, "REDIS_CLUSTER", _flag)
+    # Stream entries are published only once this many replicas of their Redis node have them
+    # (WAIT), so a failover cannot lose what the outbox let go of; 0 trusts the master alone.
+    redis_wait_replicas: int = setting(0, "REDIS_WAIT_REPLICAS", _int(0, 5))
     data_dir: Path = setting(Path(".tessera"), "DATA_DIR", _path)
     log_level: str = setting("INFO", "LOG_LEVEL", _log_level)
     bind_host: str = setting("0.0.0.0", "BIND_HOST", str.strip)  # noqa: S104

@@ -30,7 +30,7 @@ from services.metrics import forms
 from services.metrics import quality_rollup as qr
 from services.metrics.derive import day_of, hour_of
 from services.metrics.facts import LEG, SURVEY, Fact
-from services.metrics.storage import FACT_SELECT
+from services.metrics.storage import FACT_SELECT, lock_customers, lock_with_survivors
 from services.metrics.tenant_settings import MetricsConfig
 from tessera.v1 import event_pb2, quality_pb2, stream_pb2
 
@@ -202,7 +202,7 @@ class QualityStore:
         """Keep the messages and evaluate what they and the facts touched; returns how many
         evaluations changed. A tenant without forms only keeps the transcripts."""
         now = now or dt.datetime.now(dt.UTC)
-        pending: Pending | None = None
+        pending: Pending | None
         with db.raw_transaction(self.engine, "quality.apply", len(messages)) as (cur, _):
             if messages:
                 execute_values(
@@ -234,33 +234,78 @@ class QualityStore:
                 )
             touched = {m.interaction_id for m in messages} | {f.interaction_id for f in facts if f.interaction_id}
             touched.discard("")
-            if not touched:
-                return 0
-            rules = self.alert_rules(tenant_id, cur)
-            known: dict[str, quality_pb2.Category] | None = None  # read once for both steps
-            if rules:
-                known = self.categories(tenant_id, cur)
-                pending = self._alerts(cur, tenant_id, sorted(touched), rules, now, known)
-            form_list = self.latest_forms(tenant_id, cur)
-            iids = set(touched)
-            window = dt.timedelta(days=config.fcr_window_days)
-            legs = [f for f in facts if f.kind == LEG]
-            if legs and form_list:  # earlier contacts whose repeat outcome a new contact may change
-                cur.execute(
-                    "SELECT DISTINCT interaction_id FROM metrics.facts WHERE tenant_id = %s AND kind = 1 "
-                    "AND profile_id = ANY(%s) AND coalesce(started_at, at) >= %s AND coalesce(started_at, at) <= %s",
-                    (
-                        tenant_id,
-                        sorted({f.profile_id for f in legs}),
-                        min(f.start for f in legs) - window,
-                        max(f.start for f in legs),
-                    ),
-                )
-                iids.update(r[0] for r in cur.fetchall())
-            changed = self._evaluate(cur, tenant_id, sorted(iids), form_list, config, now, known) if form_list else 0
+            changed, pending, iids = 0, None, list[str]()
+            if touched:
+                changed, pending, iids = self._judge(cur, tenant_id, touched, facts, config, now)
+            self._follow_merges(cur, tenant_id, [m.event_id for m in messages], iids)
         if pending is not None and self.outbox is not None:
             self.outbox.submit(pending)
         return changed
+
+    def _judge(
+        self,
+        cur: Any,
+        tenant_id: str,
+        touched: set[str],
+        facts: Sequence[Fact],
+        config: MetricsConfig,
+        now: dt.datetime,
+    ) -> tuple[int, Pending | None, list[str]]:
+        """Alerts on the touched interactions, then their evaluations and those of the earlier
+        contacts whose repeat outcome a new contact may change: (evaluations changed, alerts to
+        publish, interactions evaluated)."""
+        pending: Pending | None = None
+        rules = self.alert_rules(tenant_id, cur)
+        known: dict[str, quality_pb2.Category] | None = None  # read once for both steps
+        if rules:
+            known = self.categories(tenant_id, cur)
+            pending = self._alerts(cur, tenant_id, sorted(touched), rules, now, known)
+        form_list = self.latest_forms(tenant_id, cur)
+        if not form_list:
+            return 0, pending, []
+        iids = set(touched)
+        window = dt.timedelta(days=config.fcr_window_days)
+        legs = [f for f in facts if f.kind == LEG]
+        if legs:
+            cur.execute(
+                "SELECT DISTINCT interaction_id FROM metrics.facts WHERE tenant_id = %s AND kind = 1 "
+                "AND profile_id = ANY(%s) AND coalesce(started_at, at) >= %s AND coalesce(started_at, at) <= %s",
+                (
+                    tenant_id,
+                    sorted({f.profile_id for f in legs}),
+                    min(f.start for f in legs) - window,
+                    max(f.start for f in legs),
+                ),
+            )
+            iids.update(r[0] for r in cur.fetchall())
+        ordered = sorted(iids)
+        return self._evaluate(cur, tenant_id, ordered, form_list, config, now, known), pending, ordered
+
+    def _follow_merges(self, cur: Any, tenant_id: str, event_ids: Sequence[str], iids: Sequence[str]) -> None:
+        """Move what this transaction wrote under a merged-away customer to the survivor. The rows'
+        customers are locked first, so a merge either committed before (its alias is seen here) or
+        waits for this commit (and its own move then finds these rows): none is left behind."""
+        if not event_ids and not iids:
+            return
+        cur.execute(
+            "SELECT profile_id FROM metrics.messages WHERE tenant_id = %s AND event_id = ANY(%s) UNION "
+            "SELECT profile_id FROM metrics.evaluations WHERE tenant_id = %s AND interaction_id = ANY(%s)",
+            (tenant_id, list(event_ids), tenant_id, list(iids)),
+        )
+        alias = lock_with_survivors(cur, tenant_id, sorted(r[0] for r in cur.fetchall() if r[0]))
+        if not alias:
+            return
+        pairs = (list(alias), list(alias.values()))
+        cur.execute(
+            "UPDATE metrics.messages m SET profile_id = a.s FROM unnest(%s::text[], %s::text[]) a (p, s) "
+            "WHERE m.tenant_id = %s AND m.event_id = ANY(%s) AND m.profile_id = a.p",
+            (*pairs, tenant_id, list(event_ids)),
+        )
+        cur.execute(
+            "UPDATE metrics.evaluations e SET profile_id = a.s FROM unnest(%s::text[], %s::text[]) a (p, s) "
+            "WHERE e.tenant_id = %s AND e.interaction_id = ANY(%s) AND e.profile_id = a.p",
+            (*pairs, tenant_id, list(iids)),
+        )
 
     # -- alerts ----------------------------------------------------------------------------------
 
@@ -665,6 +710,7 @@ class QualityStore:
 
     def apply_merge(self, tenant_id: str, survivor: str, absorbed: str) -> None:
         with db.raw_transaction(self.engine, "quality.merge") as (cur, _):
+            lock_customers(cur, tenant_id, (survivor, absorbed))
             for table in ("messages", "evaluations"):
                 cur.execute(
                     f"UPDATE metrics.{table} SET profile_id = %s WHERE tenant_id = %s AND profile_id = %s",  # noqa: S608

@@ -153,7 +153,7 @@ class Applied:
     profiles: int = 0
 
 
-def _lock(cur: Any, tenant_id: str, profiles: Iterable[str]) -> None:
+def lock_customers(cur: Any, tenant_id: str, profiles: Iterable[str]) -> None:
     """Serialize work on these customers across consumers and replicas (in one order: no deadlock)."""
     keys = sorted({f"{tenant_id}:{p}" for p in profiles})
     if keys:
@@ -162,6 +162,29 @@ def _lock(cur: Any, tenant_id: str, profiles: Iterable[str]) -> None:
             "ORDER BY 1) s",
             (keys,),
         )
+
+
+def lock_with_survivors(cur: Any, tenant_id: str, profiles: Sequence[str]) -> dict[str, str]:
+    """Lock the customers and whom they were merged into, then return their aliases (merged-away
+    id -> survivor) as they stand under the lock. Trusting aliases read without it would let a
+    merge commit between the read and the write, leaving the write under the merged-away id,
+    where no later merge would move it."""
+    alias = _aliases(cur, tenant_id, profiles)
+    locked = set(profiles) | set(alias.values())
+    lock_customers(cur, tenant_id, locked)
+    alias = _aliases(cur, tenant_id, profiles)
+    if not set(alias.values()) <= locked:  # merged again meanwhile: lock the new survivors too
+        lock_customers(cur, tenant_id, set(alias.values()))
+    return alias
+
+
+def _aliases(cur: Any, tenant_id: str, profiles: Sequence[str]) -> dict[str, str]:
+    """Merged-away customer id -> survivor, for those of ``profiles`` that were merged."""
+    cur.execute(
+        "SELECT profile_id, survivor FROM metrics.aliases WHERE tenant_id = %s AND profile_id = ANY(%s)",
+        (tenant_id, list(profiles)),
+    )
+    return dict(cur.fetchall())
 
 
 class MetricsStore:
@@ -197,7 +220,7 @@ class MetricsStore:
         anonymous contributions are kept as they were derived."""
         cur.execute("SELECT DISTINCT profile_id FROM metrics.facts WHERE tenant_id = %s", (tenant_id,))
         profiles = [r[0] for r in cur.fetchall()]
-        _lock(cur, tenant_id, profiles)
+        lock_customers(cur, tenant_id, profiles)
         cur.execute("SELECT body FROM metrics.contributions WHERE tenant_id = %s AND anonymous", (tenant_id,))
         anonymous = [codec.contribution(json.loads(r[0])) for r in cur.fetchall()]
         for table in ("rollup_hour", "rollup_day"):
@@ -225,11 +248,7 @@ class MetricsStore:
         out.unchanged += len(facts) - len(newest)
         with db.raw_transaction(self.engine, "metrics.apply_facts", len(newest)) as (cur, _):
             profiles = sorted({f.profile_id for f in newest.values()})
-            cur.execute(
-                "SELECT profile_id, survivor FROM metrics.aliases WHERE tenant_id = %s AND profile_id = ANY(%s)",
-                (tenant_id, profiles),
-            )
-            alias = dict(cur.fetchall())
+            alias = lock_with_survivors(cur, tenant_id, profiles)
             cur.execute(
                 "SELECT profile_id FROM metrics.erased WHERE tenant_id = %s AND profile_id = ANY(%s)",
                 (tenant_id, sorted({alias.get(p, p) for p in profiles})),
@@ -266,7 +285,7 @@ class MetricsStore:
                     (tenant_id, leg_iids),
                 )
                 affected.update(r[0] for r in cur.fetchall())
-            _lock(cur, tenant_id, affected)
+            lock_customers(cur, tenant_id, affected)
             tenant = db.copy_value(tenant_id)
             rows = "".join(_fact_line(tenant, f) for f in sorted(write, key=lambda f: f.key))
             db.copy_merge(cur, "metrics.facts", rows, _MERGE_FACTS)
@@ -277,7 +296,7 @@ class MetricsStore:
 
     def apply_merge(self, tenant_id: str, survivor: str, absorbed: str, config: MetricsConfig) -> None:
         with db.raw_transaction(self.engine, "metrics.apply_merge") as (cur, _):
-            _lock(cur, tenant_id, (survivor, absorbed))
+            lock_customers(cur, tenant_id, (survivor, absorbed))
             cur.execute(
                 "INSERT INTO metrics.aliases (tenant_id, profile_id, survivor) VALUES (%s, %s, %s) "
                 "ON CONFLICT (tenant_id, profile_id) DO UPDATE SET survivor = EXCLUDED.survivor",
@@ -302,7 +321,7 @@ class MetricsStore:
         config: MetricsConfig,
     ) -> None:
         with db.raw_transaction(self.engine, "metrics.apply_split") as (cur, _):
-            _lock(cur, tenant_id, (profile_id, new_profile_id))
+            lock_customers(cur, tenant_id, (profile_id, new_profile_id))
             cur.execute(
                 "UPDATE metrics.facts SET profile_id = %s WHERE tenant_id = %s AND profile_id = %s "
                 "AND event_id = ANY(%s)",
@@ -315,7 +334,7 @@ class MetricsStore:
         (and their open FCR contacts under a random id), so aggregates do not jump."""
         ids = sorted(set(profile_ids))
         with db.raw_transaction(self.engine, "metrics.erase") as (cur, _):
-            _lock(cur, tenant_id, ids)
+            lock_customers(cur, tenant_id, ids)
             cur.execute("DELETE FROM metrics.facts WHERE tenant_id = %s AND profile_id = ANY(%s)", (tenant_id, ids))
             erased = int(cur.rowcount)
             cur.execute(

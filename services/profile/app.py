@@ -33,7 +33,8 @@ def register(server: grpc.aio.Server, ctx: ServiceContext, own: ProfileSettings)
     s = ctx.settings
     cache = ContextCache(
         ctx.redis,
-        HotRedis(s.require_redis_url()),
+        # The hot path is one connection to one node; on a cluster the ordinary client routes.
+        None if s.redis_cluster else HotRedis(s.require_redis_url()),
         s.redis_prefix,
         context_seconds=own.context_cache_seconds,
         owner_seconds=own.owner_cache_seconds,

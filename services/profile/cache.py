@@ -29,10 +29,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import redis
 from opentelemetry import metrics
 
-from services.core.bus import tenant_key
+from services.core.bus import RedisClient, is_cluster, tenant_key
 from services.core.hotredis import HotRedis, RedisUnavailable
 
 SEP: Final = "\x1f"
@@ -112,7 +111,7 @@ class ContextCache:
 
     def __init__(
         self,
-        client: redis.Redis,
+        client: RedisClient,
         hot: HotRedis | None,
         prefix: str,
         *,
@@ -121,6 +120,7 @@ class ContextCache:
         hold_seconds: float = 30.0,
     ) -> None:
         self.client = client
+        self.clustered = is_cluster(client)
         self.hot = hot
         self.prefix = prefix
         self.context_seconds = context_seconds
@@ -237,7 +237,7 @@ class ContextCache:
             pipe.set(base + "ver:" + p, PENDING + _nonce(), ex=ttl)
         if moved:
             pipe.set(base + "epoch", PENDING + _nonce(), ex=ttl)
-            pipe.delete(*(base + "idx:" + self.identifier(t, v) for t, v in moved))
+            self._delete(pipe, [base + "idx:" + self.identifier(t, v) for t, v in moved])
         pipe.execute()
 
     def invalidate(
@@ -252,11 +252,23 @@ class ContextCache:
         if not ids and not moved:
             return
         pipe = self.client.pipeline(transaction=False)
-        if ids:
+        if ids and self.clustered:
+            for p in ids:
+                pipe.set(base + "ver:" + p, _nonce())
+        elif ids:
             pipe.mset({base + "ver:" + p: _nonce() for p in ids})
         if moved:
             pipe.set(base + "epoch", _nonce())
-            pipe.delete(*(base + "idx:" + self.identifier(t, v) for t, v in moved))
+            self._delete(pipe, [base + "idx:" + self.identifier(t, v) for t, v in moved])
         if forget and ids:
-            pipe.delete(*(base + "ctx:" + p for p in ids))
+            self._delete(pipe, [base + "ctx:" + p for p in ids])
         pipe.execute()
+
+    def _delete(self, pipe: Any, keys: list[str]) -> None:
+        """One DEL for all the keys; a cluster pipeline takes one key per command (they share a
+        slot, but the client does not split multi-key commands inside a pipeline)."""
+        if self.clustered:
+            for key in keys:
+                pipe.delete(key)
+        else:
+            pipe.delete(*keys)

@@ -15,6 +15,7 @@ import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from services.core.bus import RedisClient
 from services.core.settings import Settings
 from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc, profile_pb2, profile_pb2_grpc
 from tests.conftest import TenantKey, make_tenant
@@ -53,7 +54,7 @@ def mentions(engine: Engine, tenant_id: str, needles: list[str]) -> dict[str, li
     return found
 
 
-def redis_mentions(client: redis.Redis, prefix: str, tenant_id: str, needles: list[str]) -> dict[str, int]:
+def redis_mentions(client: RedisClient, prefix: str, tenant_id: str, needles: list[str]) -> dict[str, int]:
     """Keys of the tenant (streams, caches) holding a needle anywhere in their entries or values."""
     wanted = [n.encode() for n in needles] + [n.casefold().encode() for n in needles]
     found: dict[str, int] = {}

@@ -12,13 +12,12 @@ from typing import Any
 
 import grpc
 import pytest
-import redis
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from services.cli import registry
 from services.core import db, harness, tenancy
-from services.core.bus import connect
+from services.core.bus import RedisClient, connect
 from services.core.harness import ServiceProcess, free_port, wait_serving
 from services.profile.erasure_store import STEPS
 from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc, profile_pb2, profile_pb2_grpc
@@ -49,7 +48,7 @@ class Stack:
     """The three services as processes; each keeps its port across restarts."""
 
     engine: Engine
-    redis: redis.Redis
+    redis: RedisClient
     redis_prefix: str
     procs: dict[str, ServiceProcess]
     ports: dict[str, int]

@@ -1,0 +1,394 @@
+"""Every service as its own processes, some with replicas, on one database and one Redis (a single
+node or a cluster): what ``tests/system`` runs, kills and compares.
+
+- :class:`Deployment` starts ``tessera serve`` processes the way the chart runs pods: each replica
+  on its own port, peers reached through every replica's address (gRPC's ``ipv4:`` list, as a
+  Service would spread them), short consumer claim and leader lease times so a crash is noticed
+  in seconds.
+- :class:`Pump` sends a dataset through IngestEvents in batches, across the ingest replicas, and
+  retries what was not answered; it keeps the message ids that were acknowledged.
+- :func:`settle` waits until every stream is read and acknowledged by every group, no outbox holds
+  anything, and two snapshots in a row agree.
+- :func:`snapshot` reads the outcome from the database with every server-assigned id (profile
+  ids, event ids) replaced by what the user can name: a profile by its identifiers, an event by its
+  message id. Two runs of the same data compare equal exactly when they agree.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg2
+from google.protobuf import json_format
+
+from services.cli import registry
+from services.core import db, harness
+from services.core.bus import RedisClient
+from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc, quality_pb2
+
+#: Short enough that a killed replica's messages are reclaimed, and its leadership taken over, in
+#: seconds; the services' defaults are for production.
+FAST_RECOVERY = {
+    "TESSERA_CONSUMER_CLAIM_IDLE_MS": "3000",
+    "TESSERA_CONSUMER_BLOCK_MS": "200",
+    "TESSERA_TENANT_REFRESH_SECONDS": "0.5",
+    "TESSERA_OUTBOX_GRACE_SECONDS": "1",
+    "TESSERA_OUTBOX_SWEEP_SECONDS": "0.5",
+    "TESSERA_LEADER_LEASE_SECONDS": "3",
+    "TESSERA_LEADER_RENEW_SECONDS": "1",
+    "TESSERA_SHUTDOWN_GRACE_SECONDS": "2",
+    "TESSERA_PROFILE_RULES_CACHE_SECONDS": "1",
+    "TESSERA_IDENTITY_RULES_CACHE_SECONDS": "1",
+    "TESSERA_METRICS_SETTINGS_CACHE_SECONDS": "1",
+    # Nine processes with two pools each must fit in one PostgreSQL's connections beside the others.
+    "TESSERA_DB_POOL_SIZE": "3",
+}
+
+
+@dataclass
+class Replica:
+    service: str
+    index: int
+    port: int
+    process: harness.ServiceProcess
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass
+class Deployment:
+    """``replicas`` processes of each service, all on ``scratch``'s database and Redis."""
+
+    scratch: harness.Scratch
+    logs: Path
+    replicas: Mapping[str, int]
+    env: Mapping[str, str] = field(default_factory=dict)
+    running: dict[str, list[Replica]] = field(default_factory=dict)
+
+    def start(self) -> Deployment:
+        services = registry.available()
+        ports = {s: [harness.free_port() for _ in range(self.replicas.get(s, 1))] for s in services}
+        peers = {
+            f"TESSERA_PROFILE_{s.upper()}_ADDRESS": "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports[s])
+            for s in ("identity", "ingest", "metrics")
+            if s in ports
+        }
+        base = self.scratch.env(**FAST_RECOVERY, **peers, **self.env)
+        for service in services:
+            self.running[service] = []
+            for n, port in enumerate(ports[service]):
+                env = {**base, f"TESSERA_{service.upper()}_PORT": str(port)}
+                proc = harness.ServiceProcess.service(service, env, self.logs / f"{service}-{n}.log").start()
+                self.running[service].append(Replica(service, n, port, proc))
+        for replica in self.all():
+            harness.wait_serving(replica.target, replica.process, timeout=90)
+        return self
+
+    def all(self) -> list[Replica]:
+        return [r for rs in self.running.values() for r in rs]
+
+    def targets(self, service: str) -> list[str]:
+        return [r.target for r in self.running[service]]
+
+    def kill(self, service: str, index: int = 0) -> None:
+        """SIGKILL, as a crashed pod."""
+        self.running[service][index].process.kill()
+
+    def restart(self, service: str, index: int = 0) -> None:
+        """Start a killed replica again, on its port (a pod restarted by its Deployment)."""
+        replica = self.running[service][index]
+        replica.process.start()
+        harness.wait_serving(replica.target, replica.process, timeout=90)
+
+    def stop(self) -> None:
+        for replica in self.all():
+            replica.process.stop(grace=5)
+
+    def logs_tail(self) -> str:
+        return "\n".join(f"--- {r.service}-{r.index}\n{r.process.log_tail(15)}" for r in self.all())
+
+
+class Pump:
+    """The dataset through IngestEvents, ``batch`` events per call, spread over the ingest
+    replicas; an unanswered batch is sent again (to the next replica) until it is answered."""
+
+    def __init__(self, targets: Sequence[str], api_key: str, batch: int = 100) -> None:
+        self.channels = [grpc.insecure_channel(t) for t in targets]
+        self.stubs = [ingest_pb2_grpc.IngestServiceStub(c) for c in self.channels]
+        self.metadata = (("authorization", f"Bearer {api_key}"),)
+        self.batch = batch
+        self.acknowledged: set[str] = set()
+        self.rejected: list[str] = []
+        self.retries = 0
+        self._next = itertools.cycle(range(len(self.stubs)))
+
+    def send(self, events: Sequence[event_pb2.Event], between: Callable[[int], None] = lambda _n: None) -> None:
+        """Send everything; ``between(n)`` runs after the n-th batch is answered (to break things)."""
+        for n, start in enumerate(range(0, len(events), self.batch)):
+            chunk = list(events[start : start + self.batch])
+            self._send(chunk)
+            between(n)
+
+    def _send(self, chunk: list[event_pb2.Event]) -> None:
+        deadline = time.monotonic() + 120
+        while True:
+            stub = self.stubs[next(self._next)]
+            try:
+                resp = stub.IngestEvents(
+                    ingest_pb2.IngestEventsRequest(events=chunk), metadata=self.metadata, timeout=10
+                )
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                self.retries += 1
+                time.sleep(0.2)
+                continue
+            break
+        for event, result in zip(chunk, resp.results, strict=True):
+            if result.status in (ingest_pb2.EVENT_STATUS_ACCEPTED, ingest_pb2.EVENT_STATUS_DUPLICATE):
+                self.acknowledged.add(event.message_id)
+            else:
+                self.rejected.append(event.message_id)
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
+
+
+# ---- waiting for the system to finish -----------------------------------------------------------
+
+
+def stream_backlog(client: RedisClient, prefix: str) -> dict[str, int]:
+    """For every stream under ``prefix`` and each of its groups, what is not yet read and
+    acknowledged (0 when done); dead-letter streams count by their length."""
+    out: dict[str, int] = {}
+    for raw in client.scan_iter(match=f"{prefix}:*", count=1000, _type="stream"):
+        key = raw.decode() if isinstance(raw, bytes) else str(raw)
+        if key.endswith(":dead"):
+            out[key] = int(client.xlen(key))
+            continue
+        info: Any = client.xinfo_stream(key)
+        last = _text(info["last-generated-id"])
+        groups: Any = client.xinfo_groups(key)
+        for group in groups:
+            behind = 0 if _text(group["last-delivered-id"]) == last else 1
+            out[f"{key}/{_text(group['name'])}"] = int(group["pending"]) + behind
+    return out
+
+
+def outbox_rows(database_url: str) -> int:
+    with psycopg2.connect(_dsn(database_url)) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT table_schema FROM information_schema.tables WHERE table_name = 'outbox' "
+            "AND table_schema NOT IN ('pg_catalog', 'information_schema')"
+        )
+        total = 0
+        for (schema,) in cur.fetchall():
+            cur.execute(f'SELECT count(*) FROM "{schema}".outbox')
+            total += int(cur.fetchone()[0])
+        cur.execute("SELECT count(*) FROM metrics.reevaluations")
+        total += int(cur.fetchone()[0])
+    conn.close()
+    return total
+
+
+def settle(
+    client: RedisClient, scratch: harness.Scratch, tenant_id: str, timeout: float = 240.0, what: str = ""
+) -> Snapshot:
+    """Wait until nothing is in flight anywhere and the outcome stops changing; return it."""
+    deadline = time.monotonic() + timeout
+    previous: Snapshot | None = None
+    while True:
+        backlog = {k: v for k, v in stream_backlog(client, scratch.redis_prefix).items() if v}
+        rows = outbox_rows(scratch.database_url)
+        if not backlog and not rows:
+            current = snapshot(scratch.database_url, tenant_id)
+            if previous is not None and current == previous:
+                return current
+            previous = current
+        else:
+            previous = None
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not settle: backlog {backlog}, outbox/queue rows {rows}")
+        time.sleep(1.0)
+
+
+# ---- what a run produced, in the user's names ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    events: tuple[tuple[str, int], ...]  # message id, how many times stored
+    partition: frozenset[frozenset[str]]  # identity's profiles, each as its identifiers
+    profile_partition: frozenset[frozenset[str]]  # the profile service's, the same way
+    traits: tuple[tuple[str, str, str, str], ...]  # profile, key, value, source
+    facts: tuple[tuple[Any, ...], ...]
+    rollups: tuple[tuple[Any, ...], ...]
+    evaluations: tuple[tuple[Any, ...], ...]
+    # Alerts fire while a conversation happens, on what has arrived by then: the order of arrival
+    # (which replicas and crashes change) may rightly change them, so they are shown, not compared.
+    alerts: tuple[tuple[str, str], ...] = field(compare=False)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "events": len(self.events),
+            "profiles": len(self.partition),
+            "traits": len(self.traits),
+            "facts": len(self.facts),
+            "rollup rows": len(self.rollups),
+            "evaluations": len(self.evaluations),
+            "alerts": len(self.alerts),
+        }
+
+    def differences(self, other: Snapshot) -> dict[str, str]:
+        """Per part, a short account of what differs (empty when the runs agree)."""
+        out: dict[str, str] = {}
+        for name, spec in self.__dataclass_fields__.items():
+            if not spec.compare:
+                continue
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                a, b = set(mine), set(theirs)
+                out[name] = f"only here {sorted(map(str, a - b))[:3]} ({len(a - b)}), only there " + (
+                    f"{sorted(map(str, b - a))[:3]} ({len(b - a)})"
+                )
+        return out
+
+
+def _label(identifiers: Iterable[str]) -> str:
+    return "|".join(sorted(identifiers))
+
+
+def snapshot(database_url: str, tenant_id: str) -> Snapshot:
+    with psycopg2.connect(_dsn(database_url)) as conn, conn.cursor() as cur:
+        cur.execute("SELECT message_id, count(*) FROM ingest.events WHERE tenant_id = %s GROUP BY 1", (tenant_id,))
+        events = tuple(sorted((m, int(n)) for m, n in cur.fetchall()))
+        cur.execute("SELECT event_id::text, message_id FROM ingest.events WHERE tenant_id = %s", (tenant_id,))
+        message_of = dict(cur.fetchall())
+
+        cur.execute(
+            "SELECT i.profile_id::text, i.id_type || ':' || i.id_value FROM identity.identifiers i "
+            "JOIN identity.profiles p USING (tenant_id, profile_id) "
+            "WHERE i.tenant_id = %s AND p.merged_into IS NULL AND p.erased_at IS NULL",
+            (tenant_id,),
+        )
+        members: dict[str, set[str]] = {}
+        for pid, ident in cur.fetchall():
+            members.setdefault(pid, set()).add(ident)
+        partition = frozenset(frozenset(m) for m in members.values())
+
+        cur.execute(
+            "SELECT profile_id::text, id_type || ':' || id_value FROM profile.identifiers WHERE tenant_id = %s",
+            (tenant_id,),
+        )
+        held: dict[str, set[str]] = {}
+        for pid, ident in cur.fetchall():
+            held.setdefault(pid, set()).add(ident)
+        profile_partition = frozenset(frozenset(m) for m in held.values())
+        name = {pid: _label(ids) for pid, ids in held.items()}
+        name.update({pid: _label(ids) for pid, ids in members.items() if pid not in name})
+
+        cur.execute(
+            "SELECT profile_id::text, trait_key, value::text, source FROM profile.traits WHERE tenant_id = %s",
+            (tenant_id,),
+        )
+        traits = tuple(sorted((name.get(p, "?" + p), k, v, s or "") for p, k, v, s in cur.fetchall()))
+
+        cur.execute(
+            "SELECT * FROM metrics.facts WHERE tenant_id = %s",
+            (tenant_id,),
+        )
+        columns = [d[0] for d in cur.description]
+        facts = []
+        for row in cur.fetchall():
+            rec = dict(zip(columns, row, strict=True))
+            del rec["tenant_id"]  # runs compare across tenants
+            rec["event_id"] = message_of.get(rec["event_id"], rec["event_id"])
+            rec["profile_id"] = name.get(rec["profile_id"] or "", rec["profile_id"])
+            rec["fact_key"] = _unassigned(rec["fact_key"], message_of)
+            facts.append(tuple(sorted((k, str(v)) for k, v in rec.items())))
+
+        cur.execute("SELECT * FROM metrics.rollup_day WHERE tenant_id = %s", (tenant_id,))
+        columns = [d[0] for d in cur.description]
+        counts = [n for n, c in enumerate(columns) if c not in ROLLUP_KEYS]
+        # A bucket whose every sum is zero (what a move of contributions leaves) is no bucket.
+        rollups = tuple(
+            sorted(
+                tuple(str(v) for c, v in zip(columns, row, strict=True) if c != "tenant_id")
+                for row in cur.fetchall()
+                if any(_nonzero(row[n]) for n in counts)
+            )
+        )
+
+        cur.execute(
+            "SELECT interaction_id, form_id, form_version, profile_id, body FROM metrics.evaluations "
+            "WHERE tenant_id = %s",
+            (tenant_id,),
+        )
+        evaluations = []
+        for iid, form, version, pid, body in cur.fetchall():
+            ev = quality_pb2.Evaluation.FromString(bytes(body))
+            ev.ClearField("evaluate_time")
+            ev.ClearField("profile")
+            ev.ClearField("name")
+            # Evidence names events (and contacts) by their server-assigned ids.
+            text = UUID.sub(lambda m: message_of.get(m[0], name.get(m[0], m[0])), json_format.MessageToJson(ev))
+            evaluations.append((iid, form, version, name.get(pid or "", pid), text))
+
+        cur.execute("SELECT rule_id, interaction_id FROM metrics.alerts WHERE tenant_id = %s", (tenant_id,))
+        alerts = tuple(sorted(cur.fetchall()))
+    conn.close()
+    return Snapshot(
+        events,
+        partition,
+        profile_partition,
+        traits,
+        tuple(sorted(facts)),
+        rollups,
+        tuple(sorted(evaluations)),
+        alerts,
+    )
+
+
+#: The columns that say which bucket a rollup row is; the rest are sums.
+ROLLUP_KEYS = frozenset({"tenant_id", "grouping", "bucket", "channel", "queue", "agent", "reason", "source"})
+UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _nonzero(value: object) -> bool:
+    if isinstance(value, list):
+        return any(value)
+    return bool(value)
+
+
+def _unassigned(key: str, message_of: Mapping[str, str]) -> str:
+    """A fact key with any server-assigned event id in it replaced by its message id."""
+    for part in key.split(":"):
+        if part in message_of:
+            key = key.replace(part, message_of[part])
+    return key
+
+
+def _dsn(url: str) -> str:
+    """What psycopg2 takes, from the SQLAlchemy-style URL the harness hands out."""
+    return db.sa_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _text(raw: object) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def duplicates(events: Iterable[tuple[str, int]]) -> Counter[str]:
+    return Counter({m: n for m, n in events if n != 1})
