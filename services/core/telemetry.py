@@ -33,6 +33,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExport
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.trace import SpanKind
 
+from services.core.settings import SettingsError
+
 _configured = False
 _prometheus_server: Any = None
 #: Links a batch span keeps to the traces of its messages (the SDK's default span link limit).
@@ -115,10 +117,15 @@ def configure_telemetry(service: str, prometheus_port: int = 0, prometheus_host:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
         from prometheus_client import start_http_server
 
+        try:
+            _prometheus_server, _thread = start_http_server(prometheus_port, addr=prometheus_host)
+        except OSError as exc:  # the port is taken: say which setting, rather than a traceback
+            raise SettingsError(
+                f"TESSERA_PROMETHEUS_PORT: cannot serve metrics on {prometheus_host}:{prometheus_port}: {exc.strerror}"
+            ) from None
         # service.name becomes the label service_name, so one dashboard tells the services apart
         # whatever the scrape configuration calls its jobs.
         readers.append(PrometheusMetricReader(resource_attribute_filter=lambda key: key == "service.name"))
-        _prometheus_server, _thread = start_http_server(prometheus_port, addr=prometheus_host)
     # Periodic readers last: their timers start at once, and would fire before the provider exists.
     choice = _exporter_choice("METRICS")
     if choice == "otlp":

@@ -4,6 +4,7 @@ are the names :mod:`tests.support.metric_names` derives from the code."""
 
 from __future__ import annotations
 
+import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -87,3 +88,24 @@ def test_one_rpc_shows_on_the_scrape_port_under_the_derived_names(ingest: tuple[
     events = [line for line in lines if line.startswith("tessera_ingest_events_total{")]
     accepted = [line for line in events if 'status="accepted"' in line]
     assert accepted and float(accepted[0].rsplit(" ", 1)[1]) >= 1
+
+
+def test_a_taken_scrape_port_stops_the_service_with_a_message_naming_the_setting(
+    settings: Settings, tmp_path: Path
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = {
+            "TESSERA_DATABASE_URL": settings.require_database_url(),
+            "TESSERA_REDIS_URL": settings.require_redis_url(),
+            "TESSERA_BIND_HOST": "127.0.0.1",
+            "TESSERA_INGEST_PORT": str(free_port()),
+            "TESSERA_PROMETHEUS_PORT": str(taken.getsockname()[1]),
+        }
+        proc = spawn_service("ingest", env, tmp_path / "ingest.log")
+        try:
+            assert proc.wait(60) == 2
+        finally:
+            proc.stop(1)
+    assert "TESSERA_PROMETHEUS_PORT: cannot serve metrics on 127.0.0.1:" in proc.log_tail()
