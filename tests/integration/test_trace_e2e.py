@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.util
+import json
 import secrets
 import threading
 import urllib.request
@@ -27,6 +28,7 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import Engine
 
 from services.cli import registry
@@ -49,6 +51,7 @@ from tests.support.events import track, uid
 from tests.support.identity import person_event, send
 from tests.support.metric_names import declared_instruments, prometheus_names, sample_names
 from tests.support.profile import wait_until
+from tests.unit.test_dashboard import DASHBOARD, expressions, labels_in, metric_names_in
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -419,6 +422,10 @@ def expected(service: str) -> set[str]:
     return names
 
 
+def wait_exported(receiver: Receiver, service: str) -> None:
+    wait_until(lambda: not (expected(service) - receiver.exported(service)), 20, f"{service}'s metrics")
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_each_service_exports_its_metrics_over_otlp(driven: Stack, receiver: Receiver, service: str) -> None:
     want = expected(service)
@@ -439,7 +446,7 @@ def test_each_service_serves_its_metrics_to_prometheus_under_the_dashboards_name
 ) -> None:
     # Whatever this process exported over OTLP, it also serves, under the names derived from the
     # code (the ones the dashboard's check accepts).
-    wait_until(lambda: not (expected(service) - receiver.exported(service)), 20, f"{service}'s metrics")
+    wait_exported(receiver, service)
     derived = prometheus_names(i for i in declared_instruments() if i.name in receiver.exported(service))
     text = driven.scrape(service)
     served = sample_names(text)
@@ -491,6 +498,28 @@ def test_a_read_that_calls_another_service_is_one_trace(driven: Stack, receiver:
 
     pairs = wait_until(calls, 10, "a metrics span under a GetCustomerContext span")
     assert all(parent.trace_id == child.trace_id for parent, child in pairs)
+
+
+def test_the_dashboards_labels_are_on_the_metrics_it_reads(driven: Stack, receiver: Receiver) -> None:
+    """Each label a panel filters or groups by is one the services really attach (a typo would
+    silently show one unlabelled line); checked for every panel whose metrics this run recorded."""
+    for service in SERVICES:
+        wait_exported(receiver, service)
+    labels: dict[str, set[str]] = {}
+    for service in SERVICES:
+        for family in text_string_to_metric_families(driven.scrape(service)):
+            for sample in family.samples:
+                labels.setdefault(sample.name, set()).update(sample.labels)
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    checked = 0
+    for expr in expressions(dashboard):
+        names = metric_names_in(expr)
+        if not names <= labels.keys():
+            continue  # not recorded in this run (dead letters, rate limits)
+        have = set().union(*(labels[n] for n in names))
+        assert labels_in(expr) <= have, f"{expr}: {sorted(labels_in(expr) - have)} not on {sorted(names)}"
+        checked += 1
+    assert checked >= 20, checked
 
 
 def test_the_prometheus_names_cover_the_documented_table() -> None:

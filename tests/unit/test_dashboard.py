@@ -41,6 +41,7 @@ _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _KEYWORDS = frozenset({"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless"})
 _KEYWORDS |= {"offset", "inf", "nan", "Inf", "NaN"}
 _LABEL_VALUES = re.compile(r"label_values\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)\s*,")
+_LABEL_VALUES_LABEL = re.compile(r"label_values\(\s*[a-zA-Z_:][a-zA-Z0-9_:]*\s*,\s*([a-zA-Z_][a-zA-Z0-9_]*)")
 
 
 def metric_names_in(expr: str) -> set[str]:
@@ -61,6 +62,21 @@ def metric_names_in(expr: str) -> set[str]:
             continue  # a function or an aggregation
         out.add(m.group())
     return out
+
+
+_MATCHER_LABEL = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+_GROUP_LABELS = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+#: Labels Prometheus adds itself: the scrape's, and the buckets' bound.
+SCRAPE_LABELS = frozenset({"instance", "job", "le"})
+
+
+def labels_in(expr: str) -> set[str]:
+    """The label names an expression filters or groups by (the scrape's own aside)."""
+    text = _STRING.sub('""', _VARIABLE.sub(" ", expr))
+    found = {m.group(1) for block in _MATCHERS.findall(text) for m in _MATCHER_LABEL.finditer(block)}
+    found |= {label.strip() for group in _GROUP_LABELS.findall(text) for label in group.split(",") if label.strip()}
+    found |= set(_LABEL_VALUES_LABEL.findall(text))
+    return found - SCRAPE_LABELS
 
 
 def expressions(node: Any) -> Iterator[str]:
@@ -124,6 +140,15 @@ def test_the_parser_finds_names_and_skips_functions_labels_and_variables() -> No
         "tessera_rpc_duration_seconds_count"
     }
     assert metric_names_in("sum(rate(a_total[5m])) / clamp_min(sum(rate(b_total[5m])), 1e-9)") == {"a_total", "b_total"}
+
+
+def test_the_label_parser_finds_matchers_and_groupings() -> None:
+    expr = (
+        'sum by (service_name, rpc_method) (rate(x_count{service_name=~"$service", code!="OK"}[5m]))'
+        " / on (instance) group_left sum without (le) (y)"
+    )
+    assert labels_in(expr) == {"service_name", "rpc_method", "code"}
+    assert labels_in("label_values(tessera_rpc_duration_seconds_count, service_name)") == {"service_name"}
 
 
 def test_instruments_have_unique_names() -> None:
