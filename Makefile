@@ -28,6 +28,10 @@ up: install ## Run all services (embedded PostgreSQL and Redis unless TESSERA_*_
 test: install ## Run the tests on real PostgreSQL and Redis (this machine's, else embedded)
 	VENV=$(VENV) bash scripts/run-tests.sh $(PYTEST_ARGS)
 
+.PHONY: test-system
+test-system: install ## The system tests: every service as processes, two replicas each, kill -9, a Redis restart, a Redis Cluster failover
+	VENV=$(VENV) bash scripts/run-tests.sh -m system tests/system $(PYTEST_ARGS)
+
 .PHONY: fuzz
 fuzz: install ## Long fuzz runs: raw bytes against every RPC, arbitrary events through the ingest gate
 	TESSERA_FUZZ_EXAMPLES=$${TESSERA_FUZZ_EXAMPLES:-3000} TESSERA_GATE_EXAMPLES=$${TESSERA_GATE_EXAMPLES:-3000} \

@@ -410,6 +410,28 @@ def test_service_account_may_use_leases_and_nothing_else(default_objects: list[M
         assert spec["automountServiceAccountToken"] is True  # leader election needs the token
 
 
+def test_without_rbac_the_leader_is_elected_in_postgresql(default_objects: list[Manifest], render: Render) -> None:
+    """With no Role for Leases a Lease election could never win: the chart falls back to the
+    advisory lock rather than leave every singleton without a leader."""
+    for deployment in of_kind(default_objects, "Deployment"):
+        assert env_of(container(deployment))["TESSERA_LEADER_BACKEND"]["value"] == "auto"
+    without = render("--set", "rbac.create=false")
+    assert not of_kind(without, "Role")
+    for deployment in of_kind(without, "Deployment"):
+        assert env_of(container(deployment))["TESSERA_LEADER_BACKEND"]["value"] == "postgres"
+    forced = render("--set", "rbac.create=false", "--set", "config.leaderBackend=kubernetes")
+    for deployment in of_kind(forced, "Deployment"):
+        assert env_of(container(deployment))["TESSERA_LEADER_BACKEND"]["value"] == "kubernetes"
+
+
+def test_a_replicated_redis_waits_for_its_replica(
+    default_objects: list[Manifest], production_objects: list[Manifest]
+) -> None:
+    for objects, want in ((default_objects, "0"), (production_objects, "1")):
+        for deployment in of_kind(objects, "Deployment"):
+            assert env_of(container(deployment))["TESSERA_REDIS_WAIT_REPLICAS"]["value"] == want
+
+
 # -- migrations and helm test -------------------------------------------------------------------------------------
 
 

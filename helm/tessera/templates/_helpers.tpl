@@ -128,6 +128,8 @@ seccompProfile:
   value: {{ .Values.redis.cluster | quote }}
 - name: TESSERA_REDIS_PREFIX
   value: {{ .Values.redis.prefix | quote }}
+- name: TESSERA_REDIS_WAIT_REPLICAS
+  value: {{ .Values.redis.waitReplicas | quote }}
 - name: TESSERA_LOG_LEVEL
   value: {{ .Values.config.logLevel | quote }}
 - name: TESSERA_DATA_DIR
