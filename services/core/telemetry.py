@@ -206,7 +206,8 @@ def consume_span(
     - A batch of several traces gets a span of its own, linked to each of them, plus, per trace, a
       short ``process <stream>`` span parented on that trace (and linked back to the batch), whose
       traceparent the messages of that trace relay downstream (``relay``). Entries published
-      from the batch span itself (profile changes of a multi-trace batch) stay in its trace.
+      from the batch span itself (the profile changes identity commits for such a batch) stay in
+      its trace, linked to the others.
 
     Unsampled (tracing off: no exporter), the cost is one set of the batch's traceparents and at
     most one extraction: no per-message span, attribute or allocation; ``relay`` stays "" and
