@@ -24,11 +24,14 @@ All keys of a tenant carry its ``{tenant}`` hash tag; a hit is one round trip (a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+import redis
 from opentelemetry import metrics
 
 from services.core.bus import RedisClient, is_cluster, tenant_key
@@ -155,16 +158,25 @@ class ContextCache:
         )
 
     def lookup(self, tenant_id: str, variant: str, *, profile_id: str = "", identifier: str = "") -> Lookup:
-        raw = self._lookup(args=[self.base(tenant_id), profile_id, identifier, variant])
+        base = self.base(tenant_id)
+        # The script finds its keys as it goes (an identifier's owner, then its version), all in the
+        # tenant's slot; the one named here is what routes the call to that slot's node on a cluster.
+        raw = self._lookup(keys=[base + "epoch"], args=[base, profile_id, identifier, variant])
         return self._parse(raw)
 
     async def alookup(
         self, tenant_id: str, variant: str, *, profile_id: str = "", identifier: str = ""
     ) -> Lookup | None:
         """``lookup`` on the event loop's hot connection; None when it cannot answer (the caller
-        takes the database path, which does not need the cache)."""
+        takes the database path, which does not need the cache). Without one (a Redis Cluster,
+        whose slots live on several nodes) the ordinary client answers, on a worker thread."""
         if self.hot is None:
-            return None
+            try:
+                return await asyncio.to_thread(
+                    self.lookup, tenant_id, variant, profile_id=profile_id, identifier=identifier
+                )
+            except redis.RedisError:
+                return None
         try:
             raw = await self.hot.evalsha(_LOOKUP, args=(self.base(tenant_id), profile_id, identifier, variant))
         except RedisUnavailable:
@@ -204,7 +216,11 @@ class ContextCache:
     ) -> None:
         """``store_context`` on the event loop's hot connection; skipped when it cannot answer
         (the next read is a miss, nothing worse)."""
-        if pending(version) or self.hot is None:
+        if pending(version):
+            return
+        if self.hot is None:
+            with contextlib.suppress(redis.RedisError):
+                await asyncio.to_thread(self.store_context, tenant_id, profile_id, variant, version, payload, seconds)
             return
         try:
             await self.hot.evalsha(
