@@ -96,8 +96,11 @@ class Stack:
         }
         env.setdefault("TESSERA_BIND_HOST", os.environ.get("TESSERA_BIND_HOST", "127.0.0.1"))
         logs = data_dir / "logs"
-        for service in services:
-            self.children.append(harness.ServiceProcess.service(service, env, logs / f"{service}.log").start())
+        for n, service in enumerate(services):
+            own = dict(env)
+            if self.settings.prometheus_port:  # one scrape port each: the first service's, then the next ones
+                own["TESSERA_PROMETHEUS_PORT"] = str(self.settings.prometheus_port + n)
+            self.children.append(harness.ServiceProcess.service(service, own, logs / f"{service}.log").start())
         for child in self.children:
             target = self._target(child.name)
             if not harness.wait_health(target, timeout=60, process=child):
@@ -183,7 +186,9 @@ class Stack:
         self.say()
         self.say("Tessera is up.")
         for child in self.children:
-            self.say(f"  {child.name:<9} {self._target(child.name)}")
+            scrape = child.env.get("TESSERA_PROMETHEUS_PORT", "0")
+            metrics = f"   (Prometheus: http://127.0.0.1:{scrape}/metrics)" if scrape != "0" else ""
+            self.say(f"  {child.name:<9} {self._target(child.name)}{metrics}")
         embedded = " and ".join(self.embedded) or "nothing"
         self.say(f"  data      {data_dir} (embedded: {embedded})")
         self.say(f"  logs      {data_dir / 'logs'}")
