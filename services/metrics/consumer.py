@@ -100,13 +100,19 @@ class ChangesHandler:
             if c.kind == streams.MERGED:
                 self.store.apply_merge(tenant, c.profile_id, c.absorbed_profile_id, self.configs(tenant))
                 if self.quality is not None:
-                    self.quality.apply_merge(tenant, c.profile_id, c.absorbed_profile_id)
+                    changed = self.quality.apply_merge(
+                        tenant, c.profile_id, c.absorbed_profile_id, self.configs(tenant)
+                    )
+                    _evaluations.add(changed)
             elif c.kind == streams.SPLIT:
                 self.store.apply_split(
                     tenant, c.profile_id, c.new_profile_id, list(c.moved_event_ids), self.configs(tenant)
                 )
                 if self.quality is not None:
-                    self.quality.apply_split(tenant, c.new_profile_id, list(c.moved_event_ids))
+                    changed = self.quality.apply_split(
+                        tenant, c.new_profile_id, list(c.moved_event_ids), self.configs(tenant), profile_id=c.profile_id
+                    )
+                    _evaluations.add(changed)
             elif c.kind == streams.ERASED:
                 erased = sorted({c.profile_id, *c.erased_profile_ids})
                 self.store.erase(tenant, erased)

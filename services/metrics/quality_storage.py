@@ -708,7 +708,9 @@ class QualityStore:
 
     # -- identity changes ------------------------------------------------------------------------
 
-    def apply_merge(self, tenant_id: str, survivor: str, absorbed: str) -> None:
+    def apply_merge(self, tenant_id: str, survivor: str, absorbed: str, config: MetricsConfig | None = None) -> int:
+        """Move the absorbed customer's transcripts and evaluations to the survivor, then (given the
+        tenant's settings) evaluate the survivor's interactions again; returns how many changed."""
         with db.raw_transaction(self.engine, "quality.merge") as (cur, _):
             lock_customers(cur, tenant_id, (survivor, absorbed))
             for table in ("messages", "evaluations"):
@@ -716,8 +718,46 @@ class QualityStore:
                     f"UPDATE metrics.{table} SET profile_id = %s WHERE tenant_id = %s AND profile_id = %s",  # noqa: S608
                     (survivor, tenant_id, absorbed),
                 )
+        return self.reevaluate_customers(tenant_id, [survivor], config) if config is not None else 0
 
-    def apply_split(self, tenant_id: str, new_profile_id: str, moved_event_ids: Sequence[str]) -> None:
+    def reevaluate_customers(
+        self, tenant_id: str, profiles: Sequence[str], config: MetricsConfig, now: dt.datetime | None = None
+    ) -> int:
+        """Evaluate these customers' interactions again. A merge or a split changes which contacts
+        are one customer's, and with that the answers that look across contacts (did the same
+        reason come back within the window?), whatever order the events and the change came in.
+        Its own transaction: the interactions' locks are taken without holding any customer's."""
+        with db.raw_transaction(self.engine, "quality.reevaluate_customers") as (cur, _):
+            forms_now = self.latest_forms(tenant_id, cur)
+            if not forms_now:
+                return 0
+            cur.execute(
+                "SELECT DISTINCT interaction_id FROM metrics.facts WHERE tenant_id = %s AND kind = 1 "
+                "AND profile_id = ANY(%s) AND interaction_id <> ''",
+                (tenant_id, list(profiles)),
+            )
+            iids = sorted(r[0] for r in cur.fetchall())
+            if not iids:
+                return 0
+            return self._evaluate(cur, tenant_id, iids, forms_now, config, now or dt.datetime.now(dt.UTC))
+
+    def apply_split(
+        self,
+        tenant_id: str,
+        new_profile_id: str,
+        moved_event_ids: Sequence[str],
+        config: MetricsConfig | None = None,
+        *,
+        profile_id: str = "",
+    ) -> int:
+        """Move what the split took to the new customer; given the settings, evaluate both
+        customers' interactions again. Returns how many evaluations changed."""
+        self._move_split(tenant_id, new_profile_id, moved_event_ids)
+        if config is None:
+            return 0
+        return self.reevaluate_customers(tenant_id, [p for p in (profile_id, new_profile_id) if p], config)
+
+    def _move_split(self, tenant_id: str, new_profile_id: str, moved_event_ids: Sequence[str]) -> None:
         with db.raw_transaction(self.engine, "quality.split") as (cur, _):
             cur.execute(
                 "UPDATE metrics.messages SET profile_id = %s WHERE tenant_id = %s AND event_id = ANY(%s)",

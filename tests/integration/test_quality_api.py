@@ -464,3 +464,52 @@ def test_a_queued_re_evaluation_resumes_batch_by_batch_and_leaves_the_queue(
         return left == 0 and versions == {2}
 
     wait_until(settled, 20, "every interaction under version 2 and the queue empty")
+
+
+REPEAT = quality_pb2.OUTCOME_REPEAT_CONTACT
+REPEAT_FORM = quality_pb2.EvaluationForm(
+    display_name="Repeat",
+    scope=quality_pb2.FormScope(channels=[event_pb2.CHANNEL_CHAT]),
+    sections=[
+        quality_pb2.FormSection(
+            section_id="outcome",
+            title="Outcome",
+            weight=100,
+            questions=[
+                _yes_no(
+                    "repeat", 100, automatic=quality_pb2.AutomaticAnswer(outcome=quality_pb2.OUTCOME_REPEAT_CONTACT)
+                )
+            ],
+        )
+    ],
+)
+
+
+def test_a_merge_that_reveals_a_repeat_contact_changes_the_earlier_evaluation(api: Apis, qa: Quality) -> None:
+    """Two chats on the same reason two days apart, from a phone and an email not yet known to be one
+    person: the first is no repeat. The event that ties them together makes it one, though neither
+    chat's events arrive again."""
+    qa.call("CreateEvaluationForm", quality_pb2.CreateEvaluationFormRequest(form_id="repeat", form=REPEAT_FORM))
+    phone, email = "+14155550177", f"{uid('m')}@example.com"
+    first, second = uid("c"), uid("c")
+    at = dt.datetime(2026, 3, 2, 10, 0, tzinfo=dt.UTC)  # long closed windows: each answer is final
+    later = ended_chat(phone, second, at + dt.timedelta(days=2))
+    later.ClearField("identifiers")
+    later.identifiers.add(type="email", value=email)
+    api.send(ended_chat(phone, first, at), later)
+    before = wait_until(lambda: qa.evaluation(first, "repeat"), 30, "the first chat's evaluation")
+    assert answer(before, "repeat").value == "no"
+    assert qa.evaluation(second, "repeat") is not None
+
+    tie = base(("phone", phone), ("email", email), at=at + dt.timedelta(days=3))
+    tie.identify.SetInParent()
+    api.send(tie)
+
+    def repeated() -> quality_pb2.Evaluation | None:
+        e = qa.evaluation(first, "repeat")
+        return e if e is not None and answer(e, "repeat").value == "yes" else None
+
+    after = wait_until(repeated, 30, "the merge to reveal the repeat")
+    assert second in after.answers[0].evidence[0].description
+    other = qa.evaluation(second, "repeat")
+    assert other is not None and after.profile == other.profile  # both under the survivor
