@@ -8,7 +8,8 @@ commit it hands them to :meth:`Outbox.submit`, and the outbox's one background t
   another replica) never both publish it. The delete commits without waiting for the WAL flush:
   a lost delete only means a republish, and consumers are idempotent.
 - **sweep:** rows older than a grace period that no fast path took (Redis was down, a process died
-  after its commit), claimed with ``SKIP LOCKED`` so replicas share the work, oldest first.
+  after its commit), claimed with ``SKIP LOCKED`` so replicas share the work, tenant by tenant
+  (every index leads with tenant_id), each tenant's oldest first.
 - **degraded:** while Redis is down the fast path stops and the sweep drains everything, whatever
   its age, once Redis is back. Nothing committed is lost; a message may go out twice.
 
@@ -78,12 +79,17 @@ class EnvelopeTable:
         return Pending(tenant_id, stream, tuple(int(r[0]) for r in cur.fetchall()), list(envelopes))
 
     def claim(self, cur: Any, min_age_seconds: float, limit: int) -> list[Pending]:
-        cur.execute(
-            f"SELECT tenant_id, seq, stream, envelope FROM {self.name} "  # noqa: S608 - schema is ours
-            "WHERE created_at < clock_timestamp() - make_interval(secs => %s) "
-            "ORDER BY created_at, seq LIMIT %s FOR UPDATE SKIP LOCKED",
-            (min_age_seconds, limit),
+        """Tenant by tenant (the age index leads with tenant_id), each tenant's oldest first; only
+        the rows returned are locked, since the outer LIMIT stops pulling from the locking scans.
+        The cutoff is an InitPlan, computed once, so it bounds the index scan instead of filtering it."""
+        oldest = (
+            f"SELECT o.tenant_id, o.seq, o.stream, o.envelope FROM tenants t, LATERAL (SELECT * FROM {self.name} "  # noqa: S608 - ours
+            "WHERE tenant_id = t.tenant_id "
+            "AND created_at < (SELECT clock_timestamp() - make_interval(secs => %(age)s)) "
+            "ORDER BY created_at, seq LIMIT %(n)s FOR UPDATE SKIP LOCKED) o "
+            "WHERE t.tenant_id IS NOT NULL LIMIT %(n)s"
         )
+        cur.execute(db.with_tenants_of(self.name, oldest), {"age": min_age_seconds, "n": limit})
         return [Pending(t, stream, (int(seq),), [bytes(env)]) for t, seq, stream, env in cur.fetchall()]
 
     def delete(self, cur: Any, keys: Sequence[tuple[str, int]]) -> set[int]:
@@ -190,7 +196,7 @@ class Outbox:
 
     def _publish_fresh(self, items: list[Pending]) -> None:
         if self._degraded:
-            return  # the sweep drains the table, oldest first, until Redis is back
+            return  # the sweep drains the table, each tenant oldest first, until Redis is back
         try:
             with db.raw_transaction(self.engine, f"DELETE {self.table.name}", len(items)) as (cur, _):
                 cur.execute("SET LOCAL synchronous_commit = off")
@@ -219,7 +225,7 @@ class Outbox:
         self._degraded = True
 
     def sweep(self) -> int:
-        """Publish what the fast path did not, oldest first, until the table is drained; returns how many."""
+        """Publish what the fast path did not, each tenant oldest first, until the table is empty; returns how many."""
         total = 0
         for _ in range(10_000):
             try:

@@ -150,6 +150,9 @@ RETURNING seq
 
 PARTITION_LOCK_KEY = 0x7E55E7B
 
+# The tenants with cold keys, one index probe each.
+_COLD_TENANTS = db.with_tenants_of("ingest.dedupe_window", "SELECT tenant_id FROM tenants WHERE tenant_id IS NOT NULL")
+
 # PurgeEvents: each id with its receive-time range (an event id's time is its received_at, to the
 # millisecond), so each look-up is a short range of the primary key in one partition: a nested
 # loop over the ids, each probing only the partition its range falls in (run-time pruning). The
@@ -486,19 +489,24 @@ class EventStore:
         return moved
 
     def expire(self, window_start: dt.date, chunk: int = 50_000) -> int:
-        """Delete cold keys first seen before ``window_start``; returns how many."""
+        """Delete cold keys first seen before ``window_start``, tenant by tenant (the day index
+        leads with tenant_id), in transactions of at most ``chunk`` keys; returns how many."""
+        with self.engine.connect() as conn:
+            tenant_ids = list(conn.exec_driver_sql(_COLD_TENANTS).scalars())
         total = 0
-        while True:
-            with db.raw_transaction(self.engine, "DELETE ingest.dedupe_window") as (cur, _):
-                cur.execute(
-                    "DELETE FROM ingest.dedupe_window WHERE ctid = ANY(ARRAY("
-                    "SELECT ctid FROM ingest.dedupe_window WHERE day < %s LIMIT %s))",
-                    (window_start, chunk),
-                )
-                n = int(cur.rowcount)
-            total += n
-            if n < chunk:
-                return total
+        for tenant_id in tenant_ids:
+            while True:
+                with db.raw_transaction(self.engine, "DELETE ingest.dedupe_window") as (cur, _):
+                    cur.execute(
+                        "DELETE FROM ingest.dedupe_window WHERE ctid = ANY(ARRAY("
+                        "SELECT ctid FROM ingest.dedupe_window WHERE tenant_id = %s AND day < %s LIMIT %s))",
+                        (tenant_id, window_start, chunk),
+                    )
+                    n = int(cur.rowcount)
+                total += n
+                if n < chunk:
+                    break
+        return total
 
 
 _BUMP_VERSION = """

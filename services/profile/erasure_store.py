@@ -81,6 +81,23 @@ _COLUMNS = (
     "created_at, done_at"
 )
 
+#: How many of the most overdue requests a claim considers: as many workers as this can claim at
+#: once without one finding only requests that others hold.
+_CLAIM_CANDIDATES: Final = 16
+# The most overdue running request nobody holds. The due index leads with tenant_id, so the
+# candidates come tenant by tenant (only tenants with running requests are visited), then one is
+# locked; the conditions are stated again so a row another worker leased meanwhile is passed over.
+_MOST_OVERDUE = (
+    f"SELECT {_COLUMNS} FROM profile.erasure_requests r WHERE (tenant_id, request_id) IN ("  # noqa: S608 - constants
+    "SELECT d.tenant_id, d.request_id FROM tenants t CROSS JOIN LATERAL ("
+    "SELECT tenant_id, request_id, next_try_at FROM profile.erasure_requests "
+    "WHERE tenant_id = t.tenant_id AND state = 1 AND next_try_at <= now() ORDER BY next_try_at LIMIT :k) d "
+    "WHERE t.tenant_id IS NOT NULL ORDER BY d.next_try_at LIMIT :k) "
+    "AND state = 1 AND next_try_at <= now() "
+    "ORDER BY next_try_at LIMIT 1 FOR UPDATE OF r SKIP LOCKED"
+)
+_CLAIM = sa.text(db.with_tenants_of("profile.erasure_requests", _MOST_OVERDUE, "state = 1"))
+
 
 class ErasureStore:
     def __init__(self, engine: Engine, profiles: ProfileStore) -> None:
@@ -204,12 +221,7 @@ class ErasureStore:
         """The next due running request, leased to this worker for ``lease_seconds`` (another
         replica's worker skips it meanwhile; after a crash the lease runs out and it is taken again)."""
         with db.transaction(self.engine) as conn:
-            r = conn.execute(
-                sa.text(
-                    f"SELECT {_COLUMNS} FROM profile.erasure_requests WHERE state = 1 AND next_try_at <= now() "  # noqa: S608
-                    "ORDER BY next_try_at LIMIT 1 FOR UPDATE SKIP LOCKED"
-                )
-            ).first()
+            r = conn.execute(_CLAIM, {"k": _CLAIM_CANDIDATES}).first()
             if r is None:
                 return None
             conn.execute(

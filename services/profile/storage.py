@@ -1243,10 +1243,13 @@ class ProfileStore:
     # ------------------------------------------------------------------------------------------
     # Upkeep.
 
-    def upkeep(self, feed_retention_seconds: float, months_ahead: int = 3) -> dict[str, int]:
+    def upkeep(self, feed_retention_seconds: float, months_ahead: int = 3, batch: int = 10_000) -> dict[str, int]:
         """Timeline partitions ahead; expired windowed points, feed rows, idempotency records. It
-        runs on the leader, under a transaction lock of its own, so two leaders overlapping for a
-        moment take turns (two CREATE TABLEs of one partition would otherwise collide)."""
+        runs on the leader; the partitions are made under a transaction lock of its own, so two
+        leaders overlapping for a moment take turns (two CREATE TABLEs of one partition would
+        otherwise collide). The expiries go tenant by tenant over indexes leading with tenant_id,
+        in transactions of at most ``batch`` rows; two leaders running them at once delete each
+        row once."""
         now = self.now()
         with db.transaction(self.engine) as conn:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtextextended('tessera.profile.upkeep', 0))"))
@@ -1254,26 +1257,20 @@ class ProfileStore:
                 sa.text("SELECT profile.ensure_timeline_partitions(:d, :n)"), {"d": now.date(), "n": months_ahead}
             ).scalar_one()
             configs = conn.execute(sa.text("SELECT tenant_id, spec FROM profile.settings")).all()
-            points = 0
-            for tenant_id, spec in configs:
-                cfg = from_json(spec)
-                for d in cfg.windowed:
-                    points += conn.execute(
-                        sa.text(
-                            "DELETE FROM profile.computed_points WHERE tenant_id = :t AND trait_key = :k AND at <= :s"
-                        ),
-                        {"t": tenant_id, "k": d.key, "s": now - dt.timedelta(seconds=d.window_seconds)},
-                    ).rowcount
-            cutoff = now - dt.timedelta(seconds=feed_retention_seconds)
-            pruned = conn.execute(
-                sa.text(
-                    "WITH gone AS (DELETE FROM profile.feed WHERE at < :c RETURNING tenant_id, seq) "
-                    "UPDATE profile.feed_heads h SET pruned_through = greatest(h.pruned_through, g.m) "
-                    "FROM (SELECT tenant_id, max(seq) AS m FROM gone GROUP BY tenant_id) g WHERE "
-                    "h.tenant_id = g.tenant_id"
-                ),
-                {"c": cutoff},
-            ).rowcount
+            feed_tenants = list(conn.execute(sa.text("SELECT tenant_id FROM profile.feed_heads")).scalars())
+        points = 0
+        for tenant_id, spec in configs:
+            for d in from_json(spec).windowed:
+                points += self._in_batches(
+                    _EXPIRE_POINTS,
+                    {"t": tenant_id, "k": d.key, "s": now - dt.timedelta(seconds=d.window_seconds), "n": batch},
+                )
+        cutoff = now - dt.timedelta(seconds=feed_retention_seconds)
+        pruned = 0
+        for tenant_id in feed_tenants:
+            if self._in_batches(_PRUNE_FEED, {"t": tenant_id, "c": cutoff, "n": batch}):
+                pruned += 1
+        with db.transaction(self.engine) as conn:
             conn.execute(
                 sa.text("DELETE FROM profile.applied_changes WHERE applied_at < :c"), {"c": now - dt.timedelta(days=30)}
             )
@@ -1281,6 +1278,44 @@ class ProfileStore:
                 sa.text("DELETE FROM profile.pending_moves WHERE created_at < :c"), {"c": now - dt.timedelta(days=30)}
             )
         return {"timeline_partitions_created": int(made), "points_expired": points, "feed_tenants_pruned": pruned}
+
+    def _in_batches(self, sql: str, params: dict[str, Any]) -> int:
+        """Run a statement deleting at most ``params["n"]`` rows and returning how many, one
+        transaction each, until it deletes fewer; returns the total."""
+        total = 0
+        while True:
+            with db.raw_transaction(self.engine, "profile upkeep") as (cur, _):
+                cur.execute(sql, params)
+                n = int(cur.fetchone()[0])
+            total += n
+            if n < params["n"]:
+                return total
+
+
+# Upkeep's expiries: one tenant (and trait key) and at most n rows a statement, over an index
+# leading with tenant_id; each returns how many rows it deleted.
+_EXPIRE_POINTS = """
+WITH gone AS (
+    DELETE FROM profile.computed_points WHERE ctid = ANY(ARRAY(
+        SELECT ctid FROM profile.computed_points
+        WHERE tenant_id = %(t)s AND trait_key = %(k)s AND at <= %(s)s LIMIT %(n)s))
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+# Oldest first, so the head's last pruned seq (a watcher behind it learns what it missed) grows
+# batch by batch as the oldest rows go.
+_PRUNE_FEED = """
+WITH gone AS (
+    DELETE FROM profile.feed WHERE tenant_id = %(t)s AND seq = ANY(ARRAY(
+        SELECT seq FROM profile.feed WHERE tenant_id = %(t)s AND at < %(c)s ORDER BY at LIMIT %(n)s))
+    RETURNING seq
+), head AS (
+    UPDATE profile.feed_heads h SET pruned_through = greatest(h.pruned_through, (SELECT max(seq) FROM gone))
+    WHERE h.tenant_id = %(t)s AND EXISTS (SELECT 1 FROM gone)
+)
+SELECT count(*) FROM gone
+"""
 
 
 def _stamped(e: ProfileEvent, profile_id: str) -> bytes:

@@ -29,30 +29,11 @@ GLOBAL_TABLES: dict[str, str] = {
     "tenancy.api_keys": "API keys are looked up by hash before the tenant is known",
 }
 
-#: Single indexes that do not lead with tenant_id on tables that otherwise do, and why they may
-#: stay: "schema.index_name" -> reason. All of them are non-unique indexes of cross-tenant sweeps
-#: (outbox relay by age, retention, upkeep, due erasures). Citus allows such an index on a
-#: distributed table (only unique keys must contain the distribution column); the sweep becomes
-#: a query on every shard.
-_SWEEP_TODO = (
-    "TODO(deploy): a cross-tenant sweep index, not leading with tenant_id; Citus-compatible (non-unique) but "
-    "against the rule in ARCHITECTURE.md; either keep it and narrow the rule to unique keys, or index "
-    "(tenant_id, ...) and sweep tenant by tenant"
-)
-ALLOWED_INDEXES: dict[str, str] = {
-    # CREATE INDEX outbox_created ON identity.outbox (created_at): the relay finds unpublished rows by age.
-    "identity.outbox_created": _SWEEP_TODO,
-    # CREATE INDEX outbox_created ON metrics.outbox (created_at): same, for metrics' alerts.
-    "metrics.outbox_created": _SWEEP_TODO,
-    # CREATE INDEX dedupe_window_day ON ingest.dedupe_window USING brin (day): expiry of old keys.
-    "ingest.dedupe_window_day": _SWEEP_TODO,
-    # CREATE INDEX computed_points_age ON profile.computed_points (at): upkeep drops old points.
-    "profile.computed_points_age": _SWEEP_TODO,
-    # CREATE INDEX feed_age ON profile.feed (at): the change feed's retention.
-    "profile.feed_age": _SWEEP_TODO,
-    # CREATE INDEX erasure_due ON profile.erasure_requests (next_try_at) WHERE state = 1: due erasures.
-    "profile.erasure_due": _SWEEP_TODO,
-}
+#: Single indexes that do not lead with tenant_id on tables that otherwise do, and why:
+#: "schema.index_name" -> reason. None today: the sweeps that once had such indexes (outbox relay
+#: by age, retention, upkeep, due erasures) go tenant by tenant over tenant-leading ones.
+ALLOWED_INDEXES: dict[str, str] = {}
+
 
 _KEYS = sa.text(
     """
