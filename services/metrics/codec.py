@@ -31,8 +31,8 @@ def contribution_body(contrib: dict[Key, Stats]) -> list[list[Any]]:
 def contribution(body: list[list[Any]]) -> dict[Key, Stats]:
     out: dict[Key, Stats] = {}
     for hour, channel, queue, agent, reason, source, counts, squares, hist in body:
-        values: dict[int, float] = {i: int(v) for i, v in counts}
-        values.update((SQUARE_SLOT + i, float(v)) for i, v in squares)
+        values: dict[int, int] = {i: int(v) for i, v in counts}
+        values.update((SQUARE_SLOT + i, int(v)) for i, v in squares)
         values.update((HIST_SLOT + i, int(v)) for i, v in hist)
         out[(dt.datetime.fromtimestamp(hour, dt.UTC), channel, queue, agent, reason, source)] = Stats(values)
     return out

@@ -156,8 +156,9 @@ def derive(facts: Sequence[Fact], others: Mapping[str, Attribution], config: Met
         if f.handled:
             s = out.at(f.start, (f.channel, f.queue, f.agent, f.reason, ""), tz)
             s.add("legs_handled")
-            s.add("handle_ms", round(f.handle_seconds * 1000))
-            s.add_square("handle_sq", f.handle_seconds**2)
+            handle_ms = round(f.handle_seconds * 1000)
+            s.add("handle_ms", handle_ms)
+            s.add_square("handle_sq", handle_ms)
             s.add_hist(hist_index(f.handle_seconds))
 
     contacts: list[Contact] = []
@@ -231,12 +232,12 @@ def derive(facts: Sequence[Fact], others: Mapping[str, Attribution], config: Met
             s.add("csat_n")
             s.add("csat_top2", int(score >= 4))
             s.add("csat_sum", score)
-            s.add_square("csat_sq", float(score * score))
+            s.add_square("csat_sq", score)
         elif f.survey_type == event_pb2.SURVEY_TYPE_CES and 1 <= score <= 7:
             s.add("ces_n")
             s.add("ces_agree", int(score >= 5))
             s.add("ces_sum", score)
-            s.add_square("ces_sq", float(score * score))
+            s.add_square("ces_sq", score)
 
     # Messages: customer sentiment at each message; self-service per conversation.
     conversations: dict[str, list[Fact]] = {}
@@ -251,7 +252,7 @@ def derive(facts: Sequence[Fact], others: Mapping[str, Attribution], config: Met
             units = round(f.compound * 10_000)
             s.add("sentiment_n")
             s.add("sentiment_sum", units)
-            s.add_square("sentiment_sq", f.compound**2)
+            s.add_square("sentiment_sq", units)
             s.add("sentiment_positive", int(f.compound >= 0.05))
             s.add("sentiment_negative", int(f.compound <= -0.05))
     for iid, msgs in conversations.items():

@@ -3,7 +3,9 @@
 A rollup bucket holds a :class:`Stats`: counts and exact integer sums (durations in
 milliseconds, sentiment in 1/10,000), so adding buckets in any order gives the same totals and
 every mean and rate over any range of buckets is exact. Sums of squares (for the intervals of
-means) are floats: an interval is an estimate anyway. Durations also go into a fixed
+means) are exact integers too, the squares of the same units (see :data:`SQUARE_UNITS`), so an
+interval is the same to the last bit whatever order replicas, redeliveries and merges added the
+events in, and a retraction cancels exactly. Durations also go into a fixed
 log-bucket histogram, so handle-time percentiles come with a stated error bound.
 """
 
@@ -52,8 +54,11 @@ COUNTERS: tuple[str, ...] = (
     "sentiment_positive",
     "sentiment_negative",
 )
-#: Float sums of squares, for the intervals of means.
+#: Sums of squares, for the intervals of means (numeric columns: an hour-long leg adds 1.3e13).
 SQUARES: tuple[str, ...] = ("handle_sq", "csat_sq", "ces_sq", "sentiment_sq")
+#: The unit each square's values are counted in, per its quantity's own unit: handle time in
+#: milliseconds and sentiment in 1/10,000 as their sums are, scores as they are.
+SQUARE_UNITS: dict[str, int] = {"handle_sq": 1000, "csat_sq": 1, "ces_sq": 1, "sentiment_sq": 10_000}
 INDEX = {name: i for i, name in enumerate(COUNTERS)}
 SQUARE_INDEX = {name: i for i, name in enumerate(SQUARES)}
 
@@ -93,14 +98,14 @@ class Stats:
 
     __slots__ = ("values",)
 
-    def __init__(self, values: dict[int, float] | None = None) -> None:
-        self.values: dict[int, float] = {} if values is None else values
+    def __init__(self, values: dict[int, int] | None = None) -> None:
+        self.values: dict[int, int] = {} if values is None else values
 
     @classmethod
     def zero(cls) -> Stats:
         return cls()
 
-    def _bump(self, slot: int, value: float) -> None:
+    def _bump(self, slot: int, value: int) -> None:
         v = self.values
         total_ = v.get(slot, 0) + value
         if total_:
@@ -111,8 +116,9 @@ class Stats:
     def add(self, name: str, value: int = 1) -> None:
         self._bump(INDEX[name], value)
 
-    def add_square(self, name: str, value: float) -> None:
-        self._bump(SQUARE_SLOT + SQUARE_INDEX[name], value)
+    def add_square(self, name: str, units: int) -> None:
+        """Add the square of ``units``, a value counted in the square's :data:`SQUARE_UNITS`."""
+        self._bump(SQUARE_SLOT + SQUARE_INDEX[name], units * units)
 
     def add_hist(self, index: int, value: int = 1) -> None:
         self._bump(HIST_SLOT + index, value)
@@ -121,7 +127,8 @@ class Stats:
         return int(self.values.get(INDEX[name], 0))
 
     def square(self, name: str) -> float:
-        return float(self.values.get(SQUARE_SLOT + SQUARE_INDEX[name], 0.0))
+        """The sum of squares in the quantity's own unit (seconds², score², compound²)."""
+        return self.values.get(SQUARE_SLOT + SQUARE_INDEX[name], 0) / SQUARE_UNITS[name] ** 2
 
     @property
     def counts(self) -> list[int]:
@@ -129,9 +136,9 @@ class Stats:
         return [int(get(i, 0)) for i in range(SQUARE_SLOT)]
 
     @property
-    def squares(self) -> list[float]:
+    def squares(self) -> list[int]:
         get = self.values.get
-        return [float(get(i, 0.0)) for i in range(SQUARE_SLOT, HIST_SLOT)]
+        return [int(get(i, 0)) for i in range(SQUARE_SLOT, HIST_SLOT)]
 
     @property
     def hist(self) -> list[int]:
@@ -152,7 +159,7 @@ class Stats:
         return Stats(dict(self.values))
 
     def is_zero(self) -> bool:
-        return all(slot >= SQUARE_SLOT and slot < HIST_SLOT and abs(x) < 1e-9 for slot, x in self.values.items())
+        return not self.values  # exact integers: zeros are dropped as they arise
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Stats) and self.values == other.values
@@ -162,14 +169,14 @@ class Stats:
     def __repr__(self) -> str:
         return f"Stats({self.values!r})"
 
-    def to_list(self) -> list[float]:
+    def to_list(self) -> list[int]:
         return [*self.counts, *self.squares, *self.hist]
 
     @classmethod
     def from_list(cls, values: Sequence[float]) -> Stats:
         return cls(
             {
-                i: (float(x) if SQUARE_SLOT <= i < HIST_SLOT else int(x))
+                i: int(x)
                 for i, x in enumerate(values)
                 if x  # None (a SQL sum over no rows) and 0 both mean nothing there
             }

@@ -24,7 +24,7 @@ from services.metrics.definitions import DIMENSIONS
 from services.metrics.derive import Attribution, Derived, Key, attributions, day_of, derive, hour_of
 from services.metrics.facts import LEG, Fact
 from services.metrics.query import DAY_GROUPINGS, HOUR_GROUPINGS
-from services.metrics.stats import COUNTERS, HIST_BUCKETS, HIST_SLOT, SQUARE_SLOT, SQUARES, Stats
+from services.metrics.stats import COUNTERS, HIST_BUCKETS, HIST_SLOT, SQUARES, Stats
 from services.metrics.tenant_settings import MetricsConfig
 
 ALL_DIMS = 31
@@ -62,10 +62,8 @@ def _rollup_line(tenant: str, key: tuple[Any, ...], s: Stats) -> str:
     values = _ZERO_STATS.copy()
     hist: list[int] | None = None
     for slot, x in s.values.items():
-        if slot < SQUARE_SLOT:
+        if slot < HIST_SLOT:
             values[slot] = str(x)
-        elif slot < HIST_SLOT:
-            values[slot] = repr(float(x))
         else:
             if hist is None:
                 hist = [0] * HIST_BUCKETS

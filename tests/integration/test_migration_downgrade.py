@@ -55,3 +55,47 @@ def test_the_newest_migration_of_every_schema_goes_down_and_up_again(scratch: En
     migrate(scratch, sets)
     with scratch.connect() as conn:
         assert list(conn.execute(_INDEXES, {"s": schemas}).scalars()) == before
+
+
+def test_metrics_0007_rescales_stored_squares_to_exact_integers_and_back(scratch: Engine) -> None:
+    """Rollups and contributions written with float squares (seconds², compound²) read the same
+    after the upgrade to integer squares (ms², 1/10,000²)."""
+    import json
+
+    from services.metrics.stats import SQUARE_SLOT, Stats
+
+    sets = registry.migration_sets()
+    migrate(scratch, sets)
+    [metrics] = [m for m in sets if m.schema == "metrics"]
+    cfg = alembic_config(metrics)
+    assert cfg is not None
+    with scratch.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "metrics_0006")
+        conn.commit()
+        conn.execute(
+            sa.text(
+                "INSERT INTO metrics.rollup_day (tenant_id, grouping, bucket, channel, queue, agent, reason, source, "
+                "legs_handled, handle_ms, handle_sq, sentiment_n, sentiment_sum, sentiment_sq) "
+                "VALUES ('t', 0, '2026-11-02', 0, '', '', '', '', 2, 150500, 11350.25, 2, 2000, 0.08)"
+            )
+        )
+        # [hour, channel, queue, agent, reason, source, counts, squares, hist]
+        body = [[1793620800, 0, "", "", "", "", [[9, 2]], [[0, 11350.25], [3, 0.08]], []]]
+        conn.execute(
+            sa.text("INSERT INTO metrics.contributions (tenant_id, profile_id, body) VALUES ('t', 'p', :b)"),
+            {"b": json.dumps(body)},
+        )
+        conn.commit()
+        command.upgrade(cfg, "metrics_0007")
+        conn.commit()
+        row = conn.execute(sa.text("SELECT handle_sq, sentiment_sq FROM metrics.rollup_day")).one()
+        assert (int(row[0]), int(row[1])) == (11_350_250_000, 8_000_000)
+        stored = json.loads(conn.execute(sa.text("SELECT body FROM metrics.contributions")).scalar_one())
+        assert stored[0][7] == [[0, 11_350_250_000], [3, 8_000_000]]
+        s = Stats({SQUARE_SLOT + i: v for i, v in stored[0][7]})
+        assert (s.square("handle_sq"), s.square("sentiment_sq")) == (11350.25, 0.08)
+        command.downgrade(cfg, "metrics_0006")
+        conn.commit()
+        row = conn.execute(sa.text("SELECT handle_sq, sentiment_sq FROM metrics.rollup_day")).one()
+        assert row == (11350.25, 0.08)

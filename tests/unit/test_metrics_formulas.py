@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import random
 
 import pytest
 from hypothesis import given
@@ -375,3 +376,29 @@ def test_the_rollup_tables_hold_every_statistic_in_the_codes_order() -> None:
     migration = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(migration)
     assert (migration.COUNTERS, migration.SQUARES) == (stats.COUNTERS, stats.SQUARES)
+
+
+@given(
+    st.lists(st.floats(min_value=0.0, max_value=5_000.0), min_size=2, max_size=40),
+    st.lists(st.floats(min_value=-1.0, max_value=1.0), min_size=2, max_size=40),
+    st.randoms(use_true_random=False),
+)
+def test_intervals_are_the_same_whatever_order_the_events_are_added_in(
+    talks: list[float], compounds: list[float], rnd: random.Random
+) -> None:
+    """Replicas, redeliveries and merges add customers' contributions in different orders; the
+    sums of squares behind the intervals are integers, so every order gives the same bits."""
+    facts = [leg(f"i{n}", talk=t, hold=0.0, acw=0.0) for n, t in enumerate(talks)]
+    facts += [message(f"c{n}", event_pb2.AUTHOR_CUSTOMER, round(c, 4), n) for n, c in enumerate(compounds)]
+    parts = [derive([f], {}, CONFIG).contrib for f in facts]
+    shuffled = parts.copy()
+    rnd.shuffle(shuffled)
+    forward = total(s for p in parts for s in p.values())
+    other = total(s for p in shuffled for s in p.values())
+    assert forward.values == other.values
+    for name, values in (("aht_seconds", talks), ("sentiment", [round(c, 4) for c in compounds])):
+        got = BY_NAME[name].compute(forward, 0)
+        mean = sum(values) / len(values)
+        half = stats.Z95 * math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+        assert got.value == pytest.approx(mean, abs=1e-3)
+        assert got.ci_low == pytest.approx(mean - half, abs=1e-3)
