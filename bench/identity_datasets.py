@@ -60,6 +60,8 @@ class Dataset:
     #: Pairs of distinct people that look alike, by kind ("household", "parent_child", "twins"),
     #: as entity pairs; empty for FEBRL.
     hard_negatives: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    #: The generator's truth about each person, by entity (generated data sets only).
+    people: dict[str, Person] = field(default_factory=dict)
 
     @property
     def entities(self) -> int:
@@ -570,6 +572,7 @@ def generate_households(seed: int = DEFAULT_SEED, households: int = DEFAULT_HOUS
     for h in range(households):
         pop.household(h)
     records: list[LabelledRecord] = []
+    people = {p.pid: p for p in pop.people}
     for p in pop.people:
         copies = rng.choices((1, 2, 3, 4), (30, 40, 20, 10))[0]
         for k in range(copies):
@@ -580,7 +583,7 @@ def generate_households(seed: int = DEFAULT_SEED, households: int = DEFAULT_HOUS
         "nicknames, typos, abbreviations, missing and swapped fields, format variants; hard negatives: "
         "household members, same-name parent and child, twins"
     )
-    return Dataset("households", about, records, pop.hard)
+    return Dataset("households", about, records, pop.hard, people)
 
 
 # --------------------------------------------------------------------------------------------------
