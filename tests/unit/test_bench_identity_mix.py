@@ -1,0 +1,49 @@
+"""``tessera bench identity --matching on``: Identify events carry their own person's traits, so
+probabilistic matching has real work and no reason to merge two bench people."""
+
+from __future__ import annotations
+
+from bench.identity import Mix, event_bodies
+from services.identity.matching import record_from_traits, score
+from tessera.v1 import event_pb2
+
+TOKEN = "0123abcd"
+
+
+def _events(mix: Mix, count: int, kind: str | None = None) -> list[tuple[int, event_pb2.Event]]:
+    out = []
+    for _ in range(count):
+        _, payload = mix.event(kind)
+        out.append((mix.people - 1, event_pb2.Event.FromString(payload)))
+    return out
+
+
+def test_with_matching_an_identify_event_carries_its_persons_own_traits() -> None:
+    bodies = event_bodies(customers=20, days=10)
+    mix = Mix(bodies, TOKEN, 5, matching=True)
+    identifies = [(p, ev) for p, ev in _events(mix, 3 * len(bodies), "new") if ev.HasField("identify")]
+    assert len(identifies) > 10
+    for person, ev in identifies:
+        traits = dict(ev.identify.traits)
+        assert traits == mix.person_traits(person)
+        assert traits["email"] == mix.emails[person]
+        assert traits["phone"].replace("(", "").replace(") ", "").replace("-", "") == mix.phones[person][2:]
+        assert ev.timestamp.seconds > 0 and not ev.HasField("track")
+    # A person's traits do not change, and two people's do not score as one person.
+    assert mix.person_traits(3) == mix.person_traits(3)
+    records = [record_from_traits(mix.person_traits(p)) for p in range(200)]
+    assert all(r is not None for r in records)
+    worst = max(score(a, b)[0] for i, a in enumerate(records) for b in records[i + 1 :] if a and b)
+    assert worst < 0.6
+
+
+def test_without_matching_the_demo_bodies_are_sent_as_they_are() -> None:
+    bodies = event_bodies(customers=20, days=10)
+    mix = Mix(bodies, TOKEN, 5)
+    parsed = [event_pb2.Event.FromString(b) for b in bodies]
+    demo = {ev.identify.traits["email"] for ev in parsed if ev.HasField("identify") and "email" in ev.identify.traits}
+    assert demo
+    for person, ev in _events(mix, len(bodies), "new"):
+        if ev.HasField("identify") and "email" in ev.identify.traits:
+            assert ev.identify.traits["email"] != mix.emails[person]
+            assert ev.identify.traits["email"] in demo
