@@ -423,6 +423,244 @@ _WEIGHTS: Final[Mapping[str, tuple[float, ...]]] = {
 _PRIOR_BITS: Final[float] = math.log2(PRIOR_MATCH / (1 - PRIOR_MATCH))
 
 
+#: Names of each comparison level, best first, as ``ExplainLink`` shows them.
+LEVEL_NAMES: Final[Mapping[str, tuple[str, ...]]] = {
+    **dict.fromkeys(
+        ("first_name", "last_name", "address_line1", "address_line2", "city"),
+        ("exact", "one typo", "similar", "different"),
+    ),
+    **dict.fromkeys(("street_number", "postcode", "national_id", "phone"), ("exact", "one edit", "different")),
+    "date_of_birth": ("exact", "day and month swapped", "one digit", "same year and month", "different"),
+    "state": ("exact", "different"),
+}
+
+
+def level_name(field: str, level: int) -> str:
+    return "missing" if level == MISSING else LEVEL_NAMES[field][level]
+
+
+# --------------------------------------------------------------------------------------------------
+# Term frequencies: a shared common value says less than a shared rare one
+# --------------------------------------------------------------------------------------------------
+
+#: Fields whose exact agreement is weighed by how common the shared value is (as Splink does). Dates
+#: and numbers are spread evenly enough that their average weight fits; names and places are not.
+TF_FIELDS: Final[tuple[str, ...]] = ("first_name", "last_name", "address_line1", "city", "postcode")
+#: Pseudo-records of prior belief: until a tenant has a few hundred records, a value's frequency is
+#: mostly the field's average (``u`` of the exact level), so a young tenant's first records are not
+#: judged by a frequency table of ten (two records, both "smith": well under a bit).
+TF_PRIOR_RECORDS: Final = 1000.0
+#: The most a rare value may add over the field's average exact weight (bits). A value seen once
+#: among millions is not proof; the cap keeps rare-value agreement from outvoting a disagreement.
+TF_MAX_GAIN_BITS: Final = 3.0
+
+
+class ValueCounts:
+    """How many of a tenant's trait records carry each value of each ``TF_FIELDS`` field, and how
+    many carry the field at all: the term-frequency table, kept incrementally as records arrive."""
+
+    __slots__ = ("counts", "totals")
+
+    def __init__(
+        self, counts: Mapping[tuple[str, str], int] | None = None, totals: Mapping[str, int] | None = None
+    ) -> None:
+        self.counts: dict[tuple[str, str], int] = dict(counts or {})
+        self.totals: dict[str, int] = dict(totals or {})
+
+    def add(self, rec: MatchRecord) -> list[tuple[str, str]]:
+        """Count a record's values; returns the (field, value) pairs it counted."""
+        added = [(name, value) for name in TF_FIELDS if (value := getattr(rec, name))]
+        for key in added:
+            self.counts[key] = self.counts.get(key, 0) + 1
+            self.totals[key[0]] = self.totals.get(key[0], 0) + 1
+        return added
+
+    def frequency(self, field: str, value: str) -> float:
+        """The share of records with ``field`` that hold ``value``, shrunk towards the field's
+        average (the ``u`` of exact agreement) by ``TF_PRIOR_RECORDS`` pseudo-records."""
+        u0 = M_U[field][0][1]
+        return (self.counts.get((field, value), 0) + TF_PRIOR_RECORDS * u0) / (
+            self.totals.get(field, 0) + TF_PRIOR_RECORDS
+        )
+
+
+def tf_adjustment(field: str, value: str, counts: ValueCounts | None) -> float:
+    """Bits added to ``field``'s exact-agreement weight for sharing ``value``: log2(u / tf), where u
+    is the field's average chance agreement and tf the value's frequency; negative for common
+    values, positive (at most ``TF_MAX_GAIN_BITS``) for rare ones, 0 without a table."""
+    if counts is None or field not in TF_FIELDS:
+        return 0.0
+    return min(math.log2(M_U[field][0][1] / counts.frequency(field, value)), TF_MAX_GAIN_BITS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Strong conflicts: evidence that no amount of agreement elsewhere overturns
+# --------------------------------------------------------------------------------------------------
+
+
+def _dob_typo(x: str, y: str) -> bool:
+    """A birth-date difference a keying slip explains: equal, day and month swapped, one digit
+    transposed, or one digit wrong, except a wrong decade or century digit (years ten or more apart
+    are a different person far more often than a slip: a parent, a child)."""
+    if x == y or _dob_level(x, y) == 1:
+        return True
+    if OSA.distance(x, y, score_cutoff=1) > 1:
+        return False
+    diff = [i for i in range(min(len(x), len(y))) if x[i] != y[i]]
+    if len(diff) == 2:  # a transposition of adjacent digits
+        return True
+    return not (diff and diff[0] < 3 and x[:4].isdigit() and y[:4].isdigit() and abs(int(x[:4]) - int(y[:4])) >= 10)
+
+
+def strong_conflicts(a: MatchRecord, b: MatchRecord) -> list[str]:
+    """Why ``a`` and ``b`` cannot be one person, however well the rest agrees: birth dates years
+    apart beyond a keying slip, or national ids more than one edit or transposition apart. Such a
+    pair is never auto-merged (a person may still review it)."""
+    out: list[str] = []
+    x, y = a.date_of_birth, b.date_of_birth
+    if x and y and not _dob_typo(x, y) and abs(int(x[:4]) - int(y[:4])) >= 2:
+        out.append(f"date_of_birth: years {x[:4]} and {y[:4]}")
+    if a.national_id and b.national_id and _number_level(a.national_id, b.national_id) == 2:
+        out.append("national_id: different beyond one edit")
+    return out
+
+
+def _first_name_conflict(a: MatchRecord, b: MatchRecord, levels: Mapping[str, int]) -> bool:
+    """Twins: the same family, address and birth date, different given names. Only an identifier
+    that agrees (national id) tells a retyped given name from a sibling."""
+    return (
+        levels.get("first_name") == 3
+        and levels.get("date_of_birth") in (0, 1, 2)
+        and levels.get("last_name") in (0, 1)
+        and levels.get("national_id", MISSING) not in (0, 1)
+        and not (a.first_name[:1] == b.first_name[:1] and min(len(a.first_name), len(b.first_name)) == 1)
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Weighing
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FieldEvidence:
+    """One field's part in a score: its agreement level, the term-frequency adjustment in it, and
+    the bits it contributes (0 for an address part another one stands for)."""
+
+    level: int
+    bits: float
+    tf_bits: float = 0.0
+    counted: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """A scored comparison: total log2 Bayes factor with the prior (``bits``), its probability, each
+    compared field's evidence, and the strong conflicts that forbid an auto-merge."""
+
+    bits: float
+    fields: Mapping[str, FieldEvidence]
+    conflicts: tuple[str, ...] = ()
+
+    @property
+    def probability(self) -> float:
+        return probability(self.bits)
+
+    def contributions(self) -> dict[str, float]:
+        """field -> bits, the form ``score`` returns and older merge facts stored."""
+        return {name: ev.bits for name, ev in self.fields.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """The evidence stored with a merge or suggestion (see ``evidence_from_json``)."""
+        return {
+            "fields": {
+                name: {
+                    "level": level_name(name, ev.level),
+                    "bits": round(ev.bits, 4),
+                    "tf_bits": round(ev.tf_bits, 4),
+                    "counted": ev.counted,
+                }
+                for name, ev in self.fields.items()
+            },
+            "prior_bits": round(_PRIOR_BITS, 4),
+            "total_bits": round(self.bits, 4),
+            "conflicts": list(self.conflicts),
+        }
+
+
+def _weigh(
+    levels: Mapping[str, int], rec: MatchRecord, counts: ValueCounts | None
+) -> tuple[float, dict[str, FieldEvidence]]:
+    """Sum the weights of a comparison vector (the address parts counted once, see ``match_weight``);
+    exact agreement on a ``TF_FIELDS`` field is adjusted for how common ``rec``'s value is."""
+    bits = _PRIOR_BITS
+    evidence: dict[str, FieldEvidence] = {}
+    best: tuple[str, float] | None = None
+    worst: tuple[str, float] | None = None
+    for name, level in levels.items():
+        if level == MISSING:
+            continue
+        tf = tf_adjustment(name, getattr(rec, name), counts) if level == 0 else 0.0
+        weight = _WEIGHTS[name][level] + tf
+        if name not in _ADDRESS_FIELDS:
+            evidence[name] = FieldEvidence(level, weight, tf)
+            bits += weight
+            continue
+        evidence[name] = FieldEvidence(level, 0.0, tf, counted=False)
+        if weight > 0 and (best is None or weight > best[1]):
+            best = (name, weight)
+        elif weight < 0 and (worst is None or weight < worst[1]):
+            worst = (name, weight)
+    for strongest in (best, worst):
+        if strongest is not None:
+            name, weight = strongest
+            evidence[name] = FieldEvidence(levels[name], weight, evidence[name].tf_bits)
+            bits += weight
+    return bits, evidence
+
+
+def compare(a: MatchRecord, b: MatchRecord, counts: ValueCounts | None = None) -> Match:
+    """``a`` against one record ``b``: weighed levels, term-frequency adjusted when ``counts`` is
+    given, with the strong conflicts between them."""
+    levels = comparison_levels(a, b)
+    bits, evidence = _weigh(levels, a, counts)
+    conflicts = strong_conflicts(a, b)
+    if _first_name_conflict(a, b, levels):
+        conflicts.append("first_name: different given names, same family and birth date")
+    return Match(bits, evidence, tuple(conflicts))
+
+
+def compare_profile(rec: MatchRecord, records: Sequence[MatchRecord], counts: ValueCounts | None = None) -> Match:
+    """``rec`` against everything a profile knows: each field at the best agreement any of the
+    profile's records has (a person's records hold old addresses, a maiden name, a typo'd birth
+    date beside the right one), and the strong conflicts with any of them. ``records`` is not empty."""
+    best_levels: dict[str, int] = {}
+    conflicts: list[str] = []
+    first_name_conflicts = 0
+    for other in records:
+        levels = comparison_levels(rec, other)
+        for name, level in levels.items():
+            if level != MISSING and (name not in best_levels or level < best_levels[name]):
+                best_levels[name] = level
+        conflicts.extend(c for c in strong_conflicts(rec, other) if c not in conflicts)
+        first_name_conflicts += _first_name_conflict(rec, other, levels)
+    levels = {name: best_levels.get(name, MISSING) for name in _FIELD_NAMES}
+    if first_name_conflicts and levels["first_name"] == 3:
+        conflicts.append("first_name: different given names, same family and birth date")
+    bits, evidence = _weigh(levels, rec, counts)
+    return Match(bits, evidence, tuple(conflicts))
+
+
+def profiles_conflict(a: Sequence[MatchRecord], b: Sequence[MatchRecord]) -> list[str]:
+    """Strong conflicts between any record of one profile and any of the other: a merge must be
+    consistent with everything both already hold, not only with the record that triggered it."""
+    out: list[str] = []
+    for x in a:
+        for y in b:
+            out.extend(c for c in strong_conflicts(x, y) if c not in out)
+    return out
+
+
 def match_weight(a: MatchRecord, b: MatchRecord) -> tuple[float, dict[str, float]]:
     """Total log2 likelihood ratio (prior included) and each compared field's contribution in bits;
     the contributions plus the prior add up to the total.
@@ -432,28 +670,8 @@ def match_weight(a: MatchRecord, b: MatchRecord) -> tuple[float, dict[str, float
     independent would count one address up to six times. They count as one piece of evidence instead:
     the strongest agreement among them plus the strongest disagreement; the others contribute 0.
     """
-    bits = _PRIOR_BITS
-    evidence: dict[str, float] = {}
-    best: tuple[str, float] | None = None
-    worst: tuple[str, float] | None = None
-    for name, level in comparison_levels(a, b).items():
-        if level == MISSING:
-            continue
-        weight = _WEIGHTS[name][level]
-        if name not in _ADDRESS_FIELDS:
-            evidence[name] = weight
-            bits += weight
-            continue
-        evidence[name] = 0.0
-        if weight > 0 and (best is None or weight > best[1]):
-            best = (name, weight)
-        elif weight < 0 and (worst is None or weight < worst[1]):
-            worst = (name, weight)
-    for strongest in (best, worst):
-        if strongest is not None:
-            evidence[strongest[0]] = strongest[1]
-            bits += strongest[1]
-    return bits, evidence
+    bits, evidence = _weigh(comparison_levels(a, b), a, None)
+    return bits, {name: ev.bits for name, ev in evidence.items()}
 
 
 def probability(bits: float) -> float:
@@ -471,6 +689,61 @@ def score(a: MatchRecord, b: MatchRecord) -> tuple[float, dict[str, float]]:
     its own."""
     bits, evidence = match_weight(a, b)
     return probability(bits), evidence
+
+
+MERGE: Final = "merge"
+REVIEW: Final = "review"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with a record and its best candidate profile: ``MERGE``, ``REVIEW`` or ``None``
+    (below the review threshold), the match, and the strong conflicts that held a merge back."""
+
+    profile_id: str
+    match: Match
+    action: str | None
+
+    @property
+    def conflicts(self) -> tuple[str, ...]:
+        return self.match.conflicts
+
+
+def decide(
+    rec: MatchRecord,
+    own: Sequence[MatchRecord],
+    candidates: Mapping[str, Sequence[MatchRecord]],
+    auto_merge: float,
+    review: float,
+    counts: ValueCounts | None = None,
+) -> Decision | None:
+    """Where ``rec`` (now on a profile holding ``own`` besides it) belongs among ``candidates``
+    (profile id -> every record the profile holds).
+
+    Each candidate is scored as a whole (``compare_profile``). A merge needs the auto-merge
+    threshold and no strong conflict between any record of the one profile and any of the other;
+    the best such candidate merges. Otherwise the best-scoring candidate is suggested for review
+    when it reaches the review threshold (a conflict never merges, but a person may know better)."""
+    scored: list[tuple[float, str, Match]] = []
+    for pid, records in candidates.items():
+        if not records:
+            continue
+        m = compare_profile(rec, records, counts)
+        if m.probability >= review:
+            extra = [c for c in profiles_conflict(own, records) if c not in m.conflicts]
+            if extra:
+                m = Match(m.bits, m.fields, (*m.conflicts, *extra))
+        scored.append((m.bits, pid, m))
+    if not scored:
+        return None
+    scored.sort(key=lambda t: (-t[0], t[1]))
+    for _bits, pid, m in scored:
+        if m.probability < auto_merge:
+            break
+        if not m.conflicts:
+            return Decision(pid, m, MERGE)
+    _bits, pid, m = scored[0]
+    return Decision(pid, m, REVIEW if m.probability >= review else None)
 
 
 def best_match(
