@@ -6,9 +6,7 @@ one address, twins), through the pure scoring and through the resolver's batch m
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import itertools
-import random
 
 import pytest
 
@@ -32,6 +30,7 @@ from services.identity.matching import (
 from services.identity.probabilistic import BatchMatcher, Thresholds
 from services.identity.stitching import Graph
 from tessera.v1 import identity_pb2
+from tests.support.households import households
 
 AUTO, REVIEW_AT = DEFAULT_AUTO_MERGE_THRESHOLD, DEFAULT_REVIEW_THRESHOLD
 
@@ -208,44 +207,6 @@ def test_evidence_names_each_field_level_and_weight_and_adds_up() -> None:
 
 
 # --- hard negatives: households --------------------------------------------------------------------
-
-FIRST = ["james", "olivia", "william", "charlotte", "jack", "amelia", "noah", "isla", "thomas", "mia"]
-LAST = ["smith", "nguyen", "okafor", "rossi", "kowalski", "murphy", "singh", "papadopoulos", "tanaka", "brown"]
-STREETS = ["wattle street", "banksia road", "collins street", "myrtle avenue", "ocean parade"]
-
-
-def _date(rng: random.Random, start: dt.date, span_days: int) -> dt.date:
-    return start + dt.timedelta(days=rng.randrange(span_days))
-
-
-def households(seed: int, n: int) -> list[tuple[MatchRecord, MatchRecord, str]]:
-    """Seeded pairs of different people at one address: (a, b, "parent-child" or "twins")."""
-    rng = random.Random(seed)
-    out: list[tuple[MatchRecord, MatchRecord, str]] = []
-    for i in range(n):
-        last, street = rng.choice(LAST), rng.choice(STREETS)
-        home = MatchRecord(
-            last_name=last,
-            street_number=str(rng.randint(1, 200)),
-            address_line1=street,
-            city="ringwood",
-            postcode=str(3000 + i % 200),
-            state="vic",
-            phone=f"03{rng.randrange(10**8):08d}",
-        )
-        born = _date(rng, dt.date(1940, 1, 1), 365 * 30)
-        if i % 2 == 0:
-            first = rng.choice(FIRST)
-            child = born + dt.timedelta(days=rng.randint(25 * 365, 30 * 365))
-            a = dataclasses.replace(home, first_name=first, date_of_birth=born.strftime("%Y%m%d"))
-            b = dataclasses.replace(home, first_name=first, date_of_birth=child.strftime("%Y%m%d"))
-            out.append((a, b, "parent-child"))
-        else:
-            f1, f2 = rng.sample(FIRST, 2)
-            a = dataclasses.replace(home, first_name=f1, date_of_birth=born.strftime("%Y%m%d"))
-            b = dataclasses.replace(a, first_name=f2)
-            out.append((a, b, "twins"))
-    return out
 
 
 def test_parents_children_and_twins_are_never_auto_merged() -> None:
