@@ -15,9 +15,17 @@ procedure is ``bench.identity_accuracy_offline.estimate_parameters`` (u from ran
 expectation-maximisation over blocked pairs, the prior as the match rate among random pairs). Phone
 has no data there, so its values are an assumption, documented below. Fields are treated as
 independent except the parts of an address, which count once (see ``match_weight``): FEBRL draws them
-independently, real people share them by household. Other real-data effects FEBRL cannot show (common
-names agree by chance more often than rare ones) are not modelled, so re-estimate on a tenant's own
-records before trusting auto-merge there.
+independently, real people share them by household.
+
+Three guards FEBRL does not need and real data does:
+- **Strong conflicts** (``strong_conflicts``): birth dates years apart beyond a keying slip, national
+  ids more than one edit apart, or twins (same family and birth date, different given names, no
+  agreeing id) are never auto-merged, however well the rest agrees; they may go to review.
+- **Profiles as a whole** (``compare_profile``, ``decide``): a record is compared with every record a
+  profile holds, and a merge must not join two records that strongly conflict.
+- **Term frequencies** (``ValueCounts``, ``tf_adjustment``): exact agreement on a name or place
+  weighs ``log2(m / tf)``, tf being the value's share of the tenant's own records, so a shared
+  "smith" says less than a shared "okafor".
 """
 
 from __future__ import annotations
@@ -28,9 +36,12 @@ import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from rapidfuzz.distance import OSA, JaroWinkler
+
+if TYPE_CHECKING:
+    from services.identity.weights import Weights
 
 # On FEBRL4 every true pair scores above 0.99999 and every other candidate pair below 0.001, so any
 # threshold in between gives the same result there (on FEBRL3 a few true pairs fall in the review band).
@@ -475,22 +486,23 @@ class ValueCounts:
             self.totals[key[0]] = self.totals.get(key[0], 0) + 1
         return added
 
-    def frequency(self, field: str, value: str) -> float:
+    def frequency(self, field: str, value: str, u0: float | None = None) -> float:
         """The share of records with ``field`` that hold ``value``, shrunk towards the field's
         average (the ``u`` of exact agreement) by ``TF_PRIOR_RECORDS`` pseudo-records."""
-        u0 = M_U[field][0][1]
+        u0 = M_U[field][0][1] if u0 is None else u0
         return (self.counts.get((field, value), 0) + TF_PRIOR_RECORDS * u0) / (
             self.totals.get(field, 0) + TF_PRIOR_RECORDS
         )
 
 
-def tf_adjustment(field: str, value: str, counts: ValueCounts | None) -> float:
+def tf_adjustment(field: str, value: str, counts: ValueCounts | None, weights: Weights | None = None) -> float:
     """Bits added to ``field``'s exact-agreement weight for sharing ``value``: log2(u / tf), where u
     is the field's average chance agreement and tf the value's frequency; negative for common
     values, positive (at most ``TF_MAX_GAIN_BITS``) for rare ones, 0 without a table."""
     if counts is None or field not in TF_FIELDS:
         return 0.0
-    return min(math.log2(M_U[field][0][1] / counts.frequency(field, value)), TF_MAX_GAIN_BITS)
+    u0 = M_U[field][0][1] if weights is None else weights.u_exact(field)
+    return min(math.log2(u0 / counts.frequency(field, value, u0)), TF_MAX_GAIN_BITS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -561,6 +573,7 @@ class Match:
     bits: float
     fields: Mapping[str, FieldEvidence]
     conflicts: tuple[str, ...] = ()
+    prior_bits: float = _PRIOR_BITS  # the prior of the weights it was scored with
 
     @property
     def probability(self) -> float:
@@ -582,26 +595,27 @@ class Match:
                 }
                 for name, ev in self.fields.items()
             },
-            "prior_bits": round(_PRIOR_BITS, 4),
+            "prior_bits": round(self.prior_bits, 4),
             "total_bits": round(self.bits, 4),
             "conflicts": list(self.conflicts),
         }
 
 
 def _weigh(
-    levels: Mapping[str, int], rec: MatchRecord, counts: ValueCounts | None
+    levels: Mapping[str, int], rec: MatchRecord, counts: ValueCounts | None, weights: Weights | None = None
 ) -> tuple[float, dict[str, FieldEvidence]]:
     """Sum the weights of a comparison vector (the address parts counted once, see ``match_weight``);
     exact agreement on a ``TF_FIELDS`` field is adjusted for how common ``rec``'s value is."""
-    bits = _PRIOR_BITS
+    table = _WEIGHTS if weights is None else weights.bits  # a tenant's own weights, else the frozen ones
+    bits = _PRIOR_BITS if weights is None else weights.prior_bits
     evidence: dict[str, FieldEvidence] = {}
     best: tuple[str, float] | None = None
     worst: tuple[str, float] | None = None
     for name, level in levels.items():
         if level == MISSING:
             continue
-        tf = tf_adjustment(name, getattr(rec, name), counts) if level == 0 else 0.0
-        weight = _WEIGHTS[name][level] + tf
+        tf = tf_adjustment(name, getattr(rec, name), counts, weights) if level == 0 else 0.0
+        weight = table[name][level] + tf
         if name not in _ADDRESS_FIELDS:
             evidence[name] = FieldEvidence(level, weight, tf)
             bits += weight
@@ -619,18 +633,23 @@ def _weigh(
     return bits, evidence
 
 
-def compare(a: MatchRecord, b: MatchRecord, counts: ValueCounts | None = None) -> Match:
+def compare(a: MatchRecord, b: MatchRecord, counts: ValueCounts | None = None, weights: Weights | None = None) -> Match:
     """``a`` against one record ``b``: weighed levels, term-frequency adjusted when ``counts`` is
     given, with the strong conflicts between them."""
     levels = comparison_levels(a, b)
-    bits, evidence = _weigh(levels, a, counts)
+    bits, evidence = _weigh(levels, a, counts, weights)
     conflicts = strong_conflicts(a, b)
     if _first_name_conflict(a, b, levels):
         conflicts.append("first_name: different given names, same family and birth date")
-    return Match(bits, evidence, tuple(conflicts))
+    return Match(bits, evidence, tuple(conflicts), _PRIOR_BITS if weights is None else weights.prior_bits)
 
 
-def compare_profile(rec: MatchRecord, records: Sequence[MatchRecord], counts: ValueCounts | None = None) -> Match:
+def compare_profile(
+    rec: MatchRecord,
+    records: Sequence[MatchRecord],
+    counts: ValueCounts | None = None,
+    weights: Weights | None = None,
+) -> Match:
     """``rec`` against everything a profile knows: each field at the best agreement any of the
     profile's records has (a person's records hold old addresses, a maiden name, a typo'd birth
     date beside the right one), and the strong conflicts with any of them. ``records`` is not empty."""
@@ -647,8 +666,8 @@ def compare_profile(rec: MatchRecord, records: Sequence[MatchRecord], counts: Va
     levels = {name: best_levels.get(name, MISSING) for name in _FIELD_NAMES}
     if first_name_conflicts and levels["first_name"] == 3:
         conflicts.append("first_name: different given names, same family and birth date")
-    bits, evidence = _weigh(levels, rec, counts)
-    return Match(bits, evidence, tuple(conflicts))
+    bits, evidence = _weigh(levels, rec, counts, weights)
+    return Match(bits, evidence, tuple(conflicts), _PRIOR_BITS if weights is None else weights.prior_bits)
 
 
 def profiles_conflict(a: Sequence[MatchRecord], b: Sequence[MatchRecord]) -> list[str]:
@@ -716,6 +735,7 @@ def decide(
     auto_merge: float,
     review: float,
     counts: ValueCounts | None = None,
+    weights: Weights | None = None,
 ) -> Decision | None:
     """Where ``rec`` (now on a profile holding ``own`` besides it) belongs among ``candidates``
     (profile id -> every record the profile holds).
@@ -728,11 +748,11 @@ def decide(
     for pid, records in candidates.items():
         if not records:
             continue
-        m = compare_profile(rec, records, counts)
+        m = compare_profile(rec, records, counts, weights)
         if m.probability >= review:
             extra = [c for c in profiles_conflict(own, records) if c not in m.conflicts]
             if extra:
-                m = Match(m.bits, m.fields, (*m.conflicts, *extra))
+                m = Match(m.bits, m.fields, (*m.conflicts, *extra), m.prior_bits)
         scored.append((m.bits, pid, m))
     if not scored:
         return None

@@ -225,6 +225,12 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             steps = [
                 f"profiles/{m.absorbed_profile_id} merged into profiles/{m.survivor_profile_id}"
                 + (f" by {event_text(m.event_id, m.message_id)}" if m.event_id else f" ({m.rule})")
+                + (
+                    f" (probabilistic: score {m.score:.4f}, {m.scored.total_bits:.1f} bits over"
+                    f" {sum(f.counted for f in m.scored.fields)} fields)"
+                    if m.scored is not None
+                    else ""
+                )
                 for m in chain
             ]
             how = "; ".join(steps)

@@ -163,3 +163,30 @@ def test_value_counts_follow_the_records_and_erasure(resolver: Resolver, tenant:
     )
     assert ("last_name", "zyx") not in after and ("first_name", "di") not in after  # no trace of her
     assert after[("last_name", "")] == 3 and after[("city", "canberra")] == 3
+
+
+def test_explain_link_shows_the_probabilistic_merge(
+    resolver: Resolver, tenant: TenantKey, engine: Engine, identity_channel: Any
+) -> None:
+    from tessera.v1 import identity_pb2_grpc
+
+    enable(resolver, tenant.tenant_id)
+    apply(resolver, tenant.tenant_id, "ex-web", ADA)
+    apply(resolver, tenant.tenant_id, "ex-crm", {**ADA, "last_name": "Okonkow", "postcode": "2620"})
+    stub = identity_pb2_grpc.IdentityServiceStub(identity_channel)
+    explain = stub.ExplainLink(
+        identity_pb2.ExplainLinkRequest(
+            identifier_a=event_pb2.Identifier(type="anonymous_id", value="ex-web"),
+            identifier_b=event_pb2.Identifier(type="anonymous_id", value="ex-crm"),
+        ),
+        metadata=tenant.metadata,
+    )
+    assert explain.linked
+    (step,) = explain.chain
+    assert step.kind == identity_pb2.MERGE_KIND_PROBABILISTIC and "probabilistic: score" in explain.summary
+    by_field = {f.field: f for f in step.field_evidence}
+    assert by_field["last_name"].level == "one typo" and by_field["postcode"].level == "one edit"
+    assert by_field["first_name"].level == "exact" and by_field["first_name"].weight_bits > 0
+    assert step.total_bits == pytest.approx(
+        step.prior_bits + sum(f.weight_bits for f in by_field.values() if f.counted), abs=1e-2
+    )
