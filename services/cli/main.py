@@ -295,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_health(sub)
 
+    from services.cli.identity_cmd import add_parser as add_identity
+
+    add_identity(sub)
+
     p = sub.add_parser("bench", help="run a benchmark scenario")
     p.add_argument("scenario")
     p.add_argument("--seconds", type=float, default=10.0)

@@ -10,14 +10,17 @@ from services.core import tenancy
 from services.core.bus import ConsumerWorker, consumer_name
 from services.core.migrate import MigrationSet
 from services.core.outbox import EnvelopeTable, Outbox
+from services.core.periodic import Periodic
 from services.core.server import Background, ServiceContext, ServiceDefinition
 from services.identity.consumer import build_consumer
 from services.identity.reads import IdentityReads
+from services.identity.reestimate import propose_all
 from services.identity.resolver import Resolver
 from services.identity.rules_store import RulesCache
 from services.identity.servicer import IdentityServicer
 from services.identity.settings import IdentitySettings
 from services.identity.storage import IdentityStore
+from services.identity.weights_store import WeightsStore
 from tessera.v1 import identity_pb2, identity_pb2_grpc
 
 SERVICE_NAME = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
@@ -50,7 +53,19 @@ def register(server: grpc.aio.Server, ctx: ServiceContext, own: IdentitySettings
         )
         for n in range(own.consumers)
     ]
-    return [*(ConsumerWorker(c) for c in consumers), outbox]
+    workers: list[Background] = [*(ConsumerWorker(c) for c in consumers), outbox]
+    if own.estimate_interval_seconds > 0:
+        # Singleton work that only proposes new weights; a person applies them (see reestimate.py).
+        weights = WeightsStore(ctx.engine)
+        workers.append(
+            Periodic(
+                "identity weight estimation",
+                own.estimate_interval_seconds,
+                lambda: propose_all(store, weights, tenancy.tenant_ids(ctx.engine)),
+                leader=ctx.leader,
+            )
+        )
+    return workers
 
 
 def definition() -> ServiceDefinition[IdentitySettings]:

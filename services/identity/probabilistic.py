@@ -33,6 +33,7 @@ from services.identity.matching import (
     record_from_traits,
 )
 from services.identity.stitching import Graph, LimitBroken, MergeRecord
+from services.identity.weights import Weights
 from tessera.v1 import identity_pb2
 
 #: (profile a, profile b, score, evidence JSON, event id)
@@ -68,10 +69,17 @@ class BatchMatcher:
     _by_profile: dict[str, list[str]] = field(default_factory=dict)
     _absorbed_seen: int = 0
     suggestions: list[Suggestion] = field(default_factory=list)
+    #: The tenant's active weights, read with its settings once per batch; None: the frozen defaults.
+    weights: Weights | None = None
 
     @classmethod
-    def for_events(cls, thresholds: Thresholds, traits: Iterable[tuple[str, Mapping[str, Any] | None]]) -> BatchMatcher:
-        m = cls(thresholds)
+    def for_events(
+        cls,
+        thresholds: Thresholds,
+        traits: Iterable[tuple[str, Mapping[str, Any] | None]],
+        weights: Weights | None = None,
+    ) -> BatchMatcher:
+        m = cls(thresholds, weights=weights)
         for event_id, t in traits:
             rec = record_from_traits(t) if t else None
             if rec is not None:
@@ -141,7 +149,13 @@ class BatchMatcher:
                     candidates[final] = self._records_of(final)
         merge: MergeRecord | None = None
         found = decide(
-            rec, self._records_of(me), candidates, self.thresholds.auto_merge, self.thresholds.review, self.counts
+            rec,
+            self._records_of(me),
+            candidates,
+            self.thresholds.auto_merge,
+            self.thresholds.review,
+            self.counts,
+            self.weights,
         )
         if found is not None and found.action is not None:
             other_pid, score, evidence = found.profile_id, found.match.probability, found.match.to_json()

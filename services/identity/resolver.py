@@ -163,7 +163,9 @@ class Resolver:
         matcher = None
         if tenant_rules.probabilistic.get("enabled"):
             thresholds = Thresholds.of(tenant_rules.probabilistic)
-            matcher = BatchMatcher.for_events(thresholds, ((e.event_id, e.traits) for e in events))
+            matcher = BatchMatcher.for_events(
+                thresholds, ((e.event_id, e.traits) for e in events), weights=tenant_rules.weights
+            )
         all_keys = {k for e in events for k in e.keys}
         now_s = self.clock()
         now = dt.datetime.fromtimestamp(now_s, dt.UTC)
