@@ -6,7 +6,6 @@ change the matcher's decision only where they are passed."""
 from __future__ import annotations
 
 import random
-import string
 
 import pytest
 
@@ -22,53 +21,7 @@ from services.identity.estimate import (
 from services.identity.matching import M_U, MERGE, MatchRecord, compare, decide
 from services.identity.probabilistic import BatchMatcher, Thresholds
 from services.identity.weights import EPSILON, Weights
-
-#: Chance that a duplicate's field carries one keyed typo (a substituted character).
-ERROR_RATES = {"first_name": 0.10, "last_name": 0.20, "address_line1": 0.30}
-CITIES = 20
-PEOPLE, DUPLICATED = 260, 160
-
-
-def _word(rng: random.Random, n: int = 8) -> str:
-    return "".join(rng.choice(string.ascii_lowercase) for _ in range(n))
-
-
-def _typo(rng: random.Random, text: str) -> str:
-    i = rng.randrange(1, len(text) - 1)  # never the first letter, so blocking keys mostly survive
-    return text[:i] + rng.choice([c for c in string.ascii_lowercase if c != text[i]]) + text[i + 1 :]
-
-
-def synthetic(seed: int = 7) -> list[MatchRecord]:
-    """PEOPLE people with random names and streets (so strangers almost never look alike), one of
-    CITIES cities, and DUPLICATED of them entered twice, the second time with a typo in each
-    ``ERROR_RATES`` field at that rate and every other field copied exactly."""
-    rng = random.Random(seed)
-    cities = [_word(rng, 6) for _ in range(CITIES)]
-    people = []
-    for _ in range(PEOPLE):
-        people.append(
-            MatchRecord(
-                first_name=_word(rng),
-                last_name=_word(rng),
-                date_of_birth=f"{rng.randint(1940, 2000)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}",
-                street_number=str(rng.randint(1, 300)),
-                address_line1=f"{_word(rng)} street",
-                city=rng.choice(cities),
-                postcode=str(rng.randint(2000, 2999)),
-                state=rng.choice(["nsw", "vic", "qld", "wa"]),
-                national_id=str(rng.randint(10**8, 10**9 - 1)),
-            )
-        )
-    records = list(people)
-    for person in people[:DUPLICATED]:
-        values = {name: getattr(person, name) for name in ("date_of_birth", "street_number", "city", "postcode")}
-        values |= {"state": person.state, "national_id": person.national_id}
-        for name, rate in ERROR_RATES.items():
-            value = getattr(person, name)
-            values[name] = _typo(rng, value) if rng.random() < rate else value
-        records.append(MatchRecord(**values))
-    rng.shuffle(records)
-    return records
+from tests.support.synthetic_people import CITIES, DUPLICATED, ERROR_RATES, synthetic, word
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +87,7 @@ def test_refuses_too_few_records(records: list[MatchRecord]) -> None:
 def test_refuses_records_that_share_no_blocking_key() -> None:
     rng = random.Random(3)
     strangers = [
-        MatchRecord(first_name=_word(rng), last_name=_word(rng), date_of_birth=f"19{i + 10:02d}0101") for i in range(80)
+        MatchRecord(first_name=word(rng), last_name=word(rng), date_of_birth=f"19{i + 10:02d}0101") for i in range(80)
     ]
     assert len(candidate_pairs(strangers)) < 20
     with pytest.raises(EstimationError, match="too few candidate pairs"):
@@ -146,7 +99,7 @@ def test_refuses_when_no_pair_looks_like_a_match() -> None:
     there is nothing to learn m from."""
     rng = random.Random(4)
     crowd = [
-        MatchRecord(first_name="a" + _word(rng, 7), last_name="b" + _word(rng, 7), date_of_birth="19800101")
+        MatchRecord(first_name="a" + word(rng, 7), last_name="b" + word(rng, 7), date_of_birth="19800101")
         for _ in range(60)
     ]
     with pytest.raises(EstimationError, match="too few likely matches"):
