@@ -22,23 +22,18 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import fields
 from typing import Any
 
-import numpy as np
-
+from services.identity.estimate import estimate
 from services.identity.matching import (
     DEFAULT_AUTO_MERGE_THRESHOLD,
     DEFAULT_REVIEW_THRESHOLD,
-    M_U,
     MERGE,
-    MISSING,
     PRIOR_MATCH,
     REVIEW,
     MatchRecord,
     ValueCounts,
     blocking_keys,
-    comparison_levels,
     decide,
     record_from_traits,
 )
@@ -58,7 +53,6 @@ COLUMNS: Mapping[str, str] = {
     "soc_sec_id": "national_id",
 }
 _REC_NUMBER = re.compile(r"^rec-(\d+)-")
-_FIELD_NAMES = tuple(f.name for f in fields(MatchRecord))
 
 
 def load_traits() -> list[tuple[str, dict[str, Any]]]:
@@ -202,85 +196,24 @@ def evaluate_stream(
 # --------------------------------------------------------------------------------------------------
 
 
-def _level_matrix(records: list[MatchRecord], pairs: Iterable[tuple[int, int]]) -> np.ndarray[Any, Any]:
-    rows = [[comparison_levels(records[i], records[j])[f] for f in _FIELD_NAMES] for i, j in pairs]
-    return np.array(rows, dtype=np.int8).reshape(-1, len(_FIELD_NAMES))
-
-
 def estimate_parameters(
     *, random_pairs: int = 400_000, rounds: int = 3, iterations: int = 100, seed: int = SEED
 ) -> tuple[dict[str, list[tuple[float, float]]], float]:
-    """Fellegi-Sunter m/u probabilities and the prior, without labels (the Splink recipe, plus one
-    correction that a small data set needs):
-
-    1. u (level frequencies among non-matches) from uniformly random record pairs.
-    2. Candidate pairs: every pair of records sharing a blocking key.
-    3. m by expectation-maximisation over the candidate pairs with u held fixed and conditional
-       independence between fields; a missing field is left out of both steps. EM also estimates the
-       share of matches among candidate pairs, which is only a means to that end.
-    4. Random pairs are not quite all non-matches: with 10,000 records about 1 in 10,000 is a match,
-       as often as strangers share a national id. So the matches EM found (sum of posteriors) give the
-       match rate among random pairs, their expected level counts (rate x m) are taken out of the u
-       counts, and steps 3-4 repeat ``rounds`` times.
-    5. The prior returned is that match rate among random pairs (Splink's "probability two random
-       records match"), not the share among candidate pairs: ``score`` is a property of two records
-       and must not change when the blocking keys do.
-    Add-one smoothing keeps every probability positive, so no level is ever an absolute veto. The
-    estimate treats every field as independent (true of FEBRL's generator); ``match_weight`` then counts
-    the address fields once, a deliberate under-statement for data where households share addresses.
-    Record ids are not read. Fields with no data (phone in FEBRL) keep their assumed values.
+    """Fellegi-Sunter m/u probabilities and the prior on FEBRL4, without labels: the same procedure
+    ``tessera identity estimate TENANT`` runs on a tenant's records (``services.identity.estimate``,
+    whose docstring gives the steps). The estimate treats every field as independent (true of
+    FEBRL's generator); the matcher then counts the address fields once, a deliberate
+    under-statement for data where households share addresses. Record ids are not read. Fields
+    with no data (phone in FEBRL) keep their assumed values.
     """
     records = [rec for _, traits in load_traits() if (rec := record_from_traits(traits)) is not None]
-    rng = random.Random(seed)
-    n_levels = [len(M_U[f]) for f in _FIELD_NAMES]
-
-    sample = [(i, j) for i, j in (rng.sample(range(len(records)), 2) for _ in range(random_pairs))]
-    rand = _level_matrix(records, sample)
-    raw_u = [np.array([(rand[:, k] == lvl).sum() for lvl in range(n)], dtype=float) for k, n in enumerate(n_levels)]
-
-    index: dict[str, list[int]] = defaultdict(list)
-    for i, rec in enumerate(records):
-        for key in blocking_keys(rec):
-            index[key].append(i)
-    pairs = {(a, b) for ids in index.values() for x, a in enumerate(ids) for b in ids[x + 1 :]}
-    cand = _level_matrix(records, sorted(pairs))
-    all_pairs = len(records) * (len(records) - 1) / 2
-
-    m = [np.linspace(n, 1, n) / np.linspace(n, 1, n).sum() for n in n_levels]
-    prior, random_match_rate = 0.1, 0.0
-    for _ in range(rounds):
-        u = []
-        for k, counts in enumerate(raw_u):
-            nonmatch = np.maximum(counts - random_match_rate * counts.sum() * m[k], 0.0) + 1.0
-            u.append(nonmatch / nonmatch.sum())
-        for _ in range(iterations):
-            log_odds = np.full(len(cand), np.log(prior / (1 - prior)))
-            for k in range(len(n_levels)):
-                present = cand[:, k] != MISSING
-                lvl = cand[present, k]
-                log_odds[present] += np.log(m[k][lvl]) - np.log(u[k][lvl])
-            p = 1.0 / (1.0 + np.exp(-np.clip(log_odds, -700, 700)))
-            new_m = []
-            for k, n in enumerate(n_levels):
-                if not (cand[:, k] != MISSING).any():
-                    new_m.append(m[k])
-                    continue
-                counts = np.array([p[cand[:, k] == lvl].sum() for lvl in range(n)]) + 1.0
-                new_m.append(counts / counts.sum())
-            m, prior = new_m, float(p.mean())
-        random_match_rate = float(p.sum()) / all_pairs
-
-    params: dict[str, list[tuple[float, float]]] = {}
-    for k, name in enumerate(_FIELD_NAMES):
-        if not (cand[:, k] != MISSING).any():
-            params[name] = list(M_U[name])
-            continue
-        params[name] = [(float(mk), float(uk)) for mk, uk in zip(m[k], u[k], strict=True)]
+    est = estimate(records, seed=seed, random_pairs=random_pairs, rounds=rounds, iterations=iterations)
     print(
-        f"# {len(cand)} candidate pairs, {random_pairs} random pairs, {p.sum():.0f} matches estimated",
+        f"# {est.candidate_pairs} candidate pairs, {est.random_pairs} random pairs, "
+        f"{est.matches:.0f} matches estimated",
         file=sys.stderr,
     )
-    return params, random_match_rate
+    return {name: list(levels) for name, levels in est.weights.m_u.items()}, est.weights.prior
 
 
 def _format_parameters(params: Mapping[str, list[tuple[float, float]]], prior: float) -> str:

@@ -90,7 +90,13 @@ def cmd_identity(args: argparse.Namespace) -> int:
             return 1
         store, weights = IdentityStore(engine), WeightsStore(engine)
         applied = args.action == "apply" or args.apply
-        if applied:
+        if args.action == "show":
+            shown = reestimate.show(store, weights, args.tenant)
+            if shown is None:
+                print(f"tessera: tenant {args.tenant!r} has no proposed weights", file=sys.stderr)
+                return 1
+            d = shown
+        elif applied:
             d = reestimate.apply(store, weights, args.tenant)
         else:
             try:
@@ -129,3 +135,9 @@ def add_parser(sub: Any) -> None:
     app.add_argument("tenant")
     app.add_argument("--json", action="store_true")
     app.set_defaults(func=cmd_identity, apply=True)
+    show = actions.add_parser(
+        "show", help="show a tenant's stored proposal against its active weights, without estimating", epilog=EPILOG
+    )
+    show.add_argument("tenant")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_identity, apply=False)

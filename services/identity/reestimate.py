@@ -30,7 +30,7 @@ from services.identity.estimate import (
 from services.identity.matching import MatchRecord
 from services.identity.probabilistic import Thresholds
 from services.identity.storage import IdentityStore
-from services.identity.weights import Weights
+from services.identity.weights import ACTIVE, PROPOSED, Weights
 from services.identity.weights_store import WeightsStore
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,16 @@ def apply(store: IdentityStore, weights: WeightsStore, tenant_id: str) -> Diff:
     old = weights.active(tenant_id)
     applied = weights.apply(tenant_id)
     return diff(tenant_id, weights.records(tenant_id), old, applied.weights, _thresholds(store, tenant_id))
+
+
+def show(store: IdentityStore, weights: WeightsStore, tenant_id: str) -> Diff | None:
+    """The stored proposal against the active weights (or the defaults), without estimating again;
+    ``None`` when nothing is proposed. This is how a scheduled proposal is looked at."""
+    stored = weights.load(tenant_id)
+    if PROPOSED not in stored:
+        return None
+    old = stored[ACTIVE].weights if ACTIVE in stored else None
+    return diff(tenant_id, weights.records(tenant_id), old, stored[PROPOSED].weights, _thresholds(store, tenant_id))
 
 
 def propose_all(store: IdentityStore, weights: WeightsStore, tenant_ids: Iterable[str]) -> dict[str, str]:

@@ -44,6 +44,7 @@ def resolver(settings: Settings, engine: Engine, redis_client: Any) -> Iterator[
 
 @pytest.fixture
 def cli_env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    assert settings.database_url and settings.redis_url
     monkeypatch.setenv("TESSERA_DATABASE_URL", settings.database_url)
     monkeypatch.setenv("TESSERA_REDIS_URL", settings.redis_url)
 
@@ -101,6 +102,11 @@ def test_estimate_proposes_apply_activates_and_other_tenants_keep_the_defaults(
     proposed = stored[PROPOSED].weights
     assert proposed != DEFAULT_WEIGHTS
     assert stored[PROPOSED].summary["records"] > 300 and stored[PROPOSED].summary["source"] == "cli"
+    assert main(["identity", "show", tenant.tenant_id, "--json"]) == 0  # the stored proposal, not a new one
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["state"] == "proposed" and shown["new"] == proposed.to_json() and shown["old_source"] == "defaults"
+    assert main(["identity", "show", other.tenant_id]) == 1
+    assert "no proposed weights" in capsys.readouterr().err
 
     # Proposed only: the matcher still uses the defaults, so the pair merges.
     a, b = pair(resolver, tenant.tenant_id, "555000111", "19700505")

@@ -18,7 +18,7 @@ from services.identity.estimate import (
     estimate,
     weight_changes,
 )
-from services.identity.matching import M_U, MERGE, MatchRecord, compare, decide
+from services.identity.matching import M_U, MERGE, PRIOR_MATCH, MatchRecord, compare, decide
 from services.identity.probabilistic import BatchMatcher, Thresholds
 from services.identity.weights import EPSILON, Weights
 from tests.support.synthetic_people import CITIES, DUPLICATED, ERROR_RATES, synthetic, word
@@ -165,3 +165,18 @@ def test_weight_changes_list_every_level() -> None:
     assert rows[0].field == "prior"
     assert len(rows) == 1 + sum(len(levels) for levels in M_U.values())
     assert all(r.old_bits == r.new_bits for r in rows)
+
+
+@pytest.mark.slow
+def test_febrl4_estimate_reproduces_the_frozen_constants() -> None:
+    """The one estimator, run by the benchmark on FEBRL4, gives the m/u and prior frozen in
+    matching.py (to the four significant digits they were written down with)."""
+    pytest.importorskip("recordlinkage")
+    from bench.identity_accuracy_offline import estimate_parameters
+
+    params, prior = estimate_parameters()
+    assert prior == pytest.approx(PRIOR_MATCH, rel=1e-3)
+    for name, levels in M_U.items():
+        for (m, u), (m0, u0) in zip(params[name], levels, strict=True):
+            assert m == pytest.approx(m0, rel=1e-3, abs=1e-6), name
+            assert u == pytest.approx(u0, rel=1e-3, abs=1e-6), name
