@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import subprocess
 import sys
 import time
 from typing import Any, Final
@@ -37,7 +38,7 @@ import grpc
 import sqlalchemy as sa
 from google.protobuf import field_mask_pb2
 
-from bench.common import Backends, backends, log, machine_facts, print_report, setup_logging, spawn, utc_now
+from bench.common import ROOT, Backends, backends, log, machine_facts, print_report, setup_logging, spawn, utc_now
 from bench.identity_anchor import link
 from bench.identity_datasets import (
     DATASETS,
@@ -205,7 +206,7 @@ def _scored(ds: Dataset, stream: list[LabelledRecord], ours: dict[str, Any], lim
 
 def _run(names: list[str], limit: int | None) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    date, facts = utc_now(), machine_facts()
+    date, facts, code = utc_now(), machine_facts(), code_version()
     with backends("accuracy") as be:
         ingest_port, identity_port = free_port(), free_port()
         ingest = spawn("ingest", serve_argv("ingest"), _env(be, TESSERA_INGEST_PORT=str(ingest_port)), be.workdir)
@@ -240,6 +241,7 @@ def _run(names: list[str], limit: int | None) -> dict[str, Any]:
         "date": date,
         "machine": facts,
         "backends": be.mode,
+        "code": code,
         "settings": "defaults; UpdateIdentityRules sets probabilistic.enabled only",
         "stream_seed": SEED,
         "metric": "pairwise over record pairs; predicted = same cluster (our profiles; the anchor's links "
@@ -247,6 +249,19 @@ def _run(names: list[str], limit: int | None) -> dict[str, Any]:
         "datasets": results,
         "meets_targets": None if limit else all(bool(m) for m in met),
         "ok": True if limit else all(bool(m) for m in met),
+    }
+
+
+def code_version() -> dict[str, Any]:
+    """The commit the services ran from, and whether ``services/`` had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {
+        "commit": git("rev-parse", "--short=12", "HEAD") or None,
+        "services_dirty": bool(git("status", "--porcelain", "--", "services")),
     }
 
 
@@ -289,8 +304,10 @@ def table(rep: dict[str, Any]) -> str:
             anchor_hn = ", ".join(f"{k} {a['hard_negatives_merged'][k]}/{n}" for k, n in kinds.items())
             notes.append(f"{name}: hard-negative person pairs merged: ours {ours_hn}; anchor {anchor_hn}")
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    dirty = rep["code"]["services_dirty"]
     lines = [
         f"tessera bench identity-accuracy  {rep['date']}  ({rep['backends']}; {rep['settings']})",
+        f"code: commit {rep['code']['commit']}" + (" + uncommitted changes in services/" if dirty else ""),
         f"metric: {rep['metric']}; targets: precision >= {TARGET_PRECISION} everywhere, F1 >= {TARGET_F1} on FEBRL",
         "",
     ]

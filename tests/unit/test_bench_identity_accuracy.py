@@ -80,3 +80,36 @@ def test_the_anchor_links_clear_duplicates_and_not_strangers() -> None:
     out = link(Dataset("tiny", "", records))
     assert out["clusters"]["r1"] == out["clusters"]["r2"]
     assert out["closure"]["true_positive_pairs"] == 1
+
+
+def test_a_data_set_is_scored_for_both_linkers_and_tabled() -> None:
+    pytest.importorskip("recordlinkage")
+    from bench.identity_accuracy import _scored, table
+
+    ds = generate_households(seed=5, households=80)
+    stream = stream_order(ds.records, None)
+    # "Ours" as if every record had stayed on its own profile except one true pair joined.
+    clusters = {r.rec_id: r.rec_id for r in stream}
+    by_person: dict[str, list[str]] = {}
+    for r in stream:
+        by_person.setdefault(r.entity, []).append(r.rec_id)
+    a, b = next(recs for recs in by_person.values() if len(recs) > 1)[:2]
+    clusters[b] = clusters[a]
+    ours = {"clusters": clusters, "profiles": len(set(clusters.values())), "merges": 1, "suggestions": 0}
+    ours |= {"ingest_seconds": 1.0, "end_to_end_seconds": 1.5, "records_per_s_end_to_end": 100.0}
+    result = _scored(ds, stream, ours, None)
+    assert result["ours"]["precision"] == 1.0 and result["ours"]["true_positive_pairs"] == 1
+    assert result["targets"] == {"precision": 0.999}  # F1 is a target on FEBRL only
+    assert result["meets_targets"] is True
+    assert set(result["ours"]["hard_negatives_merged"].values()) == {0}
+    assert result["anchor"]["closure"]["true_pairs"] == result["ours"]["true_pairs"]
+    report = {
+        "date": "2026-12-03T15:40:00Z",
+        "backends": "external",
+        "settings": "defaults",
+        "code": {"commit": "abc123", "services_dirty": False},
+        "metric": "pairwise",
+        "datasets": {"households": result},
+    }
+    text = table(report)
+    assert "households" in text and "commit abc123" in text and "hard-negative person pairs merged" in text
