@@ -34,7 +34,9 @@ def format_diff(d: Diff, *, applied: bool) -> str:
             f"{e.random_pairs} random pairs; about {e.matches:.0f} matches among the candidates"
         )
         if e.kept:
-            lines.append(f"too little data, kept the {d.old_source} values: {', '.join(e.kept)}")
+            lines.append(f"too little data, these fields keep the {d.old_source} weights: {', '.join(e.kept)}")
+        if e.unseen:
+            lines.append(f"no pair landed on these levels, they keep the {d.old_source} weight: {', '.join(e.unseen)}")
         lines.extend(f"warning: {w}" for w in e.warnings)
     else:
         lines.append(f"tenant {d.tenant_id}: {d.records} match records")

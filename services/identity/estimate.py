@@ -61,7 +61,8 @@ class Estimate:
     """Estimated weights and what they were estimated from. ``kept`` are the fields with too little
     data, whose m and u are the previous weights' (``fallback``); ``matches`` is EM's expected
     number of true matches among the candidate pairs; ``warnings`` name fields whose exact agreement
-    came out as weaker evidence than disagreement, which a person should look at before applying."""
+    came out as weaker evidence than disagreement, which a person should look at before applying;
+    ``unseen`` the levels (``field: level``) no pair landed on, which keep the previous weight."""
 
     weights: Weights
     records: int
@@ -70,6 +71,7 @@ class Estimate:
     matches: float
     kept: tuple[str, ...]
     warnings: tuple[str, ...]
+    unseen: tuple[str, ...] = ()
 
 
 def candidate_pairs(records: Sequence[MatchRecord]) -> list[tuple[int, int]]:
@@ -159,6 +161,7 @@ def estimate(
     ]
     prior, random_match_rate, matches = 0.1, 0.0, 0.0
     u: list[list[float]] = []
+    sums = [[0.0] * k for k in n_levels]
     for _ in range(rounds):
         u = []
         for k, counts in enumerate(raw_u):
@@ -193,12 +196,24 @@ def estimate(
             f"the records hold too few likely matches to estimate weights: about {matches:.1f} among "
             f"{len(pairs)} candidate pairs, at least {MIN_MATCHES:.0f} needed"
         )
-    m_u = {
-        name: tuple((float(mk), float(uk)) for mk, uk in zip(m[k], u[k], strict=True))
-        if learned[k]
-        else fallback.m_u[name]
-        for k, name in enumerate(_FIELD_NAMES)
-    }
+    # A level no pair landed on (no likely match, no random pair) has only smoothing behind its m and
+    # u, whose ratio is then the ratio of the two sample sizes: evidence made of nothing. It keeps
+    # the previous weight instead (u is set to give it; the amounts involved are tiny).
+    unseen: list[str] = []
+    m_u: dict[str, tuple[tuple[float, float], ...]] = {}
+    for k, name in enumerate(_FIELD_NAMES):
+        if not learned[k]:
+            m_u[name] = fallback.m_u[name]
+            continue
+        levels = []
+        for lvl, (mk, uk) in enumerate(zip(m[k], u[k], strict=True)):
+            if sums[k][lvl] < 0.5 and raw_u[k][lvl] == 0:
+                fm, fu = fallback.m_u[name][lvl]
+                unseen.append(f"{name}: {level_name(name, lvl)}")
+                levels.append((float(mk), float(mk * fu / fm)))
+            else:
+                levels.append((float(mk), float(uk)))
+        m_u[name] = tuple(levels)
     weights = Weights(m_u, random_match_rate)
     warnings = tuple(
         f"{name}: exact agreement weighs {weights.bits[name][0]:+.1f} bits, less than disagreement "
@@ -207,7 +222,7 @@ def estimate(
         if learned[k] and weights.bits[name][0] <= weights.bits[name][-1]
     )
     kept = tuple(name for k, name in enumerate(_FIELD_NAMES) if not learned[k])
-    return Estimate(weights, n, len(pairs), sampled, matches, kept, warnings)
+    return Estimate(weights, n, len(pairs), sampled, matches, kept, warnings, tuple(unseen))
 
 
 # --------------------------------------------------------------------------------------------------

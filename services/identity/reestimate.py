@@ -66,6 +66,7 @@ class Diff:
                 "random_pairs": self.estimate.random_pairs,
                 "matches": round(self.estimate.matches, 2),
                 "kept": list(self.estimate.kept),
+                "unseen": list(self.estimate.unseen),
                 "warnings": list(self.estimate.warnings),
             }
         return out

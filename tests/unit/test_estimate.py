@@ -63,6 +63,16 @@ def test_fields_without_data_keep_the_fallback(estimated) -> None:  # type: igno
     assert estimated.warnings == ()
 
 
+def test_levels_no_pair_landed_on_keep_the_fallback_weight(estimated) -> None:  # type: ignore[no-untyped-def]
+    """Nobody's birth date is keyed day-for-month in these records, and no two strangers' are: add-one
+    smoothing alone would make that level worth log2(random pairs / matches) bits."""
+    assert "date_of_birth: day and month swapped" in estimated.unseen
+    assert estimated.weights.bits["date_of_birth"][1] == pytest.approx(
+        DEFAULT_WEIGHTS.bits["date_of_birth"][1], abs=1e-6
+    )
+    assert "first_name: exact" not in estimated.unseen and "city: exact" not in estimated.unseen
+
+
 def test_every_probability_is_kept_away_from_zero_and_one(estimated) -> None:  # type: ignore[no-untyped-def]
     for levels in estimated.weights.m_u.values():
         for m, u in levels:
