@@ -78,6 +78,7 @@ SHARE_NEW, SHARE_KNOWN = 0.30, 0.60  # the rest (10 %) merges two people
 SEED_PEOPLE = 2_000  # like `tessera up`'s demo: known people exist before the first measured event
 PRELOAD_CHUNK = 500
 SAMPLE_SECONDS = 0.1
+MIN_EVENTS_PER_S = 100  # below this the worker counts as stuck (the waits' timeouts)
 KEEPS_UP_RATIO = 0.97  # resolved/offered over the sustained window, allowing for sampling edges
 
 # Fictional US numbers (555 exchange) in the demo's area codes: 9,900 per (area, exchange).
@@ -616,6 +617,12 @@ class PhaseFigures:
         }
 
 
+def _timeout(cfg: Config, events: int) -> float:
+    """How long to wait for ``events`` to resolve before calling the run failed: a slow worker (matching
+    on, a busy shared machine) still finishes, a stuck one does not hold the run for ever."""
+    return max(120.0, 10 * cfg.seconds, events / MIN_EVENTS_PER_S)
+
+
 def _wait_until(
     watcher: Watcher, server: ServiceProcess, predicate: Callable[[int], bool], timeout: float, what: str
 ) -> None:
@@ -642,7 +649,7 @@ def drain_phase(
     """Capacity: the window runs from 5 % into the backlog (seed and start-up behind it) until
     the last preloaded event is resolved."""
     start_at = cfg.seed_people + cfg.backlog // 20
-    timeout = max(120.0, 10 * cfg.seconds)
+    timeout = _timeout(cfg, preloaded)
     _wait_until(watcher, server, lambda r: r >= start_at, timeout, "waiting for the drain window")
     pg, rd = CpuGroup(["postgres"]), CpuGroup(["redis-server"])
     pg.start()
@@ -862,7 +869,7 @@ def _run(cfg: Config) -> dict[str, Any]:
                     watcher,
                     identity,
                     lambda r: r >= producer.produced,
-                    max(120.0, 10 * cfg.seconds),
+                    _timeout(cfg, producer.produced - watcher.resolved()),
                     "draining after the sustained phase",
                 )
                 sustained.extra.update(resolve_latency(watcher, producer, sustained.extra.pop("window_ms")))
