@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+from sqlalchemy.engine import Engine
 
 from services.core import tenancy
 from services.core.bus import ConsumerWorker, consumer_name
+from services.core.leader import Leader
 from services.core.migrate import MigrationSet
 from services.core.outbox import EnvelopeTable, Outbox
 from services.core.periodic import Periodic
@@ -53,19 +55,23 @@ def register(server: grpc.aio.Server, ctx: ServiceContext, own: IdentitySettings
         )
         for n in range(own.consumers)
     ]
-    workers: list[Background] = [*(ConsumerWorker(c) for c in consumers), outbox]
-    if own.estimate_interval_seconds > 0:
-        # Singleton work that only proposes new weights; a person applies them (see reestimate.py).
-        weights = WeightsStore(ctx.engine)
-        workers.append(
-            Periodic(
-                "identity weight estimation",
-                own.estimate_interval_seconds,
-                lambda: propose_all(store, weights, tenancy.tenant_ids(ctx.engine)),
-                leader=ctx.leader,
-            )
-        )
-    return workers
+    estimation = weight_estimation(ctx.engine, ctx.leader, own)
+    return [*(ConsumerWorker(c) for c in consumers), outbox, *([estimation] if estimation else [])]
+
+
+def weight_estimation(engine: Engine, leader: Leader, own: IdentitySettings) -> Periodic | None:
+    """With ``TESSERA_IDENTITY_ESTIMATE_INTERVAL`` set, singleton work on the leader that
+    re-estimates every probabilistic tenant's match weights and only PROPOSES them; a person
+    applies a proposal (``tessera identity apply TENANT``). Off (``None``) by default."""
+    if own.estimate_interval_seconds <= 0:
+        return None
+    store, weights = IdentityStore(engine), WeightsStore(engine)
+    return Periodic(
+        "identity weight estimation",
+        own.estimate_interval_seconds,
+        lambda: propose_all(store, weights, tenancy.tenant_ids(engine)),
+        leader=leader,
+    )
 
 
 def definition() -> ServiceDefinition[IdentitySettings]:

@@ -39,15 +39,16 @@ class WeightsStore:
 
     def records(self, tenant_id: str) -> list[MatchRecord]:
         """The tenant's match records, each distinct record of a profile once (repeated Identify
-        calls with the same traits are one observation of a person, not many), in a stable order."""
+        calls with the same traits are one observation of a person, not many), ordered by content,
+        so an estimate with a given seed depends on what the records say, not on their ids."""
         with db.raw_transaction(self.engine, "SELECT identity.match_records") as (cur, _):
             cur.execute(
-                "SELECT min(event_id) AS first, record FROM identity.match_records WHERE tenant_id = %s "
-                "GROUP BY profile_id, record ORDER BY first",
+                "SELECT record FROM identity.match_records WHERE tenant_id = %s "
+                "GROUP BY profile_id, record ORDER BY record::text",
                 (tenant_id,),
             )
             rows = cur.fetchall()
-        return [MatchRecord.from_json(record) for _, record in rows]
+        return [MatchRecord.from_json(record) for (record,) in rows]
 
     def load(self, tenant_id: str) -> dict[str, StoredWeights]:
         """State (``proposed``, ``active``) -> the stored weights; absent states are left out."""

@@ -1,14 +1,14 @@
 """A tenant's match weights re-estimated from its own records on real PostgreSQL, through the CLI:
 ``tessera identity estimate`` stores a proposal and leaves matching alone, ``--apply`` makes the
-matcher use it (a pair that merged under the defaults now goes to review), and another tenant keeps
-the defaults throughout."""
+matcher use it (a pair that merged under the defaults now stays apart), and another tenant keeps
+the defaults throughout; the optional schedule only proposes."""
 
 from __future__ import annotations
 
 import json
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from sqlalchemy.engine import Engine
@@ -18,11 +18,13 @@ from services.core import streams
 from services.core.bus import Bus
 from services.core.outbox import EnvelopeTable, Outbox
 from services.core.settings import Settings
+from services.identity.app import weight_estimation
 from services.identity.estimate import DEFAULT_WEIGHTS
 from services.identity.matching import MatchRecord
 from services.identity.reestimate import propose_all
 from services.identity.resolver import IncomingEvent, Resolver, parse_event
 from services.identity.rules_store import RulesCache
+from services.identity.settings import IdentitySettings
 from services.identity.storage import IdentityStore
 from services.identity.weights import ACTIVE, PROPOSED
 from services.identity.weights_store import WeightsStore
@@ -72,7 +74,7 @@ def ingest(resolver: Resolver, tenant_id: str, records: list[MatchRecord], batch
 def pair(resolver: Resolver, tenant_id: str, nid: str, dob: str) -> tuple[str, str]:
     """Two records that share a national id and a birth date and differ in both names: the frozen
     defaults merge them (the id and date outweigh the names); weights estimated on records whose
-    names are rare and whose duplicates keep their names send them to review."""
+    names are rare and whose duplicates keep their names keep them apart (review at most)."""
     a = {"first_name": "quillon", "last_name": "brackwater", "date_of_birth": dob, "national_id": nid}
     b = {"first_name": "mordecai", "last_name": "fenstrand", "date_of_birth": dob, "national_id": nid}
     out = []
@@ -120,16 +122,15 @@ def test_estimate_proposes_apply_activates_and_other_tenants_keep_the_defaults(
     assert set(weights.load(tenant.tenant_id)) == {ACTIVE}
     assert resolver.rules.get_full(tenant.tenant_id).weights == proposed
 
-    # Active: the same kind of pair now goes to review instead of merging.
+    # Active: the same kind of pair no longer merges.
     a, b = pair(resolver, tenant.tenant_id, "555000222", "19710606")
     assert a != b
     with engine.connect() as conn:
-        suggested = conn.exec_driver_sql(
-            "SELECT count(*) FROM identity.match_suggestions WHERE tenant_id = %s "
-            "AND ((profile_a = %s AND profile_b = %s) OR (profile_a = %s AND profile_b = %s))",
-            (tenant.tenant_id, a, b, b, a),
+        merged = conn.exec_driver_sql(
+            "SELECT count(*) FROM identity.merges WHERE tenant_id = %s AND (survivor_id = %s OR absorbed_id = %s)",
+            (tenant.tenant_id, a, a),
         ).scalar()
-    assert suggested == 1
+    assert merged == 0
 
     # The other tenant has no weights of its own and still merges such a pair.
     assert weights.load(other.tenant_id) == {}
@@ -155,13 +156,29 @@ def test_estimate_refuses_a_thin_tenant_and_the_schedule_skips_it(
     assert WeightsStore(engine).load(tenant.tenant_id) == {}
 
 
+class _Leading:
+    def is_leader(self) -> bool:
+        return True
+
+    def wait_leading(self, timeout: float) -> bool:
+        return True
+
+
+def test_the_schedule_is_off_by_default() -> None:
+    assert weight_estimation(cast(Engine, None), _Leading(), IdentitySettings.from_env({})) is None
+
+
 def test_the_schedule_proposes_and_never_applies(resolver: Resolver, tenant: TenantKey, engine: Engine) -> None:
     off = make_tenant(engine, "w-off")  # matching off: the schedule leaves it alone
     resolver.store.save_rules(tenant.tenant_id, {}, {"enabled": True})
     ingest(resolver, tenant.tenant_id, synthetic(seed=11))
     weights = WeightsStore(engine)
-    outcome = propose_all(resolver.store, weights, [tenant.tenant_id, off.tenant_id])
-    assert outcome == {tenant.tenant_id: "proposed"}
+    leader = _Leading()
+    job = weight_estimation(engine, leader, IdentitySettings.from_env({"TESSERA_IDENTITY_ESTIMATE_INTERVAL": "3600"}))
+    assert job is not None and job.leader is leader and job.interval_seconds == 3600
+    outcome = job.job()  # one run, as the leader's Periodic makes it
+    assert isinstance(outcome, dict) and outcome.get(tenant.tenant_id) == "proposed"
+    assert off.tenant_id not in outcome
     stored = weights.load(tenant.tenant_id)
     assert set(stored) == {PROPOSED} and stored[PROPOSED].summary["source"] == "schedule"
     assert weights.load(off.tenant_id) == {}
