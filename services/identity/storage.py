@@ -194,7 +194,7 @@ class IdentityStore:
         key_locks = [lock_id(tenant_id, "k", *k) for k in keys]
         if with_candidates:
             key_locks.append(lock_id(tenant_id, "matching"))
-            profiles |= {c[1] for c in self.match_candidates(cur, tenant_id, block_keys, sorted(profiles))}
+            profiles |= set(self.match_candidate_profiles(cur, tenant_id, block_keys))
         candidates: list[tuple[str, str, Any]] = []
         start = b"SAVEPOINT working_set"
         while True:
@@ -525,6 +525,20 @@ class IdentityStore:
             {"t": tenant_id, "k": list(block_keys), "p": list(profile_ids)},
         )
         return list(cur.fetchall())
+
+    @staticmethod
+    def match_candidate_profiles(cur: Any, tenant_id: str, block_keys: Sequence[str]) -> list[str]:
+        """The profiles holding a record that shares a blocking key: which profiles to lock (their
+        records are read under the locks, by ``match_candidates``)."""
+        if not block_keys:
+            return []
+        cur.execute(
+            "SELECT DISTINCT r.profile_id::text FROM identity.match_blocks b "
+            "JOIN identity.match_records r ON r.tenant_id = b.tenant_id AND r.event_id = b.event_id "
+            "WHERE b.tenant_id = %s AND b.block_key = ANY(%s::text[])",
+            (tenant_id, list(block_keys)),
+        )
+        return [row[0] for row in cur.fetchall()]
 
     @staticmethod
     def value_counts(cur: Any, tenant_id: str, keys: Sequence[tuple[str, str]]) -> list[tuple[str, str, int]]:
