@@ -751,6 +751,7 @@ def verify(engine: Engine, redis_url: str, bus: Bus, tenant_id: str, mix: Mix, p
         kind = identity_pb2.MERGE_KIND_PROBABILISTIC
         probabilistic = one(f"SELECT count(*) FROM identity.merges WHERE tenant_id = :t AND kind = {kind}")
         suggestions = one("SELECT count(*) FROM identity.match_suggestions WHERE tenant_id = :t")
+        match_records = one("SELECT count(*) FROM identity.match_records WHERE tenant_id = :t")
         profiles = one("SELECT count(*) FROM identity.profiles WHERE tenant_id = :t")
         active = one("SELECT count(*) FROM identity.profiles WHERE tenant_id = :t AND merged_into IS NULL")
         identifiers = one("SELECT count(*) FROM identity.identifiers WHERE tenant_id = :t")
@@ -799,6 +800,7 @@ def verify(engine: Engine, redis_url: str, bus: Bus, tenant_id: str, mix: Mix, p
         "merges": merges,
         "probabilistic_merges": probabilistic,
         "match_suggestions": suggestions,
+        "match_records": match_records,  # Identify records stored for matching (0 with matching off)
         "profiles_created": profiles,
         "active_profiles": active,
         "identifiers": identifiers,
@@ -1012,6 +1014,14 @@ def table(rep: dict[str, Any]) -> str:
         f"events, {chk['merges']:,} merges, {chk['active_profiles']:,} active profiles, "
         f"{chk['identifiers']:,} identifiers -> {'OK' if chk['ok'] else 'MISMATCH ' + json.dumps(chk['mismatches'])} "
         f"(pending {chk['pending_left']}, dead letters {chk['dead_letters']}, exit {chk['identity_exit_code']})",
+        *(
+            [
+                f"matching on: {chk['match_records']:,} Identify records stored for matching, "
+                f"{chk['probabilistic_merges']:,} probabilistic merges, {chk['match_suggestions']:,} suggestions"
+            ]
+            if c.get("probabilistic_matching") == "on"
+            else []
+        ),
         f"target: >= {t['events_per_s_per_worker']:,} events/s per worker: "
         f"{'met' if t['drain_meets'] else 'NOT met'} (drain), "
         f"{'keeps up' if t['sustained_keeps_up'] else 'falls behind'} at the sustained rate -> "
