@@ -113,3 +113,16 @@ def test_a_data_set_is_scored_for_both_linkers_and_tabled() -> None:
     }
     text = table(report)
     assert "households" in text and "commit abc123" in text and "hard-negative person pairs merged" in text
+
+
+def test_an_unknown_data_set_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from bench.identity_accuracy import run
+    from services.cli.main import build_parser
+
+    args = build_parser().parse_args(["bench", "identity-accuracy", "--dataset", "febrl9"])
+    assert args.dataset == "febrl9" and args.matching == "off"
+    assert run(seconds=10.0, as_json=True, extra=args) == 2
+    assert "unknown data set" in capsys.readouterr().err
+    assert run(seconds=10.0, as_json=True, extra=argparse.Namespace(dataset="nope")) == 2
