@@ -19,8 +19,10 @@ independently, real people share them by household.
 
 Three guards FEBRL does not need and real data does:
 - **Strong conflicts** (``strong_conflicts``): birth dates years apart beyond a keying slip, national
-  ids more than one edit apart, or twins (same family and birth date, different given names, no
-  agreeing id) are never auto-merged, however well the rest agrees; they may go to review.
+  ids more than one edit apart, different given names in one family (twins, siblings, a couple) with
+  no agreeing national id, or nothing personal agreeing at all (no birth date or national id: a
+  parent and a child of one name share name, address and phone) are never auto-merged, however
+  well the rest agrees; they may go to review.
 - **Profiles as a whole** (``compare_profile``, ``decide``): a record is compared with every record a
   profile holds, and a merge must not join two records that strongly conflict.
 - **Term frequencies** (``ValueCounts``, ``tf_adjustment``): exact agreement on a name or place
@@ -427,7 +429,11 @@ M_U: Final[Mapping[str, tuple[tuple[float, float], ...]]] = {
 #: the blocking keys; it is conservative, as every pair must overcome about 13 bits of doubt.
 PRIOR_MATCH: Final[float] = 0.0001001
 
-_ADDRESS_FIELDS: Final = frozenset({"street_number", "address_line1", "address_line2", "city", "postcode", "state"})
+#: Where and how a household is reached: its address parts and its phone (a landline is shared by
+#: everyone at the address), one piece of evidence together (see ``match_weight``).
+_ADDRESS_FIELDS: Final = frozenset(
+    {"street_number", "address_line1", "address_line2", "city", "postcode", "state", "phone"}
+)
 _WEIGHTS: Final[Mapping[str, tuple[float, ...]]] = {
     name: tuple(math.log2(m / u) for m, u in levels) for name, levels in M_U.items()
 }
@@ -538,15 +544,25 @@ def strong_conflicts(a: MatchRecord, b: MatchRecord) -> list[str]:
 
 
 def _first_name_conflict(a: MatchRecord, b: MatchRecord, levels: Mapping[str, int]) -> bool:
-    """Twins: the same family, address and birth date, different given names. Only an identifier
-    that agrees (national id) tells a retyped given name from a sibling."""
+    """One family, different given names: twins (the same birth date too), siblings, a couple. Only
+    an identifier that agrees (national id) tells a retyped given name from a relative; an initial
+    is not a different name."""
     return (
-        levels.get("first_name") == 3
-        and levels.get("date_of_birth") in (0, 1, 2)
+        levels.get("first_name", MISSING) >= 2
         and levels.get("last_name") in (0, 1)
         and levels.get("national_id", MISSING) not in (0, 1)
         and not (a.first_name[:1] == b.first_name[:1] and min(len(a.first_name), len(b.first_name)) == 1)
     )
+
+
+NO_PERSON_EVIDENCE: Final = "no birth date or national id agrees (name and address do not tell relatives apart)"
+
+
+def _person_evidence(levels: Mapping[str, int]) -> bool:
+    """Whether something personal agrees: the birth date (up to a slip) or the national id (up to
+    one edit). A parent and a child of one name share everything else, so without one of these an
+    auto-merge could join them."""
+    return levels.get("date_of_birth", MISSING) in (0, 1, 2) or levels.get("national_id", MISSING) in (0, 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -640,7 +656,9 @@ def compare(a: MatchRecord, b: MatchRecord, counts: ValueCounts | None = None, w
     bits, evidence = _weigh(levels, a, counts, weights)
     conflicts = strong_conflicts(a, b)
     if _first_name_conflict(a, b, levels):
-        conflicts.append("first_name: different given names, same family and birth date")
+        conflicts.append("first_name: different given names in one family")
+    if not _person_evidence(levels):
+        conflicts.append(NO_PERSON_EVIDENCE)
     return Match(bits, evidence, tuple(conflicts), _PRIOR_BITS if weights is None else weights.prior_bits)
 
 
@@ -664,8 +682,10 @@ def compare_profile(
         conflicts.extend(c for c in strong_conflicts(rec, other) if c not in conflicts)
         first_name_conflicts += _first_name_conflict(rec, other, levels)
     levels = {name: best_levels.get(name, MISSING) for name in _FIELD_NAMES}
-    if first_name_conflicts and levels["first_name"] == 3:
-        conflicts.append("first_name: different given names, same family and birth date")
+    if first_name_conflicts and levels["first_name"] >= 2:
+        conflicts.append("first_name: different given names in one family")
+    if not _person_evidence(levels):
+        conflicts.append(NO_PERSON_EVIDENCE)
     bits, evidence = _weigh(levels, rec, counts, weights)
     return Match(bits, evidence, tuple(conflicts), _PRIOR_BITS if weights is None else weights.prior_bits)
 

@@ -162,28 +162,40 @@ def test_value_counts_are_incremental() -> None:
 
 
 def test_a_record_is_compared_with_everything_the_profile_knows() -> None:
-    # An older record knows the phone, the newest one the new address (and no phone).
-    moved = dataclasses.replace(
-        PARENT, street_number="3", address_line1="collins street", city="melbourne", postcode="3000", phone=""
-    )
-    new = dataclasses.replace(moved, phone=PARENT.phone)
-    profile = [PARENT, moved]
+    # An older record knows the birth date, a newer one the national id (and no birth date).
+    with_id = dataclasses.replace(PARENT, date_of_birth="", national_id="4417281")
+    new = dataclasses.replace(PARENT, national_id="4417281")
+    profile = [PARENT, with_id]
     whole = compare_profile(new, profile)
     best_single = max(compare(new, r).bits for r in profile)
     # The new record agrees with the profile on both, which no single earlier record shows.
-    assert whole.fields["address_line1"].level == 0 and whole.fields["phone"].level == 0
-    assert whole.bits > best_single + 5
+    assert whole.fields["date_of_birth"].level == 0 and whole.fields["national_id"].level == 0
+    assert whole.bits > best_single + 10
 
 
 def test_a_conflict_with_any_record_of_the_profile_holds_the_merge_back() -> None:
-    son = dataclasses.replace(PARENT, date_of_birth="19860930", national_id="")
-    son_no_dob = dataclasses.replace(son, date_of_birth="")
-    # The son's profile already holds a record with his birth date; a new record without one looks
-    # like the father's, but merging would join the son's record with the father's.
-    assert decide(son_no_dob, (), {"father": [PARENT]}, AUTO, REVIEW_AT).action == MERGE  # type: ignore[union-attr]
-    found = decide(son_no_dob, [son], {"father": [PARENT]}, AUTO, REVIEW_AT)
+    son = dataclasses.replace(PARENT, date_of_birth="19860930")
+    # The father's details arrive on an identifier of the son's profile (a family's shared device):
+    # the record alone matches the father's profile, but the merge would join the son's records
+    # with the father's.
+    alone = decide(PARENT, (), {"father": [PARENT]}, AUTO, REVIEW_AT)
+    assert alone is not None and alone.action == MERGE
+    found = decide(PARENT, [son], {"father": [PARENT]}, AUTO, REVIEW_AT)
     assert found is not None and found.action == REVIEW and found.conflicts
-    assert profiles_conflict([son], [PARENT]) and not profiles_conflict([son_no_dob], [PARENT])
+    assert profiles_conflict([son], [PARENT]) and not profiles_conflict([PARENT], [PARENT])
+
+
+def test_names_and_a_household_alone_never_auto_merge() -> None:
+    # Without a birth date or national id on one side, a parent and a child of one name at one
+    # address and phone are indistinguishable: review, not merge.
+    no_dob = dataclasses.replace(PARENT, date_of_birth="")
+    assert compare(no_dob, PARENT).probability >= AUTO
+    found = decide(no_dob, (), {"p": [PARENT]}, AUTO, REVIEW_AT)
+    assert found is not None and found.action == REVIEW
+    # A national id that agrees is evidence of the person.
+    a, b = dataclasses.replace(PARENT, national_id="4417281"), dataclasses.replace(no_dob, national_id="4417281")
+    found = decide(b, (), {"p": [a]}, AUTO, REVIEW_AT)
+    assert found is not None and found.action == MERGE
 
 
 def test_a_conflicting_best_candidate_does_not_hide_a_consistent_one() -> None:
@@ -195,7 +207,7 @@ def test_a_conflicting_best_candidate_does_not_hide_a_consistent_one() -> None:
 
 def test_evidence_names_each_field_level_and_weight_and_adds_up() -> None:
     counts = _population(n_smith=10, total=1000)
-    rec = dataclasses.replace(PARENT, first_name="dave", city="ringwod")
+    rec = dataclasses.replace(PARENT, first_name="davd", city="ringwod")
     match = compare_profile(rec, [PARENT], counts)
     ev = match.to_json()
     assert ev["fields"]["first_name"]["level"] == level_name("first_name", match.fields["first_name"].level)
