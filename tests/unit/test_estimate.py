@@ -135,10 +135,12 @@ def test_default_weights_score_as_the_frozen_constants() -> None:
 
 
 def _flip_pair() -> tuple[MatchRecord, MatchRecord, Weights]:
-    """A pair that goes to review under the defaults (a shared name and state: about 4 bits), and
-    weights under which it auto-merges (a prior a hundred times higher: about 11 bits)."""
-    a = MatchRecord(first_name="jane", last_name="doe", state="nsw")
-    b = MatchRecord(first_name="jane", last_name="doe", state="nsw")
+    """A pair that goes to review under the defaults (a typo'd given name, the family name, a
+    birth date one digit apart: about 5.6 bits), and weights under which it auto-merges (a prior a
+    hundred times higher: about 12 bits). The birth date is there because nothing personal agreeing
+    never auto-merges, whatever the weights."""
+    a = MatchRecord(first_name="jane", last_name="doe", date_of_birth="19800101")
+    b = MatchRecord(first_name="jnae", last_name="doe", date_of_birth="19800107")
     return a, b, Weights(DEFAULT_WEIGHTS.m_u, 0.01)
 
 

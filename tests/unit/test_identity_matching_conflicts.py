@@ -269,3 +269,31 @@ def test_the_batch_matcher_merges_a_person_and_counts_values() -> None:
     deltas = {(f, v): n for f, v, n in matcher.count_deltas()}
     assert deltas[("last_name", "okafor")] == 2 and deltas[("last_name", "")] == 2
     assert deltas[("first_name", "david")] == 1 and deltas[("first_name", "davd")] == 1
+
+
+# --- name variants and dates ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "variants"),
+    [("robert", "bob", True), ("bob", "rob", True), ("elizabeth", "liz", True), ("alex", "alexandra", True),
+     ("christine", "christopher", False), ("alexander", "alexandra", False), ("robert", "roberta", False)],
+)  # fmt: skip
+def test_a_short_form_is_the_name_not_another_name(x: str, y: str, variants: bool) -> None:
+    from services.identity.matching import name_variants
+
+    assert name_variants(x, y) is variants
+    a, b = dataclasses.replace(PARENT, first_name=x), dataclasses.replace(PARENT, first_name=y)
+    found = decide(b, (), {"p": [a]}, AUTO, REVIEW_AT)
+    assert found is not None
+    # A short form merges; two different given names in one family do not (siblings, twins).
+    assert (found.action == MERGE) is (variants or compare(a, b).fields["first_name"].level <= 1)
+
+
+@pytest.mark.parametrize(
+    ("raw", "dob"), [("25/03/1984", "19840325"), ("03/25/1984", "19840325"), ("02/03/1984", ""), ("13/13/1984", "")]
+)
+def test_day_month_year_dates_are_read_only_when_the_order_is_certain(raw: str, dob: str) -> None:
+    from services.identity.matching import normalize_dob
+
+    assert normalize_dob(raw) == dob
