@@ -172,8 +172,15 @@ class Resolver:
         outcomes: dict[str, Outcome] = {}
         with self._changing(tenant_id, "identity resolve batch", len(events)) as (cur, publications):
             blocks = matcher.block_keys() if matcher else []
+            record_keys = {k for e in events if matcher and e.event_id in matcher.records for k in e.keys}
             graph, candidates = self.store.lock_working_set(
-                cur, tenant_id, rules, all_keys, block_keys=blocks, with_candidates=matcher is not None
+                cur,
+                tenant_id,
+                rules,
+                all_keys,
+                block_keys=blocks,
+                record_keys=record_keys,
+                with_candidates=matcher is not None,
             )
             if matcher is not None:
                 matcher.load(candidates)

@@ -171,6 +171,7 @@ class IdentityStore:
         profile_ids: Iterable[str] = (),
         *,
         block_keys: Sequence[str] = (),
+        record_keys: Iterable[Key] = (),
         with_candidates: bool = False,
     ) -> tuple[Graph, list[tuple[str, str, Any]]]:
         """Lock ``keys``, the profiles that own them and the survivors of ``profile_ids``; return
@@ -179,8 +180,9 @@ class IdentityStore:
         With ``with_candidates`` (probabilistic matching) the tenant's matching lock is taken too,
         so matching batches of one tenant run one at a time and each sees every record committed
         before it; every stored record of the profiles that have a record sharing ``block_keys``,
-        and of the working set's own profiles, is returned, and those profiles are part of the
-        locked working set."""
+        and of the profiles owning ``record_keys`` (the identifiers of the events that carry trait
+        records: their own profiles, for the merge's consistency check), is returned, and those
+        profiles are part of the locked working set."""
         keys = sorted(set(keys))
         asked = sorted({c for c in map(canonical_uuid, profile_ids) if c is not None})
         args = {
@@ -196,6 +198,7 @@ class IdentityStore:
             key_locks.append(lock_id(tenant_id, "matching"))
             profiles |= set(self.match_candidate_profiles(cur, tenant_id, block_keys))
         candidates: list[tuple[str, str, Any]] = []
+        wanted = set(record_keys)
         start = b"SAVEPOINT working_set"
         while True:
             locks = sorted(set(key_locks) | {lock_id(tenant_id, "p", p) for p in profiles})
@@ -206,7 +209,8 @@ class IdentityStore:
             rows = cur.fetchall()
             found = {row[0] for row in rows}
             if with_candidates:
-                candidates = self.match_candidates(cur, tenant_id, block_keys, sorted(profiles))
+                own = {row[0] for row in rows if (row[2], row[3]) in wanted}
+                candidates = self.match_candidates(cur, tenant_id, block_keys, sorted(own))
                 found |= {c[1] for c in candidates}
             if found <= profiles:
                 break
