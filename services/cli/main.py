@@ -295,11 +295,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_health(sub)
 
+    from services.cli.identity_cmd import add_parser as add_identity
+
+    add_identity(sub)
+
     p = sub.add_parser("bench", help="run a benchmark scenario")
     p.add_argument("scenario")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--existing-keys", type=int, default=0, help="ingest: dedupe keys to pre-fill (also measured at 0)")
+    p.add_argument(
+        "--dataset", help="identity-accuracy: febrl1-4, households, all or a comma-separated list (default febrl4)"
+    )
+    p.add_argument(
+        "--matching", choices=["off", "on"], default="off", help="identity: probabilistic matching for the tenant"
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -5,19 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+from sqlalchemy.engine import Engine
 
 from services.core import tenancy
 from services.core.bus import ConsumerWorker, consumer_name
+from services.core.leader import Leader
 from services.core.migrate import MigrationSet
 from services.core.outbox import EnvelopeTable, Outbox
+from services.core.periodic import Periodic
 from services.core.server import Background, ServiceContext, ServiceDefinition
 from services.identity.consumer import build_consumer
 from services.identity.reads import IdentityReads
+from services.identity.reestimate import propose_all
 from services.identity.resolver import Resolver
 from services.identity.rules_store import RulesCache
 from services.identity.servicer import IdentityServicer
 from services.identity.settings import IdentitySettings
 from services.identity.storage import IdentityStore
+from services.identity.weights_store import WeightsStore
 from tessera.v1 import identity_pb2, identity_pb2_grpc
 
 SERVICE_NAME = identity_pb2.DESCRIPTOR.services_by_name["IdentityService"].full_name
@@ -50,7 +55,23 @@ def register(server: grpc.aio.Server, ctx: ServiceContext, own: IdentitySettings
         )
         for n in range(own.consumers)
     ]
-    return [*(ConsumerWorker(c) for c in consumers), outbox]
+    estimation = weight_estimation(ctx.engine, ctx.leader, own)
+    return [*(ConsumerWorker(c) for c in consumers), outbox, *([estimation] if estimation else [])]
+
+
+def weight_estimation(engine: Engine, leader: Leader, own: IdentitySettings) -> Periodic | None:
+    """With ``TESSERA_IDENTITY_ESTIMATE_INTERVAL`` set, singleton work on the leader that
+    re-estimates every probabilistic tenant's match weights and only PROPOSES them; a person
+    applies a proposal (``tessera identity apply TENANT``). Off (``None``) by default."""
+    if own.estimate_interval_seconds <= 0:
+        return None
+    store, weights = IdentityStore(engine), WeightsStore(engine)
+    return Periodic(
+        "identity weight estimation",
+        own.estimate_interval_seconds,
+        lambda: propose_all(store, weights, tenancy.tenant_ids(engine)),
+        leader=leader,
+    )
 
 
 def definition() -> ServiceDefinition[IdentitySettings]:

@@ -15,9 +15,19 @@ procedure is ``bench.identity_accuracy_offline.estimate_parameters`` (u from ran
 expectation-maximisation over blocked pairs, the prior as the match rate among random pairs). Phone
 has no data there, so its values are an assumption, documented below. Fields are treated as
 independent except the parts of an address, which count once (see ``match_weight``): FEBRL draws them
-independently, real people share them by household. Other real-data effects FEBRL cannot show (common
-names agree by chance more often than rare ones) are not modelled, so re-estimate on a tenant's own
-records before trusting auto-merge there.
+independently, real people share them by household.
+
+Three guards FEBRL does not need and real data does:
+- **Strong conflicts** (``strong_conflicts``): birth dates years apart beyond a keying slip, national
+  ids more than one edit apart, different given names in one family (twins, siblings, a couple) with
+  no agreeing national id, or nothing personal agreeing at all (no birth date or national id: a
+  parent and a child of one name share name, address and phone) are never auto-merged, however
+  well the rest agrees; they may go to review.
+- **Profiles as a whole** (``compare_profile``, ``decide``): a record is compared with every record a
+  profile holds, and a merge must not join two records that strongly conflict.
+- **Term frequencies** (``ValueCounts``, ``tf_adjustment``): exact agreement on a name or place
+  weighs ``log2(m / tf)``, tf being the value's share of the tenant's own records, so a shared
+  "smith" says less than a shared "okafor".
 """
 
 from __future__ import annotations
@@ -28,9 +38,12 @@ import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from rapidfuzz.distance import OSA, JaroWinkler
+
+if TYPE_CHECKING:
+    from services.identity.weights import Weights
 
 # On FEBRL4 every true pair scores above 0.99999 and every other candidate pair below 0.001, so any
 # threshold in between gives the same result there (on FEBRL3 a few true pairs fall in the review band).
@@ -107,6 +120,7 @@ _DIGIT_FIELDS: Final = frozenset({"street_number", "postcode", "phone", "nationa
 _APOSTROPHES = re.compile(r"['\u2019`]")
 _NON_WORD = re.compile(r"[\W_]+")
 _SPACES = re.compile(r"\s+")
+_YEAR_LAST_DATE = re.compile(r"^\s*(\d{1,2})[/.](\d{1,2})[/.](\d{4})\s*$")
 _ISO_DATE = re.compile(r"^\s*(\d{4})[-/.](\d{1,2})[-/.](\d{1,2})(?:$|[T ])")
 
 
@@ -137,7 +151,8 @@ def normalize_digits(raw: Any) -> str:
 
 
 def normalize_dob(raw: Any) -> str:
-    """YYYYMMDD from YYYYMMDD, YYYY-MM-DD (ISO timestamps too), a number or a date; "" otherwise.
+    """YYYYMMDD from YYYYMMDD, YYYY-MM-DD (ISO timestamps too), DD/MM/YYYY or MM/DD/YYYY when the
+    day is above 12 (so the order is certain), a number or a date; "" otherwise.
 
     Only the shape is checked, not the calendar: a typo'd month is still evidence for the other digits.
     """
@@ -147,6 +162,15 @@ def normalize_dob(raw: Any) -> str:
     if m := _ISO_DATE.match(text):
         year, month, day = m.groups()
         return f"{year}{int(month):02d}{int(day):02d}"
+    if m := _YEAR_LAST_DATE.match(text):
+        # Day and month order differ by country: only a date that says which is which is read
+        # (a number above 12 is the day); "02/03/1984" stays unknown.
+        a, b, year = int(m.group(1)), int(m.group(2)), m.group(3)
+        if a > 12 >= b >= 1:
+            return f"{year}{b:02d}{a:02d}"
+        if b > 12 >= a >= 1:
+            return f"{year}{a:02d}{b:02d}"
+        return ""
     digits = text.strip()
     return digits if len(digits) == 8 and digits.isascii() and digits.isdigit() else ""
 
@@ -305,6 +329,99 @@ def _string_level(x: str, y: str) -> int:
     return 3
 
 
+# Given names and the short forms people also go by (common English usage). Two names are variants
+# when one is a formal name and the other one of its short forms, or both are short forms of one
+# formal name (bob, rob); two formal names never are (christine, christopher both give "chris").
+_NAME_VARIANTS: Final[Mapping[str, tuple[str, ...]]] = {
+    "robert": ("rob", "bob", "bobby", "robbie", "bert"),
+    "william": ("will", "bill", "billy", "willie", "liam"),
+    "elizabeth": ("liz", "beth", "betty", "lizzie", "eliza", "betsy", "libby"),
+    "margaret": ("maggie", "meg", "peggy", "marge", "margie"),
+    "richard": ("rick", "dick", "rich", "ricky", "richie"),
+    "james": ("jim", "jimmy", "jamie"),
+    "john": ("johnny", "jack", "jon"),
+    "joseph": ("joe", "joey"),
+    "thomas": ("tom", "tommy"),
+    "michael": ("mike", "mikey", "mick"),
+    "christopher": ("chris", "kit"),
+    "christine": ("chris", "christy", "chrissy"),
+    "katherine": ("kate", "katie", "kathy", "kat"),
+    "catherine": ("cathy", "cate", "kate", "katie"),
+    "jennifer": ("jen", "jenny"),
+    "patricia": ("pat", "patty", "trish", "tricia"),
+    "daniel": ("dan", "danny"),
+    "david": ("dave", "davey"),
+    "anthony": ("tony",),
+    "edward": ("ed", "eddie", "ted", "ned"),
+    "charles": ("charlie", "chuck", "chas"),
+    "alexander": ("alex", "xander"),
+    "alexandra": ("alex", "lexi", "sandra"),
+    "nicholas": ("nick", "nicky"),
+    "matthew": ("matt",),
+    "andrew": ("andy", "drew"),
+    "benjamin": ("ben", "benny"),
+    "samuel": ("sam", "sammy"),
+    "samantha": ("sam", "sammy"),
+    "steven": ("steve",),
+    "stephen": ("steve",),
+    "jonathan": ("jon", "jonny"),
+    "joshua": ("josh",),
+    "timothy": ("tim", "timmy"),
+    "kenneth": ("ken", "kenny"),
+    "ronald": ("ron", "ronnie"),
+    "donald": ("don", "donnie"),
+    "gregory": ("greg",),
+    "jeffrey": ("jeff",),
+    "lawrence": ("larry",),
+    "peter": ("pete",),
+    "philip": ("phil",),
+    "susan": ("sue", "susie"),
+    "deborah": ("deb", "debbie"),
+    "barbara": ("barb",),
+    "dorothy": ("dot", "dottie"),
+    "rebecca": ("becky", "becca"),
+    "victoria": ("vicky", "tori"),
+    "jessica": ("jess", "jessie"),
+    "abigail": ("abby",),
+    "amanda": ("mandy",),
+    "kimberly": ("kim",),
+    "pamela": ("pam",),
+    "cynthia": ("cindy",),
+    "theodore": ("ted", "teddy", "theo"),
+    "frederick": ("fred", "freddie"),
+    "harold": ("harry", "hal"),
+    "henry": ("harry", "hank"),
+    "francis": ("frank",),
+    "gerald": ("gerry", "jerry"),
+    "leonard": ("len", "lenny"),
+    "raymond": ("ray",),
+    "walter": ("walt",),
+    "albert": ("al", "bert"),
+    "eleanor": ("ellie", "nell"),
+    "natalie": ("nat",),
+    "zachary": ("zach",),
+    "nathaniel": ("nate", "nat"),
+}
+_FORMAL_OF: Final[Mapping[str, frozenset[str]]] = {
+    short: frozenset(f for f, shorts in _NAME_VARIANTS.items() if short in shorts)
+    for short in {s for shorts in _NAME_VARIANTS.values() for s in shorts}
+}
+
+
+def name_variants(x: str, y: str) -> bool:
+    """Whether two given names are one name and its short form (robert, bob) or two short forms of
+    one name (bob, rob)."""
+    fx, fy = _FORMAL_OF.get(x, frozenset()), _FORMAL_OF.get(y, frozenset())
+    return x in fy or y in fx or bool(fx & fy)
+
+
+def _given_name_level(x: str, y: str) -> int:
+    """``_string_level``, with a known short form counted as one typo (a nickname is a spelling of
+    the name, not another name)."""
+    level = _string_level(x, y)
+    return 1 if level >= 2 and name_variants(x, y) else level
+
+
 def _number_level(x: str, y: str) -> int:
     """0 exact, 1 one edit (a wrong or transposed digit, one digit dropped), 2 different."""
     if x == y:
@@ -337,7 +454,7 @@ def _exact_level(x: str, y: str) -> int:
 
 
 _COMPARATORS: Final[Mapping[str, Callable[[str, str], int]]] = {
-    "first_name": _string_level,
+    "first_name": _given_name_level,
     "last_name": _string_level,
     "date_of_birth": _dob_level,
     "street_number": _number_level,
@@ -389,7 +506,8 @@ def comparison_levels(a: MatchRecord, b: MatchRecord) -> dict[str, int]:
 #: field -> (m, u) per comparison level, best level first. Estimated on FEBRL4 by
 #: ``bench.identity_accuracy_offline.estimate_parameters`` (no labels used) and frozen here.
 M_U: Final[Mapping[str, tuple[tuple[float, float], ...]]] = {
-    "first_name": ((0.7432, 0.003323), (0.1526, 0.001599), (0.008684, 0.005869), (0.09553, 0.9892)),
+    # Re-estimated when short forms of given names (bob, robert) became "one typo": FEBRL4 has a few.
+    "first_name": ((0.7432, 0.003323), (0.1526, 0.00195), (0.008685, 0.005757), (0.09553, 0.989)),
     "last_name": ((0.7299, 0.003298), (0.1918, 0.0009027), (0.01163, 0.002201), (0.06671, 0.9936)),
     # FEBRL never swaps day and month nor keeps only year and month, so those two m are smoothing
     # only: weak evidence either way, as it should be without data.
@@ -416,11 +534,275 @@ M_U: Final[Mapping[str, tuple[tuple[float, float], ...]]] = {
 #: the blocking keys; it is conservative, as every pair must overcome about 13 bits of doubt.
 PRIOR_MATCH: Final[float] = 0.0001001
 
-_ADDRESS_FIELDS: Final = frozenset({"street_number", "address_line1", "address_line2", "city", "postcode", "state"})
+#: Where and how a household is reached: its address parts and its phone (a landline is shared by
+#: everyone at the address), one piece of evidence together (see ``match_weight``).
+_ADDRESS_FIELDS: Final = frozenset(
+    {"street_number", "address_line1", "address_line2", "city", "postcode", "state", "phone"}
+)
 _WEIGHTS: Final[Mapping[str, tuple[float, ...]]] = {
     name: tuple(math.log2(m / u) for m, u in levels) for name, levels in M_U.items()
 }
 _PRIOR_BITS: Final[float] = math.log2(PRIOR_MATCH / (1 - PRIOR_MATCH))
+
+
+#: Names of each comparison level, best first, as ``ExplainLink`` shows them.
+LEVEL_NAMES: Final[Mapping[str, tuple[str, ...]]] = {
+    **dict.fromkeys(
+        ("first_name", "last_name", "address_line1", "address_line2", "city"),
+        ("exact", "one typo", "similar", "different"),
+    ),
+    **dict.fromkeys(("street_number", "postcode", "national_id", "phone"), ("exact", "one edit", "different")),
+    "date_of_birth": ("exact", "day and month swapped", "one digit", "same year and month", "different"),
+    "state": ("exact", "different"),
+}
+
+
+def level_name(field: str, level: int) -> str:
+    return "missing" if level == MISSING else LEVEL_NAMES[field][level]
+
+
+# --------------------------------------------------------------------------------------------------
+# Term frequencies: a shared common value says less than a shared rare one
+# --------------------------------------------------------------------------------------------------
+
+#: Fields whose exact agreement is weighed by how common the shared value is (as Splink does). Dates
+#: and numbers are spread evenly enough that their average weight fits; names and places are not.
+TF_FIELDS: Final[tuple[str, ...]] = ("first_name", "last_name", "address_line1", "city", "postcode")
+#: Pseudo-records of prior belief: until a tenant has a few hundred records, a value's frequency is
+#: mostly the field's average (``u`` of the exact level), so a young tenant's first records are not
+#: judged by a frequency table of ten (two records, both "smith": well under a bit).
+TF_PRIOR_RECORDS: Final = 1000.0
+#: The most a rare value may add over the field's average exact weight (bits). A value seen once
+#: among millions is not proof; the cap keeps rare-value agreement from outvoting a disagreement.
+TF_MAX_GAIN_BITS: Final = 3.0
+
+
+class ValueCounts:
+    """How many of a tenant's trait records carry each value of each ``TF_FIELDS`` field, and how
+    many carry the field at all: the term-frequency table, kept incrementally as records arrive."""
+
+    __slots__ = ("counts", "totals")
+
+    def __init__(
+        self, counts: Mapping[tuple[str, str], int] | None = None, totals: Mapping[str, int] | None = None
+    ) -> None:
+        self.counts: dict[tuple[str, str], int] = dict(counts or {})
+        self.totals: dict[str, int] = dict(totals or {})
+
+    def add(self, rec: MatchRecord) -> list[tuple[str, str]]:
+        """Count a record's values; returns the (field, value) pairs it counted."""
+        added = [(name, value) for name in TF_FIELDS if (value := getattr(rec, name))]
+        for key in added:
+            self.counts[key] = self.counts.get(key, 0) + 1
+            self.totals[key[0]] = self.totals.get(key[0], 0) + 1
+        return added
+
+    def frequency(self, field: str, value: str, u0: float | None = None) -> float:
+        """The share of records with ``field`` that hold ``value``, shrunk towards the field's
+        average (the ``u`` of exact agreement) by ``TF_PRIOR_RECORDS`` pseudo-records."""
+        u0 = M_U[field][0][1] if u0 is None else u0
+        return (self.counts.get((field, value), 0) + TF_PRIOR_RECORDS * u0) / (
+            self.totals.get(field, 0) + TF_PRIOR_RECORDS
+        )
+
+
+def tf_adjustment(field: str, value: str, counts: ValueCounts | None, weights: Weights | None = None) -> float:
+    """Bits added to ``field``'s exact-agreement weight for sharing ``value``: log2(u / tf), where u
+    is the field's average chance agreement and tf the value's frequency; negative for common
+    values, positive (at most ``TF_MAX_GAIN_BITS``) for rare ones, 0 without a table."""
+    if counts is None or field not in TF_FIELDS:
+        return 0.0
+    u0 = M_U[field][0][1] if weights is None else weights.u_exact(field)
+    return min(math.log2(u0 / counts.frequency(field, value, u0)), TF_MAX_GAIN_BITS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Strong conflicts: evidence that no amount of agreement elsewhere overturns
+# --------------------------------------------------------------------------------------------------
+
+
+def _dob_typo(x: str, y: str) -> bool:
+    """A birth-date difference a keying slip explains: equal, day and month swapped, one digit
+    transposed, or one digit wrong, except a wrong decade or century digit (years ten or more apart
+    are a different person far more often than a slip: a parent, a child)."""
+    if x == y or _dob_level(x, y) == 1:
+        return True
+    if OSA.distance(x, y, score_cutoff=1) > 1:
+        return False
+    diff = [i for i in range(min(len(x), len(y))) if x[i] != y[i]]
+    if len(diff) == 2:  # a transposition of adjacent digits
+        return True
+    return not (diff and diff[0] < 3 and x[:4].isdigit() and y[:4].isdigit() and abs(int(x[:4]) - int(y[:4])) >= 10)
+
+
+def strong_conflicts(a: MatchRecord, b: MatchRecord) -> list[str]:
+    """Why ``a`` and ``b`` cannot be one person, however well the rest agrees: birth dates years
+    apart beyond a keying slip, or national ids more than one edit or transposition apart. Such a
+    pair is never auto-merged (a person may still review it)."""
+    out: list[str] = []
+    x, y = a.date_of_birth, b.date_of_birth
+    if x and y and not _dob_typo(x, y) and abs(int(x[:4]) - int(y[:4])) >= 2:
+        out.append(f"date_of_birth: years {x[:4]} and {y[:4]}")
+    if a.national_id and b.national_id and _number_level(a.national_id, b.national_id) == 2:
+        out.append("national_id: different beyond one edit")
+    return out
+
+
+def _first_name_conflict(a: MatchRecord, b: MatchRecord, levels: Mapping[str, int]) -> bool:
+    """One family, different given names: twins (the same birth date too), siblings, a couple. Only
+    an identifier that agrees (national id) tells a retyped given name from a relative; an initial
+    is not a different name."""
+    return (
+        levels.get("first_name", MISSING) >= 2
+        and levels.get("last_name") in (0, 1)
+        and levels.get("national_id", MISSING) not in (0, 1)
+        and not (a.first_name[:1] == b.first_name[:1] and min(len(a.first_name), len(b.first_name)) == 1)
+    )
+
+
+NO_PERSON_EVIDENCE: Final = "no birth date or national id agrees (name and address do not tell relatives apart)"
+
+
+def _person_evidence(levels: Mapping[str, int]) -> bool:
+    """Whether something personal agrees: the birth date (up to a slip) or the national id (up to
+    one edit). A parent and a child of one name share everything else, so without one of these an
+    auto-merge could join them."""
+    return levels.get("date_of_birth", MISSING) in (0, 1, 2) or levels.get("national_id", MISSING) in (0, 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weighing
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FieldEvidence:
+    """One field's part in a score: its agreement level, the term-frequency adjustment in it, and
+    the bits it contributes (0 for an address part another one stands for)."""
+
+    level: int
+    bits: float
+    tf_bits: float = 0.0
+    counted: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """A scored comparison: total log2 Bayes factor with the prior (``bits``), its probability, each
+    compared field's evidence, and the strong conflicts that forbid an auto-merge."""
+
+    bits: float
+    fields: Mapping[str, FieldEvidence]
+    conflicts: tuple[str, ...] = ()
+    prior_bits: float = _PRIOR_BITS  # the prior of the weights it was scored with
+
+    @property
+    def probability(self) -> float:
+        return probability(self.bits)
+
+    def contributions(self) -> dict[str, float]:
+        """field -> bits, the form ``score`` returns and older merge facts stored."""
+        return {name: ev.bits for name, ev in self.fields.items()}
+
+    def to_json(self) -> dict[str, Any]:
+        """The evidence stored with a merge or suggestion (see ``evidence_from_json``)."""
+        return {
+            "fields": {
+                name: {
+                    "level": level_name(name, ev.level),
+                    "bits": round(ev.bits, 4),
+                    "tf_bits": round(ev.tf_bits, 4),
+                    "counted": ev.counted,
+                }
+                for name, ev in self.fields.items()
+            },
+            "prior_bits": round(self.prior_bits, 4),
+            "total_bits": round(self.bits, 4),
+            "conflicts": list(self.conflicts),
+        }
+
+
+def _weigh(
+    levels: Mapping[str, int], rec: MatchRecord, counts: ValueCounts | None, weights: Weights | None = None
+) -> tuple[float, dict[str, FieldEvidence]]:
+    """Sum the weights of a comparison vector (the address parts counted once, see ``match_weight``);
+    exact agreement on a ``TF_FIELDS`` field is adjusted for how common ``rec``'s value is."""
+    table = _WEIGHTS if weights is None else weights.bits  # a tenant's own weights, else the frozen ones
+    bits = _PRIOR_BITS if weights is None else weights.prior_bits
+    evidence: dict[str, FieldEvidence] = {}
+    best: tuple[str, float] | None = None
+    worst: tuple[str, float] | None = None
+    for name, level in levels.items():
+        if level == MISSING:
+            continue
+        tf = tf_adjustment(name, getattr(rec, name), counts, weights) if level == 0 else 0.0
+        weight = table[name][level] + tf
+        if name not in _ADDRESS_FIELDS:
+            evidence[name] = FieldEvidence(level, weight, tf)
+            bits += weight
+            continue
+        evidence[name] = FieldEvidence(level, 0.0, tf, counted=False)
+        if weight > 0 and (best is None or weight > best[1]):
+            best = (name, weight)
+        elif weight < 0 and (worst is None or weight < worst[1]):
+            worst = (name, weight)
+    for strongest in (best, worst):
+        if strongest is not None:
+            name, weight = strongest
+            evidence[name] = FieldEvidence(levels[name], weight, evidence[name].tf_bits)
+            bits += weight
+    return bits, evidence
+
+
+def compare(a: MatchRecord, b: MatchRecord, counts: ValueCounts | None = None, weights: Weights | None = None) -> Match:
+    """``a`` against one record ``b``: weighed levels, term-frequency adjusted when ``counts`` is
+    given, with the strong conflicts between them."""
+    levels = comparison_levels(a, b)
+    bits, evidence = _weigh(levels, a, counts, weights)
+    conflicts = strong_conflicts(a, b)
+    if _first_name_conflict(a, b, levels):
+        conflicts.append("first_name: different given names in one family")
+    if not _person_evidence(levels):
+        conflicts.append(NO_PERSON_EVIDENCE)
+    return Match(bits, evidence, tuple(conflicts), _PRIOR_BITS if weights is None else weights.prior_bits)
+
+
+def compare_profile(
+    rec: MatchRecord,
+    records: Sequence[MatchRecord],
+    counts: ValueCounts | None = None,
+    weights: Weights | None = None,
+) -> Match:
+    """``rec`` against everything a profile knows: each field at the best agreement any of the
+    profile's records has (a person's records hold old addresses, a maiden name, a typo'd birth
+    date beside the right one), and the strong conflicts with any of them. ``records`` is not empty."""
+    best_levels: dict[str, int] = {}
+    conflicts: list[str] = []
+    first_name_conflicts = 0
+    for other in records:
+        levels = comparison_levels(rec, other)
+        for name, level in levels.items():
+            if level != MISSING and (name not in best_levels or level < best_levels[name]):
+                best_levels[name] = level
+        conflicts.extend(c for c in strong_conflicts(rec, other) if c not in conflicts)
+        first_name_conflicts += _first_name_conflict(rec, other, levels)
+    levels = {name: best_levels.get(name, MISSING) for name in _FIELD_NAMES}
+    if first_name_conflicts and levels["first_name"] >= 2:
+        conflicts.append("first_name: different given names in one family")
+    if not _person_evidence(levels):
+        conflicts.append(NO_PERSON_EVIDENCE)
+    bits, evidence = _weigh(levels, rec, counts, weights)
+    return Match(bits, evidence, tuple(conflicts), _PRIOR_BITS if weights is None else weights.prior_bits)
+
+
+def profiles_conflict(a: Sequence[MatchRecord], b: Sequence[MatchRecord]) -> list[str]:
+    """Strong conflicts between any record of one profile and any of the other: a merge must be
+    consistent with everything both already hold, not only with the record that triggered it."""
+    out: list[str] = []
+    for x in a:
+        for y in b:
+            out.extend(c for c in strong_conflicts(x, y) if c not in out)
+    return out
 
 
 def match_weight(a: MatchRecord, b: MatchRecord) -> tuple[float, dict[str, float]]:
@@ -432,28 +814,8 @@ def match_weight(a: MatchRecord, b: MatchRecord) -> tuple[float, dict[str, float
     independent would count one address up to six times. They count as one piece of evidence instead:
     the strongest agreement among them plus the strongest disagreement; the others contribute 0.
     """
-    bits = _PRIOR_BITS
-    evidence: dict[str, float] = {}
-    best: tuple[str, float] | None = None
-    worst: tuple[str, float] | None = None
-    for name, level in comparison_levels(a, b).items():
-        if level == MISSING:
-            continue
-        weight = _WEIGHTS[name][level]
-        if name not in _ADDRESS_FIELDS:
-            evidence[name] = weight
-            bits += weight
-            continue
-        evidence[name] = 0.0
-        if weight > 0 and (best is None or weight > best[1]):
-            best = (name, weight)
-        elif weight < 0 and (worst is None or weight < worst[1]):
-            worst = (name, weight)
-    for strongest in (best, worst):
-        if strongest is not None:
-            evidence[strongest[0]] = strongest[1]
-            bits += strongest[1]
-    return bits, evidence
+    bits, evidence = _weigh(comparison_levels(a, b), a, None)
+    return bits, {name: ev.bits for name, ev in evidence.items()}
 
 
 def probability(bits: float) -> float:
@@ -471,6 +833,62 @@ def score(a: MatchRecord, b: MatchRecord) -> tuple[float, dict[str, float]]:
     its own."""
     bits, evidence = match_weight(a, b)
     return probability(bits), evidence
+
+
+MERGE: Final = "merge"
+REVIEW: Final = "review"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What to do with a record and its best candidate profile: ``MERGE``, ``REVIEW`` or ``None``
+    (below the review threshold), the match, and the strong conflicts that held a merge back."""
+
+    profile_id: str
+    match: Match
+    action: str | None
+
+    @property
+    def conflicts(self) -> tuple[str, ...]:
+        return self.match.conflicts
+
+
+def decide(
+    rec: MatchRecord,
+    own: Sequence[MatchRecord],
+    candidates: Mapping[str, Sequence[MatchRecord]],
+    auto_merge: float,
+    review: float,
+    counts: ValueCounts | None = None,
+    weights: Weights | None = None,
+) -> Decision | None:
+    """Where ``rec`` (now on a profile holding ``own`` besides it) belongs among ``candidates``
+    (profile id -> every record the profile holds).
+
+    Each candidate is scored as a whole (``compare_profile``). A merge needs the auto-merge
+    threshold and no strong conflict between any record of the one profile and any of the other;
+    the best such candidate merges. Otherwise the best-scoring candidate is suggested for review
+    when it reaches the review threshold (a conflict never merges, but a person may know better)."""
+    scored: list[tuple[float, str, Match]] = []
+    for pid, records in candidates.items():
+        if not records:
+            continue
+        m = compare_profile(rec, records, counts, weights)
+        if m.probability >= review:
+            extra = [c for c in profiles_conflict(own, records) if c not in m.conflicts]
+            if extra:
+                m = Match(m.bits, m.fields, (*m.conflicts, *extra), m.prior_bits)
+        scored.append((m.bits, pid, m))
+    if not scored:
+        return None
+    scored.sort(key=lambda t: (-t[0], t[1]))
+    for _bits, pid, m in scored:
+        if m.probability < auto_merge:
+            break
+        if not m.conflicts:
+            return Decision(pid, m, MERGE)
+    _bits, pid, m = scored[0]
+    return Decision(pid, m, REVIEW if m.probability >= review else None)
 
 
 def best_match(

@@ -1,10 +1,17 @@
 """Probabilistic matching inside a resolution batch (off by default, per tenant).
 
-After an event is stitched deterministically, its Identify traits are compared with the trait
-records of other profiles that share a blocking key: stored ones (loaded and locked with the
-working set) and the batch's own. Above the auto-merge threshold the two profiles merge, recorded
-with the score and per-field evidence; between the review threshold and it, a suggestion is made
-for a person to accept or reject. The scoring itself is :mod:`services.identity.matching`.
+After an event is stitched deterministically, its Identify traits are compared with every trait
+record of each other profile that shares a blocking key with it: stored ones (loaded and locked
+with the working set, all the records of those profiles) and the batch's own. A profile is scored
+as a whole (:func:`~services.identity.matching.compare_profile`), and a merge must be consistent
+with every record of both profiles (no strong conflict: birth dates years apart, different national
+ids). Above the auto-merge threshold and consistent, the two profiles merge, recorded with the
+score and per-field evidence; otherwise, above the review threshold, a suggestion is made for a
+person to accept or reject.
+
+The tenant's value frequencies (term-frequency adjustment) come from the batch's one read of the
+counts of the values its records carry; the batch counts its own records in memory as it goes and
+its increments are written back in one statement (see :meth:`BatchMatcher.count_deltas`).
 """
 
 from __future__ import annotations
@@ -16,13 +23,21 @@ from typing import Any
 from services.identity.matching import (
     DEFAULT_AUTO_MERGE_THRESHOLD,
     DEFAULT_REVIEW_THRESHOLD,
+    MERGE,
+    REVIEW,
+    TF_FIELDS,
     MatchRecord,
-    best_match,
+    ValueCounts,
     blocking_keys,
+    decide,
     record_from_traits,
 )
 from services.identity.stitching import Graph, LimitBroken, MergeRecord
+from services.identity.weights import Weights
 from tessera.v1 import identity_pb2
+
+#: (profile a, profile b, score, evidence JSON, event id)
+Suggestion = tuple[str, str, float, dict[str, Any], str]
 
 
 @dataclass(frozen=True)
@@ -43,14 +58,28 @@ class BatchMatcher:
     #: This batch's records and their blocking keys, by event id.
     records: dict[str, MatchRecord] = field(default_factory=dict)
     keys: dict[str, list[str]] = field(default_factory=dict)
-    #: Every known record (stored or from this batch): event id -> (profile at load, record).
+    #: The tenant's value frequencies: the stored counts of this batch's values, plus this batch.
+    counts: ValueCounts = field(default_factory=ValueCounts)
+    _deltas: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: Every known record (stored or from this batch): event id -> (profile when added, record).
     _known: dict[str, tuple[str, MatchRecord]] = field(default_factory=dict)
+    #: Block key -> event ids of known records carrying it.
     _index: dict[str, list[str]] = field(default_factory=dict)
-    suggestions: list[tuple[str, str, float, dict[str, float], str]] = field(default_factory=list)
+    #: Profile -> event ids of its records (keyed by the profile they were added under; see _records_of).
+    _by_profile: dict[str, list[str]] = field(default_factory=dict)
+    _absorbed_seen: int = 0
+    suggestions: list[Suggestion] = field(default_factory=list)
+    #: The tenant's active weights, read with its settings once per batch; None: the frozen defaults.
+    weights: Weights | None = None
 
     @classmethod
-    def for_events(cls, thresholds: Thresholds, traits: Iterable[tuple[str, Mapping[str, Any] | None]]) -> BatchMatcher:
-        m = cls(thresholds)
+    def for_events(
+        cls,
+        thresholds: Thresholds,
+        traits: Iterable[tuple[str, Mapping[str, Any] | None]],
+        weights: Weights | None = None,
+    ) -> BatchMatcher:
+        m = cls(thresholds, weights=weights)
         for event_id, t in traits:
             rec = record_from_traits(t) if t else None
             if rec is not None:
@@ -61,50 +90,100 @@ class BatchMatcher:
     def block_keys(self) -> list[str]:
         return sorted({k for keys in self.keys.values() for k in keys})
 
-    def load(self, rows: Sequence[tuple[str, str, str, Any]]) -> None:
-        """Stored candidates: (block key, event id, profile, record JSON)."""
-        for key, event_id, profile_id, record in rows:
-            if event_id not in self._known:
-                self._known[event_id] = (profile_id, MatchRecord.from_json(record))
+    def count_keys(self) -> list[tuple[str, str]]:
+        """The (field, value) pairs whose stored counts this batch needs (field totals are ("f", ""))."""
+        pairs = {(name, v) for rec in self.records.values() for name in TF_FIELDS if (v := getattr(rec, name))}
+        return sorted(pairs | {(name, "") for name in TF_FIELDS})
+
+    def load_counts(self, rows: Iterable[tuple[str, str, int]]) -> None:
+        """Stored (field, value, count) rows; value "" is the field's total."""
+        for name, value, n in rows:
+            if value:
+                self.counts.counts[(name, value)] = int(n)
+            else:
+                self.counts.totals[name] = int(n)
+
+    def load(self, rows: Sequence[tuple[str, str, Any]]) -> None:
+        """Stored records: (event id, current profile, record JSON), every record of each profile
+        that shares a blocking key with the batch or is part of its working set."""
+        for event_id, profile_id, record in rows:
+            if event_id in self._known:
+                continue
+            rec = MatchRecord.from_json(record)
+            self._add(event_id, profile_id, rec, blocking_keys(rec))
+
+    def _add(self, event_id: str, profile_id: str, rec: MatchRecord, keys: Sequence[str]) -> None:
+        self._known[event_id] = (profile_id, rec)
+        self._by_profile.setdefault(profile_id, []).append(event_id)
+        for key in keys:
             self._index.setdefault(key, []).append(event_id)
 
+    def _rekey(self, graph: Graph) -> None:
+        """Record lists follow merges (deterministic ones happen outside the matcher)."""
+        if len(graph.absorbed) == self._absorbed_seen:
+            return
+        self._absorbed_seen = len(graph.absorbed)
+        for pid in list(self._by_profile):
+            final = graph.final(pid)
+            if final != pid:
+                self._by_profile.setdefault(final, []).extend(self._by_profile.pop(pid))
+
+    def _records_of(self, profile_id: str) -> list[MatchRecord]:
+        return [self._known[e][1] for e in self._by_profile.get(profile_id, ())]
+
     def match(self, graph: Graph, event_id: str, profile_id: str) -> MergeRecord | None:
-        """Score this event's record against other profiles; merge or suggest. The record then
-        joins the index, so later events in the batch can match it."""
+        """Score this event's record against other profiles as wholes; merge or suggest. The record
+        then joins its profile, so later events in the batch can match it."""
         rec = self.records.get(event_id)
         if rec is None:
             return None
+        self._rekey(graph)
+        for counted in self.counts.add(rec):
+            self._deltas[counted] = self._deltas.get(counted, 0) + 1
         me = graph.final(profile_id)
         candidates: dict[str, list[MatchRecord]] = {}
-        seen: set[str] = set()
         for key in self.keys[event_id]:
             for other in self._index.get(key, ()):
-                if other in seen:
-                    continue
-                seen.add(other)
-                pid, other_rec = self._known[other]
-                final = graph.final(pid)
-                if final != me and final in graph.profiles:
-                    candidates.setdefault(final, []).append(other_rec)
+                final = graph.final(self._known[other][0])
+                if final != me and final in graph.profiles and final not in candidates:
+                    candidates[final] = self._records_of(final)
         merge: MergeRecord | None = None
-        best = best_match(rec, candidates) if candidates else None
-        if best is not None:
-            other_pid, score, evidence = best
-            if score >= self.thresholds.auto_merge:
+        found = decide(
+            rec,
+            self._records_of(me),
+            candidates,
+            self.thresholds.auto_merge,
+            self.thresholds.review,
+            self.counts,
+            self.weights,
+        )
+        if found is not None and found.action is not None:
+            other_pid, score, evidence = found.profile_id, found.match.probability, found.match.to_json()
+            if found.action == MERGE:
                 survivor, absorbed = sorted((me, other_pid), key=lambda p: (graph.profiles[p].created, p))
                 try:
                     fact = graph.merge(survivor, absorbed, event_id)
-                except LimitBroken:
+                except LimitBroken as exc:
+                    evidence["held_back"] = f"merge protection: {exc}"
                     self.suggestions.append((me, other_pid, score, evidence, event_id))
                 else:
                     rule = f"probabilistic: score {score:.3f} >= auto-merge threshold {self.thresholds.auto_merge}"
                     merge = MergeRecord(fact, identity_pb2.MERGE_KIND_PROBABILISTIC, rule, "", score, evidence)
-            elif score >= self.thresholds.review:
+            elif found.action == REVIEW:
+                if found.conflicts and score >= self.thresholds.auto_merge:
+                    evidence["held_back"] = "strong conflict: " + "; ".join(found.conflicts)
                 self.suggestions.append((me, other_pid, score, evidence, event_id))
-        self._known[event_id] = (graph.final(me), rec)
-        for key in self.keys[event_id]:
-            self._index.setdefault(key, []).append(event_id)
+        self._rekey(graph)
+        self._add(event_id, graph.final(me), rec, self.keys[event_id])
         return merge
+
+    def count_deltas(self) -> list[tuple[str, str, int]]:
+        """(field, value, increment) for the records this batch counted, field totals as value ""."""
+        totals: dict[str, int] = {}
+        for (name, _value), n in self._deltas.items():
+            totals[name] = totals.get(name, 0) + n
+        rows = [(name, value, n) for (name, value), n in sorted(self._deltas.items())]
+        return rows + [(name, "", n) for name, n in sorted(totals.items())]
 
     def new_records(self, graph: Graph, applied: Iterable[str]) -> list[tuple[str, str, dict[str, str], list[str]]]:
         """Rows to store for the records of the applied events, on their final profiles."""
@@ -114,7 +193,7 @@ class BatchMatcher:
             if e in self.records and e in self._known
         ]
 
-    def suggestion_rows(self, graph: Graph) -> list[tuple[str, str, float, dict[str, float], str]]:
+    def suggestion_rows(self, graph: Graph) -> list[Suggestion]:
         """Suggestions between profiles that are still apart at the end of the batch."""
         out = []
         for a, b, score, evidence, event_id in self.suggestions:

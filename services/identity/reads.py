@@ -55,6 +55,30 @@ class MergeView:
     created_at: dt.datetime
     score: float
     evidence: dict[str, float]
+    scored: ScoreView | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FieldView:
+    """One field's part in a probabilistic score (see ``tessera.v1.FieldEvidence``)."""
+
+    field: str
+    level: str
+    weight_bits: float
+    tf_adjustment_bits: float
+    counted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ScoreView:
+    """The evidence stored with a scored merge or suggestion: each field, the prior and the total
+    in bits, and why it was held back from an auto-merge ("" when it was not)."""
+
+    fields: tuple[FieldView, ...]
+    prior_bits: float
+    total_bits: float
+    held_back: str
+    raw: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,19 +92,44 @@ class SuggestionView:
     evidence: dict[str, float]
     state: int
     created_at: dt.datetime
+    scored: ScoreView | None = None
 
 
 def _json(value: Any) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
-def _evidence(value: Any) -> dict[str, float]:
-    return {str(k): float(v) for k, v in (_json(value) or {}).items()}
+def _evidence(value: Any) -> tuple[dict[str, float], ScoreView | None]:
+    """Evidence as stored: {"fields": {field: {level, bits, tf_bits, counted}}, "prior_bits",
+    "total_bits", "conflicts", "held_back"}, or (older facts) {field: bits}. Returns the
+    field -> bits map and, for the newer form, the full view."""
+    data = _json(value) or {}
+    if not isinstance(data.get("fields"), dict):
+        return {str(k): float(v) for k, v in data.items() if isinstance(v, int | float)}, None
+    fields = tuple(
+        FieldView(
+            str(name),
+            str(f.get("level", "")),
+            float(f.get("bits", 0.0)),
+            float(f.get("tf_bits", 0.0)),
+            bool(f.get("counted", True)),
+        )
+        for name, f in data["fields"].items()
+    )
+    view = ScoreView(
+        fields,
+        float(data.get("prior_bits", 0.0)),
+        float(data.get("total_bits", 0.0)),
+        str(data.get("held_back", "")),
+        dict(data),
+    )
+    return {f.field: f.weight_bits for f in fields}, view
 
 
 def merge_view(row: Sequence[Any]) -> MergeView:
     """A merge row as :class:`IdentityStore` selects it."""
     merge_id, kind, survivor, absorbed, idents, event_id, rule, reason, created_at, score, evidence, message_id = row
+    contributions, scored = _evidence(evidence)
     return MergeView(
         merge_id=int(merge_id),
         kind=int(kind),
@@ -93,14 +142,16 @@ def merge_view(row: Sequence[Any]) -> MergeView:
         reason=reason,
         created_at=created_at,
         score=float(score),
-        evidence=_evidence(evidence),
+        evidence=contributions,
+        scored=scored,
     )
 
 
 def suggestion_view(row: Sequence[Any]) -> SuggestionView:
     """A suggestion row as :class:`IdentityStore` selects (or updates and returns) it."""
     suggestion_id, a, b, score, evidence, state, created_at = row
-    return SuggestionView(int(suggestion_id), a, b, float(score), _evidence(evidence), int(state), created_at)
+    contributions, scored = _evidence(evidence)
+    return SuggestionView(int(suggestion_id), a, b, float(score), contributions, int(state), created_at, scored)
 
 
 class IdentityReads:

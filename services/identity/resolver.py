@@ -163,18 +163,28 @@ class Resolver:
         matcher = None
         if tenant_rules.probabilistic.get("enabled"):
             thresholds = Thresholds.of(tenant_rules.probabilistic)
-            matcher = BatchMatcher.for_events(thresholds, ((e.event_id, e.traits) for e in events))
+            matcher = BatchMatcher.for_events(
+                thresholds, ((e.event_id, e.traits) for e in events), weights=tenant_rules.weights
+            )
         all_keys = {k for e in events for k in e.keys}
         now_s = self.clock()
         now = dt.datetime.fromtimestamp(now_s, dt.UTC)
         outcomes: dict[str, Outcome] = {}
         with self._changing(tenant_id, "identity resolve batch", len(events)) as (cur, publications):
             blocks = matcher.block_keys() if matcher else []
+            record_keys = {k for e in events if matcher and e.event_id in matcher.records for k in e.keys}
             graph, candidates = self.store.lock_working_set(
-                cur, tenant_id, rules, all_keys, block_keys=blocks, with_candidates=matcher is not None
+                cur,
+                tenant_id,
+                rules,
+                all_keys,
+                block_keys=blocks,
+                record_keys=record_keys,
+                with_candidates=matcher is not None,
             )
             if matcher is not None:
                 matcher.load(candidates)
+                matcher.load_counts(self.store.value_counts(cur, tenant_id, matcher.count_keys()))
             # Checked under the locks: a concurrent redelivery of the same event waits for them.
             done = self.store.processed(cur, tenant_id, [e.event_id for e in events])
             changes = Changes(graph)
@@ -208,6 +218,7 @@ class Resolver:
             recorded = self.store.write(cur, tenant_id, changes, now, links)
             if matcher is not None:
                 self.store.add_match_records(cur, tenant_id, matcher.new_records(graph, outcomes))
+                self.store.add_value_counts(cur, tenant_id, matcher.count_deltas())
                 self.store.add_suggestions(cur, tenant_id, matcher.suggestion_rows(graph))
             publications.extend(streams.change(streams.CREATED, p.profile_id, at=now) for p in graph.new_profiles())
             publications.extend(merge_changes(recorded, now))
@@ -354,7 +365,12 @@ class Resolver:
                     fact = checked_merge(graph, survivor, absorbed)
                     kind = identity_pb2.MERGE_KIND_SUGGESTION
                     merge = MergeRecord(
-                        fact, kind, f"accepted {name}", reason, suggestion.score, dict(suggestion.evidence)
+                        fact,
+                        kind,
+                        f"accepted {name}",
+                        reason,
+                        suggestion.score,
+                        suggestion.scored.raw if suggestion.scored is not None else dict(suggestion.evidence),
                     )
                     (recorded,) = self.store.write(cur, tenant_id, Changes(graph, merges=[merge]), now)
             new_state = (

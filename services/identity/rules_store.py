@@ -13,6 +13,8 @@ from typing import Any
 from services.core.errors import InvalidArgument, Violation
 from services.core.identity_rules import DEFAULT_RULES, IdentityRules, validate_rules
 from services.identity.storage import IdentityStore
+from services.identity.weights import Weights
+from services.identity.weights_store import WeightsStore
 from tessera.v1 import identity_pb2
 
 MASK_PATHS = (
@@ -31,6 +33,8 @@ class TenantRules:
     rules: IdentityRules
     probabilistic: dict[str, Any]
     updated_at: dt.datetime | None
+    #: The tenant's active match weights (``tessera identity estimate --apply``); None: the defaults.
+    weights: Weights | None = None
 
 
 def rules_to_spec(rules: IdentityRules) -> dict[str, Any]:
@@ -144,10 +148,12 @@ def _check_probabilistic(prob: dict[str, Any]) -> None:
 
 
 class RulesCache:
-    """Rules per tenant, re-read after ``ttl`` seconds so every replica follows an update."""
+    """Rules per tenant, with its active match weights, re-read after ``ttl`` seconds so every
+    replica follows an update."""
 
     def __init__(self, store: IdentityStore, ttl: float = 5.0) -> None:
         self.store = store
+        self.weights = WeightsStore(store.engine)
         self.ttl = ttl
         self._cache: dict[str, tuple[float, TenantRules]] = {}
         self._lock = threading.Lock()
@@ -162,17 +168,22 @@ class RulesCache:
         if hit is not None and now - hit[0] < self.ttl:
             return hit[1]
         spec, prob, updated = self.store.load_rules(tenant_id)
-        if hit is not None and hit[1].updated_at == updated and hit[1].probabilistic == prob:
+        weights = self.weights.active(tenant_id)
+        if hit is not None and (hit[1].updated_at, hit[1].probabilistic, hit[1].weights) == (updated, prob, weights):
             tr = hit[1]  # unchanged: keep the object, and with it the normalization memo
         else:
-            tr = TenantRules(DEFAULT_RULES if spec is None else validate_rules(spec), prob, updated)
+            tr = TenantRules(DEFAULT_RULES if spec is None else validate_rules(spec), prob, updated, weights)
         with self._lock:
             self._cache[tenant_id] = (now, tr)
         return tr
 
     def update(self, tenant_id: str, rules: IdentityRules, probabilistic: dict[str, Any]) -> TenantRules:
         updated = self.store.save_rules(tenant_id, rules_to_spec(rules), probabilistic)
-        tr = TenantRules(rules, probabilistic, updated)
+        with self._lock:
+            hit = self._cache.get(tenant_id)
+        tr = TenantRules(
+            rules, probabilistic, updated, hit[1].weights if hit is not None else self.weights.active(tenant_id)
+        )
         with self._lock:
             self._cache[tenant_id] = (time.monotonic(), tr)
         return tr

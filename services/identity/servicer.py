@@ -19,7 +19,7 @@ from services.core.errors import InvalidArgument, NotFound, Violation
 from services.core.identity_rules import IdentityRules
 from services.core.ids import canonical_uuid
 from services.core.tenancy import current_tenant
-from services.identity.reads import IdentityReads, MergeView, SuggestionView
+from services.identity.reads import IdentityReads, MergeView, ScoreView, SuggestionView
 from services.identity.resolver import Resolver
 from services.identity.rules_store import apply_update, to_proto
 from services.identity.stitching import Key
@@ -91,8 +91,25 @@ def merge_proto(m: MergeView) -> identity_pb2.Merge:
         score=m.score,
         evidence=m.evidence,
     )
+    if m.scored is not None:
+        msg.field_evidence.extend(_field_evidence(m.scored))
+        msg.total_bits = m.scored.total_bits
+        msg.prior_bits = m.scored.prior_bits
     msg.create_time.FromDatetime(m.created_at)
     return msg
+
+
+def _field_evidence(scored: ScoreView) -> list[identity_pb2.FieldEvidence]:
+    return [
+        identity_pb2.FieldEvidence(
+            field=f.field,
+            level=f.level,
+            weight_bits=f.weight_bits,
+            tf_adjustment_bits=f.tf_adjustment_bits,
+            counted=f.counted,
+        )
+        for f in scored.fields
+    ]
 
 
 def event_text(event_id: str, message_id: str) -> str:
@@ -120,6 +137,10 @@ def suggestion_proto(s: SuggestionView) -> identity_pb2.MatchSuggestion:
         evidence=s.evidence,
         state=s.state,  # type: ignore[arg-type]
     )
+    if s.scored is not None:
+        msg.field_evidence.extend(_field_evidence(s.scored))
+        msg.total_bits = s.scored.total_bits
+        msg.held_back = s.scored.held_back
     msg.create_time.FromDatetime(s.created_at)
     return msg
 
@@ -204,6 +225,12 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             steps = [
                 f"profiles/{m.absorbed_profile_id} merged into profiles/{m.survivor_profile_id}"
                 + (f" by {event_text(m.event_id, m.message_id)}" if m.event_id else f" ({m.rule})")
+                + (
+                    f" (probabilistic: score {m.score:.4f}, {m.scored.total_bits:.1f} bits over"
+                    f" {sum(f.counted for f in m.scored.fields)} fields)"
+                    if m.scored is not None
+                    else ""
+                )
                 for m in chain
             ]
             how = "; ".join(steps)

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Engine
 
 from services.core import db
 from services.core.ids import canonical_uuid
+from services.identity.matching import TF_FIELDS
 from services.identity.stitching import Graph, Key, MergeFact, MergeRecord, Profile
 from tessera.v1 import identity_pb2
 
@@ -170,15 +171,18 @@ class IdentityStore:
         profile_ids: Iterable[str] = (),
         *,
         block_keys: Sequence[str] = (),
+        record_keys: Iterable[Key] = (),
         with_candidates: bool = False,
-    ) -> tuple[Graph, list[tuple[str, str, str, Any]]]:
+    ) -> tuple[Graph, list[tuple[str, str, Any]]]:
         """Lock ``keys``, the profiles that own them and the survivors of ``profile_ids``; return
         them as a graph that nobody else can change until this transaction ends.
 
         With ``with_candidates`` (probabilistic matching) the tenant's matching lock is taken too,
         so matching batches of one tenant run one at a time and each sees every record committed
-        before it; the stored records sharing ``block_keys`` are returned, and their profiles are
-        part of the locked working set."""
+        before it; every stored record of the profiles that have a record sharing ``block_keys``,
+        and of the profiles owning ``record_keys`` (the identifiers of the events that carry trait
+        records: their own profiles, for the merge's consistency check), is returned, and those
+        profiles are part of the locked working set."""
         keys = sorted(set(keys))
         asked = sorted({c for c in map(canonical_uuid, profile_ids) if c is not None})
         args = {
@@ -192,8 +196,9 @@ class IdentityStore:
         key_locks = [lock_id(tenant_id, "k", *k) for k in keys]
         if with_candidates:
             key_locks.append(lock_id(tenant_id, "matching"))
-            profiles |= {c[2] for c in self.match_candidates(cur, tenant_id, block_keys)}
-        candidates: list[tuple[str, str, str, Any]] = []
+            profiles |= set(self.match_candidate_profiles(cur, tenant_id, block_keys))
+        candidates: list[tuple[str, str, Any]] = []
+        wanted = set(record_keys)
         start = b"SAVEPOINT working_set"
         while True:
             locks = sorted(set(key_locks) | {lock_id(tenant_id, "p", p) for p in profiles})
@@ -204,8 +209,9 @@ class IdentityStore:
             rows = cur.fetchall()
             found = {row[0] for row in rows}
             if with_candidates:
-                candidates = self.match_candidates(cur, tenant_id, block_keys)
-                found |= {c[2] for c in candidates}
+                own = {row[0] for row in rows if (row[2], row[3]) in wanted}
+                candidates = self.match_candidates(cur, tenant_id, block_keys, sorted(own))
+                found |= {c[1] for c in candidates}
             if found <= profiles:
                 break
             start = b"ROLLBACK TO SAVEPOINT working_set"  # releases the locks; the savepoint stays
@@ -501,17 +507,67 @@ class IdentityStore:
     # Probabilistic matching.
 
     @staticmethod
-    def match_candidates(cur: Any, tenant_id: str, block_keys: Sequence[str]) -> list[tuple[str, str, str, Any]]:
-        """(block key, event id, current profile, record) of every stored record sharing a blocking key."""
+    def match_candidates(
+        cur: Any, tenant_id: str, block_keys: Sequence[str], profile_ids: Sequence[str] = ()
+    ) -> list[tuple[str, str, Any]]:
+        """(event id, current profile, record) of every stored record of each profile that has a
+        record sharing a blocking key, and of ``profile_ids``: a profile is matched as a whole.
+        Identical records of one profile (repeated Identify calls) come once."""
+        if not block_keys and not profile_ids:
+            return []
+        cur.execute(
+            "WITH hit AS ("
+            "  SELECT r.profile_id FROM identity.match_blocks b "
+            "  JOIN identity.match_records r ON r.tenant_id = b.tenant_id AND r.event_id = b.event_id "
+            "  WHERE b.tenant_id = %(t)s AND b.block_key = ANY(%(k)s::text[]) "
+            "  UNION SELECT unnest(%(p)s::uuid[])"
+            ") "
+            "SELECT min(r.event_id), r.profile_id::text, r.record FROM hit "
+            "CROSS JOIN LATERAL (SELECT r.event_id, r.profile_id, r.record FROM identity.match_records r "
+            "  WHERE r.tenant_id = %(t)s AND r.profile_id = hit.profile_id OFFSET 0) r "
+            "GROUP BY r.profile_id, r.record",
+            {"t": tenant_id, "k": list(block_keys), "p": list(profile_ids)},
+        )
+        return list(cur.fetchall())
+
+    @staticmethod
+    def match_candidate_profiles(cur: Any, tenant_id: str, block_keys: Sequence[str]) -> list[str]:
+        """The profiles holding a record that shares a blocking key: which profiles to lock (their
+        records are read under the locks, by ``match_candidates``)."""
         if not block_keys:
             return []
         cur.execute(
-            "SELECT b.block_key, r.event_id, r.profile_id::text, r.record FROM identity.match_blocks b "
+            "SELECT DISTINCT r.profile_id::text FROM identity.match_blocks b "
             "JOIN identity.match_records r ON r.tenant_id = b.tenant_id AND r.event_id = b.event_id "
-            "WHERE b.tenant_id = %s AND b.block_key = ANY(%s)",
+            "WHERE b.tenant_id = %s AND b.block_key = ANY(%s::text[])",
             (tenant_id, list(block_keys)),
         )
-        return list(cur.fetchall())
+        return [row[0] for row in cur.fetchall()]
+
+    @staticmethod
+    def value_counts(cur: Any, tenant_id: str, keys: Sequence[tuple[str, str]]) -> list[tuple[str, str, int]]:
+        """(field, value, count) of the tenant's trait records for ``keys`` (value "": the field's total)."""
+        if not keys:
+            return []
+        cur.execute(
+            "SELECT c.field, c.value, c.n FROM unnest(%s::text[], %s::text[]) AS k(f, v) "
+            "CROSS JOIN LATERAL (SELECT field, value, n FROM identity.match_value_counts c "
+            "  WHERE c.tenant_id = %s AND c.field = k.f AND c.value = k.v LIMIT 1) c",
+            ([k[0] for k in keys], [k[1] for k in keys], tenant_id),
+        )
+        return [(str(f), str(v), int(n)) for f, v, n in cur.fetchall()]
+
+    @staticmethod
+    def add_value_counts(cur: Any, tenant_id: str, deltas: Sequence[tuple[str, str, int]]) -> None:
+        """Add a batch's (field, value, increment) to the tenant's value counts in one statement."""
+        if not deltas:
+            return
+        cur.execute(
+            "INSERT INTO identity.match_value_counts AS c (tenant_id, field, value, n) "
+            "SELECT %s, f, v, n FROM unnest(%s::text[], %s::text[], %s::int8[]) AS d(f, v, n) "
+            "ON CONFLICT (tenant_id, field, value) DO UPDATE SET n = c.n + EXCLUDED.n",
+            (tenant_id, [d[0] for d in deltas], [d[1] for d in deltas], [d[2] for d in deltas]),
+        )
 
     @staticmethod
     def add_match_records(
@@ -606,7 +662,19 @@ class IdentityStore:
             "WHERE b.tenant_id = %(t)s AND r.tenant_id = %(t)s AND b.event_id = r.event_id AND r.profile_id = %(p)s",
             args,
         )
-        cur.execute("DELETE FROM identity.match_records WHERE tenant_id = %(t)s AND profile_id = %(p)s", args)
+        # The erased records' values leave the value counts (a rare surname must not outlive its
+        # person there); counts that reach 0 go.
+        cur.execute(
+            "WITH gone AS (DELETE FROM identity.match_records WHERE tenant_id = %(t)s AND profile_id = %(p)s "
+            "  RETURNING record), "
+            "v AS (SELECT kv.key AS f, kv.value AS v, count(*) AS n FROM gone, jsonb_each_text(gone.record) kv "
+            "  WHERE kv.key = ANY(%(tf)s::text[]) GROUP BY kv.key, kv.value), "
+            "d AS (SELECT f, v, n FROM v UNION ALL SELECT f, '', sum(n)::int8 FROM v GROUP BY f) "
+            "UPDATE identity.match_value_counts c SET n = c.n - d.n FROM d "
+            "WHERE c.tenant_id = %(t)s AND c.field = d.f AND c.value = d.v",
+            {**args, "tf": list(TF_FIELDS)},
+        )
+        cur.execute("DELETE FROM identity.match_value_counts WHERE tenant_id = %(t)s AND n <= 0", args)
         cur.execute(
             "DELETE FROM identity.match_suggestions WHERE tenant_id = %(t)s "
             "AND (profile_a = ANY(%(ids)s::uuid[]) OR profile_b = ANY(%(ids)s::uuid[]))",

@@ -332,6 +332,9 @@ class Merge(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     EVIDENCE_FIELD_NUMBER: _builtins.int
+    FIELD_EVIDENCE_FIELD_NUMBER: _builtins.int
+    TOTAL_BITS_FIELD_NUMBER: _builtins.int
+    PRIOR_BITS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"merges/{merge_id}"."""
     kind: Global___MergeKind.ValueType
@@ -346,6 +349,10 @@ class Merge(_message.Message):
     reason: _builtins.str
     score: _builtins.float
     """For a probabilistic merge: the score and the per-field evidence."""
+    total_bits: _builtins.float
+    """The total log2 Bayes factor, prior included: the prior plus every counted field's weight_bits."""
+    prior_bits: _builtins.float
+    """The prior log2 odds that two records are one person, before any field is compared."""
     @_builtins.property
     def identifiers(self) -> _containers.RepeatedCompositeFieldContainer[_event_pb2.Identifier]:
         """The identifiers that linked them (for an unmerge: the ones moved)."""
@@ -353,7 +360,13 @@ class Merge(_message.Message):
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def evidence(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
+    def evidence(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """Each compared field's contribution in bits (log2 Bayes factor), as field_evidence's weight_bits."""
+
+    @_builtins.property
+    def field_evidence(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldEvidence]:
+        """For a scored merge: each compared field's agreement level and weight, in field order."""
+
     def __init__(
         self,
         *,
@@ -368,14 +381,59 @@ class Merge(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         score: _builtins.float = ...,
         evidence: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        field_evidence: _abc.Iterable[Global___FieldEvidence] | None = ...,
+        total_bits: _builtins.float = ...,
+        prior_bits: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["absorbed_profile_id", b"absorbed_profile_id", "create_time", b"create_time", "event_id", b"event_id", "evidence", b"evidence", "identifiers", b"identifiers", "kind", b"kind", "name", b"name", "reason", b"reason", "rule", b"rule", "score", b"score", "survivor_profile_id", b"survivor_profile_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["absorbed_profile_id", b"absorbed_profile_id", "create_time", b"create_time", "event_id", b"event_id", "evidence", b"evidence", "field_evidence", b"field_evidence", "identifiers", b"identifiers", "kind", b"kind", "name", b"name", "prior_bits", b"prior_bits", "reason", b"reason", "rule", b"rule", "score", b"score", "survivor_profile_id", b"survivor_profile_id", "total_bits", b"total_bits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Merge: _TypeAlias = Merge  # noqa: Y015
+
+@_typing.final
+class FieldEvidence(_message.Message):
+    """One field's part in a probabilistic score."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    LEVEL_FIELD_NUMBER: _builtins.int
+    WEIGHT_BITS_FIELD_NUMBER: _builtins.int
+    TF_ADJUSTMENT_BITS_FIELD_NUMBER: _builtins.int
+    COUNTED_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """The trait compared ("first_name", "date_of_birth"...)."""
+    level: _builtins.str
+    """How well it agrees: "exact", "one typo", "similar", "different", "day and month swapped"..."""
+    weight_bits: _builtins.float
+    """What it adds to the total, in bits (log2 Bayes factor), term-frequency adjustment included;
+    0 for an address part that another part stands for (an address counts once).
+    """
+    tf_adjustment_bits: _builtins.float
+    """The part of weight_bits that is the term-frequency adjustment: negative for a common value,
+    positive for a rare one.
+    """
+    counted: _builtins.bool
+    """False for an address part that does not count (see weight_bits)."""
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        level: _builtins.str = ...,
+        weight_bits: _builtins.float = ...,
+        tf_adjustment_bits: _builtins.float = ...,
+        counted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counted", b"counted", "field", b"field", "level", b"level", "tf_adjustment_bits", b"tf_adjustment_bits", "weight_bits", b"weight_bits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FieldEvidence: _TypeAlias = FieldEvidence  # noqa: Y015
 
 @_typing.final
 class MergeProfilesRequest(_message.Message):
@@ -676,16 +734,28 @@ class MatchSuggestion(_message.Message):
     EVIDENCE_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    FIELD_EVIDENCE_FIELD_NUMBER: _builtins.int
+    TOTAL_BITS_FIELD_NUMBER: _builtins.int
+    HELD_BACK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"matchSuggestions/{id}"."""
     profile_a: _builtins.str
     profile_b: _builtins.str
     score: _builtins.float
     state: Global___MatchSuggestionState.ValueType
+    total_bits: _builtins.float
+    held_back: _builtins.str
+    """Why it was not merged although it scored above the auto-merge threshold ("strong conflict:
+    date_of_birth: years 1958 and 1987"), or "" when it scored below it.
+    """
     @_builtins.property
     def evidence(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]: ...
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def field_evidence(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldEvidence]:
+        """Each compared field's agreement level and weight, and the total in bits (see Merge)."""
+
     def __init__(
         self,
         *,
@@ -696,10 +766,13 @@ class MatchSuggestion(_message.Message):
         evidence: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         state: Global___MatchSuggestionState.ValueType = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        field_evidence: _abc.Iterable[Global___FieldEvidence] | None = ...,
+        total_bits: _builtins.float = ...,
+        held_back: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "evidence", b"evidence", "name", b"name", "profile_a", b"profile_a", "profile_b", b"profile_b", "score", b"score", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "evidence", b"evidence", "field_evidence", b"field_evidence", "held_back", b"held_back", "name", b"name", "profile_a", b"profile_a", "profile_b", b"profile_b", "score", b"score", "state", b"state", "total_bits", b"total_bits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -242,6 +242,17 @@ def test_erase_leaves_nothing_of_the_person_in_any_identity_table_and_takes_noth
 
     # The namesake keeps their own record, which shares the name and birth date: only theirs has them.
     kept = rows_mentioning(engine, t, SHARED)
+    # The value counts (term frequencies) still count the namesake's record, and only it.
+    kept.pop("match_value_counts", None)
+    with engine.connect() as conn:
+        counted = conn.execute(
+            sa.text(
+                "SELECT field, value, n FROM identity.match_value_counts WHERE tenant_id = :t AND value <> '' "
+                "AND lower(value) = ANY(:v)"
+            ),
+            {"t": t, "v": [v.casefold() for v in SHARED]},
+        ).all()
+    assert counted and all(n == 1 for _f, _v, n in counted), counted
     assert kept.keys() <= {"match_records", "match_blocks"} and len(kept["match_records"]) == 1
     assert all(me.namesake_event in row for rows in kept.values() for row in rows)
     assert resolve(identity, tenant, NAMESAKE_ANON) == me.namesake

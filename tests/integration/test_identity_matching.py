@@ -159,7 +159,10 @@ def test_auto_merge_suggest_accept_reject(
     assert len({ada, namesake, neighbour}) == 3
     (open_one,) = suggestions(identity, tenant)
     assert {open_one.profile_a, open_one.profile_b} == {f"profiles/{ada}", f"profiles/{namesake}"}
-    assert open_one.score == pytest.approx(mid) and open_one.evidence
+    # Scored against Ada's whole profile, with the tenant's value frequencies (three of its four
+    # records share the surname), so not exactly the pairwise score; between the thresholds.
+    assert (mid + low) / 2 <= open_one.score < (dup + mid) / 2 and open_one.evidence
+    assert {f.field for f in open_one.field_evidence} >= {"first_name", "last_name", "date_of_birth"}
 
     accepted = identity.ReviewMatchSuggestion(
         identity_pb2.ReviewMatchSuggestionRequest(name=open_one.name, accept=True, reason="same passport"),

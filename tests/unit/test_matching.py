@@ -20,6 +20,7 @@ from services.identity.matching import (
     record_from_traits,
     score,
     soundex,
+    strong_conflicts,
 )
 
 # A FEBRL4 original and its generated duplicate (rec-4396): a typo'd suburb, a transposed postcode digit
@@ -340,5 +341,20 @@ def test_febrl4_streaming_accuracy() -> None:
     from bench.identity_accuracy_offline import evaluate_febrl4
 
     result = evaluate_febrl4()
-    assert result["precision"] >= 0.995
-    assert result["f1"] >= 0.99
+    assert result["precision"] >= 0.999
+    # FEBRL replaces a duplicate's birth date or national id with an unrelated one in about 8% of
+    # its pairs; those are never auto-merged (strong conflicts), so they cap recall. Every other
+    # true pair must be found.
+    from bench.identity_accuracy_offline import load_traits
+
+    by_person: dict[str, list[MatchRecord]] = {}
+    for rec_id, traits in load_traits():
+        rec = record_from_traits(traits)
+        if rec is not None:
+            by_person.setdefault(rec_id.split("-")[1], []).append(rec)
+    conflicted = sum(
+        bool(strong_conflicts(a, b)) for recs in by_person.values() for i, a in enumerate(recs) for b in recs[i + 1 :]
+    )
+    assert 0.05 < conflicted / result["true_pairs"] < 0.10
+    assert result["true_positive_pairs"] / (result["true_pairs"] - conflicted) >= 0.99
+    assert result["review_for_conflicts"] >= conflicted * 0.9
