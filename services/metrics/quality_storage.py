@@ -30,7 +30,7 @@ from services.metrics import forms
 from services.metrics import quality_rollup as qr
 from services.metrics.derive import day_of, hour_of
 from services.metrics.facts import LEG, SURVEY, Fact
-from services.metrics.storage import FACT_SELECT, lock_customers, lock_with_survivors
+from services.metrics.storage import FACT_SELECT, lock_customers, lock_with_survivors, with_survivors
 from services.metrics.tenant_settings import MetricsConfig
 from tessera.v1 import event_pb2, quality_pb2, stream_pb2
 
@@ -267,12 +267,15 @@ class QualityStore:
         window = dt.timedelta(days=config.fcr_window_days)
         legs = [f for f in facts if f.kind == LEG]
         if legs:
+            # A leg resolved before a merge and applied after it names the merged-away customer,
+            # and its facts were stored under the survivor: the earlier contacts are the survivor's.
+            # (The merge's own re-evaluation ran before this leg was stored, so it is up to us.)
             cur.execute(
                 "SELECT DISTINCT interaction_id FROM metrics.facts WHERE tenant_id = %s AND kind = 1 "
                 "AND profile_id = ANY(%s) AND coalesce(started_at, at) >= %s AND coalesce(started_at, at) <= %s",
                 (
                     tenant_id,
-                    sorted({f.profile_id for f in legs}),
+                    sorted(with_survivors(cur, tenant_id, (f.profile_id for f in legs))),
                     min(f.start for f in legs) - window,
                     max(f.start for f in legs),
                 ),

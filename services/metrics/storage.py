@@ -176,6 +176,13 @@ def lock_with_survivors(cur: Any, tenant_id: str, profiles: Sequence[str]) -> di
     return alias
 
 
+def with_survivors(cur: Any, tenant_id: str, profiles: Iterable[str]) -> set[str]:
+    """The customers and whom they were merged into (no locks: for reads whose writes a later
+    merge re-examines anyway)."""
+    named = sorted(set(profiles))
+    return set(named) | set(_aliases(cur, tenant_id, named).values())
+
+
 def _aliases(cur: Any, tenant_id: str, profiles: Sequence[str]) -> dict[str, str]:
     """Merged-away customer id -> survivor, for those of ``profiles`` that were merged."""
     cur.execute(

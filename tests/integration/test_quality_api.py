@@ -513,3 +513,49 @@ def test_a_merge_that_reveals_a_repeat_contact_changes_the_earlier_evaluation(ap
     assert second in after.answers[0].evidence[0].description
     other = qa.evaluation(second, "repeat")
     assert other is not None and after.profile == other.profile  # both under the survivor
+
+
+def test_a_repeat_contact_resolved_before_a_merge_and_applied_after_it_still_counts(
+    engine: Engine, tenant: TenantKey, qa: Quality
+) -> None:
+    """The order replicas can take: the merge is applied (and re-evaluates the survivor) before
+    the second contact, which was resolved under the merged-away customer, is stored. The first
+    contact's answer still becomes a repeat (the system test caught it missing)."""
+    from services.metrics.storage import MetricsStore
+    from services.metrics.tenant_settings import MetricsConfig
+
+    qa.call("CreateEvaluationForm", quality_pb2.CreateEvaluationFormRequest(form_id="repeat", form=REPEAT_FORM))
+    t0 = dt.datetime(2026, 3, 2, 10, 0, tzinfo=dt.UTC)
+    config, metrics, store = MetricsConfig(), MetricsStore(engine), QualityStore(engine)
+
+    def contact(iid: str, profile_id: str, at: dt.datetime) -> Fact:
+        return Fact(
+            key=f"leg:{iid}:{iid}",
+            kind=LEG,
+            event_id=f"e-{iid}",
+            profile_id=profile_id,
+            at=at,
+            channel=event_pb2.CHANNEL_CHAT,
+            source="t",
+            interaction_id=iid,
+            agent="a",
+            reason="billing",
+            started_at=at,
+            leg_id=iid,
+            ended_at=at + dt.timedelta(minutes=3),
+        )
+
+    first = contact("rm-1", "p-survivor", t0)
+    metrics.apply_facts(tenant.tenant_id, [first], config)
+    store.apply(tenant.tenant_id, [], [first], config)
+    assert answer(store.evaluation(tenant.tenant_id, "rm-1", "repeat"), "repeat").value == "no"
+
+    metrics.apply_merge(tenant.tenant_id, "p-survivor", "p-absorbed", config)
+    store.apply_merge(tenant.tenant_id, "p-survivor", "p-absorbed", config)
+    second = contact("rm-2", "p-absorbed", t0 + dt.timedelta(days=2))  # resolved before the merge
+    metrics.apply_facts(tenant.tenant_id, [second], config)
+    store.apply(tenant.tenant_id, [], [second], config)
+
+    after = store.evaluation(tenant.tenant_id, "rm-1", "repeat")
+    assert answer(after, "repeat").value == "yes"
+    assert "rm-2" in after.answers[0].evidence[0].description
