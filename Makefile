@@ -69,8 +69,9 @@ proto-check: proto ## Fail if the committed generated code is stale
 SCENARIO ?= ingest
 
 .PHONY: bench
-bench: install ## Run a benchmark: SCENARIO=ingest (default), identity or identity-accuracy; see bench/RESULTS.md
-	$(BIN)/tessera bench $(SCENARIO)
+BENCH_ARGS ?=
+bench: install ## Run a benchmark: SCENARIO=ingest (default), identity, identity-accuracy...; BENCH_ARGS="--dataset all"; see bench/RESULTS.md
+	$(BIN)/tessera bench $(SCENARIO) $(BENCH_ARGS)
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches
