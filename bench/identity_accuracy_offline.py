@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import random
-import re
 import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from bench.identity_datasets import febrl_entity, febrl_records
 from services.identity.estimate import estimate
 from services.identity.matching import (
     DEFAULT_AUTO_MERGE_THRESHOLD,
@@ -39,20 +39,6 @@ from services.identity.matching import (
 )
 
 SEED = 20240601
-# FEBRL column -> Identify trait name (soc_sec_id is just a fuzzy national id here).
-COLUMNS: Mapping[str, str] = {
-    "given_name": "first_name",
-    "surname": "last_name",
-    "street_number": "street_number",
-    "address_1": "address_line1",
-    "address_2": "address_line2",
-    "suburb": "city",
-    "postcode": "postcode",
-    "state": "state",
-    "date_of_birth": "date_of_birth",
-    "soc_sec_id": "national_id",
-}
-_REC_NUMBER = re.compile(r"^rec-(\d+)-")
 
 
 def load_traits() -> list[tuple[str, dict[str, Any]]]:
@@ -64,12 +50,8 @@ def load_traits() -> list[tuple[str, dict[str, Any]]]:
 
 
 def _traits_of(frame: Any) -> list[tuple[str, dict[str, Any]]]:
-    """(rec_id, traits) for each row of a FEBRL data frame."""
-    out: list[tuple[str, dict[str, Any]]] = []
-    for rec_id, row in zip(frame.index, frame.to_dict("records"), strict=True):
-        traits = {COLUMNS[col]: value for col, value in row.items() if isinstance(value, str) and value}
-        out.append((str(rec_id), traits))
-    return out
+    """(rec_id, traits) for each row of a FEBRL data frame (the benchmark's own reading of it)."""
+    return [(r.rec_id, r.traits) for r in febrl_records(frame)]
 
 
 def pair_counts(groups: Iterable[list[str]]) -> tuple[int, int]:
@@ -80,9 +62,7 @@ def pair_counts(groups: Iterable[list[str]]) -> tuple[int, int]:
         predicted += n * (n - 1) // 2
         per_person: dict[str, int] = defaultdict(int)
         for rec_id in group:
-            match = _REC_NUMBER.match(rec_id)
-            assert match is not None, rec_id
-            per_person[match.group(1)] += 1
+            per_person[febrl_entity(rec_id)] += 1
         true += sum(k * (k - 1) // 2 for k in per_person.values())
     return predicted, true
 
