@@ -4,6 +4,7 @@ from the future are INVALID_ARGUMENT."""
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -139,7 +140,10 @@ def test_resume_after_disconnects_misses_nothing_and_repeats_nothing(api: Apis) 
 
     def produce() -> None:
         for round_ in range(6):
-            api.send(*(identify(p, traits={"n": round_, "round": f"r{round_}"}, at=NOW) for p in people))
+            # Each round a second newer than the last, so each one's traits win (latest by event
+            # time; at one time the tie-break by event id could keep an earlier round's values).
+            at = NOW + dt.timedelta(seconds=round_)
+            api.send(*(identify(p, traits={"n": round_, "round": f"r{round_}"}, at=at) for p in people))
             time.sleep(0.05)
         sent.set()
 
