@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from dataclasses import fields
 from pathlib import Path
@@ -54,6 +55,14 @@ def pod_specs(objects: list[Manifest]) -> dict[str, dict[str, Any]]:
     return out
 
 
+#: Services that speak HTTP rather than gRPC: their port is named "http" and their probes are HTTP.
+HTTP_SERVICES = {"gateway"}
+
+
+def port_name(service: str) -> str:
+    return "http" if service in HTTP_SERVICES else "grpc"
+
+
 def container(deployment: Manifest) -> dict[str, Any]:
     containers = deployment["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1
@@ -93,7 +102,7 @@ def test_every_object_is_valid_kubernetes(which: str, request: pytest.FixtureReq
 
 def test_the_validation_catches_an_invalid_object(default_objects: list[Manifest]) -> None:
     """The validator would notice a broken manifest (strict: unknown fields too), so the test above can fail."""
-    deployment = copy.deepcopy(of_kind(default_objects, "Deployment")[0])
+    deployment = copy.deepcopy(by_name(default_objects, "Deployment")[f"{FULLNAME}-ingest"])
     deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpc"]["prot"] = 1
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, "1.30.0", strict=True)
@@ -120,7 +129,8 @@ def test_production_example_turns_on_what_it_claims(production_objects: list[Man
         (["--set", "imagee.tag=1"], "'imagee' not allowed"),
         (["--set", "services.ingest.prot=50051"], "'prot' not allowed"),
         (["--set", "services.ingest.autoscaling.maxReplica=3"], "'maxReplica' not allowed"),
-        (["--set", "services.gateway.enabled=true"], "'gateway' not allowed"),
+        (["--set", "services.gatewy.enabled=true"], "'gatewy' not allowed"),
+        (["--set", "services.gateway.ingress.hots=cdp.example.com"], "'hots' not allowed"),
         (["--set", "services.ingest.port=abc"], "/services/ingest/port"),
         (["--set-json", 'redis.cluster="yes"'], "/redis/cluster"),
         (["--set", "config.logLevel=LOUD"], "/config/logLevel"),
@@ -215,11 +225,12 @@ def test_each_service_in_the_code_has_its_deployment_on_its_default_port(default
         default_port = registry.port(service, environ={})
         c = container(deployments[f"{FULLNAME}-{service}"])
         assert c["args"] == ["serve", service]
-        grpc_port = {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"]
+        name = port_name(service)
+        grpc_port = {p["name"]: p["containerPort"] for p in c["ports"]}[name]
         assert grpc_port == default_port, f"{service}: chart {grpc_port}, code {default_port}"
         assert env_of(c)[f"TESSERA_{service.upper()}_PORT"]["value"] == str(default_port)
-        svc_port = {p["name"]: p for p in services[f"{FULLNAME}-{service}"]["spec"]["ports"]}["grpc"]
-        assert svc_port["port"] == default_port and svc_port["targetPort"] == "grpc"
+        svc_port = {p["name"]: p for p in services[f"{FULLNAME}-{service}"]["spec"]["ports"]}[name]
+        assert svc_port["port"] == default_port and svc_port["targetPort"] == name
 
 
 def test_chart_values_list_exactly_the_services_in_the_code() -> None:
@@ -235,6 +246,11 @@ def test_probes_ask_the_health_names_the_servers_serve(default_objects: list[Man
     for deployment in of_kind(default_objects, "Deployment"):
         c = container(deployment)
         port = c["ports"][0]["containerPort"]
+        if c["name"] in HTTP_SERVICES:
+            assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+            assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+            assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+            continue
         assert c["readinessProbe"]["grpc"] == {"port": port, "service": ""}
         assert c["livenessProbe"]["grpc"] == {"port": port, "service": LIVENESS_HEALTH}
         assert c["startupProbe"]["grpc"] == {"port": port, "service": LIVENESS_HEALTH}
@@ -245,6 +261,9 @@ def test_tls_probes_run_tessera_health_with_the_services_certificate_name(produc
     for deployment in of_kind(production_objects, "Deployment"):
         name = deployment["metadata"]["name"]
         c = container(deployment)
+        if c["name"] in HTTP_SERVICES:  # HTTP probes, checked above; TLS for browsers ends at the Ingress
+            assert "httpGet" in c["readinessProbe"]
+            continue
         port = c["ports"][0]["containerPort"]
         mounts = {m["mountPath"] for m in c["volumeMounts"]}
         for probe, service in (("readinessProbe", ""), ("livenessProbe", LIVENESS_HEALTH)):
@@ -465,7 +484,13 @@ def test_helm_test_checks_every_service_through_its_service(which: str, request:
     targets = set()
     for pod in pods:
         assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
-        args = parser.parse_args(pod["spec"]["containers"][0]["args"])
+        c = pod["spec"]["containers"][0]
+        if "command" in c:  # the HTTP gateway: its /readyz through its Service
+            url = re.search(r"http://([^/']+)/readyz", c["command"][2])
+            assert url is not None, c["command"]
+            targets.add(url.group(1))
+            continue
+        args = parser.parse_args(c["args"])
         assert args.command == "health"
         targets.add(args.address)
         if which == "production":
@@ -491,7 +516,7 @@ def test_network_policy_allows_only_the_release_the_listed_namespaces_and_the_de
     assert set(spec["policyTypes"]) == {"Ingress", "Egress"}
     from_namespaces = spec["ingress"][1]["from"][0]["namespaceSelector"]["matchExpressions"][0]
     assert from_namespaces["values"] == ["agent-desktop", "crm-sync", "monitoring"]
-    assert {p["port"] for p in spec["ingress"][1]["ports"]} == {50051, 50052, 50053, 50054, 9464}
+    assert {p["port"] for p in spec["ingress"][1]["ports"]} == {50051, 50052, 50053, 50054, 8080, 9464}
     egress = {
         (block["ipBlock"]["cidr"], port["port"])
         for rule in spec["egress"]
@@ -553,3 +578,48 @@ def test_fixed_replicas_without_autoscaling(variant_objects: list[Manifest]) -> 
     assert by_name(variant_objects, "Deployment")[f"{FULLNAME}-identity"]["spec"]["replicas"] == 3
     assert f"{FULLNAME}-identity" not in by_name(variant_objects, "HorizontalPodAutoscaler")
     assert f"{FULLNAME}-ingest" in by_name(variant_objects, "HorizontalPodAutoscaler")
+
+
+# -- the gateway -----------------------------------------------------------------------------------------------
+
+
+def test_gateway_is_told_where_ingest_answers(default_objects: list[Manifest]) -> None:
+    env = env_of(container(by_name(default_objects, "Deployment")[f"{FULLNAME}-gateway"]))
+    ingest = by_name(default_objects, "Service")[f"{FULLNAME}-ingest"]
+    host, port = env["TESSERA_GATEWAY_INGEST_ADDRESS"]["value"].rsplit(":", 1)
+    assert host == f"{ingest['metadata']['name']}.{NAMESPACE}.svc"
+    assert int(port) == ingest["spec"]["ports"][0]["port"]
+
+
+def test_gateway_ingress_is_optional_and_routes_to_the_http_port(
+    default_objects: list[Manifest], render: Render
+) -> None:
+    assert not of_kind(default_objects, "Ingress")
+    objects = render(
+        "--set", "services.gateway.ingress.enabled=true",
+        "--set", "services.gateway.ingress.host=cdp.example.com",
+        "--set", "services.gateway.ingress.tlsSecret=cdp-tls",
+        "--set", "services.gateway.ingress.className=nginx",
+    )  # fmt: skip
+    (ingress,) = of_kind(objects, "Ingress")
+    for version in KUBERNETES_VERSIONS:
+        kubernetes_validate.validate(ingress, version, strict=True)
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"hosts": ["cdp.example.com"], "secretName": "cdp-tls"}]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "cdp.example.com"
+    backend = rule["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": f"{FULLNAME}-gateway", "port": {"name": "http"}}
+
+
+def test_gateway_ingress_without_a_host_is_refused(helm: Path) -> None:
+    done = run_helm(helm, "template", RELEASE, str(CHART), "--set", "services.gateway.ingress.enabled=true")
+    assert done.returncode != 0
+    assert "services.gateway.ingress.host" in done.stderr
+
+
+def test_gateway_helm_test_asks_its_readiness_over_http(default_objects: list[Manifest]) -> None:
+    pods = {o["metadata"]["name"]: o for o in of_kind(default_objects, "Pod")}
+    c = pods[f"{FULLNAME}-gateway-test"]["spec"]["containers"][0]
+    assert c["command"][:2] == ["python", "-c"]
+    assert f"http://{FULLNAME}-gateway.{NAMESPACE}.svc:8080/readyz" in c["command"][2]

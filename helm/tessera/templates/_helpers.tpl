@@ -199,3 +199,19 @@ successThreshold: {{ .successThreshold }}
 {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/* An HTTP probe of the gateway's health endpoints (/healthz: the process; /readyz: serving, not draining). */}}
+{{- define "tessera.httpProbe" -}}
+httpGet:
+  path: {{ .path }}
+  port: http
+{{- with .probe }}
+initialDelaySeconds: {{ .initialDelaySeconds }}
+periodSeconds: {{ .periodSeconds }}
+timeoutSeconds: {{ .timeoutSeconds }}
+failureThreshold: {{ .failureThreshold }}
+{{- if hasKey . "successThreshold" }}
+successThreshold: {{ .successThreshold }}
+{{- end }}
+{{- end }}
+{{- end -}}
