@@ -39,7 +39,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.service not in registry.available():
         print(f"tessera: the {args.service} service is not part of this build", file=sys.stderr)
         return 2
-    serve(registry.definition(args.service), Settings.from_env())
+    found = registry.definition(args.service)
+    if getattr(found, "http", False):  # the gateway: HTTP, with its own server loop
+        found.serve(Settings.from_env())  # type: ignore[attr-defined]
+        return 0
+    serve(found, Settings.from_env())
     return 0
 
 

@@ -32,6 +32,27 @@ log = logging.getLogger(__name__)
 
 DEMO_TENANT = "demo"
 DATABASE = "tessera"
+#: Services that answer HTTP (probed on /readyz), not gRPC health.
+HTTP_SERVICES = frozenset({"gateway"})
+
+
+def _wait_http(url: str, *, timeout: float, process: harness.ServiceProcess) -> bool:
+    """True once ``url`` answers 200; False if the process exits or time runs out."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process.alive():
+            return False
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:  # noqa: S310 - our own http URL
+                if reply.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    return False
 
 
 @dataclass
@@ -98,11 +119,17 @@ class Stack:
         logs = data_dir / "logs"
         for n, service in enumerate(services):
             own = dict(env)
-            if self.settings.prometheus_port:  # one scrape port each: the first service's, then the next ones
+            if (
+                self.settings.prometheus_port and service not in HTTP_SERVICES
+            ):  # one scrape port each: the first service's, then the next ones
                 own["TESSERA_PROMETHEUS_PORT"] = str(self.settings.prometheus_port + n)
             self.children.append(harness.ServiceProcess.service(service, own, logs / f"{service}.log").start())
         for child in self.children:
             target = self._target(child.name)
+            if child.name in HTTP_SERVICES:
+                if not _wait_http(f"http://{target}/readyz", timeout=60, process=child):
+                    raise SystemExit(f"{child.name} did not become ready on {target}; see {child.log_path}")
+                continue
             if not harness.wait_health(target, timeout=60, process=child):
                 raise SystemExit(f"{child.name} did not become ready on {target}; see {child.log_path}")
         if new_tenant:
@@ -114,12 +141,17 @@ class Stack:
     def _target(self, service: str) -> str:
         return f"127.0.0.1:{self.ports[service]}"
 
+    def _shown(self, service: str) -> str:
+        """How the banner names a service's address (the HTTP one as a URL)."""
+        target = self._target(service)
+        return f"http://{target}" if service in HTTP_SERVICES else target
+
     def _addresses(self) -> dict[str, str]:
-        """Where profile finds the others (their ports here; empty for a service not in this build)."""
+        """Where profile (and the gateway) find the others (their ports here; empty for a service not in this build)."""
         return {
             f"TESSERA_PROFILE_{s.upper()}_ADDRESS": self._target(s) if s in self.ports else "none"
             for s in ("identity", "ingest", "metrics")
-        }
+        } | ({"TESSERA_GATEWAY_INGEST_ADDRESS": self._target("ingest")} if "ingest" in self.ports else {})
 
     @staticmethod
     def _service_token(data_dir: Path) -> str:
@@ -188,7 +220,7 @@ class Stack:
         for child in self.children:
             scrape = child.env.get("TESSERA_PROMETHEUS_PORT", "0")
             metrics = f"   (Prometheus: http://127.0.0.1:{scrape}/metrics)" if scrape != "0" else ""
-            self.say(f"  {child.name:<9} {self._target(child.name)}{metrics}")
+            self.say(f"  {child.name:<9} {self._shown(child.name)}{metrics}")
         embedded = " and ".join(self.embedded) or "nothing"
         self.say(f"  data      {data_dir} (embedded: {embedded})")
         self.say(f"  logs      {data_dir / 'logs'}")
