@@ -41,11 +41,17 @@ def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = No
     return web.json_response(body, status=status, headers=headers)
 
 
+#: Segment's SDKs log an error body's ``code`` and ``message``.
+_CODES = {400: "invalid_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 413: "payload_too_large",
+          415: "unsupported_encoding", 429: "rate_limited", 500: "internal", 503: "unavailable"}  # fmt: skip
+
+
 def _error(err: HttpError) -> web.Response:
     headers = {"Retry-After": str(err.retry_after)} if err.retry_after is not None else None
     if err.status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": 'Basic realm="tessera"'}
-    return _json(err.status, {"success": False, "error": err.message}, headers)
+    code = _CODES.get(err.status, "error")
+    return _json(err.status, {"success": False, "code": code, "message": err.message, "error": err.message}, headers)
 
 
 def api_key(header: str | None) -> str | None:
@@ -214,6 +220,8 @@ class Gateway:
             400,
             {
                 "success": False,
+                "code": "invalid_request",
+                "message": "some events were refused; the others were accepted",
                 "error": "some events were refused; the others were accepted",
                 "accepted": accepted,
                 "rejected": len({v.index for v in violations}),
@@ -239,7 +247,10 @@ class Running:
 
 async def start(settings: Settings, own: GatewaySettings, port: int | None = None) -> Running:
     gateway = Gateway(settings, own)
-    runner = web.AppRunner(gateway.app(), shutdown_timeout=settings.shutdown_grace_seconds, access_log=None)
+    # Bodies stay compressed until decode() inflates them within the size limit (no gzip bombs).
+    runner = web.AppRunner(
+        gateway.app(), shutdown_timeout=settings.shutdown_grace_seconds, access_log=None, auto_decompress=False
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.bind_host, own.port if port is None else port)
     await site.start()
