@@ -47,7 +47,8 @@ def retry_after(trailing: grpc.aio.Metadata | None) -> int | None:
         for detail in status.details:
             info = error_details_pb2.RetryInfo()
             if detail.Unpack(info):
-                return max(1, int(math.ceil(info.retry_delay.ToTimedelta().total_seconds())))
+                seconds: float = info.retry_delay.ToTimedelta().total_seconds()
+                return max(1, math.ceil(seconds))
     return None
 
 

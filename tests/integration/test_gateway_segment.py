@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 import requests
+from google.protobuf.json_format import MessageToDict as as_dict
 
 from services.cli import registry
 from services.core import harness
@@ -79,7 +80,7 @@ def test_segment_sdk_track_retried_lands_once(gateway: Served, tenant: TenantKey
     (ev,) = stored(ingest_channel, tenant, mid)
     assert ev.track.event == "Order Completed" and ev.properties["total"] == 12.5
     assert [(i.type, i.value) for i in ev.identifiers] == [("user_id", "u-42")]
-    assert ev.channel == event_pb2.CHANNEL_OTHER and ev.context["library"]["name"] == "analytics-python"
+    assert ev.channel == event_pb2.CHANNEL_OTHER and as_dict(ev.context)["library"]["name"] == "analytics-python"
 
 
 def test_identify_then_anonymous_track_stitch_into_one_profile(
@@ -151,11 +152,11 @@ def test_bearer_works_too(gateway: Served, tenant: TenantKey, ingest_channel: gr
 
 
 def test_too_large_is_413(gateway: Served, tenant: TenantKey) -> None:
-    big = {"userId": "u", "event": "e", "messageId": "m", "properties": {"x": "y" * 40_000}}
+    big: dict[str, Any] = {"userId": "u", "event": "e", "messageId": "m", "properties": {"x": "y" * 40_000}}
     assert (
         requests.post(f"{gateway.url}/v1/track", json=big, headers=basic(tenant.api_key), timeout=5).status_code == 413
     )
-    batch = {"batch": [{**big, "type": "track", "properties": {"x": "y" * 30_000}} for _ in range(20)]}
+    batch: dict[str, Any] = {"batch": [{**big, "type": "track", "properties": {"x": "y" * 30_000}} for _ in range(20)]}
     reply = requests.post(f"{gateway.url}/v1/batch", json=batch, headers=basic(tenant.api_key), timeout=5)
     assert reply.status_code == 413
 

@@ -9,6 +9,7 @@ import gzip
 from typing import Any
 
 import pytest
+from google.protobuf.json_format import MessageToDict as as_dict
 
 from services.gateway import segment
 from services.gateway.app import api_key, decode
@@ -49,7 +50,7 @@ def test_track_maps_name_properties_context_and_identifiers() -> None:
     )
     assert ev.message_id == "m1" and ev.track.event == "Order Completed"
     assert ev.properties["total"] == 10.5
-    assert ev.context["library"]["name"] == "analytics.js"
+    assert as_dict(ev.context)["library"]["name"] == "analytics.js"
     assert ids(ev) == [("user_id", "u1"), ("anonymous_id", "a1"), ("email", "Ada@Example.com")]
     assert ev.channel == event_pb2.CHANNEL_WEB and ev.source == "segment:track"
 
@@ -74,7 +75,7 @@ def test_page_screen_group_alias() -> None:
     assert screen.track.event == "Screen Viewed"
     group = one({"type": "group", "messageId": "g", "userId": "u", "groupId": "acme", "traits": {"plan": "pro"}})
     assert group.track.event == "Group" and group.properties["group_id"] == "acme"
-    assert group.properties["traits"]["plan"] == "pro"
+    assert as_dict(group.properties)["traits"]["plan"] == "pro"
     alias = one({"type": "alias", "messageId": "al", "userId": "u", "previousId": "anon-9"})
     assert alias.WhichOneof("payload") == "identify"
     assert ids(alias) == [("user_id", "u"), ("anonymous_id", "anon-9")]
