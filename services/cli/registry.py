@@ -18,6 +18,15 @@ if TYPE_CHECKING:  # kept out of the import path: `tessera --help` should not lo
 SERVICES: tuple[str, ...] = ("ingest", "identity", "profile", "metrics", "gateway")
 
 
+#: Services that serve HTTP, not gRPC: no gRPC health, no schema, their own server loop.
+HTTP_SERVICES: frozenset[str] = frozenset({"gateway"})
+
+
+def grpc_available() -> list[str]:
+    """The available services that are gRPC servers on the core bootstrap (every one but the gateway)."""
+    return [s for s in available() if s not in HTTP_SERVICES]
+
+
 def available() -> list[str]:
     """Services that exist in this build."""
     return [

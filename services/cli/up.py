@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 DEMO_TENANT = "demo"
 DATABASE = "tessera"
 #: Services that answer HTTP (probed on /readyz), not gRPC health.
-HTTP_SERVICES = frozenset({"gateway"})
+HTTP_SERVICES = registry.HTTP_SERVICES
 
 
 def _wait_http(url: str, *, timeout: float, process: harness.ServiceProcess) -> bool:

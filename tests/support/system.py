@@ -76,7 +76,7 @@ class Deployment:
     running: dict[str, list[Replica]] = field(default_factory=dict)
 
     def start(self) -> Deployment:
-        services = registry.available()
+        services = registry.grpc_available()  # the gateway (HTTP) is not part of these deployments yet
         ports = {s: [harness.free_port() for _ in range(self.replicas.get(s, 1))] for s in services}
         peers = {
             f"TESSERA_PROFILE_{s.upper()}_ADDRESS": "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports[s])
