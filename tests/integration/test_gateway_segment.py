@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import signal
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -259,3 +261,37 @@ def harness_free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_serve_gateway_drains_on_sigterm(
+    backends: harness.Scratch, ingest_server: RunningServer, tenant: TenantKey, tmp_path: Path
+) -> None:
+    """``tessera serve gateway`` as its own process: ready, accepts, then on SIGTERM readiness
+    turns 503 while it drains, and it exits cleanly."""
+    port = harness_free_port()
+    env = backends.env(
+        TESSERA_GATEWAY_PORT=str(port),
+        TESSERA_GATEWAY_INGEST_ADDRESS=f"127.0.0.1:{ingest_server.port}",
+        TESSERA_SHUTDOWN_GRACE_SECONDS="3",
+    )
+    proc = harness.ServiceProcess.service("gateway", env, tmp_path / "gateway.log").start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.alive(), proc.log_tail()
+            time.sleep(0.1)
+        mid = f"proc-{uuid.uuid4()}"
+        body = {"userId": "p", "event": "e", "messageId": mid}
+        assert requests.post(f"{url}/v1/track", json=body, headers=basic(tenant.api_key), timeout=5).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        ready = [requests.get(f"{url}/readyz", timeout=1).status_code for _ in range(3)]  # within the 1 s drain
+        assert ready[-1] == 503, ready
+        assert proc.wait(timeout=15) == 0, proc.log_tail()
+    finally:
+        proc.stop(grace=2)
