@@ -6,10 +6,12 @@ process; the image's HOME/TMPDIR are a temporary directory, as /tmp is in the po
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -152,5 +154,55 @@ def test_with_tls_the_exec_probes_pass_against_the_service(
             [TESSERA, "health", f"localhost:{port}", "--timeout", "2"], env=env, capture_output=True, timeout=30
         )
         assert plain.returncode == 2
+    finally:
+        process.stop(grace=5)
+
+
+def test_the_gateway_as_rendered_starts_passes_its_http_probes_and_stops_in_time(
+    default_objects: list[Manifest], secrets: dict[str, str], redis_prefix: str, tmp_path: Path
+) -> None:
+    """The gateway's probes are HTTP: the paths the chart asks answer 200 from the command it runs,
+    the helm test's Python one-liner passes, and SIGTERM ends it within the grace period."""
+    deployment = by_name(default_objects, "Deployment")[f"{FULLNAME_PREFIX}-gateway"]
+    spec = deployment["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    port = harness.free_port()
+    env = pod_env(
+        c,
+        secrets,
+        tmp_path,
+        TESSERA_GATEWAY_PORT=str(port),
+        TESSERA_PROMETHEUS_PORT="0",
+        TESSERA_REDIS_PREFIX=redis_prefix,
+    )
+    process = harness.ServiceProcess("gateway", [TESSERA, *c["args"]], env, tmp_path / "gateway.log").start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert process.poll() is None, process.log_tail()
+            assert time.monotonic() < deadline, "the gateway never answered /healthz"
+            time.sleep(0.1)
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            get = c[probe]["httpGet"]
+            assert get["port"] == "http"
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{get['path']}", timeout=5) as r:
+                assert r.status == 200, probe
+        (test_pod,) = (p for p in of_kind(default_objects, "Pod") if p["metadata"]["name"].endswith("-gateway-test"))
+        command = list(test_pod["spec"]["containers"][0]["command"])
+        command[2] = re.sub(r"http://[^/']+/", f"http://127.0.0.1:{port}/", command[2])
+        python = str(Path(TESSERA).with_name("python"))
+        done = subprocess.run([python, *command[1:]], env=env, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, done.stderr
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        grace = spec["terminationGracePeriodSeconds"]
+        assert process.wait(timeout=grace) == 0, process.log_tail()
+        assert time.monotonic() - started < grace
     finally:
         process.stop(grace=5)
