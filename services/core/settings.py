@@ -284,3 +284,16 @@ class Settings(EnvSettings):
         if not self.redis_url:
             raise SettingsError("TESSERA_REDIS_URL is not set; `tessera up` starts an embedded Redis when it is unset")
         return self.redis_url
+
+
+def service_address(raw: str) -> str:
+    """Where another service answers: host:port (a Kubernetes Service name and port)."""
+    value = raw.strip()
+    if ":" not in value or any(c.isspace() for c in value):
+        raise ValueError("must be host:port")
+    return value
+
+
+def optional_service_address(raw: str) -> str:
+    """host:port, or 'none' (empty) for a service that is not deployed."""
+    return "" if raw.strip().lower() == "none" else service_address(raw)

@@ -4,16 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.core.settings import EnvSettings, number, port_number, setting, whole
-
-
-def _address(raw: str) -> str:
-    value = raw.strip()
-    if value.lower() == "none":
-        return ""
-    if ":" not in value or any(c.isspace() for c in value):
-        raise ValueError("must be host:port, or 'none'")
-    return value
+from services.core.settings import EnvSettings, number, optional_service_address, port_number, setting, whole
 
 
 @dataclass(frozen=True)
@@ -22,10 +13,10 @@ class ProfileSettings(EnvSettings):
     # Consumers per process on each of the resolved and changes streams.
     consumers: int = setting(2, "PROFILE_CONSUMERS", whole(1, 64))
     # Where the other services answer (Kubernetes: their Service names).
-    identity_address: str = setting("localhost:50052", "PROFILE_IDENTITY_ADDRESS", _address)
-    ingest_address: str = setting("localhost:50051", "PROFILE_INGEST_ADDRESS", _address)
+    identity_address: str = setting("localhost:50052", "PROFILE_IDENTITY_ADDRESS", optional_service_address)
+    ingest_address: str = setting("localhost:50051", "PROFILE_INGEST_ADDRESS", optional_service_address)
     # 'none': no metrics service; contexts say the scores are missing, and why.
-    metrics_address: str = setting("localhost:50054", "PROFILE_METRICS_ADDRESS", _address)
+    metrics_address: str = setting("localhost:50054", "PROFILE_METRICS_ADDRESS", optional_service_address)
     # How long a context waits for the scores before it returns without them.
     metrics_deadline_ms: int = setting(150, "PROFILE_METRICS_DEADLINE_MS", whole(10, 10_000))
     # A cached context lives at most this long (time-based parts: contact counts, windows, scores).
