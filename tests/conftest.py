@@ -131,7 +131,7 @@ def tenant(engine: Engine) -> TenantKey:
 
 def _serve(service: str, settings: Settings, **extra: object) -> Iterator[RunningServer]:
     """A service in this process on a free port, SERVING before the tests get it."""
-    definition = registry.definition(service)
+    definition = registry.grpc_definition(service)
     own = definition.settings_type(**{**SERVICE_OVERRIDES.get(service, {}), **extra})
     running = start_server(definition, settings, port=0, service_settings=own)
     assert harness.wait_health(f"127.0.0.1:{running.port}"), f"{service} never became SERVING"

@@ -34,14 +34,14 @@ def _engine(settings: Settings):  # type: ignore[no-untyped-def]
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from services.cli import registry
-    from services.core.server import serve
+    from services.core.server import HttpServiceDefinition, serve
 
     if args.service not in registry.available():
         print(f"tessera: the {args.service} service is not part of this build", file=sys.stderr)
         return 2
     found = registry.definition(args.service)
-    if getattr(found, "http", False):  # the gateway: HTTP, with its own server loop
-        found.serve(Settings.from_env())  # type: ignore[attr-defined]
+    if isinstance(found, HttpServiceDefinition):  # the gateway: HTTP, with its own server loop
+        found.run(Settings.from_env(), found.settings_from_env())
         return 0
     serve(found, Settings.from_env())
     return 0

@@ -12,7 +12,7 @@ if TYPE_CHECKING:  # kept out of the import path: `tessera --help` should not lo
     from sqlalchemy.engine import Engine
 
     from services.core.migrate import MigrationSet
-    from services.core.server import ServiceDefinition
+    from services.core.server import HttpServiceDefinition, ServiceDefinition
 
 #: The contract's services, in start order (later ones read what earlier ones write).
 SERVICES: tuple[str, ...] = ("ingest", "identity", "profile", "metrics", "gateway")
@@ -37,11 +37,21 @@ def available() -> list[str]:
     ]
 
 
-def definition(service: str) -> ServiceDefinition[Any]:
+def definition(service: str) -> ServiceDefinition[Any] | HttpServiceDefinition[Any]:
     if service not in SERVICES:
         raise KeyError(service)
     module = importlib.import_module(f"services.{service}.app")
-    found: ServiceDefinition[Any] = module.definition()
+    found: ServiceDefinition[Any] | HttpServiceDefinition[Any] = module.definition()
+    return found
+
+
+def grpc_definition(service: str) -> ServiceDefinition[Any]:
+    """The definition of a gRPC service on the core bootstrap (KeyError for the HTTP ones)."""
+    from services.core.server import ServiceDefinition
+
+    found = definition(service)
+    if not isinstance(found, ServiceDefinition):
+        raise KeyError(f"{service} is not a gRPC service")
     return found
 
 

@@ -157,6 +157,20 @@ class ServiceDefinition(Generic[S]):
         return self.settings_type.from_env()
 
 
+@dataclass(frozen=True)
+class HttpServiceDefinition(Generic[S]):
+    """A service that serves HTTP on a loop of its own (the gateway): no gRPC health, reflection
+    or schema. ``run`` blocks until SIGTERM or SIGINT, then drains."""
+
+    name: str
+    settings_type: type[S]
+    run: Callable[[Settings, S], None]
+    migrations: MigrationSet | None = None
+
+    def settings_from_env(self) -> S:
+        return self.settings_type.from_env()
+
+
 @dataclass
 class RunningServer:
     definition: ServiceDefinition[Any]

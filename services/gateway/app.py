@@ -1,8 +1,8 @@
 """The gateway as ``tessera serve gateway`` runs it: an aiohttp server for the Segment tracking API,
 stateless, talking to ingest over gRPC like any other client.
 
-It is HTTP, not a gRPC :class:`~services.core.server.ServiceDefinition`, so its definition carries
-``http = True`` and its own :meth:`GatewayDefinition.serve`; the composition root asks for that."""
+It is HTTP, not a gRPC :class:`~services.core.server.ServiceDefinition`, so its definition is an
+:class:`~services.core.server.HttpServiceDefinition` with its own server loop."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import grpc
 from aiohttp import web
 
 from services.core.channels import service_aio_channel
+from services.core.server import HttpServiceDefinition
 from services.core.settings import Settings
 from services.core.telemetry import configure_logging
 from services.gateway import segment
@@ -271,19 +272,10 @@ async def _serve(settings: Settings, own: GatewaySettings) -> None:
     await running.drain(settings.shutdown_grace_seconds)
 
 
-@dataclass(frozen=True)
-class GatewayDefinition:
-    """What the composition root needs of the gateway (the counterpart of ``ServiceDefinition``)."""
-
-    name: str = "gateway"
-    settings_type: type[GatewaySettings] = GatewaySettings
-    migrations: None = None
-    http: bool = True
-
-    def serve(self, settings: Settings) -> None:
-        configure_logging(self.name, settings.log_level)
-        asyncio.run(_serve(settings, GatewaySettings.from_env()))
+def _run(settings: Settings, own: GatewaySettings) -> None:
+    configure_logging("gateway", settings.log_level)
+    asyncio.run(_serve(settings, own))
 
 
-def definition() -> GatewayDefinition:
-    return GatewayDefinition()
+def definition() -> HttpServiceDefinition[GatewaySettings]:
+    return HttpServiceDefinition(name="gateway", settings_type=GatewaySettings, run=_run)

@@ -214,7 +214,7 @@ def test_garbage_is_4xx_and_the_gateway_stays_up(
 
 
 def test_rate_limit_is_429_with_retry_after(settings: Settings, tenant: TenantKey) -> None:
-    definition = registry.definition("ingest")
+    definition = registry.grpc_definition("ingest")
     own = definition.settings_type(rate_limit=1.0, rate_burst=1.0)
     ingest = start_server(definition, settings, port=0, service_settings=own)
     served: Served | None = None

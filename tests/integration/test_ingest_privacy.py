@@ -42,7 +42,7 @@ Stub = ingest_pb2_grpc.IngestServiceStub
 
 def _replica(settings: Settings, cache_seconds: float) -> Iterator[Stub]:
     running: RunningServer = start_server(
-        registry.definition("ingest"),
+        registry.grpc_definition("ingest"),
         settings,
         port=0,
         service_settings=IngestSettings(suppression_cache_seconds=cache_seconds),

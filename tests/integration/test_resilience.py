@@ -136,7 +136,7 @@ SERVICES = registry.grpc_available()  # the gateway is HTTP, not on the gRPC boo
 
 
 def _serve_with(service: str, settings: Settings) -> RunningServer:
-    definition_ = registry.definition(service)
+    definition_ = registry.grpc_definition(service)
     own = definition_.settings_type(**SERVICE_OVERRIDES.get(service, {}))
     return start_server(definition_, settings, port=0, service_settings=own)
 
