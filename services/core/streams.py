@@ -215,6 +215,17 @@ def change_envelope(tenant_id: str, traceparent: str, profile_change: stream_pb2
     ).SerializeToString()
 
 
+def change_key(change: stream_pb2.ProfileChange) -> str:
+    """What makes a merge or a split the same one when it comes again (a publish retried across
+    a Redis failover, a redelivery after a crash): a consumer applies each key once, so an old
+    split replayed after the profiles merged back cannot move events a second time."""
+    if change.kind == MERGED:
+        return f"merge:{change.merge_id}:{change.absorbed_profile_id}"
+    if change.kind == SPLIT:
+        return f"split:{change.merge_id}"
+    return f"{kind_name(change.kind)}:{change.profile_id}"
+
+
 def kind_name(kind: int) -> str:
     """``created``, ``merged``... for logs and metrics."""
     return stream_pb2.ProfileChangeKind.Name(kind).removeprefix("PROFILE_CHANGE_KIND_").lower()  # type: ignore[arg-type]

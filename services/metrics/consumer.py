@@ -97,20 +97,26 @@ class ChangesHandler:
         for msg in batch:
             c = msg.envelope.change
             tenant = msg.tenant_id
+            key = streams.change_key(c)
             if c.kind == streams.MERGED:
-                self.store.apply_merge(tenant, c.profile_id, c.absorbed_profile_id, self.configs(tenant))
+                self.store.apply_merge(tenant, c.profile_id, c.absorbed_profile_id, self.configs(tenant), key)
                 if self.quality is not None:
                     changed = self.quality.apply_merge(
-                        tenant, c.profile_id, c.absorbed_profile_id, self.configs(tenant)
+                        tenant, c.profile_id, c.absorbed_profile_id, self.configs(tenant), key
                     )
                     _evaluations.add(changed)
             elif c.kind == streams.SPLIT:
                 self.store.apply_split(
-                    tenant, c.profile_id, c.new_profile_id, list(c.moved_event_ids), self.configs(tenant)
+                    tenant, c.profile_id, c.new_profile_id, list(c.moved_event_ids), self.configs(tenant), key
                 )
                 if self.quality is not None:
                     changed = self.quality.apply_split(
-                        tenant, c.new_profile_id, list(c.moved_event_ids), self.configs(tenant), profile_id=c.profile_id
+                        tenant,
+                        c.new_profile_id,
+                        list(c.moved_event_ids),
+                        self.configs(tenant),
+                        profile_id=c.profile_id,
+                        key=key,
                     )
                     _evaluations.add(changed)
             elif c.kind == streams.ERASED:

@@ -30,7 +30,7 @@ from services.metrics import forms
 from services.metrics import quality_rollup as qr
 from services.metrics.derive import day_of, hour_of
 from services.metrics.facts import LEG, SURVEY, Fact
-from services.metrics.storage import FACT_SELECT, lock_customers, lock_with_survivors, with_survivors
+from services.metrics.storage import FACT_SELECT, first_time, lock_customers, lock_with_survivors, with_survivors
 from services.metrics.tenant_settings import MetricsConfig
 from tessera.v1 import event_pb2, quality_pb2, stream_pb2
 
@@ -711,12 +711,16 @@ class QualityStore:
 
     # -- identity changes ------------------------------------------------------------------------
 
-    def apply_merge(self, tenant_id: str, survivor: str, absorbed: str, config: MetricsConfig | None = None) -> int:
-        """Move the absorbed customer's transcripts and evaluations to the survivor, then (given the
-        tenant's settings) evaluate the survivor's interactions again; returns how many changed."""
+    def apply_merge(
+        self, tenant_id: str, survivor: str, absorbed: str, config: MetricsConfig | None = None, key: str = ""
+    ) -> int:
+        """Move the absorbed customer's transcripts and evaluations to the survivor (once per change
+        ``key``), then (given the tenant's settings) evaluate the survivor's interactions again;
+        returns how many changed."""
         with db.raw_transaction(self.engine, "quality.merge") as (cur, _):
             lock_customers(cur, tenant_id, (survivor, absorbed))
-            for table in ("messages", "evaluations"):
+            first = not key or first_time(cur, tenant_id, "quality:" + key)
+            for table in ("messages", "evaluations") if first else ():
                 cur.execute(
                     f"UPDATE metrics.{table} SET profile_id = %s WHERE tenant_id = %s AND profile_id = %s",  # noqa: S608
                     (survivor, tenant_id, absorbed),
@@ -752,16 +756,19 @@ class QualityStore:
         config: MetricsConfig | None = None,
         *,
         profile_id: str = "",
+        key: str = "",
     ) -> int:
-        """Move what the split took to the new customer; given the settings, evaluate both
-        customers' interactions again. Returns how many evaluations changed."""
-        self._move_split(tenant_id, new_profile_id, moved_event_ids)
+        """Move what the split took to the new customer (once per change ``key``); given the
+        settings, evaluate both customers' interactions again. Returns how many evaluations changed."""
+        self._move_split(tenant_id, new_profile_id, moved_event_ids, key)
         if config is None:
             return 0
         return self.reevaluate_customers(tenant_id, [p for p in (profile_id, new_profile_id) if p], config)
 
-    def _move_split(self, tenant_id: str, new_profile_id: str, moved_event_ids: Sequence[str]) -> None:
+    def _move_split(self, tenant_id: str, new_profile_id: str, moved_event_ids: Sequence[str], key: str) -> None:
         with db.raw_transaction(self.engine, "quality.split") as (cur, _):
+            if key and not first_time(cur, tenant_id, "quality:" + key):
+                return
             cur.execute(
                 "UPDATE metrics.messages SET profile_id = %s WHERE tenant_id = %s AND event_id = ANY(%s)",
                 (new_profile_id, tenant_id, list(moved_event_ids)),

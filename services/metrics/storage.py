@@ -162,6 +162,16 @@ def lock_customers(cur: Any, tenant_id: str, profiles: Iterable[str]) -> None:
         )
 
 
+def first_time(cur: Any, tenant_id: str, key: str) -> bool:
+    """Record that the change ``key`` is applied (in the caller's transaction); False if it was already."""
+    cur.execute(
+        "INSERT INTO metrics.applied_changes (tenant_id, change_key) VALUES (%s, %s) "
+        "ON CONFLICT DO NOTHING RETURNING 1",
+        (tenant_id, key),
+    )
+    return cur.fetchone() is not None
+
+
 def lock_with_survivors(cur: Any, tenant_id: str, profiles: Sequence[str]) -> dict[str, str]:
     """Lock the customers and whom they were merged into, then return their aliases (merged-away
     id -> survivor) as they stand under the lock. Trusting aliases read without it would let a
@@ -299,9 +309,12 @@ class MetricsStore:
             self._recompute(cur, tenant_id, sorted(affected), config)
         return out
 
-    def apply_merge(self, tenant_id: str, survivor: str, absorbed: str, config: MetricsConfig) -> None:
+    def apply_merge(self, tenant_id: str, survivor: str, absorbed: str, config: MetricsConfig, key: str = "") -> None:
+        """``absorbed``'s facts become ``survivor``'s; a change ``key`` already applied changes nothing."""
         with db.raw_transaction(self.engine, "metrics.apply_merge") as (cur, _):
             lock_customers(cur, tenant_id, (survivor, absorbed))
+            if key and not first_time(cur, tenant_id, key):
+                return
             cur.execute(
                 "INSERT INTO metrics.aliases (tenant_id, profile_id, survivor) VALUES (%s, %s, %s) "
                 "ON CONFLICT (tenant_id, profile_id) DO UPDATE SET survivor = EXCLUDED.survivor",
@@ -324,9 +337,13 @@ class MetricsStore:
         new_profile_id: str,
         moved_event_ids: Sequence[str],
         config: MetricsConfig,
+        key: str = "",
     ) -> None:
+        """The moved events' facts become ``new_profile_id``'s; a change ``key`` already applied changes nothing."""
         with db.raw_transaction(self.engine, "metrics.apply_split") as (cur, _):
             lock_customers(cur, tenant_id, (profile_id, new_profile_id))
+            if key and not first_time(cur, tenant_id, key):
+                return
             cur.execute(
                 "UPDATE metrics.facts SET profile_id = %s WHERE tenant_id = %s AND profile_id = %s "
                 "AND event_id = ANY(%s)",
@@ -507,8 +524,10 @@ class MetricsStore:
             return self._facts(cur, tenant_id, [r[0] for r in cur.fetchall()])
 
     def upkeep(self, longest_window_days: int = 90) -> int:
-        """Drop open contacts whose window closed under any setting."""
+        """Drop open contacts whose window closed under any setting, and the keys of changes applied
+        more than 30 days ago (no redelivery comes that late: streams are trimmed sooner)."""
         with db.raw_transaction(self.engine, "metrics.upkeep") as (cur, _):
+            cur.execute("DELETE FROM metrics.applied_changes WHERE applied_at < now() - interval '30 days'")
             cur.execute(
                 "DELETE FROM metrics.open_contacts WHERE started_at < now() - make_interval(days => %s)",
                 (longest_window_days,),

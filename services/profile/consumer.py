@@ -76,8 +76,9 @@ class ChangesHandler:
             if c.kind == streams.CREATED:
                 out = self.store.apply_created(tenant, c.profile_id)
             elif c.kind == streams.MERGED:
-                key = f"merge:{c.merge_id}:{c.absorbed_profile_id}"
-                out = self.store.apply_merge(tenant, c.profile_id, c.absorbed_profile_id, key, self.configs.get(tenant))
+                out = self.store.apply_merge(
+                    tenant, c.profile_id, c.absorbed_profile_id, streams.change_key(c), self.configs.get(tenant)
+                )
             elif c.kind == streams.SPLIT:
                 out = self.store.apply_split(
                     tenant,
@@ -85,7 +86,7 @@ class ChangesHandler:
                     c.new_profile_id,
                     list(c.moved_event_ids),
                     [(i.type, i.value) for i in c.moved_identifiers],
-                    f"split:{c.merge_id}",
+                    streams.change_key(c),
                     self.configs.get(tenant),
                 )
             elif c.kind == streams.ERASED:

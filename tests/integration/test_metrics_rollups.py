@@ -310,3 +310,41 @@ def test_redelivering_every_batch_changes_nothing(store: MetricsStore) -> None:
     reads = MetricsReads(store, lambda _t: CONFIG)
     resp = reads.query(tenant, ["contact_volume"], t - dt.timedelta(days=1), t + dt.timedelta(days=1), 5, [], [])
     assert [p.score.value for p in resp.series[0].points] == [1]
+
+
+def test_a_split_that_comes_again_after_the_profiles_merged_back_moves_nothing(store: MetricsStore) -> None:
+    """A change can arrive twice (a publish retried across a Redis failover): the second copy of
+    an old split, after a later merge joined the two profiles again, must not take the events
+    off the survivor a second time."""
+    from services.core import streams
+    from services.core.bus import Delivery
+    from services.metrics.consumer import ChangesHandler
+    from tessera.v1 import stream_pb2
+
+    tenant = f"replay-{secrets.token_hex(4)}"
+    t = BASES[0]
+    legs = [
+        Fact(key=f"leg:{i}:{i}", kind=LEG, event_id=f"e-{i}", profile_id="p0", at=t + dt.timedelta(hours=n),
+             channel=6, source="cc", interaction_id=i, agent="a1", reason="billing", talk=60.0, leg_id=i)
+        for n, i in enumerate(("x1", "x2"))
+    ]  # fmt: skip
+    store.apply_facts(tenant, legs, CONFIG)
+    split = stream_pb2.ProfileChange(
+        kind=streams.SPLIT, profile_id="p0", new_profile_id="p1", merge_id=7, moved_event_ids=["e-x2"]
+    )
+    merge = stream_pb2.ProfileChange(kind=streams.MERGED, profile_id="p0", absorbed_profile_id="p1", merge_id=8)
+    handler = ChangesHandler(store, lambda _t: CONFIG)
+
+    def deliver(*changes: stream_pb2.ProfileChange) -> None:
+        handler(
+            [
+                Delivery(tenant, "changes", f"{n}-0", b"", stream_pb2.ProfileChangeEnvelope(tenant_id=tenant, change=c))
+                for n, c in enumerate(changes)
+            ]
+        )
+
+    deliver(split)
+    assert {f.event_id: p for p, fs in store.all_facts(tenant).items() for f in fs} == {"e-x1": "p0", "e-x2": "p1"}
+    deliver(merge, split)  # the split again, after the merge
+    assert {f.event_id: p for p, fs in store.all_facts(tenant).items() for f in fs} == {"e-x1": "p0", "e-x2": "p0"}
+    assert _close(store.derived_total(tenant), _scratch(store.all_facts(tenant)))
