@@ -61,9 +61,11 @@ PROFILE_KINDS = tuple(
 )
 
 PROFILE_ID = Param("profile_id", "uuid", "The profile id (a UUID).", location="path", required=True)
-PAGE_TOKEN = Param("pageToken", description="From the previous page's nextPageToken.", max_length=4096)
+#: Page tokens and cursors the services issue are short base64; this bounds what the gateway forwards.
+MAX_TOKEN = 1024
+PAGE_TOKEN = Param("pageToken", description="From the previous page's nextPageToken.", max_length=MAX_TOKEN)
 LAST_EVENT_ID = Param(
-    "lastEventId", description="Resume after this cursor (the Last-Event-ID header wins).", max_length=4096
+    "lastEventId", description="Resume after this cursor (the Last-Event-ID header wins).", max_length=MAX_TOKEN
 )
 INCLUDE_ACK = Param("includeAcknowledged", "boolean", "Acknowledged alerts too.")
 EVALUATION_PAGE = Param("pageSize", "integer", "Default 20.", minimum=1, maximum=100)
@@ -250,7 +252,7 @@ class JsonApi:
                         Param("granularity", "enum", enum=GRANULARITIES),
                         Param("groupBy", description="A dimension.", repeated=True, max_length=64),
                         Param("filter", description="<dimension>:<value>, such as channel:voice.", repeated=True,
-                              max_length=256),
+                              max_length=128),
                     ),
                     response=metrics_pb2.QueryMetricsResponse.DESCRIPTOR, tags=metrics,
                 ),
@@ -273,8 +275,8 @@ class JsonApi:
                 Route(
                     "GET", "/api/v1/streams/alerts", "watchAlerts", "Alerts as they fire, as server-sent events",
                     params=(
-                        Param("queue", repeated=True, max_length=256),
-                        Param("agentId", repeated=True, max_length=256),
+                        Param("queue", repeated=True, max_length=128),
+                        Param("agentId", repeated=True, max_length=128),
                         LAST_EVENT_ID,
                     ),
                     stream=quality_pb2.Alert.DESCRIPTOR, tags=("streams",),
@@ -536,8 +538,8 @@ class JsonApi:
     def _cursor(request: web.Request, args: dict[str, Any]) -> str:
         """Where to resume: the browser's Last-Event-ID on a reconnect, else ?lastEventId=."""
         header = request.headers.get("Last-Event-ID", "").strip()
-        if len(header) > 4096:
-            raise bad_parameter("Last-Event-ID", "at most 4096 characters")
+        if len(header) > MAX_TOKEN or not header.isprintable():
+            raise bad_parameter("Last-Event-ID", f"at most {MAX_TOKEN} printable characters")
         return header or args["lastEventId"] or ""
 
     async def _watch_profiles(self, request: web.Request, args: dict[str, Any], key: str) -> web.StreamResponse:

@@ -210,6 +210,9 @@ def _errors(route: Route) -> dict[str, Any]:
             "description": _ERROR_TEXT[code],
             "content": {"application/json": {"schema": {"$ref": _REF + "Error"}}},
         }
+        if code == 400:  # aiohttp's own parser answers a request line over 8190 bytes before any handler
+            response["content"]["text/plain"] = {"schema": {"type": "string"}}
+            response["description"] += " A request line or header over 8190 bytes: text/plain, from the HTTP parser."
         if code in (429, 503):
             response["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}}
         out[str(code)] = response

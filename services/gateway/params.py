@@ -18,6 +18,8 @@ Kind = Literal["string", "integer", "boolean", "enum", "date-time", "uuid"]
 _TYPE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _PHONE = re.compile(r"[0-9 ()\-]+")
 MAX_VALUE = 1024
+#: Values of one repeated parameter: the request line must stay under the HTTP parser's 8190 bytes.
+MAX_ITEMS = 20
 
 
 @dataclass(frozen=True)
@@ -52,9 +54,13 @@ class Param:
             one = {"type": "string", "format": "date-time"}
         elif self.kind == "uuid":
             one = {"type": "string", "format": "uuid"}
-        else:
-            one = {"type": "string", "minLength": 1, "maxLength": self.max_length}
-        return {"type": "array", "items": one} if self.repeated else one
+        else:  # an empty optional value is the same as none ("pageToken=" is the first page)
+            one = {
+                "type": "string",
+                "minLength": 1 if self.required or self.repeated else 0,
+                "maxLength": self.max_length,
+            }
+        return {"type": "array", "items": one, "maxItems": MAX_ITEMS} if self.repeated else one
 
     def parse_one(self, raw: str) -> Any:
         """One value, or the 400 that names this parameter."""
@@ -123,8 +129,8 @@ def parse(
             out[param.name] = [] if param.repeated else None
             continue
         if param.repeated:
-            if len(values) > 100:
-                raise bad_parameter(param.name, "given more than 100 times")
+            if len(values) > MAX_ITEMS:
+                raise bad_parameter(param.name, f"given more than {MAX_ITEMS} times")
             out[param.name] = [param.parse_one(v) for v in values]
         elif len(values) > 1:
             raise bad_parameter(param.name, "given more than once")
