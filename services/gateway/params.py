@@ -1,6 +1,6 @@
 """The JSON API's parameters, declared once: the same :class:`Param` parses a request (400 naming
 the parameter) and describes itself in /openapi.json, so the document cannot drift from the code.
-Pure: no I/O, no gRPC."""
+Pure: no I/O."""
 
 from __future__ import annotations
 

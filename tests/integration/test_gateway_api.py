@@ -349,7 +349,9 @@ def test_session_cookie_sign_in_use_and_sign_out(gateway: Served, demo: Demo) ->
     assert cookie.startswith("tessera_session=") and "HttpOnly" in cookie and "SameSite=Strict" in cookie
     assert "Path=/" in cookie and "Secure" not in cookie
     assert demo.tenant.api_key not in signed.url
-    jar = {"tessera_session": signed.cookies["tessera_session"]}
+    session = signed.cookies.get("tessera_session")
+    assert session is not None
+    jar = {"tessera_session": session}
     assert requests.get(url, cookies=jar, timeout=5).json() == {"signedIn": True}
     profile = requests.get(f"{gateway.url}/api/v1/profiles/{demo.profile_id}", cookies=jar, timeout=5)
     assert profile.status_code == 200 and profile.json()["profile"]["profileId"] == demo.profile_id
