@@ -67,6 +67,10 @@ PAGE_TOKEN = Param("pageToken", description="From the previous page's nextPageTo
 LAST_EVENT_ID = Param(
     "lastEventId", description="Resume after this cursor (the Last-Event-ID header wins).", max_length=MAX_TOKEN
 )
+LAST_EVENT_ID_HEADER = Param(
+    "Last-Event-ID", description="What a reconnecting EventSource sends: resume after it.", location="header",
+    max_length=MAX_TOKEN,
+)  # fmt: skip
 INCLUDE_ACK = Param("includeAcknowledged", "boolean", "Acknowledged alerts too.")
 EVALUATION_PAGE = Param("pageSize", "integer", "Default 20.", minimum=1, maximum=100)
 ALERT_PAGE = Param("pageSize", "integer", "At most 100; default 20.", minimum=1, maximum=100)
@@ -266,6 +270,7 @@ class JsonApi:
                         Param("profile", "uuid", "Only changes of this profile id."),
                         Param("kind", "enum", "Only these kinds.", repeated=True, enum=PROFILE_KINDS),
                         LAST_EVENT_ID,
+                        LAST_EVENT_ID_HEADER,
                     ),
                     stream=profile_pb2.WatchProfilesResponse.DESCRIPTOR, tags=("streams",),
                 ),
@@ -278,6 +283,7 @@ class JsonApi:
                         Param("queue", repeated=True, max_length=128),
                         Param("agentId", repeated=True, max_length=128),
                         LAST_EVENT_ID,
+                        LAST_EVENT_ID_HEADER,
                     ),
                     stream=quality_pb2.Alert.DESCRIPTOR, tags=("streams",),
                 ),
@@ -318,7 +324,7 @@ class JsonApi:
 
     def _endpoint(self, route: Route, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
-            args = params.parse(route.params, request.query.items(), dict(request.match_info))
+            args = params.parse(route.params, request.query.items(), request.match_info, request.headers)
             key = self._key(request) if route.auth else ""
             return await handler(request, args, key)
 
@@ -535,17 +541,14 @@ class JsonApi:
     # ---- streams -----------------------------------------------------------------------------
 
     @staticmethod
-    def _cursor(request: web.Request, args: dict[str, Any]) -> str:
+    def _cursor(args: dict[str, Any]) -> str:
         """Where to resume: the browser's Last-Event-ID on a reconnect, else ?lastEventId=."""
-        header = request.headers.get("Last-Event-ID", "").strip()
-        if len(header) > MAX_TOKEN or not header.isprintable():
-            raise bad_parameter("Last-Event-ID", f"at most {MAX_TOKEN} printable characters")
-        return header or args["lastEventId"] or ""
+        return str(args["Last-Event-ID"] or args["lastEventId"] or "")
 
     async def _watch_profiles(self, request: web.Request, args: dict[str, Any], key: str) -> web.StreamResponse:
         only = _name(args["profile"]) if args["profile"] else None
         kinds = [profile_pb2.ProfileEventKind.Value("PROFILE_EVENT_KIND_" + k.upper()) for k in args["kind"]]
-        req = profile_pb2.WatchProfilesRequest(cursor=self._cursor(request, args), kinds=kinds)
+        req = profile_pb2.WatchProfilesRequest(cursor=self._cursor(args), kinds=kinds)
         assert self._profile is not None
         call = self._profile.WatchProfiles(req, metadata=(("authorization", f"Bearer {key}"),))
 
@@ -558,9 +561,7 @@ class JsonApi:
         return await self._sse(request, call, event, "profile")
 
     async def _watch_alerts(self, request: web.Request, args: dict[str, Any], key: str) -> web.StreamResponse:
-        req = quality_pb2.WatchAlertsRequest(
-            cursor=self._cursor(request, args), queues=args["queue"], agent_ids=args["agentId"]
-        )
+        req = quality_pb2.WatchAlertsRequest(cursor=self._cursor(args), queues=args["queue"], agent_ids=args["agentId"])
         assert self._quality is not None
         call = self._quality.WatchAlerts(req, metadata=(("authorization", f"Bearer {key}"),))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,7 +29,7 @@ class Param:
     name: str
     kind: Kind = "string"
     description: str = ""
-    location: Literal["query", "path"] = "query"
+    location: Literal["query", "path", "header"] = "query"
     required: bool = False
     repeated: bool = False
     minimum: int | None = None
@@ -113,7 +113,10 @@ def parse_time(raw: str, name: str) -> dt.datetime:
 
 
 def parse(
-    params: Sequence[Param], query: Iterable[tuple[str, str]], path: dict[str, str] | None = None
+    params: Sequence[Param],
+    query: Iterable[tuple[str, str]],
+    path: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Each declared parameter's value (a list for a repeated one), None when absent. Parameters
     that are not declared are ignored (a cache-buster must not break a request)."""
@@ -122,7 +125,11 @@ def parse(
         given.setdefault(key, []).append(value)
     out: dict[str, Any] = {}
     for param in params:
-        values = [(path or {}).get(param.name, "")] if param.location == "path" else given.get(param.name, [])
+        if param.location == "query":
+            values = given.get(param.name, [])
+        else:
+            found = (path if param.location == "path" else headers) or {}
+            values = [found.get(param.name, "").strip()]
         if not values or (not param.repeated and values == [""]):
             if param.required:
                 raise bad_parameter(param.name, "required")
