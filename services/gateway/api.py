@@ -393,6 +393,8 @@ class JsonApi:
         mapped = from_rpc_error(err, service, "API key")
         if mapped.status == 500:  # the service's own words stay in the log (they never carry the key)
             log.error("%s answered %s: %s", service, err.code().name, err.details())
+        elif mapped.status == 503:
+            log.warning("%s did not answer in time or is down: %s", service, err.code().name)
         return mapped
 
     @staticmethod

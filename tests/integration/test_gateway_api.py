@@ -39,16 +39,14 @@ ANGRY = "This is terrible, I am furious and nobody helps me"
 class Served:
     """A gateway on its own event loop in a thread, on a free port, in front of every service."""
 
-    def __init__(
-        self, settings: Settings, ingest: RunningServer, profile: RunningServer, metrics: RunningServer
-    ) -> None:
+    def __init__(self, settings: Settings, ingest: int, profile: int, metrics: int) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         own = GatewaySettings(
-            ingest_address=f"127.0.0.1:{ingest.port}",
-            profile_address=f"127.0.0.1:{profile.port}",
-            metrics_address=f"127.0.0.1:{metrics.port}",
+            ingest_address=f"127.0.0.1:{ingest}",
+            profile_address=f"127.0.0.1:{profile}",
+            metrics_address=f"127.0.0.1:{metrics}",
             cors_origins=(ALLOWED,),
             read_deadline_seconds=5.0,
         )
@@ -71,7 +69,7 @@ class Served:
 def gateway(
     settings: Settings, ingest_server: RunningServer, profile_server: RunningServer, metrics_server: RunningServer
 ) -> Iterator[Served]:
-    served = Served(settings, ingest_server, profile_server, metrics_server)
+    served = Served(settings, ingest_server.port, profile_server.port, metrics_server.port)
     yield served
     served.stop()
 
@@ -331,6 +329,30 @@ def test_bad_parameters_are_400_naming_the_parameter(
     assert violations(reply) == {field}
 
 
+def test_a_service_down_is_a_generic_503_with_retry_after(
+    settings: Settings, ingest_server: RunningServer, tenant: TenantKey
+) -> None:
+    served = Served(settings, ingest_server.port, free_port(), free_port())
+    try:
+        reply = get(served, f"/api/v1/profiles/{uuid.uuid4()}", tenant.api_key)
+        assert reply.status_code == 503 and reply.headers["Retry-After"] == "5"
+        assert reply.json()["error"] == {
+            "code": 503, "status": "UNAVAILABLE", "message": "profile is unavailable; retry later", "details": []
+        }  # fmt: skip
+        signing_in = requests.post(f"{served.url}/api/v1/session", json={"apiKey": tenant.api_key}, timeout=15)
+        assert signing_in.status_code == 503
+    finally:
+        served.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def test_unknown_api_path_is_a_json_404(gateway: Served, demo: Demo) -> None:
     reply = get(gateway, "/api/v1/nothing-here", demo.tenant.api_key)
     assert reply.status_code == 404 and reply.json()["error"]["status"] == "NOT_FOUND"
@@ -585,7 +607,7 @@ def test_keepalive_comments_and_drain_end_streams(
     metrics_server: RunningServer,
     tenant: TenantKey,
 ) -> None:
-    served = Served(settings, ingest_server, profile_server, metrics_server)
+    served = Served(settings, ingest_server.port, profile_server.port, metrics_server.port)
     try:
         api = served.running.gateway.json_api
         assert api is not None

@@ -35,7 +35,7 @@ CHECKS = [
 def fuzzed(
     settings: Settings, ingest_server: RunningServer, profile_server: RunningServer, metrics_server: RunningServer
 ) -> Iterator[Served]:
-    served = Served(settings, ingest_server, profile_server, metrics_server)
+    served = Served(settings, ingest_server.port, profile_server.port, metrics_server.port)
     yield served
     served.stop()
 
