@@ -143,6 +143,7 @@ class JsonApi:
                 Route(
                     "POST", "/api/v1/session", "createSession", "Sign in: check the API key and set the session cookie",
                     auth=False, success=204, extra_errors=(401, 413, 415),
+                    success_headers=(("Set-Cookie", "tessera_session=...; HttpOnly; SameSite=Strict; Path=/"),),
                     request_body={
                         "type": "object", "required": ["apiKey"], "additionalProperties": False,
                         "properties": {"apiKey": {"type": "string", "minLength": 1, "maxLength": MAX_KEY}},
@@ -153,7 +154,8 @@ class JsonApi:
             ),
             (
                 Route("DELETE", "/api/v1/session", "deleteSession", "Sign out: clear the session cookie",
-                      auth=False, success=204, tags=("session",)),
+                      auth=False, success=204, tags=("session",),
+                      success_headers=(("Set-Cookie", "tessera_session=\"\"; Max-Age=0 (cleared)"),)),
                 self._sign_out,
             ),
             (

@@ -133,6 +133,7 @@ class Route:
     request_body: dict[str, Any] | None = None
     extra_errors: tuple[int, ...] = ()
     tags: tuple[str, ...] = field(default=())
+    success_headers: tuple[tuple[str, str], ...] = ()  # (name, description) of headers the success sets
 
 
 _ERROR_TEXT = {
@@ -234,6 +235,10 @@ def document(routes: Sequence[Route], title: str = "Tessera gateway JSON API", v
         if route.request_body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": route.request_body}}}
         ok: dict[str, Any] = {"description": "OK"}
+        if route.success_headers:
+            ok["headers"] = {
+                name: {"description": why, "schema": {"type": "string"}} for name, why in route.success_headers
+            }
         if route.response is not None:
             ok["content"] = {"application/json": {"schema": schemas.ref(route.response)}}
         elif route.stream is not None:
