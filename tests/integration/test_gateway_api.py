@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import jsonschema
 import pytest
 import requests
 from sqlalchemy.engine import Engine
@@ -161,6 +162,14 @@ def get(gateway: Served, path: str, key: str | None, **kw: Any) -> requests.Resp
     return requests.get(f"{gateway.url}{path}", headers=headers, timeout=10, **kw)
 
 
+def conforms(gateway: Served, name: str, body: Any) -> Any:
+    """``body`` is valid against ``name`` in the gateway's own /openapi.json (the real data, not examples)."""
+    doc = requests.get(f"{gateway.url}/openapi.json", timeout=5).json()
+    root = {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+    jsonschema.Draft202012Validator(root, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER).validate(body)
+    return body
+
+
 def violations(reply: requests.Response) -> set[str]:
     body = reply.json()
     assert set(body) == {"error"} and body["error"]["code"] == reply.status_code, body
@@ -174,7 +183,7 @@ def test_context_by_phone_email_and_raw_text_is_the_one_customer(gateway: Served
     key = demo.tenant.api_key
     by_phone = get(gateway, "/api/v1/context", key, params={"identifier": f"phone:{demo.phone}"})
     assert by_phone.status_code == 200, by_phone.text
-    body = by_phone.json()
+    body = conforms(gateway, "GetCustomerContextResponse", by_phone.json())
     assert body["profile"]["profileId"] == demo.profile_id
     assert len(body["recentInteractions"]) >= 4  # three calls and the chats
     assert int(body["contacts"]["last7Days"]) >= 3  # int64: a string in the proto3 JSON mapping
@@ -190,7 +199,9 @@ def test_context_by_phone_email_and_raw_text_is_the_one_customer(gateway: Served
 
 def test_profile_and_timeline_pages(gateway: Served, demo: Demo) -> None:
     key = demo.tenant.api_key
-    profile = get(gateway, f"/api/v1/profiles/{demo.profile_id}", key).json()["profile"]
+    profile = conforms(gateway, "GetProfileResponse", get(gateway, f"/api/v1/profiles/{demo.profile_id}", key).json())[
+        "profile"
+    ]
     assert profile["profileId"] == demo.profile_id and profile["eventCount"] == str(demo.events)
     assert {t["key"]: t["value"] for t in profile["traits"]}["name"] == "Ada Lovelace"
     seen: list[str] = []
@@ -199,7 +210,7 @@ def test_profile_and_timeline_pages(gateway: Served, demo: Demo) -> None:
         page = get(
             gateway, f"/api/v1/profiles/{demo.profile_id}/timeline", key, params={"pageSize": 3, "pageToken": token}
         ).json()
-        assert len(page["events"]) <= 3
+        assert len(conforms(gateway, "ListTimelineEventsResponse", page)["events"]) <= 3
         seen += [e["eventId"] for e in page["events"]]
         token = page["nextPageToken"]
         if not token:
@@ -226,12 +237,15 @@ def test_scores_evaluations_and_alerts(gateway: Served, demo: Demo) -> None:
     key = demo.tenant.api_key
     metrics = get(gateway, f"/api/v1/profiles/{demo.profile_id}/metrics", key)
     assert metrics.status_code == 200, metrics.text
-    assert metrics.json()["metrics"]["nps"]["sampleSize"] == "1"
-    evals = get(gateway, f"/api/v1/profiles/{demo.profile_id}/evaluations", key).json()["evaluations"]
+    assert conforms(gateway, "GetCustomerMetricsResponse", metrics.json())["metrics"]["nps"]["sampleSize"] == "1"
+    evals = get(gateway, f"/api/v1/profiles/{demo.profile_id}/evaluations", key).json()
+    evals = conforms(gateway, "ListEvaluationsResponse", evals)["evaluations"]
     assert [e["name"] for e in evals] == [f"evaluations/{demo.chat_id}/forms/chat"]
     by_interaction = get(gateway, "/api/v1/evaluations", key, params={"interactionId": demo.chat_id}).json()
     assert [e["name"] for e in by_interaction["evaluations"]] == [evals[0]["name"]]
-    alerts = get(gateway, f"/api/v1/profiles/{demo.profile_id}/alerts", key).json()["alerts"]
+    alerts = conforms(
+        gateway, "ListAlertsResponse", get(gateway, f"/api/v1/profiles/{demo.profile_id}/alerts", key).json()
+    )["alerts"]
     assert [a["interactionId"] for a in alerts] == [demo.open_chat] and alerts[0]["state"] == "ALERT_STATE_OPEN"
     tenant_alerts = get(gateway, "/api/v1/alerts", key, params={"includeAcknowledged": "true"}).json()["alerts"]
     assert [a["name"] for a in tenant_alerts] == [alerts[0]["name"]]
@@ -239,7 +253,7 @@ def test_scores_evaluations_and_alerts(gateway: Served, demo: Demo) -> None:
 
 def test_metric_definitions_and_a_query(gateway: Served, demo: Demo) -> None:
     key = demo.tenant.api_key
-    defs = get(gateway, "/api/v1/metrics/definitions", key).json()
+    defs = conforms(gateway, "ListMetricDefinitionsResponse", get(gateway, "/api/v1/metrics/definitions", key).json())
     assert {"nps", "csat"} <= {d["name"] for d in defs["definitions"]} and "channel" in defs["dimensions"]
     now = dt.datetime.now(dt.UTC)
     window = {
@@ -264,7 +278,7 @@ def test_metric_definitions_and_a_query(gateway: Served, demo: Demo) -> None:
         30,
         "the rollups",
     )
-    series = reply.json()["series"]
+    series = conforms(gateway, "QueryMetricsResponse", reply.json())["series"]
     assert {s["metric"] for s in series} >= {"aht_seconds"} and all("channel" in s["group"] for s in series)
     filtered = get(
         gateway,
@@ -512,6 +526,8 @@ def test_profile_stream_resumes_with_last_event_id_exactly_after_what_it_saw(
     seen = list(first.events)
     assert {e["event"] for e in seen} <= {"created", "updated", "merged", "split", "erased"}
     assert seen[0]["event"] == "created" and json.loads(seen[0]["data"])["kind"] == "PROFILE_EVENT_KIND_CREATED"
+    for e in seen:
+        conforms(gateway, "WatchProfilesResponse", json.loads(e["data"]))
     first.close()
     wait_until(lambda: gateway.open_streams == 0, 10, "the gateway to cancel the watch of a gone client")
 
@@ -584,6 +600,7 @@ def test_alert_stream_resumes_with_last_event_id(
     wait_until(lambda: first.events, 30, "the first alert")
     first.close()
     assert first.events[0]["event"] == "alert" and first.data()[0]["interactionId"] == one
+    conforms(gateway, "Alert", first.data()[0])
     wait_until(lambda: gateway.open_streams == 0, 10, "the watch to end with its client")
 
     two = angry_chat("+14155550152")
