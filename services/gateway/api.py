@@ -362,7 +362,8 @@ class JsonApi:
         """Only an exact allowlisted origin may read responses from a browser; others get no CORS headers."""
         if not _is_api(request.path):
             return
-        response.headers["Vary"] = "Origin"
+        vary = response.headers.get("Vary")
+        response.headers["Vary"] = f"{vary}, Origin" if vary and "origin" not in vary.lower() else (vary or "Origin")
         origin = request.headers.get("Origin")
         if origin is None or origin not in self.own.cors_origins:
             return
@@ -632,6 +633,11 @@ class JsonApi:
             return response
         except ConnectionError:  # the client went while we wrote
             assert response is not None  # nothing is written before the headers
+            return response
+        except Exception:
+            if response is None:  # before the headers: the middleware answers (an HttpError, or a 500)
+                raise
+            log.exception("stream on %s failed after it started", request.path)
             return response
         finally:
             call.cancel()
