@@ -591,6 +591,23 @@ def test_gateway_is_told_where_ingest_answers(default_objects: list[Manifest]) -
     assert int(port) == ingest["spec"]["ports"][0]["port"]
 
 
+def test_gateway_is_told_where_profile_and_metrics_answer_and_its_cors_origins(
+    default_objects: list[Manifest], render: Render, helm: Path
+) -> None:
+    env = env_of(container(by_name(default_objects, "Deployment")[f"{FULLNAME}-gateway"]))
+    for service in ("profile", "metrics"):
+        svc = by_name(default_objects, "Service")[f"{FULLNAME}-{service}"]
+        host, port = env[f"TESSERA_GATEWAY_{service.upper()}_ADDRESS"]["value"].rsplit(":", 1)
+        assert host == f"{svc['metadata']['name']}.{NAMESPACE}.svc"
+        assert int(port) == svc["spec"]["ports"][0]["port"]
+    assert "TESSERA_GATEWAY_CORS_ORIGINS" not in env  # the default: no cross-origin access
+    objects = render("--set", "services.gateway.corsOrigins={https://console.example.com,http://localhost:3000}")
+    env = env_of(container(by_name(objects, "Deployment")[f"{FULLNAME}-gateway"]))
+    assert env["TESSERA_GATEWAY_CORS_ORIGINS"]["value"] == "https://console.example.com,http://localhost:3000"
+    refused = run_helm(helm, "template", RELEASE, str(CHART), "--set", "services.gateway.corsOrigins={*}")
+    assert refused.returncode != 0 and "corsOrigins" in refused.stderr
+
+
 def test_gateway_ingress_is_optional_and_routes_to_the_http_port(
     default_objects: list[Manifest], render: Render
 ) -> None:
