@@ -24,7 +24,7 @@ from aiohttp import web
 from services.core.channels import service_aio_channel
 from services.core.settings import Settings
 from services.core.telemetry import configure_logging
-from services.gateway import segment
+from services.gateway import console, segment
 from services.gateway.settings import GatewaySettings
 from services.gateway.statuses import HttpError, from_rpc_error
 from tessera.v1 import ingest_pb2, ingest_pb2_grpc
@@ -120,6 +120,7 @@ class Gateway:
         app.router.add_post("/v1/batch", self._batch)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        console.add_routes(app)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
         return app
