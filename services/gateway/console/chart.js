@@ -6,18 +6,22 @@ const W = 640;
 const H = 260;
 const PAD = { left: 52, right: 16, top: 14, bottom: 34 };
 
-function niceStep(span) {
+function niceStep(span, seconds) {
   const raw = span / 5;
+  if (seconds && raw >= 20) {
+    for (const m of [30, 60, 120, 300, 600, 900, 1800, 3600, 7200]) if (raw <= m) return m;
+  }
   const mag = 10 ** Math.floor(Math.log10(raw || 1));
   for (const m of [1, 2, 2.5, 5, 10]) if (raw <= m * mag) return m * mag;
   return 10 * mag;
 }
 
 /**
- * series: [{ label, points: [{ time: Date, value: number, n: number, low?, high? }] }]
+ * series: [{ label, points: [{ time: Date, value: number, n: number, low?, high? }] }]; `seconds` puts the
+ * axis ticks on whole minutes.
  * Returns a <figure> with the SVG, a legend and the same data as a table for screen readers.
  */
-export function lineChart({ title, unit, start, end, series, format = (v) => fmtNumber(v) }) {
+export function lineChart({ title, unit, start, end, series, format = (v) => fmtNumber(v), seconds = false }) {
   const values = series.flatMap((s) => s.points.map((p) => p.value)).filter((v) => Number.isFinite(v));
   const figure = el('figure', { class: 'chart' });
   figure.append(el('figcaption', {}, title, unit ? el('span', { class: 'unit' }, ` (${unit})`) : null));
@@ -31,7 +35,7 @@ export function lineChart({ title, unit, start, end, series, format = (v) => fmt
     lo -= 1;
     hi += 1;
   }
-  const step = niceStep(hi - lo);
+  const step = niceStep(hi - lo, seconds);
   lo = Math.floor(lo / step) * step;
   hi = Math.ceil(hi / step) * step;
   const t0 = start.getTime();

@@ -47,7 +47,7 @@ async function loadCharts() {
         }))
         .filter((s) => s.points.length)
         .sort((a, b) => a.label.localeCompare(b.label));
-      charts.append(el('section', { class: 'card', 'data-metric': metric }, lineChart({ title, unit, start: from, end: to, series, format })));
+      charts.append(el('section', { class: 'card', 'data-metric': metric }, lineChart({ title, unit, start: from, end: to, series, format, seconds: metric === 'aht_seconds' })));
     }
     $('status').textContent = '';
   } catch (err) {
