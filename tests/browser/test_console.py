@@ -128,14 +128,13 @@ def gateway(
     metrics_server: RunningServer,
     console_profile_server: RunningServer,
 ) -> Iterator[Served]:
-    # Built from a mapping: the profile/metrics addresses are the JSON API's settings (gateway contract).
-    own: dict[str, Any] = {
-        "ingest_address": f"127.0.0.1:{ingest_server.port}",
-        "profile_address": f"127.0.0.1:{console_profile_server.port}",
-        "metrics_address": f"127.0.0.1:{metrics_server.port}",
-        "ingest_deadline_seconds": 5.0,
-    }
-    served = Served(settings, GatewaySettings(**own))
+    own = GatewaySettings(
+        ingest_address=f"127.0.0.1:{ingest_server.port}",
+        profile_address=f"127.0.0.1:{console_profile_server.port}",
+        metrics_address=f"127.0.0.1:{metrics_server.port}",
+        ingest_deadline_seconds=5.0,
+    )
+    served = Served(settings, own)
     yield served
     served.stop()
 
