@@ -18,10 +18,11 @@ function niceStep(span, seconds) {
 
 /**
  * series: [{ label, points: [{ time: Date, value: number, n: number, low?, high? }] }]; `seconds` puts the
- * axis ticks on whole minutes.
+ * axis ticks on whole minutes; `domain` ([min, max], either may be null) fixes the axis ends a metric has
+ * by definition (0-100 for a percentage), so one point does not make a meaningless scale.
  * Returns a <figure> with the SVG, a legend and the same data as a table for screen readers.
  */
-export function lineChart({ title, unit, start, end, series, format = (v) => fmtNumber(v), seconds = false }) {
+export function lineChart({ title, unit, start, end, series, format = (v) => fmtNumber(v), seconds = false, domain }) {
   const values = series.flatMap((s) => s.points.map((p) => p.value)).filter((v) => Number.isFinite(v));
   const figure = el('figure', { class: 'chart' });
   figure.append(el('figcaption', {}, title, unit ? el('span', { class: 'unit' }, ` (${unit})`) : null));
@@ -29,8 +30,8 @@ export function lineChart({ title, unit, start, end, series, format = (v) => fmt
     figure.append(el('p', { class: 'empty' }, 'No data in this range.'));
     return figure;
   }
-  let lo = Math.min(...values);
-  let hi = Math.max(...values);
+  let lo = domain && domain[0] !== null ? domain[0] : Math.min(...values);
+  let hi = domain && domain[1] !== null ? domain[1] : Math.max(...values);
   if (lo === hi) {
     lo -= 1;
     hi += 1;

@@ -6,10 +6,10 @@ import { Unauthorized, api, channelName, clear, el, fmtDuration, fmtNumber, fmtT
 
 const $ = (id) => document.getElementById(id);
 const METRICS = [
-  ['nps', 'NPS', 'score, −100 to 100', (v) => fmtNumber(v, 0)],
-  ['csat', 'CSAT', '% satisfied', (v) => `${fmtNumber(v, 0)}%`],
-  ['aht_seconds', 'Average handle time', 'per handled contact', (v) => fmtDuration(v)],
-  ['fcr', 'First-contact resolution', '% resolved', (v) => `${fmtNumber(v, 0)}%`],
+  ['nps', 'NPS', 'score, −100 to 100', (v) => fmtNumber(v, 0), [-100, 100]],
+  ['csat', 'CSAT', '% satisfied', (v) => `${fmtNumber(v, 0)}%`, [0, 100]],
+  ['aht_seconds', 'Average handle time', 'per handled contact', (v) => fmtDuration(v), [0, null]],
+  ['fcr', 'First-contact resolution', '% resolved', (v) => `${fmtNumber(v, 0)}%`, [0, 100]],
 ];
 const DAY = 86400000;
 const state = { stream: null, seen: new Set() };
@@ -30,7 +30,7 @@ async function loadCharts() {
     const to = answer.endTime ? new Date(answer.endTime) : end;
     $('range').textContent = `${fmtTime(from.toISOString())} to ${fmtTime(to.toISOString())}${answer.timeZone ? ` (${answer.timeZone})` : ''}`;
     const charts = clear($('charts'));
-    for (const [metric, title, unit, format] of METRICS) {
+    for (const [metric, title, unit, format, domain] of METRICS) {
       const series = (answer.series || [])
         .filter((s) => s.metric === metric)
         .map((s) => ({
@@ -47,7 +47,7 @@ async function loadCharts() {
         }))
         .filter((s) => s.points.length)
         .sort((a, b) => a.label.localeCompare(b.label));
-      charts.append(el('section', { class: 'card', 'data-metric': metric }, lineChart({ title, unit, start: from, end: to, series, format, seconds: metric === 'aht_seconds' })));
+      charts.append(el('section', { class: 'card', 'data-metric': metric }, lineChart({ title, unit, start: from, end: to, series, format, domain, seconds: metric === 'aht_seconds' })));
     }
     $('status').textContent = '';
   } catch (err) {
