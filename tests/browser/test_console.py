@@ -160,9 +160,11 @@ def page(browser: Any) -> Iterator[Any]:
     opened = context.new_page()
     errors: list[str] = []
     opened.on("pageerror", lambda err: errors.append(str(err)))
+    # A Content-Security-Policy violation is only reported on the console: make it fail the test too.
+    opened.on("console", lambda msg: "Content Security Policy" in msg.text and errors.append(msg.text))
     yield opened
     context.close()
-    assert not errors, f"the page threw: {errors}"
+    assert not errors, f"the page threw or broke its CSP: {errors}"
 
 
 def sign_in(page: Any, url: str, key: str) -> Any:
@@ -226,6 +228,12 @@ def test_agent_signs_in_looks_up_by_phone_and_sees_a_new_event_live(
     expect(page.locator("#activity tbody")).to_contain_text(name)
     assert page.evaluate("window.__notReloaded === true")
     page.screenshot(path=str(tmp_path / "customer.png"), full_page=True)  # kept under --basetemp, to look at
+
+    # On a phone the page reflows: nothing wider than the screen but the tables, which scroll inside.
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    expect(page.locator("#customer-name")).to_be_in_viewport()
+    page.set_viewport_size({"width": 1280, "height": 900})
 
     # Signing out forgets the cookie; the lookup is gone.
     page.click('[data-action="sign-out"]')
