@@ -160,8 +160,13 @@ def page(browser: Any) -> Iterator[Any]:
     opened = context.new_page()
     errors: list[str] = []
     opened.on("pageerror", lambda err: errors.append(str(err)))
+
     # A Content-Security-Policy violation is only reported on the console: make it fail the test too.
-    opened.on("console", lambda msg: "Content Security Policy" in msg.text and errors.append(msg.text))
+    def on_console(msg: Any) -> None:
+        if "Content Security Policy" in msg.text:
+            errors.append(msg.text)
+
+    opened.on("console", on_console)
     yield opened
     context.close()
     assert not errors, f"the page threw or broke its CSP: {errors}"
