@@ -151,7 +151,7 @@ class Stack:
         return {
             f"TESSERA_PROFILE_{s.upper()}_ADDRESS": self._target(s) if s in self.ports else "none"
             for s in ("identity", "ingest", "metrics")
-        } | {
+        } | {  # the gateway: ingest for the tracking API, profile and metrics for the JSON API and console
             f"TESSERA_GATEWAY_{s.upper()}_ADDRESS": self._target(s)
             for s in ("ingest", "profile", "metrics")
             if s in self.ports
@@ -232,6 +232,10 @@ class Stack:
         self.say(f"Demo tenant API key (also in {data_dir / 'demo-api-key'}):")
         self.say(f"  {self.api_key}")
         self.say()
+        if "gateway" in self.ports:
+            self.say(f"Agent console: {self._shown('gateway')}/  (sign in with the key above; look up (415) 555-0142)")
+            self.say(f"  dashboard:   {self._shown('gateway')}/dashboard")
+            self.say()
         self.say("Try:")
         if "ingest" in self.ports:
             target = self._target("ingest")

@@ -24,7 +24,7 @@ from services.core.channels import service_aio_channel
 from services.core.server import HttpServiceDefinition
 from services.core.settings import Settings
 from services.core.telemetry import configure_logging
-from services.gateway import api, segment
+from services.gateway import api, console, segment
 from services.gateway.credentials import api_key
 from services.gateway.settings import GatewaySettings
 from services.gateway.statuses import HttpError, from_rpc_error
@@ -106,6 +106,7 @@ class Gateway:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         self.json_api = api.install(app, self.settings, self.own, lambda: self.draining)
+        console.add_routes(app)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
         return app

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+import requests
 
 from services.cli.demo import PERSONA
 from services.core.harness import TESSERA, free_port, wait_health
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 IDENTITY_PORT = free_port()
 PROFILE_PORT = free_port()
 METRICS_PORT = free_port()
+GATEWAY_PORT = free_port()
 PERSONA_IDENTIFIERS = {("email", PERSONA.email), ("phone", PERSONA.phone), ("loyalty_id", PERSONA.loyalty_id)}
 
 
@@ -49,6 +51,7 @@ def _env(data_dir: Path, port: int) -> dict[str, str]:
             "TESSERA_IDENTITY_PORT": str(IDENTITY_PORT),
             "TESSERA_PROFILE_PORT": str(PROFILE_PORT),
             "TESSERA_METRICS_PORT": str(METRICS_PORT),
+            "TESSERA_GATEWAY_PORT": str(GATEWAY_PORT),
             "XDG_STATE_HOME": str(data_dir.parent / f"{data_dir.name}-state"),
         }
     )
@@ -208,6 +211,19 @@ def test_newcomer_session_from_nothing_to_a_query(tmp_path: Path) -> None:
         assert context.scores.missing_reason == ""
         assert context.scores.metrics.profile == f"profiles/{profile_id}"
         assert context.scores.metrics.aht_seconds.sample_size > 0
+
+        # The agent console the banner points to: the page, and her context through the gateway's JSON API
+        # (so `tessera up` told the gateway where profile is).
+        console = f"http://127.0.0.1:{GATEWAY_PORT}"
+        assert f"Agent console: {console}/" in banner
+        assert requests.get(f"{console}/", timeout=10).headers["Content-Type"].startswith("text/html")
+        found = requests.get(
+            f"{console}/api/v1/context",
+            params={"q": PERSONA.phone_national},
+            headers={"Authorization": f"Bearer {demo_key}"},
+            timeout=10,
+        )
+        assert found.status_code == 200 and found.json()["profile"]["profileId"] == profile_id, found.text
 
         # The CX analyst's view: a month of the demo tenant's figures by channel, as a table.
         month = _cli(
