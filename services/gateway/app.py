@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import logging
 import signal
+import time
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,11 +20,12 @@ from typing import Any
 
 import grpc
 from aiohttp import web
+from opentelemetry import metrics
 
 from services.core.channels import service_aio_channel
 from services.core.server import HttpServiceDefinition
 from services.core.settings import Settings
-from services.core.telemetry import configure_logging
+from services.core.telemetry import configure_logging, configure_telemetry
 from services.gateway import api, console, segment
 from services.gateway.credentials import api_key
 from services.gateway.settings import GatewaySettings
@@ -31,6 +33,12 @@ from services.gateway.statuses import HttpError, from_rpc_error
 from tessera.v1 import ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger(__name__)
+_meter = metrics.get_meter("tessera.gateway")
+_requests = _meter.create_counter("tessera.gateway.requests", description="HTTP requests, by route and status")
+_duration = _meter.create_histogram(
+    "tessera.gateway.request.duration", unit="s", description="time to the response's headers, by route"
+)
+_events = _meter.create_counter("tessera.gateway.events", description="tracking API events, by outcome")
 
 #: Segment's documented limits: 32 KB a call, 500 KB a batch.
 SINGLE_LIMIT = 32 * 1024
@@ -123,18 +131,31 @@ class Gateway:
     async def _faults(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        """Every domain error becomes its status here; anything unexpected a generic 500, logged."""
+        """Every domain error becomes its status here; anything unexpected a generic 500, logged.
+        Each request is counted by its route's pattern (never its path: ids would be labels)."""
+        started = time.perf_counter()
+        status = 500
         try:
-            return await handler(request)
+            response = await handler(request)
+            status = response.status
+            return response
         except HttpError as err:
+            status = err.status
             return _error(err)
         except web.HTTPRequestEntityTooLarge:
+            status = 413
             return _error(HttpError(413, f"the body is larger than {BATCH_LIMIT} bytes"))
-        except web.HTTPException:
+        except web.HTTPException as err:
+            status = err.status
             raise
         except Exception:
             log.exception("unhandled error on %s", request.path)
             return _error(HttpError(500, "internal error"))
+        finally:
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            _requests.add(1, {"route": route, "method": request.method, "status": str(status)})
+            _duration.record(time.perf_counter() - started, {"route": route})
 
     async def _healthz(self, _request: web.Request) -> web.Response:
         return _json(200, {"status": "alive"})
@@ -200,6 +221,10 @@ class Gateway:
                         violations.append(segment.Violation(index, where, why))
                 else:  # accepted, duplicate (a retry) and suppressed (erased person) are all done
                     accepted += 1
+        if accepted:
+            _events.add(accepted, {"outcome": "accepted"})
+        if violations:
+            _events.add(len({v.index for v in violations}), {"outcome": "refused"})
         if not violations:
             return _json(200, {"success": True})
         violations.sort(key=lambda v: v.index)
@@ -263,6 +288,7 @@ async def _serve(settings: Settings, own: GatewaySettings) -> None:
 
 def _run(settings: Settings, own: GatewaySettings) -> None:
     configure_logging("gateway", settings.log_level)
+    configure_telemetry("gateway", settings.prometheus_port, settings.bind_host)
     asyncio.run(_serve(settings, own))
 
 

@@ -109,3 +109,51 @@ def test_a_taken_scrape_port_stops_the_service_with_a_message_naming_the_setting
         finally:
             proc.stop(1)
     assert "TESSERA_PROMETHEUS_PORT: cannot serve metrics on 127.0.0.1:" in proc.log_tail()
+
+
+def test_the_gateway_counts_its_requests_by_route_pattern_on_the_scrape_port(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The gateway is HTTP, not on the gRPC bootstrap, yet serves ``/metrics`` the same way: its
+    requests by route pattern (a profile id in the path never becomes a label) and status."""
+    port, scrape_port = free_port(), free_port()
+    env = {
+        "TESSERA_BIND_HOST": "127.0.0.1",
+        "TESSERA_GATEWAY_PORT": str(port),
+        "TESSERA_PROMETHEUS_PORT": str(scrape_port),
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_METRICS_EXPORTER": "none",
+    }
+    proc = spawn_service("gateway", env, tmp_path / "gateway.log")
+    try:
+
+        def up() -> bool | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
+                    return resp.status == 200 or None
+            except (urllib.error.URLError, OSError):
+                return None
+
+        wait_until(up, 30, "the gateway's /healthz")
+        profile = "0b7c3f5e-8a41-4c55-9a3e-2f1d6c0e9b11"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/profiles/{profile}", timeout=5)
+        assert refused.value.code == 401
+
+        def served() -> str | None:
+            try:
+                text = scrape(scrape_port)
+            except (urllib.error.URLError, OSError):
+                return None
+            return text if "tessera_gateway_requests_total{" in text else None
+
+        text = wait_until(served, 10, "the gateway's request counter on /metrics")
+    finally:
+        proc.stop(5)
+    requests = [line for line in text.splitlines() if line.startswith("tessera_gateway_requests_total{")]
+    assert any('route="/healthz"' in line and 'status="200"' in line for line in requests), requests
+    assert any(
+        'route="/api/v1/profiles/{profile_id}"' in line and 'status="401"' in line for line in requests
+    ), requests
+    assert profile not in text
+    assert "tessera_gateway_request_duration_seconds_bucket{" in text

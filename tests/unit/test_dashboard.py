@@ -30,6 +30,8 @@ REQUIRED = (
     "tessera.quality.evaluations",
     "tessera.quality.alerts",
     "tessera.leader.status",
+    "tessera.gateway.requests",
+    "tessera.gateway.events",
 )
 _STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
 _MATCHERS = re.compile(r"\{[^}]*\}")
