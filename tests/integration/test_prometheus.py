@@ -152,8 +152,8 @@ def test_the_gateway_counts_its_requests_by_route_pattern_on_the_scrape_port(
         proc.stop(5)
     requests = [line for line in text.splitlines() if line.startswith("tessera_gateway_requests_total{")]
     assert any('route="/healthz"' in line and 'status="200"' in line for line in requests), requests
-    assert any(
-        'route="/api/v1/profiles/{profile_id}"' in line and 'status="401"' in line for line in requests
-    ), requests
+    assert any('route="/api/v1/profiles/{profile_id}"' in line and 'status="401"' in line for line in requests), (
+        requests
+    )
     assert profile not in text
     assert "tessera_gateway_request_duration_seconds_bucket{" in text
