@@ -149,7 +149,15 @@ def _ingest_half(cfg: Config, token: str) -> dict[str, Any]:
                     plan = [
                         ("grpc", "unary", target, (("authorization", f"Bearer {api_key}"),), templates, ingest, {}),
                         ("http", "http", gw_target, (("authorization", basic),), bodies, gw, {"ingest": ingest.pid}),
-                        ("grpc_after", "unary", target, (("authorization", f"Bearer {api_key}"),), templates, ingest, {}),
+                        (
+                            "grpc_after",
+                            "unary",
+                            target,
+                            (("authorization", f"Bearer {api_key}"),),
+                            templates,
+                            ingest,
+                            {},
+                        ),
                     ]
                     for name, mode, where, metadata, tpl, server, others in plan:
                         spec = PhaseSpec(
@@ -222,7 +230,7 @@ def context_client(
     def run_client(n: int) -> None:
         rng = random.Random(seed * 1000 + n)
         lat: list[float] = []
-        errors, samples = 0, []
+        errors, samples = 0, list[str]()
         call = channel.unary_unary(CONTEXT_METHOD) if channel is not None else None
         conn = None
         if call is None:
@@ -376,8 +384,9 @@ def produce(cfg: Config) -> dict[str, Any]:
     date = utc_now()
     token = run_token()
     halves = os.environ.get("TESSERA_BENCH_GATEWAY_HALVES", "ingest,context").split(",")
-    ingest = _ingest_half(cfg, token) if "ingest" in halves else {"status": "skipped"}
-    context = _context_half(cfg) if "context" in halves else {"status": "skipped"}
+    skipped: dict[str, Any] = {"status": "skipped"}
+    ingest = _ingest_half(cfg, token) if "ingest" in halves else skipped
+    context = _context_half(cfg) if "context" in halves else skipped
     measured = [h for h in (ingest, context) if "met" in h]
     return {
         "scenario": "gateway",
@@ -392,7 +401,7 @@ def produce(cfg: Config) -> dict[str, Any]:
         },
         "ok": bool(measured)
         and all(h["met"] and not h["errors"] for h in measured)
-        and bool(ingest.get("correctness", {}).get("ok", True)),
+        and bool(ingest["correctness"]["ok"] if "correctness" in ingest else True),
         "wall_seconds": rounded(time.monotonic() - started, 1),
     }
 
@@ -406,8 +415,8 @@ def table(rep: dict[str, Any]) -> str:
     lines = [
         f"tessera bench gateway  {rep['date']}",
         f"machine: {m['cpu_count']} CPUs, {m['cpu_model']}, Python {m['python']}",
-        f"{c['ingest_clients']} ingest clients in {c['client_processes']} processes, {c['batch_size']}-message batches, "
-        f"{c['warmup_seconds']}s warm-up + {c['seconds_per_phase']}s per phase",
+        f"{c['ingest_clients']} ingest clients in {c['client_processes']} processes, "
+        f"{c['batch_size']}-message batches, {c['warmup_seconds']}s warm-up + {c['seconds_per_phase']}s per phase",
         "",
         f"{'phase':<28}{'events/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'srv cores':>10}{'ingest cores':>13}{'errors':>8}",
     ]

@@ -492,7 +492,8 @@ def run_phase(
         time.sleep(max(0.0, m_end - time.monotonic()))
         s_cpu1 = proc_cpu(server_pid) if server_pid else 0.0
         o_cores = {
-            f"{name}_cpu_cores": rounded((proc_cpu(pid) - o_cpu0[name]) / spec.seconds, 2) for name, pid in others.items()
+            f"{name}_cpu_cores": rounded((proc_cpu(pid) - o_cpu0[name]) / spec.seconds, 2)
+            for name, pid in others.items()
         }
         c_cpu1 = sum(proc_cpu(w.pid) for w in workers if w.pid)
         busy1, total1 = machine_busy()

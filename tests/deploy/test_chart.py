@@ -629,7 +629,9 @@ def test_gateway_cors_origins_are_rendered_comma_joined(render: Render) -> None:
     "value", ["https://console.example.com/", "console.example.com", "https://a.example.com,https://b.example.com"]
 )
 def test_gateway_cors_origins_must_be_origins(helm: Path, value: str) -> None:
-    done = run_helm(helm, "template", RELEASE, str(CHART), "--set-json", f"services.gateway.corsOrigins={json.dumps([value])}")
+    done = run_helm(
+        helm, "template", RELEASE, str(CHART), "--set-json", f"services.gateway.corsOrigins={json.dumps([value])}"
+    )
     assert done.returncode != 0
     assert "corsOrigins" in done.stderr
 
