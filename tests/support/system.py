@@ -186,6 +186,8 @@ def segment_message(ev: event_pb2.Event) -> dict[str, Any] | None:
     del mapped.context["channel"]
     if not context:
         mapped.ClearField("context")
+    if not ev.HasField("properties") and not mapped.properties.fields:
+        mapped.ClearField("properties")  # Segment's mapping always sets them, empty when absent
     return msg if mapped == ev else None
 
 
