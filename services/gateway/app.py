@@ -1,5 +1,6 @@
-"""The gateway as ``tessera serve gateway`` runs it: an aiohttp server for the Segment tracking API,
-stateless, talking to ingest over gRPC like any other client.
+"""The gateway as ``tessera serve gateway`` runs it: an aiohttp server for the Segment tracking API
+and the JSON API (:mod:`services.gateway.api`), stateless, talking to the services over gRPC like
+any other client.
 
 It is HTTP, not a gRPC :class:`~services.core.server.ServiceDefinition`, so its definition carries
 ``http = True`` and its own :meth:`GatewayDefinition.serve`; the composition root asks for that."""
@@ -7,8 +8,6 @@ It is HTTP, not a gRPC :class:`~services.core.server.ServiceDefinition`, so its 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import datetime as dt
 import json
 import logging
@@ -24,7 +23,8 @@ from aiohttp import web
 from services.core.channels import service_aio_channel
 from services.core.settings import Settings
 from services.core.telemetry import configure_logging
-from services.gateway import segment
+from services.gateway import api, segment
+from services.gateway.credentials import api_key
 from services.gateway.settings import GatewaySettings
 from services.gateway.statuses import HttpError, from_rpc_error
 from tessera.v1 import ingest_pb2, ingest_pb2_grpc
@@ -52,23 +52,6 @@ def _error(err: HttpError) -> web.Response:
         headers = {**(headers or {}), "WWW-Authenticate": 'Basic realm="tessera"'}
     code = _CODES.get(err.status, "error")
     return _json(err.status, {"success": False, "code": code, "message": err.message, "error": err.message}, headers)
-
-
-def api_key(header: str | None) -> str | None:
-    """The write key: Basic auth's user name (Segment), or a Bearer token (Tessera's own clients)."""
-    if not header:
-        return None
-    scheme, _, value = header.strip().partition(" ")
-    value = value.strip()
-    if scheme.lower() == "bearer":
-        return value or None
-    if scheme.lower() == "basic":
-        try:
-            decoded = base64.b64decode(value, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        return decoded.partition(":")[0] or None
-    return None
 
 
 def _inflate(raw: bytes, limit: int) -> bytes:
@@ -112,6 +95,7 @@ class Gateway:
     draining: bool = False
     _channel: grpc.aio.Channel | None = None
     _ingest: ingest_pb2_grpc.IngestServiceStub | None = field(default=None, repr=False)
+    json_api: api.JsonApi | None = field(default=None, repr=False)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=BATCH_LIMIT + 1, middlewares=[self._faults])
@@ -120,6 +104,7 @@ class Gateway:
         app.router.add_post("/v1/batch", self._batch)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        self.json_api = api.install(app, self.settings, self.own, lambda: self.draining)
         app.on_startup.append(self._open)
         app.on_cleanup.append(self._close)
         return app
@@ -256,7 +241,10 @@ async def start(settings: Settings, own: GatewaySettings, port: int | None = Non
     await site.start()
     server = site._server  # the only way aiohttp tells the bound port
     bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else own.port  # type: ignore[attr-defined]
-    log.info("gateway serving on %s:%s, ingest at %s", settings.bind_host, bound, own.ingest_address)
+    log.info(
+        "gateway serving on %s:%s, ingest at %s, profile at %s, metrics at %s",
+        settings.bind_host, bound, own.ingest_address, own.profile_address, own.metrics_address,
+    )  # fmt: skip
     return Running(gateway, runner, int(bound))
 
 
