@@ -25,6 +25,7 @@ import logging
 import multiprocessing
 import os
 import random
+import shlex
 import threading
 import time
 import urllib.parse
@@ -48,6 +49,7 @@ from bench.common import (
     spawn,
     utc_now,
 )
+from bench.http_client import KeepAlive
 from bench.ingest import verify
 from bench.loadgen import PhaseResult, PhaseSpec, run_phase
 from bench.profile_stack import preloaded
@@ -110,7 +112,9 @@ def gateway(be: Backends, **addresses: str) -> Iterator[tuple[ServiceProcess, st
         TESSERA_SHUTDOWN_GRACE_SECONDS="3",
         **{f"TESSERA_GATEWAY_{name.upper()}_ADDRESS": target for name, target in addresses.items()},
     )
-    proc = spawn("gateway", serve_argv("gateway"), env, be.workdir)
+    # TESSERA_BENCH_GATEWAY_ARGV runs it another way (under a profiler); still `... serve gateway`.
+    override = os.environ.get("TESSERA_BENCH_GATEWAY_ARGV", "").strip()
+    proc = spawn("gateway", shlex.split(override) if override else serve_argv("gateway"), env, be.workdir)
     try:
         wait_http(f"http://127.0.0.1:{port}/readyz", proc, timeout=60)
         yield proc, f"127.0.0.1:{port}"
@@ -213,6 +217,10 @@ def _ingest_half(cfg: Config, token: str) -> dict[str, Any]:
 # ---- 2. context ---------------------------------------------------------------------------------
 
 
+def _context_path(email: str) -> str:
+    return f"{CONTEXT_PATH}?identifier={urllib.parse.quote('email:' + email, safe='')}"
+
+
 def _grpc_request(email: str) -> bytes:
     ident = event_pb2.Identifier(type="email", value=email)
     return profile_pb2.GetCustomerContextRequest(identifier=ident).SerializeToString()
@@ -232,14 +240,13 @@ def context_client(
         lat: list[float] = []
         errors, samples = 0, list[str]()
         call = channel.unary_unary(CONTEXT_METHOD) if channel is not None else None
-        conn = None
-        if call is None:
-            host, _, port = target.rpartition(":")
-            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        host, _, port = target.rpartition(":")
+        conn = KeepAlive(host, int(port), timeout=10) if call is None else None
         metadata = (("authorization", f"Bearer {api_key}"),)
         headers = {"Authorization": f"Bearer {api_key}"}
+        # Both sides send bytes made before the window: a serialized request, or the HTTP request.
         grpc_requests = [_grpc_request(e) for e in emails] if call is not None else []
-        paths = [f"{CONTEXT_PATH}?identifier={urllib.parse.quote('email:' + e, safe='')}" for e in emails]
+        http_requests = [KeepAlive.build("GET", _context_path(e), headers) for e in emails] if conn else []
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             i = rng.randrange(len(emails))
@@ -249,17 +256,13 @@ def context_client(
                     call(grpc_requests[i], metadata=metadata, timeout=10)
                 else:
                     assert conn is not None
-                    conn.request("GET", paths[i], headers=headers)
-                    resp = conn.getresponse()
-                    body = resp.read()
-                    if resp.status != 200:
-                        raise RuntimeError(f"HTTP {resp.status}: {body[:200]!r}")
-            except (grpc.RpcError, OSError, http.client.HTTPException, RuntimeError) as err:
+                    status, body = conn.request(http_requests[i])
+                    if status != 200:
+                        raise RuntimeError(f"HTTP {status}: {body[:200]!r}")
+            except (grpc.RpcError, OSError, RuntimeError) as err:
                 errors += 1
                 if len(samples) < 3:
                     samples.append(repr(err)[:300])
-                if conn is not None:
-                    conn.close()
                 continue
             lat.append((time.perf_counter() - t0) * 1000)
         if conn is not None:
@@ -311,8 +314,7 @@ def _probe(gw_target: str, api_key: str, email: str) -> tuple[int, Any]:
     host, _, port = gw_target.rpartition(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=10)
     try:
-        path = f"{CONTEXT_PATH}?identifier={urllib.parse.quote('email:' + email, safe='')}"
-        conn.request("GET", path, headers={"Authorization": f"Bearer {api_key}"})
+        conn.request("GET", _context_path(email), headers={"Authorization": f"Bearer {api_key}"})
         resp = conn.getresponse()
         raw = resp.read()
     finally:

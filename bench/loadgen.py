@@ -10,7 +10,6 @@ measure, and stop by themselves at the end of the window.
 from __future__ import annotations
 
 import contextlib
-import http.client
 import logging
 import multiprocessing
 import multiprocessing.synchronize
@@ -25,6 +24,7 @@ from typing import Any
 import grpc
 
 from bench.common import CpuGroup, machine_busy, percentile, proc_cpu, rounded
+from bench.http_client import KeepAlive
 from bench.payloads import BatchMaker, check_batch_bytes
 from bench.pg_writer import BaselineWriter, templates_of
 from bench.segment_payloads import SegmentBatchMaker
@@ -165,7 +165,7 @@ def run_unary(spec: PhaseSpec, channel: grpc.Channel, maker: BatchMaker, win: Wi
     return tally
 
 
-def run_http(spec: PhaseSpec, conn: http.client.HTTPConnection, maker: SegmentBatchMaker, win: Window) -> ClientTally:
+def run_http(spec: PhaseSpec, conn: KeepAlive, maker: SegmentBatchMaker, win: Window) -> ClientTally:
     """Serial POST /v1/batch on one keep-alive connection; HTTP 200 means every event was taken."""
     tally = ClientTally()
     headers = {"Content-Type": "application/json", **dict(spec.metadata)}
@@ -174,28 +174,25 @@ def run_http(spec: PhaseSpec, conn: http.client.HTTPConnection, maker: SegmentBa
         b0 = time.monotonic()
         if b0 >= win.end or tally.errors >= MAX_ERRORS:
             break
-        body = maker.make(seq)
+        raw = KeepAlive.build("POST", "/v1/batch", headers, maker.make(seq))
         seq += 1
         sent = time.monotonic()
         tally.build_seconds += sent - b0
         tally.sent_batches += 1
         try:
-            conn.request("POST", "/v1/batch", body=body, headers=headers)
-            resp = conn.getresponse()
-            answer = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
+            status, answer = conn.request(raw)
+        except OSError as exc:
             tally.error(exc)
             tally.unknown_outcome_events += maker.size
-            conn.close()  # reconnects on the next request
             time.sleep(0.05)
             continue
         done = time.monotonic()
-        if resp.status != 200:
+        if status != 200:
             tally.refused_batches += 1
-            if resp.status >= 500 or resp.status == 429:
+            if status >= 500 or status == 429:
                 tally.unknown_outcome_events += maker.size
             if len(tally.error_samples) < 5:
-                tally.error_samples.append(f"HTTP {resp.status}: {answer[:200]!r}")
+                tally.error_samples.append(f"HTTP {status}: {answer[:200]!r}")
             continue
         tally.accepted += maker.size
         if win.start <= done <= win.end:
@@ -302,14 +299,13 @@ def _worker(
         channels: list[grpc.Channel] = []
         makers: list[BatchMaker] = []
         writers: list[BaselineWriter] = []
-        conns: list[tuple[http.client.HTTPConnection, SegmentBatchMaker]] = []
+        conns: list[tuple[KeepAlive, SegmentBatchMaker]] = []
         for t in range(threads):
             tag = f"{spec.run_tag}-{proc_index:02d}{t:02d}"
             offset = (proc_index * 7 + t) * 997
             if spec.mode == "http":
                 host, _, port = spec.target.rpartition(":")
-                conn = http.client.HTTPConnection(host, int(port), timeout=CALL_TIMEOUT)
-                conn.connect()
+                conn = KeepAlive(host, int(port), timeout=CALL_TIMEOUT)
                 conns.append((conn, SegmentBatchMaker(templates, tag, spec.batch_size, offset=offset)))
                 continue
             if spec.mode == "postgres":
