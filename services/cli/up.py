@@ -151,7 +151,11 @@ class Stack:
         return {
             f"TESSERA_PROFILE_{s.upper()}_ADDRESS": self._target(s) if s in self.ports else "none"
             for s in ("identity", "ingest", "metrics")
-        } | ({"TESSERA_GATEWAY_INGEST_ADDRESS": self._target("ingest")} if "ingest" in self.ports else {})
+        } | {
+            f"TESSERA_GATEWAY_{s.upper()}_ADDRESS": self._target(s)
+            for s in ("ingest", "profile", "metrics")
+            if s in self.ports
+        }
 
     @staticmethod
     def _service_token(data_dir: Path) -> str:

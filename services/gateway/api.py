@@ -61,10 +61,16 @@ PROFILE_KINDS = tuple(
 )
 
 PROFILE_ID = Param("profile_id", "uuid", "The profile id (a UUID).", location="path", required=True)
-PAGE_TOKEN = Param("pageToken", description="From the previous page's nextPageToken.", max_length=4096)
+#: Page tokens and cursors the services issue are short base64; this bounds what the gateway forwards.
+MAX_TOKEN = 1024
+PAGE_TOKEN = Param("pageToken", description="From the previous page's nextPageToken.", max_length=MAX_TOKEN)
 LAST_EVENT_ID = Param(
-    "lastEventId", description="Resume after this cursor (the Last-Event-ID header wins).", max_length=4096
+    "lastEventId", description="Resume after this cursor (the Last-Event-ID header wins).", max_length=MAX_TOKEN
 )
+LAST_EVENT_ID_HEADER = Param(
+    "Last-Event-ID", description="What a reconnecting EventSource sends: resume after it.", location="header",
+    max_length=MAX_TOKEN,
+)  # fmt: skip
 INCLUDE_ACK = Param("includeAcknowledged", "boolean", "Acknowledged alerts too.")
 EVALUATION_PAGE = Param("pageSize", "integer", "Default 20.", minimum=1, maximum=100)
 ALERT_PAGE = Param("pageSize", "integer", "At most 100; default 20.", minimum=1, maximum=100)
@@ -137,6 +143,7 @@ class JsonApi:
                 Route(
                     "POST", "/api/v1/session", "createSession", "Sign in: check the API key and set the session cookie",
                     auth=False, success=204, extra_errors=(401, 413, 415),
+                    success_headers=(("Set-Cookie", "tessera_session=...; HttpOnly; SameSite=Strict; Path=/"),),
                     request_body={
                         "type": "object", "required": ["apiKey"], "additionalProperties": False,
                         "properties": {"apiKey": {"type": "string", "minLength": 1, "maxLength": MAX_KEY}},
@@ -147,7 +154,8 @@ class JsonApi:
             ),
             (
                 Route("DELETE", "/api/v1/session", "deleteSession", "Sign out: clear the session cookie",
-                      auth=False, success=204, tags=("session",)),
+                      auth=False, success=204, tags=("session",),
+                      success_headers=(("Set-Cookie", "tessera_session=\"\"; Max-Age=0 (cleared)"),)),
                 self._sign_out,
             ),
             (
@@ -250,7 +258,7 @@ class JsonApi:
                         Param("granularity", "enum", enum=GRANULARITIES),
                         Param("groupBy", description="A dimension.", repeated=True, max_length=64),
                         Param("filter", description="<dimension>:<value>, such as channel:voice.", repeated=True,
-                              max_length=256),
+                              max_length=128),
                     ),
                     response=metrics_pb2.QueryMetricsResponse.DESCRIPTOR, tags=metrics,
                 ),
@@ -264,6 +272,7 @@ class JsonApi:
                         Param("profile", "uuid", "Only changes of this profile id."),
                         Param("kind", "enum", "Only these kinds.", repeated=True, enum=PROFILE_KINDS),
                         LAST_EVENT_ID,
+                        LAST_EVENT_ID_HEADER,
                     ),
                     stream=profile_pb2.WatchProfilesResponse.DESCRIPTOR, tags=("streams",),
                 ),
@@ -273,9 +282,10 @@ class JsonApi:
                 Route(
                     "GET", "/api/v1/streams/alerts", "watchAlerts", "Alerts as they fire, as server-sent events",
                     params=(
-                        Param("queue", repeated=True, max_length=256),
-                        Param("agentId", repeated=True, max_length=256),
+                        Param("queue", repeated=True, max_length=128),
+                        Param("agentId", repeated=True, max_length=128),
                         LAST_EVENT_ID,
+                        LAST_EVENT_ID_HEADER,
                     ),
                     stream=quality_pb2.Alert.DESCRIPTOR, tags=("streams",),
                 ),
@@ -316,7 +326,7 @@ class JsonApi:
 
     def _endpoint(self, route: Route, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
-            args = params.parse(route.params, request.query.items(), dict(request.match_info))
+            args = params.parse(route.params, request.query.items(), request.match_info, request.headers)
             key = self._key(request) if route.auth else ""
             return await handler(request, args, key)
 
@@ -352,7 +362,8 @@ class JsonApi:
         """Only an exact allowlisted origin may read responses from a browser; others get no CORS headers."""
         if not _is_api(request.path):
             return
-        response.headers["Vary"] = "Origin"
+        vary = response.headers.get("Vary")
+        response.headers["Vary"] = f"{vary}, Origin" if vary and "origin" not in vary.lower() else (vary or "Origin")
         origin = request.headers.get("Origin")
         if origin is None or origin not in self.own.cors_origins:
             return
@@ -385,6 +396,8 @@ class JsonApi:
         mapped = from_rpc_error(err, service, "API key")
         if mapped.status == 500:  # the service's own words stay in the log (they never carry the key)
             log.error("%s answered %s: %s", service, err.code().name, err.details())
+        elif mapped.status == 503:
+            log.warning("%s did not answer in time or is down: %s", service, err.code().name)
         return mapped
 
     @staticmethod
@@ -533,17 +546,14 @@ class JsonApi:
     # ---- streams -----------------------------------------------------------------------------
 
     @staticmethod
-    def _cursor(request: web.Request, args: dict[str, Any]) -> str:
+    def _cursor(args: dict[str, Any]) -> str:
         """Where to resume: the browser's Last-Event-ID on a reconnect, else ?lastEventId=."""
-        header = request.headers.get("Last-Event-ID", "").strip()
-        if len(header) > 4096:
-            raise bad_parameter("Last-Event-ID", "at most 4096 characters")
-        return header or args["lastEventId"] or ""
+        return str(args["Last-Event-ID"] or args["lastEventId"] or "")
 
     async def _watch_profiles(self, request: web.Request, args: dict[str, Any], key: str) -> web.StreamResponse:
         only = _name(args["profile"]) if args["profile"] else None
         kinds = [profile_pb2.ProfileEventKind.Value("PROFILE_EVENT_KIND_" + k.upper()) for k in args["kind"]]
-        req = profile_pb2.WatchProfilesRequest(cursor=self._cursor(request, args), kinds=kinds)
+        req = profile_pb2.WatchProfilesRequest(cursor=self._cursor(args), kinds=kinds)
         assert self._profile is not None
         call = self._profile.WatchProfiles(req, metadata=(("authorization", f"Bearer {key}"),))
 
@@ -556,9 +566,7 @@ class JsonApi:
         return await self._sse(request, call, event, "profile")
 
     async def _watch_alerts(self, request: web.Request, args: dict[str, Any], key: str) -> web.StreamResponse:
-        req = quality_pb2.WatchAlertsRequest(
-            cursor=self._cursor(request, args), queues=args["queue"], agent_ids=args["agentId"]
-        )
+        req = quality_pb2.WatchAlertsRequest(cursor=self._cursor(args), queues=args["queue"], agent_ids=args["agentId"])
         assert self._quality is not None
         call = self._quality.WatchAlerts(req, metadata=(("authorization", f"Bearer {key}"),))
 
@@ -625,6 +633,11 @@ class JsonApi:
             return response
         except ConnectionError:  # the client went while we wrote
             assert response is not None  # nothing is written before the headers
+            return response
+        except Exception:
+            if response is None:  # before the headers: the middleware answers (an HttpError, or a 500)
+                raise
+            log.exception("stream on %s failed after it started", request.path)
             return response
         finally:
             call.cancel()

@@ -134,6 +134,7 @@ class Route:
     request_body: dict[str, Any] | None = None
     extra_errors: tuple[int, ...] = ()
     tags: tuple[str, ...] = field(default=())
+    success_headers: tuple[tuple[str, str], ...] = ()  # (name, description) of headers the success sets
 
 
 _ERROR_TEXT = {
@@ -211,6 +212,9 @@ def _errors(route: Route) -> dict[str, Any]:
             "description": _ERROR_TEXT[code],
             "content": {"application/json": {"schema": {"$ref": _REF + "Error"}}},
         }
+        if code == 400:  # aiohttp's own parser answers a request line over 8190 bytes before any handler
+            response["content"]["text/plain"] = {"schema": {"type": "string"}}
+            response["description"] += " A request line or header over 8190 bytes: text/plain, from the HTTP parser."
         if code in (429, 503):
             response["headers"] = {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}}
         out[str(code)] = response
@@ -232,6 +236,10 @@ def document(routes: Sequence[Route], title: str = "Tessera gateway JSON API", v
         if route.request_body is not None:
             op["requestBody"] = {"required": True, "content": {"application/json": {"schema": route.request_body}}}
         ok: dict[str, Any] = {"description": "OK"}
+        if route.success_headers:
+            ok["headers"] = {
+                name: {"description": why, "schema": {"type": "string"}} for name, why in route.success_headers
+            }
         if route.response is not None:
             ok["content"] = {"application/json": {"schema": schemas.ref(route.response)}}
         elif route.stream is not None:

@@ -1,13 +1,13 @@
 """The JSON API's parameters, declared once: the same :class:`Param` parses a request (400 naming
 the parameter) and describes itself in /openapi.json, so the document cannot drift from the code.
-Pure: no I/O, no gRPC."""
+Pure: no I/O."""
 
 from __future__ import annotations
 
 import datetime as dt
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -18,6 +18,8 @@ Kind = Literal["string", "integer", "boolean", "enum", "date-time", "uuid"]
 _TYPE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _PHONE = re.compile(r"[0-9 ()\-]+")
 MAX_VALUE = 1024
+#: Values of one repeated parameter: the request line must stay under the HTTP parser's 8190 bytes.
+MAX_ITEMS = 20
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Param:
     name: str
     kind: Kind = "string"
     description: str = ""
-    location: Literal["query", "path"] = "query"
+    location: Literal["query", "path", "header"] = "query"
     required: bool = False
     repeated: bool = False
     minimum: int | None = None
@@ -52,9 +54,13 @@ class Param:
             one = {"type": "string", "format": "date-time"}
         elif self.kind == "uuid":
             one = {"type": "string", "format": "uuid"}
-        else:
-            one = {"type": "string", "minLength": 1, "maxLength": self.max_length}
-        return {"type": "array", "items": one} if self.repeated else one
+        else:  # an empty optional value is the same as none ("pageToken=" is the first page)
+            one = {
+                "type": "string",
+                "minLength": 1 if self.required or self.repeated else 0,
+                "maxLength": self.max_length,
+            }
+        return {"type": "array", "items": one, "maxItems": MAX_ITEMS} if self.repeated else one
 
     def parse_one(self, raw: str) -> Any:
         """One value, or the 400 that names this parameter."""
@@ -107,7 +113,10 @@ def parse_time(raw: str, name: str) -> dt.datetime:
 
 
 def parse(
-    params: Sequence[Param], query: Iterable[tuple[str, str]], path: dict[str, str] | None = None
+    params: Sequence[Param],
+    query: Iterable[tuple[str, str]],
+    path: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Each declared parameter's value (a list for a repeated one), None when absent. Parameters
     that are not declared are ignored (a cache-buster must not break a request)."""
@@ -116,15 +125,19 @@ def parse(
         given.setdefault(key, []).append(value)
     out: dict[str, Any] = {}
     for param in params:
-        values = [(path or {}).get(param.name, "")] if param.location == "path" else given.get(param.name, [])
+        if param.location == "query":
+            values = given.get(param.name, [])
+        else:
+            found = (path if param.location == "path" else headers) or {}
+            values = [found.get(param.name, "").strip()]
         if not values or (not param.repeated and values == [""]):
             if param.required:
                 raise bad_parameter(param.name, "required")
             out[param.name] = [] if param.repeated else None
             continue
         if param.repeated:
-            if len(values) > 100:
-                raise bad_parameter(param.name, "given more than 100 times")
+            if len(values) > MAX_ITEMS:
+                raise bad_parameter(param.name, f"given more than {MAX_ITEMS} times")
             out[param.name] = [param.parse_one(v) for v in values]
         elif len(values) > 1:
             raise bad_parameter(param.name, "given more than once")

@@ -12,7 +12,8 @@ import pytest
 from google.protobuf.json_format import MessageToDict as as_dict
 
 from services.gateway import segment
-from services.gateway.app import api_key, decode
+from services.gateway.app import decode
+from services.gateway.credentials import api_key
 from services.gateway.statuses import HttpError
 from tessera.v1 import event_pb2
 
