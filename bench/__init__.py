@@ -19,6 +19,7 @@ SCENARIOS: dict[str, str] = {
     "freshness": "bench.freshness",
     "metrics": "bench.metrics",
     "quality": "bench.quality",
+    "gateway": "bench.gateway",
 }
 
 

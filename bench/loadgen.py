@@ -17,15 +17,17 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from bench.common import CpuGroup, machine_busy, percentile, proc_cpu, rounded
+from bench.http_client import KeepAlive
 from bench.payloads import BatchMaker, check_batch_bytes
 from bench.pg_writer import BaselineWriter, templates_of
+from bench.segment_payloads import SegmentBatchMaker
 from tessera.v1 import ingest_pb2
 
 log = logging.getLogger("bench.loadgen")
@@ -41,7 +43,9 @@ class PhaseSpec:
 
     name: str
     target: str
-    mode: str  # "unary" (IngestEvents), "stream" (StreamEvents) or "postgres" (the bare baseline writer)
+    # "unary" (IngestEvents), "stream" (StreamEvents), "postgres" (the bare baseline writer) or "http"
+    # (the gateway's POST /v1/batch; templates are then bench.segment_payloads.json_templates)
+    mode: str
     counts_from_response: bool  # True for ingest (accepted_count); False for the bare transport server
     metadata: tuple[tuple[str, str], ...]
     run_tag: str
@@ -161,6 +165,43 @@ def run_unary(spec: PhaseSpec, channel: grpc.Channel, maker: BatchMaker, win: Wi
     return tally
 
 
+def run_http(spec: PhaseSpec, conn: KeepAlive, maker: SegmentBatchMaker, win: Window) -> ClientTally:
+    """Serial POST /v1/batch on one keep-alive connection; HTTP 200 means every event was taken."""
+    tally = ClientTally()
+    headers = {"Content-Type": "application/json", **dict(spec.metadata)}
+    seq = 0
+    while True:
+        b0 = time.monotonic()
+        if b0 >= win.end or tally.errors >= MAX_ERRORS:
+            break
+        raw = KeepAlive.build("POST", "/v1/batch", headers, maker.make(seq))
+        seq += 1
+        sent = time.monotonic()
+        tally.build_seconds += sent - b0
+        tally.sent_batches += 1
+        try:
+            status, answer = conn.request(raw)
+        except OSError as exc:
+            tally.error(exc)
+            tally.unknown_outcome_events += maker.size
+            time.sleep(0.05)
+            continue
+        done = time.monotonic()
+        if status != 200:
+            tally.refused_batches += 1
+            if status >= 500 or status == 429:
+                tally.unknown_outcome_events += maker.size
+            if len(tally.error_samples) < 5:
+                tally.error_samples.append(f"HTTP {status}: {answer[:200]!r}")
+            continue
+        tally.accepted += maker.size
+        if win.start <= done <= win.end:
+            tally.latencies.append(done - sent)
+            tally.measured_events += maker.size
+            tally.measured_batches += 1
+    return tally
+
+
 def run_stream(spec: PhaseSpec, channel: grpc.Channel, maker: BatchMaker, win: Window) -> ClientTally:
     """A pipelined StreamEvents: up to ``window`` batches unanswered; each answer frees a slot.
     Latency is from handing the batch to gRPC to reading its answer (queueing included)."""
@@ -258,9 +299,15 @@ def _worker(
         channels: list[grpc.Channel] = []
         makers: list[BatchMaker] = []
         writers: list[BaselineWriter] = []
+        conns: list[tuple[KeepAlive, SegmentBatchMaker]] = []
         for t in range(threads):
             tag = f"{spec.run_tag}-{proc_index:02d}{t:02d}"
             offset = (proc_index * 7 + t) * 997
+            if spec.mode == "http":
+                host, _, port = spec.target.rpartition(":")
+                conn = KeepAlive(host, int(port), timeout=CALL_TIMEOUT)
+                conns.append((conn, SegmentBatchMaker(templates, tag, spec.batch_size, offset=offset)))
+                continue
             if spec.mode == "postgres":
                 kinds = templates_of(templates)
                 writers.append(BaselineWriter(spec.target, spec.tenant_id, tag, spec.batch_size, kinds, offset))
@@ -288,6 +335,8 @@ def _worker(
             try:
                 if writers:
                     out[i] = run_postgres(spec, writers[i], win)
+                elif conns:
+                    out[i] = run_http(spec, conns[i][0], conns[i][1], win)
                 else:
                     out[i] = run(spec, channels[i], makers[i], win)
             except Exception as exc:  # reported, never silent
@@ -305,6 +354,8 @@ def _worker(
             ch.close()
         for writer in writers:
             writer.close()
+        for conn, _maker in conns:
+            conn.close()
         results.put(("done", proc_index, total))
     except BaseException as exc:
         ready.put(("failed", proc_index, repr(exc)))
@@ -335,7 +386,9 @@ class PhaseResult:
         per_k = (lambda cpu: cpu / events * 1000) if events else (lambda cpu: float("nan"))
         cores = len(os.sched_getaffinity(0))
         return {
-            "method": {"unary": "IngestEvents", "stream": "StreamEvents"}.get(self.mode, "bare psycopg2 writer"),
+            "method": {"unary": "IngestEvents", "stream": "StreamEvents", "http": "POST /v1/batch"}.get(
+                self.mode, "bare psycopg2 writer"
+            ),
             "clients": self.clients,
             "client_processes": self.client_procs,
             "measured_seconds": rounded(self.seconds, 2),
@@ -385,8 +438,11 @@ def run_phase(
     clients: int,
     procs: int,
     server_pid: int | None,
+    other_pids: Mapping[str, int] | None = None,
 ) -> PhaseResult:
-    """Start the client processes, let them warm up, measure the window, collect their tallies."""
+    """Start the client processes, let them warm up, measure the window, collect their tallies.
+    ``other_pids``: more server processes whose CPU cores over the window are reported by name."""
+    others = dict(other_pids or {})
     procs = max(1, min(procs, clients))
     threads = [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
     ctx = multiprocessing.get_context("spawn")
@@ -424,12 +480,17 @@ def run_phase(
         m_end = m_start + spec.seconds
         time.sleep(max(0.0, m_start - time.monotonic()))
         s_cpu0 = proc_cpu(server_pid) if server_pid else 0.0
+        o_cpu0 = {name: proc_cpu(pid) for name, pid in others.items()}
         c_cpu0 = sum(proc_cpu(w.pid) for w in workers if w.pid)
         busy0, total0 = machine_busy()
         pg_cpu.start()
         redis_cpu.start()
         time.sleep(max(0.0, m_end - time.monotonic()))
         s_cpu1 = proc_cpu(server_pid) if server_pid else 0.0
+        o_cores = {
+            f"{name}_cpu_cores": rounded((proc_cpu(pid) - o_cpu0[name]) / spec.seconds, 2)
+            for name, pid in others.items()
+        }
         c_cpu1 = sum(proc_cpu(w.pid) for w in workers if w.pid)
         busy1, total1 = machine_busy()
         pg_s = pg_cpu.stop()
@@ -461,7 +522,7 @@ def run_phase(
             client_cpu_s=c_cpu1 - c_cpu0,
             postgres_cpu_s=pg_s,
             redis_cpu_s=redis_s,
-            extra={"stream_window": spec.window} if spec.mode == "stream" else {},
+            extra=({"stream_window": spec.window} if spec.mode == "stream" else {}) | o_cores,
         )
     finally:
         for w in workers:

@@ -20,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -356,3 +358,21 @@ def wait_serving(target: str, process: ServiceProcess | None = None, timeout: fl
     raise RuntimeError(
         f"{name} was not SERVING within {timeout:.0f}s" + (f":\n{process.log_tail()}" if process else "")
     )
+
+
+def wait_http(url: str, process: ServiceProcess | None = None, timeout: float = 60.0) -> None:
+    """Poll an HTTP readiness URL (the gateway's /readyz) until it answers 200, raising with the
+    process's log tail when it never does: the HTTP counterpart of :func:`wait_serving`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and not process.alive():
+            raise RuntimeError(f"{process.name} exited with {process.returncode}:\n{process.log_tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - a local URL of the test's own
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    name = process.name if process else url
+    raise RuntimeError(f"{name} was not ready within {timeout:.0f}s" + (f":\n{process.log_tail()}" if process else ""))

@@ -22,6 +22,7 @@ from services.cli import registry
 from services.cli.main import build_parser
 from services.core.server import LIVENESS_HEALTH
 from services.core.settings import Settings
+from services.gateway.settings import GatewaySettings
 from tests.deploy.conftest import (
     CHART,
     FULLNAME_PREFIX,
@@ -591,21 +592,48 @@ def test_gateway_is_told_where_ingest_answers(default_objects: list[Manifest]) -
     assert int(port) == ingest["spec"]["ports"][0]["port"]
 
 
-def test_gateway_is_told_where_profile_and_metrics_answer_and_its_cors_origins(
-    default_objects: list[Manifest], render: Render, helm: Path
+def test_gateway_is_told_where_profile_and_metrics_answer(
+    default_objects: list[Manifest], variant_objects: list[Manifest]
 ) -> None:
+    """The JSON API's reads go to the profile and metrics Services; a disabled one is left out."""
     env = env_of(container(by_name(default_objects, "Deployment")[f"{FULLNAME}-gateway"]))
-    for service in ("profile", "metrics"):
-        svc = by_name(default_objects, "Service")[f"{FULLNAME}-{service}"]
-        host, port = env[f"TESSERA_GATEWAY_{service.upper()}_ADDRESS"]["value"].rsplit(":", 1)
-        assert host == f"{svc['metadata']['name']}.{NAMESPACE}.svc"
-        assert int(port) == svc["spec"]["ports"][0]["port"]
-    assert "TESSERA_GATEWAY_CORS_ORIGINS" not in env  # the default: no cross-origin access
-    objects = render("--set", "services.gateway.corsOrigins={https://console.example.com,http://localhost:3000}")
-    env = env_of(container(by_name(objects, "Deployment")[f"{FULLNAME}-gateway"]))
+    services = by_name(default_objects, "Service")
+    for peer in ("profile", "metrics"):
+        host, port = env[f"TESSERA_GATEWAY_{peer.upper()}_ADDRESS"]["value"].rsplit(":", 1)
+        assert host == f"{FULLNAME}-{peer}.{NAMESPACE}.svc"
+        assert int(port) == services[f"{FULLNAME}-{peer}"]["spec"]["ports"][0]["port"]
+    assert "TESSERA_GATEWAY_CORS_ORIGINS" not in env, "no cross-origin access unless origins are given"
+    without_metrics = env_of(container(by_name(variant_objects, "Deployment")[f"{FULLNAME}-gateway"]))
+    assert "TESSERA_GATEWAY_METRICS_ADDRESS" not in without_metrics
+    assert "TESSERA_GATEWAY_PROFILE_ADDRESS" in without_metrics
+
+
+def test_gateway_cors_origins_are_rendered_comma_joined(render: Render) -> None:
+    objects = render(
+        "--set", "services.gateway.corsOrigins[0]=https://console.example.com",
+        "--set", "services.gateway.corsOrigins[1]=http://localhost:3000",
+    )  # fmt: skip
+    deployment = by_name(objects, "Deployment")[f"{FULLNAME}-gateway"]
+    env = env_of(container(deployment))
     assert env["TESSERA_GATEWAY_CORS_ORIGINS"]["value"] == "https://console.example.com,http://localhost:3000"
-    refused = run_helm(helm, "template", RELEASE, str(CHART), "--set", "services.gateway.corsOrigins={*}")
-    assert refused.returncode != 0 and "corsOrigins" in refused.stderr
+    assert GatewaySettings.from_env({k: v["value"] for k, v in env.items() if "value" in v}).cors_origins == (
+        "https://console.example.com",
+        "http://localhost:3000",
+    )
+    for name, d in by_name(objects, "Deployment").items():
+        if name != f"{FULLNAME}-gateway":
+            assert "TESSERA_GATEWAY_CORS_ORIGINS" not in env_of(container(d)), name
+
+
+@pytest.mark.parametrize(
+    "value", ["https://console.example.com/", "console.example.com", "https://a.example.com,https://b.example.com"]
+)
+def test_gateway_cors_origins_must_be_origins(helm: Path, value: str) -> None:
+    done = run_helm(
+        helm, "template", RELEASE, str(CHART), "--set-json", f"services.gateway.corsOrigins={json.dumps([value])}"
+    )
+    assert done.returncode != 0
+    assert "corsOrigins" in done.stderr
 
 
 def test_gateway_ingress_is_optional_and_routes_to_the_http_port(

@@ -6,7 +6,9 @@ node or a cluster): what ``tests/system`` runs, kills and compares.
   Service would spread them), short consumer claim and leader lease times so a crash is noticed
   in seconds.
 - :class:`Pump` sends a dataset through IngestEvents in batches, across the ingest replicas, and
-  retries what was not answered; it keeps the message ids that were acknowledged.
+  retries what was not answered; it keeps the message ids that were acknowledged. With a gateway,
+  a share of the track events (those :func:`segment_message` maps back exactly) goes through its
+  Segment ``/v1/batch`` instead, where HTTP 200 is the acknowledgement.
 - :func:`settle` waits until every stream is read and acknowledged by every group, no outbox holds
   anything, and two snapshots in a row agree.
 - :func:`snapshot` reads the outcome from the database with every server-assigned id (profile
@@ -16,9 +18,14 @@ node or a cluster): what ``tests/system`` runs, kills and compares.
 
 from __future__ import annotations
 
+import base64
+import datetime as dt
+import http.client
 import itertools
+import json
 import re
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +39,7 @@ from google.protobuf import json_format
 from services.cli import registry
 from services.core import db, harness
 from services.core.bus import RedisClient
+from services.gateway import segment
 from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc, quality_pb2
 
 #: Short enough that a killed replica's messages are reclaimed, and its leadership taken over, in
@@ -73,15 +81,16 @@ class Deployment:
     logs: Path
     replicas: Mapping[str, int]
     env: Mapping[str, str] = field(default_factory=dict)
+    #: Also one gateway process (HTTP), reaching every replica of ingest, profile and metrics.
+    gateway: bool = False
     running: dict[str, list[Replica]] = field(default_factory=dict)
 
     def start(self) -> Deployment:
-        services = registry.grpc_available()  # the gateway (HTTP) is not part of these deployments yet
+        services = registry.grpc_available()
         ports = {s: [harness.free_port() for _ in range(self.replicas.get(s, 1))] for s in services}
+        every = {s: "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports[s]) for s in ports}
         peers = {
-            f"TESSERA_PROFILE_{s.upper()}_ADDRESS": "ipv4:" + ",".join(f"127.0.0.1:{p}" for p in ports[s])
-            for s in ("identity", "ingest", "metrics")
-            if s in ports
+            f"TESSERA_PROFILE_{s.upper()}_ADDRESS": every[s] for s in ("identity", "ingest", "metrics") if s in ports
         }
         base = self.scratch.env(**FAST_RECOVERY, **peers, **self.env)
         for service in services:
@@ -90,8 +99,24 @@ class Deployment:
                 env = {**base, f"TESSERA_{service.upper()}_PORT": str(port)}
                 proc = harness.ServiceProcess.service(service, env, self.logs / f"{service}-{n}.log").start()
                 self.running[service].append(Replica(service, n, port, proc))
+        if self.gateway:
+            port = harness.free_port()
+            env = {
+                **base,
+                "TESSERA_GATEWAY_PORT": str(port),
+                **{
+                    f"TESSERA_GATEWAY_{s.upper()}_ADDRESS": every[s]
+                    for s in ("ingest", "profile", "metrics")
+                    if s in every
+                },
+            }
+            proc = harness.ServiceProcess.service("gateway", env, self.logs / "gateway-0.log").start()
+            self.running["gateway"] = [Replica("gateway", 0, port, proc)]
         for replica in self.all():
-            harness.wait_serving(replica.target, replica.process, timeout=90)
+            if replica.service == "gateway":
+                harness.wait_http(f"http://{replica.target}/readyz", replica.process, timeout=90)
+            else:
+                harness.wait_serving(replica.target, replica.process, timeout=90)
         return self
 
     def all(self) -> list[Replica]:
@@ -118,26 +143,124 @@ class Deployment:
         return "\n".join(f"--- {r.service}-{r.index}\n{r.process.log_tail(15)}" for r in self.all())
 
 
+#: The identifier types a Segment message can carry (userId, anonymousId, traits.email/phone).
+SEGMENT_IDENTIFIERS = {"user_id": "userId", "anonymous_id": "anonymousId"}
+SEGMENT_TRAITS = ("email", "phone")
+
+
+def segment_message(ev: event_pb2.Event) -> dict[str, Any] | None:
+    """The event as a Segment track message, or None unless the gateway's mapping of that message
+    is the event itself in everything the outcome depends on. Only ``source`` (``segment:track``:
+    which nothing compared reads for a track) and a ``channel`` key added to the context (how
+    Segment says the channel) may differ. Identifies are never routed: their traits carry the
+    source into profile.traits."""
+    if ev.WhichOneof("payload") != "track" or ev.channel == event_pb2.CHANNEL_UNSPECIFIED:
+        return None
+    context = json_format.MessageToDict(ev.context) if ev.HasField("context") else {}
+    if "channel" in context or "traits" in context:
+        return None
+    msg: dict[str, Any] = {
+        "type": "track",
+        "messageId": ev.message_id,
+        "timestamp": ev.timestamp.ToDatetime(tzinfo=dt.UTC).isoformat(),
+        "event": ev.track.event,
+        "context": {**context, "channel": event_pb2.Channel.Name(ev.channel).removeprefix("CHANNEL_").lower()},
+    }
+    if ev.HasField("properties"):
+        msg["properties"] = json_format.MessageToDict(ev.properties)
+    traits: dict[str, str] = {}
+    for ident in ev.identifiers:
+        if ident.type in SEGMENT_IDENTIFIERS and SEGMENT_IDENTIFIERS[ident.type] not in msg:
+            msg[SEGMENT_IDENTIFIERS[ident.type]] = ident.value
+        elif ident.type in SEGMENT_TRAITS and ident.type not in traits:
+            traits[ident.type] = ident.value
+        else:
+            return None  # a type Segment cannot say, or two of one type
+    if traits:
+        msg["traits"] = traits
+    try:
+        mapped = segment.to_event(json.loads(json.dumps(msg)), None, dt.datetime.now(dt.UTC))
+    except (segment.BadField, ValueError, TypeError):
+        return None
+    mapped.source = ev.source
+    del mapped.context["channel"]
+    if not context:
+        mapped.ClearField("context")
+    if not ev.HasField("properties") and not mapped.properties.fields:
+        mapped.ClearField("properties")  # Segment's mapping always sets them, empty when absent
+    return msg if mapped == ev else None
+
+
+def via_gateway(ev: event_pb2.Event) -> bool:
+    """Half of the events :func:`segment_message` can express, the same half in every run."""
+    return zlib.crc32(ev.message_id.encode()) % 2 == 0 and segment_message(ev) is not None
+
+
 class Pump:
     """The dataset through IngestEvents, ``batch`` events per call, spread over the ingest
-    replicas; an unanswered batch is sent again (to the next replica) until it is answered."""
+    replicas; an unanswered batch is sent again (to the next replica) until it is answered.
+    With ``gateway`` (host:port), the events :func:`via_gateway` picks of each batch go through
+    the gateway's /v1/batch instead (HTTP 200: all acknowledged; 429/5xx or no answer: again)."""
 
-    def __init__(self, targets: Sequence[str], api_key: str, batch: int = 100) -> None:
+    def __init__(self, targets: Sequence[str], api_key: str, batch: int = 100, gateway: str | None = None) -> None:
         self.channels = [grpc.insecure_channel(t) for t in targets]
         self.stubs = [ingest_pb2_grpc.IngestServiceStub(c) for c in self.channels]
         self.metadata = (("authorization", f"Bearer {api_key}"),)
+        self.basic = "Basic " + base64.b64encode(f"{api_key}:".encode()).decode()
+        self.gateway = gateway
         self.batch = batch
         self.acknowledged: set[str] = set()
         self.rejected: list[str] = []
         self.retries = 0
+        self.sent_via_gateway = 0
         self._next = itertools.cycle(range(len(self.stubs)))
 
     def send(self, events: Sequence[event_pb2.Event], between: Callable[[int], None] = lambda _n: None) -> None:
         """Send everything; ``between(n)`` runs after the n-th batch is answered (to break things)."""
         for n, start in enumerate(range(0, len(events), self.batch)):
             chunk = list(events[start : start + self.batch])
-            self._send(chunk)
+            http_part = [e for e in chunk if via_gateway(e)] if self.gateway else []
+            if http_part:
+                grpc_part = [e for e in chunk if not via_gateway(e)]
+                self._send_http(http_part)
+            else:
+                grpc_part = chunk
+            if grpc_part:
+                self._send(grpc_part)
             between(n)
+
+    def _send_http(self, chunk: list[event_pb2.Event]) -> None:
+        assert self.gateway is not None
+        messages = [segment_message(e) for e in chunk]
+        body = json.dumps({"batch": messages}).encode()
+        host, _, port = self.gateway.rpartition(":")
+        deadline = time.monotonic() + 120
+        while True:
+            conn = http.client.HTTPConnection(host, int(port), timeout=15)
+            try:
+                conn.request(
+                    "POST",
+                    "/v1/batch",
+                    body=body,
+                    headers={"Content-Type": "application/json", "Authorization": self.basic},
+                )
+                resp = conn.getresponse()
+                answer = resp.read()
+            except (OSError, http.client.HTTPException):
+                status, answer = 0, b""
+            else:
+                status = resp.status
+            finally:
+                conn.close()
+            if status == 200:
+                self.acknowledged.update(e.message_id for e in chunk)
+                self.sent_via_gateway += len(chunk)
+                return
+            if (status in (0, 429) or status >= 500) and time.monotonic() < deadline:
+                self.retries += 1
+                time.sleep(0.2)
+                continue
+            raise AssertionError(f"the gateway answered {status}: {answer[:500]!r}")
 
     def _send(self, chunk: list[event_pb2.Event]) -> None:
         deadline = time.monotonic() + 120

@@ -1,5 +1,6 @@
 """The whole system under failure: every service as separate processes on real PostgreSQL and Redis,
-two replicas of each, the demo dataset pumped through ingest while one replica of every service
+two replicas of each, the demo dataset pumped through ingest (a share of its track events through
+the gateway's Segment API, the same share in every run) while one replica of every service
 is killed with SIGKILL and Redis restarts (or, on a Redis Cluster, a master fails over); the
 outcome must be identical to a clean single-replica run of the same data.
 
@@ -28,7 +29,7 @@ from services.core import db, harness, tenancy
 from services.core.bus import connect, tenant_key
 from services.core.embedded import EmbeddedRedis, EmbeddedRedisCluster
 from tessera.v1 import event_pb2
-from tests.support.system import Deployment, Pump, Snapshot, duplicates, settle
+from tests.support.system import Deployment, Pump, Snapshot, duplicates, settle, via_gateway
 
 pytestmark = [pytest.mark.system, pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -78,7 +79,7 @@ def _run(
         engine = db.make_engine(scratch.database_url, application_name="system-test", pool_size=1, instrument=False)
         keys = {t: tenancy.create_tenant(engine, t) for t in tenants}
         engine.dispose()
-        deployment = Deployment(scratch, tmp / "logs", replicas or {}, env or {}).start()
+        deployment = Deployment(scratch, tmp / "logs", replicas or {}, env or {}, gateway=True).start()
         client = connect(scratch.redis_url, cluster=redis_cluster)
         try:
             for key in keys.values():
@@ -86,7 +87,8 @@ def _run(
                     configure_tenant(channel, key)
                 with open_channel(deployment.targets("metrics")[0]) as channel:
                     configure_quality(channel, key)
-            pumps = {t: Pump(deployment.targets("ingest"), k) for t, k in keys.items()}
+            gateway = deployment.targets("gateway")[0]
+            pumps = {t: Pump(deployment.targets("ingest"), k, gateway=gateway) for t, k in keys.items()}
             for n, pump in enumerate(pumps.values()):
                 hook = chaos.hook(deployment) if chaos and n == 0 else _nothing
                 pump.send(events, between=hook)
@@ -95,6 +97,7 @@ def _run(
                 chaos.finish(deployment)
             for tenant, pump in pumps.items():
                 assert not pump.rejected, f"the demo data must be valid: {pump.rejected[:5]}"
+                assert pump.sent_via_gateway == sum(map(via_gateway, events)) > len(events) // 10
                 found = settle(client, scratch, tenant, what=f"tenant {tenant}")
                 out[tenant] = (found, pump.acknowledged)
         except BaseException:
