@@ -7,9 +7,7 @@ is missing the tests fail and say so: CI installs it, so a skip would only hide 
 
 from __future__ import annotations
 
-import asyncio
 import shutil
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,16 +22,18 @@ from services.cli.client import StreamIngester, batches_of
 from services.cli.demo import PERSONA, configure_quality, configure_tenant, generate
 from services.core.server import RunningServer
 from services.core.settings import Settings
-from services.gateway.app import Running, start
 from services.gateway.settings import GatewaySettings
 from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc, profile_pb2, profile_pb2_grpc
 from tests.conftest import TenantKey, _serve, make_tenant
+from tests.support.gateway import Served
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"
 #: The persona's touchpoints land on these (and email, SMS, other); the console must show each.
 FOUR_CHANNELS = ("CHANNEL_WEB", "CHANNEL_VOICE", "CHANNEL_CHAT", "CHANNEL_IN_STORE")
+#: Her contacts with the contact center: two calls, a chat, an SMS exchange and an email ticket.
+INTERACTION_CHANNELS = ("CHANNEL_VOICE", "CHANNEL_CHAT", "CHANNEL_SMS", "CHANNEL_EMAIL")
 TIMEOUT_MS = 20_000
 
 
@@ -47,22 +47,6 @@ def chromium_path() -> str:
             pytrace=False,
         )
     return found
-
-
-class Served:
-    """The gateway on its own event loop in a thread, on a free port, talking to the real services."""
-
-    def __init__(self, settings: Settings, own: GatewaySettings) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.running: Running = asyncio.run_coroutine_threadsafe(start(settings, own, port=0), self.loop).result(10)
-        self.url = f"http://127.0.0.1:{self.running.port}"
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.running.drain(0.0), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
 
 
 @pytest.fixture(scope="module")
@@ -207,8 +191,12 @@ def test_agent_signs_in_looks_up_by_phone_and_sees_a_new_event_live(
     for channel in FOUR_CHANNELS:
         expect(page.locator(f'#channels .chip[data-channel="{channel}"]')).to_be_visible()
         expect(page.locator(f'#activity tbody tr[data-channel="{channel}"]').first).to_be_visible()
-    expect(page.locator('#interactions tbody tr[data-channel="CHANNEL_VOICE"]').first).to_be_visible()
+    for channel in INTERACTION_CHANNELS:
+        expect(page.locator(f'#interactions tbody tr[data-channel="{channel}"]').first).to_be_visible()
     expect(page.locator('#interactions tbody tr[data-channel="CHANNEL_CHAT"]').first).to_contain_text("delivery delay")
+    expect(page.locator('#interactions tbody tr[data-channel="CHANNEL_EMAIL"]').first).to_contain_text(
+        "product question"
+    )
     expect(page.locator("#identifiers")).to_contain_text(PERSONA.loyalty_id)
     # Her delivery case was resolved on the second call: the open-cases list says there are none.
     expect(page.locator("#cases li").first).to_be_attached()

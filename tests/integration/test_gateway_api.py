@@ -5,7 +5,6 @@ the services' field violations; CORS by allowlist; and the SSE streams resumed w
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import threading
@@ -23,12 +22,12 @@ from sqlalchemy.engine import Engine
 
 from services.core.server import RunningServer
 from services.core.settings import Settings
-from services.gateway.app import Running, start
 from services.gateway.settings import GatewaySettings
 from tessera.v1 import event_pb2, profile_pb2, profile_pb2_grpc, quality_pb2, quality_pb2_grpc
 from tests.conftest import TenantKey, make_tenant
 from tests.integration.test_quality_api import Quality, chat, ended_chat
 from tests.support.events import uid
+from tests.support.gateway import Served, local
 from tests.support.profile import Apis, apis, identify, interaction, survey, wait_until
 
 pytestmark = pytest.mark.integration
@@ -37,42 +36,17 @@ ALLOWED = "https://console.example.com"
 ANGRY = "This is terrible, I am furious and nobody helps me"
 
 
-class Served:
-    """A gateway on its own event loop in a thread, on a free port, in front of every service."""
-
-    def __init__(self, settings: Settings, ingest: int, profile: int, metrics: int) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        own = GatewaySettings(
-            ingest_address=f"127.0.0.1:{ingest}",
-            profile_address=f"127.0.0.1:{profile}",
-            metrics_address=f"127.0.0.1:{metrics}",
-            cors_origins=(ALLOWED,),
-            read_deadline_seconds=5.0,
-        )
-        self.running: Running = asyncio.run_coroutine_threadsafe(start(settings, own, port=0), self.loop).result(10)
-        self.url = f"http://127.0.0.1:{self.running.port}"
-
-    @property
-    def open_streams(self) -> int:
-        api = self.running.gateway.json_api
-        assert api is not None
-        return len(api.open_streams)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.running.drain(0.0), self.loop).result(15)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 @pytest.fixture(scope="module")
 def gateway(
     settings: Settings, ingest_server: RunningServer, profile_server: RunningServer, metrics_server: RunningServer
 ) -> Iterator[Served]:
-    served = Served(settings, ingest_server.port, profile_server.port, metrics_server.port)
+    served = Served(settings, _own(ingest_server, profile_server, metrics_server), keepalive_seconds=1.0)
     yield served
     served.stop()
+
+
+def _own(ingest: RunningServer, profile: RunningServer, metrics: RunningServer) -> GatewaySettings:
+    return local(ingest.port, profile.port, metrics.port, cors_origins=(ALLOWED,), read_deadline_seconds=5.0)
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -346,7 +320,7 @@ def test_bad_parameters_are_400_naming_the_parameter(
 def test_a_service_down_is_a_generic_503_with_retry_after(
     settings: Settings, ingest_server: RunningServer, tenant: TenantKey
 ) -> None:
-    served = Served(settings, ingest_server.port, free_port(), free_port())
+    served = Served(settings, local(ingest_server.port, free_port(), free_port(), read_deadline_seconds=5.0))
     try:
         reply = get(served, f"/api/v1/profiles/{uuid.uuid4()}", tenant.api_key)
         assert reply.status_code == 503 and reply.headers["Retry-After"] == "5"
@@ -624,7 +598,7 @@ def test_keepalive_comments_and_drain_end_streams(
     metrics_server: RunningServer,
     tenant: TenantKey,
 ) -> None:
-    served = Served(settings, ingest_server.port, profile_server.port, metrics_server.port)
+    served = Served(settings, _own(ingest_server, profile_server, metrics_server))
     try:
         api = served.running.gateway.json_api
         assert api is not None

@@ -17,7 +17,7 @@ from schemathesis.specs.openapi import checks as openapi_checks
 from services.core.server import RunningServer
 from services.core.settings import Settings
 from tests.conftest import TenantKey, make_tenant
-from tests.integration.test_gateway_api import Served
+from tests.support.gateway import Served, local
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -35,7 +35,7 @@ CHECKS = [
 def fuzzed(
     settings: Settings, ingest_server: RunningServer, profile_server: RunningServer, metrics_server: RunningServer
 ) -> Iterator[Served]:
-    served = Served(settings, ingest_server.port, profile_server.port, metrics_server.port)
+    served = Served(settings, local(ingest_server.port, profile_server.port, metrics_server.port))
     yield served
     served.stop()
 

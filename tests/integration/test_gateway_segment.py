@@ -4,10 +4,8 @@ statuses an SDK acts on (401, 413, 400 naming the field while good events are ke
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import signal
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,34 +21,16 @@ from services.cli import registry
 from services.core import harness
 from services.core.server import RunningServer, start_server
 from services.core.settings import Settings
-from services.gateway.app import Running, start
-from services.gateway.settings import GatewaySettings
 from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc, ingest_pb2, ingest_pb2_grpc
 from tests.conftest import TenantKey
+from tests.support.gateway import Served, local
 
 pytestmark = pytest.mark.integration
 
 
-class Served:
-    """A gateway on its own event loop in a thread, on a free port."""
-
-    def __init__(self, settings: Settings, ingest_port: int) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        own = GatewaySettings(ingest_address=f"127.0.0.1:{ingest_port}", ingest_deadline_seconds=5.0)
-        self.running: Running = asyncio.run_coroutine_threadsafe(start(settings, own, port=0), self.loop).result(10)
-        self.url = f"http://127.0.0.1:{self.running.port}"
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.running.drain(0.0), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 @pytest.fixture(scope="module")
 def gateway(settings: Settings, ingest_server: RunningServer) -> Iterator[Served]:
-    served = Served(settings, ingest_server.port)
+    served = Served(settings, local(ingest_server.port, ingest_deadline_seconds=5.0))
     yield served
     served.stop()
 
@@ -220,7 +200,7 @@ def test_rate_limit_is_429_with_retry_after(settings: Settings, tenant: TenantKe
     served: Served | None = None
     try:
         assert harness.wait_health(f"127.0.0.1:{ingest.port}")
-        served = Served(settings, ingest.port)
+        served = Served(settings, local(ingest.port, ingest_deadline_seconds=5.0))
         statuses: list[requests.Response] = []
         for n in range(5):
             body = {"userId": "u", "event": "e", "messageId": f"rl-{n}-{uuid.uuid4()}"}
@@ -237,7 +217,7 @@ def test_rate_limit_is_429_with_retry_after(settings: Settings, tenant: TenantKe
 
 
 def test_ingest_down_is_503(settings: Settings, tenant: TenantKey) -> None:
-    served = Served(settings, harness_free_port())
+    served = Served(settings, local(harness_free_port(), ingest_deadline_seconds=5.0))
     try:
         body = {"userId": "u", "event": "e", "messageId": "m"}
         reply = requests.post(f"{served.url}/v1/track", json=body, headers=basic(tenant.api_key), timeout=15)
@@ -247,7 +227,7 @@ def test_ingest_down_is_503(settings: Settings, tenant: TenantKey) -> None:
 
 
 def test_readyz_is_503_while_draining(settings: Settings, ingest_server: RunningServer) -> None:
-    served = Served(settings, ingest_server.port)
+    served = Served(settings, local(ingest_server.port, ingest_deadline_seconds=5.0))
     assert requests.get(f"{served.url}/readyz", timeout=5).status_code == 200
     served.running.gateway.draining = True
     assert requests.get(f"{served.url}/readyz", timeout=5).status_code == 503

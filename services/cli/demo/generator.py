@@ -1253,6 +1253,20 @@ class _Generator:
             },
             junk=False,
         )
+        # She answers the text; an orders agent changes the drop-off by SMS.
+        sms = _Via(SMS, "twilio", voice.ids)
+        sms_id = "CH5f3a9c7b2e8d4f1a6b0c9e7d3a2f1b84"
+        t = leg2.ended + 3 * HOUR + 25 * 60
+        sms_leg = _Leg(t, 240, 300, 0, 30, "orders", chat_agent, "information_provided")
+        self.interaction(sms_leg, sms, sms_id, "order_status", "", case_status=event_pb2.CASE_STATUS_UNSPECIFIED,
+                         junk=False)  # fmt: skip
+        for offset, author, text in (
+            (0, event_pb2.AUTHOR_CUSTOMER, "Great, thanks! Can the driver leave it at my building's front desk?"),
+            (240, event_pb2.AUTHOR_AGENT, "Hi Maya, done: the driver will leave it with the front desk today."),
+            (420, event_pb2.AUTHOR_CUSTOMER, "Perfect, thank you so much!"),
+        ):
+            agent = chat_agent if author == event_pb2.AUTHOR_AGENT else ""
+            self.message(t + offset, sms, sms_id, author, text, agent=agent, junk=False)
 
         # In store: the loyalty signup links the card to her email; later purchases carry the card only.
         store_ctx: Json = {"store_id": "store-0101", "terminal_id": "pos-2", "associate_id": "emp-1207"}
@@ -1279,6 +1293,11 @@ class _Generator:
         mail = _Via(EMAIL, "salesforce-marketing", [("email", p.email)])
         campaign: Json = {"campaign_id": "cmp-linen-launch-07", "subject": "Meet our new linen collection"}
         self.track(at(0.88, 7.2), mail, "Email Opened", campaign, junk=False)
+        # She writes in about the collection; a sales agent answers by email the same morning.
+        ticket = _Via(EMAIL, "zendesk", [("email", p.email)])
+        email_leg = _Leg(at(0.89, 8.1), 2 * HOUR, 260, 0, 45, "sales", "agt-133", "information_provided")
+        self.interaction(email_leg, ticket, "zd-90000143", "product_question", "",
+                         case_status=event_pb2.CASE_STATUS_UNSPECIFIED, junk=False)  # fmt: skip
         self.survey(
             at(0.93, 21.0),
             _Via(EMAIL, "qualtrics", mail.ids),
