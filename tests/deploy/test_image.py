@@ -137,7 +137,8 @@ def test_the_context_holds_the_code_and_generated_protos_and_nothing_else() -> N
 
 def test_the_package_the_image_installs_carries_every_migration_and_template(tmp_path: Path) -> None:
     """The image runs ``pip install .``, not the editable install the tests use: a migration or
-    Alembic template missing from the wheel would only fail in the cluster, at ``tessera migrate``."""
+    Alembic template missing from the wheel would only fail in the cluster, at ``tessera migrate``,
+    and a console asset only in a browser."""
     subprocess.run(
         [
             sys.executable,
@@ -160,7 +161,7 @@ def test_the_package_the_image_installs_carries_every_migration_and_template(tmp
     packaged = set(zipfile.ZipFile(wheel).namelist())
     needed = {
         str(p.relative_to(ROOT))
-        for pattern in ("services/*/migrations/*.py", "services/core/alembic/*")
+        for pattern in ("services/*/migrations/*.py", "services/core/alembic/*", "services/gateway/console/*")
         for p in ROOT.glob(pattern)
         if p.is_file() and "__pycache__" not in p.parts
     }
