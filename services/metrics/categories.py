@@ -93,11 +93,20 @@ class Hit:
     excerpt: str
     offset: float
     author: int
+    #: The words of the message that matched (``phrase`` may be a pattern such as "{late|delayed}").
+    matched: str = ""
+
+    @property
+    def said(self) -> str:
+        """What was said, and the rule's phrase when that was a pattern: 'late' (as '{late|delayed}')."""
+        if not self.matched or self.matched == self.phrase:
+            return repr(self.phrase)
+        return f"{self.matched!r} (as {self.phrase!r})"
 
     def evidence(self) -> quality_pb2.Evidence:
         """The hit as evaluations and alerts show it."""
         return quality_pb2.Evidence(
-            description=f"{participant_name(self.author)} said {self.phrase!r}: {self.excerpt}",
+            description=f"{participant_name(self.author)} said {self.said}: {self.excerpt}",
             event_id=self.event_id,
             phrase=self.phrase,
             excerpt=self.excerpt,
@@ -192,18 +201,19 @@ def detect(category: quality_pb2.Category, transcript: Sequence[Line]) -> Detect
             m = r.pattern.search(normalized)
             if m:
                 phrase = r.phrases[int((m.lastgroup or "p0")[1:])]
-                found.append(Hit(line.event_id, phrase, _excerpt(normalized, *m.span()), line.offset, line.author))
+                excerpt = _excerpt(normalized, *m.span())
+                found.append(Hit(line.event_id, phrase, excerpt, line.offset, line.author, m.group(0)))
         if r.rule.negate:
             holds = not found
             reasons.append(
                 f"{r.who} never said any of {list(r.phrases)}{r.where}"
                 if holds
-                else f"{r.who} said {found[0].phrase!r}{r.where}, which the rule forbids"
+                else f"{r.who} said {found[0].said}{r.where}, which the rule forbids"
             )
         else:
             holds = bool(found)
             reasons.append(
-                f"{r.who} said {found[0].phrase!r}{r.where}"
+                f"{r.who} said {found[0].said}{r.where}"
                 if holds
                 else f"{r.who} said none of {list(r.phrases)}{r.where}"
             )

@@ -461,3 +461,17 @@ def test_the_same_inputs_give_byte_identical_evaluations() -> None:
     a = ev.evaluate(FORM, interaction(), KNOWN).SerializeToString(deterministic=True)
     b = ev.evaluate(FORM, interaction(), KNOWN).SerializeToString(deterministic=True)
     assert a == b
+
+
+def test_a_pattern_hit_says_the_words_that_matched_as_well_as_the_pattern() -> None:
+    """An alert that reads "customer said '{terrible|ridiculous}'" tells a supervisor nothing; it
+    says which of the words the customer used."""
+    transcript = [line(0, event_pb2.AUTHOR_CUSTOMER, "This is Ridiculous, honestly")]
+    found = cat.detect(
+        category(rule("{terrible|ridiculous}", participant=quality_pb2.PARTICIPANT_CUSTOMER)), transcript
+    )
+    assert found.detected
+    assert found.reasons == ("customer said 'ridiculous' (as '{terrible|ridiculous}')",)
+    assert found.hits[0].evidence().description.startswith("customer said 'ridiculous' (as '{terrible|ridiculous}'):")
+    plain = cat.detect(category(rule("ridiculous", participant=quality_pb2.PARTICIPANT_CUSTOMER)), transcript)
+    assert plain.reasons == ("customer said 'ridiculous'",)
