@@ -7,6 +7,7 @@ is missing the tests fail and say so: CI installs it, so a skip would only hide 
 
 from __future__ import annotations
 
+import datetime as dt
 import shutil
 import time
 import uuid
@@ -23,8 +24,17 @@ from services.cli.demo import PERSONA, configure_quality, configure_tenant, gene
 from services.core.server import RunningServer
 from services.core.settings import Settings
 from services.gateway.settings import GatewaySettings
-from tessera.v1 import event_pb2, identity_pb2, identity_pb2_grpc, profile_pb2, profile_pb2_grpc
+from tessera.v1 import (
+    event_pb2,
+    identity_pb2,
+    identity_pb2_grpc,
+    ingest_pb2,
+    ingest_pb2_grpc,
+    profile_pb2,
+    profile_pb2_grpc,
+)
 from tests.conftest import TenantKey, _serve, make_tenant
+from tests.integration.test_quality_api import chat
 from tests.support.gateway import Served
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
@@ -244,8 +254,8 @@ def test_wrong_key_is_refused(page: Any, gateway: Served, demo: TenantKey) -> No
     assert page.evaluate("fetch('/api/v1/session').then(r => r.status)") == 401
 
 
-def test_dashboard_charts_by_channel_and_alert_feed(
-    page: Any, gateway: Served, demo: TenantKey, tmp_path: Path
+def test_dashboard_charts_by_channel_and_a_new_alert_arrives_live(
+    page: Any, gateway: Served, demo: TenantKey, ingest_channel: grpc.Channel, tmp_path: Path
 ) -> None:
     from playwright.sync_api import expect
 
@@ -257,6 +267,25 @@ def test_dashboard_charts_by_channel_and_alert_feed(
     expect(page.locator('#charts [data-metric="aht_seconds"] .legend')).to_contain_text("Voice")
     expect(page.locator("#feed-state")).to_contain_text("Live")
     expect(page.locator("#feed li").first).to_be_attached()
+
+    # A customer gets angry in a new chat: the supervisor's feed shows it at the top, no reload.
+    iid = f"zd-live-{uuid.uuid4().hex[:8]}"
+    said = chat(
+        PERSONA.phone,
+        iid,
+        event_pb2.AUTHOR_CUSTOMER,
+        "Nobody got back to me, this is ridiculous.",
+        dt.datetime.now(dt.UTC),
+    )
+    answer = ingest_pb2_grpc.IngestServiceStub(ingest_channel).IngestEvents(
+        ingest_pb2.IngestEventsRequest(events=[said]), metadata=demo.metadata, timeout=10
+    )
+    assert answer.accepted_count == 1
+    alert = page.locator(f'#feed li[data-interaction="{iid}"]')
+    expect(alert).to_be_visible(timeout=TIMEOUT_MS)
+    expect(alert).to_contain_text("Customer frustration detected")
+    expect(alert).to_contain_text("customer said 'nobody got back'")
+    assert page.locator("#feed li").first.get_attribute("data-interaction") == iid
     page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
 
 

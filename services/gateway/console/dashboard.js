@@ -59,13 +59,14 @@ async function loadCharts() {
 function alertItem(a) {
   return el(
     'li',
-    { class: 'alert', 'data-alert': a.name || '' },
+    { class: 'alert', 'data-alert': a.name || '', 'data-interaction': a.interactionId || '' },
     el('strong', {}, a.ruleDisplayName || a.rule || 'Alert'),
     ` ${a.description || ''}`,
     el(
       'span',
       { class: 'muted small' },
       ` ${fmtTime(a.fireTime)}${a.agentId ? ` · agent ${a.agentId}` : ''}${a.queue ? ` · ${a.queue}` : ''}` +
+        `${a.interactionId ? ` · conversation ${a.interactionId}` : ''}` +
         `${a.acknowledgedBy ? ` · acknowledged by ${a.acknowledgedBy}` : ''}`,
     ),
   );
