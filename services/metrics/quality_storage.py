@@ -719,12 +719,12 @@ class QualityStore:
         returns how many changed."""
         with db.raw_transaction(self.engine, "quality.merge") as (cur, _):
             lock_customers(cur, tenant_id, (survivor, absorbed))
-            first = not key or first_time(cur, tenant_id, "quality:" + key)
-            for table in ("messages", "evaluations") if first else ():
-                cur.execute(
-                    f"UPDATE metrics.{table} SET profile_id = %s WHERE tenant_id = %s AND profile_id = %s",  # noqa: S608
-                    (survivor, tenant_id, absorbed),
-                )
+            if not key or first_time(cur, tenant_id, "quality:" + key):
+                for table in ("messages", "evaluations"):
+                    cur.execute(
+                        f"UPDATE metrics.{table} SET profile_id = %s WHERE tenant_id = %s AND profile_id = %s",  # noqa: S608
+                        (survivor, tenant_id, absorbed),
+                    )
         return self.reevaluate_customers(tenant_id, [survivor], config) if config is not None else 0
 
     def reevaluate_customers(
