@@ -30,7 +30,14 @@ from services.metrics import forms
 from services.metrics import quality_rollup as qr
 from services.metrics.derive import day_of, hour_of
 from services.metrics.facts import LEG, SURVEY, Fact
-from services.metrics.storage import FACT_SELECT, first_time, lock_customers, lock_with_survivors, with_survivors
+from services.metrics.storage import (
+    FACT_SELECT,
+    first_time,
+    lock_customers,
+    lock_final_survivor,
+    lock_with_survivors,
+    with_survivors,
+)
 from services.metrics.tenant_settings import MetricsConfig
 from tessera.v1 import event_pb2, quality_pb2, stream_pb2
 
@@ -719,13 +726,14 @@ class QualityStore:
         returns how many changed."""
         with db.raw_transaction(self.engine, "quality.merge") as (cur, _):
             lock_customers(cur, tenant_id, (survivor, absorbed))
+            target = lock_final_survivor(cur, tenant_id, survivor, absorbed)
             if not key or first_time(cur, tenant_id, "quality:" + key):
                 for table in ("messages", "evaluations"):
                     cur.execute(
                         f"UPDATE metrics.{table} SET profile_id = %s WHERE tenant_id = %s AND profile_id = %s",  # noqa: S608
-                        (survivor, tenant_id, absorbed),
+                        (target, tenant_id, absorbed),
                     )
-        return self.reevaluate_customers(tenant_id, [survivor], config) if config is not None else 0
+        return self.reevaluate_customers(tenant_id, [target], config) if config is not None else 0
 
     def reevaluate_customers(
         self, tenant_id: str, profiles: Sequence[str], config: MetricsConfig, now: dt.datetime | None = None
@@ -760,25 +768,32 @@ class QualityStore:
     ) -> int:
         """Move what the split took to the new customer (once per change ``key``); given the
         settings, evaluate both customers' interactions again. Returns how many evaluations changed."""
-        self._move_split(tenant_id, new_profile_id, moved_event_ids, key)
+        moved = self._move_split(tenant_id, profile_id, new_profile_id, moved_event_ids, key)
         if config is None:
             return 0
-        return self.reevaluate_customers(tenant_id, [p for p in (profile_id, new_profile_id) if p], config)
+        return self.reevaluate_customers(tenant_id, moved, config)
 
-    def _move_split(self, tenant_id: str, new_profile_id: str, moved_event_ids: Sequence[str], key: str) -> None:
+    def _move_split(
+        self, tenant_id: str, profile_id: str, new_profile_id: str, moved_event_ids: Sequence[str], key: str
+    ) -> list[str]:
+        """The move, to whom the new customer is now (merged on since, perhaps); returns the
+        customers whose interactions to evaluate again."""
         with db.raw_transaction(self.engine, "quality.split") as (cur, _):
-            if key and not first_time(cur, tenant_id, "quality:" + key):
-                return
-            cur.execute(
-                "UPDATE metrics.messages SET profile_id = %s WHERE tenant_id = %s AND event_id = ANY(%s)",
-                (new_profile_id, tenant_id, list(moved_event_ids)),
-            )
-            cur.execute(
-                "UPDATE metrics.evaluations e SET profile_id = %s FROM metrics.facts f WHERE e.tenant_id = %s "
-                "AND f.tenant_id = e.tenant_id AND f.interaction_id = e.interaction_id AND f.kind = 1 "
-                "AND f.event_id = ANY(%s)",
-                (new_profile_id, tenant_id, list(moved_event_ids)),
-            )
+            lock_customers(cur, tenant_id, [p for p in (profile_id, new_profile_id) if p])
+            target = lock_final_survivor(cur, tenant_id, new_profile_id, profile_id)
+            source = lock_final_survivor(cur, tenant_id, profile_id, new_profile_id) if profile_id else ""
+            if not key or first_time(cur, tenant_id, "quality:" + key):
+                cur.execute(
+                    "UPDATE metrics.messages SET profile_id = %s WHERE tenant_id = %s AND event_id = ANY(%s)",
+                    (target, tenant_id, list(moved_event_ids)),
+                )
+                cur.execute(
+                    "UPDATE metrics.evaluations e SET profile_id = %s FROM metrics.facts f WHERE e.tenant_id = %s "
+                    "AND f.tenant_id = e.tenant_id AND f.interaction_id = e.interaction_id AND f.kind = 1 "
+                    "AND f.event_id = ANY(%s)",
+                    (target, tenant_id, list(moved_event_ids)),
+                )
+        return sorted({p for p in (source, target) if p})
 
     def erase(self, tenant_id: str, profile_ids: Sequence[str]) -> None:
         """Forget the customers' transcripts, evaluations and the answers people gave on them."""

@@ -186,6 +186,20 @@ def lock_with_survivors(cur: Any, tenant_id: str, profiles: Sequence[str]) -> di
     return alias
 
 
+def lock_final_survivor(cur: Any, tenant_id: str, survivor: str, absorbed: str) -> str:
+    """Whom ``absorbed`` really joins: ``survivor``, or whom ``survivor`` was itself merged into
+    since (locked too). Replicas apply a chain of merges in any order; taking the survivor at
+    its word would leave a later-delivered earlier merge's data under a merged-away id."""
+    target, seen = survivor, {survivor, absorbed}
+    while True:
+        nxt = _aliases(cur, tenant_id, [target]).get(target)
+        if nxt is None or nxt in seen:
+            return target
+        lock_customers(cur, tenant_id, (nxt,))
+        seen.add(nxt)
+        target = nxt
+
+
 def with_survivors(cur: Any, tenant_id: str, profiles: Iterable[str]) -> set[str]:
     """The customers and whom they were merged into (no locks: for reads whose writes a later
     merge re-examines anyway)."""
@@ -315,20 +329,21 @@ class MetricsStore:
             lock_customers(cur, tenant_id, (survivor, absorbed))
             if key and not first_time(cur, tenant_id, key):
                 return
+            target = lock_final_survivor(cur, tenant_id, survivor, absorbed)
             cur.execute(
                 "INSERT INTO metrics.aliases (tenant_id, profile_id, survivor) VALUES (%s, %s, %s) "
                 "ON CONFLICT (tenant_id, profile_id) DO UPDATE SET survivor = EXCLUDED.survivor",
-                (tenant_id, absorbed, survivor),
+                (tenant_id, absorbed, target),
             )
             cur.execute(
                 "UPDATE metrics.aliases SET survivor = %s WHERE tenant_id = %s AND survivor = %s",
-                (survivor, tenant_id, absorbed),
+                (target, tenant_id, absorbed),
             )
             cur.execute(
                 "UPDATE metrics.facts SET profile_id = %s WHERE tenant_id = %s AND profile_id = %s",
-                (survivor, tenant_id, absorbed),
+                (target, tenant_id, absorbed),
             )
-            self._recompute(cur, tenant_id, [absorbed, survivor], config)
+            self._recompute(cur, tenant_id, sorted({absorbed, survivor, target}), config)
 
     def apply_split(
         self,
@@ -344,12 +359,15 @@ class MetricsStore:
             lock_customers(cur, tenant_id, (profile_id, new_profile_id))
             if key and not first_time(cur, tenant_id, key):
                 return
+            # Either side may have been merged on since (a later change another replica applied first).
+            source = lock_final_survivor(cur, tenant_id, profile_id, new_profile_id)
+            target = lock_final_survivor(cur, tenant_id, new_profile_id, profile_id)
             cur.execute(
                 "UPDATE metrics.facts SET profile_id = %s WHERE tenant_id = %s AND profile_id = %s "
                 "AND event_id = ANY(%s)",
-                (new_profile_id, tenant_id, profile_id, list(moved_event_ids)),
+                (target, tenant_id, source, list(moved_event_ids)),
             )
-            self._recompute(cur, tenant_id, [profile_id, new_profile_id], config)
+            self._recompute(cur, tenant_id, sorted({profile_id, new_profile_id, source, target}), config)
 
     def erase(self, tenant_id: str, profile_ids: Sequence[str]) -> int:
         """Forget the customers' facts; their contributions stay in the rollups as anonymous counts

@@ -559,3 +559,55 @@ def test_a_repeat_contact_resolved_before_a_merge_and_applied_after_it_still_cou
     after = store.evaluation(tenant.tenant_id, "rm-1", "repeat")
     assert answer(after, "repeat").value == "yes"
     assert "rm-2" in after.answers[0].evidence[0].description
+
+
+@pytest.mark.parametrize("order", ["as identity made them", "later one first"])
+def test_a_chain_of_merges_applied_in_any_order_leaves_everything_with_the_last_survivor(
+    engine: Engine, tenant: TenantKey, qa: Quality, order: str
+) -> None:
+    """Identity merges a chat-only customer into an email one, then that into a phone one. Two
+    metrics replicas may apply the two changes in either order; either way the chat's facts,
+    transcript and evaluation all end with the phone customer (the system test caught them left
+    under the chat customer when the later merge was applied first)."""
+    from services.core import streams
+    from services.core.bus import Delivery
+    from services.metrics.consumer import ChangesHandler
+    from services.metrics.storage import MetricsStore
+    from services.metrics.tenant_settings import MetricsConfig
+    from tessera.v1 import stream_pb2
+
+    qa.setup()
+    t, config = tenant.tenant_id, MetricsConfig()
+    metrics, store = MetricsStore(engine), QualityStore(engine)
+    at = dt.datetime(2026, 3, 2, 10, 0, tzinfo=dt.UTC)
+    leg = Fact(
+        key="leg:ch-1:ch-1", kind=LEG, event_id="e-ch-1", profile_id="p-chat", at=at, channel=event_pb2.CHANNEL_CHAT,
+        source="t", interaction_id="ch-1", agent="a", reason="billing", started_at=at, leg_id="ch-1",
+        ended_at=at + dt.timedelta(minutes=3),
+    )  # fmt: skip
+    said = MessageRow("e-msg-1", "ch-1", "p-chat", at, 5.0, int(AGENT), 0.4, "hello, thank you for contacting us")
+    metrics.apply_facts(t, [leg], config)
+    store.apply(t, [said], [leg], config)
+    assert store.evaluation(t, "ch-1", "chat").profile == "profiles/p-chat"
+
+    first = stream_pb2.ProfileChange(
+        kind=streams.MERGED, profile_id="p-email", absorbed_profile_id="p-chat", merge_id=1
+    )
+    second = stream_pb2.ProfileChange(
+        kind=streams.MERGED, profile_id="p-phone", absorbed_profile_id="p-email", merge_id=2
+    )
+    handler = ChangesHandler(metrics, lambda _t: config, store)
+    for n, change in enumerate([first, second] if order == "as identity made them" else [second, first]):
+        envelope = stream_pb2.ProfileChangeEnvelope(tenant_id=t, change=change)
+        handler([Delivery(t, "changes", f"{n}-0", b"", envelope)])
+
+    assert {f.event_id: p for p, fs in metrics.all_facts(t).items() for f in fs} == {"e-ch-1": "p-phone"}
+    assert store.evaluation(t, "ch-1", "chat").profile == "profiles/p-phone"
+    with engine.connect() as conn:
+        owners = (
+            conn.exec_driver_sql("SELECT profile_id FROM metrics.messages WHERE tenant_id = %s", (t,)).scalars().all()
+        )
+        rows = conn.exec_driver_sql("SELECT profile_id, survivor FROM metrics.aliases WHERE tenant_id = %s", (t,))
+        aliases = {a: s for a, s in rows}
+    assert owners == ["p-phone"]
+    assert aliases == {"p-chat": "p-phone", "p-email": "p-phone"}
