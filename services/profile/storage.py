@@ -839,6 +839,10 @@ class ProfileStore:
             if target is None or target == absorbed:
                 target = survivor
             locked = self._lock(cur, tenant_id, sorted({target, absorbed}))
+            if locked[target][0] == MERGED:
+                # Merged on itself while we waited for its lock (another replica applied a later
+                # merge of the chain): read whom it joined, under the lock this time.
+                raise _Retry()
             state_a, _ = locked[absorbed]
             if locked[target][0] == ERASED:
                 return out
@@ -924,11 +928,16 @@ class ProfileStore:
             out = Applied(touched={source, new_profile})
             if not self._first_time(cur, tenant_id, key):
                 return out
+            # Either side may have been merged on since (a later change another replica applied
+            # first): the move goes between whom they are now, resolved again under the locks.
             target = self._final(cur, tenant_id, source) or source
-            locked = self._lock(cur, tenant_id, sorted({target, new_profile}))
-            if locked[target][0] == ERASED or locked[new_profile][0] == ERASED:
+            dest = self._final(cur, tenant_id, new_profile) or new_profile
+            locked = self._lock(cur, tenant_id, sorted({target, dest}))
+            if locked[target][0] == MERGED or locked[dest][0] == MERGED:
+                raise _Retry()
+            if target == dest or locked[target][0] == ERASED or locked[dest][0] == ERASED:
                 return out
-            out.touched = {target, new_profile}
+            out.touched = {target, dest}
             out.moved_identifiers = list(moved_identifiers)
             statements = db.Statements(cur)
             if moved_identifiers:
@@ -940,7 +949,7 @@ class ProfileStore:
                     "ON CONFLICT (tenant_id, id_type, id_value) DO UPDATE SET profile_id = excluded.profile_id",
                     (
                         tenant_id,
-                        new_profile,
+                        dest,
                         first,
                         first,
                         [t for t, _ in moved_identifiers],
@@ -951,7 +960,7 @@ class ProfileStore:
             cur.execute(
                 "UPDATE profile.timeline SET profile_id = %s WHERE tenant_id = %s AND event_id = "
                 "ANY(%s) RETURNING event_id",
-                (new_profile, tenant_id, list(moved_events)),
+                (dest, tenant_id, list(moved_events)),
             )
             here = {r[0] for r in cur.fetchall()}
             later = [e for e in moved_events if e not in here]
@@ -961,15 +970,15 @@ class ProfileStore:
                     "INSERT INTO profile.pending_moves (tenant_id, event_id, profile_id) "
                     "SELECT %s, e, %s FROM unnest(%s::text[]) AS e "
                     "ON CONFLICT (tenant_id, event_id) DO UPDATE SET profile_id = excluded.profile_id",
-                    (tenant_id, new_profile, later),
+                    (tenant_id, dest, later),
                 )
             statements.run()
-            self._rebuild(cur, tenant_id, [target, new_profile], config)
+            self._rebuild(cur, tenant_id, [target, dest], config)
             statements = db.Statements(cur)
             feed: list[tuple[int, str, str | None, Sequence[str]]] = []
-            if locked[new_profile][1]:
-                feed.append((CREATED, new_profile, None, ()))
-            feed.append((FEED_SPLIT, target, new_profile, ()))
+            if locked[dest][1]:
+                feed.append((CREATED, dest, None, ()))
+            feed.append((FEED_SPLIT, target, dest, ()))
             self._feed(statements, tenant_id, feed)
             statements.run()
             return out
