@@ -37,6 +37,7 @@ from services.identity.matching import (
     decide,
     record_from_traits,
 )
+from services.identity.probabilistic import MAX_MERGES_PER_RECORD
 
 SEED = 20240601
 
@@ -101,7 +102,8 @@ def evaluate_stream(
 ) -> dict[str, float]:
     """Feed (rec_id, traits) in a seeded random order through the matcher as the service would:
     each record is counted in the tenant's value frequencies, compared with every record of each
-    candidate profile, and joins the profile ``decide`` picks for a merge (else starts its own)."""
+    candidate profile, and joins the profile ``decide`` picks for a merge (else starts its own);
+    the joined profile is then matched again, so the record can reunite two fragments of a person."""
     threshold = DEFAULT_AUTO_MERGE_THRESHOLD if auto_threshold is None else auto_threshold
     stream = list(stream)
     random.Random(seed).shuffle(stream)
@@ -112,37 +114,48 @@ def evaluate_stream(
     scored = merged = review = thin = vetoed = 0
     counts = ValueCounts() if term_frequencies else None
     started = time.perf_counter()
+    absorbed: dict[str, str] = {}  # merged-away profile -> the one it joined
+
+    def final(pid: str) -> str:
+        while pid in absorbed:
+            pid = absorbed[pid]
+        return pid
+
     for n, (rec_id, traits) in enumerate(stream):
         rec = record_from_traits(traits)
-        target: str | None = None
+        me = f"p{n}"
+        profiles[me], members[me] = [], []
         keys: list[str] = []
         if rec is None:
             thin += 1
         else:
             keys = blocking_keys(rec)
-            candidate_ids: set[str] = set()
-            for key in keys:
-                candidate_ids.update(index.get(key, ()))
-            candidates = {pid: profiles[pid] for pid in sorted(candidate_ids)}
-            scored += sum(len(r) for r in candidates.values())
             if counts is not None:
                 counts.add(rec)
-            found = decide(rec, (), candidates, threshold, DEFAULT_REVIEW_THRESHOLD, counts)
-            if found is not None and found.action == MERGE:
-                target = found.profile_id
+            # As the service does: join the best profile, then any other fragment of the person the
+            # joined profile now matches (bounded like the service).
+            for round_ in range(MAX_MERGES_PER_RECORD):
+                candidate_ids = {final(pid) for key in keys for pid in index.get(key, ())} - {me}
+                candidates = {pid: profiles[pid] for pid in sorted(candidate_ids)}
+                if round_ == 0:
+                    scored += sum(len(r) for r in candidates.values())
+                found = decide(rec, profiles[me], candidates, threshold, DEFAULT_REVIEW_THRESHOLD, counts)
+                if found is None or found.action != MERGE:
+                    if round_ == 0 and found is not None and found.action == REVIEW:
+                        review += 1
+                        vetoed += bool(found.conflicts) and found.match.probability >= threshold
+                    break
                 merged += 1
-            elif found is not None and found.action == REVIEW:
-                review += 1
-                vetoed += bool(found.conflicts) and found.match.probability >= threshold
-        if target is None:
-            target = f"p{n}"
-            profiles[target] = []
-            members[target] = []
+                target = found.profile_id
+                profiles[target].extend(profiles.pop(me))
+                members[target].extend(members.pop(me))
+                absorbed[me] = target
+                me = target
         if rec is not None:
-            profiles[target].append(rec)
+            profiles[me].append(rec)
             for key in keys:
-                index[key].add(target)
-        members[target].append(rec_id)
+                index[key].add(me)
+        members[me].append(rec_id)
     elapsed = time.perf_counter() - started
 
     predicted, tp = pair_counts(members.values())

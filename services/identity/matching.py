@@ -18,13 +18,17 @@ independent except the parts of an address, which count once (see ``match_weight
 independently, real people share them by household.
 
 Three guards FEBRL does not need and real data does:
-- **Strong conflicts** (``strong_conflicts``): birth dates years apart beyond a keying slip, national
-  ids more than one edit apart, different given names in one family (twins, siblings, a couple) with
-  no agreeing national id, or nothing personal agreeing at all (no birth date or national id: a
-  parent and a child of one name share name, address and phone) are never auto-merged, however
-  well the rest agrees; they may go to review.
+- **Strong conflicts** (``person_conflicts``): birth dates years apart beyond a keying slip or national
+  ids more than one edit apart, with no strong field agreeing (the other one agreeing vouches for a
+  mis-keyed or replaced value: a parent and a child never share a national id), different given
+  names in one family (twins, siblings, a couple) with no agreeing national id, or nothing personal
+  agreeing at all (no birth date or national id: a parent and a child of one name share name,
+  address and phone) are never auto-merged, however well the names and places agree; they may go
+  to review.
 - **Profiles as a whole** (``compare_profile``, ``decide``): a record is compared with every record a
-  profile holds, and a merge must not join two records that strongly conflict.
+  profile holds, and a merge must not join records that strongly conflict; after a merge the joined
+  profile is matched again (``BatchMatcher.match``), so a record that ties two fragments of a person
+  together reunites them.
 - **Term frequencies** (``ValueCounts``, ``tf_adjustment``): exact agreement on a name or place
   weighs ``log2(m / tf)``, tf being the value's share of the tenant's own records, so a shared
   "smith" says less than a shared "okafor".
@@ -635,15 +639,66 @@ def _dob_typo(x: str, y: str) -> bool:
     return not (diff and diff[0] < 3 and x[:4].isdigit() and y[:4].isdigit() and abs(int(x[:4]) - int(y[:4])) >= 10)
 
 
+def _dob_conflict(x: str, y: str) -> bool:
+    return bool(x and y) and not _dob_typo(x, y) and abs(int(x[:4]) - int(y[:4])) >= 2
+
+
+def _id_conflict(x: str, y: str) -> bool:
+    return bool(x and y) and _number_level(x, y) == 2
+
+
 def strong_conflicts(a: MatchRecord, b: MatchRecord) -> list[str]:
-    """Why ``a`` and ``b`` cannot be one person, however well the rest agrees: birth dates years
-    apart beyond a keying slip, or national ids more than one edit or transposition apart. Such a
-    pair is never auto-merged (a person may still review it)."""
+    """Why ``a`` and ``b`` cannot be one person, however well the names and places agree: birth
+    dates years apart beyond a keying slip, or national ids more than one edit or transposition
+    apart. Such a pair is never auto-merged (a person may still review it). See ``person_conflicts``
+    for the one thing that outweighs a conflict: the other strong field agreeing exactly."""
+    return person_conflicts((a,), (b,))
+
+
+def person_conflicts(xs: Sequence[MatchRecord], ys: Sequence[MatchRecord], *, both_ways: bool = True) -> list[str]:
+    """The strong conflicts that forbid making ``xs`` and ``ys`` (a record and a profile, or two
+    profiles) one person.
+
+    The strong fields are the birth date and the national id. A record clashes with another when
+    either field is far apart in the two (dates years apart beyond a keying slip, ids more than one
+    edit apart). A clash is a conflict unless the record is corroborated by the other side: one of
+    the other side's records agrees with it on a strong field, up to a slip or one edit. So the
+    other strong field agreeing overrules a clash (the same national id with a birth date years
+    off is the same person with a mis-keyed date: a parent and a child never share a national id;
+    a replaced national id beside the same birth date is a replaced number: twins share a birth
+    date, and the given-name rule keeps them apart), and a profile that already holds a wrong value
+    beside the right one does not block a record that agrees with the right one. A record that
+    agrees on neither strong field with anything on the other side, and clashes, is always a
+    conflict, however well the names and places agree.
+
+    ``both_ways``: check the records of ``ys`` against ``xs`` too (two profiles joining); a
+    profile's own records were weighed against each other when they joined it, so a new record
+    (``xs``) against a profile needs only its own side checked."""
     out: list[str] = []
-    x, y = a.date_of_birth, b.date_of_birth
-    if x and y and not _dob_typo(x, y) and abs(int(x[:4]) - int(y[:4])) >= 2:
-        out.append(f"date_of_birth: years {x[:4]} and {y[:4]}")
-    if a.national_id and b.national_id and _number_level(a.national_id, b.national_id) == 2:
+    for side, other in ((xs, ys), (ys, xs)) if both_ways else ((xs, ys),):
+        for x in side:
+            if any(_corroborates(x, y) for y in other):
+                continue
+            for y in other:
+                for reason in _clashes(x, y) if side is xs else _clashes(y, x):
+                    if reason not in out:
+                        out.append(reason)
+    return out
+
+
+def _corroborates(x: MatchRecord, y: MatchRecord) -> bool:
+    """Whether a strong field agrees in ``x`` and ``y``: the birth date up to a slip, or the
+    national id up to one edit."""
+    if x.date_of_birth and y.date_of_birth and _dob_typo(x.date_of_birth, y.date_of_birth):
+        return True
+    return bool(x.national_id and y.national_id and _number_level(x.national_id, y.national_id) < 2)
+
+
+def _clashes(x: MatchRecord, y: MatchRecord) -> list[str]:
+    out = []
+    if _dob_conflict(x.date_of_birth, y.date_of_birth):
+        out.append(f"date_of_birth: years {x.date_of_birth[:4]} and {y.date_of_birth[:4]}")
+    if _id_conflict(x.national_id, y.national_id):
         out.append("national_id: different beyond one edit")
     return out
 
@@ -784,8 +839,8 @@ def compare_profile(
         for name, level in levels.items():
             if level != MISSING and (name not in best_levels or level < best_levels[name]):
                 best_levels[name] = level
-        conflicts.extend(c for c in strong_conflicts(rec, other) if c not in conflicts)
         first_name_conflicts += _first_name_conflict(rec, other, levels)
+    conflicts.extend(person_conflicts((rec,), records, both_ways=False))
     levels = {name: best_levels.get(name, MISSING) for name in _FIELD_NAMES}
     if first_name_conflicts and levels["first_name"] >= 2:
         conflicts.append("first_name: different given names in one family")
@@ -798,11 +853,7 @@ def compare_profile(
 def profiles_conflict(a: Sequence[MatchRecord], b: Sequence[MatchRecord]) -> list[str]:
     """Strong conflicts between any record of one profile and any of the other: a merge must be
     consistent with everything both already hold, not only with the record that triggered it."""
-    out: list[str] = []
-    for x in a:
-        for y in b:
-            out.extend(c for c in strong_conflicts(x, y) if c not in out)
-    return out
+    return person_conflicts(a, b)
 
 
 def match_weight(a: MatchRecord, b: MatchRecord) -> tuple[float, dict[str, float]]:

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from services.identity.matching import (
     DEFAULT_AUTO_MERGE_THRESHOLD,
     DEFAULT_REVIEW_THRESHOLD,
-    MERGE,
     REVIEW,
     TF_FIELDS,
     MatchRecord,
@@ -35,6 +34,17 @@ from services.identity.matching import (
 from services.identity.stitching import Graph, LimitBroken, MergeRecord
 from services.identity.weights import Weights
 from tessera.v1 import identity_pb2
+
+#: Identifier types that name a browser or a device, not a person: their per-profile limits keep
+#: deterministic stitching from chaining strangers through one shared cookie, but a person who
+#: matched on their own record (and passed every conflict rule) may well have used more browsers
+#: than the limit, so these limits do not hold a probabilistic merge back. The person-level types
+#: (user_id, email, phone, custom ids) still do.
+SESSION_TYPES: Final = frozenset({"anonymous_id", "device_id"})
+
+#: Merges one record may make: its best profile, then fragments of the same person that the joined
+#: profile now matches (bounded, so one record never sweeps up a crowd).
+MAX_MERGES_PER_RECORD: Final = 4
 
 #: (profile a, profile b, score, evidence JSON, event id)
 Suggestion = tuple[str, str, float, dict[str, Any], str]
@@ -131,23 +141,39 @@ class BatchMatcher:
     def _records_of(self, profile_id: str) -> list[MatchRecord]:
         return [self._known[e][1] for e in self._by_profile.get(profile_id, ())]
 
-    def match(self, graph: Graph, event_id: str, profile_id: str) -> MergeRecord | None:
-        """Score this event's record against other profiles as wholes; merge or suggest. The record
-        then joins its profile, so later events in the batch can match it."""
+    def match(self, graph: Graph, event_id: str, profile_id: str) -> list[MergeRecord]:
+        """Score this event's record against other profiles as wholes; merge or suggest. After a
+        merge the joined profile is matched again, so a record that ties together two fragments of
+        one person (an earlier record that could not join) reunites them, each merge checked
+        against everything the joined profile holds. The record then joins its profile, so later
+        events in the batch can match it."""
         rec = self.records.get(event_id)
         if rec is None:
-            return None
+            return []
         self._rekey(graph)
         for counted in self.counts.add(rec):
             self._deltas[counted] = self._deltas.get(counted, 0) + 1
-        me = graph.final(profile_id)
+        merges: list[MergeRecord] = []
+        for round_ in range(MAX_MERGES_PER_RECORD):
+            merge = self._match_once(graph, event_id, rec, graph.final(profile_id), suggest=round_ == 0)
+            self._rekey(graph)
+            if merge is None:
+                break
+            merges.append(merge)
+        self._add(event_id, graph.final(profile_id), rec, self.keys[event_id])
+        return merges
+
+    def _match_once(
+        self, graph: Graph, event_id: str, rec: MatchRecord, me: str, *, suggest: bool
+    ) -> MergeRecord | None:
+        """One decision for the record's profile ``me``: a merge, or (when ``suggest``: the first
+        decision only, so a reunion adds no second suggestion about the same people) a suggestion."""
         candidates: dict[str, list[MatchRecord]] = {}
         for key in self.keys[event_id]:
             for other in self._index.get(key, ()):
                 final = graph.final(self._known[other][0])
                 if final != me and final in graph.profiles and final not in candidates:
                     candidates[final] = self._records_of(final)
-        merge: MergeRecord | None = None
         found = decide(
             rec,
             self._records_of(me),
@@ -157,25 +183,26 @@ class BatchMatcher:
             self.counts,
             self.weights,
         )
-        if found is not None and found.action is not None:
-            other_pid, score, evidence = found.profile_id, found.match.probability, found.match.to_json()
-            if found.action == MERGE:
-                survivor, absorbed = sorted((me, other_pid), key=lambda p: (graph.profiles[p].created, p))
-                try:
-                    fact = graph.merge(survivor, absorbed, event_id)
-                except LimitBroken as exc:
-                    evidence["held_back"] = f"merge protection: {exc}"
-                    self.suggestions.append((me, other_pid, score, evidence, event_id))
-                else:
-                    rule = f"probabilistic: score {score:.3f} >= auto-merge threshold {self.thresholds.auto_merge}"
-                    merge = MergeRecord(fact, identity_pb2.MERGE_KIND_PROBABILISTIC, rule, "", score, evidence)
-            elif found.action == REVIEW:
-                if found.conflicts and score >= self.thresholds.auto_merge:
-                    evidence["held_back"] = "strong conflict: " + "; ".join(found.conflicts)
+        if found is None or found.action is None:
+            return None
+        other_pid, score, evidence = found.profile_id, found.match.probability, found.match.to_json()
+        if found.action == REVIEW:
+            if not suggest:
+                return None
+            if found.conflicts and score >= self.thresholds.auto_merge:
+                evidence["held_back"] = "strong conflict: " + "; ".join(found.conflicts)
+            self.suggestions.append((me, other_pid, score, evidence, event_id))
+            return None
+        survivor, absorbed = sorted((me, other_pid), key=lambda p: (graph.profiles[p].created, p))
+        try:
+            fact = graph.merge(survivor, absorbed, event_id, exempt=SESSION_TYPES)
+        except LimitBroken as exc:
+            if suggest:
+                evidence["held_back"] = f"merge protection: {exc}"
                 self.suggestions.append((me, other_pid, score, evidence, event_id))
-        self._rekey(graph)
-        self._add(event_id, graph.final(me), rec, self.keys[event_id])
-        return merge
+            return None
+        rule = f"probabilistic: score {score:.3f} >= auto-merge threshold {self.thresholds.auto_merge}"
+        return MergeRecord(fact, identity_pb2.MERGE_KIND_PROBABILISTIC, rule, "", score, evidence)
 
     def count_deltas(self) -> list[tuple[str, str, int]]:
         """(field, value, increment) for the records this batch counted, field totals as value ""."""

@@ -211,9 +211,7 @@ class Resolver:
                     MergeRecord(m, identity_pb2.MERGE_KIND_DETERMINISTIC, DETERMINISTIC_RULE) for m in out.merges
                 )
                 if matcher is not None:
-                    scored = matcher.match(graph, e.event_id, out.profile_id)
-                    if scored is not None:
-                        changes.merges.append(scored)
+                    changes.merges.extend(matcher.match(graph, e.event_id, out.profile_id))
                 links.append((e.event_id, out.profile_id, out.linked, e.occurred))
             recorded = self.store.write(cur, tenant_id, changes, now, links)
             if matcher is not None:

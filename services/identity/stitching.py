@@ -128,7 +128,9 @@ class Graph:
         t = self.rules.types.get(key[0])
         return (-(t.priority if t else 0), key[0], key[1])
 
-    def _broken(self, profile_ids: Iterable[str], extra: Iterable[Key]) -> LimitBroken | None:
+    def _broken(
+        self, profile_ids: Iterable[str], extra: Iterable[Key], exempt: frozenset[str] = frozenset()
+    ) -> LimitBroken | None:
         """The first type whose count in the union would exceed its limit.
 
         A profile already over a limit (the limit was lowered later) is not broken further by an
@@ -151,6 +153,8 @@ class Graph:
                 seen.add(k)
                 counts[k[0]] = counts.get(k[0], 0) + 1
         for t in sorted(counts, key=lambda name: self._priority((name, ""))):
+            if t in exempt:
+                continue
             rule = self.rules.types.get(t)
             limit = rule.max_per_profile if rule else 0
             if counts[t] > max(limit, most.get(t, 0)):
@@ -199,11 +203,14 @@ class Graph:
     # ------------------------------------------------------------------------------------------
     # Manual changes.
 
-    def merge(self, survivor: str, absorbed: str, event_id: str = "") -> MergeFact:
-        """A requested merge; raises :class:`LimitBroken` instead of dropping anything."""
+    def merge(
+        self, survivor: str, absorbed: str, event_id: str = "", exempt: frozenset[str] = frozenset()
+    ) -> MergeFact:
+        """A requested merge; raises :class:`LimitBroken` instead of dropping anything. The limits
+        of the ``exempt`` types do not hold it back."""
         if survivor == absorbed:
             raise ValueError("a profile cannot be merged into itself")
-        broken = self._broken((survivor, absorbed), ())
+        broken = self._broken((survivor, absorbed), (), exempt)
         if broken is not None:
             raise broken
         return self._absorb(survivor, absorbed, (), event_id)

@@ -84,8 +84,44 @@ def test_birth_dates_years_apart_beyond_a_typo_conflict(other: str, conflict: bo
      ("4417281", "4417", True), ("4417281", "9902113", True)],
 )  # fmt: skip
 def test_national_ids_beyond_one_edit_conflict(a: str, b: str, conflict: bool) -> None:
-    x, y = dataclasses.replace(PARENT, national_id=a), dataclasses.replace(PARENT, national_id=b)
+    x, y = dataclasses.replace(PARENT, national_id=a, date_of_birth=""), dataclasses.replace(PARENT, national_id=b)
     assert bool(strong_conflicts(x, y)) is conflict
+
+
+def test_the_other_strong_field_agreeing_overrules_a_clash_and_both_clashing_never_merge() -> None:
+    """FEBRL replaces a duplicate's birth date or national id with an unrelated value in about 8%
+    of its pairs, the other one kept: the same national id with a birth date years off is the
+    person with a mis-keyed date (a parent and a child never share one), a new national id beside
+    the same birth date a replaced number. With both replaced nothing personal vouches for the
+    record, and the names and address alone never merge it."""
+    person = dataclasses.replace(PARENT, national_id="4417281")
+    date_off = with_dob(person, "19860930")
+    number_off = dataclasses.replace(person, national_id="9902113")
+    both_off = dataclasses.replace(date_off, national_id="9902113")
+    assert strong_conflicts(date_off, person) == [] and strong_conflicts(number_off, person) == []
+    assert strong_conflicts(both_off, person) == [
+        "date_of_birth: years 1986 and 1958",
+        "national_id: different beyond one edit",
+    ]
+    for rec, action in ((date_off, MERGE), (number_off, MERGE), (both_off, REVIEW)):
+        found = decide(rec, (), {"p": [person]}, AUTO, REVIEW_AT)
+        assert found is not None and found.action == action, rec
+    # A son with his own national id is still his own person.
+    son = dataclasses.replace(date_off, first_name="david", national_id="5530117")
+    found = decide(son, (), {"father": [person]}, AUTO, REVIEW_AT)
+    assert found is not None and found.action == REVIEW and found.conflicts
+
+
+def test_a_profile_holding_a_wrong_value_beside_the_right_one_takes_a_record_with_the_right_one() -> None:
+    person = dataclasses.replace(PARENT, national_id="4417281")
+    slipped = with_dob(person, "19860930")  # joined on the national id, with a wrong birth date
+    no_id = PARENT  # the right birth date, no national id: agrees with the first record
+    found = decide(no_id, (), {"p": [person, slipped]}, AUTO, REVIEW_AT)
+    assert found is not None and found.action == MERGE and found.conflicts == ()
+    # A record that agrees with none of them on either strong field is held back by the clash.
+    stranger = with_dob(PARENT, "19991231")
+    found = decide(stranger, (), {"p": [person, slipped]}, AUTO, REVIEW_AT)
+    assert found is None or found.action != MERGE
 
 
 def test_a_conflict_is_never_auto_merged_however_well_the_rest_agrees() -> None:
@@ -243,13 +279,60 @@ def test_households_through_the_batch_matcher_stay_apart() -> None:
     merges = []
     for n, (eid, _rec) in enumerate(events):
         out = graph.resolve(eid, [("anonymous_id", eid)], lambda: f"p{next(ids):04d}", float(n))
-        merged = matcher.match(graph, eid, out.profile_id)
-        if merged is not None:
-            merges.append(merged)
+        merges.extend(matcher.match(graph, eid, out.profile_id))
     assert merges == []
     assert len({graph.final(graph.owner[("anonymous_id", eid)]) for eid, _ in events}) == len(events)
     held = [s for s in matcher.suggestion_rows(graph) if "held_back" in s[3]]
     assert len(held) >= len(pairs) // 2  # they were close: held back by the conflict, for review
+
+
+def test_a_record_that_ties_two_fragments_of_a_person_together_reunites_them() -> None:
+    """The first two records of one person stay apart (the second has no given name, a new address
+    and no national id: 0.98, below auto-merge); the third agrees with both, so it joins the first
+    and then brings the second in, in two explained merges."""
+    first = dataclasses.replace(PARENT, national_id="4417281", phone="")
+    moved = dict(street_number="4", address_line1="kent street", city="hawthorn", postcode="3122")
+    second = dataclasses.replace(PARENT, first_name="", last_name="okafur", national_id="", **moved)
+    third = dataclasses.replace(PARENT, national_id="4417281", **moved)
+    assert AUTO > compare(second, first).probability >= REVIEW_AT
+    records = [("e1", first), ("e2", second), ("e3", third)]
+    matcher = BatchMatcher.for_events(Thresholds.of({}), [(e, r.to_json()) for e, r in records])
+    graph = Graph(DEFAULT_RULES)
+    ids = (f"p{n}" for n in itertools.count())
+    merges = []
+    for n, (eid, _rec) in enumerate(records):
+        out = graph.resolve(eid, [("anonymous_id", eid)], lambda: next(ids), float(n))
+        merges.append(matcher.match(graph, eid, out.profile_id))
+    assert [len(m) for m in merges] == [0, 0, 2]
+    assert len({graph.final(f"p{n}") for n in range(3)}) == 1
+    assert all(m.kind == identity_pb2.MERGE_KIND_PROBABILISTIC and m.score >= AUTO for m in merges[2])
+
+
+@pytest.mark.parametrize(
+    ("keys_a", "keys_b", "merged"),
+    [
+        # Six browsers between them, over anonymous_id's limit of 5: a cookie says nothing about
+        # who someone is, so the person's own record merges them.
+        ([("anonymous_id", f"a{i}") for i in range(3)], [("anonymous_id", f"b{i}") for i in range(3)], True),
+        # Two accounts (user_id allows one per profile): held back for review, however alike.
+        ([("user_id", "u-1")], [("user_id", "u-2")], False),
+    ],
+)
+def test_a_probabilistic_merge_is_held_back_by_person_limits_not_browser_limits(
+    keys_a: list[tuple[str, str]], keys_b: list[tuple[str, str]], merged: bool
+) -> None:
+    a = dataclasses.replace(PARENT, national_id="4417281")
+    b = dataclasses.replace(a, first_name="davd")
+    matcher = BatchMatcher.for_events(Thresholds.of({}), [("e1", a.to_json()), ("e2", b.to_json())])
+    graph = Graph(DEFAULT_RULES)
+    ids = iter(["p1", "p2"])
+    matcher.match(graph, "e1", graph.resolve("e1", keys_a, lambda: next(ids), 1.0).profile_id)
+    found = matcher.match(graph, "e2", graph.resolve("e2", keys_b, lambda: next(ids), 2.0).profile_id)
+    assert (graph.final("p1") == graph.final("p2")) is merged
+    assert len(found) == int(merged)
+    held = [s[3]["held_back"] for s in matcher.suggestion_rows(graph)]
+    assert held == ([] if merged else ["merge protection: identifier type 'user_id' allows 1 value(s) per profile; "
+                                       "the result would hold 2"])  # fmt: skip
 
 
 def test_the_batch_matcher_merges_a_person_and_counts_values() -> None:
@@ -260,10 +343,11 @@ def test_the_batch_matcher_merges_a_person_and_counts_values() -> None:
     ids = iter(["p1", "p2"])
     assert (
         matcher.match(graph, "e1", graph.resolve("e1", [("anonymous_id", "a")], lambda: next(ids), 1.0).profile_id)
-        is None
+        == []
     )
-    merged = matcher.match(graph, "e2", graph.resolve("e2", [("anonymous_id", "b")], lambda: next(ids), 2.0).profile_id)
-    assert merged is not None and merged.kind == identity_pb2.MERGE_KIND_PROBABILISTIC
+    second = graph.resolve("e2", [("anonymous_id", "b")], lambda: next(ids), 2.0)
+    [merged] = matcher.match(graph, "e2", second.profile_id)
+    assert merged.kind == identity_pb2.MERGE_KIND_PROBABILISTIC
     assert merged.evidence["fields"]["first_name"]["level"] == "one typo"
     assert merged.evidence["total_bits"] > 0 and merged.evidence["conflicts"] == []
     deltas = {(f, v): n for f, v, n in matcher.count_deltas()}
