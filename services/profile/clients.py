@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -152,18 +153,30 @@ class MetricsScores:
         self._down_until = 0.0
 
     def get(self, profile_id: str, metadata: Metadata) -> Scores:
+        return self.start(profile_id, metadata).result()
+
+    def start(self, profile_id: str, metadata: Metadata) -> PendingScores:
+        """Ask now, read the answer later: a cache miss asks before it reads the profile's rows,
+        so the metrics round trip overlaps the SQL instead of following it."""
         if not self.address:
-            return Scores(None, "no metrics service is configured (TESSERA_PROFILE_METRICS_ADDRESS)", transient=False)
-        if time.monotonic() < self._down_until:
-            return Scores(None, "metrics service unavailable")
-        try:
-            stub = metrics_pb2_grpc.MetricsServiceStub(self.channels.get(self.address))
-            resp = stub.GetCustomerMetrics(
-                metrics_pb2.GetCustomerMetricsRequest(profile=f"profiles/{profile_id}"),
-                metadata=forwarded(metadata),
-                timeout=self.deadline_s,
-                wait_for_ready=False,
+            return PendingScores.ready(
+                Scores(None, "no metrics service is configured (TESSERA_PROFILE_METRICS_ADDRESS)", transient=False)
             )
+        if time.monotonic() < self._down_until:
+            return PendingScores.ready(Scores(None, "metrics service unavailable"))
+        stub = metrics_pb2_grpc.MetricsServiceStub(self.channels.get(self.address))
+        call = stub.GetCustomerMetrics.future(
+            metrics_pb2.GetCustomerMetricsRequest(profile=f"profiles/{profile_id}"),
+            metadata=forwarded(metadata),
+            timeout=self.deadline_s,
+            wait_for_ready=False,
+        )
+        return PendingScores(call, self)
+
+    def answer_of(self, call: Any) -> Scores:
+        """The scores a finished (or failed) call gives; an unreachable service is skipped a while."""
+        try:
+            resp = call.result()
             self._down_until = 0.0
         except grpc.RpcError as err:
             code = err.code()
@@ -178,6 +191,31 @@ class MetricsScores:
                 return Scores(None, "metrics service unavailable")
             return Scores(None, f"metrics service answered {code.name}")
         return Scores(resp.metrics, "")
+
+
+class PendingScores:
+    """A ``GetCustomerMetrics`` call in flight (or an answer known without one)."""
+
+    def __init__(self, call: Any, source: MetricsScores | None, known: Scores | None = None) -> None:
+        self._call = call
+        self._source = source
+        self._known = known
+
+    @classmethod
+    def ready(cls, scores: Scores) -> PendingScores:
+        return cls(None, None, scores)
+
+    def result(self) -> Scores:
+        if self._known is None:
+            if self._source is None:  # pragma: no cover - ready() always sets an answer
+                raise RuntimeError("no call and no answer")
+            self._known = self._source.answer_of(self._call)
+        return self._known
+
+    def cancel(self) -> None:
+        """Not needed after all (the profile is not there): stop the call."""
+        if self._call is not None and self._known is None:
+            self._call.cancel()
 
 
 class ErasureCalls:
@@ -271,4 +309,13 @@ def channels(factory: ChannelFactory) -> _Channels:
     return _Channels(factory)
 
 
-__all__ = ["ErasureCalls", "MetricsScores", "RulesSource", "Scores", "channels", "forwarded", "rules_from_proto"]
+__all__ = [
+    "ErasureCalls",
+    "MetricsScores",
+    "PendingScores",
+    "RulesSource",
+    "Scores",
+    "channels",
+    "forwarded",
+    "rules_from_proto",
+]

@@ -21,7 +21,7 @@ from services.core.identity_rules import DropReason
 from services.core.ids import canonical_uuid
 from services.profile import computed
 from services.profile.cache import ContextCache, Lookup
-from services.profile.clients import Metadata, MetricsScores, RulesSource
+from services.profile.clients import Metadata, MetricsScores, PendingScores, RulesSource
 from services.profile.storage import ACTIVE, ERASED, MERGED, ProfileStore, state_of_row
 from services.profile.tenant_settings import ProfileConfig
 from tessera.v1 import event_pb2, identity_pb2, profile_pb2
@@ -185,10 +185,12 @@ class ProfileReads:
         caller in ``later``)."""
         config = self.configs(tenant_id)
         current = version or self.cache.version(tenant_id, located.profile_id)
+        scores = self.scores.start(located.profile_id, metadata)
         rows = self.store.profile_rows(tenant_id, located.profile_id, config, interactions=limit)
         if rows is None or rows["profile"]["state"] != ACTIVE:
+            scores.cancel()
             raise NotFound(f"profiles/{located.profile_id} not found")
-        resp = self._built(tenant_id, located.profile_id, limit, metadata, current, rows, config, later)
+        resp = self._built(tenant_id, located.profile_id, limit, scores, current, rows, config, later)
         if located.redirected:
             resp.profile.redirected = True
         return resp
@@ -272,24 +274,26 @@ class ProfileReads:
         config: ProfileConfig,
         later: list[Store] | None,
     ) -> profile_pb2.GetCustomerContextResponse | None:
+        scores = self.scores.start(profile_id, metadata)  # in flight while the rows are read
         rows = self.store.profile_rows(tenant_id, profile_id, config, interactions=limit)
         if rows is None or rows["profile"]["state"] != ACTIVE:
+            scores.cancel()
             return None
-        return self._built(tenant_id, profile_id, limit, metadata, version, rows, config, later)
+        return self._built(tenant_id, profile_id, limit, scores, version, rows, config, later)
 
     def _built(
         self,
         tenant_id: str,
         profile_id: str,
         limit: int,
-        metadata: Metadata,
+        pending: PendingScores,
         version: str,
         rows: dict[str, Any],
         config: ProfileConfig,
         later: list[Store] | None = None,
     ) -> profile_pb2.GetCustomerContextResponse:
         """The context from its rows, cached under the version read before them."""
-        scores = self.scores.get(profile_id, metadata)
+        scores = pending.result()
         resp = build_context(rows, config, Located(profile_id), scores.to_proto())
         seconds = self.degraded_seconds if scores.missing_reason and scores.transient else self.context_seconds
         store: Store = (tenant_id, profile_id, str(limit), version, resp.SerializeToString(), seconds)
