@@ -314,9 +314,12 @@ class ProfileStore:
         per_profile = {pid: effects(evs, config) for pid, evs in fresh.items()}
         statements = db.Statements(cur)
         changed = self._write(cur, statements, tenant_id, per_profile, config, counters="add")
+        # A profile whose events were all here already (a redelivered batch) did not change: no
+        # feed entry, so a watcher sees each change once.
         feed = [
             (CREATED if pid in created else UPDATED, pid, None, sorted(changed.get(pid, ())))
             for pid in sorted(out.touched)
+            if pid in created or pid in fresh
         ]
         self._feed(statements, tenant_id, feed)
         statements.run()

@@ -1,9 +1,11 @@
-"""Two profile replicas applying one chain of identity changes at the same time: whichever order
-the transactions commit in, nothing is left on a merged-away profile. Real PostgreSQL; the other
-replica's transaction is held open by hand, so the race happens on every run."""
+"""What profile replicas do to each other: two applying one chain of identity changes at the same
+time leave nothing on a merged-away profile, whichever order the transactions commit in (the other
+replica's transaction is held open by hand, so the race happens on every run); a batch delivered
+again adds nothing to the change feed. Real PostgreSQL."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import threading
 import time
@@ -14,7 +16,7 @@ from sqlalchemy.engine import Engine
 
 from services.core import db
 from services.profile.events import ProfileEvent
-from services.profile.storage import ACTIVE, MERGED, ProfileStore
+from services.profile.storage import ACTIVE, CREATED, MERGED, UPDATED, ProfileStore
 from services.profile.tenant_settings import ProfileConfig
 from tessera.v1 import event_pb2
 from tests.conftest import TenantKey
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.integration
 CONFIG = ProfileConfig()
 
 
-def _seen(store: ProfileStore, tenant_id: str, profile_id: str, identifier: tuple[str, str]) -> None:
+def _seen(store: ProfileStore, tenant_id: str, profile_id: str, identifier: tuple[str, str]) -> ProfileEvent:
     now = dt.datetime.now(dt.UTC)
     event = ProfileEvent(
         event_id=f"e-{uuid.uuid4()}",
@@ -38,6 +40,7 @@ def _seen(store: ProfileStore, tenant_id: str, profile_id: str, identifier: tupl
         identifiers=(identifier,),
     )
     store.apply_events(tenant_id, [event], CONFIG)
+    return event
 
 
 def _owner(engine: Engine, tenant_id: str, id_type: str, value: str) -> str:
@@ -102,3 +105,19 @@ def test_a_merge_into_a_profile_merged_on_meanwhile_lands_on_its_survivor(engine
             (t, [a, b]),
         )
         assert cur2.fetchone()[0] == 0
+
+
+def test_a_batch_delivered_again_adds_nothing_to_the_change_feed(engine: Engine, tenant: TenantKey) -> None:
+    """A consumer that dies after its commit and before its acknowledgement gets the batch again:
+    the profile does not change, so a watcher must not see a second "updated"."""
+    t = tenant.tenant_id
+    store = ProfileStore(engine)
+    p = str(uuid.uuid4())
+    first = _seen(store, t, p, ("email", "again@example.com"))
+    later = dataclasses.replace(first, event_id=f"e-{uuid.uuid4()}")
+    store.apply_events(t, [later], CONFIG)
+    rows, head, _ = store.feed_after(t, 0, 100)
+    assert [(r[1], r[2]) for r in rows] == [(CREATED, p), (UPDATED, p)]
+    store.apply_events(t, [first, later], CONFIG)  # both again
+    again, head_after, _ = store.feed_after(t, 0, 100)
+    assert again == rows and head_after == head
