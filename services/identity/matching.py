@@ -650,8 +650,9 @@ def _id_conflict(x: str, y: str) -> bool:
 def strong_conflicts(a: MatchRecord, b: MatchRecord) -> list[str]:
     """Why ``a`` and ``b`` cannot be one person, however well the names and places agree: birth
     dates years apart beyond a keying slip, or national ids more than one edit or transposition
-    apart. Such a pair is never auto-merged (a person may still review it). See ``person_conflicts``
-    for the one thing that outweighs a conflict: the other strong field agreeing exactly."""
+    apart, with neither agreeing (up to a slip or one edit). Such a pair is never auto-merged (a
+    person may still review it). See ``person_conflicts``: the other strong field agreeing is the
+    one thing that outweighs a clash."""
     return person_conflicts((a,), (b,))
 
 
@@ -851,7 +852,7 @@ def compare_profile(
 
 
 def profiles_conflict(a: Sequence[MatchRecord], b: Sequence[MatchRecord]) -> list[str]:
-    """Strong conflicts between any record of one profile and any of the other: a merge must be
+    """Strong conflicts between two profiles (``person_conflicts`` both ways): a merge must be
     consistent with everything both already hold, not only with the record that triggered it."""
     return person_conflicts(a, b)
 
