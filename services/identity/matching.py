@@ -695,6 +695,28 @@ def _corroborates(x: MatchRecord, y: MatchRecord) -> bool:
     return bool(x.national_id and y.national_id and _number_level(x.national_id, y.national_id) < 2)
 
 
+def overruled_clashes(xs: Sequence[MatchRecord], ys: Sequence[MatchRecord]) -> list[str]:
+    """The clashes ``person_conflicts`` forgave (one way: ``xs`` against ``ys``), each with what
+    vouched for the record: what the evidence of a merge shows beside the field levels."""
+    out: list[str] = []
+    for x in xs:
+        vouch = next((_vouches(x, y) for y in ys if _corroborates(x, y)), "")
+        if not vouch:
+            continue
+        for y in ys:
+            for reason in _clashes(x, y):
+                text = f"{reason}, overruled: {vouch}"
+                if text not in out:
+                    out.append(text)
+    return out
+
+
+def _vouches(x: MatchRecord, y: MatchRecord) -> str:
+    if x.date_of_birth and y.date_of_birth and _dob_typo(x.date_of_birth, y.date_of_birth):
+        return "date_of_birth agrees"
+    return "national_id agrees"
+
+
 def _clashes(x: MatchRecord, y: MatchRecord) -> list[str]:
     out = []
     if _dob_conflict(x.date_of_birth, y.date_of_birth):
@@ -751,6 +773,9 @@ class Match:
     fields: Mapping[str, FieldEvidence]
     conflicts: tuple[str, ...] = ()
     prior_bits: float = _PRIOR_BITS  # the prior of the weights it was scored with
+    #: Strong-field clashes the other strong field overruled (see ``person_conflicts``), so the
+    #: evidence of a merge says why a birth date years off did not stop it.
+    overruled: tuple[str, ...] = ()
 
     @property
     def probability(self) -> float:
@@ -775,6 +800,7 @@ class Match:
             "prior_bits": round(self.prior_bits, 4),
             "total_bits": round(self.bits, 4),
             "conflicts": list(self.conflicts),
+            "overruled": list(self.overruled),
         }
 
 
@@ -848,7 +874,13 @@ def compare_profile(
     if not _person_evidence(levels):
         conflicts.append(NO_PERSON_EVIDENCE)
     bits, evidence = _weigh(levels, rec, counts, weights)
-    return Match(bits, evidence, tuple(conflicts), _PRIOR_BITS if weights is None else weights.prior_bits)
+    return Match(
+        bits,
+        evidence,
+        tuple(conflicts),
+        _PRIOR_BITS if weights is None else weights.prior_bits,
+        tuple(overruled_clashes((rec,), records)),
+    )
 
 
 def profiles_conflict(a: Sequence[MatchRecord], b: Sequence[MatchRecord]) -> list[str]:
@@ -929,7 +961,7 @@ def decide(
         if m.probability >= review:
             extra = [c for c in profiles_conflict(own, records) if c not in m.conflicts]
             if extra:
-                m = Match(m.bits, m.fields, (*m.conflicts, *extra), m.prior_bits)
+                m = Match(m.bits, m.fields, (*m.conflicts, *extra), m.prior_bits, m.overruled)
         scored.append((m.bits, pid, m))
     if not scored:
         return None

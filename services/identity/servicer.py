@@ -227,7 +227,9 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                 + (f" by {event_text(m.event_id, m.message_id)}" if m.event_id else f" ({m.rule})")
                 + (
                     f" (probabilistic: score {m.score:.4f}, {m.scored.total_bits:.1f} bits over"
-                    f" {sum(f.counted for f in m.scored.fields)} fields)"
+                    f" {sum(f.counted for f in m.scored.fields)} fields"
+                    + "".join(f"; {text}" for text in m.scored.raw.get("overruled", ()))
+                    + ")"
                     if m.scored is not None
                     else ""
                 )

@@ -112,6 +112,20 @@ def test_the_other_strong_field_agreeing_overrules_a_clash_and_both_clashing_nev
     assert found is not None and found.action == REVIEW and found.conflicts
 
 
+def test_the_evidence_of_a_merge_says_which_clash_was_overruled_and_by_what() -> None:
+    person = dataclasses.replace(PARENT, national_id="4417281")
+    date_off = with_dob(person, "19860930")
+    found = decide(date_off, (), {"p": [person]}, AUTO, REVIEW_AT)
+    assert found is not None and found.action == MERGE
+    evidence = found.match.to_json()
+    assert evidence["conflicts"] == []
+    assert evidence["overruled"] == ["date_of_birth: years 1986 and 1958, overruled: national_id agrees"]
+    assert evidence["fields"]["date_of_birth"]["level"] == "different"
+    assert evidence["fields"]["national_id"]["level"] == "exact"
+    # Nothing to overrule: nothing said.
+    assert decide(person, (), {"p": [person]}, AUTO, REVIEW_AT).match.to_json()["overruled"] == []  # type: ignore[union-attr]
+
+
 def test_a_profile_holding_a_wrong_value_beside_the_right_one_takes_a_record_with_the_right_one() -> None:
     person = dataclasses.replace(PARENT, national_id="4417281")
     slipped = with_dob(person, "19860930")  # joined on the national id, with a wrong birth date
