@@ -675,46 +675,38 @@ def person_conflicts(xs: Sequence[MatchRecord], ys: Sequence[MatchRecord], *, bo
     ``both_ways``: check the records of ``ys`` against ``xs`` too (two profiles joining); a
     profile's own records were weighed against each other when they joined it, so a new record
     (``xs``) against a profile needs only its own side checked."""
-    out: list[str] = []
+    return _strong_fields(xs, ys, both_ways=both_ways)[0]
+
+
+def _strong_fields(
+    xs: Sequence[MatchRecord], ys: Sequence[MatchRecord], *, both_ways: bool
+) -> tuple[list[str], list[str]]:
+    """One pass for ``person_conflicts``: (the conflicts, the clashes a strong field overruled,
+    each saying which; the latter for ``xs`` against ``ys`` only, for a merge's evidence)."""
+    conflicts: list[str] = []
+    overruled: list[str] = []
     for side, other in ((xs, ys), (ys, xs)) if both_ways else ((xs, ys),):
         for x in side:
-            if any(_corroborates(x, y) for y in other):
+            vouch = next((v for y in other if (v := _vouch(x, y))), "")
+            if vouch and side is not xs:
                 continue
             for y in other:
                 for reason in _clashes(x, y) if side is xs else _clashes(y, x):
-                    if reason not in out:
-                        out.append(reason)
-    return out
+                    text = f"{reason}, overruled: {vouch}" if vouch else reason
+                    found = overruled if vouch else conflicts
+                    if text not in found:
+                        found.append(text)
+    return conflicts, overruled
 
 
-def _corroborates(x: MatchRecord, y: MatchRecord) -> bool:
-    """Whether a strong field agrees in ``x`` and ``y``: the birth date up to a slip, or the
-    national id up to one edit."""
-    if x.date_of_birth and y.date_of_birth and _dob_typo(x.date_of_birth, y.date_of_birth):
-        return True
-    return bool(x.national_id and y.national_id and _number_level(x.national_id, y.national_id) < 2)
-
-
-def overruled_clashes(xs: Sequence[MatchRecord], ys: Sequence[MatchRecord]) -> list[str]:
-    """The clashes ``person_conflicts`` forgave (one way: ``xs`` against ``ys``), each with what
-    vouched for the record: what the evidence of a merge shows beside the field levels."""
-    out: list[str] = []
-    for x in xs:
-        vouch = next((_vouches(x, y) for y in ys if _corroborates(x, y)), "")
-        if not vouch:
-            continue
-        for y in ys:
-            for reason in _clashes(x, y):
-                text = f"{reason}, overruled: {vouch}"
-                if text not in out:
-                    out.append(text)
-    return out
-
-
-def _vouches(x: MatchRecord, y: MatchRecord) -> str:
+def _vouch(x: MatchRecord, y: MatchRecord) -> str:
+    """Which strong field agrees in ``x`` and ``y`` ("" if none): the birth date up to a slip, or
+    the national id up to one edit."""
     if x.date_of_birth and y.date_of_birth and _dob_typo(x.date_of_birth, y.date_of_birth):
         return "date_of_birth agrees"
-    return "national_id agrees"
+    if x.national_id and y.national_id and _number_level(x.national_id, y.national_id) < 2:
+        return "national_id agrees"
+    return ""
 
 
 def _clashes(x: MatchRecord, y: MatchRecord) -> list[str]:
@@ -867,7 +859,8 @@ def compare_profile(
             if level != MISSING and (name not in best_levels or level < best_levels[name]):
                 best_levels[name] = level
         first_name_conflicts += _first_name_conflict(rec, other, levels)
-    conflicts.extend(person_conflicts((rec,), records, both_ways=False))
+    strong, overruled = _strong_fields((rec,), records, both_ways=False)
+    conflicts.extend(strong)
     levels = {name: best_levels.get(name, MISSING) for name in _FIELD_NAMES}
     if first_name_conflicts and levels["first_name"] >= 2:
         conflicts.append("first_name: different given names in one family")
@@ -879,7 +872,7 @@ def compare_profile(
         evidence,
         tuple(conflicts),
         _PRIOR_BITS if weights is None else weights.prior_bits,
-        tuple(overruled_clashes((rec,), records)),
+        tuple(overruled),
     )
 
 
