@@ -3,8 +3,9 @@
 Everything a customer adds to any bucket is a function of that customer's facts alone (plus the
 legs of the interactions their surveys and messages name, for attribution). So the consumer can
 apply any change (a late event, a redelivery, a merge, a split) the same way: derive the
-customer again and add the difference to the rollups. The rollups then always equal the sum of
-every customer's derivation, which is what a recomputation from the raw events gives.
+customer again (only the parts the change touched) and add the difference to the rollups. The
+rollups then always equal the sum of every customer's derivation, which is what a
+recomputation from the raw events gives.
 
 Contacts are interactions: all legs sharing an ``interaction_id``. A contact is at its first
 leg's start and has that leg's channel, queue, agent and reason. Surveys and messages naming an
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import zoneinfo
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from services.metrics.facts import LEG, MESSAGE, SURVEY, Fact
@@ -120,41 +121,145 @@ class Contact:
     reason: str
 
 
+#: The part of a customer's contribution that their legs make (contacts, AHT, FCR, cases).
+CONTACTS = "contacts"
+
+
+def part_of(f: Fact) -> str:
+    """Which part of its customer's contribution a fact is in: every leg in :data:`CONTACTS`
+    (FCR needs them all together), each survey its own, each conversation's messages one."""
+    if f.kind == LEG:
+        return CONTACTS
+    if f.kind == SURVEY:
+        return f.key
+    return "conv:" + f.interaction_id
+
+
 @dataclass
 class Derived:
-    """One customer's contribution to the rollups, and their contacts still waiting on FCR."""
+    """One customer's contribution to the rollups, by part (:func:`part_of`), and their contacts
+    still waiting on FCR. The parts add up to the whole: the consumer re-derives only the parts
+    a batch touched (a survey does not re-read the customer's other facts)."""
 
-    contrib: dict[Key, Stats] = field(default_factory=dict)
+    parts: dict[str, dict[Key, Stats]] = field(default_factory=dict)
     #: Handled contacts with a reason and no repeat yet: pending while their window is open.
     unrepeated: list[Contact] = field(default_factory=list)
     contacts: list[Contact] = field(default_factory=list)
 
-    def at(self, when: dt.datetime, dims: Dims, tz: zoneinfo.ZoneInfo) -> Stats:
-        key = (hour_of(when, tz), *dims)
-        found = self.contrib.get(key)
-        if found is None:
-            found = self.contrib[key] = Stats.zero()
-        return found
+    @property
+    def contrib(self) -> dict[Key, Stats]:
+        """Every part summed."""
+        out: dict[Key, Stats] = {}
+        for part in self.parts.values():
+            for key, s in part.items():
+                found = out.get(key)
+                if found is None:
+                    out[key] = s.copy()
+                else:
+                    found.merge(s)
+        return {k: v for k, v in out.items() if not v.is_zero()}
 
     def pending(self, now: dt.datetime, window: dt.timedelta) -> int:
         return sum(1 for c in self.unrepeated if c.start + window > now)
 
 
-def derive(facts: Sequence[Fact], others: Mapping[str, Attribution], config: MetricsConfig) -> Derived:
+def _at(part: dict[Key, Stats], when: dt.datetime, dims: Dims, tz: zoneinfo.ZoneInfo) -> Stats:
+    key = (hour_of(when, tz), *dims)
+    found = part.get(key)
+    if found is None:
+        found = part[key] = Stats.zero()
+    return found
+
+
+def derive(
+    facts: Sequence[Fact],
+    others: Mapping[str, Attribution],
+    config: MetricsConfig,
+    only: Container[str] | None = None,
+) -> Derived:
     """What the facts of one customer add to the rollups. ``others`` attributes interactions whose
-    legs are not among ``facts`` (a survey on a contact recorded under another profile)."""
+    legs are not among ``facts`` (a survey on a contact recorded under another profile). With
+    ``only``, just those parts (the facts must hold all of each: every leg for :data:`CONTACTS`,
+    a conversation's every message, and every leg of the customer's own on the interactions
+    they name)."""
     tz = config.tz
-    window = dt.timedelta(days=config.fcr_window_days)
     out = Derived()
     legs = [f for f in facts if f.kind == LEG]
     own = attributions(legs)
     attribution = {**others, **own}
+    if only is None or CONTACTS in only:
+        _contacts(out, legs, own, config)
 
+    # Surveys, at their own time, with the dimensions of the contact they name.
+    for f in facts:
+        if f.kind != SURVEY or f.score is None or (only is not None and f.key not in only):
+            continue
+        part = out.parts[f.key] = {}
+        a_ = attribution.get(f.interaction_id) if f.interaction_id else None
+        dims = (*a_.dims[:4], f.source) if a_ else (f.channel, "", "", "", f.source)
+        s = _at(part, f.at, dims, tz)
+        score = f.score
+        if f.survey_type == event_pb2.SURVEY_TYPE_NPS and 0 <= score <= 10:
+            s.add("nps_n")
+            s.add("nps_promoters", int(score >= 9))
+            s.add("nps_detractors", int(score <= 6))
+        elif f.survey_type == event_pb2.SURVEY_TYPE_CSAT and 1 <= score <= 5:
+            s.add("csat_n")
+            s.add("csat_top2", int(score >= 4))
+            s.add("csat_sum", score)
+            s.add_square("csat_sq", score)
+        elif f.survey_type == event_pb2.SURVEY_TYPE_CES and 1 <= score <= 7:
+            s.add("ces_n")
+            s.add("ces_agree", int(score >= 5))
+            s.add("ces_sum", score)
+            s.add_square("ces_sq", score)
+
+    # Messages: customer sentiment at each message; self-service per conversation.
+    conversations: dict[str, list[Fact]] = {}
+    for f in facts:
+        if f.kind == MESSAGE:
+            conversations.setdefault(f.interaction_id, []).append(f)
+    for iid, msgs in conversations.items():
+        name = "conv:" + iid
+        if only is not None and name not in only:
+            continue
+        part = out.parts[name] = {}
+        a_ = attribution.get(iid)
+        known = a_.dims if a_ else None
+        for m in msgs:
+            if m.author == event_pb2.AUTHOR_CUSTOMER:
+                s = _at(part, m.at, known or (m.channel, "", "", "", ""), tz)
+                units = round(m.compound * 10_000)
+                s.add("sentiment_n")
+                s.add("sentiment_sum", units)
+                s.add_square("sentiment_sq", units)
+                s.add("sentiment_positive", int(m.compound >= 0.05))
+                s.add("sentiment_negative", int(m.compound <= -0.05))
+        if not any(m.author == event_pb2.AUTHOR_BOT for m in msgs):
+            continue
+        agent = (a_ is not None and a_.handled) or any(m.author == event_pb2.AUTHOR_AGENT for m in msgs)
+        first_msg = min(msgs, key=lambda m: (m.at, m.event_id))
+        s = _at(part, first_msg.at, a_.dims if a_ else (first_msg.channel, "", "", "", ""), tz)
+        s.add("bot_contacts")
+        if agent:
+            s.add("handoffs")
+        elif a_ is None or not a_.abandoned:
+            s.add("contained")
+    for name, part in out.parts.items():
+        out.parts[name] = {k: v for k, v in part.items() if not v.is_zero()}
+    return out
+
+
+def _contacts(out: Derived, legs: Sequence[Fact], own: Mapping[str, Attribution], config: MetricsConfig) -> None:
+    """The :data:`CONTACTS` part: handled legs, contacts, contact-based and case-based FCR."""
+    tz = config.tz
+    window = dt.timedelta(days=config.fcr_window_days)
+    part = out.parts[CONTACTS] = {}
     by_iid: dict[str, list[Fact]] = {}
     for f in legs:
         by_iid.setdefault(f.interaction_id, []).append(f)
         if f.handled:
-            s = out.at(f.start, (f.channel, f.queue, f.agent, f.reason, ""), tz)
+            s = _at(part, f.start, (f.channel, f.queue, f.agent, f.reason, ""), tz)
             s.add("legs_handled")
             handle_ms = round(f.handle_seconds * 1000)
             s.add("handle_ms", handle_ms)
@@ -168,7 +273,7 @@ def derive(facts: Sequence[Fact], others: Mapping[str, Attribution], config: Met
         handled = a.handled
         contact = Contact(iid, first.start, a.dims, handled, a.dims[3])
         contacts.append(contact)
-        s = out.at(contact.start, a.dims, tz)
+        s = _at(part, contact.start, a.dims, tz)
         s.add("offered")
         s.add("wait_ms", round(first.wait * 1000))
         if handled:
@@ -191,7 +296,7 @@ def derive(facts: Sequence[Fact], others: Mapping[str, Attribution], config: Met
         for i, c in enumerate(group_):
             followed = i + 1 < len(group_) and group_[i + 1].start <= c.start + window
             preceded = i > 0 and c.start <= group_[i - 1].start + window
-            s = out.at(c.start, c.dims, tz)
+            s = _at(part, c.start, c.dims, tz)
             if preceded:
                 s.add("repeats")
             if c.handled:
@@ -211,64 +316,10 @@ def derive(facts: Sequence[Fact], others: Mapping[str, Attribution], config: Met
         if not statuses or max(statuses, key=lambda f: (f.at, f.event_id)).case_status not in RESOLVED_CASE:
             continue
         first = min(group, key=lambda f: (f.start, f.leg_id))
-        s = out.at(first.start, own[first.interaction_id].dims, tz)
+        s = _at(part, first.start, own[first.interaction_id].dims, tz)
         s.add("cases_resolved")
         if len({f.interaction_id for f in group}) == 1:
             s.add("cases_single")
-
-    # Surveys, at their own time, with the dimensions of the contact they name.
-    for f in facts:
-        if f.kind != SURVEY or f.score is None:
-            continue
-        a_ = attribution.get(f.interaction_id) if f.interaction_id else None
-        dims = (*a_.dims[:4], f.source) if a_ else (f.channel, "", "", "", f.source)
-        s = out.at(f.at, dims, tz)
-        score = f.score
-        if f.survey_type == event_pb2.SURVEY_TYPE_NPS and 0 <= score <= 10:
-            s.add("nps_n")
-            s.add("nps_promoters", int(score >= 9))
-            s.add("nps_detractors", int(score <= 6))
-        elif f.survey_type == event_pb2.SURVEY_TYPE_CSAT and 1 <= score <= 5:
-            s.add("csat_n")
-            s.add("csat_top2", int(score >= 4))
-            s.add("csat_sum", score)
-            s.add_square("csat_sq", score)
-        elif f.survey_type == event_pb2.SURVEY_TYPE_CES and 1 <= score <= 7:
-            s.add("ces_n")
-            s.add("ces_agree", int(score >= 5))
-            s.add("ces_sum", score)
-            s.add_square("ces_sq", score)
-
-    # Messages: customer sentiment at each message; self-service per conversation.
-    conversations: dict[str, list[Fact]] = {}
-    for f in facts:
-        if f.kind != MESSAGE:
-            continue
-        conversations.setdefault(f.interaction_id, []).append(f)
-        a_ = attribution.get(f.interaction_id)
-        dims = a_.dims if a_ else (f.channel, "", "", "", "")
-        if f.author == event_pb2.AUTHOR_CUSTOMER:
-            s = out.at(f.at, dims, tz)
-            units = round(f.compound * 10_000)
-            s.add("sentiment_n")
-            s.add("sentiment_sum", units)
-            s.add_square("sentiment_sq", units)
-            s.add("sentiment_positive", int(f.compound >= 0.05))
-            s.add("sentiment_negative", int(f.compound <= -0.05))
-    for iid, msgs in conversations.items():
-        if not any(m.author == event_pb2.AUTHOR_BOT for m in msgs):
-            continue
-        a_ = attribution.get(iid)
-        agent = (a_ is not None and a_.handled) or any(m.author == event_pb2.AUTHOR_AGENT for m in msgs)
-        first_msg = min(msgs, key=lambda m: (m.at, m.event_id))
-        s = out.at(first_msg.at, a_.dims if a_ else (first_msg.channel, "", "", "", ""), tz)
-        s.add("bot_contacts")
-        if agent:
-            s.add("handoffs")
-        elif a_ is None or not a_.abandoned:
-            s.add("contained")
-    out.contrib = {k: v for k, v in out.contrib.items() if not v.is_zero()}
-    return out
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,20 @@
 """The metrics schema: facts, per-customer contributions, open FCR contacts and the rollups.
 
 Every change to a customer (new facts, a merge, a split) runs the same three steps in one
-transaction, holding that customer's advisory lock: write the facts, derive the customer again
-(:func:`services.metrics.derive.derive`), and add the difference from the contribution last
-applied to the rollups. So redelivered events change nothing, late ones correct past buckets,
-and the rollups always equal the sum of every customer's derivation.
+transaction, holding that customer's advisory lock: write the facts, derive again the parts of
+the customer's contribution the change touched (:func:`services.metrics.derive.derive`; all of
+them after a merge or a split), and add the difference from the parts last applied to the
+rollups. So redelivered events change nothing, late ones correct past buckets, and the rollups
+always equal the sum of every customer's derivation. A batch of messages or surveys re-derives
+their conversations and surveys, not the customer's every fact; a leg re-derives the customer's
+contacts and everything, anyone's, that names its interaction (its attribution changed).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -21,8 +24,18 @@ from sqlalchemy.engine import Engine
 from services.core import db
 from services.metrics import codec
 from services.metrics.definitions import DIMENSIONS
-from services.metrics.derive import Attribution, Derived, Key, attributions, day_of, derive, hour_of
-from services.metrics.facts import LEG, Fact
+from services.metrics.derive import (
+    CONTACTS,
+    Attribution,
+    Derived,
+    Key,
+    attributions,
+    day_of,
+    derive,
+    hour_of,
+    part_of,
+)
+from services.metrics.facts import LEG, SURVEY, Fact
 from services.metrics.query import DAY_GROUPINGS, HOUR_GROUPINGS
 from services.metrics.stats import COUNTERS, HIST_BUCKETS, HIST_SLOT, SQUARES, Stats
 from services.metrics.tenant_settings import MetricsConfig
@@ -54,6 +67,14 @@ _MERGE_FACTS = (
 #: The facts' columns, as a Fact takes them.
 FACT_SELECT = "SELECT " + _FACT_COLUMNS.removeprefix("tenant_id, ") + " FROM metrics.facts "  # noqa: S608
 _ZERO_STATS = ["0"] * HIST_SLOT
+_CONTRIBUTIONS = "tenant_id, profile_id, part, body"
+_MERGE_CONTRIBUTIONS = (
+    f"INSERT INTO metrics.contributions AS c ({_CONTRIBUTIONS}) SELECT {_CONTRIBUTIONS} "  # noqa: S608
+    "FROM pg_temp.contributions_delta ORDER BY profile_id, part "
+    "ON CONFLICT (tenant_id, profile_id, part) DO UPDATE SET body = EXCLUDED.body"
+)
+#: A customer's parts to derive again (:func:`services.metrics.derive.part_of`); None: all of them.
+Scope = dict[str, set[str] | None]
 
 
 def _rollup_line(tenant: str, key: tuple[Any, ...], s: Stats) -> str:
@@ -320,7 +341,22 @@ class MetricsStore:
             db.copy_merge(cur, "metrics.facts", rows, _MERGE_FACTS)
             out.written = len(write)
             out.profiles = len(affected)
-            self._recompute(cur, tenant_id, sorted(affected), config)
+            touched: dict[str, set[str]] = {}
+            for f in write:
+                part = part_of(f)
+                touched.setdefault(f.profile_id, set()).add(part)
+                old = existing.get(f.key)
+                if old is not None and old[0] != f.profile_id:  # the fact moved: out of its old part
+                    touched.setdefault(old[0], set()).add(part)
+            self._rederive(
+                cur,
+                tenant_id,
+                dict(touched),
+                config,
+                affected,
+                iids=leg_iids,
+                surveys=[f for f in write if f.kind == SURVEY],
+            )
         return out
 
     def apply_merge(self, tenant_id: str, survivor: str, absorbed: str, config: MetricsConfig, key: str = "") -> None:
@@ -399,50 +435,139 @@ class MetricsStore:
         return erased
 
     def _recompute(self, cur: Any, tenant_id: str, profiles: Sequence[str], config: MetricsConfig) -> None:
-        facts = self._facts(cur, tenant_id, profiles)
-        others = self._others(cur, tenant_id, facts)
+        """Derive the customers again in full (a merge, a split, a rebuild)."""
+        self._rederive(cur, tenant_id, dict.fromkeys(profiles), config, profiles)
+
+    def _rederive(
+        self,
+        cur: Any,
+        tenant_id: str,
+        scope: Scope,
+        config: MetricsConfig,
+        locked: Collection[str],
+        iids: Iterable[str] = (),
+        surveys: Iterable[Fact] = (),
+    ) -> None:
+        """Derive the parts in ``scope`` again and add their difference from the stored parts to
+        the rollups. ``locked``: the customers the caller holds the locks of. ``iids``: interactions
+        whose legs changed, so every survey and conversation naming them (anyone's) is attributed
+        again; ``surveys``: surveys just written whose parts the scope names (found by their key,
+        attributed by their interaction's legs)."""
+        full = sorted(p for p, parts in scope.items() if parts is None)
+        legs_of = sorted(p for p, parts in scope.items() if parts is not None and CONTACTS in parts)
+        named = set(iids)
+        for parts in scope.values():
+            for part in parts or ():
+                if part.startswith("conv:"):
+                    named.add(part[5:])
+        keys = sorted({f.key for f in surveys})
+        named.update(f.interaction_id for f in surveys)
+        named.discard("")
         cur.execute(
-            "SELECT profile_id, body FROM metrics.contributions WHERE tenant_id = %s AND profile_id = ANY(%s) "
-            "AND NOT anonymous",
-            (tenant_id, list(profiles)),
+            FACT_SELECT + "WHERE tenant_id = %(t)s AND (profile_id = ANY(%(full)s) "
+            "OR (profile_id = ANY(%(legs)s) AND kind = 1) OR (interaction_id = ANY(%(iids)s) AND interaction_id <> '') "
+            "OR fact_key = ANY(%(keys)s))",
+            {"t": tenant_id, "full": full, "legs": legs_of, "iids": sorted(named), "keys": keys},
         )
-        stored = {r[0]: codec.contribution(json.loads(r[1])) for r in cur.fetchall()}
+        facts: dict[str, list[Fact]] = {}
+        attributed: list[Fact] = []  # every leg of the interactions in ``named``
+        for row in cur.fetchall():
+            f = Fact(*row)
+            facts.setdefault(f.profile_id, []).append(f)
+            if f.kind == LEG and f.interaction_id in named:
+                attributed.append(f)
+        changed = set(iids)
+        for p, fs in facts.items():  # whoever names an interaction whose legs changed is attributed again
+            if p in scope and scope[p] is None:
+                continue
+            extra = {part_of(f) for f in fs if f.kind != LEG and f.interaction_id in changed}
+            if extra:
+                scope[p] = (scope.get(p) or set()) | extra
+        unlocked = [p for p in scope if p not in locked]
+        if unlocked:  # named the interaction after the caller looked (in another consumer's commit)
+            lock_customers(cur, tenant_id, unlocked)
+        # Full customers' surveys and messages on interactions with none of their legs and
+        # outside ``named``: those interactions' legs, whoever's.
+        missing: set[str] = set()
+        for p in full:
+            fs = facts.get(p, [])
+            own = {f.interaction_id for f in fs if f.kind == LEG}
+            missing.update(f.interaction_id for f in fs if f.kind != LEG and f.interaction_id not in own)
+        missing -= named
+        missing.discard("")
+        if missing:
+            cur.execute(
+                FACT_SELECT + "WHERE tenant_id = %s AND interaction_id = ANY(%s) AND kind = 1",
+                (tenant_id, sorted(missing)),
+            )
+            attributed.extend(Fact(*r) for r in cur.fetchall())
+        others = attributions(attributed)
+
+        partial = sorted(p for p, parts in scope.items() if parts is not None)
+        wanted_parts = [(p, part) for p in partial for part in sorted(scope[p] or ())]
+        cur.execute(
+            "SELECT c.profile_id, c.part, c.body FROM metrics.contributions c WHERE c.tenant_id = %(t)s "
+            "AND NOT c.anonymous AND (c.profile_id = ANY(%(full)s) "
+            "OR (c.profile_id = ANY(%(partial)s) AND c.part = '') "
+            "OR (c.profile_id, c.part) IN (SELECT * FROM unnest(%(pp)s::text[], %(pk)s::text[])))",
+            {
+                "t": tenant_id,
+                "full": full,
+                "partial": partial,
+                "pp": [p for p, _ in wanted_parts],
+                "pk": [k for _, k in wanted_parts],
+            },
+        )
+        stored: dict[str, dict[str, dict[Key, Stats]]] = {}
+        for p, part, body in cur.fetchall():
+            stored.setdefault(p, {})[part] = codec.contribution(json.loads(body))
+        legacy = [p for p in partial if "" in stored.get(p, {})]
+        if legacy:  # a whole contribution stored before parts: derive that customer in full
+            for p in legacy:
+                scope.pop(p)
+            self._rederive(cur, tenant_id, dict.fromkeys(legacy), config, legacy)
+
         delta: dict[Key, Stats] = {}
-        keep: list[tuple[str, str]] = []
-        gone: list[str] = []
+        keep: list[str] = []
+        gone: list[tuple[str, str]] = []
         open_rows: list[tuple[Any, ...]] = []
+        reopened: list[str] = []
         now = dt.datetime.now(dt.UTC)
         window = dt.timedelta(days=config.fcr_window_days)
         tz = config.tz
-        for p in profiles:
-            derived = derive(facts.get(p, []), others, config)
-            old = stored.get(p, {})
-            if _difference(delta, old, derived.contrib) or p not in stored:
-                if derived.contrib:
-                    keep.append((p, json.dumps(codec.contribution_body(derived.contrib))))
-                else:
-                    gone.append(p)
-            for c in derived.unrepeated:
-                if c.start + window > now:
-                    hour = hour_of(c.start, tz)
-                    open_rows.append((tenant_id, p, c.interaction_id, c.start, hour, day_of(hour, tz), *c.dims[:4]))
+        tenant = db.copy_value(tenant_id)
+        e = db.COPY_ESCAPES
+        for p, parts in scope.items():
+            derived = derive(facts.get(p, []), others, config, parts)
+            old_parts = stored.get(p, {})
+            for part in derived.parts.keys() | old_parts.keys():
+                new, had = derived.parts.get(part, {}), part in old_parts
+                if not _difference(delta, old_parts.get(part, {}), new) and had:
+                    continue
+                if new:
+                    body = json.dumps(codec.contribution_body(new), separators=(",", ":"))
+                    keep.append(f"{tenant}\t{p.translate(e)}\t{part.translate(e)}\t{body.translate(e)}\n")
+                elif had:
+                    gone.append((p, part))
+            if parts is None or CONTACTS in parts:
+                reopened.append(p)
+                for c in derived.unrepeated:
+                    if c.start + window > now:
+                        hour = hour_of(c.start, tz)
+                        open_rows.append((tenant_id, p, c.interaction_id, c.start, hour, day_of(hour, tz), *c.dims[:4]))
         if keep:
-            execute_values(
-                cur,
-                "INSERT INTO metrics.contributions (tenant_id, profile_id, body) VALUES %s "
-                "ON CONFLICT (tenant_id, profile_id) DO UPDATE SET body = EXCLUDED.body",
-                [(tenant_id, p, body) for p, body in keep],
-                page_size=1000,
-            )
+            db.copy_merge(cur, "metrics.contributions", "".join(sorted(keep)), _MERGE_CONTRIBUTIONS, _CONTRIBUTIONS)
         if gone:
             cur.execute(
-                "DELETE FROM metrics.contributions WHERE tenant_id = %s AND profile_id = ANY(%s) AND NOT anonymous",
-                (tenant_id, gone),
+                "DELETE FROM metrics.contributions WHERE tenant_id = %s AND NOT anonymous "
+                "AND (profile_id, part) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                (tenant_id, [p for p, _ in gone], [k for _, k in gone]),
             )
-        cur.execute(
-            "DELETE FROM metrics.open_contacts WHERE tenant_id = %s AND profile_id = ANY(%s)",
-            (tenant_id, list(profiles)),
-        )
+        if reopened:
+            cur.execute(
+                "DELETE FROM metrics.open_contacts WHERE tenant_id = %s AND profile_id = ANY(%s)",
+                (tenant_id, reopened),
+            )
         if open_rows:
             execute_values(
                 cur,

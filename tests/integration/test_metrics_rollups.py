@@ -6,9 +6,11 @@ rates. Real PostgreSQL; each example is its own tenant."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
 import secrets
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -16,6 +18,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.engine import Engine
 
+from services.core import db
+from services.metrics import codec
 from services.metrics import query as q
 from services.metrics.definitions import BY_NAME
 from services.metrics.derive import Key, attributions, day_of, derive, hour_of
@@ -258,7 +262,12 @@ def test_every_query_equals_a_recomputation_from_the_final_facts(
             store.apply_merge(tenant, arg[0], arg[1], CONFIG)
         else:
             store.apply_split(tenant, arg[0], arg[1], arg[2], CONFIG)
-    final = reference(ops)
+    assert_matches_recomputation(store, tenant, reference(ops))
+
+
+def assert_matches_recomputation(store: MetricsStore, tenant: str, final: dict[str, list[Fact]]) -> None:
+    """Every query of :data:`QUERIES` answers what ``final`` gives from scratch, each fact is its
+    final owner's, and the stored contributions sum to the final facts' derivation."""
     reads = MetricsReads(store, lambda _t: CONFIG)
     start, end = BASES[0] - dt.timedelta(days=2), NOW + dt.timedelta(days=10)
     for metric, group_by, granularity, filters in QUERIES:
@@ -305,6 +314,66 @@ def _close(a: dict[Key, Stats], b: dict[Key, Stats]) -> bool:
         if any(abs(p - r) > 1e-6 for p, r in zip(x.squares, y.squares, strict=True)):
             return False
     return True
+
+
+def _survey(eid: str, profile: str, at: dt.datetime, iid: str, score: int) -> Fact:
+    return Fact(
+        key=f"survey:{eid}", kind=SURVEY, event_id=eid, profile_id=profile, at=at, channel=event_pb2.CHANNEL_EMAIL,
+        source="email", interaction_id=iid, survey_type=event_pb2.SURVEY_TYPE_NPS, score=score,
+    )  # fmt: skip
+
+
+def _message(eid: str, profile: str, at: dt.datetime, iid: str, author: int, compound: float = 0.0) -> Fact:
+    return Fact(
+        key=f"message:{eid}", kind=MESSAGE, event_id=eid, profile_id=profile, at=at, channel=event_pb2.CHANNEL_CHAT,
+        source="chat", interaction_id=iid, author=author, compound=compound,
+    )  # fmt: skip
+
+
+def test_a_customer_stored_whole_before_parts_is_derived_in_full_on_their_next_change(
+    store: MetricsStore,
+) -> None:
+    """Contributions stored before metrics_0009 are one row per customer (part ''). The next
+    change to that customer replaces the row by parts, so nothing is counted twice: here a new
+    leg re-attributes a survey and a conversation, and a survey arrives from another customer."""
+    tenant = f"legacy-{secrets.token_hex(4)}"
+    t0 = BASES[1]
+    first = [
+        _leg("i1", "p0", t0),
+        _survey("s1", "p0", t0 + dt.timedelta(hours=1), "i1", 9),
+        _message("m1", "p0", t0, "i1", event_pb2.AUTHOR_BOT),
+        _message("m2", "p0", t0 + dt.timedelta(minutes=1), "i1", event_pb2.AUTHOR_CUSTOMER, 0.7),
+        _leg("i2", "p1", t0 + dt.timedelta(days=1)),
+        # parts the next change does not touch
+        _survey("s0", "p0", t0 + dt.timedelta(hours=5), "", 10),
+        _message("m9", "p0", t0 + dt.timedelta(days=2), "i3", event_pb2.AUTHOR_CUSTOMER, 0.05),
+    ]
+    store.apply_facts(tenant, first, CONFIG)
+    with db.raw_transaction(store.engine, "test") as (cur, _):
+        cur.execute("SELECT body FROM metrics.contributions WHERE tenant_id = %s AND profile_id = 'p0'", (tenant,))
+        whole: dict[Key, Stats] = {}
+        for (body,) in cur.fetchall():
+            for key, st_ in codec.contribution(json.loads(body)).items():
+                whole.setdefault(key, Stats.zero()).merge(st_)
+        cur.execute("DELETE FROM metrics.contributions WHERE tenant_id = %s AND profile_id = 'p0'", (tenant,))
+        cur.execute(
+            "INSERT INTO metrics.contributions (tenant_id, profile_id, part, body) VALUES (%s, 'p0', '', %s)",
+            (tenant, json.dumps(codec.contribution_body(whole))),
+        )
+    later = [
+        replace(_leg("i1", "p0", t0, reason="delivery"), event_id="e-i1-late", at=t0 + dt.timedelta(hours=2)),
+        _message("m3", "p0", t0 + dt.timedelta(minutes=2), "i1", event_pb2.AUTHOR_CUSTOMER, -0.6),
+        _survey("s2", "p1", t0 + dt.timedelta(hours=3), "i1", 3),
+    ]
+    store.apply_facts(tenant, later, CONFIG)
+    with db.raw_transaction(store.engine, "test") as (cur, _):
+        cur.execute(
+            "SELECT part FROM metrics.contributions WHERE tenant_id = %s AND profile_id = 'p0' ORDER BY part",
+            (tenant,),
+        )
+        assert [r[0] for r in cur.fetchall()] == ["contacts", "conv:i1", "conv:i3", "survey:s0", "survey:s1"]
+    final = reference([("facts", first), ("facts", later)])
+    assert_matches_recomputation(store, tenant, final)
 
 
 def test_redelivering_every_batch_changes_nothing(store: MetricsStore) -> None:

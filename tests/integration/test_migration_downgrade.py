@@ -99,3 +99,51 @@ def test_metrics_0007_rescales_stored_squares_to_exact_integers_and_back(scratch
         conn.commit()
         row = conn.execute(sa.text("SELECT handle_sq, sentiment_sq FROM metrics.rollup_day")).one()
         assert row == (11350.25, 0.08)
+
+
+def test_metrics_0009_sums_a_customers_parts_into_one_row_going_down(scratch: Engine) -> None:
+    """Rolled back below parts, each customer's parts become the one whole contribution the
+    older code reads (key by key, counts added), and anonymous rows stay anonymous."""
+    import json
+
+    sets = registry.migration_sets()
+    migrate(scratch, sets)
+    [metrics] = [m for m in sets if m.schema == "metrics"]
+    cfg = alembic_config(metrics)
+    assert cfg is not None
+    # [hour, channel, queue, agent, reason, source, counts, squares, hist]
+    contacts = [[3600, 6, "q", "a", "billing", "", [[0, 1], [1, 2]], [[0, 9]], [[4, 1]]]]
+    survey = [
+        [3600, 6, "q", "a", "billing", "", [[1, 3]], [], [[4, 2]]],
+        [7200, 1, "", "", "", "email", [[5, 1]], [], []],
+    ]
+    insert = sa.text(
+        "INSERT INTO metrics.contributions (tenant_id, profile_id, part, anonymous, body) VALUES ('t', :p, :k, :a, :b)"
+    )
+    with scratch.connect() as conn:
+        for p, k, a, b in (
+            ("p", "contacts", False, contacts),
+            ("p", "survey:s1", False, survey),
+            ("x", "contacts", True, contacts),
+        ):
+            conn.execute(insert, {"p": p, "k": k, "a": a, "b": json.dumps(b)})
+        conn.commit()
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "metrics_0008")
+        conn.commit()
+        rows = conn.execute(sa.text("SELECT profile_id, anonymous, body FROM metrics.contributions ORDER BY 1")).all()
+        assert [(p, a, json.loads(b)) for p, a, b in rows] == [
+            (
+                "p",
+                False,
+                [
+                    [3600, 6, "q", "a", "billing", "", [[0, 1], [1, 5]], [[0, 9]], [[4, 3]]],
+                    [7200, 1, "", "", "", "email", [[5, 1]], [], []],
+                ],
+            ),
+            ("x", True, contacts),
+        ]
+        command.upgrade(cfg, "metrics_0009")
+        conn.commit()
+        parts = conn.execute(sa.text("SELECT profile_id, part FROM metrics.contributions ORDER BY 1")).all()
+        assert [tuple(r) for r in parts] == [("p", ""), ("x", "")]
