@@ -6,6 +6,7 @@ The events (interaction legs, transfers and abandons, chat messages, surveys) go
 the tenant's resolved stream, stamped with their customer as identity would, in time order with
 a little jitter (late events), so the run measures the metrics consumer alone: one process with
 one worker. Knobs: ``TESSERA_BENCH_METRICS_EVENTS`` (default 1,000,000),
+``TESSERA_BENCH_METRICS_CONSUMERS`` (consumer threads in that process, default 1),
 ``TESSERA_BENCH_METRICS_CUSTOMERS`` (default 60,000), ``TESSERA_BENCH_METRICS_QUERIES`` (200).
 """
 
@@ -60,6 +61,8 @@ class Config:
     events: int
     customers: int
     queries: int
+    #: Consumer threads in the one metrics process (``TESSERA_METRICS_CONSUMERS``).
+    consumers: int = 1
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +73,7 @@ def make_config(_seconds: float, _extra: argparse.Namespace) -> Config:
         events=env_int("TESSERA_BENCH_METRICS_EVENTS", 1_000_000),
         customers=env_int("TESSERA_BENCH_METRICS_CUSTOMERS", 60_000),
         queries=env_int("TESSERA_BENCH_METRICS_QUERIES", 200),
+        consumers=env_int("TESSERA_BENCH_METRICS_CONSUMERS", 1),
     )
 
 
@@ -204,7 +208,7 @@ def _run(cfg: Config) -> dict[str, Any]:
         port = free_port()
         env = be.env(
             TESSERA_METRICS_PORT=str(port),
-            TESSERA_METRICS_CONSUMERS="1",
+            TESSERA_METRICS_CONSUMERS=str(cfg.consumers),
             TESSERA_TENANT_REFRESH_SECONDS="1",
             TESSERA_STREAM_MAXLEN=str(10**10),
             TESSERA_CONSUMER_BATCH_SIZE="1000",

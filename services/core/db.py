@@ -147,6 +147,25 @@ def ping(engine: Engine) -> None:
         conn.exec_driver_sql("SELECT 1")
 
 
+def analyze_stale(engine: Engine, schema: str, min_rows: int = 1000, fraction: float = 0.1) -> list[str]:
+    """ANALYZE the schema's tables changed by more than ``fraction`` of their rows (and at least
+    ``min_rows``) since their last analyze, manual or automatic; returns which. Autovacuum does
+    this when it is on and keeping up; when it is off, or behind a bulk load, the planner takes a
+    fast-growing table for the empty one it last saw and answers each batch's key lookups by
+    scanning the tenant's every row (measured: a metrics batch's fact lookups 23 ms at 120,000
+    facts instead of well under one)."""
+    with raw_transaction(engine, "db.analyze_stale") as (cur, _):
+        cur.execute(
+            "SELECT format('%%I.%%I', schemaname, relname) FROM pg_stat_user_tables WHERE schemaname = %s "
+            "AND n_mod_since_analyze > greatest(%s, %s * n_live_tup) ORDER BY 1",
+            (schema, min_rows, fraction),
+        )
+        stale = [r[0] for r in cur.fetchall()]
+        for table in stale:
+            cur.execute(f"ANALYZE {table}")
+    return stale
+
+
 def ensure_database(admin_url: str, name: str) -> None:
     """Create a database if it is missing (embedded mode and test runs)."""
     engine = sa.create_engine(sa_url(admin_url), isolation_level="AUTOCOMMIT")

@@ -95,6 +95,18 @@ def _evaluation(body: bytes) -> quality_pb2.Evaluation:
     return out
 
 
+#: The batch's messages (staged by COPY: the driver's quoting of kilobytes of text was most of the
+#: insert) under their survivor, unless erased; a message seen before is kept as it was.
+_MERGE_MESSAGES = (
+    "INSERT INTO metrics.messages SELECT v.tenant_id, v.event_id, v.interaction_id, "
+    "coalesce(a.survivor, v.profile_id), v.at, v.offset_seconds, v.author, v.compound, v.text "
+    "FROM pg_temp.messages_delta v LEFT JOIN metrics.aliases a ON a.tenant_id = v.tenant_id "
+    "AND a.profile_id = v.profile_id WHERE NOT EXISTS (SELECT 1 FROM metrics.erased r "
+    "WHERE r.tenant_id = v.tenant_id AND r.profile_id = coalesce(a.survivor, v.profile_id)) "
+    "ORDER BY v.event_id ON CONFLICT (tenant_id, event_id) DO NOTHING"
+)
+
+
 class QualityStore:
     def __init__(self, engine: Engine, reader: Engine | None = None, outbox: Outbox | None = None) -> None:
         self.engine = engine
@@ -212,33 +224,14 @@ class QualityStore:
         pending: Pending | None
         with db.raw_transaction(self.engine, "quality.apply", len(messages)) as (cur, _):
             if messages:
-                execute_values(
-                    cur,
-                    "INSERT INTO metrics.messages (tenant_id, event_id, interaction_id, profile_id, at, "
-                    "offset_seconds, author, compound, text) "
-                    "SELECT v.t, v.e, v.i, coalesce(a.survivor, v.p), v.at::timestamptz, "
-                    "v.o::double precision, v.au::smallint, v.c::double precision, v.x "
-                    "FROM (VALUES %s) v (t, e, i, p, at, o, au, c, x) "
-                    "LEFT JOIN metrics.aliases a ON a.tenant_id = v.t AND a.profile_id = v.p "
-                    "WHERE NOT EXISTS (SELECT 1 FROM metrics.erased r WHERE r.tenant_id = v.t "
-                    "AND r.profile_id = coalesce(a.survivor, v.p)) "
-                    "ON CONFLICT (tenant_id, event_id) DO NOTHING",
-                    [
-                        (
-                            tenant_id,
-                            m.event_id,
-                            m.interaction_id,
-                            m.profile_id,
-                            m.at,
-                            m.offset_seconds,
-                            m.author,
-                            m.compound,
-                            m.text,
-                        )
-                        for m in messages
-                    ],
-                    page_size=1000,
+                tenant, e = db.copy_value(tenant_id), db.COPY_ESCAPES
+                lines = "".join(
+                    f"{tenant}\t{m.event_id.translate(e)}\t{m.interaction_id.translate(e)}\t"
+                    f"{m.profile_id.translate(e)}\t{m.at.isoformat()}\t{db.copy_value(m.offset_seconds)}\t"
+                    f"{m.author}\t{m.compound!r}\t{m.text.translate(e)}\n"
+                    for m in messages
                 )
+                db.copy_merge(cur, "metrics.messages", lines, _MERGE_MESSAGES)
             touched = {m.interaction_id for m in messages} | {f.interaction_id for f in facts if f.interaction_id}
             touched.discard("")
             changed, pending, iids = 0, None, list[str]()

@@ -506,10 +506,12 @@ class MetricsStore:
         partial = sorted(p for p, parts in scope.items() if parts is not None)
         wanted_parts = [(p, part) for p in partial for part in sorted(scope[p] or ())]
         cur.execute(
-            "SELECT c.profile_id, c.part, c.body FROM metrics.contributions c WHERE c.tenant_id = %(t)s "
-            "AND NOT c.anonymous AND (c.profile_id = ANY(%(full)s) "
-            "OR (c.profile_id = ANY(%(partial)s) AND c.part = '') "
-            "OR (c.profile_id, c.part) IN (SELECT * FROM unnest(%(pp)s::text[], %(pk)s::text[])))",
+            # Two index lookups, not one OR: a semi-join under an OR is a scan of the tenant's rows.
+            "SELECT profile_id, part, body FROM metrics.contributions WHERE tenant_id = %(t)s AND NOT anonymous "
+            "AND (profile_id = ANY(%(full)s) OR (profile_id = ANY(%(partial)s) AND part = '')) "
+            "UNION ALL SELECT c.profile_id, c.part, c.body FROM unnest(%(pp)s::text[], %(pk)s::text[]) u (p, k) "
+            "JOIN metrics.contributions c ON c.tenant_id = %(t)s AND c.profile_id = u.p AND c.part = u.k "
+            "WHERE NOT c.anonymous",
             {
                 "t": tenant_id,
                 "full": full,
@@ -559,9 +561,9 @@ class MetricsStore:
             db.copy_merge(cur, "metrics.contributions", "".join(sorted(keep)), _MERGE_CONTRIBUTIONS, _CONTRIBUTIONS)
         if gone:
             cur.execute(
-                "DELETE FROM metrics.contributions WHERE tenant_id = %s AND NOT anonymous "
-                "AND (profile_id, part) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
-                (tenant_id, [p for p, _ in gone], [k for _, k in gone]),
+                "DELETE FROM metrics.contributions c USING unnest(%s::text[], %s::text[]) u (p, k) "
+                "WHERE c.tenant_id = %s AND NOT c.anonymous AND c.profile_id = u.p AND c.part = u.k",
+                ([p for p, _ in gone], [k for _, k in gone], tenant_id),
             )
         if reopened:
             cur.execute(
