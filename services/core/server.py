@@ -36,6 +36,7 @@ from services.core.bus import Bus, Consumer, ConsumerWorker, Delivery, RedisClie
 from services.core.interceptors import GuardInterceptor, StreamSlots
 from services.core.leader import Leadership, build_leadership
 from services.core.migrate import MigrationSet
+from services.core.periodic import Periodic
 from services.core.settings import EnvSettings, Settings
 from services.core.streams import Stream
 from services.core.telemetry import configure_logging, configure_telemetry, shutdown_telemetry
@@ -312,6 +313,10 @@ async def _build(
     await health_servicer.set(LIVENESS_HEALTH, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     workers = definition.register(server, ctx, own)
+    if definition.migrations is not None and settings.analyze_seconds:
+        schema = definition.migrations.schema
+        analyze = db.StaleStatistics(ctx.engine, schema)
+        workers.append(Periodic(f"{schema} statistics", settings.analyze_seconds, analyze, leader=ctx.leader))
     reflection.enable_server_reflection(
         (*definition.grpc_services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )

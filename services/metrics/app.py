@@ -1,15 +1,14 @@
 """The metrics service as the core bootstrap runs it: the metrics and quality APIs, the ``metrics``
 consumers on the resolved and changes streams (facts, then transcripts and evaluations), and
-upkeep of the open FCR contacts, and fresh planner statistics on its fast-growing tables."""
+upkeep of the open FCR contacts."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import grpc
 
-from services.core import db, streams
+from services.core import streams
 from services.core.migrate import MigrationSet
 from services.core.outbox import Outbox
 from services.core.periodic import Periodic
@@ -53,9 +52,6 @@ def register(server: grpc.aio.Server, ctx: ServiceContext, own: MetricsSettings)
         )
     )
     workers.append(Periodic("metrics upkeep", own.upkeep_seconds, store.upkeep, leader=ctx.leader))
-    if own.analyze_seconds:
-        analyze = functools.partial(db.analyze_stale, ctx.engine, "metrics")
-        workers.append(Periodic("metrics statistics", own.analyze_seconds, analyze, leader=ctx.leader))
     workers.append(outbox)
     workers.append(Periodic("quality re-evaluation", 0.25, lambda: quality.drain_reevaluations(configs.get)))
     return workers

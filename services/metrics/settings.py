@@ -15,8 +15,5 @@ class MetricsSettings(EnvSettings):
     # How soon replicas see an UpdateMetricsSettings.
     settings_cache_seconds: float = setting(5.0, "METRICS_SETTINGS_CACHE_SECONDS", number(0, 3600))
     upkeep_seconds: float = setting(3600.0, "METRICS_UPKEEP_SECONDS", number(1, 86_400))
-    # How often the leader refreshes the planner's statistics of tables that grew or changed by a
-    # tenth since (services/core/db.py analyze_stale); 0: leave it to autovacuum.
-    analyze_seconds: float = setting(30.0, "METRICS_ANALYZE_SECONDS", number(0, 86_400))
     # How often a WatchAlerts stream looks for new alerts.
     watch_poll_ms: int = setting(100, "METRICS_WATCH_POLL_MS", whole(10, 10_000))

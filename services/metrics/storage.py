@@ -504,25 +504,18 @@ class MetricsStore:
         others = attributions(attributed)
 
         partial = sorted(p for p, parts in scope.items() if parts is not None)
-        wanted_parts = [(p, part) for p in partial for part in sorted(scope[p] or ())]
+        # Every part of these customers, by one index lookup each (a join on the wanted (customer,
+        # part) pairs was planned as a scan of the tenant's parts), decoding only those wanted.
         cur.execute(
-            # Two index lookups, not one OR: a semi-join under an OR is a scan of the tenant's rows.
-            "SELECT profile_id, part, body FROM metrics.contributions WHERE tenant_id = %(t)s AND NOT anonymous "
-            "AND (profile_id = ANY(%(full)s) OR (profile_id = ANY(%(partial)s) AND part = '')) "
-            "UNION ALL SELECT c.profile_id, c.part, c.body FROM unnest(%(pp)s::text[], %(pk)s::text[]) u (p, k) "
-            "JOIN metrics.contributions c ON c.tenant_id = %(t)s AND c.profile_id = u.p AND c.part = u.k "
-            "WHERE NOT c.anonymous",
-            {
-                "t": tenant_id,
-                "full": full,
-                "partial": partial,
-                "pp": [p for p, _ in wanted_parts],
-                "pk": [k for _, k in wanted_parts],
-            },
+            "SELECT profile_id, part, body FROM metrics.contributions WHERE tenant_id = %s AND NOT anonymous "
+            "AND profile_id = ANY(%s)",
+            (tenant_id, sorted(scope)),
         )
         stored: dict[str, dict[str, dict[Key, Stats]]] = {}
         for p, part, body in cur.fetchall():
-            stored.setdefault(p, {})[part] = codec.contribution(json.loads(body))
+            wanted = scope.get(p)
+            if wanted is None or part == "" or part in wanted:
+                stored.setdefault(p, {})[part] = codec.contribution(json.loads(body))
         legacy = [p for p in partial if "" in stored.get(p, {})]
         if legacy:  # a whole contribution stored before parts: derive that customer in full
             for p in legacy:
@@ -561,9 +554,9 @@ class MetricsStore:
             db.copy_merge(cur, "metrics.contributions", "".join(sorted(keep)), _MERGE_CONTRIBUTIONS, _CONTRIBUTIONS)
         if gone:
             cur.execute(
-                "DELETE FROM metrics.contributions c USING unnest(%s::text[], %s::text[]) u (p, k) "
-                "WHERE c.tenant_id = %s AND NOT c.anonymous AND c.profile_id = u.p AND c.part = u.k",
-                ([p for p, _ in gone], [k for _, k in gone], tenant_id),
+                "DELETE FROM metrics.contributions WHERE tenant_id = %s AND NOT anonymous AND profile_id = ANY(%s) "
+                "AND (profile_id, part) IN (SELECT * FROM unnest(%s::text[], %s::text[]))",
+                (tenant_id, sorted({p for p, _ in gone}), [p for p, _ in gone], [k for _, k in gone]),
             )
         if reopened:
             cur.execute(

@@ -1,4 +1,4 @@
-"""Planner statistics kept fresh by the service itself (services/core/db.py ``analyze_stale``):
+"""Planner statistics kept fresh by the service itself (services/core/db.py ``StaleStatistics``):
 with autovacuum off, as on this machine's server, a table filled after its last analyze is
 planned as if empty. Real PostgreSQL."""
 
@@ -51,10 +51,11 @@ def test_a_table_grown_by_more_than_a_tenth_since_its_last_analyze_is_analyzed_a
         conn.execute(sa.text(f"INSERT INTO {schema}.grown SELECT 't', 'k' || g FROM generate_series(1, 5000) g"))
         conn.execute(sa.text(f"INSERT INTO {schema}.quiet VALUES ('only')"))
     before = _analyzed(engine, schema)
+    keeper = db.StaleStatistics(engine, schema)
     deadline = time.monotonic() + 10
     stale: list[str] = []
     while not stale and time.monotonic() < deadline:  # the counters reach the statistics within a second or so
-        stale = db.analyze_stale(engine, schema)
+        stale = keeper()
         time.sleep(0.2)
     assert stale == [f"{schema}.grown"]
     after = _analyzed(engine, schema)
@@ -64,5 +65,14 @@ def test_a_table_grown_by_more_than_a_tenth_since_its_last_analyze_is_analyzed_a
         assert conn.execute(
             sa.text("SELECT reltuples FROM pg_class WHERE oid = :t ::regclass"), {"t": f"{schema}.grown"}
         ).scalar_one() == pytest.approx(5000)
-    # Analyzed: nothing is stale until the table changes again.
-    assert db.analyze_stale(engine, schema) == []
+    # Analyzed: nothing is stale until the table changes by a tenth again.
+    assert keeper() == []
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"INSERT INTO {schema}.grown SELECT 't', 'n' || g FROM generate_series(1, 1500) g"))
+    deadline = time.monotonic() + 10
+    stale = []
+    while not stale and time.monotonic() < deadline:
+        stale = keeper()
+        time.sleep(0.2)
+    assert stale == [f"{schema}.grown"]
+    assert keeper() == []
