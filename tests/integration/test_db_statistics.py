@@ -13,6 +13,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from services.core import db
+from services.core.server import start_server
+from services.core.settings import Settings
+from services.metrics import app as metrics_app
 
 pytestmark = pytest.mark.integration
 
@@ -76,3 +79,37 @@ def test_a_table_grown_by_more_than_a_tenth_since_its_last_analyze_is_analyzed_a
         time.sleep(0.2)
     assert stale == [f"{schema}.grown"]
     assert keeper() == []
+
+
+def test_a_service_leader_analyzes_its_schema_on_its_own(settings: Settings, engine: Engine) -> None:
+    """The bootstrap gives every service with a schema the job, on its leader: rows written to a
+    metrics table are analyzed without anyone asking, and a setting of 0 leaves it to autovacuum."""
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE metrics.applied_changes SET (autovacuum_enabled = false)"))
+    tenant = f"stats-{secrets.token_hex(4)}"
+    running = start_server(metrics_app.definition(), settings.with_overrides(analyze_seconds=0.2), port=0)
+    try:
+        assert any(getattr(w, "name", "") == "metrics statistics" for w in running.workers)
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "INSERT INTO metrics.applied_changes (tenant_id, change_key) "
+                    "SELECT :t, 'k' || g FROM generate_series(1, 20000) g"
+                ),
+                {"t": tenant},
+            )
+        wrote = time.time()
+        deadline = time.monotonic() + 15
+        while _analyzed(engine, "metrics")["applied_changes"] < wrote:
+            assert time.monotonic() < deadline, "the leader did not analyze metrics.applied_changes"
+            time.sleep(0.1)
+    finally:
+        running.shutdown(grace=1)
+        with engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM metrics.applied_changes WHERE tenant_id = :t"), {"t": tenant})
+            conn.execute(sa.text("ALTER TABLE metrics.applied_changes RESET (autovacuum_enabled)"))
+    off = start_server(metrics_app.definition(), settings.with_overrides(analyze_seconds=0), port=0)
+    try:
+        assert not any(getattr(w, "name", "") == "metrics statistics" for w in off.workers)
+    finally:
+        off.shutdown(grace=1)
