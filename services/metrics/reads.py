@@ -16,7 +16,7 @@ from services.metrics import quality_rollup as qr
 from services.metrics import query as q
 from services.metrics.definitions import BY_NAME, DIMENSIONS, METRICS
 from services.metrics.quality_storage import QualityStore
-from services.metrics.stats import COUNTERS, HIST_BUCKETS, SQUARES, Score, Stats, total
+from services.metrics.stats import COUNTERS, SQUARES, Score, Stats, total
 from services.metrics.storage import MetricsStore
 from services.metrics.tenant_settings import MetricsConfig, updated
 from tessera.v1 import metrics_pb2
@@ -154,21 +154,27 @@ class MetricsReads:
         out = metrics_pb2.QueryMetricsResponse(
             start_time=_ts(plan.start), end_time=_ts(plan.end), time_zone=config.time_zone
         )
-        series_keys = sorted({k[1:] for k in groups} | {k[1:] for k in pending}, key=repr)
+        by_dims: dict[tuple[Any, ...], set[Any]] = {}
+        for k in (*groups, *pending):
+            by_dims.setdefault(k[1:], set()).add(k[0])
+        starts: dict[Any, timestamp_pb2.Timestamp] = {}  # bucket -> its start (the same in every series)
+        zero = Stats.zero()
         for metric in plan.metrics:
             m = BY_NAME[metric]
-            for dims in series_keys:
+            for dims in sorted(by_dims, key=repr):
                 series = out.series.add(metric=metric)
                 for d, v in zip(plan.group_by, dims, strict=True):
                     series.group[d] = q.CHANNEL_NAMES.get(v, "") if isinstance(v, int) else str(v)
-                buckets = sorted({k[0] for k in groups if k[1:] == dims} | {k[0] for k in pending if k[1:] == dims})
-                for b in buckets:
-                    stats = groups.get((b, *dims), Stats.zero())
-                    found = m.compute(stats, pending.get((b, *dims), 0) if m.uses_pending else 0)
+                for b in sorted(by_dims[dims]):
+                    key = (b, *dims)
+                    found = m.compute(groups.get(key, zero), pending.get(key, 0) if m.uses_pending else 0)
                     if found.sample_size == 0 and not found.pending:
                         continue
                     point = series.points.add(score=score_proto(found), pending=found.pending)
-                    point.start_time.FromDatetime(self._instant(b, plan))
+                    at = starts.get(b)
+                    if at is None:
+                        at = starts[b] = _ts(self._instant(b, plan))
+                    point.start_time.CopyFrom(at)
                     point.relative_error = found.relative_error
                 if not series.points:
                     del out.series[-1]
@@ -281,7 +287,9 @@ class MetricsReads:
         where = "tenant_id = %(t)s AND grouping = %(g)s AND bucket >= %(lo)s AND bucket < %(hi)s" + self._where(
             plan, params
         )
-        sums = ", ".join(f"sum({c})" for c in (*COUNTERS, *SQUARES))
+        # Counters summed as int8 (a bigint sum is numeric, and a Decimal per value was a sixth of
+        # the query); the squares stay numeric, their sums can pass int8.
+        sums = ", ".join([*(f"sum({c})::int8" for c in COUNTERS), *(f"sum({c})" for c in SQUARES)])
         b = self._bucket_sql(plan)
         rows = self.store.rollups(
             f"SELECT {b} AS b{dims}, {sums} FROM metrics.{plan.table} WHERE {where} GROUP BY 1{dims}",  # noqa: S608
@@ -290,7 +298,7 @@ class MetricsReads:
         n = 1 + len(plan.group_by)
         out: dict[tuple[Any, ...], Stats] = {}
         for row in rows:
-            out[tuple(row[:n])] = Stats.from_list([*row[n:], *([0] * HIST_BUCKETS)])
+            out[tuple(row[:n])] = Stats.from_list(row[n:])
         if _HIST_METRICS & set(plan.metrics):
             hist_rows = self.store.rollups(
                 f"SELECT {b} AS b{dims}, u.i, sum(u.h) FROM metrics.{plan.table}, "  # noqa: S608

@@ -16,6 +16,7 @@ from services.core import db
 from services.core.server import start_server
 from services.core.settings import Settings
 from services.metrics import app as metrics_app
+from tests.support.profile import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -55,12 +56,8 @@ def test_a_table_grown_by_more_than_a_tenth_since_its_last_analyze_is_analyzed_a
         conn.execute(sa.text(f"INSERT INTO {schema}.quiet VALUES ('only')"))
     before = _analyzed(engine, schema)
     keeper = db.StaleStatistics(engine, schema)
-    deadline = time.monotonic() + 10
-    stale: list[str] = []
-    while not stale and time.monotonic() < deadline:  # the counters reach the statistics within a second or so
-        stale = keeper()
-        time.sleep(0.2)
-    assert stale == [f"{schema}.grown"]
+    # The counters reach the statistics within a second or so.
+    assert wait_until(keeper, 10, "the grown table analyzed") == [f"{schema}.grown"]
     after = _analyzed(engine, schema)
     assert after["grown"] > before["grown"]
     assert after["quiet"] == before["quiet"]
@@ -72,12 +69,7 @@ def test_a_table_grown_by_more_than_a_tenth_since_its_last_analyze_is_analyzed_a
     assert keeper() == []
     with engine.begin() as conn:
         conn.execute(sa.text(f"INSERT INTO {schema}.grown SELECT 't', 'n' || g FROM generate_series(1, 1500) g"))
-    deadline = time.monotonic() + 10
-    stale = []
-    while not stale and time.monotonic() < deadline:
-        stale = keeper()
-        time.sleep(0.2)
-    assert stale == [f"{schema}.grown"]
+    assert wait_until(keeper, 10, "the grown table analyzed again") == [f"{schema}.grown"]
     assert keeper() == []
 
 
@@ -99,10 +91,7 @@ def test_a_service_leader_analyzes_its_schema_on_its_own(settings: Settings, eng
                 {"t": tenant},
             )
         wrote = time.time()
-        deadline = time.monotonic() + 15
-        while _analyzed(engine, "metrics")["applied_changes"] < wrote:
-            assert time.monotonic() < deadline, "the leader did not analyze metrics.applied_changes"
-            time.sleep(0.1)
+        wait_until(lambda: _analyzed(engine, "metrics")["applied_changes"] >= wrote, 30, "applied_changes analyzed")
     finally:
         running.shutdown(grace=1)
         with engine.begin() as conn:

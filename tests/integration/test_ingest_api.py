@@ -18,6 +18,7 @@ from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.conftest import TenantKey, make_tenant
 from tests.support.events import interaction, survey, track, uid
 from tests.support.grpc_errors import bad_request, retry_delay
+from tests.support.profile import wait_until
 from tests.support.streams import entries
 
 pytestmark = pytest.mark.integration
@@ -45,15 +46,6 @@ def stored_message_ids(engine: Engine, tenant_id: str) -> list[str]:
 def stream_payloads(redis_client, settings: Settings, tenant_id: str) -> list[event_pb2.Event]:  # type: ignore[no-untyped-def]
     bus = Bus(redis_client, settings.redis_prefix)
     return [env.event for _id, env in entries(redis_client, bus, tenant_id, streams.EVENTS)]
-
-
-def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not met in time")
 
 
 def test_partial_batch_commits_the_good_events(stub, tenant: TenantKey, engine: Engine) -> None:  # type: ignore[no-untyped-def]
@@ -237,7 +229,7 @@ def test_event_round_trip_to_log_list_and_stream(  # type: ignore[no-untyped-def
             expected.timestamp.CopyFrom(stored.received_at)  # defaulted to when it arrived
         assert stored == expected
     assert by_mid[sent[1].message_id].survey_response.HasField("score")  # NPS 0 is kept, not dropped
-    wait_for(lambda: len(stream_payloads(redis_client, settings, tenant.tenant_id)) == 3)
+    wait_until(lambda: len(stream_payloads(redis_client, settings, tenant.tenant_id)) == 3)
     streamed = {e.message_id: e for e in stream_payloads(redis_client, settings, tenant.tenant_id)}
     assert streamed == by_mid
 

@@ -30,6 +30,7 @@ from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.conftest import TenantKey, make_tenant
 from tests.support.events import interaction, track
 from tests.support.grpc_errors import bad_request
+from tests.support.profile import wait_until
 from tests.support.streams import entries
 
 pytestmark = pytest.mark.integration
@@ -147,13 +148,6 @@ def published(redis_client, settings: Settings, tenant: TenantKey) -> list[str]:
     return sorted(env.event.message_id for _id, env in entries(redis_client, bus, tenant.tenant_id, streams.EVENTS))
 
 
-def wait_for(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def test_unary_batches_drop_the_erased_persons_events_in_any_spelling(  # type: ignore[no-untyped-def]
     admin: Stub, fresh: Stub, tenant: TenantKey, engine: Engine, redis_client, settings: Settings
 ) -> None:
@@ -176,7 +170,7 @@ def test_unary_batches_drop_the_erased_persons_events_in_any_spelling(  # type: 
     stored = sorted([good.message_id, other_call.message_id])
     assert listed(fresh, tenant) == stored
     assert dedupe_keys(engine, tenant, [by_email.message_id, by_phone.message_id]) == 0
-    wait_for(lambda: published(redis_client, settings, tenant) == stored)
+    wait_until(lambda: published(redis_client, settings, tenant) == stored)
 
     # A retry is suppressed again, not a duplicate of anything.
     again = fresh.IngestEvents(ingest_pb2.IngestEventsRequest(events=[by_email]), metadata=tenant.metadata)

@@ -16,10 +16,9 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import psycopg2
 import pytest
@@ -31,6 +30,8 @@ from services.core.harness import ServiceProcess, free_port, wait_serving
 from services.core.leader import AdvisoryLockCampaign, Leadership, Outcome, Term, libpq_url
 from services.core.migrate import TENANCY
 from services.ingest.app import MIGRATIONS as INGEST_MIGRATIONS
+from tests.support.profile import wait_until
+from tests.support.proxy import Target, connect, postgres_target, through
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,17 +40,6 @@ RENEW = 1.0
 #: Beyond the lease: process start-up jitter and one polling step of the test.
 SLACK = 1.0
 REPO = Path(__file__).resolve().parents[2]
-T = TypeVar("T")
-
-
-def wait_until(fn: Callable[[], T | None], timeout: float, what: str) -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = fn()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 # ---- in-process: the backend's own guarantees ----------------------------------------------------
@@ -109,7 +99,7 @@ class Blackhole:
     through either way, and neither end is told (no FIN, no RST). :meth:`heal` ends the partition
     and, as the first packets after one would, resets the connections whose far end is gone."""
 
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: Target) -> None:
         self.target = target
         self.silent = False
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -123,8 +113,7 @@ class Blackhole:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self.target, timeout=5)
-            upstream.settimeout(None)
+            upstream = connect(self.target)
             self._clients.append(client)
             threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
@@ -159,9 +148,8 @@ def test_a_leader_cut_off_by_the_network_steps_down_before_the_server_frees_its_
     and frees the lock; only then can the follower take it. Never two leaders."""
     lease, renew = 2.0, 0.5
     name = f"tessera-test-{harness.run_token()}"
-    url = sa.engine.make_url(database_url)
-    proxy = Blackhole((url.host or "127.0.0.1", url.port or 5432))
-    through = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    proxy = Blackhole(postgres_target(database_url))  # the embedded server has only a unix socket
+    via_proxy = through(database_url, proxy.port)
 
     def leadership(via: str, who: str) -> Leadership:
         return Leadership(
@@ -172,7 +160,7 @@ def test_a_leader_cut_off_by_the_network_steps_down_before_the_server_frees_its_
             identity=who,
         )
 
-    cut_off, other = leadership(through, "cut-off"), leadership(database_url, "other")
+    cut_off, other = leadership(via_proxy, "cut-off"), leadership(database_url, "other")
     both = 0
     watching = threading.Event()
 

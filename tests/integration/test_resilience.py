@@ -32,6 +32,7 @@ from services.ingest.app import definition
 from tessera.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
 from tests.conftest import SERVICE_OVERRIDES, TenantKey
 from tests.support.events import track
+from tests.support.profile import wait_until
 from tests.support.proxy import proxy_postgres, proxy_redis
 from tests.support.streams import entries
 
@@ -39,15 +40,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def wait_for(predicate, timeout: float = 15.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not met within {timeout}s")
 
 
 def stream_message_ids(redis_client, settings: Settings, tenant_id: str) -> list[str]:  # type: ignore[no-untyped-def]
@@ -105,14 +97,14 @@ def test_redis_down_then_up_loses_nothing_and_publishes_nothing_twice(  # type: 
         assert wait_health(f"127.0.0.1:{running.port}")
         before = [track() for _ in range(20)]
         assert ingest(running.port, tenant, before).accepted_count == 20
-        wait_for(lambda: len(stream_message_ids(redis_client, settings, tenant.tenant_id)) == 20, what="publish")
+        wait_until(lambda: len(stream_message_ids(redis_client, settings, tenant.tenant_id)) == 20, what="publish")
         # Published means appended and its outbox row deleted in the same commit. Cutting Redis
         # between the two (the append landed, its reply did not) makes the relay publish again
         # later, which idempotent consumers absorb; this test is about an outage between batches.
-        wait_for(lambda: outbox_events(engine, tenant.tenant_id) == 0, what="first batch's outbox row deleted")
+        wait_until(lambda: outbox_events(engine, tenant.tenant_id) == 0, what="first batch's outbox row deleted")
 
         proxy.cut()
-        wait_for(lambda: health_of(running.port, REDIS_HEALTH) == NOT_SERVING, what="redis reported down")
+        wait_until(lambda: health_of(running.port, REDIS_HEALTH) == NOT_SERVING, what="redis reported down")
         during = [track() for _ in range(30)]
         for i in range(0, 30, 10):
             resp = ingest(running.port, tenant, during[i : i + 10])
@@ -123,7 +115,7 @@ def test_redis_down_then_up_loses_nothing_and_publishes_nothing_twice(  # type: 
         assert outbox_events(engine, tenant.tenant_id) == 30
 
         proxy.restore()
-        wait_for(lambda: outbox_events(engine, tenant.tenant_id) == 0, what="outbox drained")
+        wait_until(lambda: outbox_events(engine, tenant.tenant_id) == 0, what="outbox drained")
         streamed = stream_message_ids(redis_client, settings, tenant.tenant_id)
         assert sorted(streamed) == sorted(e.message_id for e in before + during)  # all there, each once
         assert stored_counts(engine, tenant.tenant_id) == (50, 50)
@@ -151,13 +143,13 @@ def test_health_follows_postgres(service: str, settings: Settings) -> None:
         assert wait_health(f"127.0.0.1:{running.port}")
         assert health_of(running.port, grpc_service) == SERVING
         proxy.cut()
-        wait_for(lambda: health_of(running.port) == NOT_SERVING, what="NOT_SERVING after PostgreSQL went away")
+        wait_until(lambda: health_of(running.port) == NOT_SERVING, what="NOT_SERVING after PostgreSQL went away")
         assert health_of(running.port, grpc_service) == NOT_SERVING
         assert health_of(running.port, POSTGRES_HEALTH) == NOT_SERVING
         # The liveness probe's name stays SERVING: an outage must not make Kubernetes restart pods.
         assert health_of(running.port, LIVENESS_HEALTH) == SERVING
         proxy.restore()
-        wait_for(lambda: health_of(running.port) == SERVING, what="SERVING after PostgreSQL came back")
+        wait_until(lambda: health_of(running.port) == SERVING, what="SERVING after PostgreSQL came back")
     finally:
         running.shutdown(grace=1)
         proxy.close()
@@ -172,7 +164,7 @@ def test_not_serving_until_postgres_answers(service: str, settings: Settings) ->
         time.sleep(0.5)
         assert health_of(running.port) == NOT_SERVING
         proxy.restore()
-        wait_for(lambda: health_of(running.port) == SERVING, what="SERVING once PostgreSQL answers")
+        wait_until(lambda: health_of(running.port) == SERVING, what="SERVING once PostgreSQL answers")
     finally:
         running.shutdown(grace=1)
         proxy.close()
@@ -259,7 +251,7 @@ def test_kill_9_mid_stream_loses_no_acknowledged_event(  # type: ignore[no-untyp
     total = 100 * len(batches)
     assert stored_counts(engine, tenant.tenant_id) == (total, total)
     # Whatever was committed before the kill but never published is published by the sweep.
-    wait_for(lambda: outbox_events(engine, tenant.tenant_id) == 0, timeout=30, what="outbox drained")
+    wait_until(lambda: outbox_events(engine, tenant.tenant_id) == 0, timeout=30, what="outbox drained")
     streamed = stream_message_ids(redis_client, settings, tenant.tenant_id)
     assert set(streamed) == {e.message_id for b in batches.values() for e in b}
 
@@ -304,7 +296,7 @@ def test_sigterm_lets_an_in_flight_rpc_finish(  # type: ignore[no-untyped-def]
                     ).scalar_one()
                 )
 
-        wait_for(server_is_waiting, what="the RPC to be in flight")
+        wait_until(server_is_waiting, what="the RPC to be in flight")
         procs[0].send_signal(signal.SIGTERM)
         time.sleep(0.5)
         assert procs[0].poll() is None, "the server must wait for the in-flight RPC"
@@ -416,7 +408,7 @@ def test_sigterm_lets_an_in_flight_identity_rpc_finish(
                     ).scalar_one()
                 )
 
-        wait_for(merge_is_waiting, what="the merge to be in flight")
+        wait_until(merge_is_waiting, what="the merge to be in flight")
         procs[-1].send_signal(signal.SIGTERM)
         time.sleep(0.5)
         assert procs[-1].poll() is None, "identity must wait for the in-flight RPC"

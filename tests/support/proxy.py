@@ -10,11 +10,40 @@ from urllib.parse import urlsplit
 
 import sqlalchemy as sa
 
+Target = tuple[str, int] | str
+
+
+def connect(target: Target) -> socket.socket:
+    """A connection to a TCP (host, port) or a unix socket path."""
+    if isinstance(target, str):
+        upstream = socket.socket(socket.AF_UNIX)
+        upstream.connect(target)
+        return upstream
+    upstream = socket.create_connection(target, timeout=5)
+    upstream.settimeout(None)
+    return upstream
+
+
+def postgres_target(url: str) -> Target:
+    """Where the server behind ``url`` listens: its unix socket (an embedded server's only
+    door), or its host and port."""
+    parsed = sa.engine.make_url(url)
+    host = parsed.query.get("host")
+    if isinstance(host, str) and host.startswith("/"):
+        return f"{host}/.s.PGSQL.{parsed.port or 5432}"
+    return (parsed.host or "127.0.0.1", parsed.port or 5432)
+
+
+def through(url: str, port: int) -> str:
+    """``url`` pointed at a proxy on 127.0.0.1:``port``."""
+    parsed = sa.engine.make_url(url)
+    return parsed.set(host="127.0.0.1", port=port, query={}).render_as_string(hide_password=False)
+
 
 class CuttableProxy:
     """Listens on 127.0.0.1; forwards to a TCP (host, port) or a unix socket path."""
 
-    def __init__(self, target: tuple[str, int] | str) -> None:
+    def __init__(self, target: Target) -> None:
         self.target = target
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -37,12 +66,7 @@ class CuttableProxy:
                 client.close()
                 continue
             try:
-                if isinstance(self.target, str):
-                    upstream = socket.socket(socket.AF_UNIX)
-                    upstream.connect(self.target)
-                else:
-                    upstream = socket.create_connection(self.target, timeout=5)
-                    upstream.settimeout(None)
+                upstream = connect(self.target)
             except OSError:
                 client.close()
                 continue
@@ -89,15 +113,8 @@ class CuttableProxy:
 
 def proxy_postgres(url: str) -> tuple[CuttableProxy, str]:
     """A proxy in front of the server behind ``url`` and the URL that goes through it."""
-    parsed = sa.engine.make_url(url)
-    host = parsed.query.get("host")
-    if isinstance(host, str) and host.startswith("/"):
-        target: tuple[str, int] | str = f"{host}/.s.PGSQL.{parsed.port or 5432}"
-    else:
-        target = (parsed.host or "127.0.0.1", parsed.port or 5432)
-    proxy = CuttableProxy(target)
-    through = parsed.set(host="127.0.0.1", port=proxy.port, query={})
-    return proxy, through.render_as_string(hide_password=False)
+    proxy = CuttableProxy(postgres_target(url))
+    return proxy, through(url, proxy.port)
 
 
 def proxy_redis(url: str) -> tuple[CuttableProxy, str]:
