@@ -123,6 +123,8 @@ class Contact:
 
 #: The part of a customer's contribution that their legs make (contacts, AHT, FCR, cases).
 CONTACTS = "contacts"
+#: The prefix of a conversation's part: its messages, by interaction.
+CONVERSATION = "conv:"
 
 
 def part_of(f: Fact) -> str:
@@ -132,7 +134,7 @@ def part_of(f: Fact) -> str:
         return CONTACTS
     if f.kind == SURVEY:
         return f.key
-    return "conv:" + f.interaction_id
+    return CONVERSATION + f.interaction_id
 
 
 @dataclass
@@ -220,7 +222,7 @@ def derive(
         if f.kind == MESSAGE:
             conversations.setdefault(f.interaction_id, []).append(f)
     for iid, msgs in conversations.items():
-        name = "conv:" + iid
+        name = CONVERSATION + iid
         if only is not None and name not in only:
             continue
         part = out.parts[name] = {}

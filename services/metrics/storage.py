@@ -26,6 +26,7 @@ from services.metrics import codec
 from services.metrics.definitions import DIMENSIONS
 from services.metrics.derive import (
     CONTACTS,
+    CONVERSATION,
     Attribution,
     Derived,
     Key,
@@ -458,8 +459,8 @@ class MetricsStore:
         named = set(iids)
         for parts in scope.values():
             for part in parts or ():
-                if part.startswith("conv:"):
-                    named.add(part[5:])
+                if part.startswith(CONVERSATION):
+                    named.add(part.removeprefix(CONVERSATION))
         keys = sorted({f.key for f in surveys})
         named.update(f.interaction_id for f in surveys)
         named.discard("")
@@ -487,21 +488,9 @@ class MetricsStore:
         if unlocked:  # named the interaction after the caller looked (in another consumer's commit)
             lock_customers(cur, tenant_id, unlocked)
         # Full customers' surveys and messages on interactions with none of their legs and
-        # outside ``named``: those interactions' legs, whoever's.
-        missing: set[str] = set()
-        for p in full:
-            fs = facts.get(p, [])
-            own = {f.interaction_id for f in fs if f.kind == LEG}
-            missing.update(f.interaction_id for f in fs if f.kind != LEG and f.interaction_id not in own)
-        missing -= named
-        missing.discard("")
-        if missing:
-            cur.execute(
-                FACT_SELECT + "WHERE tenant_id = %s AND interaction_id = ANY(%s) AND kind = 1",
-                (tenant_id, sorted(missing)),
-            )
-            attributed.extend(Fact(*r) for r in cur.fetchall())
+        # outside ``named`` (whose legs are all here already): those interactions' legs, whoever's.
         others = attributions(attributed)
+        others.update(self._others(cur, tenant_id, {p: facts.get(p, []) for p in full}, known=named))
 
         partial = sorted(p for p, parts in scope.items() if parts is not None)
         # Every part of these customers, by one index lookup each (a join on the wanted (customer,
@@ -607,15 +596,17 @@ class MetricsStore:
         return out
 
     @staticmethod
-    def _others(cur: Any, tenant_id: str, facts: dict[str, list[Fact]]) -> dict[str, Attribution]:
+    def _others(
+        cur: Any, tenant_id: str, facts: dict[str, list[Fact]], known: Collection[str] = ()
+    ) -> dict[str, Attribution]:
         """The interactions the surveys and messages name whose legs are not their customer's own
-        (all of the interaction's legs, whoever's they are)."""
+        (all of the interaction's legs, whoever's they are), but for those in ``known``."""
         missing: set[str] = set()
         for fs in facts.values():
             own = {f.interaction_id for f in fs if f.kind == LEG}
             missing.update(f.interaction_id for f in fs if f.kind != LEG and f.interaction_id not in own)
         missing.discard("")
-        named = sorted(missing)
+        named = sorted(missing.difference(known))
         if not named:
             return {}
         cur.execute(FACT_SELECT + "WHERE tenant_id = %s AND interaction_id = ANY(%s) AND kind = 1", (tenant_id, named))
