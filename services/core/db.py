@@ -167,7 +167,7 @@ class StaleStatistics:
         self._seen: dict[str, int] = {}
 
     def __call__(self) -> list[str]:
-        with raw_transaction(self.engine, "db.analyze_stale") as (cur, _):
+        with raw_transaction(self.engine, "db.stale_statistics") as (cur, _):
             cur.execute(
                 "SELECT format('%%I.%%I', s.schemaname, s.relname), s.n_mod_since_analyze, s.n_live_tup, "
                 "(SELECT string_agg(DISTINCT quote_ident(a.attname), ', ') FROM pg_index i JOIN pg_attribute a "

@@ -254,7 +254,7 @@ class Settings(EnvSettings):
     consumer_max_attempts: int = setting(5, "CONSUMER_MAX_ATTEMPTS", _int(1, 100))
     tenant_refresh_seconds: float = setting(5.0, "TENANT_REFRESH_SECONDS", _float(0.01, 3600))
     # How often the leader runs ANALYZE on its service's tables that changed by a tenth since
-    # (services/core/db.py analyze_stale); 0 leaves it to autovacuum.
+    # (services/core/db.py StaleStatistics); 0 leaves it to autovacuum.
     analyze_seconds: float = setting(10.0, "ANALYZE_SECONDS", _float(0, 86_400))
     # Telemetry beyond the OTEL_* variables: a Prometheus scrape endpoint on this port (0: none).
     prometheus_port: int = setting(0, "PROMETHEUS_PORT", _int(0, 65535))

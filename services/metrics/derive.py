@@ -153,16 +153,20 @@ class Derived:
         """Every part summed."""
         out: dict[Key, Stats] = {}
         for part in self.parts.values():
-            for key, s in part.items():
-                found = out.get(key)
-                if found is None:
-                    out[key] = s.copy()
-                else:
-                    found.merge(s)
+            accumulate(out, part, 1)
         return {k: v for k, v in out.items() if not v.is_zero()}
 
     def pending(self, now: dt.datetime, window: dt.timedelta) -> int:
         return sum(1 for c in self.unrepeated if c.start + window > now)
+
+
+def accumulate(into: dict[Key, Stats], contrib: dict[Key, Stats], sign: int) -> None:
+    """Add ``sign`` times ``contrib`` to ``into``, key by key."""
+    for key, s in contrib.items():
+        found = into.get(key)
+        if found is None:
+            found = into[key] = Stats.zero()
+        found.merge(s, sign)
 
 
 def _at(part: dict[Key, Stats], when: dt.datetime, dims: Dims, tz: zoneinfo.ZoneInfo) -> Stats:

@@ -30,6 +30,7 @@ from services.metrics.derive import (
     Attribution,
     Derived,
     Key,
+    accumulate,
     attributions,
     day_of,
     derive,
@@ -282,7 +283,7 @@ class MetricsStore:
         )
         delta: dict[Key, Stats] = {}
         for contrib in anonymous:
-            _accumulate(delta, contrib, 1)
+            accumulate(delta, contrib, 1)
         self._apply_rollups(cur, tenant_id, delta, config)
         for i in range(0, len(profiles), 500):
             self._recompute(cur, tenant_id, profiles[i : i + 500], config)
@@ -644,7 +645,7 @@ class MetricsStore:
             cur.execute("SELECT body FROM metrics.contributions WHERE tenant_id = %s", (tenant_id,))
             out: dict[Key, Stats] = {}
             for (body,) in cur.fetchall():
-                _accumulate(out, codec.contribution(json.loads(body)), 1)
+                accumulate(out, codec.contribution(json.loads(body)), 1)
         return out
 
     def all_facts(self, tenant_id: str) -> dict[str, list[Fact]]:
@@ -681,14 +682,6 @@ def _difference(into: dict[Key, Stats], old: dict[Key, Stats], new: dict[Key, St
         if before is not None:
             found.merge(before, -1)
     return changed
-
-
-def _accumulate(into: dict[Key, Stats], contrib: dict[Key, Stats], sign: int) -> None:
-    for key, s in contrib.items():
-        found = into.get(key)
-        if found is None:
-            found = into[key] = Stats.zero()
-        found.merge(s, sign)
 
 
 __all__ = ["ALL_DIMS", "Applied", "Derived", "MetricsStore", "mask"]
